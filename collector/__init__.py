@@ -1,0 +1,1 @@
+"""The collector: OTLP/HTTP and business-event ingest, correlation, durable writes, lookups."""

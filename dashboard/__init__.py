@@ -1,0 +1,1 @@
+"""Streamlit dashboard; it talks only to the API."""

@@ -1,0 +1,95 @@
+"""Shared fixtures: one chDB data path for the whole pytest process (chDB allows one per process), one
+database per test, and the ClickHouse-HTTP test fixture in its own process for the server backend."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tower_core.settings import Settings
+from tower_core.store import Store, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def chdb_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chdb-data")
+
+
+def new_database() -> str:
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def clickhouse_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the ClickHouse-HTTP test fixture (chDB behind ClickHouse's HTTP interface)."""
+    port = free_port()
+    data = tmp_path_factory.mktemp("ch-http-fixture")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fixtures.clickhouse_http_fixture", "--data", str(data), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield f"http://default:@127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["chdb", "clickhouse-http"])
+def store(request: pytest.FixtureRequest, chdb_data_dir: Path) -> Iterator[Store]:
+    """A fresh database on each backend: the store contract suite runs once per parameter id."""
+    db = new_database()
+    if request.param == "chdb":
+        st = open_store(Settings(data_dir=chdb_data_dir, database=db, clickhouse_url=None))
+    else:
+        url = request.getfixturevalue("clickhouse_http")
+        st = open_store(Settings(clickhouse_url=f"{url}/{db}", database=db))
+    yield st
+    st.command("DROP DATABASE IF EXISTS $db")
+    st.close()
+
+
+@pytest.fixture
+def embedded_store(chdb_data_dir: Path) -> Iterator[Store]:
+    st = open_store(Settings(data_dir=chdb_data_dir, database=new_database(), clickhouse_url=None))
+    yield st
+    st.command("DROP DATABASE IF EXISTS $db")
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_tower_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests build their settings explicitly; a developer's TOWER_* variables must not leak in."""
+    for key in list(os.environ):
+        if key.startswith("TOWER_"):
+            monkeypatch.delenv(key)

@@ -1,0 +1,128 @@
+"""The ``tower`` command. Every configuration problem ends as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from tower_core.errors import ConfigError, StoreError
+from tower_core.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Revenue Control Tower.")
+err = Console(stderr=True)
+out = Console()
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        raise ConfigError(f"invalid setting TOWER_{where.upper()}: {first.get('msg')}") from None
+
+
+def _open(settings: Settings):
+    from tower_core.store import open_store
+
+    return open_store(settings)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending schema migrations (idempotent)."""
+    from tower_core.store import migrate as run_migrations
+    from tower_core.store import schema_version
+
+    settings = load_settings()
+    store = _open(settings)
+    applied = run_migrations(store)
+    if applied:
+        for m in applied:
+            out.print(f"applied {m.version:04d}_{m.name}")
+    else:
+        out.print("nothing to apply")
+    out.print(f"schema version {schema_version(store)} ({settings.backend}, database {store.database})")
+
+
+@app.command()
+def status() -> None:
+    """Backend, schema version and row counts per table."""
+    from tower_core.store import schema_version, table_counts
+
+    settings = load_settings()
+    store = _open(settings)
+    where = str(settings.data_dir) if settings.backend == "embedded" else "ClickHouse server"
+    out.print(f"backend: {settings.backend} ({where})")
+    out.print(f"database: {store.database}")
+    out.print(f"schema version: {schema_version(store)}")
+    table = Table("table", "rows")
+    for name, rows in table_counts(store).items():
+        table.add_row(name, f"{rows:,}")
+    out.print(table)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default TOWER_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default TOWER_PORT).")] = None,
+) -> None:
+    """Run the API (collector, reconciler jobs) on this process's store."""
+    import uvicorn
+
+    from collector.app import create_app
+    from tower_core.store import migrate as run_migrations
+
+    settings = load_settings(host=host, port=port)
+    store = _open(settings)
+    run_migrations(store)
+    uvicorn.run(create_app(settings, store), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command()
+def dashboard(
+    port: Annotated[int | None, typer.Option(help="Port (default TOWER_DASHBOARD_PORT).")] = None,
+) -> None:
+    """Run the Streamlit dashboard (it reads everything from the API at TOWER_API_URL)."""
+    from dashboard.launch import run_dashboard
+
+    settings = load_settings(dashboard_port=port)
+    raise typer.Exit(run_dashboard(settings))
+
+
+@app.command()
+def demo(
+    reset: Annotated[bool, typer.Option("--reset", help="Delete the embedded data first.")] = False,
+) -> None:
+    """Start the API on the embedded store and the dashboard; Ctrl-C stops everything."""
+    from tower_core.demo import run_demo
+
+    raise typer.Exit(run_demo(load_settings(), reset=reset))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except (ConfigError, StoreError) as exc:
+        err.print(f"tower: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Error types shared by every component.
+
+ConfigError is what the CLI turns into one line and exit code 2; StoreError wraps backend errors so that
+callers never depend on chDB's or clickhouse-connect's exception classes.
+"""
+
+
+class ConfigError(Exception):
+    """The configuration cannot work (unreachable store, unwritable path, locked data dir...)."""
+
+
+class StoreError(Exception):
+    """A query or insert failed in the storage backend."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,67 @@
+"""One settings object for every component (environment prefix ``TOWER_``).
+
+Every field is documented in README's Configuration table; tests check that the two agree.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class Settings(BaseSettings):
+    """Tower configuration; read from the environment (``TOWER_*``) and an optional ``.env`` file."""
+
+    model_config = SettingsConfigDict(env_prefix="TOWER_", env_file=".env", extra="ignore")
+
+    # --- store
+    data_dir: Path = Field(Path(".tower/data"), description="chDB data path (embedded backend).")
+    database: str = Field("tower", description="ClickHouse database holding the tower's tables.")
+    clickhouse_url: str | None = Field(
+        None,
+        description="ClickHouse server URL, e.g. http://user:pass@host:8123/db; unset = embedded chDB.",
+    )
+    clickhouse_connect_timeout_s: float = Field(5.0, description="Connect timeout for the server backend.")
+
+    # --- API server
+    host: str = Field("127.0.0.1", description="Address `tower serve` binds to.")
+    port: int = Field(8000, description="Port `tower serve` listens on.")
+    api_url: str = Field(
+        "http://127.0.0.1:8000", description="Where the CLI, dashboard and other processes reach the API."
+    )
+    dashboard_host: str = Field("127.0.0.1", description="Address the Streamlit dashboard binds to.")
+    dashboard_port: int = Field(8501, description="Port of the Streamlit dashboard.")
+
+    # --- collector
+    wal_dir: Path = Field(Path(".tower/wal"), description="Directory of the collector's write-ahead buffer.")
+    wal_max_bytes: int = Field(256 * 1024 * 1024, description="Write-ahead buffer bound; full => 503.")
+    flush_rows: int = Field(5000, description="Flush the buffer to the store once this many rows wait.")
+    flush_interval_s: float = Field(1.0, description="Flush the buffer at least this often (seconds).")
+    max_body_bytes: int = Field(20 * 1024 * 1024, description="Request body cap after decompression (413).")
+    key_attribute_map: dict[str, str] = Field(
+        default_factory=dict,
+        description='Extra attribute names mapped onto revops keys, JSON: {"stripe.invoice_id": "revops.invoice.id"}.',
+    )
+
+    @field_validator("database")
+    @classmethod
+    def _database_is_identifier(cls, value: str) -> str:
+        if not _IDENT.match(value):
+            raise ValueError(f"database name {value!r} must match {_IDENT.pattern}")
+        return value
+
+    @property
+    def backend(self) -> str:
+        return "server" if self.clickhouse_url else "embedded"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings (FastAPI dependency and CLI default)."""
+    return Settings()

@@ -1,0 +1,38 @@
+"""The ClickHouse store: the only place that holds SQL.
+
+``open_store(settings)`` picks the backend: embedded chDB (default) or a ClickHouse server when
+``TOWER_CLICKHOUSE_URL`` is set.
+"""
+
+from __future__ import annotations
+
+from tower_core.settings import Settings
+from tower_core.store.base import Store
+from tower_core.store.migrate import migrate, schema_version
+
+__all__ = ["Store", "migrate", "open_store", "schema_version", "table_counts"]
+
+
+def open_store(settings: Settings) -> Store:
+    if settings.clickhouse_url:
+        from tower_core.store.server import ServerStore
+
+        return ServerStore(settings.clickhouse_url, settings.database, settings.clickhouse_connect_timeout_s)
+    from tower_core.store.embedded import EmbeddedStore
+
+    return EmbeddedStore(settings.data_dir, settings.database)
+
+
+def table_counts(store: Store) -> dict[str, int]:
+    """Rows per table of the tower's database (from system.parts, so it is cheap)."""
+    tables = store.query_rows(
+        "SELECT name FROM system.tables WHERE database = {db:String} AND engine NOT IN ('MaterializedView', 'View') "
+        "ORDER BY name",
+        {"db": store.database},
+    )
+    parts = store.query_rows(
+        "SELECT table, sum(rows) AS rows FROM system.parts WHERE database = {db:String} AND active GROUP BY table",
+        {"db": store.database},
+    )
+    by_table = {p["table"]: int(p["rows"]) for p in parts}
+    return {t["name"]: by_table.get(t["name"], 0) for t in tables}

@@ -1,0 +1,62 @@
+"""The storage seam: one Protocol, two backends (embedded chDB, ClickHouse server) running the same SQL.
+
+SQL text uses ``$db`` for the tower's database and ``{name:Type}`` placeholders for every value; the
+backends substitute the (validated) database name and bind the values server-side, never by string
+building.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import pyarrow as pa
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def check_identifier(name: str) -> str:
+    """Identifiers cannot be bound as parameters, so they are whitelisted instead."""
+    if not _IDENT.match(name):
+        raise ValueError(f"not a safe identifier: {name!r}")
+    return name
+
+
+def check_column(name: str) -> str:
+    """Column names may carry one dot (Nested sub-columns such as ``Events.Name``)."""
+    if not _COLUMN.match(name):
+        raise ValueError(f"not a safe column name: {name!r}")
+    return name
+
+
+def qualify(sql: str, database: str) -> str:
+    """Replace ``$db`` with the quoted database name."""
+    return sql.replace("$db", f"`{check_identifier(database)}`")
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What every component may ask of ClickHouse."""
+
+    backend: str
+    database: str
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        """Run DDL or a statement with no result."""
+
+    def query_arrow(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+        """Run a SELECT and return an Arrow table."""
+
+    def query_rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run a SELECT and return rows as dicts (small results only)."""
+
+    def insert_arrow(self, table: str, data: pa.Table, *, dedup_token: str | None = None) -> int:
+        """Insert columnar data into ``$db.table``; a retry with the same token inserts nothing twice."""
+
+    def ping(self) -> bool:
+        """True when the backend answers a trivial query."""
+
+    def close(self) -> None:
+        """Release the backend."""

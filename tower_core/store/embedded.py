@@ -1,0 +1,145 @@
+"""Embedded backend: the ClickHouse engine in-process through chDB.
+
+chDB allows one data path per process for the process's life, and one process per path (ClickHouse's
+``status`` file lock). Both rules are checked up front so the user gets a ConfigError naming the owner
+instead of chDB's generic "Error initializing EmbeddedServer".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from tower_core.errors import ConfigError, StoreError
+from tower_core.store.base import check_column, check_identifier, qualify
+from tower_core.store.params import escape_params
+
+_lock = threading.Lock()
+_session: Any = None
+_session_path: Path | None = None
+
+
+def _status_owner(path: Path) -> str | None:
+    """Return a description of the process holding ``path/status``, or None if it is free."""
+    status = path / "status"
+    if not status.exists():
+        return None
+    try:
+        fd = os.open(status, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = status.read_text(errors="replace")
+            pid = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("PID:")), "")
+            return f"PID {pid}" if pid else "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"data dir {path} is not writable: {exc.strerror or exc}") from None
+
+
+def open_session(path: Path) -> Any:
+    """The process's single chDB session, opened on first use."""
+    global _session, _session_path
+    path = path.resolve()
+    with _lock:
+        if _session is not None:
+            if path != _session_path:
+                raise ConfigError(
+                    f"this process already opened chDB at {_session_path}; chDB allows one data path per process"
+                )
+            return _session
+        _check_writable(path)
+        owner = _status_owner(path)
+        if owner:
+            raise ConfigError(
+                f"data dir {path} is owned by {owner}; only one process may open a chDB path "
+                "(use the API of the process that owns it, or set TOWER_DATA_DIR)"
+            )
+        from chdb import session as chdb_session
+
+        try:
+            _session = chdb_session.Session(str(path))
+        except Exception as exc:  # chDB raises RuntimeError with little detail
+            owner = _status_owner(path)
+            hint = f" (owned by {owner})" if owner else ""
+            raise ConfigError(f"cannot open chDB at {path}{hint}: {exc}") from None
+        _session_path = path
+        return _session
+
+
+class EmbeddedStore:
+    """Store backed by the process's chDB session."""
+
+    backend = "embedded"
+
+    def __init__(self, data_dir: Path, database: str) -> None:
+        self.database = check_identifier(database)
+        self.data_dir = data_dir
+        self._s = open_session(data_dir)
+        self.command("CREATE DATABASE IF NOT EXISTS $db")
+
+    def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
+        try:
+            return self._s.query(qualify(sql, self.database), fmt, params=escape_params(params))
+        except Exception as exc:
+            raise StoreError(str(exc).strip()) from None
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        self._run(sql, "CSV", params)
+
+    def query_arrow(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+        return self._run(sql, "ArrowTable", params)
+
+    def query_rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        return self.query_arrow(sql, params).to_pylist()
+
+    def insert_arrow(self, table: str, data: pa.Table, *, dedup_token: str | None = None) -> int:
+        if data.num_rows == 0:
+            return 0
+        cols = ", ".join(f"`{check_column(c)}`" for c in data.column_names)
+        settings = ""
+        if dedup_token is not None:
+            settings = f" SETTINGS insert_deduplication_token='{check_identifier(dedup_token)}'"
+        sql = qualify(f"INSERT INTO $db.`{check_identifier(table)}` ({cols}){settings}", self.database)
+        sink = io.BytesIO()
+        with pa.ipc.new_stream(sink, data.schema) as writer:
+            writer.write_table(data)
+        try:
+            with self._s.send_insert(sql, "ArrowStream") as ins:
+                ins.append(sink.getvalue())
+                ins.finish()
+        except Exception as exc:
+            raise StoreError(str(exc).strip()) from None
+        return data.num_rows
+
+    def ping(self) -> bool:
+        try:
+            self._run("SELECT 1", "CSV", None)
+            return True
+        except StoreError:
+            return False
+
+    def close(self) -> None:
+        """The session lives for the process (chDB cannot reopen another path), so nothing to do."""

@@ -1,0 +1,120 @@
+"""Server backend: a ClickHouse server or ClickHouse Cloud over HTTP through clickhouse-connect."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+
+from tower_core.errors import ConfigError, StoreError
+from tower_core.store.base import check_identifier, qualify
+from tower_core.store.params import format_params
+
+
+def parse_url(url: str) -> dict[str, Any]:
+    """``http(s)://user:pass@host:port/db`` -> clickhouse-connect arguments (password never logged)."""
+    u = urlparse(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ConfigError(f"TOWER_CLICKHOUSE_URL must look like http://user:pass@host:8123/db, got scheme {u.scheme!r}")
+    return {
+        "host": u.hostname,
+        "port": u.port or (8443 if u.scheme == "https" else 8123),
+        "username": unquote(u.username or "default"),
+        "password": unquote(u.password or ""),
+        "secure": u.scheme == "https",
+        "database": u.path.strip("/") or None,
+    }
+
+
+class ServerStore:
+    """Store backed by clickhouse-connect; one client per thread (clients are not thread-safe)."""
+
+    backend = "server"
+
+    def __init__(self, url: str, database: str | None = None, connect_timeout_s: float = 5.0) -> None:
+        self._args = parse_url(url)
+        self.database = check_identifier(database or self._args.pop("database") or "tower")
+        self._args.pop("database", None)
+        self._timeout = connect_timeout_s
+        self._local = threading.local()
+        self._client()  # fail fast with a ConfigError
+        self.command("CREATE DATABASE IF NOT EXISTS $db")
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            import clickhouse_connect
+            from clickhouse_connect import common
+
+            common.set_setting("dict_parameter_format", "map")  # bind dicts as Map literals, not JSON
+            logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)  # we report errors ourselves
+            try:
+                client = clickhouse_connect.get_client(
+                    **self._args, connect_timeout=self._timeout, autogenerate_session_id=False
+                )
+            except Exception as exc:
+                where = f"{self._args['host']}:{self._args['port']}"
+                raise ConfigError(f"cannot reach ClickHouse at {where}: {_short(exc)}") from None
+            self._local.client = client
+        return client
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        try:
+            self._client().command(qualify(sql, self.database), parameters=format_params(params))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise StoreError(_short(exc)) from None
+
+    def query_arrow(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+        try:
+            return self._client().query_arrow(qualify(sql, self.database), parameters=format_params(params))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise StoreError(_short(exc)) from None
+
+    def query_rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        return self.query_arrow(sql, params).to_pylist()
+
+    def insert_arrow(self, table: str, data: pa.Table, *, dedup_token: str | None = None) -> int:
+        if data.num_rows == 0:
+            return 0
+        settings = {"insert_deduplication_token": check_identifier(dedup_token)} if dedup_token else {}
+        try:
+            self._client().insert_arrow(check_identifier(table), data, database=self.database, settings=settings)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise StoreError(_short(exc)) from None
+        return data.num_rows
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._client().ping())
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()
+            self._local.client = None
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+
+
+def _short(exc: Exception) -> str:
+    """One readable line: the OS reason when there is one, else the first line of the message."""
+    text = str(exc).strip()
+    errno = _ERRNO.search(text)
+    if errno:
+        return errno.group(1).strip().lower()
+    lines = text.splitlines()
+    return lines[0] if lines else type(exc).__name__
