@@ -2,23 +2,47 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
-from collector.routers import health
+from collector.ingest import IngestService
+from collector.routers import events, health, lookups, metrics, otlp
+from collector.telemetry import setup_telemetry
+from tower_core.errors import StoreError
 from tower_core.settings import Settings
 from tower_core.store import Store
 
+log = logging.getLogger("tower.api")
+
 
 def create_app(settings: Settings, store: Store) -> FastAPI:
+    ingest = IngestService(settings, store)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
+        provider = setup_telemetry(settings)
+        ingest.start()
+        try:
+            yield
+        finally:
+            ingest.stop()
+            if provider is not None:
+                provider.shutdown()
 
     app = FastAPI(title="Revenue Control Tower", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.store = store
-    app.include_router(health.router)
+    app.state.ingest = ingest
+
+    @app.exception_handler(StoreError)
+    async def store_unavailable(request: Request, exc: StoreError) -> JSONResponse:
+        log.warning("store error on %s: %s", request.url.path, exc)
+        return JSONResponse({"detail": "the store is unavailable; try again"}, 503, {"Retry-After": "5"})
+
+    for module in (health, otlp, events, lookups, metrics):
+        app.include_router(module.router)
     return app

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS $db.otel_traces
 ENGINE = MergeTree
 PARTITION BY toDate(Timestamp)
 ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
-SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000;
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000,
+    fsync_after_insert = 1, fsync_part_directory = 1;
 
 -- dedup: idempotent aggregate (min/max). Trace id -> time range, so trace-by-id reads one partition range.
 CREATE TABLE IF NOT EXISTS $db.otel_traces_trace_id_ts
@@ -81,7 +82,7 @@ CREATE TABLE IF NOT EXISTS $db.business_key_links
 )
 ENGINE = AggregatingMergeTree
 ORDER BY (KeyType, KeyValue, TraceId, System)
-SETTINGS index_granularity = 1024;
+SETTINGS index_granularity = 1024, fsync_after_insert = 1, fsync_part_directory = 1;
 
 -- dedup: idempotent aggregate. The same links ordered by trace, to expand a trace into its keys.
 CREATE TABLE IF NOT EXISTS $db.trace_key_links
@@ -122,12 +123,17 @@ CREATE TABLE IF NOT EXISTS $db.business_events
     AmountMinor Int64,
     Currency LowCardinality(String),
     Attributes Map(LowCardinality(String), String),
-    Data String CODEC(ZSTD(3))
+    Data String CODEC(ZSTD(3)),
+    INDEX idx_trace TraceId TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_customer CustomerId TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_invoice InvoiceId TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_payment PaymentId TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_ledger LedgerEntryId TYPE bloom_filter(0.01) GRANULARITY 1
 )
 ENGINE = ReplacingMergeTree(ReceivedAt)
 PARTITION BY toYYYYMM(Time)
 ORDER BY (Source, EventId)
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 10000, fsync_after_insert = 1, fsync_part_directory = 1;
 
 -- dedup: replace. Billing's invoice states; money is Int64 minor units + ISO currency.
 CREATE TABLE IF NOT EXISTS $db.billing_invoices

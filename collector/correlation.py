@@ -1,0 +1,306 @@
+"""Correlation rules: which attributes are business keys, how traces join into one business transaction,
+and how a transaction's flow steps are timed. Pure functions over plain data; the store does the lookups.
+
+A business transaction is the set of traces connected through shared *identifying* keys (invoice, payment,
+ledger entry) and OTel span links, plus the CDP profile trace of its customer. Customer keys do not expand
+the set — a customer has many invoices — except to bring in that customer's CDP trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+# DOMAIN.md §2 attribute conventions -> key types stored in business_key_links.
+KEY_ATTRIBUTES: dict[str, str] = {
+    "revops.customer.id": "customer",
+    "revops.cdp.user_id": "cdp_user",
+    "revops.invoice.id": "invoice",
+    "revops.payment.id": "payment",
+    "revops.ledger.entry.id": "ledger_entry",
+}
+KEY_TYPES = frozenset(KEY_ATTRIBUTES.values()) | {"trace"}
+EXPANDING_KEY_TYPES = frozenset({"invoice", "payment", "ledger_entry", "trace"})
+SYSTEMS = ("cdp", "billing", "erp")
+
+# Flow steps (DOMAIN.md §1): step -> (system where it starts, system where it ends).
+STEPS: dict[str, tuple[str, str]] = {
+    "cdp_to_billing": ("cdp", "billing"),
+    "invoice_to_ledger": ("billing", "erp"),
+    "payment_to_cash": ("billing", "erp"),
+    "refund_to_ledger": ("billing", "erp"),
+}
+MAX_KEY_VALUE_LEN = 256
+
+
+def key_attribute_names(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Attribute name -> key type, with settings' extra names mapped onto revops attributes."""
+    names = dict(KEY_ATTRIBUTES)
+    for attr, target in (extra or {}).items():
+        if target in KEY_ATTRIBUTES:
+            names[attr] = KEY_ATTRIBUTES[target]
+    return names
+
+
+def _values(raw: str) -> list[str]:
+    """One attribute value, or an array attribute (rendered as a JSON list) carrying several ids."""
+    raw = raw.strip()
+    if raw.startswith("[") and raw.endswith("]"):
+        try:
+            items = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return [raw]
+        return [str(v) for v in items if v not in (None, "")]
+    return [raw] if raw else []
+
+
+def extract_keys(attrs: Mapping[str, str], names: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Business keys (key_type, value) carried by one span's or event's attributes."""
+    found: list[tuple[str, str]] = []
+    for attr, key_type in names.items():
+        raw = attrs.get(attr)
+        if raw:
+            for value in _values(raw):
+                if len(value) <= MAX_KEY_VALUE_LEN and (key_type, value) not in found:
+                    found.append((key_type, value))
+    return found
+
+
+def seed_key(query: Mapping[str, str | None]) -> tuple[str, str]:
+    """The (key_type, value) a transactions query starts from; exactly one must be given."""
+    given = [(k, v) for k, v in query.items() if v]
+    if len(given) != 1:
+        raise ValueError("give exactly one of invoice_id, customer_id, payment_id, trace_id")
+    param, value = given[0]
+    key_type = {
+        "invoice_id": "invoice",
+        "customer_id": "customer",
+        "payment_id": "payment",
+        "trace_id": "trace",
+        "ledger_entry_id": "ledger_entry",
+    }[param]
+    return key_type, value
+
+
+@dataclass(frozen=True)
+class Link:
+    key_type: str
+    key_value: str
+    trace_id: str
+    system: str
+    first_seen_ns: int
+    last_seen_ns: int
+
+
+def keys_to_follow(links: Iterable[Link], known: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Identifying keys found on the traces so far that have not been looked up yet."""
+    return {
+        (ln.key_type, ln.key_value)
+        for ln in links
+        if ln.key_type in EXPANDING_KEY_TYPES and (ln.key_type, ln.key_value) not in known
+    }
+
+
+def customers_of(links: Iterable[Link]) -> set[str]:
+    return {ln.key_value for ln in links if ln.key_type == "customer"}
+
+
+def pick_cdp_traces(candidates: Iterable[Link], txn_start_ns: int) -> set[str]:
+    """Per customer, the CDP profile trace that led to this transaction: the latest one that started no later
+    than the transaction's first billing/ERP span, else the earliest one after it."""
+    by_customer: dict[str, list[Link]] = {}
+    for ln in candidates:
+        if ln.system == "cdp" and ln.key_type == "customer":
+            by_customer.setdefault(ln.key_value, []).append(ln)
+    chosen = set()
+    for links in by_customer.values():
+        before = [ln for ln in links if ln.first_seen_ns <= txn_start_ns]
+        if before:
+            chosen.add(max(before, key=lambda ln: ln.first_seen_ns).trace_id)
+        else:
+            chosen.add(min(links, key=lambda ln: ln.first_seen_ns).trace_id)
+    return chosen
+
+
+@dataclass
+class SpanView:
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    service: str
+    start_ns: int
+    duration_ns: int
+    status: str
+    attributes: dict[str, str] = field(default_factory=dict)
+    links: list[str] = field(default_factory=list)
+
+    @property
+    def end_ns(self) -> int:
+        return self.start_ns + self.duration_ns
+
+    @property
+    def system(self) -> str:
+        return self.attributes.get("revops.system", "")
+
+    @property
+    def step(self) -> str:
+        return self.attributes.get("revops.step", "")
+
+
+@dataclass
+class EventView:
+    event_id: str
+    type: str
+    time_ns: int
+    system: str
+    step: str
+    trace_id: str
+    keys: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    step: str
+    start_ns: int | None
+    end_ns: int | None
+    systems_seen: tuple[str, ...]
+    missing_systems: tuple[str, ...]
+
+    @property
+    def latency_ms(self) -> float | None:
+        if self.start_ns is None or self.end_ns is None:
+            return None
+        return (self.end_ns - self.start_ns) / 1e6
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_systems and self.latency_ms is not None
+
+
+def step_timings(spans: Iterable[SpanView], events: Iterable[EventView] = ()) -> list[StepTiming]:
+    """Start = first activity of the step in its source system; end = last activity in its target system."""
+    points: dict[str, list[tuple[str, int, int]]] = {}
+    for s in spans:
+        if s.step in STEPS:
+            points.setdefault(s.step, []).append((s.system, s.start_ns, s.end_ns))
+    for e in events:
+        if e.step in STEPS:
+            points.setdefault(e.step, []).append((e.system, e.time_ns, e.time_ns))
+    out = []
+    for step in STEPS:
+        if step not in points:
+            continue
+        source, target = STEPS[step]
+        pts = points[step]
+        starts = [s for system, s, _ in pts if system == source]
+        ends = [e for system, _, e in pts if system == target]
+        seen = tuple(sorted({system for system, _, _ in pts if system}))
+        missing = tuple(s for s in (source, target) if s not in seen)
+        out.append(StepTiming(step, min(starts) if starts else None, max(ends) if ends else None, seen, missing))
+    return out
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    import datetime as dt
+
+    secs, rem = divmod(ns, 1_000_000_000)
+    return dt.datetime.fromtimestamp(secs, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{rem:09d}Z"
+
+
+def assemble(
+    seed: tuple[str, str],
+    links: Iterable[Link],
+    spans: Iterable[SpanView],
+    events: Iterable[EventView] = (),
+) -> dict[str, Any]:
+    """The transaction document the API returns: traces, spans and events in time order, steps, gaps."""
+    links = list(links)
+    spans = sorted(spans, key=lambda s: (s.start_ns, s.trace_id, s.span_id))
+    events = sorted(events, key=lambda e: (e.time_ns, e.event_id))
+    traces: dict[str, dict[str, Any]] = {}
+    for s in spans:
+        t = traces.setdefault(
+            s.trace_id,
+            {
+                "trace_id": s.trace_id,
+                "systems": set(),
+                "start_ns": s.start_ns,
+                "end_ns": s.end_ns,
+                "span_count": 0,
+                "linked_by": set(),
+            },
+        )
+        t["systems"].add(s.system) if s.system else None
+        t["start_ns"] = min(t["start_ns"], s.start_ns)
+        t["end_ns"] = max(t["end_ns"], s.end_ns)
+        t["span_count"] += 1
+    for ln in links:
+        if ln.trace_id in traces:
+            traces[ln.trace_id]["linked_by"].add(f"{ln.key_type}:{ln.key_value}")
+    seen_systems = {s.system for s in spans if s.system} | {e.system for e in events if e.system}
+    steps = step_timings(spans, events)
+    return {
+        "seed": {"key_type": seed[0], "value": seed[1]},
+        "keys": sorted({(ln.key_type, ln.key_value) for ln in links if ln.trace_id in traces}),
+        "traces": [
+            {
+                **t,
+                "systems": sorted(t["systems"]),
+                "linked_by": sorted(t["linked_by"]),
+                "start": _iso(t["start_ns"]),
+                "end": _iso(t["end_ns"]),
+            }
+            for t in sorted(traces.values(), key=lambda t: t["start_ns"])
+        ],
+        "spans": [
+            {
+                "trace_id": s.trace_id,
+                "span_id": s.span_id,
+                "parent_span_id": s.parent_span_id,
+                "name": s.name,
+                "service": s.service,
+                "system": s.system,
+                "step": s.step,
+                "start": _iso(s.start_ns),
+                "end": _iso(s.end_ns),
+                "start_ns": s.start_ns,
+                "duration_ms": s.duration_ns / 1e6,
+                "status": s.status,
+                "attributes": s.attributes,
+                "links": s.links,
+            }
+            for s in spans
+        ],
+        "events": [
+            {
+                "id": e.event_id,
+                "type": e.type,
+                "time": _iso(e.time_ns),
+                "system": e.system,
+                "step": e.step,
+                "trace_id": e.trace_id,
+                "keys": e.keys,
+            }
+            for e in events
+        ],
+        "steps": [
+            {
+                "step": st.step,
+                "start": _iso(st.start_ns),
+                "end": _iso(st.end_ns),
+                "latency_ms": st.latency_ms,
+                "complete": st.complete,
+                "systems_seen": list(st.systems_seen),
+                "missing_systems": list(st.missing_systems),
+            }
+            for st in steps
+        ],
+        "systems_seen": sorted(seen_systems),
+        "missing_systems": [s for s in SYSTEMS if s not in seen_systems],
+    }

@@ -1,0 +1,208 @@
+"""CloudEvents 1.0 business events: parsing, validation and rows. Pure, no IO.
+
+Structured mode (``application/cloudevents+json``, or plain JSON), batch mode
+(``application/cloudevents-batch+json``). The ``traceparent`` extension (W3C) ties an event to a trace.
+Business attributes use the revops names of DOMAIN.md §2, in ``data`` or as extension attributes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from collector.correlation import extract_keys
+from tower_core.store.arrow_schemas import BUSINESS_EVENTS
+
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+_REQUIRED = ("id", "source", "type", "specversion")
+MAX_FIELD = 1024
+MAX_EVENTS_PER_BATCH = 10_000
+
+
+class EventError(ValueError):
+    """One event is invalid; the message says which attribute and why."""
+
+
+@dataclass(frozen=True)
+class BusinessEvent:
+    event_id: str
+    source: str
+    type: str
+    subject: str
+    time_ns: int
+    trace_id: str
+    span_id: str
+    attributes: dict[str, str]
+    data: str
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> BusinessEvent:
+        return cls(**doc)
+
+
+def parse_time(value: Any) -> int:
+    """RFC 3339 timestamp -> ns since the epoch (nanosecond fractions kept)."""
+    if not isinstance(value, str):
+        raise EventError("time must be an RFC 3339 string")
+    m = re.match(r"^(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:\d{2})$", value)
+    if not m:
+        raise EventError(f"time {value[:40]!r} is not RFC 3339")
+    base = dt.datetime.fromisoformat(m.group(1).replace("t", "T").replace(" ", "T"))
+    tz = dt.UTC if m.group(3) in ("Z", "z") else dt.datetime.strptime(m.group(3), "%z").tzinfo
+    seconds = int(base.replace(tzinfo=tz).timestamp())
+    frac = int((m.group(2) or "0").ljust(9, "0"))
+    return seconds * 1_000_000_000 + frac
+
+
+def _scalar_text(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(v, str | int) for v in value):
+        return orjson.dumps(value).decode()
+    return None
+
+
+def parse_event(doc: Any, received_ns: int) -> BusinessEvent:
+    if not isinstance(doc, dict):
+        raise EventError("an event must be a JSON object")
+    for attr in _REQUIRED:
+        if not isinstance(doc.get(attr), str) or not doc[attr]:
+            raise EventError(f"required attribute {attr!r} is missing or not a non-empty string")
+        if len(doc[attr]) > MAX_FIELD:
+            raise EventError(f"attribute {attr!r} is longer than {MAX_FIELD} characters")
+    if doc["specversion"] != "1.0":
+        raise EventError(f"specversion {doc['specversion']!r} is not supported (1.0 is)")
+    trace_id = span_id = ""
+    if "traceparent" in doc:
+        m = _TRACEPARENT.match(str(doc["traceparent"]).strip().lower())
+        if not m or m.group(1) == "0" * 32 or m.group(2) == "0" * 16:
+            raise EventError("traceparent is not a valid W3C traceparent")
+        trace_id, span_id = m.group(1), m.group(2)
+    time_ns = parse_time(doc["time"]) if "time" in doc else received_ns
+    attrs: dict[str, str] = {}
+    data = doc.get("data")
+    if isinstance(data, dict):
+        for k, v in data.items():
+            text = _scalar_text(v)
+            if text is not None and k.startswith("revops."):
+                attrs[k] = text
+    for k, v in doc.items():  # extension attributes (revops* or mapped names) win over data fields
+        if k not in (
+            "data",
+            "data_base64",
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "time",
+            "subject",
+            "datacontenttype",
+            "dataschema",
+            "traceparent",
+            "tracestate",
+        ):
+            text = _scalar_text(v)
+            if text is not None:
+                attrs[k] = text
+    for short, full in (
+        ("revopssystem", "revops.system"),
+        ("revopsregion", "revops.region"),
+        ("revopsstep", "revops.step"),
+    ):
+        if short in attrs:
+            attrs.setdefault(full, attrs[short])
+    return BusinessEvent(
+        event_id=doc["id"],
+        source=doc["source"],
+        type=doc["type"],
+        subject=str(doc.get("subject") or ""),
+        time_ns=time_ns,
+        trace_id=trace_id,
+        span_id=span_id,
+        attributes=attrs,
+        data=orjson.dumps(data).decode() if data is not None else "",
+    )
+
+
+def parse_body(body: bytes, content_type: str | None, received_ns: int) -> tuple[list[BusinessEvent], list[dict]]:
+    """Valid events and, for the others, ``{"index", "id", "error"}``. Raises EventError if the body as a
+    whole is unusable."""
+    mt = (content_type or "").split(";", 1)[0].strip().lower()
+    if mt not in (STRUCTURED, BATCH, "application/json"):
+        raise EventError(f"unsupported content type {mt or '(none)'!r}; use {STRUCTURED} or {BATCH}")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise EventError(f"malformed JSON: {exc}") from None
+    if mt == BATCH:
+        if not isinstance(doc, list):
+            raise EventError("a batch must be a JSON array of events")
+        docs = doc
+    else:
+        docs = [doc]
+    if len(docs) > MAX_EVENTS_PER_BATCH:
+        raise EventError(f"a batch holds at most {MAX_EVENTS_PER_BATCH} events")
+    good, bad = [], []
+    for i, d in enumerate(docs):
+        try:
+            good.append(parse_event(d, received_ns))
+        except EventError as exc:
+            bad.append({"index": i, "id": d.get("id") if isinstance(d, dict) else None, "error": str(exc)})
+    return good, bad
+
+
+def to_tables(
+    events: list[BusinessEvent], received_ns: list[int], key_names: Mapping[str, str]
+) -> tuple[pa.Table, dict[tuple[str, str, str, str], list[Any]]]:
+    """business_events rows, and key links for events that carry a trace."""
+    cols: dict[str, list[Any]] = {n: [] for n in BUSINESS_EVENTS.names}
+    links: dict[tuple[str, str, str, str], list[Any]] = {}
+    for ev, recv in zip(events, received_ns, strict=True):
+        a = ev.attributes
+        keys = dict(extract_keys(a, key_names))
+        amount = a.get("revops.amount_minor", "0")
+        row = {
+            "EventId": ev.event_id,
+            "Source": ev.source,
+            "Type": ev.type,
+            "Subject": ev.subject,
+            "Time": ev.time_ns,
+            "ReceivedAt": recv,
+            "TraceId": ev.trace_id,
+            "SpanId": ev.span_id,
+            "System": a.get("revops.system", ""),
+            "Region": a.get("revops.region", ""),
+            "Step": a.get("revops.step", ""),
+            "CustomerId": keys.get("customer", ""),
+            "InvoiceId": keys.get("invoice", ""),
+            "PaymentId": keys.get("payment", ""),
+            "LedgerEntryId": keys.get("ledger_entry", ""),
+            "AmountMinor": int(amount) if amount.lstrip("-").isdigit() and len(amount) < 19 else 0,
+            "Currency": a.get("revops.currency", ""),
+            "Attributes": list(a.items()),
+            "Data": ev.data,
+        }
+        for k, v in row.items():
+            cols[k].append(v)
+        if ev.trace_id:
+            for key_type, value in extract_keys(a, key_names):
+                k = (key_type, value, ev.trace_id, row["System"])
+                cur = links.get(k)
+                if cur is None:
+                    links[k] = [row["Region"], ev.time_ns, ev.time_ns]
+                else:
+                    cur[1], cur[2] = min(cur[1], ev.time_ns), max(cur[2], ev.time_ns)
+    return pa.Table.from_pydict(cols, schema=BUSINESS_EVENTS), links

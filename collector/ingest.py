@@ -1,0 +1,123 @@
+"""The ingest service: validate, make durable in the write-ahead buffer, acknowledge.
+
+Routers call it; it owns the buffer, the flusher and the collector's metrics. Nothing here blocks the
+event loop: the fsync'd append runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from collector import events as ev
+from collector import otlp
+from collector.correlation import key_attribute_names
+from collector.flusher import Flusher
+from collector.metrics import CollectorMetrics
+from collector.wal import KIND_EVENTS, KIND_SPANS, BufferFull, BufferWriteError, WriteAheadBuffer
+from tower_core.settings import Settings
+from tower_core.store import Store
+
+RETRY_AFTER_S = 1
+
+
+class Refused(Exception):
+    """The buffer cannot take the request now: 503 + Retry-After."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    media_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class IngestService:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.metrics = CollectorMetrics()
+        self.key_names = key_attribute_names(settings.key_attribute_map)
+        self.wal = WriteAheadBuffer(settings.wal_dir, settings.wal_max_bytes)
+        self.flusher = Flusher(
+            self.wal,
+            store,
+            self.key_names,
+            self.metrics,
+            flush_rows=settings.flush_rows,
+            flush_interval_s=settings.flush_interval_s,
+        )
+        self.metrics.buffer_bytes.set(self.wal.pending_bytes)
+
+    def start(self) -> None:
+        self.flusher.start()
+
+    def stop(self) -> None:
+        self.flusher.stop()
+        self.wal.close()
+
+    def _append(self, kind: int, rows: int, payload: bytes) -> None:
+        try:
+            self.wal.append(kind, rows, payload)
+        except BufferFull as exc:
+            self.metrics.requests_refused.labels(reason="buffer_full").inc()
+            raise Refused("buffer_full", str(exc)) from None
+        except BufferWriteError as exc:
+            self.metrics.requests_refused.labels(reason="disk").inc()
+            raise Refused("disk", str(exc)) from None
+        self.metrics.rows_buffered.inc(rows)
+        self.metrics.buffer_bytes.set(self.wal.pending_bytes)
+        self.flusher.notify()
+
+    def traces(self, body: bytes, content_type: str | None, encoding: str | None) -> Reply:
+        """OTLP/HTTP export. Sync: FastAPI runs it in its threadpool."""
+        try:
+            mt = otlp.media_type(content_type)
+        except otlp.OtlpError as exc:
+            return Reply(exc.status, otlp.status_body(otlp.JSON, exc.status, exc.message), otlp.JSON)
+        try:
+            raw = otlp.decompress(body, encoding, self.settings.max_body_bytes)
+            req = otlp.decode(raw, mt)
+            checked = otlp.validate(req)
+        except otlp.OtlpError as exc:
+            return Reply(exc.status, otlp.status_body(mt, exc.status, exc.message), mt)
+        self.metrics.spans_rejected.inc(checked.rejected)
+        if checked.accepted:
+            payload = raw if (mt == otlp.PROTOBUF and not checked.rejected) else req.SerializeToString()
+            try:
+                self._append(KIND_SPANS, checked.accepted, payload)
+            except Refused as exc:
+                return Reply(503, otlp.status_body(mt, 503, str(exc)), mt, {"Retry-After": str(RETRY_AFTER_S)})
+            self.metrics.spans_received.inc(checked.accepted)
+        return Reply(200, otlp.response(mt, checked.rejected, checked.error_message), mt)
+
+    def events(self, body: bytes, content_type: str | None) -> Reply:
+        """CloudEvents ingest: valid events are kept, invalid ones reported (partial success)."""
+        received_ns = time.time_ns()
+        if len(body) > self.settings.max_body_bytes:
+            return _json(413, {"error": f"request body exceeds {self.settings.max_body_bytes} bytes"})
+        try:
+            good, bad = ev.parse_body(body, content_type, received_ns)
+        except ev.EventError as exc:
+            status = 415 if "content type" in str(exc) else 400
+            return _json(status, {"error": str(exc)})
+        self.metrics.events_rejected.inc(len(bad))
+        if not good:
+            return _json(400, {"error": "no valid event in the request", "accepted": 0, "rejected": bad})
+        payload = orjson.dumps({"received_ns": received_ns, "events": [e.to_json() for e in good]})
+        try:
+            self._append(KIND_EVENTS, len(good), payload)
+        except Refused as exc:
+            return _json(503, {"error": str(exc)}, {"Retry-After": str(RETRY_AFTER_S)})
+        self.metrics.events_received.inc(len(good))
+        return _json(200, {"accepted": len(good), "rejected": bad})
+
+
+def _json(status: int, doc: dict, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, orjson.dumps(doc), "application/json", headers or {})

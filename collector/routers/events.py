@@ -1,0 +1,28 @@
+"""CloudEvents business-event receiver."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from collector import otlp
+from collector.deps import get_ingest, read_body
+from collector.ingest import IngestService
+
+router = APIRouter(tags=["ingest"])
+
+
+@router.post("/v1/events", summary="Business events as CloudEvents 1.0 (structured or batch JSON)")
+async def post_events(
+    request: Request,
+    ingest: Annotated[IngestService, Depends(get_ingest)],
+    content_type: Annotated[str | None, Header()] = None,
+) -> Response:
+    try:
+        body = await read_body(request, ingest.settings.max_body_bytes)
+    except otlp.OtlpError as exc:
+        return Response(f'{{"error": "{exc.message}"}}', exc.status, media_type="application/json")
+    reply = await run_in_threadpool(ingest.events, body, content_type)
+    return Response(reply.body, reply.status, reply.headers, media_type=reply.media_type)

@@ -1,0 +1,51 @@
+"""Read APIs: one trace, one business transaction."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from starlette.concurrency import run_in_threadpool
+
+from collector import correlation as corr
+from collector.deps import get_store
+from collector.lookups import TRACE_ID, get_trace, get_transaction
+from tower_core.store import Store
+
+router = APIRouter(prefix="/api", tags=["lookups"])
+KeyParam = Annotated[str | None, Query(min_length=1, max_length=corr.MAX_KEY_VALUE_LEN)]
+
+
+@router.get("/traces/{trace_id}", summary="All spans of one trace")
+async def trace(trace_id: str, store: Annotated[Store, Depends(get_store)]) -> dict[str, Any]:
+    tid = trace_id.lower()
+    if not TRACE_ID.match(tid):
+        raise HTTPException(400, "trace_id must be 32 hex characters")
+    doc = await run_in_threadpool(get_trace, store, tid)
+    if doc is None:
+        raise HTTPException(404, f"trace {tid} not found")
+    return doc
+
+
+@router.get("/transactions", summary="The business transaction of an invoice, customer, payment or trace")
+async def transaction(
+    store: Annotated[Store, Depends(get_store)],
+    invoice_id: KeyParam = None,
+    customer_id: KeyParam = None,
+    payment_id: KeyParam = None,
+    trace_id: KeyParam = None,
+) -> dict[str, Any]:
+    try:
+        seed = corr.seed_key(
+            {"invoice_id": invoice_id, "customer_id": customer_id, "payment_id": payment_id, "trace_id": trace_id}
+        )
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    if seed[0] == "trace":
+        seed = ("trace", seed[1].lower())
+        if not TRACE_ID.match(seed[1]):
+            raise HTTPException(400, "trace_id must be 32 hex characters")
+    doc = await run_in_threadpool(get_transaction, store, seed)
+    if doc is None:
+        raise HTTPException(404, f"nothing is known of {seed[0]} {seed[1]}")
+    return doc

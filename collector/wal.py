@@ -1,0 +1,168 @@
+"""The collector's write-ahead buffer: what a 200 promised lives here until it is in ClickHouse.
+
+Appends go to the active segment and are fsync'd before the caller acknowledges. The flusher seals the
+active segment and drains sealed segments to the store; a sealed segment never changes, so a flush retried
+after a crash sends the same rows in the same order under the same insert_deduplication_token, and
+ClickHouse drops the repeat. The total size is bounded: past ``max_bytes`` appends raise BufferFull.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_HEADER = struct.Struct("<IIBI")  # payload length, crc32, kind, rows
+_NAME = re.compile(r"^seg-(\d{12})\.wal$")
+KIND_SPANS = 1
+KIND_EVENTS = 2
+
+
+class BufferFull(Exception):
+    """The buffer holds max_bytes; callers answer 503 + Retry-After."""
+
+
+class BufferWriteError(Exception):
+    """The disk refused the write (e.g. ENOSPC); nothing was kept, the segment is intact."""
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: int
+    rows: int
+    payload: bytes
+
+
+@dataclass
+class Segment:
+    seq: int
+    path: Path
+    size: int = 0
+    rows: int = 0
+
+
+def _scan(path: Path) -> tuple[int, int]:
+    """Valid length and row count of a segment; a torn or corrupt tail is cut off (it was never acked)."""
+    good = rows = 0
+    with open(path, "r+b") as f:
+        data = f.read()
+        while good + _HEADER.size <= len(data):
+            length, crc, kind, n = _HEADER.unpack_from(data, good)
+            end = good + _HEADER.size + length
+            if end > len(data) or zlib.crc32(data[good + 4 + 4 : end]) != crc:
+                break
+            good, rows = end, rows + n
+        if good != len(data):
+            f.truncate(good)
+            f.flush()
+            os.fsync(f.fileno())
+    return good, rows
+
+
+class WriteAheadBuffer:
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.dir = directory
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from tower_core.errors import ConfigError
+
+            raise ConfigError(f"write-ahead buffer dir {directory} is not usable: {exc.strerror or exc}") from None
+        self._sealed: list[Segment] = []
+        for p in sorted(directory.iterdir()):
+            m = _NAME.match(p.name)
+            if m:
+                size, rows = _scan(p)
+                if size == 0:
+                    p.unlink()
+                    continue
+                self._sealed.append(Segment(int(m.group(1)), p, size, rows))
+        next_seq = (self._sealed[-1].seq + 1) if self._sealed else 1
+        self._active = self._open_segment(next_seq)
+
+    def _open_segment(self, seq: int) -> Segment:
+        path = self.dir / f"seg-{seq:012d}.wal"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fsync_dir()
+        return Segment(seq, path)
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._active.size + sum(s.size for s in self._sealed)
+
+    @property
+    def pending_rows(self) -> int:
+        return self._active.rows + sum(s.rows for s in self._sealed)
+
+    @property
+    def active_rows(self) -> int:
+        return self._active.rows
+
+    def append(self, kind: int, rows: int, payload: bytes) -> None:
+        """Durably append one record (write + fsync) or raise; never leaves a partial record behind."""
+        body = struct.pack("<BI", kind, rows) + payload
+        record = struct.pack("<II", len(payload), zlib.crc32(body)) + body
+        with self._lock:
+            if self.pending_bytes + len(record) > self.max_bytes:
+                raise BufferFull(f"write-ahead buffer holds {self.pending_bytes} of {self.max_bytes} bytes")
+            try:
+                written = os.write(self._fd, record)
+                if written != len(record):
+                    raise OSError(28, "short write")
+                os.fsync(self._fd)
+            except OSError as exc:
+                os.ftruncate(self._fd, self._active.size)  # drop the partial record
+                raise BufferWriteError(f"cannot write the buffer: {exc.strerror or exc}") from None
+            self._active.size += len(record)
+            self._active.rows += rows
+
+    def seal(self) -> None:
+        """Close the active segment (if it holds anything) for flushing and start a new one."""
+        with self._lock:
+            if self._active.size == 0:
+                return
+            os.close(self._fd)
+            self._sealed.append(self._active)
+            self._active = self._open_segment(self._active.seq + 1)
+
+    def sealed(self) -> list[Segment]:
+        with self._lock:
+            return list(self._sealed)
+
+    @staticmethod
+    def read(segment: Segment) -> Iterator[Record]:
+        with open(segment.path, "rb") as f:
+            data = f.read(segment.size)
+        pos = 0
+        while pos + _HEADER.size <= len(data):
+            length, _crc, kind, rows = _HEADER.unpack_from(data, pos)
+            start = pos + _HEADER.size
+            yield Record(kind, rows, data[start : start + length])
+            pos = start + length
+
+    def remove(self, segment: Segment) -> None:
+        """Forget a segment once its rows are in the store."""
+        with self._lock:
+            self._sealed = [s for s in self._sealed if s.seq != segment.seq]
+            segment.path.unlink(missing_ok=True)
+            self._fsync_dir()
+
+    def close(self) -> None:
+        with self._lock:
+            os.close(self._fd)
+            if self._active.size == 0:
+                self._active.path.unlink(missing_ok=True)

@@ -1,0 +1,78 @@
+"""Run ``tower serve`` as a real subprocess on loopback (its own chDB path), for HTTP-level tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class TowerServer:
+    def __init__(self, workdir: Path, **env: str) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TOWER_", "OTEL_"))}
+        self.env.update(
+            {
+                "TOWER_DATA_DIR": str(workdir / "data"),
+                "TOWER_WAL_DIR": str(workdir / "wal"),
+                "TOWER_PORT": str(self.port),
+                "TOWER_API_URL": self.url,
+                "TOWER_FLUSH_INTERVAL_S": "0.2",
+            }
+        )
+        self.env.update(env)
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / "server.log"
+
+    def start(self, timeout: float = 60) -> TowerServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tower_core.cli", "serve"],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tower serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("tower serve did not become ready")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> TowerServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

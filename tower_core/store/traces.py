@@ -1,0 +1,115 @@
+"""Trace and correlation reads (the collector's lookups). All values are bound parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from tower_core.store.base import Store
+
+_SPANS_OF_TRACES = (
+    "SELECT toUnixTimestamp64Nano(Timestamp) AS start_ns, TraceId AS trace_id, SpanId AS span_id, "
+    "ParentSpanId AS parent_span_id, SpanName AS name, SpanKind AS kind, ServiceName AS service, "
+    "Duration AS duration_ns, StatusCode AS status, StatusMessage AS status_message, "
+    "SpanAttributes AS attributes, ResourceAttributes AS resource, Links.TraceId AS link_trace_ids, "
+    "Events.Name AS event_names FROM $db.otel_traces "
+    "WHERE TraceId IN {ids:Array(String)} "
+    "AND Timestamp >= fromUnixTimestamp64Nano({lo:Int64}) AND Timestamp <= fromUnixTimestamp64Nano({hi:Int64}) "
+    "ORDER BY Timestamp, SpanId LIMIT 1 BY TraceId, SpanId"
+)
+
+
+def trace_range(store: Store, trace_id: str) -> tuple[int, int] | None:
+    """[start, end] in ns of a trace, from the trace-id lookup table (a primary-key read)."""
+    rows = store.query_rows(
+        "SELECT toUnixTimestamp64Nano(min(Start)) AS s, toUnixTimestamp64Nano(max(End)) AS e, count() AS n "
+        "FROM $db.otel_traces_trace_id_ts WHERE TraceId = {t:String}",
+        {"t": trace_id},
+    )
+    if not rows or not rows[0]["n"]:
+        return None
+    return int(rows[0]["s"]), int(rows[0]["e"])
+
+
+def trace_ranges(store: Store, trace_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+    rows = store.query_rows(
+        "SELECT TraceId AS t, toUnixTimestamp64Nano(min(Start)) AS s, toUnixTimestamp64Nano(max(End)) AS e "
+        "FROM $db.otel_traces_trace_id_ts WHERE TraceId IN {ids:Array(String)} GROUP BY TraceId",
+        {"ids": sorted(set(trace_ids))},
+    )
+    return {r["t"]: (int(r["s"]), int(r["e"])) for r in rows}
+
+
+def spans_of_traces(store: Store, ranges: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
+    """Spans of the given traces, reading only the time range the lookup table gives for each."""
+    if not ranges:
+        return []
+    lo = min(r[0] for r in ranges.values())
+    hi = max(r[1] for r in ranges.values())
+    return store.query_rows(_SPANS_OF_TRACES, {"ids": sorted(ranges), "lo": lo, "hi": hi})
+
+
+def links_for_keys(store: Store, keys: Iterable[tuple[str, str]], limit: int = 1000) -> list[dict[str, Any]]:
+    """key -> trace links for the given (key_type, value) pairs."""
+    keys = sorted(set(keys))
+    if not keys:
+        return []
+    return store.query_rows(
+        "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
+        "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns "
+        "FROM $db.business_key_links WHERE (KeyType, KeyValue) IN {keys:Array(Tuple(String, String))} "
+        "GROUP BY KeyType, KeyValue, TraceId, System ORDER BY first_ns DESC LIMIT {limit:UInt32}",
+        {"keys": keys, "limit": limit},
+    )
+
+
+def cdp_links_for_customers(store: Store, customers: Iterable[str], limit: int = 200) -> list[dict[str, Any]]:
+    customers = sorted(set(customers))
+    if not customers:
+        return []
+    return store.query_rows(
+        "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
+        "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns "
+        "FROM $db.business_key_links WHERE KeyType = 'customer' AND KeyValue IN {c:Array(String)} "
+        "AND System = 'cdp' GROUP BY KeyType, KeyValue, TraceId, System ORDER BY first_ns DESC LIMIT {limit:UInt32}",
+        {"c": customers, "limit": limit},
+    )
+
+
+def links_for_traces(store: Store, trace_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """All keys seen on the given traces."""
+    ids = sorted(set(trace_ids))
+    if not ids:
+        return []
+    return store.query_rows(
+        "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
+        "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns "
+        "FROM $db.trace_key_links WHERE TraceId IN {ids:Array(String)} "
+        "GROUP BY TraceId, KeyType, KeyValue, System",
+        {"ids": ids},
+    )
+
+
+def events_for(
+    store: Store, keys: Iterable[tuple[str, str]], trace_ids: Iterable[str], limit: int = 1000
+) -> list[dict[str, Any]]:
+    """Business events carrying one of the identifying keys, or one of the traces."""
+    by_type: dict[str, list[str]] = {"invoice": [], "payment": [], "ledger_entry": []}
+    for key_type, value in keys:
+        if key_type in by_type:
+            by_type[key_type].append(value)
+    return store.query_rows(
+        "SELECT EventId AS event_id, Type AS type, toUnixTimestamp64Nano(Time) AS time_ns, System AS system, "
+        "Step AS step, TraceId AS trace_id, CustomerId AS customer, InvoiceId AS invoice, PaymentId AS payment, "
+        "LedgerEntryId AS ledger_entry FROM $db.business_events FINAL "
+        "WHERE InvoiceId IN {inv:Array(String)} OR PaymentId IN {pay:Array(String)} "
+        "OR LedgerEntryId IN {led:Array(String)} OR TraceId IN {tr:Array(String)} "
+        "ORDER BY Time LIMIT {limit:UInt32}",
+        {
+            "inv": by_type["invoice"],
+            "pay": by_type["payment"],
+            "led": by_type["ledger_entry"],
+            "tr": sorted(set(trace_ids) - {""}),
+            "limit": limit,
+        },
+    )
