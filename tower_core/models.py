@@ -1,0 +1,96 @@
+"""Canonical models every component shares. Money is Int64 minor units plus an ISO 4217 currency."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+# ISO 4217 minor-unit exponents for the currencies the tower handles (JPY has no minor unit).
+CURRENCY_EXPONENT: dict[str, int] = {"USD": 2, "EUR": 2, "GBP": 2, "JPY": 0, "CHF": 2, "CAD": 2, "AUD": 2}
+REGIONS = ("NA", "EU", "APAC")
+
+InvoiceStatus = Literal["draft", "open", "paid", "void", "uncollectible"]
+PaymentKind = Literal["payment", "refund", "credit_note"]
+EntryType = Literal["invoice", "payment", "credit_memo", "journal"]
+
+
+def format_money(amount_minor: int, currency: str) -> str:
+    """Human display only; never feed the result back into arithmetic."""
+    exp = CURRENCY_EXPONENT.get(currency, 2)
+    sign = "-" if amount_minor < 0 else ""
+    whole, frac = divmod(abs(amount_minor), 10**exp)
+    return f"{sign}{whole:,}{'.' + str(frac).zfill(exp) if exp else ''} {currency}"
+
+
+@dataclass(frozen=True)
+class Invoice:
+    invoice_id: str
+    customer_id: str
+    region: str
+    currency: str
+    subtotal_minor: int
+    tax_minor: int
+    total_minor: int
+    status: InvoiceStatus
+    issued_at: dt.datetime
+    updated_at: dt.datetime
+    amount_paid_minor: int = 0
+    amount_credited_minor: int = 0
+    due_at: dt.datetime | None = None
+    finalized_at: dt.datetime | None = None
+    paid_at: dt.datetime | None = None
+    source_system: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Payment:
+    """A payment, refund or credit note from billing; ``allocations`` maps invoice id -> minor units."""
+
+    payment_id: str
+    kind: PaymentKind
+    customer_id: str
+    region: str
+    currency: str
+    amount_minor: int
+    status: str
+    occurred_at: dt.datetime
+    updated_at: dt.datetime
+    method: str = ""
+    allocations: dict[str, int] = field(default_factory=dict)
+    related_payment_id: str = ""
+    source_system: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """An ERP posting; ``external_ref`` is the billing id it came from (the idempotency anchor)."""
+
+    entry_id: str
+    entry_type: EntryType
+    external_ref: str
+    party_ref: str
+    region: str
+    currency: str
+    amount_minor: int
+    status: str
+    posted_at: dt.datetime
+    updated_at: dt.datetime
+    applied_to_ref: str = ""
+    period_date: dt.date | None = None
+    source_system: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a cursor-based pull; pass ``next_cursor`` back to continue, stop when ``done``."""
+
+    items: list[T]
+    next_cursor: str
+    done: bool
