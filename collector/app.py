@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from collector.auth import TokenVerifier
 from collector.ingest import IngestService
-from collector.routers import events, health, lookups, metrics, otlp
+from collector.routers import events, health, lookups, metrics, otlp, tokens
 from collector.telemetry import setup_telemetry
 from tower_core.errors import StoreError
 from tower_core.settings import Settings
@@ -37,12 +38,14 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.ingest = ingest
+    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    app.state.verifier = TokenVerifier(store, admin)
 
     @app.exception_handler(StoreError)
     async def store_unavailable(request: Request, exc: StoreError) -> JSONResponse:
         log.warning("store error on %s: %s", request.url.path, exc)
         return JSONResponse({"detail": "the store is unavailable; try again"}, 503, {"Retry-After": "5"})
 
-    for module in (health, otlp, events, lookups, metrics):
+    for module in (health, otlp, events, lookups, metrics, tokens):
         app.include_router(module.router)
     return app

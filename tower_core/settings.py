@@ -9,7 +9,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     )
     dashboard_host: str = Field("127.0.0.1", description="Address the Streamlit dashboard binds to.")
     dashboard_port: int = Field(8501, description="Port of the Streamlit dashboard.")
+
+    # --- security
+    admin_token: SecretStr | None = Field(
+        None, description="Bootstrap admin bearer token (create named tokens with it); never logged."
+    )
 
     # --- collector
     wal_dir: Path = Field(Path(".tower/wal"), description="Directory of the collector's write-ahead buffer.")

@@ -1,0 +1,100 @@
+"""Bearer-token authentication with roles viewer < operator < admin.
+
+Tokens are random secrets shown once at creation; the store keeps their SHA-256 only. A bootstrap admin
+token may come from ``TOWER_ADMIN_TOKEN`` (compared in constant time). Routers declare what they need with
+``Depends(require("operator"))``; mutations are audited under the principal's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+
+from tower_core.store import Store
+from tower_core.store import tokens as token_store
+
+ROLES = ("viewer", "operator", "admin")
+_CACHE_TTL_S = 5.0
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str
+
+    def has(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return "twr_" + secrets.token_urlsafe(32)
+
+
+def create_token(store: Store, name: str, role: str) -> tuple[str, str]:
+    """Store a new token's hash; return (token_id, plaintext token) — the only time it is seen."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    token = new_token()
+    token_id = uuid.uuid4().hex[:16]
+    token_store.insert_token(store, token_id, name, role, hash_token(token))
+    return token_id, token
+
+
+class TokenVerifier:
+    """Resolves bearer tokens to principals, caching store lookups briefly."""
+
+    def __init__(self, store: Store, admin_token: str | None) -> None:
+        self.store = store
+        self._admin_hash = hash_token(admin_token) if admin_token else None
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    def verify(self, token: str) -> Principal | None:
+        h = hash_token(token)
+        if self._admin_hash is not None and hmac.compare_digest(h, self._admin_hash):
+            return Principal("admin (bootstrap)", "admin")
+        hit = self._cache.get(h)
+        now = time.monotonic()
+        if hit and now - hit[0] < _CACHE_TTL_S:
+            return hit[1]
+        row = token_store.find_by_hash(self.store, h)
+        principal = None
+        if row and not row["revoked_ms"] and hmac.compare_digest(row["token_hash"], h):
+            principal = Principal(row["name"], row["role"])
+        self._cache[h] = (now, principal)
+        return principal
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+
+def get_principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    principal = request.app.state.verifier.verify(authorization[7:].strip())
+    if principal is None:
+        raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+def require(role: str) -> Callable[[Principal], Principal]:
+    """Dependency: the caller's principal, if its role is at least ``role`` (else 403)."""
+
+    def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+        if not principal.has(role):
+            raise HTTPException(403, f"this action needs the {role} role; {principal.name} is {principal.role}")
+        return principal
+
+    check.required_role = role  # type: ignore[attr-defined]  # read by the route-security test
+    return check

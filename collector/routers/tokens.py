@@ -1,0 +1,51 @@
+"""API token administration (admin role)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from collector.auth import ROLES, Principal, create_token, require
+from collector.deps import get_store
+from tower_core.store import Store
+from tower_core.store import tokens as token_store
+
+router = APIRouter(prefix="/api/tokens", tags=["tokens"])
+
+
+class TokenRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[\w.@ -]+$")
+    role: str = Field(pattern="^(" + "|".join(ROLES) + ")$")
+
+
+@router.post("", status_code=201, summary="Create a token (shown once)")
+async def create(
+    body: TokenRequest,
+    store: Annotated[Store, Depends(get_store)],
+    admin: Annotated[Principal, Depends(require("admin"))],
+) -> dict[str, str]:
+    token_id, token = await run_in_threadpool(create_token, store, body.name, body.role)
+    return {"token_id": token_id, "name": body.name, "role": body.role, "token": token}
+
+
+@router.get("", summary="List tokens (no secrets)")
+async def list_all(
+    store: Annotated[Store, Depends(get_store)], admin: Annotated[Principal, Depends(require("admin"))]
+) -> list[dict[str, Any]]:
+    return await run_in_threadpool(token_store.list_tokens, store)
+
+
+@router.delete("/{token_id}", summary="Revoke a token")
+async def revoke(
+    token_id: str,
+    request: Request,
+    store: Annotated[Store, Depends(get_store)],
+    admin: Annotated[Principal, Depends(require("admin"))],
+) -> dict[str, str]:
+    if not await run_in_threadpool(token_store.revoke, store, token_id):
+        raise HTTPException(404, f"token {token_id} not found")
+    request.app.state.verifier.forget()
+    return {"token_id": token_id, "status": "revoked"}
