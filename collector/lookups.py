@@ -50,37 +50,30 @@ def get_trace(store: Store, trace_id: str) -> dict[str, Any] | None:
 
 
 def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | None:
-    """Traces reachable from the seed key (see collector.correlation), with their spans and events."""
+    """Traces reachable from the seed key (rules in collector.correlation), with their spans and events."""
     key_type, value = seed
-    links: list[corr.Link] = []
-    known_keys = {seed}
     if key_type == "trace":
         traces = {value}
     else:
-        links = [_link(r) for r in q.links_for_keys(store, [seed], limit=MAX_TRACES)]
-        traces = {ln.trace_id for ln in links}
+        traces = {ln.trace_id for ln in map(_link, q.links_for_keys(store, [seed], limit=MAX_TRACES))}
     if key_type != "customer":
-        # one hop through identifying keys (invoice <-> payment <-> ledger entry <-> span links)
-        trace_links = [_link(r) for r in q.links_for_traces(store, traces)]
-        links += trace_links
-        follow = corr.keys_to_follow(trace_links, known_keys)
-        follow |= {("trace", t) for t in traces}  # traces that link *to* these traces
-        known_keys |= follow
-        more = [_link(r) for r in q.links_for_keys(store, follow, limit=MAX_TRACES)]
-        links += more
-        traces |= {ln.trace_id for ln in more}
-        traces |= {ln.key_value for ln in links if ln.key_type == "trace"}
-        # the CDP profile trace of the customer(s), which shares no identifying key with billing
-        customers = corr.customers_of(links)
-        if customers:
-            ranges_so_far = q.trace_ranges(store, traces)
-            start = min((r[0] for r in ranges_so_far.values()), default=0)
-            cdp = [_link(r) for r in q.cdp_links_for_customers(store, customers)]
-            chosen = corr.pick_cdp_traces(cdp, start)
-            links += [ln for ln in cdp if ln.trace_id in chosen]
-            traces |= chosen
+        # one hop through identifying keys (invoice <-> payment <-> ledger entry) and span links, both ways
+        first = [_link(r) for r in q.links_for_traces(store, traces)]
+        follow = corr.keys_to_follow(first, {seed}) | {("trace", t) for t in traces}
+        traces |= {ln.trace_id for ln in map(_link, q.links_for_keys(store, follow, limit=MAX_TRACES))}
+        traces |= {ln.key_value for ln in first if ln.key_type == "trace"}
     traces = set(sorted(traces)[:MAX_TRACES])
+    links = [_link(r) for r in q.links_for_traces(store, traces)]
     ranges = q.trace_ranges(store, traces)
+    customers = corr.customers_of(links)
+    if customers and key_type != "customer":
+        # the CDP profile trace of the customer, which shares no identifying key with billing or ERP
+        start = min((r[0] for r in ranges.values()), default=0)
+        cdp = [_link(r) for r in q.cdp_links_for_customers(store, customers)]
+        chosen = corr.pick_cdp_traces(cdp, start) - traces
+        if chosen:
+            links += [ln for ln in cdp if ln.trace_id in chosen]
+            ranges |= q.trace_ranges(store, chosen)
     if not ranges and not links:
         return None
     spans = [_span_view(r) for r in q.spans_of_traces(store, ranges)]

@@ -89,7 +89,7 @@ class WriteAheadBuffer:
 
     def _open_segment(self, seq: int) -> Segment:
         path = self.dir / f"seg-{seq:012d}.wal"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._fsync_dir()
         return Segment(seq, path)
 
@@ -120,22 +120,46 @@ class WriteAheadBuffer:
             if self.pending_bytes + len(record) > self.max_bytes:
                 raise BufferFull(f"write-ahead buffer holds {self.pending_bytes} of {self.max_bytes} bytes")
             try:
+                if self._fd is None:
+                    self._active = self._open_segment(self._active.seq)
                 written = os.write(self._fd, record)
                 if written != len(record):
                     raise OSError(28, "short write")
                 os.fsync(self._fd)
             except OSError as exc:
-                os.ftruncate(self._fd, self._active.size)  # drop the partial record
+                self._drop_partial_record()
                 raise BufferWriteError(f"cannot write the buffer: {exc.strerror or exc}") from None
             self._active.size += len(record)
             self._active.rows += rows
+
+    def _drop_partial_record(self) -> None:
+        """After a failed write: cut the segment back to its last good record, or, if even that fails,
+        retire the segment (readers and recovery only trust its known good size) and start a new one."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, self._active.size)
+            return
+        except OSError:
+            pass
+        try:
+            os.close(self._fd)  # type: ignore[arg-type]
+        except OSError:
+            pass
+        if self._active.size:
+            self._sealed.append(self._active)
+        else:
+            self._active.path.unlink(missing_ok=True)
+        self._fd = None  # the next append opens a fresh segment (and fails cleanly while the disk is full)
+        self._active = Segment(self._active.seq + 1, self.dir / f"seg-{self._active.seq + 1:012d}.wal")
 
     def seal(self) -> None:
         """Close the active segment (if it holds anything) for flushing and start a new one."""
         with self._lock:
             if self._active.size == 0:
                 return
-            os.close(self._fd)
+            if self._fd is not None:
+                os.close(self._fd)
             self._sealed.append(self._active)
             self._active = self._open_segment(self._active.seq + 1)
 
@@ -163,6 +187,7 @@ class WriteAheadBuffer:
 
     def close(self) -> None:
         with self._lock:
-            os.close(self._fd)
+            if self._fd is not None:
+                os.close(self._fd)
             if self._active.size == 0:
                 self._active.path.unlink(missing_ok=True)

@@ -1,0 +1,253 @@
+"""The collector over HTTP with real clients, against a real `tower serve` subprocess."""
+
+from __future__ import annotations
+
+import gzip
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from google.rpc import status_pb2
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import Link
+
+from tests.server import TowerServer
+from tests.test_otlp_decode import SPEC_EXAMPLE
+
+PB = {"Content-Type": "application/x-protobuf"}
+JS = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TowerServer]:
+    with TowerServer(tmp_path_factory.mktemp("collector"), TOWER_MAX_BODY_BYTES=str(2 * 1024 * 1024)) as srv:
+        yield srv
+
+
+def wait_for(fn, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def tracer(srv: TowerServer, service: str, system: str, region: str = "EU"):
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service, "revops.system": system, "revops.region": region})
+    )
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{srv.url}/v1/traces")))
+    return provider, provider.get_tracer(f"sim.{system}")
+
+
+def test_three_systems_three_trace_ids_one_transaction(server: TowerServer) -> None:
+    """CDP, billing and ERP each start their own trace; keys tie them into one business transaction."""
+    inv, cus = f"in_{time.time_ns()}", f"cus_{time.time_ns()}"
+    tids = {}
+    for system, step_attrs in (
+        ("cdp", [{"revops.step": "cdp_to_billing", "revops.customer.id": cus, "revops.cdp.user_id": "u1"}]),
+        (
+            "billing",
+            [
+                {"revops.step": "cdp_to_billing", "revops.customer.id": cus},
+                {
+                    "revops.step": "invoice_to_ledger",
+                    "revops.invoice.id": inv,
+                    "revops.customer.id": cus,
+                    "revops.amount_minor": 12_345,
+                    "revops.currency": "EUR",
+                },
+            ],
+        ),
+        ("erp", [{"revops.step": "invoice_to_ledger", "revops.invoice.id": inv, "revops.ledger.entry.id": "je_1"}]),
+    ):
+        provider, tr = tracer(server, f"{system}-svc", system)
+        with tr.start_as_current_span(f"{system} work") as root:
+            tids[system] = format(root.get_span_context().trace_id, "032x")
+            for attrs in step_attrs:
+                with tr.start_as_current_span(
+                    f"{system} {attrs['revops.step']}",
+                    attributes={"revops.system": system, "revops.region": "EU", **attrs},
+                ):
+                    time.sleep(0.01)
+        provider.shutdown()
+    assert len(set(tids.values())) == 3
+
+    def txn() -> dict | None:
+        r = httpx.get(f"{server.url}/api/transactions", params={"invoice_id": inv})
+        doc = r.json() if r.status_code == 200 else None
+        return doc if doc and len(doc["traces"]) == 3 else None
+
+    doc = wait_for(txn)
+    assert doc, "transaction never showed all three traces"
+    assert {t["trace_id"] for t in doc["traces"]} == set(tids.values())
+    assert doc["missing_systems"] == []
+    starts = [s["start_ns"] for s in doc["spans"]]
+    assert starts == sorted(starts)
+    steps = {s["step"]: s for s in doc["steps"]}
+    assert steps["invoice_to_ledger"]["complete"] and steps["invoice_to_ledger"]["latency_ms"] > 0
+    assert steps["cdp_to_billing"]["complete"]
+    # the same transaction from the ERP trace id, and the customer's view includes it
+    by_trace = httpx.get(f"{server.url}/api/transactions", params={"trace_id": tids["erp"]}).json()
+    assert {t["trace_id"] for t in by_trace["traces"]} == set(tids.values())
+    by_customer = httpx.get(f"{server.url}/api/transactions", params={"customer_id": cus}).json()
+    assert {tids["cdp"], tids["billing"]} <= {t["trace_id"] for t in by_customer["traces"]}
+    one = httpx.get(f"{server.url}/api/traces/{tids['billing']}").json()
+    assert one["span_count"] == 3 and {s["trace_id"] for s in one["spans"]} == {tids["billing"]}
+
+
+def test_span_links_join_traces(server: TowerServer) -> None:
+    provider, tr = tracer(server, "billing-svc", "billing")
+    with tr.start_as_current_span("batch producer") as producer:
+        ctx = producer.get_span_context()
+    with tr.start_as_current_span("batch consumer", links=[Link(ctx)]) as consumer:
+        consumer_tid = format(consumer.get_span_context().trace_id, "032x")
+    provider.shutdown()
+    producer_tid = format(ctx.trace_id, "032x")
+
+    def linked() -> dict | None:
+        r = httpx.get(f"{server.url}/api/transactions", params={"trace_id": producer_tid})
+        return r.json() if r.status_code == 200 and len(r.json()["traces"]) == 2 else None
+
+    doc = wait_for(linked)
+    assert doc and {t["trace_id"] for t in doc["traces"]} == {producer_tid, consumer_tid}
+
+
+def test_json_spec_example_and_gzip(server: TowerServer) -> None:
+    doc = orjson.loads(orjson.dumps(SPEC_EXAMPLE))
+    doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["traceId"] = "5b8efff798038103d269b633813fc60d"
+    r = httpx.post(f"{server.url}/v1/traces", content=orjson.dumps(doc), headers=JS)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert r.json() == {}
+    doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["traceId"] = "5b8efff798038103d269b633813fc60e"
+    r = httpx.post(
+        f"{server.url}/v1/traces", content=gzip.compress(orjson.dumps(doc)), headers={**JS, "Content-Encoding": "gzip"}
+    )
+    assert r.status_code == 200
+    for tid in ("5b8efff798038103d269b633813fc60d", "5b8efff798038103d269b633813fc60e"):
+        got = wait_for(lambda t=tid: httpx.get(f"{server.url}/api/traces/{t}").status_code == 200)
+        assert got
+    span = httpx.get(f"{server.url}/api/traces/5b8efff798038103d269b633813fc60d").json()["spans"][0]
+    assert span["name"] == "I'm a server span" and span["attributes"]["count"] == "42"
+    assert span["duration_ms"] == 1000.0
+
+
+def test_partial_success_reports_rejected_spans(server: TowerServer) -> None:
+    req = ExportTraceServiceRequest()
+    ss = req.resource_spans.add().scope_spans.add()
+    ss.spans.add(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="good", start_time_unix_nano=1, end_time_unix_nano=2)
+    ss.spans.add(trace_id=b"\x01" * 3, span_id=b"\x02" * 8, name="bad id")
+    r = httpx.post(f"{server.url}/v1/traces", content=req.SerializeToString(), headers=PB)
+    assert r.status_code == 200
+    resp = ExportTraceServiceResponse.FromString(r.content)
+    assert resp.partial_success.rejected_spans == 1 and "bad id" in resp.partial_success.error_message
+
+
+def test_bad_requests_get_clear_4xx(server: TowerServer) -> None:
+    r = httpx.post(f"{server.url}/v1/traces", content=b"\xff\xfe garbage", headers=PB)
+    assert r.status_code == 400
+    assert "malformed protobuf" in status_pb2.Status.FromString(r.content).message
+    r = httpx.post(f"{server.url}/v1/traces", content=b"{nope", headers=JS)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["message"]
+    r = httpx.post(f"{server.url}/v1/traces", content=b"hello", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    big = b"\x0a" + b"\x00" * (3 * 1024 * 1024)
+    r = httpx.post(f"{server.url}/v1/traces", content=big, headers=PB)
+    assert r.status_code == 413
+    bomb = gzip.compress(b"\0" * (10 * 1024 * 1024))
+    r = httpx.post(f"{server.url}/v1/traces", content=bomb, headers={**PB, "Content-Encoding": "gzip"})
+    assert r.status_code == 413
+    r = httpx.post(f"{server.url}/v1/traces", content=b"", headers=PB)  # empty request
+    assert r.status_code == 200
+    assert httpx.get(f"{server.url}/api/traces/not-hex").status_code == 400
+    assert httpx.get(f"{server.url}/api/traces/{'ab' * 16}").status_code == 404
+    assert httpx.get(f"{server.url}/api/transactions").status_code == 400
+    assert httpx.get(f"{server.url}/api/transactions", params={"invoice_id": "never-seen"}).status_code == 404
+
+
+def test_cloudevents_structured_batch_and_traceparent(server: TowerServer) -> None:
+    tid = "4bf92f3577b34da6a3ce929d0e0e4736"
+    inv = f"in_ev_{time.time_ns()}"
+    ev = {
+        "specversion": "1.0",
+        "id": f"e-{inv}",
+        "source": "billing/stripe",
+        "type": "invoice.finalized",
+        "time": "2026-01-01T10:00:00.123456789Z",
+        "traceparent": f"00-{tid}-00f067aa0ba902b7-01",
+        "data": {
+            "revops.invoice.id": inv,
+            "revops.system": "billing",
+            "revops.region": "NA",
+            "revops.step": "invoice_to_ledger",
+            "revops.amount_minor": 1999,
+            "revops.currency": "USD",
+        },
+    }
+    r = httpx.post(
+        f"{server.url}/v1/events", content=orjson.dumps(ev), headers={"Content-Type": "application/cloudevents+json"}
+    )
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    batch = [
+        {**ev, "id": f"e2-{inv}", "type": "invoice.paid"},
+        {"specversion": "1.0", "id": "x"},
+        {**ev, "id": f"e3-{inv}", "traceparent": "garbage"},
+    ]
+    r = httpx.post(
+        f"{server.url}/v1/events",
+        content=orjson.dumps(batch),
+        headers={"Content-Type": "application/cloudevents-batch+json"},
+    )
+    body = r.json()
+    assert r.status_code == 200 and body["accepted"] == 1
+    assert [b["index"] for b in body["rejected"]] == [1, 2]
+    assert "source" in body["rejected"][0]["error"] and "traceparent" in body["rejected"][1]["error"]
+    r = httpx.post(f"{server.url}/v1/events", content=b"[]", headers={"Content-Type": "text/csv"})
+    assert r.status_code == 415
+
+    def txn() -> dict | None:
+        r = httpx.get(f"{server.url}/api/transactions", params={"invoice_id": inv})
+        return r.json() if r.status_code == 200 and len(r.json()["events"]) == 2 else None
+
+    doc = wait_for(txn)
+    assert doc and [e["type"] for e in doc["events"]] == ["invoice.finalized", "invoice.paid"]
+    assert doc["events"][0]["trace_id"] == tid and doc["events"][0]["time"] == "2026-01-01T10:00:00.123456789Z"
+
+
+def test_metrics_count_what_happened(server: TowerServer) -> None:
+    text = httpx.get(f"{server.url}/metrics").text
+    values = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+    assert values["tower_spans_received_total"] >= 1
+    assert values["tower_spans_rejected_total"] >= 1
+    assert values["tower_events_rejected_total"] >= 2
+    assert "tower_flush_seconds_count" in values and "tower_buffer_bytes" in values
+
+
+def test_full_buffer_answers_503_with_retry_after(tmp_path: Path) -> None:
+    """With the store slow to drain (long flush interval) and a tiny buffer, the collector refuses."""
+    with TowerServer(
+        tmp_path, TOWER_WAL_MAX_BYTES="200000", TOWER_FLUSH_INTERVAL_S="60", TOWER_FLUSH_ROWS="100000000"
+    ) as srv:
+        req = ExportTraceServiceRequest()
+        ss = req.resource_spans.add().scope_spans.add()
+        for i in range(500):
+            sp = ss.spans.add(trace_id=(i + 1).to_bytes(16, "big"), span_id=b"\x01" * 8, name="x" * 50)
+            sp.attributes.add(key="k").value.string_value = "v" * 100
+        body = req.SerializeToString()
+        statuses = [httpx.post(f"{srv.url}/v1/traces", content=body, headers=PB) for _ in range(5)]
+        codes = [r.status_code for r in statuses]
+        assert codes[0] == 200 and 503 in codes
+        refused = next(r for r in statuses if r.status_code == 503)
+        assert refused.headers["Retry-After"] == "1"
+        assert "buffer" in status_pb2.Status.FromString(refused.content).message

@@ -1,0 +1,83 @@
+"""Correlation rules as plain functions (no store)."""
+
+from __future__ import annotations
+
+import pytest
+
+from collector import correlation as corr
+
+
+def test_extract_keys_reads_conventions_mappings_and_arrays() -> None:
+    names = corr.key_attribute_names({"stripe.invoice_id": "revops.invoice.id", "x": "not.a.key"})
+    attrs = {
+        "revops.customer.id": "cus_1",
+        "stripe.invoice_id": "in_9",
+        "revops.payment.id": '["py_1","py_2"]',
+        "revops.ledger.entry.id": "",
+        "x": "ignored",
+    }
+    keys = corr.extract_keys(attrs, names)
+    assert set(keys) == {("customer", "cus_1"), ("invoice", "in_9"), ("payment", "py_1"), ("payment", "py_2")}
+    assert corr.extract_keys({"revops.invoice.id": "x" * 300}, names) == []  # absurd ids are not keys
+
+
+def test_seed_key_needs_exactly_one() -> None:
+    assert corr.seed_key({"invoice_id": "in_1", "trace_id": None}) == ("invoice", "in_1")
+    with pytest.raises(ValueError):
+        corr.seed_key({"invoice_id": "in_1", "customer_id": "c"})
+    with pytest.raises(ValueError):
+        corr.seed_key({"invoice_id": None})
+
+
+def L(kt: str, kv: str, trace: str, system: str, first: int = 0) -> corr.Link:
+    return corr.Link(kt, kv, trace, system, first, first)
+
+
+def test_customer_keys_do_not_expand_but_identifying_keys_do() -> None:
+    links = [
+        L("invoice", "in_1", "t_bill", "billing"),
+        L("customer", "cus_1", "t_bill", "billing"),
+        L("payment", "py_1", "t_bill", "billing"),
+        L("trace", "t_other", "t_bill", "billing"),
+    ]
+    follow = corr.keys_to_follow(links, known={("invoice", "in_1")})
+    assert follow == {("payment", "py_1"), ("trace", "t_other")}
+    assert corr.customers_of(links) == {"cus_1"}
+
+
+def test_pick_cdp_trace_is_latest_before_transaction_start() -> None:
+    cands = [
+        L("customer", "cus_1", "cdp_old", "cdp", 100),
+        L("customer", "cus_1", "cdp_new", "cdp", 900),
+        L("customer", "cus_1", "cdp_after", "cdp", 2000),
+        L("customer", "cus_2", "cdp_c2", "cdp", 5000),
+        L("customer", "cus_1", "billing_t", "billing", 50),
+    ]
+    assert corr.pick_cdp_traces(cands, txn_start_ns=1000) == {"cdp_new", "cdp_c2"}
+
+
+def span(trace: str, system: str, step: str, start: int, dur: int) -> corr.SpanView:
+    return corr.SpanView(
+        trace, f"{start:016x}", "", "s", system, start, dur, "Ok", {"revops.system": system, "revops.step": step}
+    )
+
+
+def test_step_timing_from_three_traces_and_missing_systems() -> None:
+    spans = [
+        span("t_cdp", "cdp", "cdp_to_billing", 1_000, 10),
+        span("t_bill", "billing", "cdp_to_billing", 2_000, 500),
+        span("t_bill", "billing", "invoice_to_ledger", 10_000, 100),
+        span("t_erp", "erp", "invoice_to_ledger", 50_000_000, 2_000_000),
+        span("t_bill", "billing", "payment_to_cash", 60_000_000, 100),
+    ]
+    steps = {s.step: s for s in corr.step_timings(spans)}
+    assert steps["cdp_to_billing"].latency_ms == pytest.approx((2_500 - 1_000) / 1e6)
+    assert steps["invoice_to_ledger"].start_ns == 10_000 and steps["invoice_to_ledger"].end_ns == 52_000_000
+    assert steps["invoice_to_ledger"].complete
+    assert not steps["payment_to_cash"].complete and steps["payment_to_cash"].missing_systems == ("erp",)
+    doc = corr.assemble(("invoice", "in_1"), [L("invoice", "in_1", "t_bill", "billing")], spans)
+    assert [t["trace_id"] for t in doc["traces"]] == ["t_cdp", "t_bill", "t_erp"]  # time order
+    assert [s["start_ns"] for s in doc["spans"]] == sorted(s["start_ns"] for s in doc["spans"])
+    assert doc["missing_systems"] == []
+    only_billing = corr.assemble(("invoice", "in_1"), [], spans[1:3])
+    assert only_billing["missing_systems"] == ["cdp", "erp"]
