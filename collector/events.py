@@ -17,7 +17,7 @@ import orjson
 import pyarrow as pa
 
 from collector.correlation import extract_keys
-from tower_core.store.arrow_schemas import BUSINESS_EVENTS
+from tower_core.store.arrow_schemas import BUSINESS_EVENTS, BUSINESS_KEY_LINKS
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -166,8 +166,8 @@ def parse_body(body: bytes, content_type: str | None, received_ns: int) -> tuple
 
 def to_tables(
     events: list[BusinessEvent], received_ns: list[int], key_names: Mapping[str, str]
-) -> tuple[pa.Table, dict[tuple[str, str, str, str], list[Any]]]:
-    """business_events rows, and key links for events that carry a trace."""
+) -> tuple[pa.Table, pa.Table]:
+    """business_events rows, and business_key_links rows for events that carry a trace."""
     cols: dict[str, list[Any]] = {n: [] for n in BUSINESS_EVENTS.names}
     links: dict[tuple[str, str, str, str], list[Any]] = {}
     for ev, recv in zip(events, received_ns, strict=True):
@@ -205,4 +205,22 @@ def to_tables(
                     links[k] = [row["Region"], ev.time_ns, ev.time_ns]
                 else:
                     cur[1], cur[2] = min(cur[1], ev.time_ns), max(cur[2], ev.time_ns)
-    return pa.Table.from_pydict(cols, schema=BUSINESS_EVENTS), links
+    return pa.Table.from_pydict(cols, schema=BUSINESS_EVENTS), links_table(links)
+
+
+def links_table(links: Mapping[tuple[str, str, str, str], list[Any]]) -> pa.Table:
+    """{(key_type, key_value, trace_id, system): [region, first_ns, last_ns]} -> business_key_links rows."""
+    keys = list(links)
+    vals = [links[k] for k in keys]
+    return pa.Table.from_pydict(
+        {
+            "KeyType": [k[0] for k in keys],
+            "KeyValue": [k[1] for k in keys],
+            "TraceId": [k[2] for k in keys],
+            "System": [k[3] for k in keys],
+            "Region": [v[0] for v in vals],
+            "FirstSeen": [v[1] for v in vals],
+            "LastSeen": [v[2] for v in vals],
+        },
+        schema=BUSINESS_KEY_LINKS,
+    )

@@ -18,15 +18,14 @@ from typing import Any
 import orjson
 import pyarrow as pa
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from collector import events as ev
-from collector import spans as sp
 from collector.metrics import CollectorMetrics
 from collector.wal import KIND_EVENTS, KIND_SPANS, Record, Segment, WriteAheadBuffer
 from tower_core.errors import StoreError
 from tower_core.store import Store
+from tower_core.store.otlp_sql import insert_otlp_spans
 
 log = logging.getLogger("tower.flusher")
 tracer = trace.get_tracer("tower.collector")
@@ -53,9 +52,8 @@ def chunks(records: Iterator[Record], max_rows: int = CHUNK_ROWS) -> Iterator[Ch
         yield Chunk(index, batch)
 
 
-def chunk_tables(chunk: Chunk, key_names: Mapping[str, str]) -> dict[str, pa.Table]:
-    """The rows one chunk writes, per table (pure)."""
-    requests = [ExportTraceServiceRequest.FromString(r.payload) for r in chunk.records if r.kind == KIND_SPANS]
+def event_tables(chunk: Chunk, key_names: Mapping[str, str]) -> dict[str, pa.Table]:
+    """Rows the chunk's business events write, per table (pure)."""
     events: list[ev.BusinessEvent] = []
     received: list[int] = []
     for r in chunk.records:
@@ -64,21 +62,10 @@ def chunk_tables(chunk: Chunk, key_names: Mapping[str, str]) -> dict[str, pa.Tab
             for e in doc["events"]:
                 events.append(ev.BusinessEvent.from_json(e))
                 received.append(doc["received_ns"])
-    out: dict[str, pa.Table] = {}
-    links: dict[tuple[str, str, str, str], list[Any]] = {}
-    if requests:
-        spans, span_links = sp.to_tables(requests, key_names)
-        out["otel_traces"] = spans
-        links_tbl = span_links
-        out["business_key_links"] = links_tbl
-    if events:
-        out["business_events"], links = ev.to_tables(events, received, key_names)
-        if links:
-            extra = sp.links_table(links)
-            out["business_key_links"] = (
-                pa.concat_tables([out["business_key_links"], extra]) if "business_key_links" in out else extra
-            )
-    return out
+    if not events:
+        return {}
+    table, links = ev.to_tables(events, received, key_names)
+    return {"business_events": table, "business_key_links": links} if links.num_rows else {"business_events": table}
 
 
 class Flusher:
@@ -157,9 +144,14 @@ class Flusher:
             span.set_attribute("tower.wal.segment", segment.seq)
             started = time.perf_counter()
             for chunk in chunks(WriteAheadBuffer.read(segment)):
-                for table, data in chunk_tables(chunk, self.key_names).items():
-                    token = f"wal_s{segment.seq}_c{chunk.index}_{table}"
-                    self.store.insert_arrow(table, data, dedup_token=token)
+                token = f"wal_s{segment.seq}_c{chunk.index}"
+                span_requests = [r.payload for r in chunk.records if r.kind == KIND_SPANS]
+                if span_requests:
+                    insert_otlp_spans(self.store, span_requests, token, self.key_names)
+                    rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
+                    self.metrics.rows_flushed.labels(table="otel_traces").inc(rows)
+                for table, data in event_tables(chunk, self.key_names).items():
+                    self.store.insert_arrow(table, data, dedup_token=f"{token}_{table}")
                     self.metrics.rows_flushed.labels(table=table).inc(data.num_rows)
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
             span.set_attribute("tower.rows", segment.rows)

@@ -31,6 +31,19 @@ def check_column(name: str) -> str:
     return name
 
 
+_INPUT = re.compile(r"\binput\(")
+_FORMAT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
+
+
+def input_from_file(sql: str, path: str, fmt: str) -> str:
+    """Rewrite ``input('<structure>')`` into ``file('<path>', '<fmt>', '<structure>')`` (embedded backend)."""
+    if not _FORMAT_NAME.match(fmt) or "'" in path or "\\" in path:
+        raise ValueError("unsafe format or path")
+    if len(_INPUT.findall(sql)) != 1:
+        raise ValueError("the statement must read input() exactly once")
+    return _INPUT.sub(f"file('{path}', '{fmt}', ", sql)
+
+
 def qualify(sql: str, database: str) -> str:
     """Replace ``$db`` with the quoted database name."""
     return sql.replace("$db", f"`{check_identifier(database)}`")
@@ -54,6 +67,10 @@ class Store(Protocol):
 
     def insert_arrow(self, table: str, data: pa.Table, *, dedup_token: str | None = None) -> int:
         """Insert columnar data into ``$db.table``; a retry with the same token inserts nothing twice."""
+
+    def insert_select(self, sql: str, data: bytes, fmt: str, params: Mapping[str, Any] | None = None) -> None:
+        """Run ``INSERT ... SELECT ... FROM input('<structure>')`` with ``data`` (in format ``fmt``) as the
+        input: ClickHouse parses and reshapes the data itself, no Python per row."""
 
     def ping(self) -> bool:
         """True when the backend answers a trivial query."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import tempfile
 import threading
 import uuid
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from tower_core.errors import ConfigError, StoreError
-from tower_core.store.base import check_column, check_identifier, qualify
+from tower_core.store.base import check_column, check_identifier, input_from_file, qualify
 from tower_core.store.params import escape_params
 
 _lock = threading.Lock()
@@ -133,6 +134,14 @@ class EmbeddedStore:
         except Exception as exc:
             raise StoreError(str(exc).strip()) from None
         return data.num_rows
+
+    def insert_select(self, sql: str, data: bytes, fmt: str, params: Mapping[str, Any] | None = None) -> None:
+        spool = self.data_dir.resolve() / "input_spool"
+        spool.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=spool, prefix="input-", suffix=".bin") as f:
+            f.write(data)
+            f.flush()
+            self._run(input_from_file(sql, f.name, fmt), "CSV", params)
 
     def ping(self) -> bool:
         try:

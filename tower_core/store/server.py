@@ -94,6 +94,18 @@ class ServerStore:
             raise StoreError(_short(exc)) from None
         return data.num_rows
 
+    def insert_select(self, sql: str, data: bytes, fmt: str, params: Mapping[str, Any] | None = None) -> None:
+        if not fmt.isalnum():
+            raise ValueError(f"unsafe format name {fmt!r}")
+        try:
+            self._client().command(
+                qualify(sql, self.database) + f" FORMAT {fmt}", parameters=format_params(params), data=data
+            )
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise StoreError(_short(exc)) from None
+
     def ping(self) -> bool:
         try:
             return bool(self._client().ping())

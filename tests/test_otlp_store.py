@@ -1,0 +1,92 @@
+"""ClickHouse-side OTLP decoding (tower_core.store.otlp_sql) on both backends."""
+
+from __future__ import annotations
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from collector.correlation import key_attribute_names
+from tower_core.store import Store, migrate
+from tower_core.store.otlp_sql import insert_otlp_spans, length_delimited
+
+
+def make_request() -> bytes:
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = "stripe-billing"
+    rs.resource.attributes.add(key="revops.system").value.string_value = "billing"
+    ss = rs.scope_spans.add()
+    ss.scope.name, ss.scope.version = "billing.sdk", "2.1"
+    sp = ss.spans.add(
+        trace_id=bytes.fromhex("0af7651916cd43dd8448eb211c80319c"),
+        span_id=bytes.fromhex("b7ad6b7169203331"),
+        parent_span_id=bytes.fromhex("00f067aa0ba902b7"),
+        name="finalize invoice",
+        kind=3,
+        start_time_unix_nano=1_767_225_600_123_456_789,
+        end_time_unix_nano=1_767_225_600_223_456_789,
+    )
+    attrs = sp.attributes
+    attrs.add(key="revops.invoice.id").value.string_value = "in_1"
+    attrs.add(key="stripe.invoice_id").value.string_value = "in_alias"
+    attrs.add(key="revops.payment.id").value.string_value = '["py_1","py_2"]'
+    attrs.add(key="revops.region").value.string_value = "EU"
+    attrs.add(key="revops.amount_minor").value.int_value = 123456789012
+    attrs.add(key="ratio").value.double_value = 0.25
+    attrs.add(key="flag").value.bool_value = True
+    attrs.add(key="quote").value.string_value = "it's \\ \t"
+    sp.status.code, sp.status.message = 2, "declined"
+    ev = sp.events.add(time_unix_nano=1_767_225_600_200_000_000, name="retry")
+    ev.attributes.add(key="attempt").value.int_value = 2
+    link = sp.links.add(trace_id=bytes.fromhex("11" * 16), span_id=bytes.fromhex("22" * 8))
+    link.attributes.add(key="batch").value.string_value = "b1"
+    return req.SerializeToString()
+
+
+def test_spans_and_links_rendered_like_the_exporter(store: Store) -> None:
+    migrate(store)
+    names = key_attribute_names({"stripe.invoice_id": "revops.invoice.id"})
+    insert_otlp_spans(store, [make_request()], "t_1", names)
+    insert_otlp_spans(store, [make_request()], "t_1", names)  # retried flush: same token, nothing twice
+    rows = store.query_rows(
+        "SELECT toUnixTimestamp64Nano(Timestamp) AS ts, TraceId, SpanId, ParentSpanId, SpanName, SpanKind, "
+        "ServiceName, ScopeName, ScopeVersion, SpanAttributes, Duration, StatusCode, StatusMessage, "
+        "Events.Name AS en, Events.Attributes AS ea, Links.TraceId AS lt, Links.Attributes AS la "
+        "FROM $db.otel_traces"
+    )
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["ts"] == 1_767_225_600_123_456_789 and r["Duration"] == 100_000_000
+    assert (r["TraceId"], r["SpanId"], r["ParentSpanId"]) == (
+        "0af7651916cd43dd8448eb211c80319c",
+        "b7ad6b7169203331",
+        "00f067aa0ba902b7",
+    )
+    assert (r["SpanName"], r["SpanKind"], r["ServiceName"]) == ("finalize invoice", "Client", "stripe-billing")
+    assert (r["ScopeName"], r["ScopeVersion"], r["StatusCode"], r["StatusMessage"]) == (
+        "billing.sdk",
+        "2.1",
+        "Error",
+        "declined",
+    )
+    attrs = dict(r["SpanAttributes"])
+    assert attrs["revops.amount_minor"] == "123456789012" and attrs["ratio"] == "0.25"
+    assert attrs["flag"] == "true" and attrs["quote"] == "it's \\ \t"
+    assert r["en"] == ["retry"] and dict(r["ea"][0]) == {"attempt": "2"}
+    assert r["lt"] == ["11" * 16] and dict(r["la"][0]) == {"batch": "b1"}
+    links = store.query_rows(
+        "SELECT KeyType AS t, KeyValue AS v, System AS s, any(Region) AS region FROM $db.business_key_links "
+        "GROUP BY t, v, s ORDER BY t, v"
+    )
+    assert [(x["t"], x["v"]) for x in links] == [
+        ("invoice", "in_1"),
+        ("invoice", "in_alias"),
+        ("payment", "py_1"),
+        ("payment", "py_2"),
+        ("trace", "11" * 16),
+    ]
+    assert {x["s"] for x in links} == {"billing"} and {x["region"] for x in links} == {"EU"}
+
+
+def test_length_delimited_framing() -> None:
+    framed = length_delimited([b"a" * 300, b"bc"])
+    assert framed[:2] == bytes([0xAC, 0x02]) and framed[302:] == b"\x02bc"
