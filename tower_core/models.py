@@ -94,3 +94,37 @@ class Page(Generic[T]):
     items: list[T]
     next_cursor: str
     done: bool
+
+
+@dataclass(frozen=True)
+class Customer:
+    """A billing customer; ``customer_id`` is the join key across systems, ``parent_id`` the account parent."""
+
+    customer_id: str
+    name: str
+    email: str
+    region: str
+    currency: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    parent_id: str = ""
+    cdp_user_id: str = ""
+    plan: str = ""
+    tax_rate_bp: int = 0
+    source_system: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CdpProfile:
+    """A CDP profile (identity + account hierarchy); ``customer_id`` links it to billing."""
+
+    cdp_user_id: str
+    customer_id: str
+    name: str
+    email: str
+    region: str
+    updated_at: dt.datetime
+    parent_id: str = ""
+    source_system: str = ""
+    traits: dict[str, str] = field(default_factory=dict)
