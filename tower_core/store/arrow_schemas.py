@@ -97,6 +97,81 @@ BILLING_INVOICES = pa.schema(
     ]
 )
 
+BILLING_PAYMENTS = pa.schema(
+    [
+        ("PaymentId", pa.string()),
+        ("Kind", pa.string()),
+        ("CustomerId", pa.string()),
+        ("Region", pa.string()),
+        ("Currency", pa.string()),
+        ("AmountMinor", pa.int64()),
+        ("Method", pa.string()),
+        ("Status", pa.string()),
+        ("Allocations", pa.map_(pa.string(), pa.int64())),
+        ("RelatedPaymentId", pa.string()),
+        ("OccurredAt", TS_MS),
+        ("UpdatedAt", TS_MS),
+        ("SourceSystem", pa.string()),
+        ("Attributes", ATTRS),
+        ("Version", pa.uint64()),
+    ]
+)
+
+ERP_LEDGER_ENTRIES = pa.schema(
+    [
+        ("EntryId", pa.string()),
+        ("EntryType", pa.string()),
+        ("ExternalRef", pa.string()),
+        ("PartyRef", pa.string()),
+        ("Region", pa.string()),
+        ("Currency", pa.string()),
+        ("AmountMinor", pa.int64()),
+        ("Status", pa.string()),
+        ("AppliedToRef", pa.string()),
+        ("PostedAt", TS_MS),
+        ("PeriodDate", pa.date32()),
+        ("UpdatedAt", TS_MS),
+        ("SourceSystem", pa.string()),
+        ("Attributes", ATTRS),
+        ("Version", pa.uint64()),
+    ]
+)
+
+# migration 0003
+BILLING_CUSTOMERS = pa.schema(
+    [
+        ("CustomerId", pa.string()),
+        ("CdpUserId", pa.string()),
+        ("ParentCustomerId", pa.string()),
+        ("Name", pa.string()),
+        ("Email", pa.string()),
+        ("Region", pa.string()),
+        ("Currency", pa.string()),
+        ("Plan", pa.string()),
+        ("TaxRateBp", pa.uint32()),
+        ("CreatedAt", TS_MS),
+        ("UpdatedAt", TS_MS),
+        ("SourceSystem", pa.string()),
+        ("Attributes", ATTRS),
+        ("Version", pa.uint64()),
+    ]
+)
+
+CDP_PROFILES = pa.schema(
+    [
+        ("CdpUserId", pa.string()),
+        ("CustomerId", pa.string()),
+        ("ParentCustomerId", pa.string()),
+        ("Name", pa.string()),
+        ("Email", pa.string()),
+        ("Region", pa.string()),
+        ("UpdatedAt", TS_MS),
+        ("SourceSystem", pa.string()),
+        ("Traits", ATTRS),
+        ("Version", pa.uint64()),
+    ]
+)
+
 
 def empty(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()
