@@ -9,6 +9,7 @@ does. No Python runs per span, which is what makes sustained ingest fast on two 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from tower_core.store.base import Store, check_identifier
 
@@ -121,6 +122,9 @@ INSERT_LINKS = (
     "AS keys " + _FROM + ") ARRAY JOIN keys AS k "
     "WHERE k.2 != '' AND length(k.2) <= {max_len:UInt32} GROUP BY KeyType, KeyValue, TraceId, System"
 )
+
+
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tower-otlp-insert")
 
 
 def length_delimited(messages: list[bytes]) -> bytes:
