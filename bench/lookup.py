@@ -1,0 +1,80 @@
+"""Lookup latency with many spans stored: trace by id, and a business transaction by invoice id, over HTTP.
+
+    .venv/bin/python bench/lookup.py --spans 10000000 --queries 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import ROOT, Server, percentile  # noqa: E402
+
+LOAD = """
+import sys, time, json
+from pathlib import Path
+from tower_core.settings import Settings
+from tower_core.store import open_store, migrate
+from tower_core.store.synthetic_spans import generate
+store = open_store(Settings(data_dir=Path(sys.argv[1])))
+migrate(store)
+t = time.perf_counter()
+txns = generate(store, int(sys.argv[2]), t0_ns=1_767_225_600_000_000_000)
+store.command("OPTIMIZE TABLE $db.otel_traces_trace_id_ts FINAL")
+print(json.dumps({"txns": txns, "load_s": time.perf_counter() - t}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spans", type=int, default=10_000_000)
+    ap.add_argument("--queries", type=int, default=200)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="tower-bench-lookup-"))
+    out = subprocess.run([sys.executable, "-c", LOAD, str(tmp / "server" / "data"), str(args.spans)], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"loaded {args.spans:,} spans ({loaded['txns']:,} transactions x 3 traces) in {loaded['load_s']:.1f} s")
+    srv = Server(tmp / "server").start()
+    rnd = random.Random(42)
+    trace_ms, txn_ms = [], []
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            # trace ids come from the API itself: the transaction of a random invoice lists them
+            for i in range(args.queries + 10):
+                inv = f"in_{rnd.randrange(loaded['txns'])}"
+                t = time.perf_counter()
+                r = client.get("/api/transactions", params={"invoice_id": inv})
+                elapsed = (time.perf_counter() - t) * 1000
+                assert r.status_code == 200 and len(r.json()["traces"]) == 3, (inv, r.status_code, r.text[:300])
+                tid = rnd.choice(r.json()["traces"])["trace_id"]
+                t = time.perf_counter()
+                r2 = client.get(f"/api/traces/{tid}")
+                elapsed2 = (time.perf_counter() - t) * 1000
+                assert r2.status_code == 200 and r2.json()["span_count"] == 3
+                if i >= 10:  # warm-up excluded
+                    txn_ms.append(elapsed)
+                    trace_ms.append(elapsed2)
+    finally:
+        srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    res = {"spans": args.spans, "trace_p50_ms": round(percentile(trace_ms, 50), 2),
+           "trace_p99_ms": round(percentile(trace_ms, 99), 2), "txn_p50_ms": round(percentile(txn_ms, 50), 2),
+           "txn_p99_ms": round(percentile(txn_ms, 99), 2)}
+    print(f"trace by id: p50 {res['trace_p50_ms']} ms, p99 {res['trace_p99_ms']} ms; "
+          f"transaction by invoice id: p50 {res['txn_p50_ms']} ms, p99 {res['txn_p99_ms']} ms")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
