@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from collector.auth import TokenVerifier
 from collector.ingest import IngestService
-from collector.routers import events, health, lookups, metrics, otlp, tokens
+from collector.routers import cdp, events, health, lookups, metrics, otlp, tokens, webhooks
 from collector.telemetry import setup_telemetry
 from tower_core.errors import StoreError
 from tower_core.settings import Settings
@@ -46,6 +46,6 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
         log.warning("store error on %s: %s", request.url.path, exc)
         return JSONResponse({"detail": "the store is unavailable; try again"}, 503, {"Retry-After": "5"})
 
-    for module in (health, otlp, events, lookups, metrics, tokens):
+    for module in (health, otlp, events, lookups, metrics, tokens, webhooks, cdp):
         app.include_router(module.router)
     return app

@@ -118,6 +118,12 @@ class IngestService:
         self.metrics.events_received.inc(len(good))
         return _json(200, {"accepted": len(good), "rejected": bad})
 
+    def append_events(self, events: list[ev.BusinessEvent], received_ns: int) -> None:
+        """Buffer business events a connector already built (webhooks, CDP); raises Refused when full."""
+        payload = orjson.dumps({"received_ns": received_ns, "events": [e.to_json() for e in events]})
+        self._append(KIND_EVENTS, len(events), payload)
+        self.metrics.events_received.inc(len(events))
+
 
 def _json(status: int, doc: dict, headers: dict[str, str] | None = None) -> Reply:
     return Reply(status, orjson.dumps(doc), "application/json", headers or {})

@@ -18,6 +18,8 @@ from tower_core.settings import Settings
 from tower_core.store import Store, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
+# Real third-party servers (localstripe, trytond) as session fixtures.
+pytest_plugins = ["tests.fixtures.external"]
 
 
 def free_port() -> int:

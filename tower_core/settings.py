@@ -9,7 +9,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -54,12 +54,61 @@ class Settings(BaseSettings):
         description='Extra attribute names mapped onto revops keys, JSON: {"stripe.invoice_id": "revops.invoice.id"}.',
     )
 
+    # --- connectors (secrets are SecretStr: never printed, never logged)
+    stripe_api_key: SecretStr | None = Field(None, description="Stripe secret API key for pulls; never logged.")
+    stripe_api_base: str = Field("https://api.stripe.com", description="Stripe API base URL (localstripe in tests).")
+    stripe_webhook_secrets: list[SecretStr] = Field(
+        default_factory=list,
+        description='Stripe webhook endpoint secrets, JSON list; several during rotation: ["whsec_new","whsec_old"].',
+    )
+    stripe_webhook_tolerance_s: int = Field(300, description="Max age of a Stripe-Signature timestamp (seconds).")
+    stripe_default_region: str = Field(
+        "", description="revops.region for Stripe objects whose metadata carries no `region`."
+    )
+    cdp_write_keys: list[SecretStr] = Field(
+        default_factory=list, description="Accepted Segment/RudderStack write keys (basic-auth user), JSON list."
+    )
+    cdp_pii_mode: str = Field("hash", description="PII traits: `hash` (keyed HMAC-SHA256) or `drop`, before storage.")
+    cdp_pii_hmac_key: SecretStr | None = Field(
+        None, description="Key of the PII HMAC; required when CDP write keys are set and the mode is hash."
+    )
+    cdp_pii_fields: list[str] = Field(
+        default_factory=lambda: [
+            "email", "phone", "name", "firstName", "lastName", "first_name", "last_name", "address", "birthday",
+        ],
+        description="Trait/property names treated as PII (case-insensitive), JSON list.",
+    )
+    cdp_customer_id_traits: list[str] = Field(
+        default_factory=lambda: ["billing_customer_id", "stripe_customer_id", "customer_id"],
+        description="Traits holding the billing customer id (revops.customer.id); else the userId/groupId.",
+    )
+    cdp_default_region: str = Field("", description="revops.region for CDP events whose traits carry no `region`.")
+    tryton_url: str = Field("http://127.0.0.1:8000", description="Tryton server URL (JSON-RPC at /DB/rpc/).")
+    tryton_database: str = Field("tower", description="Tryton database name.")
+    tryton_user: str = Field("admin", description="Tryton login.")
+    tryton_password: SecretStr | None = Field(None, description="Tryton password; never logged.")
+    tryton_timeout_s: float = Field(10.0, description="Timeout of one Tryton JSON-RPC call (seconds).")
+    tryton_payment_method: str = Field("Cash", description="Tryton invoice payment method used to apply payments.")
+
     @field_validator("database")
     @classmethod
     def _database_is_identifier(cls, value: str) -> str:
         if not _IDENT.match(value):
             raise ValueError(f"database name {value!r} must match {_IDENT.pattern}")
         return value
+
+    @field_validator("cdp_pii_mode")
+    @classmethod
+    def _pii_mode_known(cls, value: str) -> str:
+        if value not in ("hash", "drop"):
+            raise ValueError("must be hash or drop")
+        return value
+
+    @model_validator(mode="after")
+    def _pii_key_when_hashing(self) -> Settings:
+        if self.cdp_write_keys and self.cdp_pii_mode == "hash" and not self.cdp_pii_hmac_key:
+            raise ValueError("TOWER_CDP_PII_HMAC_KEY is required when CDP write keys are set and PII mode is hash")
+        return self
 
     @property
     def backend(self) -> str:

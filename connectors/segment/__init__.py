@@ -1,0 +1,1 @@
+"""Segment / RudderStack as the CDP: HTTP Tracking API payloads -> profile-change business events."""

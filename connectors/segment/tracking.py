@@ -1,0 +1,258 @@
+"""Segment HTTP Tracking API payloads -> business events, with PII hashed or dropped first. Pure, no IO.
+
+Segment's and RudderStack's SDKs post ``{"batch": [...]}`` to ``/v1/batch`` (single messages go to
+``/v1/identify``, ``/v1/track``, ``/v1/group``), with the write key as the basic-auth user name.
+``identify`` and ``group`` are customer profile changes (the start of the ``cdp_to_billing`` step); ``track``
+calls are kept as usage events without a step. PII (configured trait/property names, anywhere in the
+payload, plus a user id that is an e-mail address) is replaced by a keyed HMAC-SHA256 or removed before the
+event exists, so nothing downstream — buffer, store, logs — ever holds the raw value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from collector.events import BusinessEvent, EventError, parse_time
+
+SOURCE = "cdp"
+SYSTEM = "cdp"
+MESSAGE_TYPES = ("identify", "track", "group", "page", "screen", "alias")
+STORED_TYPES = ("identify", "group", "track")
+MAX_MESSAGES = 10_000
+MAX_ID = 512
+HASH_PREFIX = "hmac-sha256:"
+
+
+class TrackingError(ValueError):
+    """The request or one message is unusable; the message says which field."""
+
+
+@dataclass(frozen=True)
+class PiiPolicy:
+    mode: str  # "hash" | "drop"
+    key: bytes
+    fields: frozenset[str]  # lower-case names
+
+    @classmethod
+    def build(cls, mode: str, key: str | None, fields: Sequence[str]) -> PiiPolicy:
+        if mode not in ("hash", "drop"):
+            raise ValueError("PII mode must be hash or drop")
+        if mode == "hash" and not key:
+            raise ValueError("hashing PII needs a key")
+        return cls(mode, (key or "").encode(), frozenset(f.lower() for f in fields))
+
+    def digest(self, value: Any) -> str:
+        """Normalized (trimmed, lower-case) so the same e-mail always gives the same pseudonym."""
+        text = value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+        mac = hmac.new(self.key, text.strip().lower().encode(), hashlib.sha256).hexdigest()
+        return HASH_PREFIX + mac
+
+    def scrub(self, value: Any) -> Any:
+        """A copy of ``value`` with every PII field hashed or dropped, at any depth."""
+        if isinstance(value, Mapping):
+            out: dict[str, Any] = {}
+            for k, v in value.items():
+                if str(k).lower() in self.fields:
+                    if self.mode == "hash" and v not in (None, ""):
+                        out[str(k)] = self.digest(v)
+                    continue
+                out[str(k)] = self.scrub(v)
+            return out
+        if isinstance(value, list):
+            return [self.scrub(v) for v in value]
+        return value
+
+    def identifier(self, value: str) -> str:
+        """User ids are kept (they are the join key) unless they are e-mail addresses."""
+        if "@" in value:
+            return self.digest(value) if self.mode == "hash" else ""
+        return value
+
+
+def write_key_from_basic(authorization: str | None) -> str | None:
+    """The user name of ``Authorization: Basic base64(user:password)``."""
+    if not authorization or not authorization.lower().startswith("basic "):
+        return None
+    try:
+        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded.split(":", 1)[0] or None
+
+
+def known_write_key(candidate: str | None, keys: Sequence[str]) -> bool:
+    if not candidate:
+        return False
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(candidate.encode(), key.encode())
+    return found
+
+
+def messages_of(doc: Any, path_type: str | None) -> list[Any]:
+    """The messages of a /v1/batch body, or the single message of a /v1/<type> body."""
+    if not isinstance(doc, dict):
+        raise TrackingError("the body must be a JSON object")
+    if path_type is None:
+        batch = doc.get("batch")
+        if not isinstance(batch, list):
+            raise TrackingError("a batch body needs a 'batch' array")
+        if len(batch) > MAX_MESSAGES:
+            raise TrackingError(f"a batch holds at most {MAX_MESSAGES} messages")
+        return batch
+    msg = dict(doc)
+    msg.setdefault("type", path_type)
+    if msg["type"] != path_type:
+        raise TrackingError(f"message type {msg['type']!r} does not match the /v1/{path_type} endpoint")
+    return [msg]
+
+
+def _text(msg: Mapping[str, Any], name: str) -> str:
+    value = msg.get(name)
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise TrackingError(f"{name} must be a string")
+    text = str(value)
+    if len(text) > MAX_ID:
+        raise TrackingError(f"{name} is longer than {MAX_ID} characters")
+    return text
+
+
+def _time_ns(msg: Mapping[str, Any], received_ns: int) -> int:
+    for name in ("timestamp", "originalTimestamp"):
+        value = msg.get(name)
+        if isinstance(value, str) and value:
+            try:
+                return parse_time(value)
+            except EventError:
+                raise TrackingError(f"{name} {value[:40]!r} is not an ISO 8601 / RFC 3339 time") from None
+    return received_ns
+
+
+def _customer_id(traits: Mapping[str, Any], fallback: str, trait_names: Sequence[str]) -> str:
+    for name in trait_names:
+        value = traits.get(name)
+        if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
+            return str(value)
+    return fallback
+
+
+def _region(traits: Mapping[str, Any], context: Mapping[str, Any], default: str) -> str:
+    ctx_traits = context.get("traits") if isinstance(context.get("traits"), Mapping) else {}
+    for source in (traits, ctx_traits):
+        value = source.get("region") if isinstance(source, Mapping) else None
+        if isinstance(value, str) and value:
+            return value
+    return default
+
+
+def to_event(
+    msg: Any,
+    received_ns: int,
+    policy: PiiPolicy,
+    customer_traits: Sequence[str],
+    default_region: str,
+) -> BusinessEvent | None:
+    """One tracking message -> a business event (None for page/screen/alias, which the tower ignores)."""
+    if not isinstance(msg, dict):
+        raise TrackingError("a message must be a JSON object")
+    mtype = msg.get("type")
+    if mtype not in MESSAGE_TYPES:
+        raise TrackingError(f"message type {mtype!r} is not one of {', '.join(MESSAGE_TYPES)}")
+    user_id, anonymous_id = _text(msg, "userId"), _text(msg, "anonymousId")
+    if not user_id and not anonymous_id and mtype != "group":
+        raise TrackingError("a message needs a userId or an anonymousId")
+    if mtype not in STORED_TYPES:
+        return None
+    group_id = _text(msg, "groupId")
+    if mtype == "group" and not group_id:
+        raise TrackingError("a group message needs a groupId")
+    event_name = _text(msg, "event")
+    if mtype == "track" and not event_name:
+        raise TrackingError("a track message needs an event name")
+    raw_traits = msg.get("traits") or {}
+    raw_props = msg.get("properties") or {}
+    context = msg.get("context") if isinstance(msg.get("context"), Mapping) else {}
+    if not isinstance(raw_traits, Mapping) or not isinstance(raw_props, Mapping):
+        raise TrackingError("traits and properties must be objects")
+    # Keys and region are read before scrubbing (they are not PII); everything kept is scrubbed.
+    cdp_user = policy.identifier(user_id or anonymous_id)
+    region = _region(raw_traits, context, default_region)
+    attrs: dict[str, str] = {"revops.system": SYSTEM, "cdp.message_type": mtype}
+    if cdp_user:
+        attrs["revops.cdp.user_id"] = cdp_user
+    if region:
+        attrs["revops.region"] = region
+    if mtype in ("identify", "group"):
+        fallback = group_id if mtype == "group" else (user_id if "@" not in user_id else "")
+        customer = _customer_id(raw_traits, fallback, customer_traits)
+        if customer:
+            attrs["revops.customer.id"] = policy.identifier(customer)
+        attrs["revops.step"] = "cdp_to_billing"
+    if group_id:
+        attrs["cdp.group_id"] = group_id
+    if event_name:
+        attrs["cdp.event"] = event_name
+    library = context.get("library") if isinstance(context.get("library"), Mapping) else {}
+    data = {
+        "type": mtype,
+        "event": event_name,
+        "traits": policy.scrub(raw_traits),
+        "properties": policy.scrub(raw_props),
+        "context_traits": policy.scrub(context.get("traits") or {}),
+        "library": str(library.get("name") or ""),
+    }
+    message_id = _text(msg, "messageId") or str(uuid.uuid5(uuid.NAMESPACE_OID, orjson.dumps(data).decode()))
+    kind = {"identify": "cdp.profile.identified", "group": "cdp.account.grouped", "track": "cdp.track"}[mtype]
+    return BusinessEvent(
+        event_id=message_id,
+        source=SOURCE,
+        type=kind,
+        subject=attrs.get("revops.customer.id") or cdp_user,
+        time_ns=_time_ns(msg, received_ns),
+        trace_id="",
+        span_id="",
+        attributes=attrs,
+        data=orjson.dumps(data).decode(),
+    )
+
+
+@dataclass
+class Parsed:
+    events: list[BusinessEvent]
+    ignored: int
+    rejected: list[dict[str, Any]]
+
+
+def parse_request(
+    doc: Any,
+    path_type: str | None,
+    received_ns: int,
+    policy: PiiPolicy,
+    customer_traits: Sequence[str],
+    default_region: str,
+) -> Parsed:
+    """Every message of a request: events to keep, how many were ignored, and which were bad (and why)."""
+    out = Parsed([], 0, [])
+    for i, msg in enumerate(messages_of(doc, path_type)):
+        try:
+            event = to_event(msg, received_ns, policy, customer_traits, default_region)
+        except TrackingError as exc:
+            mid = msg.get("messageId") if isinstance(msg, dict) else None
+            out.rejected.append({"index": i, "messageId": mid if isinstance(mid, str) else None, "error": str(exc)})
+            continue
+        if event is None:
+            out.ignored += 1
+        else:
+            out.events.append(event)
+    return out

@@ -1,0 +1,222 @@
+"""StripeBilling: pulls invoices, payments, refunds and credit notes changed since a cursor (BillingConnector).
+
+Stripe lists have no "updated since" filter, so changes come from the Events API (``created >= cursor``,
+auto-paginated), and the current state of each changed object is read back. Refunds are also listed
+directly, newest first until older than the cursor, because not every Stripe (nor localstripe) emits an event
+for them. Events are kept 30 days by Stripe: a first pull covers that window.
+
+Every remote call is one OTel span with DOMAIN.md §2 attributes; 429, 5xx and connection failures are retried
+with exponential backoff (tenacity), then surface as TransientError; other Stripe errors are
+BusinessRuleError with Stripe's message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import stripe
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from connectors.base import BusinessRuleError, Health, TransientError
+from connectors.stripe import mapping
+from connectors.stripe.mapping import Change, Cursor
+from tower_core.models import Invoice, Page, Payment
+from tower_core.settings import Settings
+
+tracer = trace.get_tracer("tower.connectors.stripe")
+T = TypeVar("T")
+PAGE = 100
+_PAYMENT_EVENTS = ("payment_intent.", "charge.refund", "refund.", "credit_note.")
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, stripe.RateLimitError | stripe.APIConnectionError):
+        return True
+    return isinstance(exc, stripe.StripeError) and (exc.http_status or 0) >= 500
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    """SDK objects -> plain dicts (the mapping is pure and SDK-free)."""
+    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+def _when(t: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(t, dt.UTC)
+
+
+class StripeBilling:
+    name = "stripe"
+
+    def __init__(
+        self,
+        api_key: str,
+        api_base: str = "https://api.stripe.com",
+        *,
+        default_region: str = "",
+        attempts: int = 5,
+        backoff_s: float = 0.5,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base},
+            max_network_retries=0,  # tenacity below owns retries, so each attempt is its own span
+            http_client=stripe.HTTPXClient(timeout=timeout_s, allow_sync_methods=True),
+        )
+        self.default_region = default_region
+        self.attempts, self.backoff_s = attempts, backoff_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StripeBilling:
+        if settings.stripe_api_key is None:
+            raise BusinessRuleError("TOWER_STRIPE_API_KEY is not set")
+        return cls(
+            settings.stripe_api_key.get_secret_value(),
+            settings.stripe_api_base,
+            default_region=settings.stripe_default_region,
+        )
+
+    # ------------------------------------------------------------ remote calls
+
+    def _call(self, op: str, fn: Callable[[], T], attributes: dict[str, str] | None = None) -> T:
+        retrying = Retrying(
+            retry=retry_if_exception(_retryable),
+            wait=wait_exponential(multiplier=self.backoff_s, max=8),
+            stop=stop_after_attempt(self.attempts),
+        )
+        try:
+            for attempt in retrying:
+                with attempt, tracer.start_as_current_span(f"stripe.{op}", kind=SpanKind.CLIENT) as span:
+                    span.set_attribute("revops.system", "billing")
+                    span.set_attribute("tower.attempt", attempt.retry_state.attempt_number)
+                    for k, v in (attributes or {}).items():
+                        span.set_attribute(k, v)
+                    try:
+                        return fn()
+                    except stripe.StripeError as exc:
+                        span.set_status(Status(StatusCode.ERROR, str(exc.user_message or exc)[:200]))
+                        span.set_attribute("http.response.status_code", exc.http_status or 0)
+                        raise
+        except RetryError as exc:  # pragma: no cover - reraise=False path
+            raise TransientError(f"stripe {op}: {exc}") from exc
+        except stripe.StripeError as exc:
+            message = exc.user_message or str(exc)
+            if _retryable(exc):
+                raise TransientError(f"stripe {op} failed after {self.attempts} attempts: {message}") from exc
+            raise BusinessRuleError(f"stripe {op}: {message}") from exc
+        raise TransientError(f"stripe {op}: no attempt made")  # pragma: no cover
+
+    def _events_since(self, since: int) -> list[dict[str, Any]]:
+        def fetch() -> list[dict[str, Any]]:
+            params: dict[str, Any] = {"limit": PAGE, "created": {"gte": since}}
+            return [_plain(e) for e in self.client.v1.events.list(params=params).auto_paging_iter()]
+
+        return self._call("events.list", fetch, {"stripe.created_gte": str(since)})
+
+    def _refunds_since(self, since: int) -> list[dict[str, Any]]:
+        """Refunds come newest first: stop at the first older than ``since``."""
+
+        def fetch() -> list[dict[str, Any]]:
+            out = []
+            for r in self.client.v1.refunds.list(params={"limit": PAGE}).auto_paging_iter():
+                if int(r.get("created") or 0) < since:
+                    break
+                out.append(_plain(r))
+            return out
+
+        return self._call("refunds.list", fetch, {"stripe.created_gte": str(since)})
+
+    def _retrieve(self, kind: str, object_id: str) -> dict[str, Any]:
+        service = {
+            "invoice": self.client.v1.invoices,
+            "payment_intent": self.client.v1.payment_intents,
+            "refund": self.client.v1.refunds,
+            "credit_note": self.client.v1.credit_notes,
+            "charge": self.client.v1.charges,
+        }[kind]
+        key = {
+            "invoice": "revops.invoice.id",
+            "charge": "stripe.charge.id",
+        }.get(kind, "revops.payment.id")
+        return self._call(f"{kind}s.retrieve", lambda: _plain(service.retrieve(object_id)), {key: object_id})
+
+    # ------------------------------------------------------------ BillingConnector
+
+    def pull_invoices(self, cursor: str | None, limit: int = 1000) -> Page[Invoice]:
+        cur = Cursor.decode(cursor)
+        events = self._events_since(cur.t if cur else 0)
+        changes = [
+            Change(int(e["created"]), str(e["id"]), "invoice", mapping._id(e["data"]["object"].get("id")))
+            for e in events
+            if str(e.get("type", "")).startswith("invoice.") and e["data"]["object"].get("id")
+        ]
+        page, nxt, done = mapping.select_changes(changes, cur, limit)
+        items = [mapping.to_invoice(self._retrieve("invoice", c.key), _when(c.t), self.default_region) for c in page]
+        return Page(items, nxt.encode(), done)
+
+    def pull_payments(self, cursor: str | None, limit: int = 1000) -> Page[Payment]:
+        cur = Cursor.decode(cursor)
+        since = cur.t if cur else 0
+        changes = list(self._payment_changes(self._events_since(since)))
+        changes += [Change(int(r["created"]), str(r["id"]), "refund", str(r["id"])) for r in self._refunds_since(since)]
+        page, nxt, done = mapping.select_changes(changes, cur, limit)
+        intents: dict[str, dict[str, Any]] = {}
+        items: list[Payment] = []
+        for c in page:
+            when = _when(c.t)
+            if c.kind == "payment_intent":
+                pi = intents[c.key] = self._retrieve("payment_intent", c.key)
+                items.append(mapping.payment_from_intent(pi, when, self.default_region))
+            elif c.kind == "credit_note":
+                items.append(
+                    mapping.payment_from_credit_note(self._retrieve("credit_note", c.key), when, self.default_region)
+                )
+            else:
+                refund = self._retrieve("refund", c.key)
+                items.append(
+                    mapping.payment_from_refund(refund, self._paid_by(refund, intents), when, self.default_region)
+                )
+        return Page(items, nxt.encode(), done)
+
+    def _payment_changes(self, events: Iterable[dict[str, Any]]) -> Iterable[Change]:
+        for e in events:
+            etype = str(e.get("type", ""))
+            if not etype.startswith(_PAYMENT_EVENTS):
+                continue
+            obj = e["data"]["object"]
+            t, eid = int(e["created"]), str(e["id"])
+            if etype.startswith("payment_intent."):
+                yield Change(t, eid, "payment_intent", mapping._id(obj.get("id")))
+            elif etype.startswith("credit_note."):
+                yield Change(t, eid, "credit_note", mapping._id(obj.get("id")))
+            elif etype.startswith("refund."):
+                yield Change(t, eid, "refund", mapping._id(obj.get("id")))
+            else:  # charge.refunded / charge.refund.updated: the charge lists its refunds
+                data = obj.get("refunds", {}).get("data", []) if obj.get("object") == "charge" else [obj]
+                for r in data:
+                    yield Change(t, f"{eid}:{r.get('id')}", "refund", mapping._id(r.get("id")))
+
+    def _paid_by(self, refund: dict[str, Any], intents: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """The payment intent a refund gives back (for its invoice and customer)."""
+        pi_id = mapping._id(refund.get("payment_intent"))
+        if not pi_id and refund.get("charge"):
+            charge = self._retrieve("charge", mapping._id(refund["charge"]))
+            pi_id = mapping._id(charge.get("payment_intent"))
+            if not pi_id:
+                return charge
+        if not pi_id:
+            return None
+        if pi_id not in intents:
+            intents[pi_id] = self._retrieve("payment_intent", pi_id)
+        return intents[pi_id]
+
+    def health(self) -> Health:
+        try:
+            self._call("balance.retrieve", lambda: self.client.v1.balance.retrieve())
+        except (TransientError, BusinessRuleError) as exc:
+            return Health(False, str(exc))
+        return Health(True, "stripe reachable")

@@ -1,0 +1,339 @@
+"""Stripe objects and events -> the tower's canonical records and business events. Pure, no IO.
+
+Webhook events become ``BusinessEvent``s with DOMAIN.md §2 attributes; pulled objects become ``Invoice`` and
+``Payment`` (minor units as int, ISO currency upper-case). Only ids, amounts, states and times are kept:
+Stripe customers carry e-mail, name and address, which never reach the event's data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from collector.events import BusinessEvent
+from tower_core.models import Invoice, Payment
+
+SOURCE = "stripe"
+SYSTEM = "billing"
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+# Stripe event type -> (canonical business event type, flow step).
+EVENT_TYPES: dict[str, tuple[str, str]] = {
+    "customer.created": ("billing.customer.created", "cdp_to_billing"),
+    "customer.updated": ("billing.customer.updated", "cdp_to_billing"),
+    "customer.deleted": ("billing.customer.deleted", "cdp_to_billing"),
+    "invoice.finalized": ("billing.invoice.finalized", "invoice_to_ledger"),
+    "invoice.paid": ("billing.invoice.paid", "payment_to_cash"),
+    # Older API versions (and localstripe) name invoice.paid this way.
+    "invoice.payment_succeeded": ("billing.invoice.paid", "payment_to_cash"),
+    "invoice.payment_failed": ("billing.invoice.payment_failed", "payment_to_cash"),
+    "invoice.voided": ("billing.invoice.voided", "invoice_to_ledger"),
+    "payment_intent.succeeded": ("billing.payment.succeeded", "payment_to_cash"),
+    "charge.refunded": ("billing.refund.created", "refund_to_ledger"),
+    "credit_note.created": ("billing.credit_note.created", "refund_to_ledger"),
+}
+
+
+class MappingError(ValueError):
+    """The payload is not a Stripe event we can read; the message says which field."""
+
+
+def _id(value: Any) -> str:
+    """Stripe references are ids, or whole objects when expanded."""
+    if isinstance(value, Mapping):
+        return str(value.get("id") or "")
+    return str(value or "")
+
+
+def _region(obj: Mapping[str, Any], default_region: str) -> str:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("region") or meta.get("revops.region") or default_region)
+
+
+def _trace(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """A W3C traceparent that the sender put in the object's metadata (it survives Stripe)."""
+    tp = str((obj.get("metadata") or {}).get("traceparent") or "").strip().lower()
+    m = _TRACEPARENT.match(tp)
+    return (m.group(1), m.group(2)) if m else ("", "")
+
+
+def _ts(seconds: Any) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(int(seconds), dt.UTC) if isinstance(seconds, int) and seconds > 0 else None
+
+
+def _invoice_tax(obj: Mapping[str, Any]) -> int:
+    if isinstance(obj.get("tax"), int):
+        return int(obj["tax"])
+    return sum(int(t.get("amount", 0)) for t in obj.get("total_tax_amounts") or [] if isinstance(t, Mapping))
+
+
+def _pi_invoice(pi: Mapping[str, Any]) -> str:
+    return _id(pi.get("invoice")) or str((pi.get("metadata") or {}).get("invoice") or "")
+
+
+def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) -> dict[str, str]:
+    """DOMAIN.md §2 attributes of one Stripe event's object."""
+    kind = etype.split(".", 1)[0]
+    attrs: dict[str, str] = {"revops.system": SYSTEM, "stripe.event_type": etype}
+    region = _region(obj, default_region)
+    if region:
+        attrs["revops.region"] = region
+    if kind == "customer":
+        attrs["revops.customer.id"] = _id(obj.get("id"))
+        cdp = (obj.get("metadata") or {}).get("cdp_user_id")
+        if cdp:
+            attrs["revops.cdp.user_id"] = str(cdp)
+    elif kind == "invoice":
+        attrs["revops.invoice.id"] = _id(obj.get("id"))
+        attrs["revops.customer.id"] = _id(obj.get("customer"))
+        paid = etype in ("invoice.paid", "invoice.payment_succeeded")
+        attrs["revops.amount_minor"] = str(int(obj.get("amount_paid" if paid else "total") or 0))
+        attrs["stripe.invoice.status"] = str(obj.get("status") or "")
+        pi = _id(obj.get("payment_intent"))
+        if pi and paid:
+            attrs["revops.payment.id"] = pi
+    elif kind == "payment_intent":
+        attrs["revops.payment.id"] = _id(obj.get("id"))
+        attrs["revops.customer.id"] = _id(obj.get("customer"))
+        attrs["revops.amount_minor"] = str(int(obj.get("amount_received") or obj.get("amount") or 0))
+        inv = _pi_invoice(obj)
+        if inv:
+            attrs["revops.invoice.id"] = inv
+    elif kind == "charge":
+        refunds = [r for r in (obj.get("refunds") or {}).get("data") or [] if isinstance(r, Mapping)]
+        latest = max(refunds, key=lambda r: (int(r.get("created") or 0), str(r.get("id")))) if refunds else None
+        attrs["revops.payment.id"] = _id(latest.get("id")) if latest else _id(obj.get("id"))
+        attrs["revops.customer.id"] = _id(obj.get("customer"))
+        attrs["revops.amount_minor"] = str(int((latest or {}).get("amount") or obj.get("amount_refunded") or 0))
+        related = _id(obj.get("payment_intent")) or _id(obj.get("id"))
+        attrs["revops.related_payment.id"] = related
+        inv = _id(obj.get("invoice"))
+        if inv:
+            attrs["revops.invoice.id"] = inv
+    elif kind == "credit_note":
+        attrs["revops.payment.id"] = _id(obj.get("id"))
+        attrs["revops.customer.id"] = _id(obj.get("customer"))
+        attrs["revops.invoice.id"] = _id(obj.get("invoice"))
+        attrs["revops.amount_minor"] = str(int(obj.get("total") or obj.get("amount") or 0))
+    currency = str(obj.get("currency") or "").upper()
+    if currency and kind != "customer":
+        attrs["revops.currency"] = currency
+    return {k: v for k, v in attrs.items() if v != ""}
+
+
+def to_business_event(event: Mapping[str, Any], default_region: str) -> BusinessEvent | None:
+    """One Stripe event -> one business event; None for event types the tower does not track."""
+    if not isinstance(event, Mapping) or event.get("object") != "event":
+        raise MappingError("the body is not a Stripe event object")
+    event_id, etype, created = event.get("id"), event.get("type"), event.get("created")
+    if not isinstance(event_id, str) or not event_id:
+        raise MappingError("the event has no id")
+    if not isinstance(etype, str) or not isinstance(created, int):
+        raise MappingError("the event has no type or created time")
+    obj = (event.get("data") or {}).get("object")
+    if not isinstance(obj, Mapping):
+        raise MappingError("the event has no data.object")
+    if etype not in EVENT_TYPES:
+        return None
+    canonical, step = EVENT_TYPES[etype]
+    attrs = event_attributes(etype, obj, default_region)
+    attrs["revops.step"] = step
+    trace_id, span_id = _trace(obj)
+    data = {
+        "stripe_event": etype,
+        "object": str(obj.get("object") or ""),
+        "id": _id(obj.get("id")),
+        "status": str(obj.get("status") or ""),
+        "livemode": bool(event.get("livemode")),
+    }
+    return BusinessEvent(
+        event_id=event_id,
+        source=SOURCE,
+        type=canonical,
+        subject=_id(obj.get("id")),
+        time_ns=created * 1_000_000_000,
+        trace_id=trace_id,
+        span_id=span_id,
+        attributes=attrs,
+        data=orjson.dumps(data).decode(),
+    )
+
+
+# ---------------------------------------------------------------- pulled objects -> canonical records
+
+
+def to_invoice(obj: Mapping[str, Any], updated_at: dt.datetime, default_region: str) -> Invoice:
+    transitions = obj.get("status_transitions") or {}
+    created = _ts(obj.get("created")) or updated_at
+    credited = int(obj.get("post_payment_credit_notes_amount") or 0) + int(
+        obj.get("pre_payment_credit_notes_amount") or 0
+    )
+    status = str(obj.get("status") or "draft")
+    if status not in ("draft", "open", "paid", "void", "uncollectible"):
+        status = "open"
+    attrs = {"stripe.payment_intent": _id(obj.get("payment_intent"))} if obj.get("payment_intent") else {}
+    return Invoice(
+        invoice_id=_id(obj.get("id")),
+        customer_id=_id(obj.get("customer")),
+        region=_region(obj, default_region),
+        currency=str(obj.get("currency") or "").upper(),
+        subtotal_minor=int(obj.get("subtotal") or 0),
+        tax_minor=_invoice_tax(obj),
+        total_minor=int(obj.get("total") or 0),
+        status=status,  # type: ignore[arg-type]
+        issued_at=_ts(transitions.get("finalized_at")) or created,
+        updated_at=updated_at,
+        amount_paid_minor=int(obj.get("amount_paid") or 0),
+        amount_credited_minor=credited,
+        due_at=_ts(obj.get("due_date")),
+        finalized_at=_ts(transitions.get("finalized_at")),
+        paid_at=_ts(transitions.get("paid_at")),
+        source_system=SOURCE,
+        attributes=attrs,
+    )
+
+
+def _payment_status(status: str) -> str:
+    if status == "succeeded":
+        return "succeeded"
+    if status in ("canceled", "requires_payment_method", "failed"):
+        return "failed"
+    return "pending"
+
+
+def payment_from_intent(pi: Mapping[str, Any], updated_at: dt.datetime, default_region: str) -> Payment:
+    status = _payment_status(str(pi.get("status") or ""))
+    amount = int(pi.get("amount_received") or 0) if status == "succeeded" else int(pi.get("amount") or 0)
+    amount = amount or int(pi.get("amount") or 0)
+    inv = _pi_invoice(pi)
+    methods = pi.get("payment_method_types") or []
+    return Payment(
+        payment_id=_id(pi.get("id")),
+        kind="payment",
+        customer_id=_id(pi.get("customer")),
+        region=_region(pi, default_region),
+        currency=str(pi.get("currency") or "").upper(),
+        amount_minor=amount,
+        status=status,
+        occurred_at=_ts(pi.get("created")) or updated_at,
+        updated_at=updated_at,
+        method=str(methods[0]) if methods else "card",
+        allocations={inv: amount} if inv and status == "succeeded" else {},
+        source_system=SOURCE,
+    )
+
+
+def payment_from_refund(
+    refund: Mapping[str, Any], paid: Mapping[str, Any] | None, updated_at: dt.datetime, default_region: str
+) -> Payment:
+    """A refund; ``paid`` is the payment intent it refunds (for customer, invoice and region), if known."""
+    paid = paid or {}
+    amount = int(refund.get("amount") or 0)
+    inv = _pi_invoice(paid)
+    status = str(refund.get("status") or "succeeded")
+    return Payment(
+        payment_id=_id(refund.get("id")),
+        kind="refund",
+        customer_id=_id(paid.get("customer")),
+        region=_region(refund, "") or _region(paid, default_region),
+        currency=str(refund.get("currency") or paid.get("currency") or "").upper(),
+        amount_minor=amount,
+        status="succeeded" if status == "succeeded" else ("pending" if status == "pending" else "failed"),
+        occurred_at=_ts(refund.get("created")) or updated_at,
+        updated_at=updated_at,
+        allocations={inv: amount} if inv else {},
+        related_payment_id=_id(refund.get("payment_intent")) or _id(paid.get("id")) or _id(refund.get("charge")),
+        source_system=SOURCE,
+    )
+
+
+def payment_from_credit_note(cn: Mapping[str, Any], updated_at: dt.datetime, default_region: str) -> Payment:
+    amount = int(cn.get("total") or cn.get("amount") or 0)
+    inv = _id(cn.get("invoice"))
+    return Payment(
+        payment_id=_id(cn.get("id")),
+        kind="credit_note",
+        customer_id=_id(cn.get("customer")),
+        region=_region(cn, default_region),
+        currency=str(cn.get("currency") or "").upper(),
+        amount_minor=amount,
+        status="failed" if cn.get("status") == "void" else "succeeded",
+        occurred_at=_ts(cn.get("created")) or updated_at,
+        updated_at=updated_at,
+        allocations={inv: amount} if inv else {},
+        source_system=SOURCE,
+    )
+
+
+# ---------------------------------------------------------------- cursors
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Changes at or after ``t`` (unix seconds) except the ids already returned at exactly ``t``.
+
+    Stripe times have one-second resolution, so the ids seen in the last second are kept: a change that
+    lands later in that same second is still returned, and none is returned twice.
+    """
+
+    t: int
+    seen: frozenset[str] = frozenset()
+
+    def encode(self) -> str:
+        return orjson.dumps({"t": self.t, "seen": sorted(self.seen)}).decode()
+
+    @classmethod
+    def decode(cls, text: str | None) -> Cursor | None:
+        if not text:
+            return None
+        try:
+            doc = orjson.loads(text)
+            return cls(int(doc["t"]), frozenset(str(s) for s in doc.get("seen", [])))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise MappingError(f"not a Stripe cursor: {text[:60]!r}") from None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One changed object: (time, change id) orders them; ``key`` identifies the object."""
+
+    t: int
+    change_id: str
+    kind: str
+    key: str
+
+
+def select_changes(changes: list[Change], cursor: Cursor | None, limit: int) -> tuple[list[Change], Cursor, bool]:
+    """The next page: oldest change first, one entry per object (its latest change in the page), the new
+    cursor, and whether nothing is left."""
+    fresh = [
+        c for c in changes if cursor is None or c.t > cursor.t or (c.t == cursor.t and c.change_id not in cursor.seen)
+    ]
+    fresh.sort(key=lambda c: (c.t, c.change_id))
+    taken: list[Change] = []
+    keys: set[str] = set()
+    rest = False
+    for i, c in enumerate(fresh):
+        if c.key not in keys and len(keys) >= limit:
+            # Never split one second across pages without remembering what was taken: stop here.
+            rest = True
+            fresh = fresh[:i]
+            break
+        keys.add(c.key)
+        taken.append(c)
+    if not taken:
+        return [], cursor or Cursor(0), True
+    last_t = taken[-1].t
+    seen = {c.change_id for c in taken if c.t == last_t}
+    if cursor is not None and cursor.t == last_t:
+        seen |= cursor.seen
+    latest: dict[str, Change] = {}
+    for c in taken:
+        latest[c.key] = c
+    ordered = sorted(latest.values(), key=lambda c: (c.t, c.change_id))
+    return ordered, Cursor(last_t, frozenset(seen)), not rest
