@@ -12,7 +12,11 @@ from fastapi.responses import JSONResponse
 from collector.auth import TokenVerifier
 from collector.ingest import IngestService
 from collector.routers import cdp, events, health, lookups, metrics, otlp, tokens, webhooks
+from collector.routers import sla as sla_routes
+from collector.scheduler import create_scheduler
 from collector.telemetry import setup_telemetry
+from reconciler.sla.prom import SlaCollector
+from reconciler.sla.service import SlaService
 from tower_core.errors import StoreError
 from tower_core.settings import Settings
 from tower_core.store import Store
@@ -22,14 +26,21 @@ log = logging.getLogger("tower.api")
 
 def create_app(settings: Settings, store: Store) -> FastAPI:
     ingest = IngestService(settings, store)
+    scheduler = create_scheduler()  # shared by periodic jobs (SLA evaluation, reconciler runs)
+    sla = SlaService(settings, store)  # invalid SLA definitions stop the start here (ConfigError)
+    sla.schedule(scheduler)
+    ingest.metrics.registry.register(SlaCollector(sla))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         provider = setup_telemetry(settings)
         ingest.start()
+        scheduler.start()
         try:
             yield
         finally:
+            scheduler.shutdown(wait=False)
+            sla.close()
             ingest.stop()
             if provider is not None:
                 provider.shutdown()
@@ -38,6 +49,8 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.ingest = ingest
+    app.state.scheduler = scheduler
+    app.state.sla = sla
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
     app.state.verifier = TokenVerifier(store, admin)
 
@@ -48,4 +61,5 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
 
     for module in (health, otlp, events, lookups, metrics, tokens, webhooks, cdp):
         app.include_router(module.router)
+    app.include_router(sla_routes.router)
     return app

@@ -76,9 +76,11 @@ def serve(
     import uvicorn
 
     from collector.app import create_app
+    from reconciler.sla.definitions import load_definitions
     from tower_core.store import migrate as run_migrations
 
     settings = load_settings(host=host, port=port)
+    load_definitions(settings.sla_config)  # an invalid SLA file stops here: one line with its line number
     store = _open(settings)
     run_migrations(store)
     uvicorn.run(create_app(settings, store), host=settings.host, port=settings.port, log_level="info")

@@ -43,6 +43,41 @@ class Settings(BaseSettings):
         None, description="Bootstrap admin bearer token (create named tokens with it); never logged."
     )
 
+    # --- SLA engine (reconciler/sla)
+    sla_config: Path | None = Field(
+        None, description="SLA definitions YAML; unset = the shipped default (reconciler/sla/config/sla.yaml)."
+    )
+    sla_eval_interval_s: float = Field(
+        60.0, ge=0, description="How often `tower serve` evaluates the SLAs (seconds); 0 = only through the API."
+    )
+    alertmanager_url: str | None = Field(
+        None, description="Prometheus Alertmanager base URL (alerts go to /api/v2/alerts); unset = none."
+    )
+    alertmanager_resend_s: float = Field(
+        60.0, gt=0, lt=300, description="Re-send firing alerts this often (s); below Alertmanager's resolve_timeout."
+    )
+    sla_webhook_urls: list[str] = Field(
+        default_factory=list, description="URLs receiving Alertmanager-format (version 4) webhooks, JSON list."
+    )
+    sla_dashboard_url: str | None = Field(
+        None, description="Dashboard link in alert annotations; unset = http://dashboard_host:dashboard_port."
+    )
+
+    @field_validator("alertmanager_url", "sla_dashboard_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @field_validator("sla_webhook_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return value
+
     # --- collector
     wal_dir: Path = Field(Path(".tower/wal"), description="Directory of the collector's write-ahead buffer.")
     wal_max_bytes: int = Field(256 * 1024 * 1024, description="Write-ahead buffer bound; full => 503.")

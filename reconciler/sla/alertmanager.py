@@ -1,0 +1,74 @@
+"""Alertmanager client (``POST /api/v2/alerts``), following Prometheus's client contract (DOMAIN.md §7).
+
+Firing alerts are sent when they start and re-sent every ``resend_s`` while they fire, without endsAt, so
+Alertmanager keeps them active for its resolve_timeout (5m by default) after each send: ``resend_s`` must stay
+below it. A resolved alert is sent once with its endsAt. Grouping, silences and inhibition are Alertmanager's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from reconciler.sla.evaluate import Breach
+from reconciler.sla.payloads import am_alert
+
+log = logging.getLogger("tower.sla.alertmanager")
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (429, 500, 502, 503, 504)
+
+
+class AlertmanagerClient:
+    def __init__(self, url: str, resend_s: float, timeout_s: float = 5.0, attempts: int = 3) -> None:
+        self.url = url.rstrip("/") + "/api/v2/alerts"
+        self.resend_s = resend_s
+        self.attempts = attempts
+        self._http = httpx.Client(timeout=timeout_s)
+        self._last_sent: dict[str, float] = {}  # fingerprint -> monotonic time of the last send
+
+    def close(self) -> None:
+        self._http.close()
+
+    def post(self, alerts: Sequence[dict[str, Any]]) -> None:
+        """POST a batch of alerts, retrying transient failures briefly (the next evaluation re-sends anyway)."""
+        for attempt in Retrying(
+            retry=retry_if_exception(_retryable),
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_exponential(multiplier=0.2, max=2),
+            reraise=True,
+        ):
+            with attempt:
+                self._http.post(self.url, json=list(alerts)).raise_for_status()
+
+    def due(self, firing: Sequence[Breach], started: set[str], now_mono: float) -> list[Breach]:
+        """Firing breaches to send now: new ones, and those not sent for ``resend_s``."""
+        return [
+            b
+            for b in firing
+            if b.fingerprint in started or now_mono - self._last_sent.get(b.fingerprint, float("-inf")) >= self.resend_s
+        ]
+
+    def deliver(self, firing: Sequence[Breach], resolved: Sequence[Breach], started: set[str]) -> int:
+        """Send what is due; returns the number of alerts sent. Raises httpx.HTTPError when Alertmanager fails."""
+        now = time.monotonic()
+        send = self.due(firing, started, now)
+        batch = [am_alert(b.labels, b.annotations, b.starts_ms, b.generator_url) for b in send]
+        batch += [am_alert(b.labels, b.annotations, b.starts_ms, b.generator_url, b.ends_ms) for b in resolved]
+        if not batch:
+            return 0
+        self.post(batch)
+        for b in send:
+            self._last_sent[b.fingerprint] = now
+        for b in resolved:
+            self._last_sent.pop(b.fingerprint, None)
+        log.info("sent %d alert(s) to Alertmanager (%d resolved)", len(batch), len(resolved))
+        return len(batch)

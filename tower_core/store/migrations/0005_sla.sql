@@ -1,0 +1,138 @@
+-- 0005: the SLA engine's tables (issue 6). Dedup mechanisms as in 0001 ("dedup:").
+
+-- dedup: idempotent aggregate (min/max/anyLast). Per flow step and business item (the step's item key:
+-- customer for cdp_to_billing, invoice for invoice_to_ledger, payment for payment_to_cash and
+-- refund_to_ledger), the first and last activity seen in each system, per day. A step's latency is
+-- min(FirstSeen) in its source system -> max(LastSeen) in its target system (collector/correlation.py STEPS),
+-- computed set-based by grouping on KeyValue. Day (of the activity) is in the key so reads prune by time.
+CREATE TABLE IF NOT EXISTS $db.step_events
+(
+    Step LowCardinality(String),
+    Day Date,
+    KeyType LowCardinality(String),
+    KeyValue String,
+    System LowCardinality(String),
+    Region SimpleAggregateFunction(anyLast, LowCardinality(String)),
+    FirstSeen SimpleAggregateFunction(min, DateTime64(9)),
+    LastSeen SimpleAggregateFunction(max, DateTime64(9))
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(Day)
+ORDER BY (Step, Day, KeyType, KeyValue, System)
+SETTINGS index_granularity = 8192;
+
+-- Spans -> step activity. An item key attribute may hold a JSON array of ids (one span for several items).
+CREATE MATERIALIZED VIEW IF NOT EXISTS $db.step_events_spans_mv TO $db.step_events
+AS SELECT
+    SpanAttributes['revops.step'] AS Step,
+    toDate(Timestamp) AS Day,
+    multiIf(Step = 'cdp_to_billing', 'customer', Step = 'invoice_to_ledger', 'invoice', 'payment') AS KeyType,
+    arrayJoin(arrayFilter(v -> v != '', if(startsWith(RawKey, '['), JSONExtract(RawKey, 'Array(String)'), [RawKey])))
+        AS KeyValue,
+    if(SpanAttributes['revops.system'] != '', SpanAttributes['revops.system'], ResourceAttributes['revops.system'])
+        AS System,
+    anyLast(if(SpanAttributes['revops.region'] != '', SpanAttributes['revops.region'],
+        ResourceAttributes['revops.region'])) AS Region,
+    min(Timestamp) AS FirstSeen,
+    max(addNanoseconds(Timestamp, Duration)) AS LastSeen
+FROM $db.otel_traces
+ARRAY JOIN [multiIf(SpanAttributes['revops.step'] = 'cdp_to_billing', SpanAttributes['revops.customer.id'],
+    SpanAttributes['revops.step'] = 'invoice_to_ledger', SpanAttributes['revops.invoice.id'],
+    SpanAttributes['revops.payment.id'])] AS RawKey
+WHERE SpanAttributes['revops.step'] IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger')
+    AND RawKey != ''
+GROUP BY Step, Day, KeyType, KeyValue, System;
+
+-- Business events (CloudEvents) -> step activity; their key columns already honour the attribute map.
+CREATE MATERIALIZED VIEW IF NOT EXISTS $db.step_events_events_mv TO $db.step_events
+AS SELECT
+    Step,
+    toDate(Time) AS Day,
+    multiIf(Step = 'cdp_to_billing', 'customer', Step = 'invoice_to_ledger', 'invoice', 'payment') AS KeyType,
+    multiIf(Step = 'cdp_to_billing', CustomerId, Step = 'invoice_to_ledger', InvoiceId, PaymentId) AS KeyValue,
+    System,
+    anyLast(Region) AS Region,
+    min(Time) AS FirstSeen,
+    max(Time) AS LastSeen
+FROM $db.business_events
+WHERE Step IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND KeyValue != ''
+GROUP BY Step, Day, KeyType, KeyValue, System;
+
+-- Back-fill what was stored before this migration (re-running it changes nothing: min/max aggregates).
+INSERT INTO $db.step_events
+SELECT
+    SpanAttributes['revops.step'] AS Step,
+    toDate(Timestamp) AS Day,
+    multiIf(Step = 'cdp_to_billing', 'customer', Step = 'invoice_to_ledger', 'invoice', 'payment') AS KeyType,
+    arrayJoin(arrayFilter(v -> v != '', if(startsWith(RawKey, '['), JSONExtract(RawKey, 'Array(String)'), [RawKey])))
+        AS KeyValue,
+    if(SpanAttributes['revops.system'] != '', SpanAttributes['revops.system'], ResourceAttributes['revops.system'])
+        AS System,
+    anyLast(if(SpanAttributes['revops.region'] != '', SpanAttributes['revops.region'],
+        ResourceAttributes['revops.region'])) AS Region,
+    min(Timestamp) AS FirstSeen,
+    max(addNanoseconds(Timestamp, Duration)) AS LastSeen
+FROM $db.otel_traces
+ARRAY JOIN [multiIf(SpanAttributes['revops.step'] = 'cdp_to_billing', SpanAttributes['revops.customer.id'],
+    SpanAttributes['revops.step'] = 'invoice_to_ledger', SpanAttributes['revops.invoice.id'],
+    SpanAttributes['revops.payment.id'])] AS RawKey
+WHERE SpanAttributes['revops.step'] IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger')
+    AND RawKey != ''
+GROUP BY Step, Day, KeyType, KeyValue, System;
+
+INSERT INTO $db.step_events
+SELECT
+    Step,
+    toDate(Time) AS Day,
+    multiIf(Step = 'cdp_to_billing', 'customer', Step = 'invoice_to_ledger', 'invoice', 'payment') AS KeyType,
+    multiIf(Step = 'cdp_to_billing', CustomerId, Step = 'invoice_to_ledger', InvoiceId, PaymentId) AS KeyValue,
+    System,
+    anyLast(Region) AS Region,
+    min(Time) AS FirstSeen,
+    max(Time) AS LastSeen
+FROM $db.business_events
+WHERE Step IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND KeyValue != ''
+GROUP BY Step, Day, KeyType, KeyValue, System;
+
+-- dedup: replace. One row per breach (an alert's firing episode), rewritten at each evaluation while it
+-- fires and once when it resolves. BreachId = hash(fingerprint of the alert's labels, StartsAt).
+CREATE TABLE IF NOT EXISTS $db.sla_breaches
+(
+    BreachId String,
+    Fingerprint String,
+    Sla LowCardinality(String),
+    Kind LowCardinality(String),
+    Step LowCardinality(String),
+    Region LowCardinality(String),
+    Severity LowCardinality(String),
+    Labels Map(String, String),
+    Annotations Map(String, String),
+    Status LowCardinality(String),
+    StartsAt DateTime64(3),
+    EndsAt DateTime64(3),
+    Value Float64,
+    PeakValue Float64,
+    Details String,
+    EvaluatedAt DateTime64(3),
+    Version UInt64
+)
+ENGINE = ReplacingMergeTree(Version)
+PARTITION BY toYYYYMM(StartsAt)
+ORDER BY BreachId;
+
+-- dedup: replace on (Receiver, Fingerprint, StartsAt, Status): the webhook notifier's log of what each
+-- receiver was told; a repeated record of the same notification collapses. Read before every send, so a
+-- restart never notifies twice.
+CREATE TABLE IF NOT EXISTS $db.sla_notifications
+(
+    Receiver String,
+    Fingerprint String,
+    StartsAt DateTime64(3),
+    Status LowCardinality(String),
+    GroupKey String,
+    SentAt DateTime64(3),
+    HttpStatus UInt16,
+    Version UInt64
+)
+ENGINE = ReplacingMergeTree(Version)
+ORDER BY (Receiver, Fingerprint, StartsAt, Status);
