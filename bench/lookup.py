@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import ROOT, Server, percentile  # noqa: E402
+from bench._common import ROOT, Server, percentile
 
 LOAD = """
 import sys, time, json
