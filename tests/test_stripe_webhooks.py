@@ -104,8 +104,15 @@ def test_invoice_finalized_maps_to_domain_attributes() -> None:
 
 
 def test_paid_invoice_carries_the_payment_and_the_paid_amount() -> None:
-    obj = {"id": "in_1", "customer": "cus_1", "total": 500, "amount_paid": 500, "currency": "usd",
-           "payment_intent": "pi_1", "status": "paid"}
+    obj = {
+        "id": "in_1",
+        "customer": "cus_1",
+        "total": 500,
+        "amount_paid": 500,
+        "currency": "usd",
+        "payment_intent": "pi_1",
+        "status": "paid",
+    }
     for etype in ("invoice.paid", "invoice.payment_succeeded"):
         ev = mapping.to_business_event(_event(etype, obj), "NA")
         assert ev is not None and ev.type == "billing.invoice.paid"
@@ -114,16 +121,34 @@ def test_paid_invoice_carries_the_payment_and_the_paid_amount() -> None:
 
 
 def test_payment_refund_and_credit_note_mapping() -> None:
-    pi = {"id": "pi_1", "customer": "cus_1", "amount": 700, "amount_received": 700, "currency": "usd",
-          "invoice": "in_9", "status": "succeeded"}
+    pi = {
+        "id": "pi_1",
+        "customer": "cus_1",
+        "amount": 700,
+        "amount_received": 700,
+        "currency": "usd",
+        "invoice": "in_9",
+        "status": "succeeded",
+    }
     ev = mapping.to_business_event(_event("payment_intent.succeeded", pi), "")
     assert ev is not None
     assert ev.attributes["revops.payment.id"] == "pi_1" and ev.attributes["revops.invoice.id"] == "in_9"
     assert ev.attributes["revops.amount_minor"] == "700" and "revops.region" not in ev.attributes
-    charge = {"id": "ch_1", "object": "charge", "customer": "cus_1", "currency": "usd", "amount_refunded": 300,
-              "payment_intent": "pi_1", "invoice": "in_9",
-              "refunds": {"data": [{"id": "re_old", "amount": 100, "created": NOW - 5},
-                                   {"id": "re_new", "amount": 200, "created": NOW}]}}
+    charge = {
+        "id": "ch_1",
+        "object": "charge",
+        "customer": "cus_1",
+        "currency": "usd",
+        "amount_refunded": 300,
+        "payment_intent": "pi_1",
+        "invoice": "in_9",
+        "refunds": {
+            "data": [
+                {"id": "re_old", "amount": 100, "created": NOW - 5},
+                {"id": "re_new", "amount": 200, "created": NOW},
+            ]
+        },
+    }
     ev = mapping.to_business_event(_event("charge.refunded", charge), "")
     assert ev is not None and ev.attributes["revops.step"] == "refund_to_ledger"
     assert ev.attributes["revops.payment.id"] == "re_new" and ev.attributes["revops.amount_minor"] == "200"
@@ -195,7 +220,9 @@ def paid_subscription_invoice(client: stripe.StripeClient, region: str = "EU", a
     client.v1.payment_methods.attach(pm.id, params={"customer": cus.id})
     client.v1.customers.update(cus.id, params={"invoice_settings": {"default_payment_method": pm.id}})
     product = client.v1.products.create(params={"name": "Tower plan"})
-    plan = client.v1.plans.create(params={"amount": amount, "currency": "usd", "interval": "month", "product": product.id})
+    plan = client.v1.plans.create(
+        params={"amount": amount, "currency": "usd", "interval": "month", "product": product.id}
+    )
     sub = client.v1.subscriptions.create(params={"customer": cus.id, "items": [{"plan": plan.id}]})
     return client.v1.invoices.retrieve(sub.latest_invoice)
 
@@ -224,8 +251,9 @@ def test_localstripe_signed_deliveries_become_business_events(tower: TowerServer
 
 
 def test_bad_or_missing_signature_is_400_and_nothing_is_stored(tower: TowerServer) -> None:
-    doc = _event("invoice.finalized", {"id": "in_bad", "customer": "cus_1", "total": 1, "currency": "usd"},
-                 eid="evt_forged")
+    doc = _event(
+        "invoice.finalized", {"id": "in_bad", "customer": "cus_1", "total": 1, "currency": "usd"}, eid="evt_forged"
+    )
     doc["created"] = int(time.time())
     body = orjson.dumps(doc)
     now = int(time.time())
@@ -245,8 +273,11 @@ def test_bad_or_missing_signature_is_400_and_nothing_is_stored(tower: TowerServe
 
 
 def test_a_redelivered_event_is_reported_and_stored_once(tower: TowerServer, tmp_path: Path) -> None:
-    doc = _event("invoice.finalized", {"id": "in_dup", "customer": "cus_1", "total": 10, "currency": "usd"},
-                 eid="evt_redelivered")
+    doc = _event(
+        "invoice.finalized",
+        {"id": "in_dup", "customer": "cus_1", "total": 10, "currency": "usd"},
+        eid="evt_redelivered",
+    )
     doc["created"] = int(time.time())
     body = orjson.dumps(doc)
     first = _post(tower, body, _header(body, [SECRET], int(time.time())))
@@ -259,8 +290,11 @@ def test_a_redelivered_event_is_reported_and_stored_once(tower: TowerServer, tmp
 
 def test_redelivery_after_a_restart_is_still_recognized(tmp_path: Path) -> None:
     server = TowerServer(tmp_path, TOWER_ADMIN_TOKEN=ADMIN, TOWER_STRIPE_WEBHOOK_SECRETS=f'["{SECRET}"]')
-    doc = _event("payment_intent.succeeded", {"id": "pi_r", "customer": "cus_1", "amount": 5, "currency": "usd"},
-                 eid="evt_across_restart")
+    doc = _event(
+        "payment_intent.succeeded",
+        {"id": "pi_r", "customer": "cus_1", "amount": 5, "currency": "usd"},
+        eid="evt_across_restart",
+    )
     doc["created"] = int(time.time())
     body = orjson.dumps(doc)
     with server:

@@ -180,8 +180,8 @@ def to_event(
     event_name = _text(msg, "event")
     if mtype == "track" and not event_name:
         raise TrackingError("a track message needs an event name")
-    raw_traits = msg.get("traits") or {}
-    raw_props = msg.get("properties") or {}
+    raw_traits = msg["traits"] if msg.get("traits") is not None else {}
+    raw_props = msg["properties"] if msg.get("properties") is not None else {}
     context = msg.get("context") if isinstance(msg.get("context"), Mapping) else {}
     if not isinstance(raw_traits, Mapping) or not isinstance(raw_props, Mapping):
         raise TrackingError("traits and properties must be objects")
@@ -195,7 +195,10 @@ def to_event(
         attrs["revops.region"] = region
     if mtype in ("identify", "group"):
         fallback = group_id if mtype == "group" else (user_id if "@" not in user_id else "")
-        customer = _customer_id(raw_traits, fallback, customer_traits)
+        # RudderStack's SDK sends identify traits as context.traits; a group's context.traits are the user's
+        ctx_traits = context.get("traits") if isinstance(context.get("traits"), Mapping) else {}
+        lookup = {**ctx_traits, **raw_traits} if mtype == "identify" else raw_traits
+        customer = _customer_id(lookup, fallback, customer_traits)
         if customer:
             attrs["revops.customer.id"] = policy.identifier(customer)
         attrs["revops.step"] = "cdp_to_billing"
