@@ -1,0 +1,1 @@
+"""The reconciler: compares billing and the ERP, keeps the exception queue, runs corrective syncs (issue 5)."""

@@ -1,0 +1,525 @@
+"""Corrective syncs and replays: idempotent, retried, guarded by a circuit breaker, audited.
+
+Each action has an idempotency key from (class, keys, target); the ERP record's external reference is the
+billing id and is looked up before every write (and before every retry, since a timed-out call may have
+written), so a repeated or concurrent action never posts twice. In-process, one lock per idempotency key
+serialises concurrent requests for the same correction; across processes the target check does.
+
+States: pending -> in_progress -> succeeded | failed. An action found ``in_progress`` after a restart "may
+have written": ``recover()`` checks the target before any retry. Transient errors are retried with
+exponential backoff (tenacity) while the target system's breaker allows; an open breaker leaves the action
+pending until the breaker lets a trial through. Business-rule errors are not retried: the action fails with
+the remote message. Failed actions are the dead-letter list; a replay re-runs one, linked to it by
+``OriginalActionId``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from connectors.base import ActionOutcome, BusinessRuleError, ErpConnector, TransientError
+from reconciler import classify as c
+from reconciler import policy
+from reconciler.breaker import Breaker
+from tower_core.store import Store
+from tower_core.store import reconcile as q
+
+log = logging.getLogger("tower.reconciler.actions")
+
+PENDING, IN_PROGRESS, SUCCEEDED, FAILED = "pending", "in_progress", "succeeded", "failed"
+ACTIVE = (PENDING, IN_PROGRESS)
+
+
+class ActionError(Exception):
+    """A request the API answers with 4xx: ``status`` is the HTTP status to use."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BreakerOpen(Exception):
+    """The target system's breaker refused the call."""
+
+
+@dataclass
+class Breakers:
+    """One breaker per target system, shared by every execution thread."""
+
+    failure_threshold: int
+    reset_after_s: float
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_system: dict[str, Breaker] = {}
+
+    def _get(self, system: str) -> Breaker:
+        return self._by_system.setdefault(system, Breaker(self.failure_threshold, self.reset_after_s))
+
+    def allow(self, system: str) -> bool:
+        with self._lock:
+            ok, after = self._get(system).allow(self.clock())
+            self._by_system[system] = after
+            return ok
+
+    def success(self, system: str) -> None:
+        with self._lock:
+            self._by_system[system] = self._get(system).record_success(self.clock())
+
+    def failure(self, system: str) -> None:
+        with self._lock:
+            self._by_system[system] = self._get(system).record_failure(self.clock())
+
+    def state(self, system: str) -> str:
+        with self._lock:
+            return self._get(system).current(self.clock())
+
+    def retry_in(self, system: str) -> float:
+        with self._lock:
+            return self._get(system).retry_in(self.clock())
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            now = self.clock()
+            return {
+                s: {"state": b.current(now), "failures": b.failures, "retry_in_s": round(b.retry_in(now), 3)}
+                for s, b in self._by_system.items()
+            }
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    """API view of an action row."""
+    out = {
+        "action_id": row["ActionId"],
+        "idempotency_key": row["IdempotencyKey"],
+        "kind": row["Kind"],
+        "drift_id": row["DriftId"],
+        "class": row["Class"],
+        "operation": row["Operation"],
+        "target_system": row["TargetSystem"],
+        "target_ref": row["TargetRef"],
+        "state": row["State"],
+        "attempts": int(row["Attempts"]),
+        "last_error": row["LastError"],
+        "result": json.loads(row["Result"]) if row["Result"] else None,
+        "original_action_id": row["OriginalActionId"],
+        "requested_by": row["RequestedBy"],
+        "approved_by": row["ApprovedBy"],
+        "dead_letter": bool(row["DeadLetter"]),
+        "params": json.loads(row["Params"] or "{}"),
+        "created_at": row["CreatedAt"],
+        "updated_at": row["UpdatedAt"],
+    }
+    nxt = row.get("NextAttemptAt")
+    out["next_attempt_at"] = nxt if nxt is not None and nxt.year > 1970 else None
+    return out
+
+
+class ActionService:
+    """Creates, executes, recovers and replays corrective actions against the ERP connector."""
+
+    def __init__(
+        self,
+        store: Store,
+        erp: ErpConnector | None,
+        *,
+        retry: policy.RetryPolicy | None = None,
+        breakers: Breakers | None = None,
+        auto_enabled: bool = False,
+    ) -> None:
+        self.store = store
+        self.erp = erp
+        self.retry = retry or policy.RetryPolicy()
+        self.breakers = breakers or Breakers(5, 30.0)
+        self.auto_enabled = auto_enabled
+        self._locks_guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    # --- locking
+    def _lock(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    # --- persistence helpers
+    def _save(self, row: dict[str, Any], actor: str, verb: str, before: dict[str, Any] | None, note: str = "") -> None:
+        row["UpdatedAt"] = _now()
+        q.write_action(self.store, row)
+        after = {k: row[k] for k in ("State", "Attempts", "LastError", "DeadLetter", "ApprovedBy")}
+        prev = None if before is None else {k: before[k] for k in after}
+        outcome = "error" if row["State"] == FAILED else "ok"
+        q.write_audit(self.store, [q.audit_record(actor, verb, "action", row["ActionId"], prev, after, note, outcome)])
+
+    # --- requests
+    def request(
+        self,
+        drift_id: str,
+        requested_by: str,
+        *,
+        approve: bool = False,
+        execute: bool = True,
+        automatic: bool = False,
+    ) -> dict[str, Any]:
+        """Start (or find) the corrective sync of a drift item. Idempotent on (class, keys, target)."""
+        item = q.get_drift(self.store, drift_id)
+        if item is None:
+            raise ActionError(404, f"drift item {drift_id} not found")
+        cls = item["Class"]
+        operation = policy.OPERATIONS.get(cls)
+        if operation is None:
+            raise ActionError(
+                422, f"{cls} has no corrective operation; work it in the queue (acknowledge or ignore once fixed)"
+            )
+        if item["State"] == c.RESOLVED:
+            raise ActionError(409, f"drift item {drift_id} is resolved; nothing to correct")
+        decision = policy.decision(cls, self.auto_enabled)
+        if automatic and decision != "auto":
+            raise ActionError(409, f"{cls} is not corrected automatically")
+        keys = {
+            "invoice_id": item["InvoiceId"],
+            "payment_id": item["PaymentId"],
+            "customer_id": item["CustomerId"],
+        }
+        target = policy.target_ref(cls, keys)
+        key = policy.idempotency_key(cls, keys, f"{policy.TARGET_SYSTEM}:{target}")
+        with self._lock(key):
+            previous = q.actions_by_key(self.store, key)
+            if automatic and previous:
+                return _public(previous[-1])  # a failed automatic correction waits for a person's replay
+            existing = [a for a in previous if a["State"] in (*ACTIVE, SUCCEEDED)]
+            if existing:
+                row = existing[-1]
+                if row["State"] == PENDING and decision == "approval" and approve and not row["ApprovedBy"]:
+                    before = dict(row)
+                    row["ApprovedBy"] = requested_by
+                    self._save(row, requested_by, "action.approve", before)
+                    if execute:
+                        return self._execute_locked(row["ActionId"])
+                return _public(row)
+            now = _now()
+            row = {
+                "ActionId": uuid.uuid4().hex,
+                "IdempotencyKey": key,
+                "Kind": "corrective_sync",
+                "DriftId": drift_id,
+                "Class": cls,
+                "TargetSystem": policy.TARGET_SYSTEM,
+                "TargetRef": target,
+                "State": PENDING,
+                "Attempts": 0,
+                "LastError": "",
+                "Result": "",
+                "OriginalActionId": "",
+                "RequestedBy": requested_by,
+                "CreatedAt": now,
+                "UpdatedAt": now,
+                "Operation": operation,
+                "Params": json.dumps({k: v for k, v in keys.items() if v}),
+                "ApprovedBy": requested_by if (decision != "approval" or approve) else "",
+                "NextAttemptAt": q.EPOCH,
+                "DeadLetter": 0,
+            }
+            note = "automatic (policy: technical class)" if automatic else ""
+            self._save(row, requested_by, "action.create", None, note)
+            if execute and row["ApprovedBy"]:
+                return self._execute_locked(row["ActionId"])
+            return _public(row)
+
+    def approve(self, action_id: str, who: str, execute: bool = True) -> dict[str, Any]:
+        row = q.get_action(self.store, action_id)
+        if row is None:
+            raise ActionError(404, f"action {action_id} not found")
+        with self._lock(row["IdempotencyKey"]):
+            row = q.get_action(self.store, action_id) or row
+            if row["State"] != PENDING:
+                raise ActionError(409, f"action {action_id} is {row['State']}; only pending actions are approved")
+            if row["ApprovedBy"]:
+                raise ActionError(409, f"action {action_id} was already approved by {row['ApprovedBy']}")
+            before = dict(row)
+            row["ApprovedBy"] = who
+            self._save(row, who, "action.approve", before)
+            return self._execute_locked(action_id) if execute else _public(row)
+
+    def replay(self, action_id: str, who: str, execute: bool = True) -> dict[str, Any]:
+        """Re-run a failed action as a new one linked to it (``original_action_id``)."""
+        orig = q.get_action(self.store, action_id)
+        if orig is None:
+            raise ActionError(404, f"action {action_id} not found")
+        if orig["State"] != FAILED:
+            raise ActionError(409, f"action {action_id} is {orig['State']}; only failed actions are replayed")
+        with self._lock(orig["IdempotencyKey"]):
+            replays = q.list_actions(self.store, original_action_id=action_id, limit=1000)[0]
+            active = [r for r in replays if r["State"] in (*ACTIVE, SUCCEEDED)]
+            if active:
+                return _public(active[0])
+            now = _now()
+            row = dict(orig)
+            row.update(
+                {
+                    "ActionId": uuid.uuid4().hex,
+                    "IdempotencyKey": f"{orig['IdempotencyKey']}:replay:{len(replays) + 1}",
+                    "Kind": "replay",
+                    "State": PENDING,
+                    "Attempts": 0,
+                    "LastError": "",
+                    "Result": "",
+                    "OriginalActionId": action_id,
+                    "RequestedBy": who,
+                    "ApprovedBy": who,
+                    "CreatedAt": now,
+                    "NextAttemptAt": q.EPOCH,
+                    "DeadLetter": 0,
+                }
+            )
+            self._save(row, who, "action.replay", None, f"replay of {action_id}")
+            before = dict(orig)
+            orig["DeadLetter"] = 0
+            self._save(orig, who, "action.replayed", before, f"replayed as {row['ActionId']}")
+        return self.execute(row["ActionId"]) if execute else _public(row)
+
+    # --- execution
+    def execute(self, action_id: str) -> dict[str, Any]:
+        row = q.get_action(self.store, action_id)
+        if row is None:
+            raise ActionError(404, f"action {action_id} not found")
+        with self._lock(row["IdempotencyKey"]):
+            return self._execute_locked(action_id)
+
+    def _execute_locked(self, action_id: str) -> dict[str, Any]:
+        row = q.get_action(self.store, action_id)
+        assert row is not None
+        if row["State"] in (SUCCEEDED, FAILED):
+            return _public(row)
+        if not row["ApprovedBy"]:
+            return _public(row)  # waits for a person's approval
+        system = row["TargetSystem"]
+        if self.erp is None:
+            return self._defer(row, "no ERP connector is configured", 60.0)
+        if not self.breakers.allow(system):
+            return self._defer(row, f"circuit breaker for {system} is open", self.breakers.retry_in(system))
+        before = dict(row)
+        row["State"] = IN_PROGRESS
+        row["NextAttemptAt"] = q.EPOCH
+        self._save(row, "reconciler", "action.start", before)
+        attempts_here = 0
+
+        def attempt() -> ActionOutcome:
+            nonlocal attempts_here
+            if attempts_here and not self.breakers.allow(system):
+                raise BreakerOpen(system)
+            attempts_here += 1
+            try:
+                outcome = self._perform(row)
+            except TransientError:
+                self.breakers.failure(system)
+                raise
+            except BusinessRuleError:
+                self.breakers.success(system)  # the system answered: it is up
+                raise
+            self.breakers.success(system)
+            return outcome
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.retry.attempts_per_execution),
+            wait=wait_exponential(multiplier=self.retry.initial_s, max=self.retry.max_s),
+            retry=retry_if_exception_type(TransientError),
+            reraise=True,
+        )
+        before = dict(row)
+        try:
+            outcome = retrying(attempt)
+        except BreakerOpen:
+            row["Attempts"] = int(row["Attempts"]) + attempts_here
+            return self._defer(row, f"circuit breaker for {system} opened", self.breakers.retry_in(system), before)
+        except TransientError as exc:
+            row["Attempts"] = int(row["Attempts"]) + attempts_here
+            row["LastError"] = f"transient: {exc}"
+            if policy.after_transient_failure(int(row["Attempts"]), self.retry) == "dead_letter":
+                row["State"] = FAILED
+                row["DeadLetter"] = 1
+                self._save(row, "reconciler", "action.fail", before, "retries exhausted")
+                return _public(row)
+            wait = max(self.breakers.retry_in(system), self.retry.initial_s)
+            return self._defer(row, row["LastError"], wait, before)
+        except BusinessRuleError as exc:
+            row["Attempts"] = int(row["Attempts"]) + attempts_here
+            row["State"] = FAILED
+            row["DeadLetter"] = 1
+            row["LastError"] = f"business rule: {exc}"
+            self._save(row, "reconciler", "action.fail", before, "rejected by the target; not retried")
+            return _public(row)
+        except ActionError as exc:
+            row["Attempts"] = int(row["Attempts"]) + attempts_here
+            row["State"] = FAILED
+            row["DeadLetter"] = 1
+            row["LastError"] = str(exc)
+            self._save(row, "reconciler", "action.fail", before, "cannot be performed")
+            return _public(row)
+        row["Attempts"] = int(row["Attempts"]) + attempts_here
+        row["State"] = SUCCEEDED
+        row["LastError"] = ""
+        row["Result"] = json.dumps(
+            {"target_ref": outcome.target_ref, "already_done": outcome.already_done, "detail": outcome.detail}
+        )
+        self._save(row, "reconciler", "action.succeed", before, outcome.detail)
+        return _public(row)
+
+    def _defer(
+        self, row: dict[str, Any], reason: str, wait_s: float, before: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        before = before or dict(row)
+        row["State"] = PENDING
+        row["LastError"] = reason
+        row["NextAttemptAt"] = _now() + dt.timedelta(seconds=max(wait_s, 0.05))
+        self._save(row, "reconciler", "action.defer", before, reason)
+        return _public(row)
+
+    # --- the operations, each preceded by a look at the target
+    def _perform(self, row: dict[str, Any]) -> ActionOutcome:
+        assert self.erp is not None
+        op = row["Operation"]
+        params = json.loads(row["Params"] or "{}")
+        if op in policy.UNSUPPORTED:
+            raise BusinessRuleError(policy.UNSUPPORTED[op])
+        if op == "post_invoice":
+            invoice_id = params["invoice_id"]
+            present = [
+                e
+                for e in self.erp.find_by_external_ref(invoice_id)
+                if e.entry_type == "invoice" and e.status not in ("draft", "cancelled")
+            ]
+            if present:
+                return ActionOutcome(present[0].entry_id, True, "already in the ERP (checked before writing)")
+            invoice = q.load_invoice(self.store, invoice_id)
+            if invoice is None:
+                raise ActionError(422, f"invoice {invoice_id} is not in the billing state")
+            return self.erp.post_invoice(invoice)
+        if op == "apply_payment":
+            if "payment_id" in params and row["Class"] == c.PAYMENT_UNAPPLIED:
+                payments = [params["payment_id"]]
+                only_invoice = ""
+            else:
+                only_invoice = params["invoice_id"]
+                payments = q.payments_for_invoice(self.store, only_invoice)
+            outcomes = []
+            for pid in payments:
+                payment = q.load_payment(self.store, pid)
+                if payment is None:
+                    raise ActionError(422, f"payment {pid} is not in the billing state")
+                applied: dict[str, int] = {}
+                for e in self.erp.find_by_external_ref(pid):
+                    if e.entry_type == "payment" and e.status not in ("draft", "cancelled"):
+                        applied[e.applied_to_ref] = applied.get(e.applied_to_ref, 0) + e.amount_minor
+                for invoice_id, amount in sorted(payment.allocations.items()):
+                    if only_invoice and invoice_id != only_invoice:
+                        continue
+                    if applied.get(invoice_id, 0) >= amount:
+                        outcomes.append(ActionOutcome(pid, True, f"{pid}->{invoice_id} already applied"))
+                        continue
+                    outcomes.append(self.erp.apply_payment(payment, invoice_id, amount))
+            if not outcomes:
+                raise ActionError(422, "nothing to apply: the payment has no allocations in billing")
+            done = all(o.already_done for o in outcomes)
+            return ActionOutcome(outcomes[-1].target_ref, done, "; ".join(o.detail for o in outcomes))
+        if op == "post_credit_memo":
+            pid = params["payment_id"]
+            present = [e for e in self.erp.find_by_external_ref(pid) if e.entry_type == "credit_memo"]
+            if present:
+                return ActionOutcome(present[0].entry_id, True, "already in the ERP (checked before writing)")
+            refund = q.load_payment(self.store, pid)
+            if refund is None:
+                raise ActionError(422, f"refund {pid} is not in the billing state")
+            return self.erp.post_credit_memo(refund)
+        raise ActionError(422, f"unknown operation {op}")
+
+    def target_holds(self, row: dict[str, Any]) -> bool:
+        """Does the target already hold what the action was to write? (restart recovery)"""
+        assert self.erp is not None
+        params = json.loads(row["Params"] or "{}")
+        op = row["Operation"]
+        if op == "post_invoice":
+            return any(
+                e.entry_type == "invoice" and e.status not in ("draft", "cancelled")
+                for e in self.erp.find_by_external_ref(params["invoice_id"])
+            )
+        if op == "post_credit_memo":
+            return any(e.entry_type == "credit_memo" for e in self.erp.find_by_external_ref(params["payment_id"]))
+        if op == "apply_payment" and "payment_id" in params:
+            payment = q.load_payment(self.store, params["payment_id"])
+            if payment is None:
+                return False
+            applied: dict[str, int] = {}
+            for e in self.erp.find_by_external_ref(payment.payment_id):
+                if e.entry_type == "payment":
+                    applied[e.applied_to_ref] = applied.get(e.applied_to_ref, 0) + e.amount_minor
+            return all(applied.get(i, 0) >= a for i, a in payment.allocations.items())
+        return False
+
+    def recover(self) -> list[str]:
+        """Actions left in_progress by a crash: look at the target first; done -> succeeded, else pending."""
+        recovered = []
+        for row in q.actions_in_states(self.store, [IN_PROGRESS]):
+            with self._lock(row["IdempotencyKey"]):
+                before = dict(row)
+                try:
+                    holds = self.erp is not None and self.target_holds(row)
+                except TransientError as exc:
+                    log.warning("recovery of %s postponed: %s", row["ActionId"], exc)
+                    holds = False
+                if holds:
+                    row["State"] = SUCCEEDED
+                    row["Result"] = json.dumps({"target_ref": row["TargetRef"], "already_done": True})
+                    self._save(row, "reconciler", "action.recover", before, "found in the target after a restart")
+                else:
+                    row["State"] = PENDING
+                    row["NextAttemptAt"] = q.EPOCH
+                    self._save(row, "reconciler", "action.recover", before, "not in the target; will retry")
+                recovered.append(row["ActionId"])
+        return recovered
+
+    def process_due(self, limit: int = 100) -> int:
+        """Execute pending, approved actions whose next attempt is due (the scheduler's job)."""
+        done = 0
+        for row in q.actions_in_states(self.store, [PENDING], due_before=_now())[:limit]:
+            if not row["ApprovedBy"]:
+                continue
+            self.execute(row["ActionId"])
+            done += 1
+        return done
+
+    def auto_correct(self, run_id: str) -> int:
+        """Start corrective syncs for this run's new items of technical classes (policy: auto)."""
+        if not self.auto_enabled:
+            return 0
+        started = 0
+        items, _ = q.list_drift(self.store, classes=sorted(c.TECHNICAL), states=[c.NEW, c.PERSISTING], limit=1000)
+        for item in items:
+            try:
+                self.request(item["drift_id"], "reconciler (auto)", automatic=True)
+                started += 1
+            except ActionError as exc:
+                log.info("auto-correct skipped %s: %s", item["drift_id"], exc)
+        return started
+
+    def get(self, action_id: str) -> dict[str, Any]:
+        row = q.get_action(self.store, action_id)
+        if row is None:
+            raise ActionError(404, f"action {action_id} not found")
+        return _public(row)
+
+
+public_action = _public

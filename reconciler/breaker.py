@@ -1,0 +1,57 @@
+"""Circuit breaker per target system: a pure state machine (time is passed in, nothing else is touched).
+
+closed --(``failure_threshold`` consecutive failures)--> open --(``reset_after_s`` elapsed)--> half_open;
+half_open lets one trial call through: success closes, failure re-opens for another ``reset_after_s``.
+An open breaker stops corrective syncs from hammering a system that is down; actions stay pending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+@dataclass(frozen=True)
+class Breaker:
+    failure_threshold: int = 5
+    reset_after_s: float = 30.0
+    state: BreakerState = "closed"
+    failures: int = 0
+    opened_at: float = 0.0
+    trial_in_flight: bool = False
+
+    def current(self, now: float) -> BreakerState:
+        """The state as seen at ``now`` (an open breaker becomes half-open once its timeout elapsed)."""
+        if self.state == "open" and now - self.opened_at >= self.reset_after_s:
+            return "half_open"
+        return self.state
+
+    def allow(self, now: float) -> tuple[bool, Breaker]:
+        """May a call go through at ``now``? Returns the decision and the breaker after it."""
+        state = self.current(now)
+        if state == "closed":
+            return True, self
+        if state == "open":
+            return False, self
+        if self.trial_in_flight and self.state == "half_open":
+            return False, self
+        return True, replace(self, state="half_open", trial_in_flight=True)
+
+    def record_success(self, now: float) -> Breaker:
+        return replace(self, state="closed", failures=0, opened_at=0.0, trial_in_flight=False)
+
+    def record_failure(self, now: float) -> Breaker:
+        if self.current(now) == "half_open" or self.state == "half_open":
+            return replace(self, state="open", opened_at=now, failures=self.failures + 1, trial_in_flight=False)
+        failures = self.failures + 1
+        if failures >= self.failure_threshold:
+            return replace(self, state="open", opened_at=now, failures=failures, trial_in_flight=False)
+        return replace(self, failures=failures)
+
+    def retry_in(self, now: float) -> float:
+        """Seconds until an open breaker lets a trial call through (0 when calls may go now)."""
+        if self.current(now) == "open":
+            return max(0.0, self.reset_after_s - (now - self.opened_at))
+        return 0.0
