@@ -78,6 +78,50 @@ class Settings(BaseSettings):
                 raise ValueError(f"{url!r} is not an http(s) URL")
         return value
 
+    # --- reconciler (issue 5)
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token the CLI sends to TOWER_API_URL (e.g. for `tower reconcile`); never logged."
+    )
+    reconcile_scheduler: bool = Field(
+        True, description="Run the reconciler's scheduled jobs (runs, action retries) inside `tower serve`."
+    )
+    reconcile_interval_s: float = Field(300.0, description="Incremental reconciliation every N seconds (0 = off).")
+    reconcile_full_interval_s: float = Field(86400.0, description="Full reconciliation every N seconds (0 = off).")
+    reconcile_actions_interval_s: float = Field(
+        15.0, description="Retry due corrective actions every N seconds (0 = off)."
+    )
+    reconcile_connectors: str = Field(
+        "none",
+        description="Connectors runs pull from: `none` (compare the state tables), `simulator`, `stripe-tryton`.",
+    )
+    reconcile_auto_correct: bool = Field(
+        False,
+        description="Correct technical classes (missing_in_erp, payment_unapplied, refund_unposted) automatically.",
+    )
+    reconcile_tolerance_abs_minor: dict[str, int] = Field(
+        default_factory=lambda: {"*": 1},
+        description='Absolute amount tolerance in minor units per currency, JSON; `*` = default: {"*": 1, "JPY": 0}.',
+    )
+    reconcile_tolerance_rel_bp: dict[str, int] = Field(
+        default_factory=lambda: {"*": 0},
+        description='Relative amount tolerance in basis points per currency, JSON; `*` = default: {"*": 0}.',
+    )
+    reconcile_grace_s: dict[str, int] = Field(
+        default_factory=lambda: {"*": 7200},
+        description="Grace period per drift class in seconds (inside it a gap is stale_sync), JSON; `*` = default.",
+    )
+    reconcile_match_window_days: int = Field(31, description="Date window of 1:N / N:1 matching by customer and sum.")
+    reconcile_action_attempts: int = Field(
+        4, description="Attempts per execution of a corrective action (transient errors)."
+    )
+    reconcile_action_backoff_s: float = Field(0.5, description="First backoff between attempts; doubles up to the max.")
+    reconcile_action_backoff_max_s: float = Field(30.0, description="Longest backoff between attempts (seconds).")
+    reconcile_action_max_attempts: int = Field(
+        20, description="Attempts across executions before an action goes to the dead-letter list."
+    )
+    reconcile_breaker_failures: int = Field(5, description="Consecutive failures that open a target system's breaker.")
+    reconcile_breaker_reset_s: float = Field(30.0, description="Seconds an open breaker waits before a trial call.")
+
     # --- collector
     wal_dir: Path = Field(Path(".tower/wal"), description="Directory of the collector's write-ahead buffer.")
     wal_max_bytes: int = Field(256 * 1024 * 1024, description="Write-ahead buffer bound; full => 503.")
