@@ -4,6 +4,7 @@ See docs/contracts.md (API) and docs/simulator.md (data conventions and fault fo
 """
 
 from connectors.simulator.config import EstateConfig, Timing
+from connectors.simulator.estate import Estate
 from connectors.simulator.faults import FAULT_NAMES, FAULTS, FaultRates, InjectedFault, Manifest
 
-__all__ = ["FAULTS", "FAULT_NAMES", "EstateConfig", "FaultRates", "InjectedFault", "Manifest", "Timing"]
+__all__ = ["FAULTS", "FAULT_NAMES", "Estate", "EstateConfig", "FaultRates", "InjectedFault", "Manifest", "Timing"]

@@ -38,6 +38,11 @@ class Timing:
     stale_window: tuple[int, int]  # unposted delayed invoices were finalized this long before as_of
     customer_ramp: int  # new customers appear over this long after start (0: all exist before start)
 
+    @property
+    def fault_lead(self) -> int:
+        """How long before ``as_of - fault_age`` a fault's invoice must be issued for all its events to fit."""
+        return self.finalize_lag[1] + self.card_lag[1] + max(self.refund_lag[1], self.credit_lag[1]) + self.erp_delay[1]
+
     @classmethod
     def historical(cls) -> Timing:
         return cls(
@@ -47,7 +52,7 @@ class Timing:
             erp_delay=(30 * MIN, 12 * HOUR),
             card_lag=(10_000, 2 * HOUR),
             bank_lag=(1 * DAY, 20 * DAY),
-            refund_lag=(1 * DAY, 10 * DAY),
+            refund_lag=(1 * HOUR, 5 * DAY),
             credit_lag=(1 * HOUR, 3 * DAY),
             retry_lag=(10 * MIN, 1 * DAY),
             outage_len=(10 * MIN, 60 * MIN),
@@ -106,11 +111,9 @@ class EstateConfig:
             raise ValueError("as_of must be after start")
         if not 0.0 <= self.context_loss_share <= 1.0:
             raise ValueError("context_loss_share must be within [0, 1]")
-        span = self.as_of_ms - self.start_ms
-        if self.timing.name == "historical" and span < 2 * (self.timing.fault_age + self.timing.settle_margin):
-            raise ValueError(
-                f"a historical estate needs as_of - start >= {2 * (self.timing.fault_age + self.timing.settle_margin) // DAY + 1} days"
-            )
+        need = self.timing.fault_age + self.timing.fault_lead + 2 * DAY if self.timing.fault_age else 0
+        if self.as_of_ms - self.start_ms < need:
+            raise ValueError(f"a historical estate needs as_of - start >= {need / DAY:.1f} days (faults must age)")
         if self.chunk_invoices < 1:
             raise ValueError("chunk_invoices must be positive")
 
