@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from collector import correlation as corr
@@ -50,34 +52,41 @@ def get_trace(store: Store, trace_id: str) -> dict[str, Any] | None:
 
 
 def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | None:
-    """Traces reachable from the seed key (rules in collector.correlation), with their spans and events."""
+    """Traces reachable from the seed key (rules in collector.correlation), with their spans and events.
+
+    Reads: the seed's traces; their keys; one hop through identifying keys plus the customers' CDP traces;
+    then the new traces' keys and all time ranges side by side; then spans and events side by side."""
     key_type, value = seed
     if key_type == "trace":
         traces = {value}
     else:
         traces = {ln.trace_id for ln in map(_link, q.links_for_keys(store, [seed], limit=MAX_TRACES))}
-    if key_type != "customer":
-        # one hop through identifying keys (invoice <-> payment <-> ledger entry) and span links, both ways
-        first = [_link(r) for r in q.links_for_traces(store, traces)]
-        follow = corr.keys_to_follow(first, {seed}) | {("trace", t) for t in traces}
-        traces |= {ln.trace_id for ln in map(_link, q.links_for_keys(store, follow, limit=MAX_TRACES))}
-        traces |= {ln.key_value for ln in first if ln.key_type == "trace"}
-    traces = set(sorted(traces)[:MAX_TRACES])
     links = [_link(r) for r in q.links_for_traces(store, traces)]
-    ranges = q.trace_ranges(store, traces)
-    customers = corr.customers_of(links)
-    if customers and key_type != "customer":
-        # the CDP profile trace of the customer, which shares no identifying key with billing or ERP
-        start = min((r[0] for r in ranges.values()), default=0)
-        cdp = [_link(r) for r in q.cdp_links_for_customers(store, customers)]
-        chosen = corr.pick_cdp_traces(cdp, start) - traces
-        if chosen:
-            links += [ln for ln in cdp if ln.trace_id in chosen]
-            ranges |= q.trace_ranges(store, chosen)
+    if key_type != "customer":
+        customers = corr.customers_of(links)
+        follow = corr.keys_to_follow(links, {seed}) | {("trace", t) for t in traces}
+        hop = [_link(r) for r in q.expansion_links(store, follow, customers, limit=MAX_TRACES)]
+        found = {ln.trace_id for ln in hop if ln.key_type != "customer"}
+        found |= {ln.key_value for ln in links if ln.key_type == "trace"}
+        new = set(sorted(found - traces)[: max(0, MAX_TRACES - len(traces))])
+        links += [_link(r) for r in q.links_for_traces(store, new)]
+        traces |= new
+        late = corr.customers_of(links) - customers  # e.g. seeded from the ERP side: customer seen on billing
+        if late:
+            hop += [_link(r) for r in q.expansion_links(store, [], late, limit=MAX_TRACES)]
+        start = min((ln.first_seen_ns for ln in links if ln.system != "cdp"), default=0)
+        cdp = corr.pick_cdp_traces(hop, start) - traces
+        links += [ln for ln in hop if ln.trace_id in cdp]
+        traces |= cdp
+        ranges = q.trace_ranges(store, traces)
+    else:
+        ranges = q.trace_ranges(store, traces)
     if not ranges and not links:
         return None
-    spans = [_span_view(r) for r in q.spans_of_traces(store, ranges)]
     key_set = {(ln.key_type, ln.key_value) for ln in links} | {seed}
+    span_rows, event_rows = _both(
+        lambda: q.spans_of_traces(store, ranges), lambda: q.events_for(store, key_set, ranges)
+    )
     events = [
         corr.EventView(
             r["event_id"],
@@ -88,6 +97,15 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
             r["trace_id"],
             {k: r[k] for k in ("customer", "invoice", "payment", "ledger_entry") if r[k]},
         )
-        for r in q.events_for(store, key_set, ranges)
+        for r in event_rows
     ]
-    return corr.assemble(seed, links, spans, events)
+    return corr.assemble(seed, links, [_span_view(r) for r in span_rows], events)
+
+
+_READS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tower-lookup")
+
+
+def _both(a: Callable[[], Any], b: Callable[[], Any]) -> tuple[Any, Any]:
+    """Two independent reads at once (ClickHouse releases the GIL while it works)."""
+    fb = _READS.submit(b)
+    return a(), fb.result()

@@ -11,8 +11,7 @@ _SPANS_OF_TRACES = (
     "SELECT toUnixTimestamp64Nano(Timestamp) AS start_ns, TraceId AS trace_id, SpanId AS span_id, "
     "ParentSpanId AS parent_span_id, SpanName AS name, SpanKind AS kind, ServiceName AS service, "
     "Duration AS duration_ns, StatusCode AS status, StatusMessage AS status_message, "
-    "SpanAttributes AS attributes, ResourceAttributes AS resource, Links.TraceId AS link_trace_ids, "
-    "Events.Name AS event_names FROM $db.otel_traces "
+    "SpanAttributes AS attributes, Links.TraceId AS link_trace_ids FROM $db.otel_traces "
     "WHERE TraceId IN {ids:Array(String)} "
     "AND Timestamp >= fromUnixTimestamp64Nano({lo:Int64}) AND Timestamp <= fromUnixTimestamp64Nano({hi:Int64}) "
     "ORDER BY Timestamp, SpanId LIMIT 1 BY TraceId, SpanId"
@@ -63,16 +62,21 @@ def links_for_keys(store: Store, keys: Iterable[tuple[str, str]], limit: int = 1
     )
 
 
-def cdp_links_for_customers(store: Store, customers: Iterable[str], limit: int = 200) -> list[dict[str, Any]]:
-    customers = sorted(set(customers))
-    if not customers:
+def expansion_links(
+    store: Store, keys: Iterable[tuple[str, str]], cdp_customers: Iterable[str], limit: int = 1000
+) -> list[dict[str, Any]]:
+    """One read for a transaction's second hop: traces carrying the identifying keys, and the CDP traces
+    of its customers."""
+    keys, customers = sorted(set(keys)), sorted(set(cdp_customers))
+    if not keys and not customers:
         return []
     return store.query_rows(
         "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
         "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns "
-        "FROM $db.business_key_links WHERE KeyType = 'customer' AND KeyValue IN {c:Array(String)} "
-        "AND System = 'cdp' GROUP BY KeyType, KeyValue, TraceId, System ORDER BY first_ns DESC LIMIT {limit:UInt32}",
-        {"c": customers, "limit": limit},
+        "FROM $db.business_key_links WHERE (KeyType, KeyValue) IN {keys:Array(Tuple(String, String))} "
+        "OR (KeyType = 'customer' AND KeyValue IN {c:Array(String)} AND System = 'cdp') "
+        "GROUP BY KeyType, KeyValue, TraceId, System ORDER BY first_ns DESC LIMIT {limit:UInt32}",
+        {"keys": keys, "c": customers, "limit": limit},
     )
 
 
