@@ -11,10 +11,12 @@ from fastapi.responses import JSONResponse
 
 from collector.auth import TokenVerifier
 from collector.ingest import IngestService
-from collector.routers import cdp, events, health, lookups, metrics, otlp, tokens, webhooks
+from collector.routers import actions as action_routes
+from collector.routers import cdp, drift, events, health, lookups, metrics, otlp, runs, statements, tokens, webhooks
 from collector.routers import sla as sla_routes
 from collector.scheduler import create_scheduler
 from collector.telemetry import setup_telemetry
+from reconciler.service import ReconcilerService
 from reconciler.sla.prom import SlaCollector
 from reconciler.sla.service import SlaService
 from tower_core.errors import StoreError
@@ -30,11 +32,13 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     sla = SlaService(settings, store)  # invalid SLA definitions stop the start here (ConfigError)
     sla.schedule(scheduler)
     ingest.metrics.registry.register(SlaCollector(sla))
+    reconciler = ReconcilerService(settings, store)  # unknown TOWER_RECONCILE_CONNECTORS stops the start here
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         provider = setup_telemetry(settings)
         ingest.start()
+        reconciler.start(scheduler)  # closes interrupted runs, recovers in-progress actions, adds its jobs
         scheduler.start()
         try:
             yield
@@ -51,6 +55,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.state.ingest = ingest
     app.state.scheduler = scheduler
     app.state.sla = sla
+    app.state.reconciler = reconciler
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
     app.state.verifier = TokenVerifier(store, admin)
 
@@ -62,4 +67,6 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     for module in (health, otlp, events, lookups, metrics, tokens, webhooks, cdp):
         app.include_router(module.router)
     app.include_router(sla_routes.router)
+    for module in (drift, action_routes, runs, statements):
+        app.include_router(module.router)
     return app

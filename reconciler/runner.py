@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -203,7 +204,9 @@ class Reconciler:
         billing: BillingConnector | None = None,
         erp: ErpConnector | None = None,
         cdp: Any = None,
+        queue_lock: Any = None,
     ) -> None:
+        self.queue_lock = queue_lock or threading.RLock()
         self.store = store
         self.rules = rules
         self.billing = billing
@@ -359,7 +362,8 @@ class Reconciler:
         t = time.perf_counter()
         stage("queue")
         result.findings = len(findings)
-        self._merge_queue(result, findings, full=full, customers=customers)
+        with self.queue_lock:
+            self._merge_queue(result, findings, full=full, customers=customers)
         result.timings["queue"] = time.perf_counter() - t
 
         t = time.perf_counter()

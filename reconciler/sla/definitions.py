@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -86,8 +87,8 @@ def _target(value: Any) -> float:
     """0.99, '99%' or '99.9%' -> fraction strictly between 0 and 1."""
     if isinstance(value, str) and value.strip().endswith("%"):
         try:
-            value = float(value.strip()[:-1]) / 100
-        except ValueError:
+            value = float(Decimal(value.strip()[:-1]) / 100)  # Decimal: '99.9%' is exactly 0.999
+        except (InvalidOperation, ValueError):
             raise ValueError(f"invalid target {value!r}: use a fraction (0.99) or a percentage ('99%')") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"invalid target {value!r}: use a fraction (0.99) or a percentage ('99%')")

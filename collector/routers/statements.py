@@ -1,0 +1,62 @@
+"""Reconciliation statements: per region, currency and day, billing total, ERP total, the difference
+explained per drift class and the unexplained residual (the latest run's, or a given run's)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from starlette.concurrency import run_in_threadpool
+
+from collector.auth import Principal, require
+from collector.deps import get_store
+from tower_core.store import Store
+from tower_core.store import reconcile as q
+
+router = APIRouter(prefix="/api/statements", tags=["statements"])
+
+
+def _statement(store: Store, run_id: str | None, **kwargs: Any) -> dict[str, Any] | None:
+    run_id = run_id or q.latest_statement_run(store)
+    if run_id is None:
+        return None
+    rows, total = q.list_statements(store, run_id=run_id, **kwargs)
+    totals = q.statement_totals(store, run_id)
+    return {
+        "run_id": run_id,
+        "items": rows,
+        "total": total,
+        "totals": totals,
+        "residual_minor": sum(abs(int(t["residual_minor"])) for t in totals),
+    }
+
+
+@router.get("", summary="The statement of the latest run (or run_id)")
+async def statement(
+    store: Annotated[Store, Depends(get_store)],
+    viewer: Annotated[Principal, Depends(require("viewer"))],
+    run_id: Annotated[str | None, Query(max_length=64)] = None,
+    region: Annotated[str, Query(pattern=r"^[A-Za-z0-9_-]{0,16}$")] = "",
+    currency: Annotated[str, Query(pattern=r"^[A-Z]{0,3}$")] = "",
+    day_from: Annotated[dt.date | None, Query(alias="from")] = None,
+    day_to: Annotated[dt.date | None, Query(alias="to")] = None,
+    residual_only: bool = False,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    doc = await run_in_threadpool(
+        _statement,
+        store,
+        run_id,
+        region=region,
+        currency=currency,
+        day_from=day_from,
+        day_to=day_to,
+        only_residual=residual_only,
+        limit=limit,
+        offset=offset,
+    )
+    if doc is None:
+        raise HTTPException(404, "no statement yet: run a reconciliation first")
+    return doc

@@ -1,0 +1,74 @@
+"""APScheduler wiring: incremental and full runs and the retry of due corrective actions, in the background.
+
+Jobs never overlap themselves (max_instances=1, coalesce); a run job that finds another run in progress
+skips its turn.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import TYPE_CHECKING
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
+
+from tower_core.settings import Settings
+
+if TYPE_CHECKING:
+    from reconciler.service import ReconcilerService
+
+log = logging.getLogger("tower.reconciler.jobs")
+
+
+def _run_job(service: ReconcilerService, full: bool) -> None:
+    from reconciler.runner import RunFailed
+    from reconciler.service import RunBusy
+
+    try:
+        service.run(full=full, trigger="schedule", requested_by="scheduler")
+    except RunBusy as exc:
+        log.info("scheduled %s run skipped: %s", "full" if full else "incremental", exc)
+    except RunFailed as exc:
+        log.warning("scheduled run failed: %s", exc)
+
+
+def _actions_job(service: ReconcilerService) -> None:
+    try:
+        service.actions.process_due()
+    except Exception:
+        log.exception("retrying due actions failed")
+
+
+def schedule(service: ReconcilerService, scheduler: BaseScheduler, settings: Settings) -> list[str]:
+    """Add the reconciler's interval jobs to a scheduler (the app's shared one, or ``tower reconciler``'s)."""
+    now = dt.datetime.now(dt.UTC)
+    jobs = [
+        ("reconcile", settings.reconcile_interval_s, _run_job, [service, False]),
+        ("reconcile-full", settings.reconcile_full_interval_s, _run_job, [service, True]),
+        ("reconcile-actions", settings.reconcile_actions_interval_s, _actions_job, [service]),
+    ]
+    added = []
+    for job_id, interval, fn, args in jobs:
+        if interval <= 0:
+            continue
+        scheduler.add_job(
+            fn,
+            "interval",
+            args=args,
+            seconds=interval,
+            id=job_id,
+            name=job_id,
+            next_run_time=now + dt.timedelta(seconds=min(interval, 10.0)),
+            replace_existing=True,
+        )
+        added.append(job_id)
+    return added
+
+
+def start_scheduler(service: ReconcilerService, settings: Settings) -> BackgroundScheduler:
+    """A scheduler of its own (``tower reconciler`` beside a ClickHouse server)."""
+    scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"max_instances": 1, "coalesce": True})
+    schedule(service, scheduler, settings)
+    scheduler.start()
+    return scheduler

@@ -1,0 +1,206 @@
+"""The reconciler as the API process (or ``tower reconciler``) holds it: runs, the queue, actions, jobs.
+
+One run at a time per process; the queue merge of a run and a person's acknowledge/ignore take the same
+lock, so neither overwrites the other's state change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import uuid
+from typing import Any
+
+from reconciler import classify as c
+from reconciler.actions import ActionError, ActionService, Breakers
+from reconciler.connectors import Connectors
+from reconciler.connectors import build as build_connectors
+from reconciler.policy import RetryPolicy
+from reconciler.runner import STAGES, Reconciler, RunFailed, RunResult
+from tower_core.settings import Settings
+from tower_core.store import Store
+from tower_core.store import reconcile as q
+
+log = logging.getLogger("tower.reconciler")
+
+
+class RunBusy(Exception):
+    """A run is in progress in this process."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} is in progress")
+        self.run_id = run_id
+
+
+class ReconcilerService:
+    def __init__(self, settings: Settings, store: Store, connectors: Connectors | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.rules = c.Rules.from_settings(settings)
+        self.queue_lock = threading.RLock()
+        self._run_lock = threading.Lock()
+        self._progress: dict[str, dict[str, Any]] = {}
+        self._current: str | None = None
+        self.connectors = connectors if connectors is not None else build_connectors(settings)
+        self.reconciler = Reconciler(store, self.rules, queue_lock=self.queue_lock)
+        self.actions = ActionService(
+            store,
+            None,
+            retry=RetryPolicy(
+                attempts_per_execution=settings.reconcile_action_attempts,
+                initial_s=settings.reconcile_action_backoff_s,
+                max_s=settings.reconcile_action_backoff_max_s,
+                max_total_attempts=settings.reconcile_action_max_attempts,
+            ),
+            breakers=Breakers(settings.reconcile_breaker_failures, settings.reconcile_breaker_reset_s),
+            auto_enabled=settings.reconcile_auto_correct,
+        )
+        self.set_connectors(self.connectors)
+
+    def set_connectors(self, connectors: Connectors) -> None:
+        """Swap the connectors (tests wire an in-memory estate; the demo its HTTP client)."""
+        self.connectors = connectors
+        self.reconciler.billing = connectors.billing
+        self.reconciler.erp = connectors.erp
+        self.reconciler.cdp = connectors.cdp
+        self.actions.erp = connectors.erp
+
+    # --- lifecycle
+    def start(self, scheduler: Any = None) -> None:
+        """Close runs a crash interrupted, recover in-progress actions, schedule the jobs.
+
+        ``scheduler``: an APScheduler scheduler to add the jobs to (the app's); None = no jobs here.
+        """
+        for run in q.interrupted_runs(self.store):
+            run_record = {
+                "RunId": run["run_id"],
+                "Mode": run["mode"],
+                "Region": run["region"],
+                "Trigger": run["trigger"],
+                "RequestedBy": run["requested_by"],
+                "State": "failed",
+                "Stage": run["stage"],
+                "AsOf": run["as_of"],
+                "Watermark": run["watermark"],
+                "StartedAt": run["started_at"],
+                "FinishedAt": dt.datetime.now(dt.UTC),
+                "Pulled": run["pulled"],
+                "KeysCompared": run["keys_compared"],
+                "DriftOpen": run["drift_open"],
+                "DriftNew": run["drift_new"],
+                "DriftResolved": run["drift_resolved"],
+                "ResidualMinor": run["residual_minor"],
+                "Error": "interrupted (the process stopped during the run)",
+            }
+            q.write_run(self.store, run_record)
+        if self.actions.erp is not None:
+            try:
+                self.actions.recover()
+            except Exception:
+                log.exception("recovery of in-progress actions failed; the actions job retries it")
+        if scheduler is not None and self.settings.reconcile_scheduler:
+            from reconciler.jobs import schedule
+
+            schedule(self, scheduler, self.settings)
+
+    # --- runs
+    def run(
+        self,
+        *,
+        full: bool = False,
+        region: str = "",
+        as_of: dt.datetime | None = None,
+        trigger: str = "api",
+        requested_by: str = "",
+        run_id: str | None = None,
+    ) -> RunResult:
+        """Run now in this thread (scheduler jobs, CLI beside a server); RunBusy if one is running."""
+        run_id = run_id or uuid.uuid4().hex[:16]
+        if not self._run_lock.acquire(blocking=False):
+            raise RunBusy(self._current or "?")
+        try:
+            self._current = run_id
+            self._progress[run_id] = {"stage": "starting", "done": 0, "total": len(STAGES)}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                self._progress[run_id] = {"stage": stage, "done": done, "total": total}
+
+            result = self.reconciler.run(
+                full=full,
+                region=region,
+                as_of=as_of,
+                trigger=trigger,
+                requested_by=requested_by,
+                run_id=run_id,
+                progress=progress,
+            )
+        finally:
+            self._current = None
+            self._run_lock.release()
+        try:
+            self.actions.auto_correct(result.run_id)
+        except Exception:
+            log.exception("automatic corrections after run %s failed", result.run_id)
+        return result
+
+    def start_run(self, **kwargs: Any) -> str:
+        """Start a run in a background thread and return its id at once (the API's POST /api/runs)."""
+        if self._run_lock.locked():
+            raise RunBusy(self._current or "?")
+        run_id = uuid.uuid4().hex[:16]
+        self._progress[run_id] = {"stage": "queued", "done": 0, "total": len(STAGES)}
+
+        def target() -> None:
+            try:
+                self.run(run_id=run_id, **kwargs)
+            except RunBusy:
+                self._progress[run_id] = {"stage": "rejected: another run is in progress", "done": 0, "total": 0}
+            except RunFailed as exc:
+                log.warning("run %s failed: %s", run_id, exc)
+
+        threading.Thread(target=target, name=f"reconcile-{run_id}", daemon=True).start()
+        return run_id
+
+    def run_status(self, run_id: str) -> dict[str, Any] | None:
+        doc = q.get_run(self.store, run_id)
+        progress = self._progress.get(run_id)
+        if doc is None and progress is None:
+            return None
+        doc = doc or {"run_id": run_id, "state": "queued"}
+        if progress:
+            doc["progress"] = progress
+        else:
+            done = doc.get("state") in ("succeeded", "failed")
+            doc["progress"] = {"stage": doc.get("stage", ""), "done": len(STAGES) if done else 0, "total": len(STAGES)}
+        return doc
+
+    @property
+    def current_run(self) -> str | None:
+        return self._current
+
+    # --- queue
+    def transition(self, drift_id: str, target: str, note: str, who: str) -> dict[str, Any]:
+        """Acknowledge or ignore an item; audited with who, when, why and before/after."""
+        with self.queue_lock:
+            item = q.get_drift(self.store, drift_id)
+            if item is None:
+                raise ActionError(404, f"drift item {drift_id} not found")
+            try:
+                state = c.manual_transition(item["State"], target, note)
+            except c.TransitionError as exc:
+                raise ActionError(409 if "already" in str(exc) or "resolved" in str(exc) else 422, str(exc)) from None
+            before = {"state": item["State"], "note": item["StateNote"]}
+            item["State"] = state
+            item["StateNote"] = note
+            item["UpdatedAt"] = dt.datetime.now(dt.UTC)
+            q.write_items(self.store, [item])
+            q.write_audit(
+                self.store,
+                [
+                    q.audit_record(
+                        who, f"drift.{state}", "drift_item", drift_id, before, {"state": state, "note": note}, note
+                    )
+                ],
+            )
+            return item
