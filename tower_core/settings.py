@@ -169,6 +169,15 @@ class Settings(BaseSettings):
     tryton_timeout_s: float = Field(10.0, description="Timeout of one Tryton JSON-RPC call (seconds).")
     tryton_payment_method: str = Field("Cash", description="Tryton invoice payment method used to apply payments.")
 
+    # --- simulated estate (connectors/simulator; `tower simulate`, `tower demo`)
+    simulator_url: str = Field(
+        "http://127.0.0.1:8600", description="Where the tower reaches the simulated estate's billing/ERP/CDP API."
+    )
+    simulator_port: int = Field(8600, description="Port the demo-pace estate serves its loopback API on.")
+    simulator_timeout_s: float = Field(10.0, description="Timeout of one call to the simulated estate (seconds).")
+    simulator_seed: int = Field(7, description="Seed of the demo-pace estate.")
+    simulator_rate_per_min: int = Field(60, description="Invoices per minute the demo-pace estate emits.")
+
     @field_validator("database")
     @classmethod
     def _database_is_identifier(cls, value: str) -> str:
