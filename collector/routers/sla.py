@@ -87,9 +87,11 @@ async def stuck(
     name: Annotated[str, Query(alias="sla", min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")],
     region: Name = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    at: Annotated[AwareDatetime | None, Query(description="As of this instant (default now)")] = None,
 ) -> dict[str, Any]:
+    now_ns = int(at.timestamp() * 1_000_000) * 1000 if at else None
     try:
-        rows = await run_in_threadpool(service.stuck, name, region, limit)
+        rows = await run_in_threadpool(service.stuck, name, region, limit, now_ns)
     except KeyError:
         raise HTTPException(404, f"no objective named {name!r}") from None
     return {

@@ -1,0 +1,130 @@
+"""The SLA API in-process (FastAPI TestClient over the real app and chDB): reads, the operator-only audited
+evaluation, and clear 4xx answers to bad input."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from collector.app import create_app
+from collector.auth import create_token
+from tests.test_sla_store import M, T, scenario
+from tower_core.settings import Settings
+from tower_core.store import Store, migrate
+
+ADMIN = "sla-api-admin"
+
+
+@pytest.fixture
+def client(embedded_store: Store, tmp_path: Path) -> Iterator[tuple[TestClient, Store]]:
+    migrate(embedded_store)
+    settings = Settings(
+        database=embedded_store.database,
+        wal_dir=tmp_path / "wal",
+        admin_token=ADMIN,
+        sla_eval_interval_s=0,
+        sla_dashboard_url="https://dash.example",
+    )
+    with TestClient(create_app(settings, embedded_store)) as c:
+        yield c, embedded_store
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_definitions_and_empty_state(client: tuple[TestClient, Store]) -> None:
+    c, _ = client
+    defs = c.get("/api/sla/definitions").json()
+    assert [o["name"] for o in defs["objectives"]] == [
+        "customer_synced",
+        "invoice_posted",
+        "payment_applied",
+        "refund_posted",
+    ]
+    assert defs["burn_rate_windows"][0] == {"severity": "page", "long": "1h", "short": "5m", "burn_rate": 14.4}
+    assert c.get("/api/sla/breaches").json() == {"breaches": [], "firing": 0}
+    assert c.get("/api/sla/compliance").json()["objectives"] == []
+    assert c.get("/api/sla/stuck", params={"sla": "invoice_posted"}).json() == {"sla": "invoice_posted", "items": []}
+
+
+def test_evaluate_needs_an_operator_and_is_audited(client: tuple[TestClient, Store]) -> None:
+    c, store = client
+    _, viewer = create_token(store, "vera", "viewer")
+    _, operator = create_token(store, "otto", "operator")
+    at = {"now": dt.datetime.fromtimestamp((T + 60 * M) / 1e9, dt.UTC).isoformat()}
+    assert c.post("/api/sla/evaluate", json=at).status_code == 401
+    r = c.post("/api/sla/evaluate", json=at, headers=auth(viewer))
+    assert r.status_code == 403 and "operator" in r.json()["detail"]
+    scenario(store)
+    r = c.post("/api/sla/evaluate", json=at, headers=auth(operator))
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["evaluated_at"] == "2026-01-01T01:00:00.000Z" and doc["recorded"] is True
+    # EU's invoices, and the never-applied payment pay_x (no region: "unknown") of the payment_applied SLA
+    assert sorted((b["sla"], b["region"], b["severity"]) for b in doc["firing"]) == [
+        ("invoice_posted", "EU", "page"),
+        ("invoice_posted", "EU", "ticket"),
+        ("payment_applied", "unknown", "page"),
+        ("payment_applied", "unknown", "ticket"),
+    ]
+    assert doc["firing"][0]["annotations"]["dashboard"].startswith("https://dash.example/slas?")
+    rows = store.query_rows("SELECT Actor, Action, ObjectType, After FROM $db.audit_log")
+    assert [(r_["Actor"], r_["Action"], r_["ObjectType"]) for r_ in rows] == [("otto", "sla.evaluate", "sla")]
+    assert '"firing":4' in rows[0]["After"]
+    # reads reflect the recorded evaluation
+    comp = c.get("/api/sla/compliance", params={"region": "EU", "sla": "invoice_posted"}).json()
+    (eu,) = comp["objectives"]
+    assert (eu["region"], eu["stuck"], eu["decided"], eu["bad"]) == ("EU", 3, 6, 4)
+    assert sorted(eu["firing"]) == ["page", "ticket"]
+    assert c.get("/api/sla/breaches", params={"status": "firing", "region": "EU"}).json()["firing"] == 2
+    assert c.get("/api/sla/breaches", params={"status": "resolved"}).json()["breaches"] == []
+    stuck = c.get("/api/sla/stuck", params={"sla": "invoice_posted", "at": at["now"]}).json()["items"]
+    assert [i["key"] for i in stuck] == ["in_f", "in_i2", "in_c"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status"),
+    [
+        ("post", "/api/sla/evaluate", {"json": {"now": "2999-01-01T00:00:00Z"}}, 400),
+        ("post", "/api/sla/evaluate", {"json": {"now": "yesterday"}}, 422),
+        ("post", "/api/sla/evaluate", {"json": {"now": "2026-01-01T00:00:00"}}, 422),  # no time zone
+        ("get", "/api/sla/breaches", {"params": {"status": "maybe"}}, 422),
+        ("get", "/api/sla/breaches", {"params": {"limit": 0}}, 422),
+        ("get", "/api/sla/stuck", {"params": {"sla": "no_such_sla"}}, 404),
+        ("get", "/api/sla/stuck", {"params": {}}, 422),
+        ("get", "/api/sla/compliance", {"params": {"region": "E U"}}, 422),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(
+    client: tuple[TestClient, Store], method: str, path: str, kwargs: dict, status: int
+) -> None:
+    c, _ = client
+    r = getattr(c, method)(path, headers=auth(ADMIN), **kwargs)
+    assert r.status_code == status, r.text
+    assert "detail" in r.json()
+
+
+def test_metrics_expose_sla_series_after_an_evaluation(client: tuple[TestClient, Store]) -> None:
+    c, store = client
+    scenario(store)
+    text = c.get("/metrics").text
+    assert 'tower_sla_objective_ratio{sla="invoice_posted",step="invoice_to_ledger"} 0.99' in text
+    assert "tower_sla_burn_rate{" not in text  # nothing evaluated yet
+    c.post(
+        "/api/sla/evaluate",
+        json={"now": dt.datetime.fromtimestamp((T + 60 * M) / 1e9, dt.UTC).isoformat()},
+        headers=auth(ADMIN),
+    )
+    text = c.get("/metrics").text
+    labels = 'region="EU",sla="invoice_posted",step="invoice_to_ledger"'
+    assert f"tower_sla_items_stuck{{{labels}}} 3.0" in text
+    assert f'tower_sla_step_latency_seconds_bucket{{le="900",{labels}}} 2.0' in text  # 300 s and 600 s
+    assert f"tower_sla_step_latency_seconds_gcount{{{labels}}} 3.0" in text
+    assert f'tower_sla_burn_rate{{{labels},window="1h"}}' in text
+    assert "tower_sla_evaluations_total 1.0" in text
+    assert 'tower_sla_alert_firing{alertname="TowerSLABurnRate",region="EU"' in text

@@ -1,0 +1,186 @@
+"""SLA definition files: the shipped default is valid; invalid files fail with the line and the reason, and
+`tower serve` refuses them at start with one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from collector.correlation import STEPS
+from reconciler.sla import burnrate as br
+from reconciler.sla.definitions import (
+    STEP_ITEM_KEYS,
+    default_path,
+    format_duration,
+    load_definitions,
+    parse_definitions,
+    parse_duration,
+)
+from tower_core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+version: 1
+objectives:
+  - name: invoice_posted_eu
+    step: invoice_to_ledger
+    regions: [EU]
+    target: 99.9%
+    threshold: 10m
+    period: 7d
+thresholds:
+  - name: old_items
+    kind: unreconciled_age
+    max_age: 36h
+    classes: [missing_in_erp]
+"""
+
+
+def test_the_shipped_default_is_valid_and_covers_every_step() -> None:
+    defs = load_definitions()
+    assert defs.source == str(default_path())
+    assert {o.step for o in defs.objectives} == set(STEPS)
+    assert defs.rules == br.DEFAULT_RULES
+    rule = defs.thresholds[0]
+    assert (rule.kind, rule.max_age, rule.max_count) == ("unreconciled_age", 2 * 86400, 0)
+    invoice = next(o for o in defs.objectives if o.step == "invoice_to_ledger")
+    assert (invoice.target, invoice.threshold, invoice.period, invoice.regions) == (0.99, 900, 30 * 86400, ())
+    assert set(STEP_ITEM_KEYS) == set(STEPS)
+
+
+def test_a_valid_file_parses_with_defaults() -> None:
+    defs = parse_definitions(GOOD, "f.yaml")
+    (obj,) = defs.objectives
+    assert (obj.target, obj.threshold, obj.period, obj.regions) == (0.999, 600, 7 * 86400, ("EU",))
+    assert (obj.key_type, obj.source, obj.target_system) == ("invoice", "billing", "erp")
+    assert obj.summary() == "99.9% of invoice_to_ledger within 10m over 1w"
+    (rule,) = defs.thresholds
+    assert rule.classes == ("missing_in_erp",) and rule.max_age == 36 * 3600
+    assert rule.exclude_states == ("resolved", "acknowledged", "ignored") and rule.severity == "ticket"
+    assert defs.rules == br.DEFAULT_RULES  # burn_rate_windows omitted
+    doc = defs.to_json()
+    assert doc["objectives"][0]["threshold"] == "10m" and doc["thresholds"][0]["regions"] == "all"
+
+
+def test_custom_burn_windows_replace_the_defaults() -> None:
+    defs = parse_definitions("burn_rate_windows:\n  - {severity: page, long: 2h, short: 10m, burn_rate: 10}\n")
+    assert defs.rules == (br.WindowRule("page", 7200, 600, 10.0),)
+
+
+BAD = [
+    (
+        "objectives:\n  - name: x\n    step: invoice_to_ledger\n    target: 1.5\n    threshold: 15m\n",
+        "f.yaml:4: objectives[0].target: target 1.5 must be between 0 and 1 exclusive (e.g. 0.99 or '99%')",
+    ),
+    (
+        "objectives:\n  - name: x\n    step: invoice_to_cash\n    target: 99%\n    threshold: 15m\n",
+        "f.yaml:3: objectives[0].step: unknown step 'invoice_to_cash'; one of " + ", ".join(STEPS),
+    ),
+    (
+        "objectives:\n  - name: x\n    step: invoice_to_ledger\n    target: 99%\n",
+        "f.yaml:2: objectives[0].threshold: required field missing",
+    ),
+    (
+        "objectives:\n  - name: x\n    step: invoice_to_ledger\n    target: 99%\n    threshold: 15 minutes\n",
+        "f.yaml:5: objectives[0].threshold: invalid duration '15 minutes': use a number with s, m, h, d or w, e.g. 15m",
+    ),
+    (
+        "objectives:\n  - name: x\n    step: invoice_to_ledger\n    target: 99%\n    threshold: 15m\n"
+        "    treshold: 1m\n",
+        "f.yaml:6: objectives[0].treshold: unknown field",
+    ),
+    (
+        "objectives:\n  - name: x\n    step: invoice_to_ledger\n    target: 99%\n    threshold: 40d\n",
+        "f.yaml:5: objectives[0].threshold: threshold must be shorter than period",
+    ),
+    ("objectives: [\n", "f.yaml:2: invalid YAML: while parsing a flow node expected the node content, but found"),
+    ("version: 1\nversion: 1\n", "f.yaml:2: duplicate key 'version' (first on line 1)"),
+    ("- 1\n", "f.yaml:1: the file must be a mapping with objectives and thresholds"),
+    (
+        "burn_rate_windows:\n  - {severity: page, long: 5m, short: 1h, burn_rate: 2}\n",
+        "f.yaml:2: burn_rate_windows[0]: short window (1h) must be shorter than long",
+    ),
+    (
+        "burn_rate_windows:\n  - {severity: sms, long: 1h, short: 5m, burn_rate: 2}\n",
+        "f.yaml:2: burn_rate_windows[0].severity: Input should be 'page' or 'ticket'",
+    ),
+    (
+        GOOD + "  - name: invoice_posted_eu\n    kind: unreconciled_age\n    max_age: 2d\n",
+        "f.yaml:14: thresholds[1].name: duplicate name 'invoice_posted_eu' (first on line 3)",
+    ),
+    (
+        "thresholds:\n  - name: y\n    kind: unreconciled_age\n    max_age: 2d\n    regions: [EU, 'bad region']\n",
+        "f.yaml:5: thresholds[0].regions: invalid region 'bad region': letters, digits, '_' or '-', at most 32",
+    ),
+    ("version: 2\n", "f.yaml:1: version: Input should be 1"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD, ids=[m.split(": ", 1)[1][:40] for _, m in BAD])
+def test_invalid_files_name_the_line_and_the_reason(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_definitions(text, "f.yaml")
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("15m", 900), ("6h", 21600), ("3d", 259200), ("1w", 604800), (120, 120)]
+)
+def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["15", "15 min", "-5m", "0s", True, None, "m"])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_format_duration_picks_the_largest_exact_unit() -> None:
+    assert [format_duration(s) for s in (300, 1800, 3600, 259200, 90, 2.5)] == ["5m", "30m", "1h", "3d", "90s", "2.5s"]
+
+
+def _serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TOWER_")}
+    clean |= {"TOWER_DATA_DIR": str(tmp_path / "data"), "TOWER_WAL_DIR": str(tmp_path / "wal"), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "tower_core.cli", "serve", "--port", "1"],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_tower_serve_refuses_an_invalid_sla_file_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "sla.yaml"
+    bad.write_text("objectives:\n  - name: x\n    step: invoice_to_ledger\n    target: 1.5\n    threshold: 15m\n")
+    proc = _serve(tmp_path, TOWER_SLA_CONFIG=str(bad))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        f"tower: error: {bad}:4: objectives[0].target: target 1.5 must be between 0 and 1 exclusive "
+        "(e.g. 0.99 or '99%')"
+    ]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()  # refused before the store was opened
+
+
+def test_tower_serve_refuses_a_missing_sla_file_and_bad_alerting_settings(tmp_path: Path) -> None:
+    proc = _serve(tmp_path, TOWER_SLA_CONFIG=str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"tower: error: cannot read SLA definitions {tmp_path / 'nope.yaml'}: No such file or directory"
+    ]
+    proc = _serve(tmp_path, TOWER_ALERTMANAGER_RESEND_S="600")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("tower: error: invalid setting TOWER_ALERTMANAGER_RESEND_S")
+    proc = _serve(tmp_path, TOWER_SLA_WEBHOOK_URLS='["ftp://x"]')
+    assert proc.returncode == 2 and "TOWER_SLA_WEBHOOK_URLS" in proc.stderr

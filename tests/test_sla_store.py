@@ -1,0 +1,296 @@
+"""SLA SQL on chDB: step activity fed from spans and business events, per-region window counts, stuck items,
+drift ages, breach history and the webhook notification log; the service's state survives a restart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pytest
+
+from reconciler.sla.definitions import parse_definitions
+from reconciler.sla.service import SlaService
+from reconciler.sla.webhook import WebhookNotifier
+from tests.sla_estate import Receiver
+from tower_core.settings import Settings
+from tower_core.store import Store, migrate
+from tower_core.store import sla as q
+from tower_core.store.arrow_schemas import BUSINESS_EVENTS, OTEL_TRACES
+
+T = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
+M = 60_000_000_000
+S = 1_000_000_000
+
+
+@pytest.fixture
+def db(embedded_store: Store) -> Iterator[Store]:
+    migrate(embedded_store)
+    yield embedded_store
+
+
+def insert_spans(store: Store, spans: list[dict]) -> None:
+    """spans: {ts, dur, attrs, resource?}; other columns get neutral values."""
+    n = len(spans)
+    cols = {
+        "Timestamp": [s["ts"] for s in spans],
+        "TraceId": [f"{i:032x}" for i in range(n)],
+        "SpanId": [f"{i:016x}" for i in range(n)],
+        "ParentSpanId": [""] * n,
+        "TraceState": [""] * n,
+        "SpanName": ["work"] * n,
+        "SpanKind": ["Internal"] * n,
+        "ServiceName": ["svc"] * n,
+        "ResourceAttributes": [list(s.get("resource", {}).items()) for s in spans],
+        "ScopeName": [""] * n,
+        "ScopeVersion": [""] * n,
+        "SpanAttributes": [list(s["attrs"].items()) for s in spans],
+        "Duration": [s.get("dur", 0) for s in spans],
+        "StatusCode": ["Unset"] * n,
+        "StatusMessage": [""] * n,
+        "Events.Timestamp": [[]] * n,
+        "Events.Name": [[]] * n,
+        "Events.Attributes": [[]] * n,
+        "Links.TraceId": [[]] * n,
+        "Links.SpanId": [[]] * n,
+        "Links.TraceState": [[]] * n,
+        "Links.Attributes": [[]] * n,
+    }
+    store.insert_arrow("otel_traces", pa.Table.from_pydict(cols, schema=OTEL_TRACES))
+
+
+def inv(key: str, system: str, ts: int, region: str = "EU", dur: int = 0, step: str = "invoice_to_ledger") -> dict:
+    attrs = {"revops.step": step, "revops.system": system, "revops.invoice.id": key}
+    if region:
+        attrs["revops.region"] = region
+    return {"ts": ts, "dur": dur, "attrs": attrs}
+
+
+def scenario(store: Store) -> None:
+    """Hand-made invoice_to_ledger items (threshold 15m) around now = T+60m; see each line."""
+    insert_spans(
+        store,
+        [
+            inv("in_a", "billing", T, dur=S),
+            inv("in_a", "erp", T + 10 * M),  # good, 600 s, decided T+10m
+            inv("in_b", "billing", T + 5 * M),
+            inv("in_b", "erp", T + 40 * M),  # late, 2100 s, decided T+20m
+            inv("in_c", "billing", T + 30 * M),  # stuck since T+45m
+            inv("in_d", "billing", T + 50 * M),  # in flight, not yet past its threshold
+            inv("in_e", "billing", T + 52 * M, region="NA"),
+            inv("in_e", "erp", T + 57 * M),  # NA (source's region)
+            inv("in_f", "billing", T + M),
+            inv("in_f", "erp", T + 61 * M),  # posted after now: stuck at now
+            inv("in_g", "billing", T + 2 * M, region=""),
+            inv("in_g", "erp", T + 3 * M, region="APAC"),
+            inv("in_h", "erp", T + 4 * M),  # no billing activity: not an item
+            {  # another step: a payment, never applied
+                "ts": T + 6 * M,
+                "attrs": {"revops.step": "payment_to_cash", "revops.system": "billing", "revops.payment.id": "pay_x"},
+            },
+            # system and region as resource attributes; one span for two invoices (JSON array attribute)
+            {
+                "ts": T + 20 * M,
+                "attrs": {"revops.step": "invoice_to_ledger", "revops.invoice.id": '["in_i1","in_i2"]'},
+                "resource": {"revops.system": "billing", "revops.region": "EU"},
+            },
+            inv("in_i1", "erp", T + 25 * M),  # good, 300 s; in_i2 never posted: stuck since T+35m
+        ],
+    )
+
+
+def stats(store: Store, now: int, **kw: object) -> dict[str, dict]:
+    rows = q.step_stats(
+        store,
+        step="invoice_to_ledger",
+        key_type="invoice",
+        source="billing",
+        target="erp",
+        threshold_s=900,
+        now_ns=now,
+        windows_s=[300, 3600, 86400],
+        period_s=86400,
+        bounds_s=[60, 600, 3600],
+        **kw,  # type: ignore[arg-type]
+    )
+    return {r["region"]: r for r in rows}
+
+
+def test_step_events_come_from_spans_and_business_events(db: Store) -> None:
+    scenario(db)
+    rows = db.query_rows(
+        "SELECT KeyType AS kt, KeyValue AS k, System AS sys, any(Region) AS region FROM $db.step_events "
+        "WHERE Step = 'invoice_to_ledger' GROUP BY kt, k, sys ORDER BY k, sys"
+    )
+    got = {(r["k"], r["sys"]): r["region"] for r in rows}
+    assert got[("in_i1", "billing")] == "EU" and got[("in_i2", "billing")] == "EU"  # array + resource attrs
+    assert got[("in_g", "erp")] == "APAC" and ("in_h", "erp") in got
+    assert {r["kt"] for r in rows} == {"invoice"}
+    events = [
+        ("ev1", "billing", T, "pay_1"),
+        ("ev2", "erp", T + 5 * M, "pay_1"),
+    ]
+    db.insert_arrow(
+        "business_events",
+        pa.Table.from_pydict(
+            {
+                "EventId": [e[0] for e in events],
+                "Source": ["test"] * 2,
+                "Type": ["payment"] * 2,
+                "Subject": [""] * 2,
+                "Time": [e[2] for e in events],
+                "ReceivedAt": [e[2] for e in events],
+                "TraceId": [""] * 2,
+                "SpanId": [""] * 2,
+                "System": [e[1] for e in events],
+                "Region": ["EU"] * 2,
+                "Step": ["payment_to_cash"] * 2,
+                "CustomerId": ["cus_1"] * 2,
+                "InvoiceId": ["in_a"] * 2,
+                "PaymentId": [e[3] for e in events],
+                "LedgerEntryId": [""] * 2,
+                "AmountMinor": [100] * 2,
+                "Currency": ["EUR"] * 2,
+                "Attributes": [[]] * 2,
+                "Data": ["{}"] * 2,
+            },
+            schema=BUSINESS_EVENTS,
+        ),
+    )
+    rows = q.step_stats(
+        db,
+        step="payment_to_cash",
+        key_type="payment",
+        source="billing",
+        target="erp",
+        threshold_s=1800,
+        now_ns=T + 60 * M,
+        windows_s=[3600],
+        period_s=3600,
+        bounds_s=[300],
+    )
+    by = {r["region"]: r for r in rows}
+    assert (by["EU"]["completed"], by["EU"]["q_ns"][0], by["EU"]["buckets"]) == (1, 300 * S, [1])
+    assert by["unknown"]["stuck"] == 1  # pay_x: billing payment span at T+6m without region, never applied
+
+
+def test_window_counts_stuck_and_latency_by_region(db: Store) -> None:
+    scenario(db)
+    by = stats(db, T + 60 * M)
+    assert set(by) == {"EU", "NA", "APAC"}
+    eu = by["EU"]
+    # decided in (now-1h, now]: a (good), b, f, i2, c (late or stuck) and i1 (good): 6, of which 4 bad;
+    # nothing decided in the last 5 minutes (d is in flight but not yet past its threshold).
+    assert (eu["totals"], eu["bads"]) == ([0, 6, 6], [0, 4, 4])
+    assert (eu["stuck"], eu["in_flight"], eu["completed"]) == (3, 4, 3)
+    assert eu["q_ns"] == [600 * S, 2100 * S, 2100 * S]  # exact quantiles of 300, 600, 2100 s
+    assert eu["buckets"] == [0, 2, 3] and eu["latency_sum_ns"] == 3000 * S
+    assert (by["NA"]["totals"], by["NA"]["bads"]) == ([1, 1, 1], [0, 0, 0])  # decided at T+57m, in the 5m window
+    assert by["APAC"]["completed"] == 1  # region taken from the ERP side when billing had none
+    assert list(stats(db, T + 60 * M, regions=["NA"])) == ["NA"]
+
+
+def test_evaluating_at_a_past_instant_ignores_later_activity(db: Store) -> None:
+    scenario(db)
+    eu = stats(db, T + 30 * M)["EU"]
+    # at T+30m: a (good), f (late at T+16m), b (late at T+20m: posted only at T+40m), i1 (good at T+25m, which
+    # is the 5m window's excluded lower bound)
+    assert (eu["totals"], eu["bads"]) == ([0, 4, 4], [0, 2, 2])
+    assert (eu["stuck"], eu["in_flight"]) == (2, 4)  # b and f stuck; c (starts at T+30m) and i2 not yet
+
+
+def test_stuck_items_oldest_first(db: Store) -> None:
+    scenario(db)
+    common = dict(step="invoice_to_ledger", key_type="invoice", source="billing", target="erp", threshold_s=900)
+    rows = q.stuck_items(db, **common, now_ns=T + 60 * M, lookback_s=86400)  # type: ignore[arg-type]
+    assert [(r["key"], r["region"], r["age_ns"]) for r in rows] == [
+        ("in_f", "EU", 59 * M),
+        ("in_i2", "EU", 40 * M),
+        ("in_c", "EU", 30 * M),
+    ]
+    rows = q.stuck_items(db, **common, now_ns=T + 60 * M, lookback_s=86400, regions=["NA"])  # type: ignore[arg-type]
+    assert rows == []
+
+
+def test_unreconciled_items_by_region_latest_state_only(db: Store) -> None:
+    now = T + 30 * 86400 * S
+    day = 86400 * S
+    rows = [
+        ("d1", "missing_in_erp", "EU", "new", now - 3 * day, 1),
+        ("d2", "amount_mismatch", "EU", "new", now - 9 * day, 1),
+        ("d2", "amount_mismatch", "EU", "resolved", now - 9 * day, 2),  # latest version wins
+        ("d3", "missing_in_erp", "NA", "persisting", now - 1 * day, 1),  # too young
+        ("d4", "missing_in_erp", "NA", "acknowledged", now - 5 * day, 1),
+        ("d5", "orphan_payment", "", "new", now - 10 * day, 1),
+    ]
+    for drift, cls, region, state, first, version in rows:
+        db.command(
+            "INSERT INTO $db.drift_items (DriftId, Class, Region, State, FirstSeen, LastSeen, UpdatedAt, Version) "
+            "VALUES ({d:String}, {c:String}, {r:String}, {s:String}, fromUnixTimestamp64Nano({f:Int64}), "
+            "fromUnixTimestamp64Nano({f:Int64}), fromUnixTimestamp64Nano({f:Int64}), {v:UInt64})",
+            {"d": drift, "c": cls, "r": region, "s": state, "f": first, "v": version},
+        )
+    excl = ["resolved", "acknowledged", "ignored"]
+    got = q.unreconciled_by_region(db, now_ns=now, max_age_s=2 * 86400, exclude_states=excl)
+    assert [(r["region"], r["items"], r["oldest_ns"]) for r in got] == [
+        ("EU", 1, now - 3 * day),
+        ("unknown", 1, now - 10 * day),
+    ]
+    got = q.unreconciled_by_region(db, now_ns=now, max_age_s=2 * 86400, exclude_states=excl, classes=["missing_in_erp"])
+    assert [r["region"] for r in got] == ["EU"]
+    assert (
+        q.unreconciled_by_region(db, now_ns=now, max_age_s=2 * 86400, exclude_states=[], regions=["NA"])[0]["items"]
+        == 1
+    )
+
+
+DEFS = parse_definitions(
+    "objectives:\n  - {name: invoice_posted, step: invoice_to_ledger, target: 99%, threshold: 15m}\n"
+)
+
+
+def test_service_records_breaches_and_remembers_them_across_a_restart(db: Store) -> None:
+    scenario(db)
+    settings = Settings(database=db.database, sla_eval_interval_s=0)
+    first = SlaService(settings, db, DEFS)
+    t1 = T + 60 * M
+    r1 = first.evaluate(t1)
+    # EU: 4 of 6 late in the last hour (66.7x) but nothing decided in the last 5m -> the 1h/5m page is quiet;
+    # 6h/30m: 30m window (T+30m, T+60m]: c and i2 late, 2 of 2 -> 100x, 6h: 66.7x -> page; 3d/6h -> ticket.
+    assert sorted((b.region, b.severity) for b in r1.transitions.started) == [("EU", "page"), ("EU", "ticket")]
+    restarted = SlaService(settings, db, DEFS)  # a new process: state comes from sla_breaches
+    r2 = restarted.evaluate(t1 + M)
+    assert r2.transitions.started == [] and len(r2.transitions.continuing) == 2
+    assert {b.starts_ms for b in r2.transitions.continuing} == {t1 // 1_000_000}
+    r3 = restarted.evaluate(T + 24 * 60 * M)  # a day later nothing happened any more: short windows are clean
+    assert sorted(b.severity for b in r3.transitions.resolved) == ["page", "ticket"]
+    history = q.list_breaches(db)
+    assert len(history) == 2 and {h["status"] for h in history} == {"resolved"}
+    assert {h["ends_ms"] for h in history} == {(T + 24 * 60 * M) // 1_000_000}
+    assert q.list_breaches(db, status="firing") == [] and q.open_breaches(db) == []
+    assert len(q.list_breaches(db, region="EU", step="invoice_to_ledger", sla="invoice_posted")) == 2
+    assert q.list_breaches(db, region="NA") == []
+
+
+def test_webhook_notifier_dedups_through_the_stored_log(db: Store) -> None:
+    scenario(db)
+    settings = Settings(database=db.database, sla_eval_interval_s=0)
+    trans = SlaService(settings, db, DEFS).evaluate(T + 60 * M).transitions
+    with Receiver() as rx:
+        notifier = WebhookNotifier(db, [rx.url], "http://tower")
+        sent, failures = notifier.deliver(trans.firing, [], version=1)
+        assert (len(sent), failures) == (1, 0) and sent[0].alerts == 2
+        assert notifier.deliver(trans.firing, [], version=2) == ([], 0)
+        again = WebhookNotifier(db, [rx.url], "http://tower")  # restarted: reads the log
+        assert again.deliver(trans.firing, [], version=3) == ([], 0)
+        assert len(rx.messages) == 1 and rx.messages[0]["status"] == "firing"
+    dead = WebhookNotifier(db, ["http://127.0.0.1:9/none"], "http://tower", timeout_s=0.5, attempts=1)
+    assert dead.deliver(trans.firing, [], version=4) == ([], 1)  # failure: nothing recorded, retried next time
+    assert q.notified(db, "http://127.0.0.1:9/none") == set()
+
+
+def test_notification_log_keeps_every_group_of_one_delivery(db: Store) -> None:
+    q.record_notifications(db, "http://r", "g1", [("fp1", 1000, "firing")], 200, version=7)
+    q.record_notifications(db, "http://r", "g2", [("fp2", 1000, "firing")], 200, version=7)
+    q.record_notifications(db, "http://r", "g1", [("fp1", 1000, "firing")], 200, version=7)  # a retried insert
+    assert q.notified(db, "http://r") == {("fp1", 1000, "firing"), ("fp2", 1000, "firing")}
+    assert db.query_rows("SELECT count() AS n FROM $db.sla_notifications FINAL")[0]["n"] == 2
