@@ -1,0 +1,1 @@
+"""Tryton as the ERP: JSON-RPC client implementing ErpConnector."""

@@ -1,0 +1,272 @@
+"""TrytonErp: the ErpConnector on a real Tryton (account_invoice) through JSON-RPC.
+
+Every write looks the target up first by its reference (the billing id), so a repeated corrective sync never
+posts twice; an invoice found in draft (a crash between create and post) is posted rather than duplicated.
+An invoice this call created whose posting Tryton refuses is deleted again, so a business-rule rejection
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from connectors.base import ActionOutcome, BusinessRuleError, ConnectorError, Health, TransientError
+from connectors.tryton import mapping as m
+from connectors.tryton.rpc import AmbiguousWriteError, TrytonRpc
+from tower_core.models import Invoice, LedgerEntry, Page, Payment
+from tower_core.settings import Settings
+
+INVOICE = "account.invoice"
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+class TrytonErp:
+    name = "tryton"
+
+    def __init__(
+        self,
+        rpc: TrytonRpc,
+        *,
+        payment_method: str = "Cash",
+        region: str = "",
+        recheck_attempts: int = 4,
+        recheck_wait_s: float = 0.5,
+    ) -> None:
+        self.rpc = rpc
+        self.recheck_attempts, self.recheck_wait_s = recheck_attempts, recheck_wait_s
+        self.payment_method = payment_method
+        self.region = region
+        self._refs: dict[str, int] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrytonErp:
+        if settings.tryton_password is None:
+            raise BusinessRuleError("TOWER_TRYTON_PASSWORD is not set")
+        rpc = TrytonRpc(
+            settings.tryton_url,
+            settings.tryton_database,
+            settings.tryton_user,
+            settings.tryton_password.get_secret_value(),
+            timeout_s=settings.tryton_timeout_s,
+        )
+        return cls(rpc, payment_method=settings.tryton_payment_method)
+
+    # ------------------------------------------------------------ setup lookups
+
+    def _one(self, model: str, domain: list[Any], what: str) -> int:
+        rows = self.rpc.search_read(model, domain, ["id"], limit=1, order=[["id", "ASC"]])
+        if not rows:
+            raise BusinessRuleError(f"Tryton has no {what}; configure it first")
+        return int(rows[0]["id"])
+
+    def refs(self) -> dict[str, int]:
+        """Ids every invoice needs (company, accounts, journal, payment term), read once."""
+        if self._refs is None:
+            ctx = self.rpc.context
+            self._refs = {
+                "company": int(ctx.get("company") or self._one("company.company", [], "company")),
+                "receivable": self._one(
+                    "account.account", [["type.receivable", "=", True], ["closed", "!=", True]], "receivable account"
+                ),
+                "revenue": self._one(
+                    "account.account", [["type.revenue", "=", True], ["closed", "!=", True]], "revenue account"
+                ),
+                "journal": self._one("account.journal", [["type", "=", "revenue"]], "revenue journal"),
+                "payment_term": self._one(
+                    "account.invoice.payment_term", [["name", "=", "Direct"]], "payment term named Direct"
+                ),
+            }
+        return self._refs
+
+    def _currency(self, code: str) -> int:
+        return self._one("currency.currency", [["code", "=", code]], f"currency {code}")
+
+    def _party(self, name: str) -> tuple[int, int]:
+        """The party named after the billing customer id (created on first use) and its address."""
+        rows = self.rpc.search_read("party.party", [["name", "=", name]], ["addresses"], limit=1, order=[["id", "ASC"]])
+        if not rows:
+            (party,) = self.rpc.model(
+                "party.party", "create", [{"name": name, "addresses": [["create", [{}]]]}],
+                attributes={"revops.customer.id": name},
+            )  # fmt: skip
+            return int(party), self._address(int(party))
+        party = int(rows[0]["id"])
+        if rows[0]["addresses"]:
+            return party, int(rows[0]["addresses"][0])
+        (address,) = self.rpc.model("party.address", "create", [{"party": party}])
+        return party, int(address)
+
+    def _address(self, party: int) -> int:
+        (rec,) = self.rpc.model("party.party", "read", [party], ["addresses"])
+        return int(rec["addresses"][0])
+
+    # ------------------------------------------------------------ reads
+
+    def _invoices(self, domain: list[Any], attrs: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        return self.rpc.search_read(
+            INVOICE, [["type", "=", "out"], *domain], m.INVOICE_FIELDS, order=[["id", "ASC"]], attributes=attrs
+        )
+
+    def _payment_lines(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        if not ids:
+            return {}
+        rows = self.rpc.search_read("account.move.line", [["id", "in", ids]], m.LINE_FIELDS)
+        return {int(r["id"]): r for r in rows}
+
+    def _entries(self, invoices: list[dict[str, Any]]) -> list[LedgerEntry]:
+        lines = self._payment_lines([i for inv in invoices for i in inv.get("payment_lines") or []])
+        out: list[LedgerEntry] = []
+        for inv in invoices:
+            out.append(m.invoice_entry(inv, self.region))
+            for line_id in inv.get("payment_lines") or []:
+                if line_id in lines:
+                    out.append(m.payment_entry(lines[line_id], inv, self.region))
+        return out
+
+    def pull_ledger_entries(self, cursor: str | None, limit: int = 1000) -> Page[LedgerEntry]:
+        """Customer invoices and credit notes changed since the cursor, each with its payment lines (adding a
+        payment rewrites the invoice, so new payments come with it)."""
+        cur = m.Cursor.decode(cursor)
+        since = cur.t if cur else EPOCH
+        changed = self._invoices(
+            [["OR", [["write_date", ">=", since]], [["write_date", "=", None], ["create_date", ">=", since]]]],
+            {"tryton.since": since.isoformat()},
+        )
+        page, nxt, done = m.next_page(changed, cur, limit)
+        return Page(self._entries(page), nxt.encode() if nxt else (cursor or ""), done)
+
+    def find_by_external_ref(self, external_ref: str) -> list[LedgerEntry]:
+        invoices = self._invoices([["reference", "=", external_ref]], {"revops.invoice.id": external_ref})
+        entries = [e for e in self._entries(invoices) if e.external_ref == external_ref]
+        lines = self.rpc.search_read(
+            "account.move.line",
+            [["move.description", "=", external_ref], ["credit", ">", 0], ["move_origin", "like", f"{INVOICE},%"]],
+            ["id"],
+            attributes={"revops.payment.id": external_ref},
+        )
+        known = {e.entry_id for e in entries}
+        for line in lines:
+            if f"tryton:line:{line['id']}" not in known:
+                inv = self._invoices([["payment_lines", "in", [line["id"]]]])
+                entries += [e for e in self._entries(inv) if e.entry_id == f"tryton:line:{line['id']}"]
+        return entries
+
+    # ------------------------------------------------------------ acts
+
+    def _post_document(self, doc: Invoice | Payment, reference: str, credit_for: str = "") -> ActionOutcome:
+        attrs = {"revops.invoice.id": reference} if isinstance(doc, Invoice) else {"revops.payment.id": reference}
+        existing = [r for r in self._invoices([["reference", "=", reference]], attrs) if r["state"] != "cancelled"]
+        done = [r for r in existing if r["state"] in ("posted", "paid")]
+        if done:
+            first = done[0]
+            return ActionOutcome(f"tryton:invoice:{first['id']}", True, "already posted", {"number": first["number"]})
+        created = False
+        if existing:  # created earlier but never posted (crash between the two calls): finish it
+            invoice_id = int(existing[0]["id"])
+        else:
+            refs = self.refs()
+            customer = doc.customer_id or "unknown customer"
+            party, address = self._party(customer)
+            values = m.invoice_values(
+                doc, reference=reference, party=party, address=address, currency=self._currency(doc.currency),
+                receivable=refs["receivable"], revenue=refs["revenue"], journal=refs["journal"],
+                payment_term=refs["payment_term"], company=refs["company"], credit_for=credit_for,
+            )  # fmt: skip
+            (invoice_id,) = self.rpc.model(INVOICE, "create", [values], attributes=attrs)
+            created = True
+        try:
+            self.rpc.model(INVOICE, "post", [invoice_id], attributes=attrs)
+        except BusinessRuleError:
+            if created:
+                self.rpc.model(INVOICE, "delete", [invoice_id], attributes=attrs)
+            raise
+        (rec,) = self.rpc.model(INVOICE, "read", [invoice_id], ["number", "state"], attributes=attrs)
+        number = str(rec["number"])
+        return ActionOutcome(f"tryton:invoice:{invoice_id}", False, f"posted as {number}", {"number": number})
+
+    def _rechecked(self, act: Callable[[], ActionOutcome]) -> ActionOutcome:
+        """Run an act; when a write's answer was lost, wait, look at the target again and finish from there
+        (every act starts with that lookup, so nothing is written twice)."""
+        for attempt in range(1, self.recheck_attempts + 1):
+            try:
+                return act()
+            except AmbiguousWriteError:
+                if attempt == self.recheck_attempts:
+                    raise
+                time.sleep(self.recheck_wait_s * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def post_invoice(self, invoice: Invoice) -> ActionOutcome:
+        return self._rechecked(lambda: self._post_document(invoice, invoice.invoice_id))
+
+    def post_credit_memo(self, refund: Payment) -> ActionOutcome:
+        applied = next(iter(refund.allocations), "")
+        return self._rechecked(lambda: self._post_document(refund, refund.payment_id, credit_for=applied))
+
+    def apply_payment(self, payment: Payment, invoice_id: str, amount_minor: int) -> ActionOutcome:
+        return self._rechecked(lambda: self._apply_payment(payment, invoice_id, amount_minor))
+
+    def _apply_payment(self, payment: Payment, invoice_id: str, amount_minor: int) -> ActionOutcome:
+        attrs = {"revops.payment.id": payment.payment_id, "revops.invoice.id": invoice_id}
+        found = self._invoices([["reference", "=", invoice_id]], attrs)
+        invoices = [r for r in found if r["state"] in ("posted", "paid")]
+        if not invoices:
+            raise BusinessRuleError(f"Tryton has no posted invoice with reference {invoice_id}")
+        inv = invoices[0]
+        lines = self._payment_lines(list(inv.get("payment_lines") or []))
+        for line in lines.values():
+            if m._rel(line, "move", "description") == payment.payment_id:
+                return ActionOutcome(f"tryton:line:{line['id']}", True, "payment already applied")
+        if inv["state"] == "paid":
+            raise BusinessRuleError(f"Tryton invoice {inv['number']} ({invoice_id}) is already paid in full")
+        method = self._one(
+            "account.invoice.payment.method", [["name", "=", self.payment_method]],
+            f"invoice payment method named {self.payment_method}",
+        )  # fmt: skip
+        amount = m.from_minor(amount_minor, payment.currency)
+        self._pay(int(inv["id"]), amount, payment, method, attrs)
+        after = self._payment_lines(
+            self.rpc.model(INVOICE, "read", [inv["id"]], ["payment_lines"], attributes=attrs)[0]["payment_lines"]
+        )
+        for line in after.values():
+            if m._rel(line, "move", "description") == payment.payment_id:
+                return ActionOutcome(f"tryton:line:{line['id']}", False, f"applied {amount} {payment.currency}")
+        raise ConnectorError(f"Tryton accepted the payment {payment.payment_id} but shows no payment line for it")
+
+    def _pay(self, invoice: int, amount: Decimal, payment: Payment, method: int, attrs: dict[str, str]) -> None:
+        """Run Tryton's own pay wizard (start -> choice [-> ask, partial payment] -> pay)."""
+        ctx = dict(self.rpc.context, active_model=INVOICE, active_id=invoice, active_ids=[invoice])
+        wizard = "wizard.account.invoice.pay"
+        session, start, _end = self.rpc.call(f"{wizard}.create", ctx, attributes=attrs)
+        try:
+            view = self.rpc.call(f"{wizard}.execute", session, {}, start, ctx, attributes=attrs)
+            start_values = {k: v for k, v in view["view"]["defaults"].items() if not k.endswith(".")}
+            start_values.update(
+                amount=amount,
+                description=payment.payment_id,
+                payment_method=method,
+                date=payment.occurred_at.astimezone(dt.UTC).date(),
+            )
+            data: dict[str, Any] = {"start": start_values}
+            result = self.rpc.call(f"{wizard}.execute", session, data, "choice", ctx, attributes=attrs)
+            if isinstance(result, dict) and "view" in result:  # partial payment: Tryton asks what to do
+                ask = {k: v for k, v in result["view"]["defaults"].items() if not k.endswith(".")}
+                ask["type"] = "partial"
+                data["ask"] = ask
+                self.rpc.call(f"{wizard}.execute", session, data, "pay", ctx, attributes=attrs)
+        finally:
+            try:
+                self.rpc.call(f"{wizard}.delete", session, ctx)
+            except (TransientError, BusinessRuleError):
+                pass  # the wizard session expires by itself
+
+    def health(self) -> Health:
+        try:
+            self.refs()
+        except (TransientError, BusinessRuleError) as exc:
+            return Health(False, str(exc))
+        return Health(True, "tryton reachable, company and chart of accounts present")

@@ -1,0 +1,319 @@
+"""Tryton ERP connector: pure encoding/mapping, then a real trytond (account_invoice on SQLite) for posting,
+payments, credit memos, pulls, business-rule failures and transient faults (through a fault-injecting proxy)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from connectors.base import BusinessRuleError, ErpConnector, TransientError
+from connectors.tryton import mapping as m
+from connectors.tryton.connector import TrytonErp
+from connectors.tryton.rpc import AmbiguousWriteError, TrytonRpc, decode, encode, fault, is_write
+from tests.fixtures.external import Trytond
+from tests.fixtures.fault_proxy import FaultProxy
+from tower_core.models import Invoice, Payment
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+# ------------------------------------------------------------------ pure
+
+
+def test_values_round_trip_through_trytons_json_forms() -> None:
+    value = {"d": Decimal("12.30"), "day": dt.date(2026, 1, 31), "t": dt.datetime(2026, 1, 31, 5, 6, 7, 89, dt.UTC)}
+    wire = encode(value)
+    assert wire["d"] == {"__class__": "Decimal", "decimal": "12.30"}
+    assert wire["day"] == {"__class__": "date", "year": 2026, "month": 1, "day": 31}
+    assert decode(wire) == value
+
+
+def test_faults_map_to_the_connector_error_contract() -> None:
+    err = fault(["UserError", ["You must create a period for 01/05/2001.", "Ask your accountant.", None]])
+    assert (
+        isinstance(err, BusinessRuleError)
+        and str(err) == "You must create a period for 01/05/2001. Ask your accountant."
+    )
+    assert isinstance(fault(["ConcurrencyException", ["Records were modified"]]), TransientError)
+    assert is_write("model.account.invoice.post") and is_write("wizard.account.invoice.pay.execute")
+    assert not is_write("model.account.invoice.search_read") and not is_write("common.db.login")
+    assert isinstance(fault(["KeyError", "res.user"]), BusinessRuleError)
+    warning = fault(["UserWarning", ["abc.invoice_date_future", "The invoice date is in the future.", ""]])
+    assert str(warning) == "The invoice date is in the future."
+
+
+def test_minor_units_are_exact() -> None:
+    assert m.to_minor(Decimal("123.45"), "USD") == 12345 and m.to_minor(Decimal("500"), "JPY") == 500
+    assert m.from_minor(12345, "USD") == Decimal("123.45")
+    with pytest.raises(m.MappingError):
+        m.to_minor(Decimal("1.005"), "USD")
+
+
+def test_pages_are_oldest_change_first_and_never_repeat() -> None:
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    recs = [{"id": i, "write_date": None, "create_date": t0 + dt.timedelta(seconds=s)} for i, s in
+            [(3, 0), (1, 0), (2, 5), (4, 9)]]  # fmt: skip
+    page, cur, done = m.next_page(recs, None, 2)
+    assert [r["id"] for r in page] == [1, 3] and not done and cur == m.Cursor(t0, 3)
+    assert m.Cursor.decode(cur.encode()) == cur
+    page, cur, done = m.next_page(recs, cur, 2)
+    assert [r["id"] for r in page] == [2, 4] and done
+    assert m.next_page(recs, cur, 2)[0] == []
+
+
+def test_credit_note_record_maps_to_a_credit_memo_entry() -> None:
+    rec = {"id": 7, "reference": "re_1", "number": "12", "state": "posted", "total_amount": Decimal("-25.00"),
+           "invoice_date": dt.date(2026, 11, 2), "comment": '{"applied_to": "in_1"}', "write_date": NOW,
+           "create_date": NOW, "currency.": {"code": "USD"}, "party.": {"name": "cus_1"}}  # fmt: skip
+    e = m.invoice_entry(rec, "EU")
+    assert (e.entry_type, e.external_ref, e.applied_to_ref, e.amount_minor, e.status) == (
+        "credit_memo",
+        "re_1",
+        "in_1",
+        2500,
+        "open",
+    )
+    assert (e.entry_id, e.party_ref, e.region, e.period_date) == (
+        "tryton:invoice:7",
+        "cus_1",
+        "EU",
+        dt.date(2026, 11, 2),
+    )
+
+
+# ------------------------------------------------------------------ real trytond
+
+
+@pytest.fixture(scope="module")
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Spans of this process's connector calls (the real OTel SDK, in-memory exporter)."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+        provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()
+
+
+def erp_for(server: Trytond, url: str | None = None, **kw: float) -> TrytonErp:
+    rpc = TrytonRpc(url or server.url, server.database, server.user, server.password, **kw)  # type: ignore[arg-type]
+    return TrytonErp(rpc)
+
+
+@pytest.fixture(scope="module")
+def erp(trytond_server: Trytond) -> Iterator[TrytonErp]:
+    connector = erp_for(trytond_server)
+    yield connector
+    connector.rpc.close()
+
+
+def billing_invoice(total: int = 12345, day: dt.datetime = NOW) -> Invoice:
+    iid = f"in_{uuid.uuid4().hex[:12]}"
+    return Invoice(iid, f"cus_{iid[3:9]}", "NA", "USD", total, 0, total, "paid", day, day)
+
+
+def tryton_invoices(erp: TrytonErp, reference: str) -> list[dict]:
+    """Read Tryton directly (not through the connector's mapping)."""
+    return erp.rpc.search_read("account.invoice", [["reference", "=", reference]], ["state", "total_amount", "number"])
+
+
+def test_is_an_erp_connector_and_healthy(erp: TrytonErp) -> None:
+    assert isinstance(erp, ErpConnector)
+    assert erp.health().ok
+
+
+def test_post_invoice_creates_and_posts_once(erp: TrytonErp, spans: InMemorySpanExporter) -> None:
+    inv = billing_invoice(12345)
+    spans.clear()
+    first = erp.post_invoice(inv)
+    assert not first.already_done and first.target_ref.startswith("tryton:invoice:")
+    (rec,) = tryton_invoices(erp, inv.invoice_id)
+    assert rec["state"] == "posted" and rec["total_amount"] == Decimal("123.45")
+    again = erp.post_invoice(inv)
+    assert again.already_done and again.target_ref == first.target_ref
+    assert len(tryton_invoices(erp, inv.invoice_id)) == 1
+    (entry,) = erp.find_by_external_ref(inv.invoice_id)
+    assert (entry.entry_type, entry.amount_minor, entry.currency, entry.status) == ("invoice", 12345, "USD", "open")
+    assert entry.party_ref == inv.customer_id
+    done: list[ReadableSpan] = list(spans.get_finished_spans())
+    posts = [s for s in done if s.name == "tryton model.account.invoice.post"]
+    assert len(posts) == 1 and posts[0].attributes["revops.system"] == "erp"
+    assert posts[0].attributes["revops.invoice.id"] == inv.invoice_id
+
+
+def test_a_draft_left_by_a_crash_is_posted_not_duplicated(erp: TrytonErp) -> None:
+    inv = billing_invoice(500)
+    refs = erp.refs()
+    party, address = erp._party(inv.customer_id)
+    values = m.invoice_values(
+        inv, reference=inv.invoice_id, party=party, address=address, currency=erp._currency("USD"),
+        receivable=refs["receivable"], revenue=refs["revenue"], journal=refs["journal"],
+        payment_term=refs["payment_term"], company=refs["company"],
+    )  # fmt: skip
+    erp.rpc.model("account.invoice", "create", [values])  # created, then "crashed" before posting
+    out = erp.post_invoice(inv)
+    assert not out.already_done
+    assert [r["state"] for r in tryton_invoices(erp, inv.invoice_id)] == ["posted"]
+
+
+def test_apply_payment_partial_then_rest_idempotent(erp: TrytonErp) -> None:
+    inv = billing_invoice(10000)
+    erp.post_invoice(inv)
+    p1 = Payment(f"pi_{uuid.uuid4().hex[:10]}", "payment", inv.customer_id, "NA", "USD", 4000, "succeeded", NOW, NOW)
+    p2 = Payment(f"pi_{uuid.uuid4().hex[:10]}", "payment", inv.customer_id, "NA", "USD", 6000, "succeeded", NOW, NOW)
+    a = erp.apply_payment(p1, inv.invoice_id, 4000)
+    assert not a.already_done and tryton_invoices(erp, inv.invoice_id)[0]["state"] == "posted"
+    assert erp.apply_payment(p1, inv.invoice_id, 4000).already_done
+    erp.apply_payment(p2, inv.invoice_id, 6000)
+    assert tryton_invoices(erp, inv.invoice_id)[0]["state"] == "paid"
+    (pay,) = erp.find_by_external_ref(p2.payment_id)
+    assert (pay.entry_type, pay.applied_to_ref, pay.amount_minor) == ("payment", inv.invoice_id, 6000)
+    with pytest.raises(BusinessRuleError, match="no posted invoice"):
+        erp.apply_payment(p1, "in_does_not_exist", 100)
+
+
+def test_credit_memo_is_posted_once_against_the_invoice(erp: TrytonErp) -> None:
+    inv = billing_invoice(8000)
+    erp.post_invoice(inv)
+    refund = Payment(f"re_{uuid.uuid4().hex[:10]}", "refund", inv.customer_id, "NA", "USD", 2000, "succeeded", NOW,
+                     NOW, allocations={inv.invoice_id: 2000})  # fmt: skip
+    assert not erp.post_credit_memo(refund).already_done
+    assert erp.post_credit_memo(refund).already_done
+    (memo,) = erp.find_by_external_ref(refund.payment_id)
+    assert (memo.entry_type, memo.applied_to_ref, memo.amount_minor) == ("credit_memo", inv.invoice_id, 2000)
+
+
+def test_pull_ledger_entries_pages_through_changes(erp: TrytonErp) -> None:
+    page = erp.pull_ledger_entries(None, 1000)
+    cursor = page.next_cursor
+    while not page.done:
+        page = erp.pull_ledger_entries(cursor, 1000)
+        cursor = page.next_cursor
+    invs = [billing_invoice(100 + i) for i in range(3)]
+    for inv in invs:
+        erp.post_invoice(inv)
+    seen: list[str] = []
+    for _ in range(10):
+        page = erp.pull_ledger_entries(cursor, 2)
+        seen += [e.external_ref for e in page.items if e.entry_type == "invoice"]
+        cursor = page.next_cursor
+        if page.done:
+            break
+    assert seen == [i.invoice_id for i in invs]  # oldest change first, each once
+    assert erp.pull_ledger_entries(cursor, 2).items == []
+
+
+def test_business_rule_failure_keeps_trytons_message_is_not_retried_and_leaves_nothing(
+    erp: TrytonErp, spans: InMemorySpanExporter
+) -> None:
+    inv = billing_invoice(100, day=dt.datetime(2001, 1, 5, tzinfo=dt.UTC))  # no fiscal period there
+    spans.clear()
+    with pytest.raises(BusinessRuleError, match="create a period for the date"):
+        erp.post_invoice(inv)
+    posts = [s for s in spans.get_finished_spans() if s.name == "tryton model.account.invoice.post"]
+    assert len(posts) == 1  # not retried
+    assert tryton_invoices(erp, inv.invoice_id) == []  # the draft it created was removed
+
+
+def test_closed_period_is_a_business_rule_failure(erp: TrytonErp) -> None:
+    """Close the fiscal year's first (empty, past) period and post into it."""
+    periods = erp.rpc.search_read("account.period", [["state", "=", "open"]], ["start_date"],
+                                  order=[["start_date", "ASC"]], limit=1)  # fmt: skip
+    (period,) = periods
+    erp.rpc.model("account.period", "close", [period["id"]])
+    try:
+        day = dt.datetime.combine(period["start_date"], dt.time(12), dt.UTC)
+        with pytest.raises(BusinessRuleError) as info:
+            erp.post_invoice(billing_invoice(100, day=day))
+        assert "you must reopen the period" in str(info.value)  # Tryton's own message
+    finally:
+        erp.rpc.model("account.period", "reopen", [period["id"]])
+
+
+@pytest.mark.parametrize("fault_kind", ["503", "500", "429", "drop", "slow"])
+def test_transient_faults_on_reads_are_retried(erp: TrytonErp, trytond_server: Trytond, fault_kind: str) -> None:
+    inv = billing_invoice(300)
+    erp.post_invoice(inv)
+    with FaultProxy(trytond_server.url, slow_s=1.0) as proxy:
+        reader = erp_for(trytond_server, proxy.url, timeout_s=0.5, backoff_s=0.05)
+        assert reader.health().ok  # logs in through the proxy
+        proxy.plan.extend([fault_kind, fault_kind])  # the next read fails twice, then passes
+        (entry,) = reader.find_by_external_ref(inv.invoice_id)
+        assert entry.amount_minor == 300 and proxy.seen.count(fault_kind) == 2
+        reader.rpc.close()
+
+
+@pytest.mark.parametrize("fault_kind", ["503", "500"])
+def test_refused_writes_are_retried(trytond_server: Trytond, fault_kind: str) -> None:
+    """A 503/500 answer means the write did not happen (Tryton rolls a failed transaction back)."""
+    with FaultProxy(trytond_server.url) as proxy:
+        erp = erp_for(trytond_server, proxy.url, timeout_s=5, backoff_s=0.05)
+        inv = billing_invoice(301)
+        proxy.plan.append(f"{fault_kind}@account.invoice.post")
+        assert not erp.post_invoice(inv).already_done
+        assert fault_kind in proxy.seen
+        assert [r["state"] for r in tryton_invoices(erp, inv.invoice_id)] == ["posted"]
+        erp.rpc.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["account.invoice.create", "account.invoice.post", "account.invoice.pay.execute"])
+def test_a_lost_answer_to_a_write_is_rechecked_not_repeated(trytond_server: Trytond, step: str) -> None:
+    """The write reaches Tryton but its answer comes too late: the connector looks again and finishes from what
+    Tryton holds — one invoice, one payment, never two."""
+    with FaultProxy(trytond_server.url, slow_s=4.0) as proxy:
+        # Tryton needs up to ~1.5 s to post on this machine: the timeout must exceed a normal write
+        erp = erp_for(trytond_server, proxy.url, timeout_s=3.0, backoff_s=0.05)
+        erp.recheck_wait_s = 0.2
+        inv = billing_invoice(700)
+        pay = Payment(f"pi_{uuid.uuid4().hex[:10]}", "payment", inv.customer_id, "NA", "USD", 700, "succeeded", NOW,
+                      NOW)  # fmt: skip
+        proxy.plan.append(f"slow@{step}")
+        erp.post_invoice(inv)
+        erp.apply_payment(pay, inv.invoice_id, 700)
+        assert "slow" in proxy.seen
+        (rec,) = tryton_invoices(erp, inv.invoice_id)
+        assert rec["state"] == "paid"
+        assert len(erp.find_by_external_ref(pay.payment_id)) == 1
+        erp.rpc.close()
+
+
+def test_a_write_answer_lost_every_time_surfaces_as_ambiguous(trytond_server: Trytond) -> None:
+    with FaultProxy(trytond_server.url, slow_s=1.2) as proxy:
+        erp = erp_for(trytond_server, proxy.url, timeout_s=0.5, backoff_s=0.01)
+        erp.recheck_attempts, erp.recheck_wait_s = 2, 0.1
+        erp.refs()
+        proxy.plan.extend(["drop@account.invoice.create"] * 2)
+        with pytest.raises(AmbiguousWriteError, match="may have been applied"):
+            erp.post_invoice(billing_invoice(5))
+        erp.rpc.close()
+
+
+def test_a_persistent_outage_ends_as_transient_error(trytond_server: Trytond) -> None:
+    with FaultProxy(trytond_server.url) as proxy:
+        erp = erp_for(trytond_server, proxy.url, timeout_s=1, backoff_s=0.01)
+        erp.refs()
+        proxy.plan.extend(["503"] * 10)
+        with pytest.raises(TransientError, match="HTTP 503"):
+            erp.find_by_external_ref("in_whatever")
+        assert proxy.seen.count("503") == erp.rpc.attempts
+        erp.rpc.close()
+
+
+def test_wrong_password_is_a_business_rule_error(trytond_server: Trytond) -> None:
+    rpc = TrytonRpc(trytond_server.url, trytond_server.database, "admin", "wrong-password", attempts=1)
+    erp = TrytonErp(rpc)
+    health = erp.health()
+    assert not health.ok and "refused" in health.detail
