@@ -107,6 +107,34 @@ def demo(
     raise typer.Exit(run_demo(load_settings(), reset=reset))
 
 
+@app.command()
+def reconcile(
+    region: Annotated[str, typer.Option(help="Only this region, e.g. EU.")] = "",
+    full: Annotated[bool, typer.Option("--full", help="Compare everything, not only what changed.")] = False,
+    as_of: Annotated[str | None, typer.Option(help="Reconcile as of this ISO time (default now).")] = None,
+) -> None:
+    """Start a reconciliation run through the API (TOWER_API_URL, TOWER_API_TOKEN) and follow its progress."""
+    import datetime as dt
+
+    from reconciler.cli import reconcile_via_api
+
+    when = None
+    if as_of:
+        try:
+            when = dt.datetime.fromisoformat(as_of)
+        except ValueError:
+            raise ConfigError(f"--as-of {as_of!r} is not an ISO date-time") from None
+    raise typer.Exit(reconcile_via_api(load_settings(), region=region, full=full, as_of=when, console=out))
+
+
+@app.command()
+def reconciler() -> None:
+    """Run the reconciler's scheduled jobs beside a ClickHouse server (TOWER_CLICKHOUSE_URL); Ctrl-C stops."""
+    from reconciler.cli import run_reconciler
+
+    raise typer.Exit(run_reconciler(load_settings()))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -1,0 +1,129 @@
+"""``tower reconcile`` (a run through the API, with a progress bar) and ``tower reconciler`` (the scheduled
+jobs in a process of their own, beside a ClickHouse server). The chDB path belongs to ``tower serve``, so
+the CLI never opens it: it asks the API."""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from tower_core.errors import ConfigError
+from tower_core.settings import Settings
+
+POLL_S = 0.2
+
+
+def _token(settings: Settings) -> str:
+    for secret in (settings.api_token, settings.admin_token):
+        if secret is not None and secret.get_secret_value():
+            return secret.get_secret_value()
+    raise ConfigError("set TOWER_API_TOKEN to an operator token (POST /api/tokens) to start runs through the API")
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"cannot reach the API at {client.base_url}: {exc}") from None
+    if response.status_code in (401, 403):
+        raise ConfigError(f"the API refused the token ({response.status_code}): {_detail(response)}")
+    return response
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        doc = response.json()
+    except ValueError:
+        return response.text[:300]
+    return str(doc.get("detail", doc)) if isinstance(doc, dict) else str(doc)
+
+
+def reconcile_via_api(
+    settings: Settings,
+    *,
+    region: str = "",
+    full: bool = False,
+    as_of: dt.datetime | None = None,
+    console: Console | None = None,
+    timeout_s: float = 3600.0,
+) -> int:
+    """Start a run and follow it to the end; 0 when it succeeded, 1 when it failed."""
+    out = console or Console()
+    headers = {"Authorization": f"Bearer {_token(settings)}"}
+    body: dict[str, Any] = {"full": full, "region": region}
+    if as_of is not None:
+        body["as_of"] = as_of.isoformat()
+    with httpx.Client(base_url=settings.api_url, headers=headers, timeout=30.0) as client:
+        started = _call(client, "POST", "/api/runs", json=body)
+        if started.status_code == 409:
+            raise ConfigError(_detail(started))
+        if started.status_code >= 400:
+            raise ConfigError(f"the API did not start the run ({started.status_code}): {_detail(started)}")
+        run_id = started.json()["run_id"]
+        deadline = time.monotonic() + timeout_s
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=out, transient=False) as bar:
+            task = bar.add_task(f"run {run_id}: starting", total=7)
+            while True:
+                doc = _call(client, "GET", f"/api/runs/{run_id}").json()
+                progress = doc.get("progress") or {}
+                bar.update(
+                    task,
+                    total=max(int(progress.get("total") or 7), 1),
+                    completed=int(progress.get("done") or 0),
+                    description=f"run {run_id}: {progress.get('stage') or doc.get('state')}",
+                )
+                if doc.get("state") in ("succeeded", "failed"):
+                    break
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"run {run_id} did not finish within {timeout_s:.0f}s")
+                time.sleep(POLL_S)
+    if doc["state"] == "failed":
+        out.print(f"tower: error: run {run_id} failed: {doc.get('error')}", markup=False, highlight=False)
+        return 1
+    out.print(
+        f"run {run_id} ({doc['mode']}{', region ' + doc['region'] if doc.get('region') else ''}) succeeded: "
+        f"{doc['drift_new']} new, {doc['drift_resolved']} resolved, {doc['drift_open']} open drift items; "
+        f"unexplained residual {doc['residual_minor']}",
+        markup=False,
+        highlight=False,
+    )
+    return 0
+
+
+def run_reconciler(settings: Settings, stop: threading.Event | None = None) -> int:
+    """The scheduled jobs beside a ClickHouse server, until SIGINT/SIGTERM (or ``stop`` is set)."""
+    if not settings.clickhouse_url:
+        raise ConfigError(
+            "`tower reconciler` runs beside a ClickHouse server: set TOWER_CLICKHOUSE_URL "
+            "(on the embedded store the jobs run inside `tower serve`)"
+        )
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from reconciler.service import ReconcilerService
+    from tower_core.store import migrate, open_store
+
+    store = open_store(settings)
+    migrate(store)
+    service = ReconcilerService(settings, store)
+    scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+    service.start(scheduler)
+    scheduler.start()
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    Console().print(f"reconciler jobs running against {store.database} (Ctrl-C stops)", markup=False)
+    try:
+        stop.wait()
+    finally:
+        scheduler.shutdown(wait=True)
+        store.close()
+    return 0

@@ -1,0 +1,273 @@
+"""The reconciler's pure decisions as plain functions: classification, queue states, aging, tolerance,
+policy, idempotency keys and the circuit breaker state machine."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from reconciler import classify as c
+from reconciler import policy
+from reconciler.breaker import Breaker
+from tower_core.settings import Settings
+
+AS_OF = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+RULES = c.Rules(grace_s={"*": 7200}, default_grace_s=7200, tolerances={"USD": c.Tolerance(1, 0)})
+
+
+def invoice_facts(**over: Any) -> dict[str, Any]:
+    """Facts of one invoice key as the store's comparison query returns them: a clean match by default."""
+    issued = AS_OF - dt.timedelta(days=5)
+    facts = {
+        "key": "in_1",
+        "b_n": 1,
+        "b_customer": "cus_1",
+        "b_region": "EU",
+        "b_currency": "USD",
+        "b_total": 12_000,
+        "b_tax": 2_000,
+        "b_subtotal": 10_000,
+        "b_status": "open",
+        "b_issued": issued,
+        "b_finalized": issued,
+        "b_day": issued.date(),
+        "e_n": 1,
+        "e_currency": "USD",
+        "e_amount": 12_000,
+        "e_sum": 12_000,
+        "e_status": "open",
+        "e_entry": "le_1",
+        "e_region": "EU",
+        "e_party": "cus_1",
+        "e_day": issued.date(),
+        "rejected": "",
+        "e_applied": 0,
+        "b_alloc": 0,
+        "b_alloc_unposted": 0,
+        "b_credit_unposted": 0,
+    }
+    facts.update(over)
+    return facts
+
+
+def payment_facts(**over: Any) -> dict[str, Any]:
+    facts = {
+        "key": "py_1",
+        "p_n": 1,
+        "p_kind": "payment",
+        "p_status": "succeeded",
+        "p_amount": 12_000,
+        "p_currency": "USD",
+        "p_region": "EU",
+        "p_customer": "cus_1",
+        "p_occurred": AS_OF - dt.timedelta(days=4),
+        "p_alloc_n": 1,
+        "p_alloc_refs": "in_1",
+        "e_n": 1,
+        "e_memo_n": 0,
+        "e_applied_n": 1,
+        "e_sum": 12_000,
+        "e_type": "payment",
+        "e_status": "posted",
+        "e_currency": "USD",
+        "e_region": "EU",
+        "e_party": "cus_1",
+        "e_entry": "le_2",
+        "e_day": (AS_OF - dt.timedelta(days=4)).date(),
+        "e_applied_refs": "in_1",
+    }
+    facts.update(over)
+    return facts
+
+
+def test_clean_invoice_is_no_drift() -> None:
+    assert c.classify_invoice(invoice_facts(), RULES, AS_OF) is None
+
+
+@pytest.mark.parametrize(
+    ("over", "cls", "reason"),
+    [
+        ({"e_n": 0, "e_sum": 0, "e_amount": None, "e_currency": ""}, c.MISSING_IN_ERP, "not_posted"),
+        ({"e_n": 0, "e_sum": 0, "rejected": "period 2025-12 is closed"}, c.MISSING_IN_ERP, "erp_rejected"),
+        ({"b_n": 0, "b_status": "", "b_currency": "", "b_total": None}, c.MISSING_IN_BILLING, "not_in_billing"),
+        ({"e_n": 2, "e_sum": 24_000}, c.DUPLICATE_POSTING, "posted_twice"),
+        ({"e_currency": "EUR"}, c.CURRENCY_MISMATCH, "currency_differs"),
+        ({"e_amount": 10_000, "e_sum": 10_000}, c.AMOUNT_MISMATCH, "amount_tax"),
+        ({"e_amount": 13_500, "e_sum": 13_500}, c.AMOUNT_MISMATCH, "amount_differs"),
+        ({"b_alloc": 5_000, "e_applied": 3_000}, c.UNDER_APPLIED, "applied_less"),
+        ({"b_alloc": 5_000, "e_applied": 6_000}, c.OVER_APPLIED, "applied_more"),
+        ({"b_status": "paid", "b_alloc": 12_000, "e_applied": 12_000}, c.STATUS_MISMATCH, "paid_but_open"),
+        ({"b_status": "void"}, c.STATUS_MISMATCH, "voided_but_posted"),
+    ],
+)
+def test_invoice_classes(over: dict[str, Any], cls: str, reason: str) -> None:
+    f = c.classify_invoice(invoice_facts(**over), RULES, AS_OF)
+    assert f is not None
+    assert (f.cls, f.reason) == (cls, reason)
+    assert f.primary_key == ("le_1" if cls == c.MISSING_IN_BILLING else "in_1")
+    assert f.diff_fields, "a finding carries the fields whose values differ"
+
+
+def test_field_level_diff_carries_both_sides() -> None:
+    f = c.classify_invoice(invoice_facts(e_amount=13_500, e_sum=13_500), RULES, AS_OF)
+    assert f is not None
+    assert f.billing["total_minor"] == "12000" and f.erp["total_minor"] == "13500"
+    assert f.diff_fields == ["total_minor"]
+    assert f.amount_minor == -1_500
+
+
+def test_amount_inside_tolerance_is_no_drift() -> None:
+    assert c.classify_invoice(invoice_facts(e_amount=12_001, e_sum=12_001), RULES, AS_OF) is None
+    assert c.classify_invoice(invoice_facts(e_amount=12_002, e_sum=12_002), RULES, AS_OF) is not None
+    relative = c.Rules(default_tolerance=c.Tolerance(0, 50))  # 0.5 %
+    assert c.classify_invoice(invoice_facts(e_amount=12_060, e_sum=12_060), relative, AS_OF) is None
+    assert c.classify_invoice(invoice_facts(e_amount=12_061, e_sum=12_061), relative, AS_OF) is not None
+
+
+def test_unposted_inside_grace_is_stale_sync_then_missing() -> None:
+    recent = AS_OF - dt.timedelta(minutes=30)
+    facts = invoice_facts(e_n=0, e_sum=0, b_finalized=recent, b_issued=recent)
+    f = c.classify_invoice(facts, RULES, AS_OF)
+    assert f is not None and (f.cls, f.reason) == (c.STALE_SYNC, "posting_pending")
+    later = c.classify_invoice(facts, RULES, AS_OF + dt.timedelta(hours=3))
+    assert later is not None and later.cls == c.MISSING_IN_ERP
+    # a rejected posting is not "still on its way"
+    rejected = c.classify_invoice({**facts, "rejected": "period closed"}, RULES, AS_OF)
+    assert rejected is not None and rejected.reason == "erp_rejected"
+
+
+def test_unapplied_payment_explains_open_invoice() -> None:
+    """Billing paid, ERP open because the payment never reached it: the payment is the item, not the invoice."""
+    facts = invoice_facts(b_status="paid", b_alloc=12_000, b_alloc_unposted=12_000, e_applied=0)
+    assert c.classify_invoice(facts, RULES, AS_OF) is None
+
+
+def test_payment_classes() -> None:
+    assert c.classify_payment(payment_facts(), RULES, AS_OF) is None
+    f = c.classify_payment(payment_facts(e_n=0, e_applied_n=0, e_sum=0), RULES, AS_OF)
+    assert f is not None and (f.cls, f.primary_key) == (c.PAYMENT_UNAPPLIED, "py_1")
+    fresh = payment_facts(e_n=0, e_applied_n=0, p_occurred=AS_OF - dt.timedelta(minutes=5))
+    f = c.classify_payment(fresh, RULES, AS_OF)
+    assert f is not None and f.cls == c.STALE_SYNC
+    orphan = payment_facts(p_alloc_n=0, p_alloc_refs="", e_n=0, e_applied_n=0)
+    f = c.classify_payment(orphan, RULES, AS_OF)
+    assert f is not None and (f.cls, f.reason) == (c.ORPHAN_PAYMENT, "no_invoice")
+    f = c.classify_payment({**orphan, "sum_match": True}, RULES, AS_OF)
+    assert f is not None and (f.cls, f.reason) == (c.PAYMENT_UNAPPLIED, "matched_not_applied")
+    refund = payment_facts(key="re_1", p_kind="refund", e_n=0, e_memo_n=0, e_applied_n=0)
+    f = c.classify_payment(refund, RULES, AS_OF)
+    assert f is not None and (f.cls, f.primary_key) == (c.REFUND_UNPOSTED, "re_1")
+    assert c.classify_payment({**refund, "e_n": 1, "e_memo_n": 1}, RULES, AS_OF) is None
+    assert c.classify_payment(payment_facts(p_status="failed", e_n=0), RULES, AS_OF) is None
+
+
+@pytest.mark.parametrize(
+    ("days", "bucket"), [(0, "0-1d"), (1, "0-1d"), (2, "2-7d"), (7, "2-7d"), (8, "8-30d"), (30, "8-30d"), (31, ">30d")]
+)
+def test_age_buckets(days: int, bucket: str) -> None:
+    assert c.age_bucket(AS_OF - dt.timedelta(days=days, hours=1), AS_OF) == bucket
+    lo, hi = c.age_bucket_bounds(bucket)
+    assert lo <= days and (hi is None or days <= hi)
+
+
+def test_drift_id_is_stable_and_class_specific() -> None:
+    assert c.drift_id(c.MISSING_IN_ERP, "in_1") == c.drift_id(c.MISSING_IN_ERP, "in_1")
+    assert c.drift_id(c.MISSING_IN_ERP, "in_1") != c.drift_id(c.STALE_SYNC, "in_1")
+    assert len(c.drift_id("x", "y")) == 32
+
+
+def test_run_transitions() -> None:
+    assert c.run_transition(None, True) == c.NEW
+    assert c.run_transition(c.NEW, True) == c.PERSISTING
+    assert c.run_transition(c.PERSISTING, True) == c.PERSISTING
+    assert c.run_transition(c.RESOLVED, True) == c.NEW  # came back
+    assert c.run_transition(c.ACKNOWLEDGED, True) == c.ACKNOWLEDGED
+    assert c.run_transition(c.IGNORED, True) == c.IGNORED
+    for state in (c.NEW, c.PERSISTING, c.ACKNOWLEDGED, c.IGNORED):
+        assert c.run_transition(state, False) == c.RESOLVED
+    assert c.run_transition(None, False) is None
+
+
+def test_manual_transitions() -> None:
+    assert c.manual_transition(c.NEW, c.ACKNOWLEDGED, "") == c.ACKNOWLEDGED
+    assert c.manual_transition(c.ACKNOWLEDGED, c.IGNORED, "known FX difference") == c.IGNORED
+    with pytest.raises(c.TransitionError, match="note"):
+        c.manual_transition(c.NEW, c.IGNORED, "  ")
+    with pytest.raises(c.TransitionError, match="resolved"):
+        c.manual_transition(c.RESOLVED, c.ACKNOWLEDGED, "")
+    with pytest.raises(c.TransitionError, match="already"):
+        c.manual_transition(c.ACKNOWLEDGED, c.ACKNOWLEDGED, "")
+    with pytest.raises(c.TransitionError):
+        c.manual_transition(c.NEW, c.RESOLVED, "")
+
+
+def test_residual_and_statement_buckets() -> None:
+    assert c.residual(10_000, 9_000, {c.MISSING_IN_ERP: 1_000}) == 0
+    assert c.residual(10_000, 9_000, {}) == 1_000
+    assert c.statement_class(None, 100, 101) == c.TOLERANCE
+    assert c.statement_class(None, 100, 100) == ""
+
+
+def test_rules_from_settings() -> None:
+    s = Settings(
+        reconcile_tolerance_abs_minor={"*": 2, "JPY": 0},
+        reconcile_tolerance_rel_bp={"EUR": 25},
+        reconcile_grace_s={"*": 600, "payment_unapplied": 86_400},
+        reconcile_match_window_days=10,
+    )
+    rules = c.Rules.from_settings(s)
+    assert rules.tolerance("USD") == c.Tolerance(2, 0)
+    assert rules.tolerance("JPY") == c.Tolerance(0, 0)
+    assert rules.tolerance("EUR") == c.Tolerance(2, 25)
+    assert rules.grace(c.MISSING_IN_ERP) == dt.timedelta(seconds=600)
+    assert rules.grace(c.PAYMENT_UNAPPLIED) == dt.timedelta(days=1)
+    assert rules.match_window_days == 10
+
+
+def test_policy() -> None:
+    assert policy.decision(c.MISSING_IN_ERP, auto_enabled=True) == "auto"
+    assert policy.decision(c.MISSING_IN_ERP, auto_enabled=False) == "operator"
+    for cls in (c.AMOUNT_MISMATCH, c.CURRENCY_MISMATCH, c.DUPLICATE_POSTING):
+        assert policy.decision(cls, auto_enabled=True) == "approval"
+    assert policy.decision(c.ORPHAN_PAYMENT, auto_enabled=True) == "manual"
+    assert policy.target_ref(c.PAYMENT_UNAPPLIED, {"invoice_id": "", "payment_id": "py_1"}) == "py_1"
+    assert policy.target_ref(c.MISSING_IN_ERP, {"invoice_id": "in_1", "payment_id": ""}) == "in_1"
+
+
+def test_idempotency_key() -> None:
+    k1 = policy.idempotency_key(c.MISSING_IN_ERP, {"invoice_id": "in_1", "payment_id": ""}, "erp:in_1")
+    k2 = policy.idempotency_key(c.MISSING_IN_ERP, {"payment_id": "", "invoice_id": "in_1"}, "erp:in_1")
+    assert k1 == k2  # key order and empty keys do not matter
+    assert k1 != policy.idempotency_key(c.MISSING_IN_ERP, {"invoice_id": "in_2"}, "erp:in_2")
+    assert k1 != policy.idempotency_key(c.MISSING_IN_ERP, {"invoice_id": "in_1"}, "tryton:in_1")
+
+
+def test_breaker_opens_after_threshold_and_half_opens_after_timeout() -> None:
+    b = Breaker(failure_threshold=3, reset_after_s=10.0)
+    for t in (0.0, 1.0):
+        b = b.record_failure(t)
+        assert b.current(t) == "closed"
+    b = b.record_failure(2.0)
+    assert b.current(2.0) == "open"
+    ok, b = b.allow(5.0)
+    assert not ok and b.retry_in(5.0) == pytest.approx(7.0)
+    ok, b = b.allow(12.0)  # half-open: one trial call
+    assert ok and b.state == "half_open"
+    ok2, b = b.allow(12.1)
+    assert not ok2, "only one trial call while half-open"
+    b = b.record_failure(12.5)  # the trial failed: open again for a full timeout
+    assert b.current(13.0) == "open" and b.retry_in(13.0) == pytest.approx(9.5)
+    ok, b = b.allow(23.0)
+    assert ok
+    b = b.record_success(23.1)
+    assert b.current(23.1) == "closed" and b.failures == 0
+    ok, b = b.allow(23.2)
+    assert ok
+
+
+def test_breaker_success_resets_the_failure_count() -> None:
+    b = Breaker(failure_threshold=2, reset_after_s=1.0)
+    b = b.record_failure(0.0).record_success(0.1).record_failure(0.2)
+    assert b.current(0.2) == "closed"

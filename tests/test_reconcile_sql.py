@@ -1,0 +1,308 @@
+"""The reconciler's SQL on real chDB with hand-built state: classes and diffs, the queue's lifecycle over
+runs, incremental scope, region filter, 1:N matching, grace periods and the statement."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from reconciler import classify as c
+from reconciler.runner import Reconciler
+from tower_core.models import Invoice, LedgerEntry, Payment
+from tower_core.store import Store, migrate
+from tower_core.store import reconcile as q
+
+T = dt.datetime(2026, 1, 10, 12, 0, tzinfo=dt.UTC)
+AS_OF = T + dt.timedelta(days=5)
+RULES = c.Rules(grace_s={"*": 7200}, default_grace_s=7200, tolerances={"USD": c.Tolerance(1, 0)})
+
+
+def inv(iid: str, total: int = 1_100, status: str = "open", region: str = "EU", cur: str = "USD", **kw: object) -> Invoice:
+    at = kw.pop("at", T)
+    return Invoice(iid, "cus_1", region, cur, total - 100, 100, total, status, at, at, finalized_at=at, **kw)  # type: ignore[arg-type]
+
+
+def led(
+    eid: str, typ: str, ref: str, amount: int, status: str = "open", applied: str = "", region: str = "EU", cur: str = "USD"
+) -> LedgerEntry:
+    return LedgerEntry(eid, typ, ref, "cus_1", region, cur, amount, status, T, T, applied_to_ref=applied, period_date=T.date())  # type: ignore[arg-type]
+
+
+def pay(pid: str, amount: int, alloc: dict[str, int], kind: str = "payment", region: str = "EU") -> Payment:
+    return Payment(pid, kind, "cus_1", region, "USD", amount, "succeeded", T, T, allocations=alloc)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(embedded_store: Store) -> Store:
+    migrate(embedded_store)
+    return embedded_store
+
+
+def items(store: Store) -> dict[tuple[str, str], dict]:
+    return {(i["class"], i["primary_key"]): i for i in q.all_open_items(store)}
+
+
+def seed_every_class(store: Store) -> None:
+    q.write_invoices(
+        store,
+        [
+            inv("in_ok"),
+            inv("in_missing"),
+            inv("in_amt"),
+            inv("in_tol"),
+            inv("in_dup"),
+            inv("in_cur"),
+            inv("in_status", status="paid", amount_paid_minor=1_100),
+            inv("in_unap", status="paid", amount_paid_minor=1_100),
+            inv("in_under", amount_paid_minor=600),
+            inv("in_void", status="void"),
+            inv("in_fresh", at=AS_OF - dt.timedelta(minutes=20)),
+        ],
+    )
+    q.write_ledger(
+        store,
+        [
+            led("le_ok", "invoice", "in_ok", 1_100),
+            led("le_amt", "invoice", "in_amt", 1_500),
+            led("le_tol", "invoice", "in_tol", 1_101),
+            led("le_dup1", "invoice", "in_dup", 1_100),
+            led("le_dup2", "invoice", "in_dup", 1_100),
+            led("le_cur", "invoice", "in_cur", 1_100, cur="EUR"),
+            led("le_status", "invoice", "in_status", 1_100),
+            led("le_status_p", "payment", "py_status", 1_100, "posted", "in_status"),
+            led("le_unap", "invoice", "in_unap", 1_100),
+            led("le_under", "invoice", "in_under", 1_100),
+            led("le_under_p", "payment", "py_under", 400, "posted", "in_under"),
+            led("le_void", "invoice", "in_void", 1_100),
+            led("le_ghost", "invoice", "in_ghost", 700),
+        ],
+    )
+    q.write_payments(
+        store,
+        [
+            pay("py_status", 1_100, {"in_status": 1_100}),
+            pay("py_unap", 1_100, {"in_unap": 1_100}),
+            pay("py_under", 600, {"in_under": 600}),
+            pay("py_orphan", 777, {}),
+            pay("re_1", 300, {"in_ok": 300}, kind="refund"),
+        ],
+    )
+
+
+EXPECTED = {
+    (c.MISSING_IN_ERP, "in_missing"),
+    (c.AMOUNT_MISMATCH, "in_amt"),
+    (c.DUPLICATE_POSTING, "in_dup"),
+    (c.CURRENCY_MISMATCH, "in_cur"),
+    (c.STATUS_MISMATCH, "in_status"),
+    (c.STATUS_MISMATCH, "in_void"),
+    (c.PAYMENT_UNAPPLIED, "py_unap"),
+    (c.UNDER_APPLIED, "in_under"),
+    (c.ORPHAN_PAYMENT, "py_orphan"),
+    (c.REFUND_UNPOSTED, "re_1"),
+    (c.MISSING_IN_BILLING, "le_ghost"),
+    (c.STALE_SYNC, "in_fresh"),
+}
+
+
+def test_every_class_with_its_diff_and_a_zero_residual(store: Store) -> None:
+    seed_every_class(store)
+    result = Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    found = items(store)
+    assert set(found) == EXPECTED
+    assert all(i["state"] == c.NEW for i in found.values())
+    assert result.new == len(EXPECTED) and result.residual_minor == 0
+    amt = q.get_drift(store, found[(c.AMOUNT_MISMATCH, "in_amt")]["drift_id"])
+    assert amt is not None
+    assert dict(amt["BillingValues"])["total_minor"] == "1100" and dict(amt["ErpValues"])["total_minor"] == "1500"
+    assert list(amt["DiffFields"]) == ["total_minor"] and amt["AmountMinor"] == -400
+    assert amt["FirstSeen"].replace(tzinfo=dt.UTC) == AS_OF
+    history = q.audit_for(store, "drift_item", amt["DriftId"])
+    assert [h["action"] for h in history] == ["drift.new"] and history[0]["after"]["state"] == "new"
+
+    rows, _ = q.list_statements(store, run_id=result.run_id)
+    assert {r["day"] for r in rows} == {T.date(), (AS_OF - dt.timedelta(minutes=20)).date()}
+    assert all(r["residual_minor"] == 0 for r in rows)
+    cells = {(r["region"], r["currency"]): r for r in q.statement_totals(store, result.run_id)}
+    usd = cells[("EU", "USD")]
+    # billing: 10 USD invoices of 1,100 (the void one excluded); ERP: every live USD posting
+    assert usd["billing_total_minor"] == 10 * 1_100
+    assert usd["erp_total_minor"] == 1_100 * 7 + 1_500 + 1_101 + 700  # ok, dup x2, status, unap, under, void
+    assert usd["explained"] == {
+        c.MISSING_IN_ERP: 1_100,
+        c.AMOUNT_MISMATCH: -400,
+        c.TOLERANCE: -1,
+        c.DUPLICATE_POSTING: -1_100,
+        c.CURRENCY_MISMATCH: 1_100,
+        c.STATUS_MISMATCH: -1_100,
+        c.MISSING_IN_BILLING: -700,
+        c.STALE_SYNC: 1_100,
+    }
+    assert usd["residual_minor"] == 0
+    assert cells[("EU", "EUR")]["explained"] == {c.CURRENCY_MISMATCH: -1_100}
+
+
+def test_unclassified_difference_leaves_a_residual(store: Store) -> None:
+    """A difference no class explains (here: a posting in another region) shows up as residual, not as 0."""
+    q.write_invoices(store, [inv("in_1")])
+    q.write_ledger(store, [led("le_1", "invoice", "in_1", 1_100, region="NA")])
+    result = Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    assert items(store) == {}
+    assert result.residual_minor == 2 * 1_100  # +1,100 in EU, -1,100 in NA
+    rows, _ = q.list_statements(store, run_id=result.run_id, only_residual=True)
+    assert {(r["region"], r["residual_minor"]) for r in rows} == {("EU", 1_100), ("NA", -1_100)}
+
+
+def test_lifecycle_new_persisting_resolved_and_operator_states(store: Store) -> None:
+    seed_every_class(store)
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    second = r.run(as_of=AS_OF)
+    assert second.mode == "incremental"
+    found = items(store)
+    assert {i["state"] for i in found.values()} == {c.PERSISTING}
+    # a person acknowledges one item; the ERP gets the missing posting of another
+    ack = found[(c.AMOUNT_MISMATCH, "in_amt")]
+    row = q.get_drift(store, ack["drift_id"])
+    assert row is not None
+    row["State"] = c.ACKNOWLEDGED
+    q.write_items(store, [row])
+    q.write_ledger(store, [led("le_missing", "invoice", "in_missing", 1_100)])
+    third = r.run(as_of=AS_OF)
+    found = items(store)
+    assert (c.MISSING_IN_ERP, "in_missing") not in found
+    assert found[(c.AMOUNT_MISMATCH, "in_amt")]["state"] == c.ACKNOWLEDGED  # re-detection keeps the person's state
+    assert third.resolved == 1 and third.residual_minor == 0
+    gone = q.get_drift(store, c.drift_id(c.MISSING_IN_ERP, "in_missing"))
+    assert gone is not None and gone["State"] == c.RESOLVED and gone["ResolvedAt"].replace(tzinfo=dt.UTC) == AS_OF
+    actions = [h["action"] for h in q.audit_for(store, "drift_item", gone["DriftId"])]
+    assert actions == ["drift.new", "drift.persisting", "drift.resolved"]
+    # the acknowledged item resolves too once its drift is gone
+    q.write_ledger(store, [led("le_amt", "invoice", "in_amt", 1_100)])
+    r.run(as_of=AS_OF)
+    assert (c.AMOUNT_MISMATCH, "in_amt") not in items(store)
+    # and comes back as new if it drifts again
+    q.write_ledger(store, [led("le_amt", "invoice", "in_amt", 1_900)])
+    r.run(as_of=AS_OF)
+    assert items(store)[(c.AMOUNT_MISMATCH, "in_amt")]["state"] == c.NEW
+
+
+def test_incremental_compares_only_keys_changed_since_the_last_run(store: Store) -> None:
+    q.write_invoices(store, [inv("in_1")])
+    q.write_ledger(store, [led("le_1", "invoice", "in_1", 1_100)])
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    # a drifting invoice whose row claims it was ingested long ago: invisible to an incremental run
+    store.command(
+        "INSERT INTO $db.billing_invoices (InvoiceId, CustomerId, Region, Currency, TotalMinor, Status, IssuedAt, "
+        "FinalizedAt, Version, IngestedAt) VALUES ('in_old', 'cus_1', 'EU', 'USD', 500, 'open', {t:DateTime64(3)}, "
+        "{t:DateTime64(3)}, 1, '2020-01-01 00:00:00')",
+        {"t": T},
+    )
+    q.write_invoices(store, [inv("in_new")])  # ingested now
+    inc = r.run(as_of=AS_OF)
+    # in_new, plus in_1 when it was written inside the watermark's few seconds of overlap
+    assert inc.mode == "incremental" and inc.keys_compared in (1, 2)
+    assert set(items(store)) == {(c.MISSING_IN_ERP, "in_new")}
+    full = r.run(full=True, as_of=AS_OF)
+    assert full.mode == "full"
+    assert set(items(store)) == {(c.MISSING_IN_ERP, "in_new"), (c.MISSING_IN_ERP, "in_old")}
+
+
+def test_region_filter(store: Store) -> None:
+    q.write_invoices(store, [inv("in_eu"), inv("in_na", region="NA")])
+    r = Reconciler(store, RULES)
+    run = r.run(full=True, region="NA", as_of=AS_OF)
+    assert set(items(store)) == {(c.MISSING_IN_ERP, "in_na")}
+    rows, _ = q.list_statements(store, run_id=run.run_id)
+    assert {row["region"] for row in rows} == {"NA"}
+    r.run(full=True, as_of=AS_OF)
+    q.write_ledger(store, [led("le_eu", "invoice", "in_eu", 1_100)])
+    r.run(full=True, region="NA", as_of=AS_OF)  # compares NA only: the EU item is not resolved by it
+    assert (c.MISSING_IN_ERP, "in_eu") in items(store)
+    r.run(full=True, region="EU", as_of=AS_OF)
+    assert set(items(store)) == {(c.MISSING_IN_ERP, "in_na")}
+
+
+def test_one_payment_for_several_invoices_and_matching_by_sums(store: Store) -> None:
+    q.write_invoices(
+        store,
+        [
+            inv("in_a", status="paid", amount_paid_minor=1_100),
+            inv("in_b", status="paid", amount_paid_minor=1_100),
+            inv("in_c", at=T + dt.timedelta(days=1)),
+            inv("in_d", at=T + dt.timedelta(days=2)),
+        ],
+    )
+    q.write_ledger(
+        store,
+        [
+            led("le_a", "invoice", "in_a", 1_100, "paid"),
+            led("le_b", "invoice", "in_b", 1_100, "paid"),
+            led("le_c", "invoice", "in_c", 1_100),
+            led("le_d", "invoice", "in_d", 1_100),
+            led("le_pa", "payment", "py_ab", 1_100, "posted", "in_a"),  # 1:N by external id
+            led("le_pb", "payment", "py_ab", 1_100, "posted", "in_b"),
+        ],
+    )
+    q.write_payments(
+        store,
+        [
+            pay("py_ab", 2_200, {"in_a": 1_100, "in_b": 1_100}),
+            pay("py_cd", 2_200, {}),  # unallocated; the customer's open invoices c + d sum to it (N:1)
+            pay("py_x", 1_234, {}),  # unallocated, matches nothing: an orphan
+        ],
+    )
+    Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    found = items(store)
+    assert set(found) == {(c.PAYMENT_UNAPPLIED, "py_cd"), (c.ORPHAN_PAYMENT, "py_x")}
+    assert found[(c.PAYMENT_UNAPPLIED, "py_cd")]["reason_code"] == "matched_not_applied"
+
+
+def test_grace_period_stale_sync_becomes_missing_in_erp(store: Store) -> None:
+    q.write_invoices(store, [inv("in_1", at=AS_OF - dt.timedelta(minutes=30))])
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.STALE_SYNC, "in_1")}
+    r.run(as_of=AS_OF + dt.timedelta(hours=3))  # nothing changed, but the open item's key is compared again
+    assert set(items(store)) == {(c.MISSING_IN_ERP, "in_1")}
+    stale = q.get_drift(store, c.drift_id(c.STALE_SYNC, "in_1"))
+    assert stale is not None and stale["State"] == c.RESOLVED
+
+
+def test_customer_missing_in_billing(store: Store) -> None:
+    store.command(
+        "INSERT INTO $db.cdp_profiles (CdpUserId, CustomerId, Region, UpdatedAt, Version) VALUES "
+        "('usr_1', 'cus_1', 'EU', {t:DateTime64(3)}, 1), ('usr_2', 'cus_2', 'EU', {t:DateTime64(3)}, 1)",
+        {"t": T},
+    )
+    store.command(
+        "INSERT INTO $db.billing_customers (CustomerId, CdpUserId, Region, UpdatedAt, Version) VALUES "
+        "('cus_1', 'usr_1', 'EU', {t:DateTime64(3)}, 1)",
+        {"t": T},
+    )
+    Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.CUSTOMER_UNSYNCED, "cus_2")}
+
+
+def test_list_filters_sorting_and_pagination(store: Store) -> None:
+    seed_every_class(store)
+    Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    now = AS_OF + dt.timedelta(days=3)
+    rows, total = q.list_drift(store, classes=[c.STATUS_MISMATCH], now=now)
+    assert total == 2 and {r["primary_key"] for r in rows} == {"in_status", "in_void"}
+    rows, total = q.list_drift(store, system="billing", now=now)
+    assert {r["class"] for r in rows} == {c.ORPHAN_PAYMENT, c.MISSING_IN_BILLING}
+    rows, total = q.list_drift(store, min_amount=1_000, sort="amount", descending=True, now=now)
+    assert all(abs(r["amount_minor"]) >= 1_000 for r in rows) and total == len(rows)
+    assert [abs(r["amount_minor"]) for r in rows] == sorted((abs(r["amount_minor"]) for r in rows), reverse=True)
+    page1, total = q.list_drift(store, sort="class", descending=False, limit=5, offset=0, now=now)
+    page2, _ = q.list_drift(store, sort="class", descending=False, limit=5, offset=5, now=now)
+    assert total == len(EXPECTED) and len(page1) == 5
+    assert not {r["drift_id"] for r in page1} & {r["drift_id"] for r in page2}
+    assert [r["class"] for r in page1 + page2] == sorted(r["class"] for r in page1 + page2)
+    assert q.list_drift(store, min_age_days=4, now=now)[1] == 0
+    assert q.list_drift(store, min_age_days=2, max_age_days=7, now=now)[1] == len(EXPECTED)
+    assert q.list_drift(store, key="in_amt", now=now)[1] == 1
+    assert q.list_drift(store, region="NA", now=now)[1] == 0
