@@ -18,15 +18,28 @@ AS_OF = T + dt.timedelta(days=5)
 RULES = c.Rules(grace_s={"*": 7200}, default_grace_s=7200, tolerances={"USD": c.Tolerance(1, 0)})
 
 
-def inv(iid: str, total: int = 1_100, status: str = "open", region: str = "EU", cur: str = "USD", **kw: object) -> Invoice:
+def inv(iid: str, total: int = 1_100, status: str = "open", region: str = "EU", **kw: object) -> Invoice:
     at = kw.pop("at", T)
+    cur = kw.pop("cur", "USD")
     return Invoice(iid, "cus_1", region, cur, total - 100, 100, total, status, at, at, finalized_at=at, **kw)  # type: ignore[arg-type]
 
 
-def led(
-    eid: str, typ: str, ref: str, amount: int, status: str = "open", applied: str = "", region: str = "EU", cur: str = "USD"
-) -> LedgerEntry:
-    return LedgerEntry(eid, typ, ref, "cus_1", region, cur, amount, status, T, T, applied_to_ref=applied, period_date=T.date())  # type: ignore[arg-type]
+def led(eid: str, typ: str, ref: str, amount: int, status: str = "open", applied: str = "", **kw: str) -> LedgerEntry:
+    region, cur = kw.get("region", "EU"), kw.get("cur", "USD")
+    return LedgerEntry(
+        eid,
+        typ,
+        ref,
+        "cus_1",
+        region,
+        cur,
+        amount,
+        status,
+        T,
+        T,
+        applied_to_ref=applied,
+        period_date=T.date(),  # type: ignore[arg-type]
+    )
 
 
 def pay(pid: str, amount: int, alloc: dict[str, int], kind: str = "payment", region: str = "EU") -> Payment:
