@@ -91,15 +91,15 @@ from bench._common import realistic_request
 from collector.correlation import key_attribute_names
 from tower_core.settings import Settings
 from tower_core.store import open_store, migrate
-from tower_core.store.otlp_sql import insert_otlp_spans
+from tower_core.store.otlp_sql import insert_otlp_spans, sync_key_attributes
 n, per = {n}, {per}
 store = open_store(Settings(data_dir=Path({data!r})))
 migrate(store)
-names = key_attribute_names()
+sync_key_attributes(store, key_attribute_names())
 bodies = [realistic_request(i, per, 7) for i in range(0, n, per)]
 t = time.perf_counter()
 for i in range(0, len(bodies), 50):
-    insert_otlp_spans(store, bodies[i:i + 50], f"raw_{{i}}", names)
+    insert_otlp_spans(store, bodies[i:i + 50], f"raw_{{i}}")
 print(json.dumps({{"spans_per_s": n / (time.perf_counter() - t)}}))
 """
 

@@ -1,6 +1,6 @@
 """Lookup latency with many spans stored: trace by id, and a business transaction by invoice id, over HTTP.
 
-    .venv/bin/python bench/lookup.py --spans 10000000 --queries 200
+.venv/bin/python bench/lookup.py --spans 10000000 --queries 200
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ from pathlib import Path
 from tower_core.settings import Settings
 from tower_core.store import open_store, migrate
 from tower_core.store.synthetic_spans import generate
+from tower_core.store.otlp_sql import sync_key_attributes
+from collector.correlation import key_attribute_names
 store = open_store(Settings(data_dir=Path(sys.argv[1])))
 migrate(store)
+sync_key_attributes(store, key_attribute_names())
 t = time.perf_counter()
 txns = generate(store, int(sys.argv[2]), t0_ns=1_767_225_600_000_000_000)
 store.command("OPTIMIZE TABLE $db.otel_traces_trace_id_ts FINAL")
@@ -41,8 +44,13 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tower-bench-lookup-"))
-    out = subprocess.run([sys.executable, "-c", LOAD, str(tmp / "server" / "data"), str(args.spans)], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD, str(tmp / "server" / "data"), str(args.spans)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"loaded {args.spans:,} spans ({loaded['txns']:,} transactions x 3 traces) in {loaded['load_s']:.1f} s")
     srv = Server(tmp / "server").start()
@@ -68,11 +76,17 @@ def main() -> None:
     finally:
         srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    res = {"spans": args.spans, "trace_p50_ms": round(percentile(trace_ms, 50), 2),
-           "trace_p99_ms": round(percentile(trace_ms, 99), 2), "txn_p50_ms": round(percentile(txn_ms, 50), 2),
-           "txn_p99_ms": round(percentile(txn_ms, 99), 2)}
-    print(f"trace by id: p50 {res['trace_p50_ms']} ms, p99 {res['trace_p99_ms']} ms; "
-          f"transaction by invoice id: p50 {res['txn_p50_ms']} ms, p99 {res['txn_p99_ms']} ms")
+    res = {
+        "spans": args.spans,
+        "trace_p50_ms": round(percentile(trace_ms, 50), 2),
+        "trace_p99_ms": round(percentile(trace_ms, 99), 2),
+        "txn_p50_ms": round(percentile(txn_ms, 50), 2),
+        "txn_p99_ms": round(percentile(txn_ms, 99), 2),
+    }
+    print(
+        f"trace by id: p50 {res['trace_p50_ms']} ms, p99 {res['trace_p99_ms']} ms; "
+        f"transaction by invoice id: p50 {res['txn_p50_ms']} ms, p99 {res['txn_p99_ms']} ms"
+    )
     print(json.dumps(res))
 
 

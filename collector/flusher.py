@@ -147,7 +147,7 @@ class Flusher:
                 token = f"wal_s{segment.seq}_c{chunk.index}"
                 span_requests = [r.payload for r in chunk.records if r.kind == KIND_SPANS]
                 if span_requests:
-                    insert_otlp_spans(self.store, span_requests, token, self.key_names)
+                    insert_otlp_spans(self.store, span_requests, token)
                     rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
                     self.metrics.rows_flushed.labels(table="otel_traces").inc(rows)
                 for table, data in event_tables(chunk, self.key_names).items():

@@ -19,6 +19,7 @@ from collector.metrics import CollectorMetrics
 from collector.wal import KIND_EVENTS, KIND_SPANS, BufferFull, BufferWriteError, WriteAheadBuffer
 from tower_core.settings import Settings
 from tower_core.store import Store
+from tower_core.store.otlp_sql import sync_key_attributes
 
 RETRY_AFTER_S = 1
 
@@ -44,6 +45,7 @@ class IngestService:
         self.settings = settings
         self.metrics = CollectorMetrics()
         self.key_names = key_attribute_names(settings.key_attribute_map)
+        sync_key_attributes(store, self.key_names)  # read by the span -> key-link materialized view
         self.wal = WriteAheadBuffer(settings.wal_dir, settings.wal_max_bytes)
         self.flusher = Flusher(
             self.wal,

@@ -6,7 +6,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from collector.correlation import key_attribute_names
 from tower_core.store import Store, migrate
-from tower_core.store.otlp_sql import insert_otlp_spans, length_delimited
+from tower_core.store.otlp_sql import insert_otlp_spans, length_delimited, sync_key_attributes
 
 
 def make_request() -> bytes:
@@ -44,9 +44,9 @@ def make_request() -> bytes:
 
 def test_spans_and_links_rendered_like_the_exporter(store: Store) -> None:
     migrate(store)
-    names = key_attribute_names({"stripe.invoice_id": "revops.invoice.id"})
-    insert_otlp_spans(store, [make_request()], "t_1", names)
-    insert_otlp_spans(store, [make_request()], "t_1", names)  # retried flush: same token, nothing twice
+    sync_key_attributes(store, key_attribute_names({"stripe.invoice_id": "revops.invoice.id"}))
+    insert_otlp_spans(store, [make_request()], "t_1")
+    insert_otlp_spans(store, [make_request()], "t_1")  # retried flush: same token, nothing twice
     rows = store.query_rows(
         "SELECT toUnixTimestamp64Nano(Timestamp) AS ts, TraceId, SpanId, ParentSpanId, SpanName, SpanKind, "
         "ServiceName, ScopeName, ScopeVersion, SpanAttributes, Duration, StatusCode, StatusMessage, "
@@ -90,3 +90,12 @@ def test_spans_and_links_rendered_like_the_exporter(store: Store) -> None:
 def test_length_delimited_framing() -> None:
     framed = length_delimited([b"a" * 300, b"bc"])
     assert framed[:2] == bytes([0xAC, 0x02]) and framed[302:] == b"\x02bc"
+
+
+def test_key_attribute_names_follow_the_settings(store: Store) -> None:
+    migrate(store)
+    sync_key_attributes(store, key_attribute_names({"stripe.invoice_id": "revops.invoice.id"}))
+    sync_key_attributes(store, key_attribute_names())  # the mapping was removed from the settings
+    insert_otlp_spans(store, [make_request()], "t_2")
+    keys = store.query_rows("SELECT DISTINCT KeyValue AS v FROM $db.business_key_links WHERE KeyType = 'invoice'")
+    assert [k["v"] for k in keys] == ["in_1"]

@@ -13,6 +13,7 @@ from collector.flusher import Flusher, chunks
 from collector.metrics import CollectorMetrics
 from collector.wal import KIND_SPANS, BufferFull, Record, WriteAheadBuffer
 from tower_core.store import Store, migrate
+from tower_core.store.otlp_sql import sync_key_attributes
 
 
 def request(n: int, seed: int = 0) -> bytes:
@@ -67,6 +68,7 @@ def test_chunks_are_deterministic() -> None:
 def test_flush_retried_after_crash_inserts_nothing_twice(tmp_path: Path, embedded_store: Store) -> None:
     migrate(embedded_store)
     names = key_attribute_names()
+    sync_key_attributes(embedded_store, names)
     wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
     for s in range(4):
         wal.append(KIND_SPANS, 1000, request(1000, seed=s))

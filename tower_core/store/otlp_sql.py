@@ -8,8 +8,8 @@ does. No Python runs per span, which is what makes sustained ingest fast on two 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 from tower_core.store.base import Store, check_identifier
 
@@ -95,37 +95,6 @@ INSERT_SPANS = (
     "arrayMap(l -> " + _attrs("l.attributes") + ", sp.links) AS `Links.Attributes` " + _FROM
 )
 
-# Business keys: the attribute names of collector.correlation.key_attribute_names() arrive as parameters;
-# a value holding a JSON array carries several ids; span links to other traces become ('trace', id) keys.
-_FIRST = "arrayFirst(kv -> kv.key = '{key}', {attrs}).value.string_value"
-INSERT_LINKS = (
-    "INSERT INTO $db.business_key_links (KeyType, KeyValue, TraceId, System, Region, FirstSeen, LastSeen) "
-    + _SETTINGS
-    + " SELECT k.1 AS KeyType, k.2 AS KeyValue, TraceId, System, any(Region), min(Start), max(End) "
-    "FROM (SELECT lower(hex(sp.trace_id)) AS TraceId, "
-    "if("
-    + _FIRST.format(key="revops.system", attrs="sp.attributes")
-    + " AS s1 != '', s1, "
-    + _FIRST.format(key="revops.system", attrs="rs.resource.attributes")
-    + ") AS System, "
-    "if("
-    + _FIRST.format(key="revops.region", attrs="sp.attributes")
-    + " AS r1 != '', r1, "
-    + _FIRST.format(key="revops.region", attrs="rs.resource.attributes")
-    + ") AS Region, "
-    "fromUnixTimestamp64Nano(toInt64(sp.start_time_unix_nano)) AS Start, "
-    "fromUnixTimestamp64Nano(toInt64(greatest(sp.end_time_unix_nano, sp.start_time_unix_nano))) AS End, "
-    "arrayConcat(arrayFlatten(arrayMap(kv -> arrayMap(v -> ({types:Array(String)}[indexOf({names:Array(String)}, "
-    "kv.key)], v), if(startsWith(" + _VALUE + " AS val, '['), JSONExtract(val, 'Array(String)'), [val])), "
-    "arrayFilter(kv -> has({names:Array(String)}, kv.key), sp.attributes))), "
-    "arrayMap(l -> ('trace', lower(hex(l.trace_id))), arrayFilter(l -> l.trace_id != sp.trace_id, sp.links))) "
-    "AS keys " + _FROM + ") ARRAY JOIN keys AS k "
-    "WHERE k.2 != '' AND length(k.2) <= {max_len:UInt32} GROUP BY KeyType, KeyValue, TraceId, System"
-)
-
-
-_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tower-otlp-insert")
-
 
 def length_delimited(messages: list[bytes]) -> bytes:
     """Protobuf's length-delimited framing (varint length before each message), as the reader expects."""
@@ -140,17 +109,25 @@ def length_delimited(messages: list[bytes]) -> bytes:
     return bytes(out)
 
 
-def insert_otlp_spans(
-    store: Store, requests: list[bytes], token: str, key_names: Mapping[str, str], max_key_len: int = 256
-) -> None:
-    """Insert the spans of serialized ExportTraceServiceRequests and their business-key links."""
-    data = length_delimited(requests)
+def insert_otlp_spans(store: Store, requests: list[bytes], token: str) -> None:
+    """Insert the spans of serialized ExportTraceServiceRequests; the materialized view of migration 0008
+    derives their business-key links."""
     check_identifier(token)
-    store.insert_select(INSERT_SPANS.replace("$token", f"{token}_spans"), data, "Protobuf")
-    names = sorted(key_names)
-    store.insert_select(
-        INSERT_LINKS.replace("$token", f"{token}_links"),
-        data,
-        "Protobuf",
-        {"names": names, "types": [key_names[n] for n in names], "max_len": max_key_len},
+    store.insert_select(INSERT_SPANS.replace("$token", f"{token}_spans"), length_delimited(requests), "Protobuf")
+
+
+def sync_key_attributes(store: Store, key_names: Mapping[str, str]) -> None:
+    """Make key_attribute_names equal ``key_names`` (attribute -> key type) without a moment of emptiness."""
+    version = time.time_ns()
+    current = {
+        r["AttrName"]: r["KeyType"]
+        for r in store.query_rows("SELECT AttrName, KeyType FROM $db.key_attribute_names FINAL WHERE NOT IsDeleted")
+    }
+    if current == dict(key_names):
+        return
+    names = sorted(set(key_names) | set(current))
+    store.command(
+        "INSERT INTO $db.key_attribute_names (AttrName, KeyType, Version, IsDeleted) "
+        "SELECT n.1, n.2, {v:UInt64}, n.3 FROM (SELECT arrayJoin({rows:Array(Tuple(String, String, UInt8))}) AS n)",
+        {"v": version, "rows": [(n, key_names.get(n, current.get(n, "")), int(n not in key_names)) for n in names]},
     )
