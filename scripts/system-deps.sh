@@ -3,7 +3,7 @@
 # A non-root user gets the list and the tests that need them skip with that reason.
 set -euo pipefail
 # Filled in by the issues that bring Alertmanager and browser tests.
-PACKAGES=(prometheus-alertmanager)
+PACKAGES=(prometheus-alertmanager chromium chromium-driver)
 [ ${#PACKAGES[@]} -eq 0 ] && exit 0
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
