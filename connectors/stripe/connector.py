@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import stripe
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from connectors.base import BusinessRuleError, Health, TransientError
 from connectors.stripe import mapping
@@ -36,7 +36,8 @@ _PAYMENT_EVENTS = ("payment_intent.", "charge.refund", "refund.", "credit_note."
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, stripe.RateLimitError | stripe.APIConnectionError):
         return True
-    return isinstance(exc, stripe.StripeError) and (exc.http_status or 0) >= 500
+    status = exc.http_status or 0 if isinstance(exc, stripe.StripeError) else 0
+    return status == 429 or status >= 500
 
 
 def _plain(obj: Any) -> dict[str, Any]:
@@ -69,6 +70,7 @@ class StripeBilling:
         )
         self.default_region = default_region
         self.attempts, self.backoff_s = attempts, backoff_s
+        self._regions: dict[str, str] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StripeBilling:
@@ -87,6 +89,7 @@ class StripeBilling:
             retry=retry_if_exception(_retryable),
             wait=wait_exponential(multiplier=self.backoff_s, max=8),
             stop=stop_after_attempt(self.attempts),
+            reraise=True,
         )
         try:
             for attempt in retrying:
@@ -101,8 +104,6 @@ class StripeBilling:
                         span.set_status(Status(StatusCode.ERROR, str(exc.user_message or exc)[:200]))
                         span.set_attribute("http.response.status_code", exc.http_status or 0)
                         raise
-        except RetryError as exc:  # pragma: no cover - reraise=False path
-            raise TransientError(f"stripe {op}: {exc}") from exc
         except stripe.StripeError as exc:
             message = exc.user_message or str(exc)
             if _retryable(exc):
@@ -123,9 +124,10 @@ class StripeBilling:
         def fetch() -> list[dict[str, Any]]:
             out = []
             for r in self.client.v1.refunds.list(params={"limit": PAGE}).auto_paging_iter():
-                if int(r.get("created") or 0) < since:
+                refund = _plain(r)
+                if int(refund.get("created") or 0) < since:
                     break
-                out.append(_plain(r))
+                out.append(refund)
             return out
 
         return self._call("refunds.list", fetch, {"stripe.created_gte": str(since)})
@@ -144,6 +146,26 @@ class StripeBilling:
         }.get(kind, "revops.payment.id")
         return self._call(f"{kind}s.retrieve", lambda: _plain(service.retrieve(object_id)), {key: object_id})
 
+    def _region_of(self, obj: dict[str, Any]) -> str:
+        """The region a record falls back to when its own metadata has none: its customer's metadata, else the
+        configured default (Stripe does not copy customer metadata onto invoices or payments)."""
+        customer = mapping._id(obj.get("customer"))
+        if not customer:
+            return self.default_region
+        if customer not in self._regions:
+            if len(self._regions) > 10_000:
+                self._regions.clear()
+            try:
+                cus = self._call(
+                    "customers.retrieve",
+                    lambda: _plain(self.client.v1.customers.retrieve(customer)),
+                    {"revops.customer.id": customer},
+                )
+            except BusinessRuleError:  # deleted customer
+                cus = {}
+            self._regions[customer] = mapping._region(cus, self.default_region)
+        return self._regions[customer]
+
     # ------------------------------------------------------------ BillingConnector
 
     def pull_invoices(self, cursor: str | None, limit: int = 1000) -> Page[Invoice]:
@@ -155,7 +177,10 @@ class StripeBilling:
             if str(e.get("type", "")).startswith("invoice.") and e["data"]["object"].get("id")
         ]
         page, nxt, done = mapping.select_changes(changes, cur, limit)
-        items = [mapping.to_invoice(self._retrieve("invoice", c.key), _when(c.t), self.default_region) for c in page]
+        items = []
+        for c in page:
+            obj = self._retrieve("invoice", c.key)
+            items.append(mapping.to_invoice(obj, _when(c.t), self._region_of(obj)))
         return Page(items, nxt.encode(), done)
 
     def pull_payments(self, cursor: str | None, limit: int = 1000) -> Page[Payment]:
@@ -170,16 +195,14 @@ class StripeBilling:
             when = _when(c.t)
             if c.kind == "payment_intent":
                 pi = intents[c.key] = self._retrieve("payment_intent", c.key)
-                items.append(mapping.payment_from_intent(pi, when, self.default_region))
+                items.append(mapping.payment_from_intent(pi, when, self._region_of(pi)))
             elif c.kind == "credit_note":
-                items.append(
-                    mapping.payment_from_credit_note(self._retrieve("credit_note", c.key), when, self.default_region)
-                )
+                cn = self._retrieve("credit_note", c.key)
+                items.append(mapping.payment_from_credit_note(cn, when, self._region_of(cn)))
             else:
                 refund = self._retrieve("refund", c.key)
-                items.append(
-                    mapping.payment_from_refund(refund, self._paid_by(refund, intents), when, self.default_region)
-                )
+                paid = self._paid_by(refund, intents)
+                items.append(mapping.payment_from_refund(refund, paid, when, self._region_of(paid or {})))
         return Page(items, nxt.encode(), done)
 
     def _payment_changes(self, events: Iterable[dict[str, Any]]) -> Iterable[Change]:

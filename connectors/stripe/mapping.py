@@ -315,6 +315,7 @@ def select_changes(changes: list[Change], cursor: Cursor | None, limit: int) -> 
         c for c in changes if cursor is None or c.t > cursor.t or (c.t == cursor.t and c.change_id not in cursor.seen)
     ]
     fresh.sort(key=lambda c: (c.t, c.change_id))
+    fresh_all = list(fresh)
     taken: list[Change] = []
     keys: set[str] = set()
     rest = False
@@ -329,7 +330,9 @@ def select_changes(changes: list[Change], cursor: Cursor | None, limit: int) -> 
     if not taken:
         return [], cursor or Cursor(0), True
     last_t = taken[-1].t
-    seen = {c.change_id for c in taken if c.t == last_t}
+    keys_taken = {c.key for c in taken}
+    # Objects are read back in their current state, so their other changes in the same second are covered too.
+    seen = {c.change_id for c in fresh_all if c.t == last_t and c.key in keys_taken}
     if cursor is not None and cursor.t == last_t:
         seen |= cursor.seen
     latest: dict[str, Change] = {}
