@@ -24,6 +24,7 @@ from tower_core.store.base import check_column, check_identifier, input_from_fil
 from tower_core.store.params import escape_params
 
 _lock = threading.Lock()
+_local = threading.local()
 _session: Any = None
 _session_path: Path | None = None
 
@@ -101,9 +102,19 @@ class EmbeddedStore:
         self._s = open_session(data_dir)
         self.command("CREATE DATABASE IF NOT EXISTS $db")
 
+    def _conn(self) -> Any:
+        """A chDB connection of this thread: query parameters are per connection, and one connection shared
+        by threads binds one thread's values into another's query (or loses them)."""
+        conn = getattr(_local, "conn", None)
+        if conn is None:
+            from chdb.state import sqlitelike
+
+            conn = _local.conn = sqlitelike.Connection(str(_session_path))
+        return conn
+
     def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
         try:
-            return self._s.query(qualify(sql, self.database), fmt, params=escape_params(params))
+            return self._conn().query(qualify(sql, self.database), fmt, params=escape_params(params))
         except Exception as exc:
             raise StoreError(str(exc).strip()) from None
 
