@@ -1,0 +1,306 @@
+"""Acceptance on the simulated estate (connectors/simulator): recall and precision against the manifest, a
+clean estate, and corrective syncs end to end — idempotent under concurrency, through an ERP outage, after
+a crash, and replays of business-rule rejections."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.simulator import Estate, EstateConfig, FaultRates
+from reconciler import classify as c
+from reconciler.actions import ActionError, ActionService, Breakers
+from reconciler.connectors import Connectors
+from reconciler.policy import RetryPolicy
+from reconciler.service import ReconcilerService
+from tower_core.settings import Settings
+from tower_core.store import Store, migrate
+from tower_core.store import reconcile as q
+
+
+def settings(tmp: Path, **over: Any) -> Settings:
+    base = {
+        "data_dir": tmp / "unused",
+        "reconcile_scheduler": False,
+        "reconcile_grace_s": {"*": 7200},
+        "reconcile_action_backoff_s": 0.01,
+        "reconcile_action_backoff_max_s": 0.05,
+        "reconcile_action_attempts": 2,
+        "reconcile_breaker_failures": 3,
+        "reconcile_breaker_reset_s": 0.3,
+    }
+    return Settings(**{**base, **over})
+
+
+@pytest.fixture
+def store(embedded_store: Store) -> Store:
+    migrate(embedded_store)
+    return embedded_store
+
+
+def service_for(store: Store, estate: Estate, tmp: Path, **over: Any) -> ReconcilerService:
+    svc = ReconcilerService(settings(tmp, **over), store, Connectors(estate.billing, estate.erp, estate.cdp))
+    svc.start()
+    return svc
+
+
+def open_items(store: Store) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(i["class"], i["primary_key"]): i for i in q.all_open_items(store)}
+
+
+def invoice_postings(estate: Estate, invoice_id: str) -> list[Any]:
+    with estate.erp.lock:
+        return [e for e in estate.erp._refs(invoice_id) if e.entry_type == "invoice" and e.status != "draft"]
+
+
+def test_default_fault_mix_recall_and_precision_are_100_percent(store: Store, tmp_path: Path) -> None:
+    estate = Estate.generate(EstateConfig(seed=11, customers=300, invoices=6000, fault_rates=FaultRates.default()))
+    expected = estate.manifest.expected()
+    assert {cls for cls, _ in expected} >= set(c.CLASSES) - {
+        c.MISSING_IN_BILLING,
+        c.OVER_APPLIED,
+        c.CUSTOMER_UNMATCHED,
+    }, "the mix injects every class the simulator knows"
+    svc = service_for(store, estate, tmp_path)
+    result = svc.run(full=True, as_of=estate.config.as_of)
+    found = open_items(store)
+    missed, extra = expected - set(found), set(found) - expected
+    assert not missed and not extra, f"missed {sorted(missed)[:10]}, extra {sorted(extra)[:10]}"
+    assert result.residual_minor == 0
+    rejected = {f.primary_key for f in estate.manifest.faults if f.fault == "erp_business_rejection"}
+    assert rejected and {found[(c.MISSING_IN_ERP, k)]["reason_code"] for k in rejected} == {"erp_rejected"}
+    # a second (incremental) run changes nothing
+    again = svc.run(as_of=estate.config.as_of)
+    assert again.mode == "incremental" and again.new == 0 and again.resolved == 0
+    assert set(open_items(store)) == expected
+
+
+def test_clean_estate_has_zero_drift_and_zero_residual(store: Store, tmp_path: Path) -> None:
+    estate = Estate.generate(EstateConfig(seed=3, customers=200, invoices=4000, fault_rates=FaultRates.clean()))
+    svc = service_for(store, estate, tmp_path)
+    result = svc.run(full=True, as_of=estate.config.as_of)
+    assert result.pulled["invoices"] == 4000 and result.pulled["ledger_entries"] > 4000
+    assert open_items(store) == {}
+    assert result.residual_minor == 0 and result.statement_rows > 0
+    totals = q.statement_totals(store, result.run_id)
+    assert totals and all(t["billing_total_minor"] == t["erp_total_minor"] for t in totals)
+    assert all(t["explained"] == {} for t in totals)
+
+
+def missing_estate(seed: int = 5, invoices: int = 400, **rates: float) -> Estate:
+    return Estate.generate(
+        EstateConfig(seed=seed, customers=50, invoices=invoices, fault_rates=FaultRates.only(**rates))
+    )
+
+
+def test_missing_in_erp_corrective_sync_then_next_run_resolves(store: Store, tmp_path: Path) -> None:
+    estate = missing_estate(erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    missing = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)
+    assert missing
+    invoice_id = missing[0]
+    drift_id = c.drift_id(c.MISSING_IN_ERP, invoice_id)
+    assert invoice_postings(estate, invoice_id) == []
+    action = svc.actions.request(drift_id, "alice")
+    assert action["state"] == "succeeded" and action["result"]["already_done"] is False
+    assert len(invoice_postings(estate, invoice_id)) == 1
+    # requested again: the same action, no second posting
+    again = svc.actions.request(drift_id, "bob")
+    assert again["action_id"] == action["action_id"] and len(invoice_postings(estate, invoice_id)) == 1
+    run = svc.run(as_of=estate.config.as_of)
+    assert run.mode == "incremental" and run.resolved == 1
+    item = q.get_drift(store, drift_id)
+    assert item is not None and item["State"] == c.RESOLVED
+    assert (c.MISSING_IN_ERP, invoice_id) not in open_items(store)
+    history = [(h["actor"], h["action"]) for h in q.audit_for(store, "action", action["action_id"])]
+    assert history[0] == ("alice", "action.create") and history[-1] == ("reconciler", "action.succeed")
+    assert [h["action"] for h in q.audit_for(store, "drift_item", drift_id)][-1] == "drift.resolved"
+
+
+class SlowErp:
+    """The simulated ERP with a pause inside the target check (a test wrapper, named as such): two
+    concurrent requests would both pass the check before either writes, unless something serialises them."""
+
+    def __init__(self, erp: Any, pause_s: float = 0.2) -> None:
+        self._erp, self.pause_s, self.name = erp, pause_s, erp.name
+
+    def find_by_external_ref(self, ref: str) -> list[Any]:
+        found = self._erp.find_by_external_ref(ref)
+        time.sleep(self.pause_s)
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._erp, name)
+
+
+def test_same_action_sent_twice_concurrently_posts_once(store: Store, tmp_path: Path) -> None:
+    estate = missing_estate(erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    svc.actions.erp = SlowErp(estate.erp)  # type: ignore[assignment]
+    drift_id = c.drift_id(c.MISSING_IN_ERP, invoice_id)
+    barrier = threading.Barrier(2)
+    results: list[dict[str, Any]] = []
+
+    def send(who: str) -> None:
+        barrier.wait()
+        results.append(svc.actions.request(drift_id, who))
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in ("alice", "bob")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(results) == 2
+    assert results[0]["action_id"] == results[1]["action_id"]
+    assert {r["state"] for r in results} == {"succeeded"}
+    assert len(invoice_postings(estate, invoice_id)) == 1
+    assert q.list_actions(store, drift_id=drift_id)[1] == 1
+
+    # another process (its own locks, same store) asking for the same correction: still one posting
+    other = ActionService(store, estate.erp)
+    assert other.request(drift_id, "carol")["action_id"] == results[0]["action_id"]
+    assert len(invoice_postings(estate, invoice_id)) == 1
+
+
+def test_erp_outage_opens_the_breaker_and_actions_succeed_after_recovery(store: Store, tmp_path: Path) -> None:
+    estate = missing_estate(seed=8, invoices=600, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path, reconcile_breaker_reset_s=2.0)
+    svc.run(full=True, as_of=estate.config.as_of)
+    missing = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)
+    assert len(missing) >= 4
+    estate.erp.begin_outage()
+    calls_before = estate.erp.calls
+    states = [svc.actions.request(c.drift_id(c.MISSING_IN_ERP, k), "alice")["state"] for k in missing]
+    assert set(states) == {"pending"}
+    assert svc.actions.breakers.state("erp") == "open"
+    # with the breaker open the later actions did not even call the ERP
+    assert estate.erp.calls - calls_before <= 3
+    svc.actions.process_due()  # still inside the breaker's timeout: nothing is tried
+    assert estate.erp.calls - calls_before <= 3 and q.list_actions(store, states=["pending"])[1] == len(missing)
+    estate.erp.end_outage()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        svc.actions.process_due()
+        pending = q.list_actions(store, states=["pending", "in_progress"])[1]
+        if pending == 0:
+            break
+    done, total = q.list_actions(store, states=["succeeded"])
+    assert total == len(missing)
+    assert svc.actions.breakers.state("erp") == "closed"
+    assert all(len(invoice_postings(estate, k)) == 1 for k in missing)
+    run = svc.run(as_of=estate.config.as_of)
+    assert run.resolved == len(missing)
+    trail = Counter(h["action"] for a in done for h in q.audit_for(store, "action", a["ActionId"]))
+    assert trail["action.defer"] >= len(missing)  # each waited for the breaker at least once
+
+
+def test_business_rejection_fails_with_the_remote_message_and_replays_link_the_original(
+    store: Store, tmp_path: Path
+) -> None:
+    estate = missing_estate(seed=9, invoices=800, erp_business_rejection=0.01)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    rejected = sorted(k for (cls, k), i in open_items(store).items() if i["reason_code"] == "erp_rejected")
+    assert rejected
+    drift_id = c.drift_id(c.MISSING_IN_ERP, rejected[0])
+    calls = estate.erp.calls
+    first = svc.actions.request(drift_id, "alice")
+    assert first["state"] == "failed" and first["dead_letter"] is True
+    assert first["last_error"].startswith("business rule: period") and "is closed" in first["last_error"]
+    assert first["attempts"] == 1 and estate.erp.calls - calls == 2  # target check + one post: not retried
+    dead = q.list_actions(store, dead_letter=True)[0]
+    assert [a["ActionId"] for a in dead] == [first["action_id"]]
+    replay = svc.actions.replay(first["action_id"], "bob")
+    assert replay["original_action_id"] == first["action_id"] and replay["kind"] == "replay"
+    assert replay["state"] == "failed" and "is closed" in replay["last_error"]
+    assert q.get_action(store, first["action_id"])["DeadLetter"] == 0  # replaced by its replay  # type: ignore[index]
+    with pytest.raises(ActionError) as err:
+        svc.actions.replay("no-such-action", "bob")
+    assert err.value.status == 404
+
+
+def test_in_progress_action_after_a_restart_is_checked_against_the_target(store: Store, tmp_path: Path) -> None:
+    estate = missing_estate(seed=12, invoices=600, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    a_inv, b_inv = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[:2]
+    rows = []
+    for inv in (a_inv, b_inv):
+        created = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, inv), "alice", execute=False)
+        row = q.get_action(store, created["action_id"])
+        assert row is not None
+        row["State"] = "in_progress"  # the process died mid-call ...
+        q.write_action(store, row)
+        rows.append(row)
+    invoice = q.load_invoice(store, a_inv)
+    assert invoice is not None
+    estate.erp.post_invoice(invoice)  # ... after the ERP had written a_inv, but not b_inv
+    restarted = ReconcilerService(settings(tmp_path), store, Connectors(estate.billing, estate.erp, estate.cdp))
+    restarted.start()  # recovery looks at the target before any retry
+    a = q.get_action(store, rows[0]["ActionId"])
+    b = q.get_action(store, rows[1]["ActionId"])
+    assert a is not None and a["State"] == "succeeded"
+    assert b is not None and b["State"] == "pending"
+    assert restarted.actions.process_due() == 1
+    assert q.get_action(store, rows[1]["ActionId"])["State"] == "succeeded"  # type: ignore[index]
+    assert len(invoice_postings(estate, a_inv)) == 1 and len(invoice_postings(estate, b_inv)) == 1
+
+
+def test_auto_correct_repairs_technical_classes_only(store: Store, tmp_path: Path) -> None:
+    estate = missing_estate(
+        seed=13,
+        invoices=1500,
+        erp_posting_missing=0.01,
+        payment_not_applied=0.01,
+        refund_not_posted=0.01,
+        amount_mismatch=0.01,
+        erp_business_rejection=0.005,
+    )
+    svc = service_for(store, estate, tmp_path, reconcile_auto_correct=True)
+    svc.run(full=True, as_of=estate.config.as_of)
+    by_class = Counter(a["Class"] for a in q.list_actions(store, limit=1000)[0])
+    assert set(by_class) == {c.MISSING_IN_ERP, c.PAYMENT_UNAPPLIED, c.REFUND_UNPOSTED}
+    svc.run(as_of=estate.config.as_of)
+    left = Counter(cls for cls, _ in open_items(store))
+    rejected = sum(1 for f in estate.manifest.faults if f.fault == "erp_business_rejection")
+    assert left == Counter({c.AMOUNT_MISMATCH: left[c.AMOUNT_MISMATCH], c.MISSING_IN_ERP: rejected})
+    failed = q.list_actions(store, states=["failed"], limit=1000)[0]
+    assert len(failed) == rejected
+    svc.run(as_of=estate.config.as_of)  # failed automatic corrections are not retried run after run
+    assert q.list_actions(store, states=["failed"], limit=1000)[1] == rejected
+
+
+def test_transient_errors_are_retried_with_backoff(store: Store, tmp_path: Path) -> None:
+    estate = missing_estate(seed=14, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path, reconcile_action_attempts=4)
+    svc.run(full=True, as_of=estate.config.as_of)
+    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    estate.erp.fail_next(2)  # a blip: two timeouts, then the ERP answers
+    action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
+    assert action["state"] == "succeeded" and action["attempts"] == 3
+    assert len(invoice_postings(estate, invoice_id)) == 1
+
+
+def test_exhausted_actions_go_to_the_dead_letter_list(store: Store, tmp_path: Path) -> None:
+    estate = missing_estate(seed=15, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.actions.retry = RetryPolicy(attempts_per_execution=2, initial_s=0.01, max_s=0.02, max_total_attempts=2)
+    svc.actions.breakers = Breakers(failure_threshold=100, reset_after_s=0.1)
+    svc.run(full=True, as_of=estate.config.as_of)
+    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    estate.erp.fail_next(10)
+    action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
+    assert action["state"] == "failed" and action["dead_letter"] and action["last_error"].startswith("transient")
+    estate.erp.end_outage()
+    replay = svc.actions.replay(action["action_id"], "bob")
+    assert replay["state"] == "succeeded" and replay["original_action_id"] == action["action_id"]
+    assert len(invoice_postings(estate, invoice_id)) == 1
