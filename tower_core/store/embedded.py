@@ -25,6 +25,10 @@ from tower_core.store.params import escape_params
 
 _lock = threading.Lock()
 _local = threading.local()
+# Streaming inserts go through the process's one session, which takes one at a time ("Another streaming
+# query or insert is already active on this connection" otherwise): the flusher and a reconciliation run insert
+# concurrently.
+_insert_lock = threading.Lock()
 _session: Any = None
 _session_path: Path | None = None
 
@@ -139,7 +143,7 @@ class EmbeddedStore:
         with pa.ipc.new_stream(sink, data.schema) as writer:
             writer.write_table(data)
         try:
-            with self._s.send_insert(sql, "ArrowStream") as ins:
+            with _insert_lock, self._s.send_insert(sql, "ArrowStream") as ins:
                 ins.append(sink.getvalue())
                 ins.finish()
         except Exception as exc:
