@@ -90,6 +90,8 @@ class IngestService:
         except otlp.OtlpError as exc:
             return Reply(exc.status, otlp.status_body(mt, exc.status, exc.message), mt)
         self.metrics.spans_rejected.inc(checked.rejected)
+        if checked.rejected and not checked.accepted:  # nothing usable: the request as a whole is bad
+            return Reply(400, otlp.status_body(mt, 400, checked.error_message), mt)
         if checked.accepted:
             payload = raw if (mt == otlp.PROTOBUF and not checked.rejected) else req.SerializeToString()
             try:

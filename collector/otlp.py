@@ -27,6 +27,8 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 _ZERO_TRACE = b"\0" * 16
 _ZERO_SPAN = b"\0" * 8
+MAX_ATTRIBUTES = 1024  # per span, event or link (OTel SDKs default to 128)
+MAX_NAME_BYTES = 4096
 
 
 class OtlpError(Exception):
@@ -132,6 +134,12 @@ def _span_problem(span: Any) -> str | None:
         return "parent_span_id must be empty or 8 bytes"
     if span.end_time_unix_nano and span.end_time_unix_nano < span.start_time_unix_nano:
         return "end_time_unix_nano is before start_time_unix_nano"
+    if len(span.attributes) > MAX_ATTRIBUTES:
+        return f"{len(span.attributes)} attributes (at most {MAX_ATTRIBUTES})"
+    if len(span.name) > MAX_NAME_BYTES:
+        return f"name longer than {MAX_NAME_BYTES} characters"
+    if len(span.events) > MAX_ATTRIBUTES or len(span.links) > MAX_ATTRIBUTES:
+        return f"more than {MAX_ATTRIBUTES} events or links"
     for link in span.links:
         if len(link.trace_id) != 16 or len(link.span_id) != 8:
             return "a link's trace_id/span_id has the wrong length"

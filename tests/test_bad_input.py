@@ -1,0 +1,88 @@
+"""Hostile requests get a clear 4xx, the server's memory stays bounded, and nothing is half-written."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from google.rpc import status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from tests.server import TowerServer
+
+PB = {"Content-Type": "application/x-protobuf"}
+JS = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TowerServer]:
+    with TowerServer(tmp_path_factory.mktemp("bad-input")) as srv:
+        yield srv
+
+
+def rss_mb(srv: TowerServer) -> float:
+    assert srv.proc is not None
+    status = Path(f"/proc/{srv.proc.pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def received(srv: TowerServer) -> float:
+    text = httpx.get(f"{srv.url}/metrics").text
+    return float(next(ln for ln in text.splitlines() if ln.startswith("tower_spans_received_total ")).split()[1])
+
+
+def one_span(**attrs: str) -> ExportTraceServiceRequest:
+    req = ExportTraceServiceRequest()
+    sp = req.resource_spans.add().scope_spans.add().spans.add(
+        trace_id=b"\x07" * 16, span_id=b"\x08" * 8, name="s", start_time_unix_nano=1, end_time_unix_nano=2)
+    for k, v in attrs.items():
+        sp.attributes.add(key=k).value.string_value = v
+    return req
+
+
+def test_hostile_bodies_get_4xx_with_bounded_memory(server: TowerServer) -> None:
+    before_rss, before_spans = rss_mb(server), received(server)
+    cases: list[tuple[str, bytes, dict[str, str], int]] = []
+    cases.append(("gzip bomb (1 GiB of zeros)", gzip.compress(b"\0" * (1 << 30), compresslevel=9),
+                  {**PB, "Content-Encoding": "gzip"}, 413))
+    cases.append(("deeply nested JSON", b'{"resourceSpans": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JS, 400))
+    many = one_span()
+    for i in range(10_000):
+        many.resource_spans[0].scope_spans[0].spans[0].attributes.add(key=f"k{i}").value.string_value = "v"
+    cases.append(("10k attributes on one span", many.SerializeToString(), PB, 400))
+    bad_utf8 = one_span(name="ok").SerializeToString().replace(b"ok", b"\xff\xfe")
+    cases.append(("invalid UTF-8 in a protobuf string", bad_utf8, PB, 400))
+    cases.append(("invalid UTF-8 in JSON", b'{"resourceSpans": [{"x": "\xff\xfe"}]}', JS, 400))
+    huge = ExportTraceServiceRequest()
+    huge.resource_spans.add().scope_spans.add().spans.add(trace_id=b"\x01" * 1_000_000, span_id=b"\x02" * 8)
+    cases.append(("1 MB trace id", huge.SerializeToString(), PB, 400))
+    cases.append(("JSON trace id of 100k hex chars",
+                  b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"' + b"ab" * 50_000 + b'","spanId":"'
+                  + b"01" * 8 + b'"}]}]}]}', JS, 400))
+    for name, body, headers, expected in cases:
+        r = httpx.post(f"{server.url}/v1/traces", content=body, headers=headers, timeout=60)
+        assert r.status_code == expected, f"{name}: {r.status_code} {r.content[:200]!r}"
+        if headers["Content-Type"] == PB["Content-Type"]:
+            message = status_pb2.Status.FromString(r.content).message
+        else:
+            message = r.json()["message"]
+        assert message, f"{name}: no message"
+    assert received(server) == before_spans  # nothing of it was kept
+    assert rss_mb(server) - before_rss < 300, "memory grew beyond the request caps"
+    # events: invalid UTF-8, nesting, oversize
+    for body, ctype in ((b"\xff\xfe", "application/cloudevents+json"),
+                        (b"[" * 100_000 + b"]" * 100_000, "application/cloudevents-batch+json"),
+                        (b" " * (25 * 1024 * 1024), "application/cloudevents+json")):
+        r = httpx.post(f"{server.url}/v1/events", content=body, headers={"Content-Type": ctype}, timeout=60)
+        assert 400 <= r.status_code < 500 and r.json()["error"]
+
+
+def test_api_errors_are_json_4xx(server: TowerServer) -> None:
+    for method, path in (("GET", "/api/traces/" + "z" * 10_000), ("GET", "/api/transactions?invoice_id=" + "x" * 5000),
+                         ("POST", "/api/tokens"), ("GET", "/api/nope")):
+        r = httpx.request(method, f"{server.url}{path}")
+        assert 400 <= r.status_code < 500, (path, r.status_code)
+        assert "detail" in r.json()
