@@ -52,7 +52,7 @@ def from_json(cls: type[T], doc: dict[str, Any]) -> T:
     kwargs: dict[str, Any] = {}
     for name, value in doc.items():
         hint = str(hints[name])
-        if value is not None and "datetime" in hint:
+        if value is not None and "datetime.datetime" in hint:
             value = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
             if value.tzinfo is None:
                 raise ValueError(f"{name} must carry a timezone")
