@@ -135,6 +135,15 @@ def reconciler() -> None:
     raise typer.Exit(run_reconciler(load_settings()))
 
 
+def _add_simulate() -> None:
+    from tower_core.simulate_cli import simulate_app
+
+    app.add_typer(simulate_app, name="simulate")
+
+
+_add_simulate()
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

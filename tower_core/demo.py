@@ -1,28 +1,101 @@
-"""``tower demo``: the API (embedded store) and the dashboard as child processes, stopped together."""
+"""``tower demo``: the API on the embedded store (with its scheduler), the estate at demo pace and the
+dashboard, as child processes stopped together.
+
+The API owns the chDB path; the estate process talks to it only over HTTP (telemetry in) and serves its
+simulated billing/ERP/CDP on a loopback port, which the reconciler inside the API pulls from
+(``TOWER_RECONCILE_CONNECTORS=simulator``). Each run plays a fresh invoice-number range, so the data kept
+from earlier runs never collides with the new estate; ``--reset`` deletes everything first.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import httpx
 
 from tower_core.errors import ConfigError
 from tower_core.settings import Settings
 
+RUN_RANGE = 10_000_000  # invoice numbers per demo run
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
+
+def demo_sla() -> Path:
+    """SLA definitions tuned to demo pace (shipped with the simulator)."""
+    import connectors.simulator
+
+    return Path(connectors.simulator.__file__).with_name("demo_sla.yaml")
+
+
+def _die_with_parent() -> None:
+    """Child setup (Linux): SIGTERM when the demo process dies, even by SIGKILL, so nothing is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Children run in their own session: a terminal Ctrl-C reaches only the demo, which stops them in
+    order (dashboard, estate, API), so the estate's last telemetry still reaches the API."""
+    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _stop(procs: list[subprocess.Popen], timeout_s: float = 20) -> None:
+    """SIGINT each child still running, newest first, wait for it, kill it if it does not stop."""
+    for p in reversed(procs):
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + 15
-    for p in procs:
         try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            p.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def next_run(settings: Settings) -> int:
+    """The number of this demo run (kept beside the data dir), so each run gets its own invoice ids."""
+    path = Path(settings.data_dir).parent / "simulator-run"
+    try:
+        run = int(path.read_text().strip()) + 1
+    except (OSError, ValueError):
+        run = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(run))
+    return run
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, what: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise ConfigError(f"{what} exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{what} did not become ready at {url} within {timeout_s:.0f} s")
+        time.sleep(0.3)
+
+
+def api_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The API child's environment: reconcile against the estate, often, unless the user chose otherwise."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("TOWER_RECONCILE_CONNECTORS", "simulator")
+    env.setdefault("TOWER_SIMULATOR_URL", f"http://127.0.0.1:{settings.simulator_port}")
+    env.setdefault("TOWER_RECONCILE_INTERVAL_S", "60")
+    env.setdefault("TOWER_SLA_EVAL_INTERVAL_S", "30")
+    if demo_sla().exists():
+        env.setdefault("TOWER_SLA_CONFIG", str(demo_sla()))
+    return env
 
 
 def run_demo(settings: Settings, *, reset: bool = False) -> int:
@@ -33,30 +106,40 @@ def run_demo(settings: Settings, *, reset: bool = False) -> int:
     if reset:
         for path in (settings.data_dir, settings.wal_dir):
             shutil.rmtree(path, ignore_errors=True)
-    api = subprocess.Popen([sys.executable, "-m", "tower_core.cli", "serve"])
-    procs = [api]
+        (Path(settings.data_dir).parent / "simulator-run").unlink(missing_ok=True)
+    run = next_run(settings)
+    tower = [sys.executable, "-m", "tower_core.cli"]
+    procs: list[subprocess.Popen] = []
     try:
-        import httpx
-
-        deadline = time.monotonic() + 60
-        while True:
-            if api.poll() is not None:
-                return api.returncode or 1
-            try:
-                if httpx.get(f"{settings.api_url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise ConfigError(f"the API did not become ready at {settings.api_url} within 60 s")
-            time.sleep(0.3)
-        procs.append(subprocess.Popen(dashboard_command(settings), env=dashboard_env(settings)))
+        api = _spawn([*tower, "serve"], env=api_env(settings))
+        procs.append(api)
+        _wait_ready(f"{settings.api_url}/readyz", api, "the API")
+        estate = _spawn(
+            [
+                *tower,
+                "simulate",
+                "run",
+                "--api-url",
+                settings.api_url,
+                "--port",
+                str(settings.simulator_port),
+                "--id-offset",
+                str(run * RUN_RANGE),
+                "--manifest",
+                str(Path(settings.data_dir).parent / f"demo-manifest-run{run}.json"),
+            ]
+        )
+        procs.append(estate)
+        _wait_ready(f"http://127.0.0.1:{settings.simulator_port}/healthz", estate, "the simulated estate")
+        procs.append(_spawn(dashboard_command(settings), env=dashboard_env(settings)))
         print(f"API:       {settings.api_url}  (docs at {settings.api_url}/docs)", flush=True)
-        print(f"Dashboard: http://127.0.0.1:{settings.dashboard_port}", flush=True)
+        print(f"Dashboard: http://{settings.dashboard_host}:{settings.dashboard_port}", flush=True)
+        print(f"Estate:    http://127.0.0.1:{settings.simulator_port}  (simulated billing/ERP/CDP, run {run})")
         print("Ctrl-C stops everything; data is kept for the next run (--reset starts fresh).", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
-        return next((p.returncode for p in procs if p.poll() is not None and p.returncode), 0)
+        failed = next((p for p in procs if p.poll() is not None), None)
+        return failed.returncode or 1 if failed is not None else 0
     except KeyboardInterrupt:
         return 0
     finally:

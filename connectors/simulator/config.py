@@ -98,6 +98,7 @@ class EstateConfig:
     context_loss_share: float = 0.3
     timing: Timing = field(default_factory=Timing.historical)
     chunk_invoices: int = 500_000  # generation unit (bulk writes one chunk at a time)
+    id_offset: int = 0  # first invoice number (demo runs use a fresh range so ids never collide)
 
     def __post_init__(self) -> None:
         if self.customers < 1 or self.invoices < 0:
@@ -145,6 +146,7 @@ class EstateConfig:
             "context_loss_share": self.context_loss_share,
             "timing": self.timing.name,
             "chunk_invoices": self.chunk_invoices,
+            "id_offset": self.id_offset,
         }
 
 

@@ -107,8 +107,11 @@ def invoice_ids(idx: np.ndarray) -> pa.StringArray:
     return fixed_ids("in_", idx, 10)
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def ms_to_dt(ms: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    return _EPOCH + dt.timedelta(milliseconds=int(ms))
 
 
 def iso_ms(ms: int) -> str:
@@ -387,7 +390,7 @@ def generate_chunk(cfg: EstateConfig, cust: Customers, outages: Outages, k: int)
     j0, n, t_lo, t_hi = chunk_bounds(cfg, k)
     as_of = cfg.as_of_ms
     cutoff = as_of - t.settle_margin
-    j = np.arange(j0, j0 + n, dtype=np.int64)
+    j = np.arange(cfg.id_offset + j0, cfg.id_offset + j0 + n, dtype=np.int64)
     issued = np.sort(rng.integers(t_lo, max(t_lo + 1, t_hi), n))
     c = (cust.n_billing * rng.random(n) ** 1.3).astype(np.int64)
     # roles: clean shapes, then multi-invoice payment groups (consecutive invoices, one customer)
@@ -667,15 +670,17 @@ def _chunk_faults(
 ) -> list[InjectedFault]:
     out: list[InjectedFault] = []
 
+    region = ch.region.tolist()
+    jj = ch.j.tolist()
+    cc = ch.cust.tolist()
+
     def add(name: str, i: int, keys: dict[str, str], at_ms: int, expected: str | None = "", **detail: str) -> None:
         spec = FAULTS[name]
         cls = spec.expected_class if expected == "" else expected
-        out.append(
-            InjectedFault(name, cls, keys, spec.systems, REGIONS[ch.region[i]], ms_to_dt(int(at_ms)), dict(detail))
-        )
+        out.append(InjectedFault(name, cls, keys, spec.systems, REGIONS[region[i]], ms_to_dt(at_ms), detail))
 
     def inv(i: int) -> dict[str, str]:
-        return {"invoice_id": f"in_{ch.j[i]:010d}", "customer_id": f"cus_{ch.cust[i]:08d}"}
+        return {"invoice_id": f"in_{jj[i]:010d}", "customer_id": f"cus_{cc[i]:08d}"}
 
     for idx, i in enumerate(targets["erp_posting_delayed"].tolist()):
         if unposted[idx]:

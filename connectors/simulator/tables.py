@@ -47,12 +47,30 @@ def _ts(ms: np.ndarray) -> pa.Array:
 
 
 def _const(value: str, n: int) -> pa.Array:
-    return pa.DictionaryArray.from_arrays(np.zeros(n, dtype=np.int32), pa.array([value])).cast(pa.string())
+    """A constant string column, dictionary-encoded (ClickHouse reads it into String and LowCardinality)."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([value]))
+
+
+def _plain(value: str, n: int) -> pa.StringArray:
+    """A constant plain string column (for columns other parts fill with ids, and for map keys)."""
+    size = len(value.encode())
+    offsets = np.arange(0, (n + 1) * size, size, dtype=np.int32) if size else np.zeros(n + 1, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(value.encode() * n))
 
 
 def _pick(values: list[str] | pa.Array, idx: np.ndarray) -> pa.Array:
+    """values[idx] as a dictionary array: no strings are materialized."""
     arr = values if isinstance(values, pa.Array) else pa.array(values)
-    return arr.take(pa.array(np.asarray(idx, dtype=np.int64)))
+    return pa.DictionaryArray.from_arrays(pa.array(np.asarray(idx, dtype=np.int32)), arr)
+
+
+def _table(arrays: list[pa.Array], schema: pa.Schema) -> pa.Table:
+    """Like ``from_arrays(schema=...)`` but string columns may be dictionary-encoded."""
+    for arr, f in zip(arrays, schema, strict=True):
+        t = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
+        if t != f.type:
+            raise TypeError(f"column {f.name}: {arr.type} does not fit {f.type}")
+    return pa.Table.from_arrays(arrays, names=schema.names)
 
 
 def _version(ms: np.ndarray) -> pa.Array:
@@ -68,7 +86,7 @@ def _empty_map(n: int, value_type: pa.DataType = pa.string()) -> pa.MapArray:
 
 
 def _single_map(n: int, key: str | pa.Array, values: pa.Array) -> pa.MapArray:
-    keys = _const(key, n) if isinstance(key, str) else key
+    keys = _plain(key, n) if isinstance(key, str) else key
     return _map(np.arange(n + 1, dtype=np.int32), keys, values)
 
 
@@ -90,7 +108,7 @@ def customer_tables(c: Customers) -> tuple[pa.Table, pa.Table]:
     )
     region = _pick(_REGIONS, c.region)
     plan = _pick(["monthly", "annual"], c.annual.astype(np.int64))
-    billing = pa.Table.from_arrays(
+    billing = _table(
         [
             cid.slice(0, nb),
             uid.slice(0, nb),
@@ -107,9 +125,9 @@ def customer_tables(c: Customers) -> tuple[pa.Table, pa.Table]:
             _empty_map(nb),
             _version(c.billing_updated[:nb]),
         ],
-        schema=BILLING_CUSTOMERS,
+        BILLING_CUSTOMERS,
     )
-    profiles = pa.Table.from_arrays(
+    profiles = _table(
         [
             uid,
             cid,
@@ -119,10 +137,10 @@ def customer_tables(c: Customers) -> tuple[pa.Table, pa.Table]:
             region,
             _ts(c.cdp_updated),
             _const(CDP_SOURCE, n),
-            _single_map(n, "plan", plan),
+            _single_map(n, "plan", pa.array(["monthly", "annual"]).take(pa.array(c.annual.astype(np.int64)))),
             _version(c.cdp_updated),
         ],
-        schema=CDP_PROFILES,
+        CDP_PROFILES,
     )
     return billing, profiles
 
@@ -131,10 +149,10 @@ def invoice_table(ch: Chunk) -> pa.Table:
     """billing_invoices rows; an invoice hit by duplicate_webhook is written twice (same version)."""
     n = ch.n
     usage = pc.cast(pa.array(ch.usage), pa.string())
-    plan = _pick(["monthly", "annual"], ch.annual.astype(np.int64))
-    keys = _pick(["plan", "usage_minor"], np.tile([0, 1], n))
+    plan = pa.array(["monthly", "annual"]).take(pa.array(ch.annual.astype(np.int64)))
+    keys = pa.array(["plan", "usage_minor"]).take(pa.array(np.tile([0, 1], n)))
     values = pa.concat_arrays([plan, usage]).take(pa.array(np.stack([np.arange(n), np.arange(n) + n], 1).reshape(-1)))
-    table = pa.Table.from_arrays(
+    table = _table(
         [
             invoice_ids(ch.j),
             customer_ids(ch.cust),
@@ -155,7 +173,7 @@ def invoice_table(ch: Chunk) -> pa.Table:
             _map(np.arange(0, 2 * n + 1, 2), keys, values),
             _version(ch.updated),
         ],
-        schema=BILLING_INVOICES,
+        BILLING_INVOICES,
     )
     dups = np.flatnonzero(ch.dup_webhook)
     if len(dups):
@@ -183,7 +201,7 @@ def _payment_rows(
     cust = ch.cust[rows] if cust is None else cust
     region = ch.region[rows] if region is None else region
     currency = ch.currency[rows] if currency is None else currency
-    return pa.Table.from_arrays(
+    return _table(
         [
             ids,
             _const(kind, m) if isinstance(kind, str) else kind,
@@ -201,7 +219,7 @@ def _payment_rows(
             attributes if attributes is not None else _empty_map(m),
             _version(occurred),
         ],
-        schema=BILLING_PAYMENTS,
+        BILLING_PAYMENTS,
     )
 
 
@@ -222,9 +240,9 @@ def payment_table(ch: Chunk) -> pa.Table:
             _const("card", len(r0)),
             "failed",
             _empty_map(len(r0), pa.int64()),
-            _const("", len(r0)),
+            _plain("", len(r0)),
             ch.p_time[0][r0],
-            attributes=_single_map(len(r0), "failure_code", _const("card_declined", len(r0))),
+            attributes=_single_map(len(r0), "failure_code", _plain("card_declined", len(r0))),
         )
     )
     # first payments, with the allocations of multi-invoice groups
@@ -245,7 +263,7 @@ def payment_table(ch: Chunk) -> pa.Table:
             _pick(list(METHODS), ch.p_method[1][r1]),
             "succeeded",
             alloc,
-            _const("", len(r1)),
+            _plain("", len(r1)),
             ch.p_time[1][r1],
         )
     )
@@ -261,14 +279,14 @@ def payment_table(ch: Chunk) -> pa.Table:
             _pick(list(METHODS), ch.p_method[2][r2]),
             "succeeded",
             _single_map(len(r2), invoice_ids(j[r2]), pa.array(ch.p_amount[2][r2], pa.int64())),
-            _const("", len(r2)),
+            _plain("", len(r2)),
             ch.p_time[2][r2],
         )
     )
     # refunds and credit notes
     for is_credit, prefix, kind in ((False, "re_", "refund"), (True, "cn_", "credit_note")):
         r3 = np.flatnonzero(ch.p_exists[3] & (ch.s3_is_credit == is_credit))
-        related = _const("", len(r3)) if is_credit else fixed_ids("py_", j[r3] * 4 + 1, 11)
+        related = _plain("", len(r3)) if is_credit else fixed_ids("py_", j[r3] * 4 + 1, 11)
         method = _const("", len(r3)) if is_credit else _pick(list(METHODS), ch.p_method[3][r3])
         parts.append(
             _payment_rows(
@@ -296,7 +314,7 @@ def payment_table(ch: Chunk) -> pa.Table:
             _const("bank_transfer", len(ro)),
             "succeeded",
             _empty_map(len(ro), pa.int64()),
-            _const("", len(ro)),
+            _plain("", len(ro)),
             ch.o_time,
             cust=ch.o_cust,
             region=ch.o_region,
@@ -320,10 +338,10 @@ def ledger_table(ch: Chunk) -> pa.Table:
         drafts = ch.e_status[r] == 2 if slot == 0 else np.zeros(m, dtype=bool)
         offsets = np.concatenate([[0], np.cumsum(drafts)])
         msgs = pa.array(ch.period_closed_msg if slot == 0 else [], pa.string())
-        attrs = _map(offsets, _const("rejection", int(drafts.sum())), msgs)
+        attrs = _map(offsets, _plain("rejection", int(drafts.sum())), msgs)
         updated = ch.e_updated[r] if slot == 0 else ch.e_posted[slot][r]
         parts.append(
-            pa.Table.from_arrays(
+            _table(
                 [
                     fixed_ids("le_", j[r] * 10 + slot, 11),
                     _const("invoice", m),
@@ -333,7 +351,7 @@ def ledger_table(ch: Chunk) -> pa.Table:
                     _pick(_CURRENCIES, ch.e_currency[r]),
                     pa.array(ch.e_amount[slot][r], pa.int64()),
                     status,
-                    _const("", m),
+                    _plain("", m),
                     _ts(ch.e_posted[slot][r]),
                     _date32(ch.issued[r]),
                     _ts(updated),
@@ -341,7 +359,7 @@ def ledger_table(ch: Chunk) -> pa.Table:
                     attrs,
                     _version(updated),
                 ],
-                schema=ERP_LEDGER_ENTRIES,
+                ERP_LEDGER_ENTRIES,
             )
         )
     # rejected drafts are generated in index order, like period_closed_msg
@@ -357,7 +375,7 @@ def ledger_table(ch: Chunk) -> pa.Table:
             ext = pc.if_else(pa.array(credit), fixed_ids("cn_", j[r] * 4 + 3, 11), fixed_ids("re_", j[r] * 4 + 3, 11))
         posted = ch.e_posted[slot][r]
         parts.append(
-            pa.Table.from_arrays(
+            _table(
                 [
                     fixed_ids("le_", j[r] * 10 + slot, 11),
                     _const(kind, m),
@@ -375,7 +393,7 @@ def ledger_table(ch: Chunk) -> pa.Table:
                     _empty_map(m),
                     _version(posted),
                 ],
-                schema=ERP_LEDGER_ENTRIES,
+                ERP_LEDGER_ENTRIES,
             )
         )
     return pa.concat_tables(parts)

@@ -1,0 +1,176 @@
+"""``tower simulate``: the synthetic estate (connectors/simulator) from the command line.
+
+``bulk`` writes a whole estate into the store's state tables (it opens the store itself, so it refuses with
+one line when the API owns the embedded path); ``run`` plays an estate at demo pace against a running API;
+``manifest`` prints the ground truth of a seed without touching any store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from tower_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from connectors.simulator import EstateConfig, FaultRates
+
+simulate_app = typer.Typer(no_args_is_help=True, help="The synthetic revenue estate (bulk load, demo pace).")
+out = Console()
+FaultsOpt = Annotated[str, typer.Option("--faults", help="Fault mix: default or clean.")]
+
+
+def _rates(name: str) -> FaultRates:
+    from connectors.simulator import FaultRates
+
+    if name == "default":
+        return FaultRates.default()
+    if name == "clean":
+        return FaultRates.clean()
+    raise ConfigError(f"--faults must be 'default' or 'clean', not {name!r}")
+
+
+def _config(**kwargs: object) -> EstateConfig:
+    from connectors.simulator import EstateConfig
+
+    try:
+        return EstateConfig(**kwargs)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@simulate_app.command()
+def bulk(
+    invoices: Annotated[int, typer.Option(min=1, help="Invoices to generate.")] = 1_000_000,
+    customers: Annotated[int | None, typer.Option(min=1, help="Customers (default invoices/20, at least 200).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same estate.")] = 7,
+    days: Annotated[int, typer.Option(min=20, help="Length of the estate's window, ending at --as-of.")] = 60,
+    as_of: Annotated[str, typer.Option(help="End of the window (UTC date or datetime).")] = "2026-03-01",
+    faults: FaultsOpt = "default",
+    manifest: Annotated[
+        Path | None, typer.Option(help="Manifest JSON path (default .tower/manifest-<seed>.json).")
+    ] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the state tables' rows (default: empty them first).")
+    ] = False,
+) -> None:
+    """Write a whole estate (customers, invoices, payments, ledger entries) into the store in columnar chunks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from connectors.simulator.bulk import bulk_load
+    from tower_core.cli import load_settings
+    from tower_core.store import migrate, open_store
+
+    try:
+        end = dt.datetime.fromisoformat(as_of)
+    except ValueError:
+        raise ConfigError(f"--as-of {as_of!r} is not an ISO date") from None
+    end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
+    config = _config(
+        seed=seed,
+        customers=customers or max(200, invoices // 20),
+        invoices=invoices,
+        start=end - dt.timedelta(days=days),
+        as_of=end,
+        fault_rates=_rates(faults),
+    )
+    settings = load_settings()
+    store = open_store(settings)
+    migrate(store)
+    path = manifest or Path(".tower") / f"manifest-{seed}.json"
+    with Progress(
+        TextColumn("[bold]bulk estate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("invoices"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[rows]:,} rows"),
+        console=out,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("bulk", total=invoices, rows=0)
+        written = 0
+
+        def progress(table: str, rows: int, invoices_done: int) -> None:
+            nonlocal written
+            written += rows
+            bar.update(task, completed=invoices_done, rows=written)
+
+        result = bulk_load(store, config, fresh=not keep, manifest_path=path, progress=progress)
+    for name, rows in result.rows.items():
+        out.print(f"{name}: {rows:,} rows")
+    counts = {k: v for k, v in result.manifest.counts().items() if v}
+    out.print(f"{len(result.manifest):,} injected faults {counts}")
+    out.print(f"manifest: {path}")
+    out.print(f"done in {result.seconds:.1f} s")
+
+
+@simulate_app.command()
+def run(
+    api_url: Annotated[
+        str | None, typer.Option(help="The tower API receiving telemetry (default TOWER_API_URL).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port of the estate's API (default TOWER_SIMULATOR_PORT).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default TOWER_SIMULATOR_SEED).")] = None,
+    rate: Annotated[
+        int | None, typer.Option(min=1, help="Invoices per minute (default TOWER_SIMULATOR_RATE_PER_MIN).")
+    ] = None,
+    customers: Annotated[int, typer.Option(min=1, help="Customers.")] = 200,
+    minutes: Annotated[float, typer.Option(min=1, help="Length of the generated window.")] = 240,
+    faults: FaultsOpt = "default",
+    context_loss: Annotated[float, typer.Option(min=0, max=1, help="Share of flows losing trace context.")] = 0.3,
+    id_offset: Annotated[int, typer.Option(min=0, help="First invoice number (fresh ranges per run).")] = 0,
+    manifest: Annotated[Path | None, typer.Option(help="Write the manifest JSON here.")] = None,
+) -> None:
+    """Play an estate at demo pace: telemetry to the API, billing/ERP/CDP served on a loopback port."""
+    from connectors.simulator.live import demo_config, run_live
+    from tower_core.cli import load_settings
+
+    settings = load_settings()
+    config = demo_config(
+        seed=settings.simulator_seed if seed is None else seed,
+        rate_per_min=rate or settings.simulator_rate_per_min,
+        horizon_min=minutes,
+        customers=customers,
+        fault_rates=_rates(faults),
+        context_loss_share=context_loss,
+        id_offset=id_offset,
+    )
+    stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    try:
+        run_live(
+            config,
+            api_url or settings.api_url,
+            port=port or settings.simulator_port,
+            stop=stop,
+            manifest_path=manifest,
+            say=lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True),
+        )
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@simulate_app.command("manifest")
+def manifest_cmd(
+    invoices: Annotated[int, typer.Option(min=1)] = 2000,
+    customers: Annotated[int, typer.Option(min=1)] = 200,
+    seed: Annotated[int, typer.Option()] = 7,
+    faults: FaultsOpt = "default",
+) -> None:
+    """Print the manifest of the in-memory estate of this seed (no store involved)."""
+    from connectors.simulator import Estate
+
+    estate = Estate.generate(_config(seed=seed, customers=customers, invoices=invoices, fault_rates=_rates(faults)))
+    print(estate.manifest.to_json())
