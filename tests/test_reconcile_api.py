@@ -1,0 +1,289 @@
+"""The reconciler's API over the real app and chDB (TestClient), and ``tower reconcile`` as a user runs it:
+a real ``tower serve`` subprocess pulling from the simulated estate's HTTP API on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from collector.app import create_app
+from collector.auth import create_token
+from connectors.simulator import Estate, EstateConfig, FaultRates
+from connectors.simulator.server import create_sim_app
+from reconciler.connectors import Connectors
+from tests.conftest import free_port, wait_for_port
+from tests.server import TowerServer
+from tower_core.settings import Settings
+from tower_core.store import Store, migrate
+
+ADMIN = "reconcile-api-admin"
+RATES = FaultRates.only(
+    erp_posting_missing=0.02,
+    amount_mismatch=0.01,
+    orphan_payment=0.01,
+    payment_not_applied=0.01,
+    erp_business_rejection=0.01,
+)
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def api(embedded_store: Store, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    migrate(embedded_store)
+    settings = Settings(
+        database=embedded_store.database,
+        wal_dir=tmp_path / "wal",
+        admin_token=ADMIN,
+        sla_eval_interval_s=0,
+        reconcile_scheduler=False,
+        reconcile_grace_s={"*": 7200},
+        reconcile_action_backoff_s=0.01,
+    )
+    estate = Estate.generate(EstateConfig(seed=21, customers=60, invoices=600, fault_rates=RATES))
+    with TestClient(create_app(settings, embedded_store)) as client:
+        client.app.state.reconciler.set_connectors(Connectors(estate.billing, estate.erp, estate.cdp))  # type: ignore[attr-defined]
+        _, viewer = create_token(embedded_store, "vera", "viewer")
+        _, operator = create_token(embedded_store, "otto", "operator")
+        yield {"c": client, "store": embedded_store, "estate": estate, "viewer": viewer, "operator": operator}
+
+
+def run_and_wait(c: TestClient, token: str, body: dict[str, Any]) -> dict[str, Any]:
+    started = c.post("/api/runs", json=body, headers=auth(token))
+    assert started.status_code == 202, started.text
+    run_id = started.json()["run_id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        doc = c.get(f"/api/runs/{run_id}", headers=auth(token)).json()
+        if doc.get("state") in ("succeeded", "failed"):
+            return doc
+        time.sleep(0.05)
+    raise AssertionError("run did not finish")
+
+
+def as_of(api: dict[str, Any]) -> str:
+    return api["estate"].config.as_of.isoformat()
+
+
+def test_reads_need_a_viewer_and_mutations_an_operator(api: dict[str, Any]) -> None:
+    c, viewer = api["c"], api["viewer"]
+    for path in ("/api/drift", "/api/drift/summary", "/api/actions", "/api/runs", "/api/actions/dead-letters"):
+        assert c.get(path).status_code == 401, path
+        assert c.get(path, headers=auth(viewer)).status_code == 200, path
+    assert c.get("/api/statements", headers=auth(viewer)).status_code == 404  # no run yet
+    assert c.post("/api/runs", json={}, headers=auth(viewer)).status_code == 403
+    for verb in ("acknowledge", "ignore", "sync"):
+        r = c.post(f"/api/drift/x/{verb}", json={"note": "n"}, headers=auth(viewer))
+        assert r.status_code == 403 and "operator" in r.json()["detail"]
+    assert c.post("/api/actions/x/replay", headers=auth(viewer)).status_code == 403
+
+
+def test_run_then_list_filter_sort_paginate_and_statement(api: dict[str, Any]) -> None:
+    c, op, estate = api["c"], api["operator"], api["estate"]
+    run = run_and_wait(c, op, {"full": True, "as_of": as_of(api)})
+    assert run["state"] == "succeeded" and run["mode"] == "full" and run["requested_by"] == "otto"
+    assert run["progress"]["done"] == run["progress"]["total"] and run["residual_minor"] == 0
+    expected = estate.manifest.expected()
+    listed = c.get("/api/drift", params={"limit": 1000}, headers=auth(op)).json()
+    assert {(i["class"], i["primary_key"]) for i in listed["items"]} == expected
+    assert listed["total"] == len(expected)
+    one_class = c.get("/api/drift", params={"class": "missing_in_erp"}, headers=auth(op)).json()
+    assert one_class["total"] == sum(1 for cls, _ in expected if cls == "missing_in_erp")
+    assert {i["class"] for i in one_class["items"]} == {"missing_in_erp"}
+    page = c.get("/api/drift", params={"limit": 3, "offset": 2, "sort": "amount", "order": "asc"}, headers=auth(op))
+    items = page.json()["items"]
+    assert len(items) == 3 and page.json()["total"] == len(expected)
+    amounts = [abs(i["amount_minor"]) for i in items]
+    assert amounts == sorted(amounts)
+    # estate faults are >= 3 days old at as_of, but aging counts from first seen (= the run's as_of)
+    aged = c.get("/api/drift", params={"age": ">30d"}, headers=auth(op)).json()
+    assert aged["total"] == len(expected) and aged["items"][0]["age_bucket"] == ">30d"
+    assert c.get("/api/drift", params={"age": "0-1d"}, headers=auth(op)).json()["total"] == 0
+    assert c.get("/api/drift", params={"system": "billing"}, headers=auth(op)).json()["items"][0]["class"] == (
+        "orphan_payment"
+    )
+    for bad in ({"class": "nope"}, {"sort": "evil;DROP"}, {"region": "E U"}, {"age": "9d"}, {"limit": 0}):
+        r = c.get("/api/drift", params=bad, headers=auth(op))
+        assert r.status_code == 422, bad
+    statement = c.get("/api/statements", headers=auth(op)).json()
+    assert statement["run_id"] == run["run_id"] and statement["residual_minor"] == 0
+    assert statement["items"] and all(row["residual_minor"] == 0 for row in statement["items"])
+    explained = {k for t in statement["totals"] for k in t["explained"]}
+    assert {"missing_in_erp", "amount_mismatch"} <= explained
+    summary = c.get("/api/drift/summary", headers=auth(op)).json()
+    assert summary["open"] == len(expected)
+    runs = c.get("/api/runs", headers=auth(op)).json()
+    assert runs["items"][0]["run_id"] == run["run_id"]
+
+
+def test_item_detail_diff_history_transaction_and_audited_transitions(api: dict[str, Any]) -> None:
+    cl, op, store = api["c"], api["operator"], api["store"]
+    run_and_wait(cl, op, {"full": True, "as_of": as_of(api)})
+    item = cl.get("/api/drift", params={"class": "amount_mismatch"}, headers=auth(op)).json()["items"][0]
+    invoice_id = item["invoice_id"]
+    store.command(
+        "INSERT INTO $db.business_key_links (KeyType, KeyValue, TraceId, System, Region, FirstSeen, LastSeen) VALUES "
+        "('invoice', {inv:String}, '0af7651916cd43dd8448eb211c80319c', 'billing', 'EU', now64(9), now64(9))",
+        {"inv": invoice_id},
+    )
+    detail = cl.get(f"/api/drift/{item['drift_id']}", headers=auth(op)).json()
+    total = next(d for d in detail["diff"] if d["field"] == "total_minor")
+    assert total["differs"] and total["billing"] != total["erp"]
+    assert detail["policy"] == "approval" and detail["reason"]
+    assert [h["action"] for h in detail["history"]] == ["drift.new"]
+    assert detail["transaction"] is not None
+    assert detail["keys"]["invoice_id"] == invoice_id
+    assert cl.get("/api/drift/nope", headers=auth(op)).status_code == 404
+
+    url = f"/api/drift/{item['drift_id']}"
+    r = cl.post(f"{url}/ignore", json={"note": " "}, headers=auth(op))
+    assert r.status_code == 422 and "note" in r.json()["detail"]
+    r = cl.post(f"{url}/acknowledge", json={"note": "looking into the FX rate"}, headers=auth(op))
+    assert r.status_code == 200 and r.json()["state"] == "acknowledged"
+    assert cl.post(f"{url}/acknowledge", json={}, headers=auth(op)).status_code == 409
+    r = cl.post(f"{url}/ignore", json={"note": "FX rounding agreed with finance"}, headers=auth(op))
+    assert r.status_code == 200 and r.json()["state"] == "ignored"
+    history = cl.get(url, headers=auth(op)).json()["history"]
+    assert [(h["actor"], h["action"]) for h in history] == [
+        ("reconciler", "drift.new"),
+        ("otto", "drift.acknowledged"),
+        ("otto", "drift.ignored"),
+    ]
+    assert history[2]["note"] == "FX rounding agreed with finance"
+    assert history[2]["before"] == {"state": "acknowledged", "note": "looking into the FX rate"}
+    # the next run re-detects the drift but keeps the person's decision
+    run_and_wait(cl, op, {"as_of": as_of(api)})
+    assert cl.get(url, headers=auth(op)).json()["state"] == "ignored"
+    ignored = cl.get("/api/drift", params={"state": "ignored"}, headers=auth(op)).json()
+    assert [i["drift_id"] for i in ignored["items"]] == [item["drift_id"]]
+
+
+def test_corrective_sync_approval_replay_and_dead_letters(api: dict[str, Any]) -> None:
+    cl, op, estate = api["c"], api["operator"], api["estate"]
+    run_and_wait(cl, op, {"full": True, "as_of": as_of(api)})
+    items = cl.get("/api/drift", params={"limit": 1000}, headers=auth(op)).json()["items"]
+    missing = next(i for i in items if i["class"] == "missing_in_erp" and i["reason_code"] == "not_posted")
+    results: list[dict[str, Any]] = []
+
+    def send() -> None:
+        results.append(cl.post(f"/api/drift/{missing['drift_id']}/sync", json={}, headers=auth(op)).json())
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results[0]["action_id"] == results[1]["action_id"] and results[0]["state"] == "succeeded"
+    postings = [e for e in estate.erp.find_by_external_ref(missing["invoice_id"]) if e.entry_type == "invoice"]
+    assert len(postings) == 1
+
+    # business-rule class: waits for approval, then runs (the connector has no amendment: fails with why)
+    amount = next(i for i in items if i["class"] == "amount_mismatch")
+    waiting = cl.post(f"/api/drift/{amount['drift_id']}/sync", json={}, headers=auth(op)).json()
+    assert waiting["state"] == "pending" and waiting["approved_by"] == ""
+    approved = cl.post(f"/api/actions/{waiting['action_id']}/approve", headers=auth(op)).json()
+    assert approved["approved_by"] == "otto" and approved["state"] == "failed"
+    assert "acknowledge" in approved["last_error"]
+
+    orphan = next(i for i in items if i["class"] == "orphan_payment")
+    r = cl.post(f"/api/drift/{orphan['drift_id']}/sync", json={}, headers=auth(op))
+    assert r.status_code == 422 and "no corrective operation" in r.json()["detail"]
+
+    rejected = next(i for i in items if i["reason_code"] == "erp_rejected")
+    failed = cl.post(f"/api/drift/{rejected['drift_id']}/sync", json={}, headers=auth(op)).json()
+    assert failed["state"] == "failed" and "closed" in failed["last_error"]
+    dead = cl.get("/api/actions/dead-letters", headers=auth(op)).json()
+    assert failed["action_id"] in {a["action_id"] for a in dead["items"]}
+    replay = cl.post(f"/api/actions/{failed['action_id']}/replay", headers=auth(op)).json()
+    assert replay["original_action_id"] == failed["action_id"] and replay["requested_by"] == "otto"
+    doc = cl.get(f"/api/actions/{failed['action_id']}", headers=auth(op)).json()
+    assert [r["action_id"] for r in doc["replays"]] == [replay["action_id"]]
+    assert doc["history"][0]["actor"] == "otto"
+    assert cl.post(f"/api/actions/{postings[0].entry_id}/replay", headers=auth(op)).status_code == 404
+    ok = cl.post(f"/api/actions/{results[0]['action_id']}/replay", headers=auth(op))
+    assert ok.status_code == 409  # only failed actions are replayed
+    listed = cl.get("/api/actions", params={"class": "missing_in_erp", "state": "succeeded"}, headers=auth(op))
+    assert [a["action_id"] for a in listed.json()["items"]] == [results[0]["action_id"]]
+    assert cl.get("/api/actions", params={"state": "weird"}, headers=auth(op)).status_code == 422
+    assert cl.get("/api/actions/breakers", headers=auth(op)).json()["breakers"]["erp"]["state"] == "closed"
+    # the next run resolves the corrected item
+    run_and_wait(cl, op, {"as_of": as_of(api)})
+    assert cl.get(f"/api/drift/{missing['drift_id']}", headers=auth(op)).json()["state"] == "resolved"
+
+
+def tower(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TOWER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "tower_core.cli", *args],
+        cwd=cwd,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+@pytest.mark.slow
+def test_tower_reconcile_cli_against_a_served_api_pulling_the_simulated_estate(tmp_path: Path) -> None:
+    estate = Estate.generate(EstateConfig(seed=22, customers=80, invoices=1500, fault_rates=FaultRates.default()))
+    port = free_port()
+    sim = uvicorn.Server(uvicorn.Config(create_sim_app(estate), host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=sim.run, daemon=True)
+    thread.start()
+    try:
+        wait_for_port(port)
+        env = {
+            "TOWER_ADMIN_TOKEN": ADMIN,
+            "TOWER_RECONCILE_SCHEDULER": "false",
+            "TOWER_RECONCILE_CONNECTORS": "simulator",
+            "TOWER_SIMULATOR_URL": f"http://127.0.0.1:{port}",
+            "TOWER_SLA_EVAL_INTERVAL_S": "0",
+        }
+        with TowerServer(tmp_path / "srv", **env) as server:
+            token = httpx.post(
+                f"{server.url}/api/tokens", json={"name": "cli", "role": "operator"}, headers=auth(ADMIN)
+            ).json()["token"]
+            when = estate.config.as_of.isoformat()
+            ok = tower(
+                ["reconcile", "--full", "--as-of", when], tmp_path, TOWER_API_URL=server.url, TOWER_API_TOKEN=token
+            )
+            assert ok.returncode == 0, ok.stdout + ok.stderr
+            assert "succeeded" in ok.stdout and "residual 0" in ok.stdout
+            items = httpx.get(f"{server.url}/api/drift", params={"limit": 1000}, headers=auth(token)).json()
+            assert {(i["class"], i["primary_key"]) for i in items["items"]} == estate.manifest.expected()
+            eu = tower(["reconcile", "--region", "EU", "--as-of", when], tmp_path, TOWER_API_URL=server.url,
+                       TOWER_API_TOKEN=token)  # fmt: skip
+            assert eu.returncode == 0 and "region EU" in eu.stdout, eu.stdout + eu.stderr
+            viewer = httpx.post(
+                f"{server.url}/api/tokens", json={"name": "v", "role": "viewer"}, headers=auth(ADMIN)
+            ).json()["token"]
+            refused = tower(["reconcile"], tmp_path, TOWER_API_URL=server.url, TOWER_API_TOKEN=viewer)
+            assert refused.returncode == 2 and refused.stderr.startswith("tower: error: the API refused the token")
+            assert len(refused.stderr.strip().splitlines()) == 1
+            bad = tower(
+                ["reconcile", "--as-of", "yesterday"], tmp_path, TOWER_API_URL=server.url, TOWER_API_TOKEN=token
+            )
+            assert bad.returncode == 2 and "--as-of" in bad.stderr
+    finally:
+        sim.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_tower_reconciler_needs_a_clickhouse_server(tmp_path: Path) -> None:
+    proc = tower(["reconciler"], tmp_path)
+    assert proc.returncode == 2 and "TOWER_CLICKHOUSE_URL" in proc.stderr
+    proc = tower(["reconcile"], tmp_path, TOWER_API_URL=f"http://127.0.0.1:{free_port()}", TOWER_API_TOKEN="x")
+    assert proc.returncode == 2 and "cannot reach the API" in proc.stderr
