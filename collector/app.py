@@ -7,12 +7,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from collector.audit import AuditRefusals
 from collector.auth import TokenVerifier
 from collector.ingest import IngestService
+from collector.limits import BodySizeLimit
 from collector.routers import actions as action_routes
+from collector.routers import audit as audit_routes
+from collector.routers import bulk as bulk_routes
 from collector.routers import cdp, drift, events, health, lookups, metrics, otlp, runs, statements, tokens, webhooks
+from collector.routers import overview as overview_routes
 from collector.routers import sla as sla_routes
 from collector.scheduler import create_scheduler
 from collector.telemetry import setup_telemetry
@@ -69,4 +75,11 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.include_router(sla_routes.router)
     for module in (drift, action_routes, runs, statements):
         app.include_router(module.router)
+    for module in (bulk_routes, overview_routes, audit_routes):  # the dashboard's extra reads and bulk actions
+        app.include_router(module.router)
+    app.add_middleware(AuditRefusals, store=lambda: app.state.store)
+    app.add_middleware(BodySizeLimit, limit=settings.api_max_body_bytes)
+    if settings.cors_origins:  # no cross-origin access unless origins are listed
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
     return app

@@ -86,3 +86,19 @@ def test_api_errors_are_json_4xx(server: TowerServer) -> None:
         r = httpx.request(method, f"{server.url}{path}")
         assert 400 <= r.status_code < 500, (path, r.status_code)
         assert "detail" in r.json()
+
+
+def test_api_body_cap_and_no_cors_by_default(server: TowerServer) -> None:
+    r = httpx.post(f"{server.url}/api/tokens", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds" in r.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the cap holds while streaming
+        for _ in range(40):
+            yield b" " * 65536
+
+    r = httpx.post(f"{server.url}/api/tokens", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    pre = httpx.options(f"{server.url}/api/drift", headers={"Origin": "https://evil.example",
+                                                            "Access-Control-Request-Method": "GET"})
+    assert "access-control-allow-origin" not in pre.headers

@@ -37,6 +37,15 @@ class Settings(BaseSettings):
     )
     dashboard_host: str = Field("127.0.0.1", description="Address the Streamlit dashboard binds to.")
     dashboard_port: int = Field(8501, description="Port of the Streamlit dashboard.")
+    dashboard_token: SecretStr | None = Field(
+        None,
+        description="Bearer token the dashboard sends to the API (else TOWER_API_TOKEN, else it asks once per "
+        "session); its role decides which action buttons show; never logged.",
+    )
+    dashboard_timeout_s: float = Field(10.0, gt=0, description="Timeout of one dashboard call to the API (seconds).")
+    dashboard_refresh_s: float = Field(
+        2.0, gt=0, description="How often the dashboard refreshes a running action's status (seconds)."
+    )
 
     # --- security
     admin_token: SecretStr | None = Field(
@@ -121,6 +130,11 @@ class Settings(BaseSettings):
     )
     reconcile_breaker_failures: int = Field(5, description="Consecutive failures that open a target system's breaker.")
     reconcile_breaker_reset_s: float = Field(30.0, description="Seconds an open breaker waits before a trial call.")
+
+    cors_origins: list[str] = Field(
+        default_factory=list, description='Origins allowed cross-origin API access, JSON list; empty = none.'
+    )
+    api_max_body_bytes: int = Field(1024 * 1024, description="Body cap of JSON API requests (413 beyond).")
 
     # --- collector
     wal_dir: Path = Field(Path(".tower/wal"), description="Directory of the collector's write-ahead buffer.")
