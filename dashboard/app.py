@@ -1,18 +1,80 @@
-"""Dashboard entry point (pages arrive with the dashboard issue); reads only from the API."""
+"""Dashboard entry point (`tower dashboard`): the token, who it belongs to, and the pages.
+
+Everything comes from the API (dashboard/api_client.py); the dashboard never opens the store. The token comes
+from settings (TOWER_DASHBOARD_TOKEN, else TOWER_API_TOKEN) or is asked for once per session.
+"""
 
 from __future__ import annotations
 
-import os
-
-import httpx
 import streamlit as st
 
-API = os.environ.get("TOWER_API_URL", "http://127.0.0.1:8000")
+from dashboard import session
+from dashboard.api_client import ApiError, ApiUnavailable, TowerApi
 
-st.set_page_config(page_title="Revenue Control Tower", layout="wide")
-st.title("Revenue Control Tower")
-try:
-    ready = httpx.get(f"{API}/readyz", timeout=3).json()
-    st.success(f"API at {API}: {ready.get('status')} ({ready.get('backend')} store)")
-except httpx.HTTPError as exc:
-    st.error(f"The API at {API} is not reachable ({type(exc).__name__}). Start it with `tower serve`.")
+st.set_page_config(page_title="Revenue Control Tower", page_icon="🗼", layout="wide")
+cfg = session.settings()
+
+
+def _login(message: str = "") -> None:
+    """Ask for a token once per session; it is checked against the API before it is kept."""
+    st.title("Revenue Control Tower")
+    if message:
+        st.error(message)
+    with st.form("login_form"):
+        st.write("Paste your API token (`tower token create --name you --role operator` prints one).")
+        typed = st.text_input("API token", type="password", key="login_token")
+        submitted = st.form_submit_button("Sign in", key="login_submit")
+    if submitted and typed.strip():
+        probe = TowerApi(cfg.api_url, typed.strip(), cfg.dashboard_timeout_s)
+        try:
+            st.session_state[session.PRINCIPAL] = probe.whoami()
+            st.session_state[session.TOKEN] = typed.strip()
+            st.rerun()
+        except ApiError as exc:
+            st.error(f"The API refused this token: {exc.detail}")
+        except ApiUnavailable as exc:
+            st.error(f"The API is unavailable, so the token cannot be checked now: {exc}")
+        finally:
+            probe.close()
+    st.stop()
+
+
+if session.token(cfg) is None:
+    _login()
+
+if session.principal() is None:
+    try:
+        st.session_state[session.PRINCIPAL] = session.api().whoami()
+    except ApiError as exc:
+        if session.configured_token(cfg) is None:
+            st.session_state.pop(session.TOKEN, None)
+            _login(f"The API refused the token: {exc.detail}")
+        st.error(f"The API refused the configured token (TOWER_DASHBOARD_TOKEN): {exc.detail}")
+        st.stop()
+    except ApiUnavailable:
+        pass  # each page shows the banner; no role known means no action buttons
+
+pages = [
+    st.Page("pages/overview.py", title="Overview", icon="🗼", url_path="overview", default=True),
+    st.Page("pages/unreconciled.py", title="Unreconciled", icon="🧾", url_path="unreconciled"),
+    st.Page("pages/actions.py", title="Actions", icon="🛠️", url_path="actions"),
+    st.Page("pages/slas.py", title="SLAs & alerts", icon="⏱️", url_path="slas"),
+    st.Page("pages/audit.py", title="Audit", icon="📜", url_path="audit"),
+]
+nav = st.navigation(pages)
+
+with st.sidebar:
+    who = session.principal()
+    if who:
+        st.caption(f"Signed in as **{who['name']}** ({who['role']})")
+        if not session.can_act():
+            st.caption("Read-only: viewers see no action buttons.")
+    else:
+        st.caption("Identity unknown while the API is unavailable (read-only).")
+    st.caption(f"API: {cfg.api_url}")
+    if session.configured_token(cfg) is None and st.button("Sign out", key="sign_out"):
+        for k in (session.TOKEN, session.PRINCIPAL, "_api"):
+            st.session_state.pop(k, None)
+        st.rerun()
+
+nav.run()

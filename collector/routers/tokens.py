@@ -1,4 +1,4 @@
-"""API token administration (admin role)."""
+"""API token administration (admin role, audited) and the caller's own identity (any role)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from collector.auth import ROLES, Principal, create_token, require
 from collector.deps import get_store
 from tower_core.store import Store
+from tower_core.store import reconcile as audit_log
 from tower_core.store import tokens as token_store
 
 router = APIRouter(prefix="/api/tokens", tags=["tokens"])
@@ -28,7 +29,14 @@ async def create(
     admin: Annotated[Principal, Depends(require("admin"))],
 ) -> dict[str, str]:
     token_id, token = await run_in_threadpool(create_token, store, body.name, body.role)
+    record = audit_log.audit_record(admin.name, "token.create", "token", token_id, None, body.model_dump())
+    await run_in_threadpool(audit_log.write_audit, store, [record])
     return {"token_id": token_id, "name": body.name, "role": body.role, "token": token}
+
+
+@router.get("/me", summary="Who the presented token belongs to, and its role")
+async def me(viewer: Annotated[Principal, Depends(require("viewer"))]) -> dict[str, str]:
+    return {"name": viewer.name, "role": viewer.role}
 
 
 @router.get("", summary="List tokens (no secrets)")
@@ -48,4 +56,6 @@ async def revoke(
     if not await run_in_threadpool(token_store.revoke, store, token_id):
         raise HTTPException(404, f"token {token_id} not found")
     request.app.state.verifier.forget()
+    record = audit_log.audit_record(admin.name, "token.revoke", "token", token_id, None, {"revoked": True})
+    await run_in_threadpool(audit_log.write_audit, store, [record])
     return {"token_id": token_id, "status": "revoked"}

@@ -1,0 +1,244 @@
+"""The dashboard's only way to the tower: HTTP calls to the API with the bearer token (httpx).
+
+Errors become two exceptions the pages handle without a traceback: ``ApiUnavailable`` (nothing answers, a
+timeout, or 502/503/504: show the banner) and ``ApiError`` (the API refused: show its message). Each page's
+reads are one ``load_*`` function that issues its calls side by side; bench/dashboard.py times the same
+functions, so what it measures is what a page waits for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+UNAVAILABLE = frozenset({502, 503, 504})
+
+
+class ApiUnavailable(Exception):
+    """The API cannot answer now (down, unreachable, timed out, or its store is unavailable)."""
+
+
+class ApiError(Exception):
+    """The API refused the request (4xx): ``status`` and the API's own message."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def _detail(r: httpx.Response) -> str:
+    try:
+        doc = r.json()
+    except ValueError:
+        return r.text[:500] or r.reason_phrase
+    detail = doc.get("detail", doc) if isinstance(doc, dict) else doc
+    if isinstance(detail, list):  # FastAPI validation errors
+        return "; ".join(f"{'.'.join(str(x) for x in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+    return str(detail)
+
+
+class TowerApi:
+    """Thin typed wrapper of the routes the dashboard uses."""
+
+    def __init__(
+        self, base_url: str, token: str | None, timeout_s: float = 10.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # --- transport
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self.client.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise ApiUnavailable(f"the API at {self.base_url} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise ApiUnavailable(f"the API at {self.base_url} is not reachable ({type(exc).__name__})") from None
+        if r.status_code in UNAVAILABLE:
+            raise ApiUnavailable(f"the API at {self.base_url} is unavailable: {_detail(r)}")
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, _detail(r))
+        return r.json() if r.content else None
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v not in (None, "", [])})
+
+    def post(self, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        return self.request("POST", path, json=dict(body or {}))
+
+    # --- identity and health
+    def ready(self) -> dict[str, Any]:
+        return self.get("/readyz")
+
+    def whoami(self) -> dict[str, str]:
+        return self.get("/api/tokens/me")
+
+    # --- drift queue
+    def drift(self, **params: Any) -> dict[str, Any]:
+        return self.get("/api/drift", **params)
+
+    def drift_item(self, drift_id: str) -> dict[str, Any]:
+        return self.get(f"/api/drift/{drift_id}")
+
+    def aging(self, region: str = "") -> dict[str, Any]:
+        return self.get("/api/overview/aging", region=region)
+
+    def acknowledge(self, drift_id: str, note: str = "") -> dict[str, Any]:
+        return self.post(f"/api/drift/{drift_id}/acknowledge", {"note": note})
+
+    def ignore(self, drift_id: str, note: str) -> dict[str, Any]:
+        return self.post(f"/api/drift/{drift_id}/ignore", {"note": note})
+
+    def sync(self, drift_id: str, approve: bool = False) -> dict[str, Any]:
+        return self.post(f"/api/drift/{drift_id}/sync", {"approve": approve})
+
+    def bulk(self, action: str, filters: Mapping[str, Any], expected: int, note: str = "") -> dict[str, Any]:
+        body = {"action": action, "filter": dict(filters), "expected_count": expected, "note": note}
+        return self.post("/api/drift/bulk", body)
+
+    # --- actions
+    def actions(self, **params: Any) -> dict[str, Any]:
+        return self.get("/api/actions", **params)
+
+    def action(self, action_id: str) -> dict[str, Any]:
+        return self.get(f"/api/actions/{action_id}")
+
+    def replay(self, action_id: str) -> dict[str, Any]:
+        return self.post(f"/api/actions/{action_id}/replay")
+
+    def approve(self, action_id: str) -> dict[str, Any]:
+        return self.post(f"/api/actions/{action_id}/approve")
+
+    def breakers(self) -> dict[str, Any]:
+        return self.get("/api/actions/breakers")
+
+    # --- runs
+    def runs(self, limit: int = 1) -> dict[str, Any]:
+        return self.get("/api/runs", limit=limit)
+
+    def start_run(self, full: bool = False, region: str = "") -> dict[str, Any]:
+        return self.post("/api/runs", {"full": full, "region": region})
+
+    # --- SLAs
+    def sla_definitions(self) -> dict[str, Any]:
+        return self.get("/api/sla/definitions")
+
+    def sla_compliance(self) -> dict[str, Any]:
+        return self.get("/api/sla/compliance")
+
+    def sla_breaches(self, status: str = "all", since: dt.datetime | None = None, limit: int = 1000) -> dict[str, Any]:
+        return self.get("/api/sla/breaches", status=status, since=since.isoformat() if since else None, limit=limit)
+
+    # --- audit
+    def audit(self, **params: Any) -> dict[str, Any]:
+        return self.get("/api/audit", **params)
+
+    def audit_facets(self) -> dict[str, list[str]]:
+        return self.get("/api/audit/facets")
+
+
+# --- what each page loads ------------------------------------------------------------------------------------
+_POOL = ThreadPoolExecutor(max_workers=6, thread_name_prefix="dashboard-api")
+
+
+class Loaded(dict):
+    """Results by name, plus ``errors``: name -> message of the calls that failed (the page shows the rest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: dict[str, str] = {}
+
+
+def gather(calls: Mapping[str, Callable[[], Any]]) -> Loaded:
+    """Run the calls side by side. A refused call is reported in ``errors``; if every call found the API
+    unavailable, raise ApiUnavailable (the page shows the banner instead)."""
+    futures = {name: _POOL.submit(fn) for name, fn in calls.items()}
+    out = Loaded()
+    down: list[str] = []
+    for name, fut in futures.items():
+        try:
+            out[name] = fut.result()
+        except ApiUnavailable as exc:
+            down.append(str(exc))
+            out.errors[name] = str(exc)
+        except ApiError as exc:
+            out.errors[name] = exc.detail
+    if down and len(down) == len(calls):
+        raise ApiUnavailable(down[0])
+    return out
+
+
+def load_overview(api: TowerApi, now: dt.datetime | None = None, days: int = 7) -> Loaded:
+    now = now or dt.datetime.now(dt.UTC)
+    since = now - dt.timedelta(days=days)
+    return gather(
+        {
+            "compliance": api.sla_compliance,
+            "breaches": lambda: api.sla_breaches("all", since=since),
+            "firing": lambda: api.sla_breaches("firing", limit=200),
+            "aging": api.aging,
+            "runs": lambda: api.runs(limit=1),
+        }
+    )
+
+
+def load_unreconciled(api: TowerApi, params: Mapping[str, Any]) -> Loaded:
+    return gather({"drift": lambda: api.drift(**params)})
+
+
+def load_item(api: TowerApi, drift_id: str) -> Loaded:
+    return gather({"item": lambda: api.drift_item(drift_id), "definitions": api.sla_definitions})
+
+
+def load_actions(api: TowerApi, params: Mapping[str, Any], drift_params: Mapping[str, Any]) -> Loaded:
+    return gather(
+        {
+            "actions": lambda: api.actions(**params),
+            "dead_letters": lambda: api.get("/api/actions/dead-letters", limit=50),
+            "breakers": api.breakers,
+            "matching": lambda: api.drift(**drift_params, limit=1),
+        }
+    )
+
+
+def load_slas(api: TowerApi, now: dt.datetime | None = None, days: int = 30) -> Loaded:
+    since = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(days=days)
+    return gather(
+        {
+            "definitions": api.sla_definitions,
+            "compliance": api.sla_compliance,
+            "breaches": lambda: api.sla_breaches("all", since=since, limit=500),
+        }
+    )
+
+
+def load_audit(api: TowerApi, params: Mapping[str, Any]) -> Loaded:
+    return gather({"audit": lambda: api.audit(**params)})
+
+
+def first_item(api: TowerApi, **params: Any) -> str | None:
+    items = api.drift(limit=1, **params)["items"]
+    return items[0]["drift_id"] if items else None
+
+
+# What each page waits for with its default filters, in the page's order (bench/dashboard.py times these).
+PAGE_LOADS: dict[str, Callable[[TowerApi], Any]] = {
+    "overview": lambda api: load_overview(api),
+    "unreconciled": lambda api: load_unreconciled(api, {"limit": 25, "offset": 0, "sort": "first_seen"}),
+    "unreconciled_item": lambda api: load_item(api, first_item(api) or "none"),
+    "actions": lambda api: load_actions(api, {"limit": 25}, {}),
+    "slas": lambda api: load_slas(api),
+    "audit": lambda api: (
+        api.audit_facets(),
+        load_audit(api, {"since": (dt.datetime.now(dt.UTC) - dt.timedelta(days=7)).isoformat(), "limit": 50}),
+    ),
+}

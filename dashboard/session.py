@@ -1,0 +1,135 @@
+"""Per-session state shared by the pages: settings, the API client with this session's token, who the token
+belongs to, the API-down banner and the two-step confirmation of actions. Streamlit glue only; HTTP goes
+through ``api_client`` and formatting through ``views``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import streamlit as st
+from pydantic import ValidationError
+
+from dashboard import views
+from dashboard.api_client import ApiError, ApiUnavailable, TowerApi
+from tower_core.settings import Settings
+
+TOKEN = "session_token"  # a token typed in this session (when settings hold none)
+PRINCIPAL = "principal"
+CONFIRM = "pending_confirmation"
+RESULT = "last_result"
+
+
+def settings() -> Settings:
+    """The dashboard's settings (environment / .env); bad ones stop the page with one clear message."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        st.error(f"Invalid setting TOWER_{where.upper()}: {first.get('msg')}")
+        st.stop()
+        raise  # unreachable: st.stop() ends the run
+
+
+def configured_token(cfg: Settings) -> str | None:
+    secret = cfg.dashboard_token or cfg.api_token
+    return secret.get_secret_value() if secret else None
+
+
+def token(cfg: Settings) -> str | None:
+    return configured_token(cfg) or st.session_state.get(TOKEN)
+
+
+def api() -> TowerApi:
+    """This session's client (one per API URL and token)."""
+    cfg = settings()
+    tok = token(cfg)
+    key = (cfg.api_url, tok, cfg.dashboard_timeout_s)
+    cached = st.session_state.get("_api")
+    if cached is None or cached[0] != key:
+        if cached is not None:
+            cached[1].close()
+        cached = (key, TowerApi(cfg.api_url, tok, cfg.dashboard_timeout_s))
+        st.session_state["_api"] = cached
+    return cached[1]
+
+
+def principal() -> dict[str, str] | None:
+    """Name and role of the token (None while the API cannot tell)."""
+    return st.session_state.get(PRINCIPAL)
+
+
+def role() -> str | None:
+    p = principal()
+    return p["role"] if p else None
+
+
+def can_act() -> bool:
+    return views.can_act(role())
+
+
+def banner(exc: Exception, where: str) -> None:
+    """The API-down banner with a retry button; the page stops drawing after it."""
+    cfg = settings()
+    st.error(
+        f"**The tower's API is unavailable** — {exc}. The data on this page cannot be loaded; nothing was "
+        f"changed. Start it with `tower serve` (API at {cfg.api_url}) and retry.",
+        icon="🚫",
+    )
+    st.button("Retry", key=f"retry_{where}")
+    st.stop()
+
+
+def show_errors(errors: dict[str, str]) -> None:
+    for name, message in errors.items():
+        st.warning(f"Could not load {name.replace('_', ' ')}: {message}")
+
+
+# --- two-step confirmation -----------------------------------------------------------------------------------
+def ask(where: str, op: str, prompt: str, run: Callable[[], Any], target: str = "") -> None:
+    """First click: remember what to do and ask. ``confirmation(where)`` shows the question to finish or cancel."""
+    st.session_state.pop(RESULT, None)
+    st.session_state[CONFIRM] = {"where": where, "op": op, "prompt": prompt, "target": target, "run": run}
+
+
+def _confirmed() -> None:
+    pending = st.session_state.pop(CONFIRM, None)
+    if not pending:
+        return
+    try:
+        doc = pending["run"]()
+        st.session_state[RESULT] = {**_head(pending), "ok": True, "doc": doc}
+    except ApiError as exc:
+        st.session_state[RESULT] = {**_head(pending), "ok": False, "message": exc.detail, "status": exc.status}
+    except ApiUnavailable as exc:
+        st.session_state[RESULT] = {**_head(pending), "ok": False, "message": str(exc), "status": 503}
+
+
+def _head(pending: dict[str, Any]) -> dict[str, Any]:
+    return {k: pending[k] for k in ("where", "op", "target")}
+
+
+def _cancelled() -> None:
+    st.session_state.pop(CONFIRM, None)
+
+
+def confirmation(where: str) -> None:
+    """The pending question (if any) with Confirm / Cancel, and the outcome of the last confirmed action."""
+    pending = st.session_state.get(CONFIRM)
+    if pending and pending["where"] == where:
+        with st.container(border=True):
+            st.warning(pending["prompt"], icon="⚠️")
+            c1, c2, _ = st.columns([1, 1, 4])
+            c1.button("Confirm", key=f"confirm_{where}", type="primary", on_click=_confirmed)
+            c2.button("Cancel", key=f"cancel_{where}", on_click=_cancelled)
+    result = st.session_state.get(RESULT)
+    if result and result["where"] == where:
+        if result["ok"]:
+            st.success(f"{result['op']}: done", icon="✅")
+        else:
+            st.error(f"{result['op']} refused (HTTP {result['status']}): {result['message']}")
+
+
+def clear_result() -> None:
+    st.session_state.pop(RESULT, None)

@@ -1,0 +1,189 @@
+"""The dashboard's view models as plain functions: formatting, grids, series, waterfall bars, parameters."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from dashboard import views
+
+T0 = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("minor", "currency", "text"),
+    [
+        (123456, "EUR", "1,234.56 EUR"),
+        (-5, "USD", "-0.05 USD"),
+        (1234, "JPY", "1,234 JPY"),
+        (0, "GBP", "0.00 GBP"),
+        (100000000, "USD", "1,000,000.00 USD"),
+        (None, "USD", "—"),
+    ],
+)
+def test_money_uses_the_currency_exponent(minor: int | None, currency: str, text: str) -> None:
+    assert views.fmt_money(minor, currency) == text
+
+
+def test_roles_that_may_act() -> None:
+    assert [views.can_act(r) for r in ("viewer", "operator", "admin", None, "root")] == [
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+def test_durations_and_times() -> None:
+    assert views.fmt_duration(0.25) == "250 ms"
+    assert views.fmt_duration(12.5) == "12.5 s"
+    assert views.fmt_duration(900) == "15 min"
+    assert views.fmt_duration(7200) == "2.0 h"
+    assert views.fmt_duration(None) == "—"
+    assert views.parse_time("2026-11-20T12:00:00Z") == T0
+    assert views.parse_time("1970-01-01T00:00:00Z") is None  # the store's "never"
+    assert views.fmt_time("2026-11-20T12:00:00.123Z") == "2026-11-20 12:00:00 UTC"
+
+
+def test_compliance_heatmap_is_region_by_step_in_flow_order() -> None:
+    objectives = [
+        {"region": "EU", "step": "invoice_to_ledger", "compliance": 0.5, "bad": 3, "decided": 6},
+        {"region": "NA", "step": "invoice_to_ledger", "compliance": 1.0, "bad": 0, "decided": 6},
+        {"region": "EU", "step": "cdp_to_billing", "compliance": None, "bad": 0, "decided": 0},
+    ]
+    heat = views.compliance_heatmap(objectives)
+    assert heat.regions == ["EU", "NA"]
+    assert heat.steps == ["cdp_to_billing", "invoice_to_ledger"]
+    assert heat.z == [[None, 50.0], [None, 100.0]]
+    assert heat.text[0][1] == "50.00%<br>3 of 6 late"
+    assert heat.text[1][0] == ""  # NA has no cdp_to_billing objective row
+
+
+def test_breach_series_counts_active_breaches_per_hour_and_region() -> None:
+    now = T0 + dt.timedelta(minutes=30)
+    breaches = [
+        {"region": "EU", "starts_at": "2026-11-20T09:10:00Z", "ends_at": "2026-11-20T10:20:00Z"},
+        {"region": "EU", "starts_at": "2026-11-20T10:05:00Z", "ends_at": None},  # still firing
+        {"region": "NA", "starts_at": "2026-11-20T11:59:00Z", "ends_at": None},
+    ]
+    series = views.breach_series(breaches, now, hours=6)
+    eu = dict(series["EU"])
+    assert eu[T0.replace(hour=9)] == 1
+    assert eu[T0.replace(hour=10)] == 2
+    assert eu[T0.replace(hour=11)] == 1
+    assert eu[T0.replace(hour=12)] == 1
+    assert eu[T0.replace(hour=8)] == 0
+    na = dict(series["NA"])
+    assert na[T0.replace(hour=11)] == 1 and na[T0.replace(hour=10)] == 0
+    assert len(series["EU"]) == 6
+
+
+def test_aging_table_counts_per_bucket_and_sums_amounts_per_currency_only() -> None:
+    groups = [
+        {"class": "missing_in_erp", "region": "EU", "currency": "EUR", "age_bucket": "0-1d", "items": 2,
+         "amount_minor": 1000},
+        {"class": "missing_in_erp", "region": "EU", "currency": "GBP", "age_bucket": "8-30d", "items": 1,
+         "amount_minor": 500},
+        {"class": "missing_in_erp", "region": "NA", "currency": "USD", "age_bucket": "0-1d", "items": 1,
+         "amount_minor": 250},
+        {"class": "customer_unsynced", "region": "NA", "currency": "", "age_bucket": ">30d", "items": 5,
+         "amount_minor": 0},
+    ]  # fmt: skip
+    table = views.aging_table(groups)
+    assert table.total == 9
+    assert table.classes == ["customer_unsynced", "missing_in_erp"]  # most items first
+    assert table.counts["missing_in_erp"] == {"0-1d": 3, "8-30d": 1}
+    assert table.currency_totals() == {"EUR": 1000, "GBP": 500, "USD": 250}
+    rows = {r["class"]: r for r in table.rows()}
+    assert rows["missing_in_erp"]["items"] == 4 and rows["missing_in_erp"]["2-7d"] == 0
+    assert rows["missing_in_erp"]["amount EUR"] == "10.00 EUR"
+    assert rows["customer_unsynced"]["amount USD"] == ""
+    eu = views.aging_table(groups, region="EU")
+    assert eu.total == 3 and eu.currency_totals() == {"EUR": 1000, "GBP": 500}
+
+
+def test_filters_become_the_apis_query_parameters() -> None:
+    f = views.DriftFilters(region="EU", classes=["missing_in_erp"], age="2-7d", customer=" cus_1 ", min_amount=10)
+    assert f.params() == {"region": "EU", "class": ["missing_in_erp"], "age": "2-7d", "key": "cus_1", "min_amount": 10}
+    assert views.DriftFilters().params() == {}
+    assert views.page_params(3, 25, "amount", True) == {"limit": 25, "offset": 50, "sort": "amount", "order": "desc"}
+    assert views.page_count(51, 25) == 3 and views.page_count(0, 25) == 1
+    prompt = views.bulk_prompt("ignore", 1, views.DriftFilters(region="NA"))
+    assert prompt == "This will ignore 1 item (region=NA). Confirm?"
+    assert "17 items (no filter" in views.bulk_prompt("sync", 17, views.DriftFilters())
+
+
+def test_step_thresholds_take_the_tightest_objective_of_the_region() -> None:
+    defs = {
+        "objectives": [
+            {"step": "invoice_to_ledger", "threshold_s": 900, "regions": "all"},
+            {"step": "invoice_to_ledger", "threshold_s": 300, "regions": ["EU"]},
+            {"step": "payment_to_cash", "threshold_s": 1800, "regions": "all"},
+        ]
+    }
+    assert views.step_thresholds(defs, "EU") == {"invoice_to_ledger": 300, "payment_to_cash": 1800}
+    assert views.step_thresholds(defs, "NA") == {"invoice_to_ledger": 900, "payment_to_cash": 1800}
+    assert views.step_thresholds(None) == {}
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def test_transaction_bars_order_systems_then_steps_against_their_sla() -> None:
+    txn = {
+        "spans": [
+            {"system": "erp", "name": "erp.post_invoice", "start": _iso(T0 + dt.timedelta(minutes=20)),
+             "end": _iso(T0 + dt.timedelta(minutes=20, seconds=1)), "start_ns": 3, "duration_ms": 1000.0,
+             "trace_id": "b" * 32, "status": "OK"},
+            {"system": "billing", "name": "invoice.finalized", "start": _iso(T0),
+             "end": _iso(T0 + dt.timedelta(seconds=2)), "start_ns": 1, "duration_ms": 2000.0, "trace_id": "a" * 32,
+             "status": "OK"},
+            {"system": "cdp", "name": "identify", "start": _iso(T0 - dt.timedelta(minutes=1)),
+             "end": _iso(T0 - dt.timedelta(minutes=1)), "start_ns": 0, "duration_ms": 0.0, "trace_id": "c" * 32,
+             "status": "OK"},
+        ],
+        "steps": [
+            {"step": "invoice_to_ledger", "start": _iso(T0), "end": _iso(T0 + dt.timedelta(minutes=20, seconds=1)),
+             "latency_ms": 1_201_000.0, "complete": True, "missing_systems": []},
+            {"step": "payment_to_cash", "start": _iso(T0), "end": None, "latency_ms": None, "complete": False,
+             "missing_systems": ["erp"]},
+        ],
+    }  # fmt: skip
+    bars = views.transaction_bars(txn, {"invoice_to_ledger": 900, "payment_to_cash": 1800})
+    assert [b.label for b in bars] == [
+        "cdp · identify",
+        "billing · invoice.finalized",
+        "erp · erp.post_invoice",
+        "step · billing → ERP (invoice)",
+        "step · billing → ERP (payment)",
+    ]
+    late, waiting = bars[3], bars[4]
+    assert late.within is False and late.threshold_ms == 900_000
+    assert views.bar_verdict(late) == "20 min > SLA 15 min (late)"
+    assert waiting.within is None and views.bar_verdict(waiting) == "incomplete (waiting for erp)"
+    assert views.transaction_bars(None, {}) == []
+    fast = views.transaction_bars({"spans": [], "steps": [{**txn["steps"][0], "latency_ms": 60_000.0}]},
+                                  {"invoice_to_ledger": 900})  # fmt: skip
+    assert fast[0].within is True and views.bar_verdict(fast[0]) == "1 min ≤ SLA 15 min"
+
+
+def test_diff_action_and_audit_rows() -> None:
+    diff = views.diff_rows([{"field": "total_minor", "billing": "1100", "erp": None, "differs": True}])
+    assert diff == [{"field": "total_minor", "billing": "1100", "erp": "", "differs": "≠"}]
+    assert views.action_finished({"state": "succeeded"}) and not views.action_finished({"state": "in_progress"})
+    assert not views.action_finished(None)
+    rows = views.audit_rows(
+        [
+            {"at": "2026-11-20T12:00:00Z", "actor": "olga", "action": "drift.ignored", "object_type": "drift_item",
+             "object_id": "d1", "before": {"state": "new", "note": ""}, "after": {"state": "ignored", "note": "dup"},
+             "note": "dup", "outcome": "ok"},
+            {"at": "2026-11-20T12:01:00Z", "actor": "vera", "action": "api.denied", "object_type": "api",
+             "object_id": "POST /api/runs", "before": None, "after": {"status": 403}, "note": "", "outcome": "denied"},
+        ]
+    )  # fmt: skip
+    assert rows[0]["who"] == "olga" and rows[0]["change"] == "state: new → ignored, note:  → dup"
+    assert rows[1]["on"] == "api POST /api/runs" and rows[1]["change"] == "status=403" and rows[1]["result"] == "denied"
+    assert views.unset_all("(all)") == "" and views.unset_all("EU") == "EU"
