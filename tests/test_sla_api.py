@@ -73,7 +73,7 @@ def test_evaluate_needs_an_operator_and_is_audited(client: tuple[TestClient, Sto
         ("payment_applied", "unknown", "ticket"),
     ]
     assert doc["firing"][0]["annotations"]["dashboard"].startswith("https://dash.example/slas?")
-    rows = store.query_rows("SELECT Actor, Action, ObjectType, After FROM $db.audit_log")
+    rows = store.query_rows("SELECT Actor, Action, ObjectType, After FROM $db.audit_log WHERE Action = 'sla.evaluate'")
     assert [(r_["Actor"], r_["Action"], r_["ObjectType"]) for r_ in rows] == [("otto", "sla.evaluate", "sla")]
     assert '"firing":4' in rows[0]["After"]
     # reads reflect the recorded evaluation

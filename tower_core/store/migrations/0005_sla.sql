@@ -21,27 +21,27 @@ PARTITION BY toYYYYMM(Day)
 ORDER BY (Step, Day, KeyType, KeyValue, System)
 SETTINGS index_granularity = 8192;
 
--- Spans -> step activity. An item key attribute may hold a JSON array of ids (one span for several items).
+-- Spans -> step activity, one row per span and item (merges aggregate them; no GROUP BY keeps the insert path
+-- cheap). An item key attribute may hold a JSON array of ids (one span for several items).
 CREATE MATERIALIZED VIEW IF NOT EXISTS $db.step_events_spans_mv TO $db.step_events
-AS SELECT
-    SpanAttributes['revops.step'] AS Step,
+AS WITH
+    SpanAttributes['revops.step'] AS s,
+    multiIf(s = 'cdp_to_billing', SpanAttributes['revops.customer.id'], s = 'invoice_to_ledger',
+        SpanAttributes['revops.invoice.id'], SpanAttributes['revops.payment.id']) AS raw
+SELECT
+    s AS Step,
     toDate(Timestamp) AS Day,
-    multiIf(Step = 'cdp_to_billing', 'customer', Step = 'invoice_to_ledger', 'invoice', 'payment') AS KeyType,
-    arrayJoin(arrayFilter(v -> v != '', if(startsWith(RawKey, '['), JSONExtract(RawKey, 'Array(String)'), [RawKey])))
+    multiIf(s = 'cdp_to_billing', 'customer', s = 'invoice_to_ledger', 'invoice', 'payment') AS KeyType,
+    arrayJoin(if(startsWith(raw, '['), arrayFilter(v -> v != '', JSONExtract(raw, 'Array(String)')), [raw]))
         AS KeyValue,
     if(SpanAttributes['revops.system'] != '', SpanAttributes['revops.system'], ResourceAttributes['revops.system'])
         AS System,
-    anyLast(if(SpanAttributes['revops.region'] != '', SpanAttributes['revops.region'],
-        ResourceAttributes['revops.region'])) AS Region,
-    min(Timestamp) AS FirstSeen,
-    max(addNanoseconds(Timestamp, Duration)) AS LastSeen
+    if(SpanAttributes['revops.region'] != '', SpanAttributes['revops.region'], ResourceAttributes['revops.region'])
+        AS Region,
+    Timestamp AS FirstSeen,
+    addNanoseconds(Timestamp, Duration) AS LastSeen
 FROM $db.otel_traces
-ARRAY JOIN [multiIf(SpanAttributes['revops.step'] = 'cdp_to_billing', SpanAttributes['revops.customer.id'],
-    SpanAttributes['revops.step'] = 'invoice_to_ledger', SpanAttributes['revops.invoice.id'],
-    SpanAttributes['revops.payment.id'])] AS RawKey
-WHERE SpanAttributes['revops.step'] IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger')
-    AND RawKey != ''
-GROUP BY Step, Day, KeyType, KeyValue, System;
+WHERE s IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND raw != '';
 
 -- Business events (CloudEvents) -> step activity; their key columns already honour the attribute map.
 CREATE MATERIALIZED VIEW IF NOT EXISTS $db.step_events_events_mv TO $db.step_events
@@ -51,34 +51,32 @@ AS SELECT
     multiIf(Step = 'cdp_to_billing', 'customer', Step = 'invoice_to_ledger', 'invoice', 'payment') AS KeyType,
     multiIf(Step = 'cdp_to_billing', CustomerId, Step = 'invoice_to_ledger', InvoiceId, PaymentId) AS KeyValue,
     System,
-    anyLast(Region) AS Region,
-    min(Time) AS FirstSeen,
-    max(Time) AS LastSeen
+    Region,
+    Time AS FirstSeen,
+    Time AS LastSeen
 FROM $db.business_events
-WHERE Step IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND KeyValue != ''
-GROUP BY Step, Day, KeyType, KeyValue, System;
+WHERE Step IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND KeyValue != '';
 
 -- Back-fill what was stored before this migration (re-running it changes nothing: min/max aggregates).
 INSERT INTO $db.step_events
+WITH
+    SpanAttributes['revops.step'] AS s,
+    multiIf(s = 'cdp_to_billing', SpanAttributes['revops.customer.id'], s = 'invoice_to_ledger',
+        SpanAttributes['revops.invoice.id'], SpanAttributes['revops.payment.id']) AS raw
 SELECT
-    SpanAttributes['revops.step'] AS Step,
+    s AS Step,
     toDate(Timestamp) AS Day,
-    multiIf(Step = 'cdp_to_billing', 'customer', Step = 'invoice_to_ledger', 'invoice', 'payment') AS KeyType,
-    arrayJoin(arrayFilter(v -> v != '', if(startsWith(RawKey, '['), JSONExtract(RawKey, 'Array(String)'), [RawKey])))
+    multiIf(s = 'cdp_to_billing', 'customer', s = 'invoice_to_ledger', 'invoice', 'payment') AS KeyType,
+    arrayJoin(if(startsWith(raw, '['), arrayFilter(v -> v != '', JSONExtract(raw, 'Array(String)')), [raw]))
         AS KeyValue,
     if(SpanAttributes['revops.system'] != '', SpanAttributes['revops.system'], ResourceAttributes['revops.system'])
         AS System,
-    anyLast(if(SpanAttributes['revops.region'] != '', SpanAttributes['revops.region'],
-        ResourceAttributes['revops.region'])) AS Region,
-    min(Timestamp) AS FirstSeen,
-    max(addNanoseconds(Timestamp, Duration)) AS LastSeen
+    if(SpanAttributes['revops.region'] != '', SpanAttributes['revops.region'], ResourceAttributes['revops.region'])
+        AS Region,
+    Timestamp AS FirstSeen,
+    addNanoseconds(Timestamp, Duration) AS LastSeen
 FROM $db.otel_traces
-ARRAY JOIN [multiIf(SpanAttributes['revops.step'] = 'cdp_to_billing', SpanAttributes['revops.customer.id'],
-    SpanAttributes['revops.step'] = 'invoice_to_ledger', SpanAttributes['revops.invoice.id'],
-    SpanAttributes['revops.payment.id'])] AS RawKey
-WHERE SpanAttributes['revops.step'] IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger')
-    AND RawKey != ''
-GROUP BY Step, Day, KeyType, KeyValue, System;
+WHERE s IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND raw != '';
 
 INSERT INTO $db.step_events
 SELECT
@@ -87,12 +85,11 @@ SELECT
     multiIf(Step = 'cdp_to_billing', 'customer', Step = 'invoice_to_ledger', 'invoice', 'payment') AS KeyType,
     multiIf(Step = 'cdp_to_billing', CustomerId, Step = 'invoice_to_ledger', InvoiceId, PaymentId) AS KeyValue,
     System,
-    anyLast(Region) AS Region,
-    min(Time) AS FirstSeen,
-    max(Time) AS LastSeen
-FROM $db.business_events
-WHERE Step IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND KeyValue != ''
-GROUP BY Step, Day, KeyType, KeyValue, System;
+    Region,
+    Time AS FirstSeen,
+    Time AS LastSeen
+FROM $db.business_events FINAL
+WHERE Step IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND KeyValue != '';
 
 -- dedup: replace. One row per breach (an alert's firing episode), rewritten at each evaluation while it
 -- fires and once when it resolves. BreachId = hash(fingerprint of the alert's labels, StartsAt).
