@@ -144,6 +144,15 @@ def _add_simulate() -> None:
 _add_simulate()
 
 
+def _add_token() -> None:
+    from collector.token_cli import app as token_app
+
+    app.add_typer(token_app, name="token")
+
+
+_add_token()
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

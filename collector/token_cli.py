@@ -1,0 +1,150 @@
+"""``tower token create|list|revoke``: API token administration from the command line.
+
+When an API answers at TOWER_API_URL it owns the store (only one process may open a chDB path), so the
+commands go through its admin routes with TOWER_ADMIN_TOKEN (or TOWER_API_TOKEN) and are audited under that
+token's name. When no API runs, they open the store directly and audit as ``cli:<os user>``. The plaintext
+token is printed once, on the last line of ``create``'s output, and never stored.
+"""
+
+from __future__ import annotations
+
+import getpass
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tower_core.errors import ConfigError
+from tower_core.settings import Settings
+
+app = typer.Typer(no_args_is_help=True, help="API tokens with roles viewer < operator < admin.")
+out = Console(soft_wrap=True, highlight=False)
+
+
+def _settings() -> Settings:
+    from tower_core.cli import load_settings
+
+    return load_settings()
+
+
+def api_is_up(settings: Settings) -> bool:
+    try:
+        return httpx.get(f"{settings.api_url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class ViaApi:
+    """The API's admin routes, with an admin token from settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        secret = settings.admin_token or settings.api_token
+        if secret is None:
+            raise ConfigError(
+                f"the API at {settings.api_url} owns the store: set TOWER_ADMIN_TOKEN (or TOWER_API_TOKEN) to an "
+                "admin token to manage tokens through it"
+            )
+        self.url = settings.api_url
+        self.headers = {"Authorization": f"Bearer {secret.get_secret_value()}"}
+        self.where = f"through the API at {self.url}"
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = httpx.request(method, f"{self.url}{path}", headers=self.headers, timeout=30, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ConfigError(f"the API at {self.url} did not answer: {type(exc).__name__}") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ConfigError(f"the API refused ({r.status_code}): {detail}")
+        return r.json()
+
+    def create(self, name: str, role: str) -> dict[str, str]:
+        return self._call("POST", "/api/tokens", json={"name": name, "role": role})
+
+    def list(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/tokens")
+
+    def revoke(self, token_id: str) -> None:
+        self._call("DELETE", f"/api/tokens/{token_id}")
+
+
+class Direct:
+    """The store itself (no API runs), audited as the OS user."""
+
+    def __init__(self, settings: Settings) -> None:
+        from tower_core.store import migrate, open_store
+
+        self.store = open_store(settings)  # ConfigError naming the owner if another process holds the path
+        migrate(self.store)
+        self.actor = f"cli:{getpass.getuser()}"
+        self.where = "directly in the store (no API answers at " + settings.api_url + ")"
+
+    def _audit(self, action: str, token_id: str, after: dict[str, Any]) -> None:
+        from tower_core.store import reconcile as q
+
+        q.write_audit(self.store, [q.audit_record(self.actor, action, "token", token_id, None, after)])
+
+    def create(self, name: str, role: str) -> dict[str, str]:
+        from collector.auth import create_token
+
+        token_id, token = create_token(self.store, name, role)
+        self._audit("token.create", token_id, {"name": name, "role": role})
+        return {"token_id": token_id, "name": name, "role": role, "token": token}
+
+    def list(self) -> list[dict[str, Any]]:
+        from tower_core.store import tokens as token_store
+
+        return token_store.list_tokens(self.store)
+
+    def revoke(self, token_id: str) -> None:
+        from tower_core.store import tokens as token_store
+
+        if not token_store.revoke(self.store, token_id):
+            raise ConfigError(f"token {token_id} not found")
+        self._audit("token.revoke", token_id, {"revoked": True})
+
+
+def backend(settings: Settings) -> ViaApi | Direct:
+    return ViaApi(settings) if api_is_up(settings) else Direct(settings)
+
+
+@app.command()
+def create(
+    name: Annotated[str, typer.Option(help="Who the token is for (audit records carry it).")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+) -> None:
+    """Create a token and print it once (only its hash is stored)."""
+    from collector.auth import ROLES
+
+    if role not in ROLES:
+        raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
+    if not name.strip() or len(name) > 100:
+        raise ConfigError("--name must be 1 to 100 characters")
+    b = backend(_settings())
+    doc = b.create(name.strip(), role)
+    out.print(f"created token {doc['token_id']} for {doc['name']} ({doc['role']}) {b.where}")
+    out.print("the token is shown once; store it now:")
+    out.print(doc["token"], markup=False)
+
+
+@app.command("list")
+def list_tokens() -> None:
+    """Tokens with their names and roles (never the secrets)."""
+    rows = backend(_settings()).list()
+    table = Table("id", "name", "role", "created", "revoked")
+    for r in rows:
+        table.add_row(r["token_id"], r["name"], r["role"], str(r["created_at"])[:19], "yes" if r["revoked"] else "")
+    out.print(table)
+
+
+@app.command()
+def revoke(token_id: Annotated[str, typer.Argument(help="The token's id (from `tower token list`).")]) -> None:
+    """Revoke a token: the API refuses it from then on."""
+    b = backend(_settings())
+    b.revoke(token_id)
+    out.print(f"revoked token {token_id} {b.where}")
