@@ -126,7 +126,7 @@ class Flusher:
                     with attempt:
                         self.flush_segment(segment)
             except StoreError as exc:
-                log.warning("flush of segment %s deferred: %s", segment.seq, exc)
+                log.warning("flush of segment %s deferred: %s", segment.id, exc)
                 return
             self.healthy = True
             self.wal.remove(segment)
@@ -141,10 +141,10 @@ class Flusher:
 
     def flush_segment(self, segment: Segment) -> None:
         with tracer.start_as_current_span("tower.flush_segment") as span:
-            span.set_attribute("tower.wal.segment", segment.seq)
+            span.set_attribute("tower.wal.segment", segment.id)
             started = time.perf_counter()
             for chunk in chunks(WriteAheadBuffer.read(segment)):
-                token = f"wal_s{segment.seq}_c{chunk.index}"
+                token = f"wal_{segment.epoch}_s{segment.seq}_c{chunk.index}"
                 span_requests = [r.payload for r in chunk.records if r.kind == KIND_SPANS]
                 if span_requests:
                     insert_otlp_spans(self.store, span_requests, token)

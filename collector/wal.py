@@ -12,13 +12,14 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 _HEADER = struct.Struct("<IIBI")  # payload length, crc32, kind, rows
-_NAME = re.compile(r"^seg-(\d{12})\.wal$")
+_NAME = re.compile(r"^seg-([0-9a-f]{16})-(\d{12})\.wal$")
 KIND_SPANS = 1
 KIND_EVENTS = 2
 
@@ -40,10 +41,18 @@ class Record:
 
 @dataclass
 class Segment:
+    """``epoch`` names the buffer's life (one per process start): with ``seq`` it makes the segment's id unique
+    forever, so a new segment never reuses a flushed one's deduplication token."""
+
+    epoch: str
     seq: int
     path: Path
     size: int = 0
     rows: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"{self.epoch}_{self.seq}"
 
 
 def _scan(path: Path) -> tuple[int, int]:
@@ -62,6 +71,10 @@ def _scan(path: Path) -> tuple[int, int]:
             f.flush()
             os.fsync(f.fileno())
     return good, rows
+
+
+def _last_epoch(segments: list[Segment]) -> int:
+    return max((int(s.epoch, 16) for s in segments), default=0)
 
 
 class WriteAheadBuffer:
@@ -83,15 +96,15 @@ class WriteAheadBuffer:
                 if size == 0:
                     p.unlink()
                     continue
-                self._sealed.append(Segment(int(m.group(1)), p, size, rows))
-        next_seq = (self._sealed[-1].seq + 1) if self._sealed else 1
-        self._active = self._open_segment(next_seq)
+                self._sealed.append(Segment(m.group(1), int(m.group(2)), p, size, rows))
+        self._epoch = f"{max(time.time_ns(), _last_epoch(self._sealed) + 1):016x}"
+        self._active = self._open_segment(1)
 
     def _open_segment(self, seq: int) -> Segment:
-        path = self.dir / f"seg-{seq:012d}.wal"
+        path = self.dir / f"seg-{self._epoch}-{seq:012d}.wal"
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._fsync_dir()
-        return Segment(seq, path)
+        return Segment(self._epoch, seq, path)
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)
@@ -151,7 +164,8 @@ class WriteAheadBuffer:
         else:
             self._active.path.unlink(missing_ok=True)
         self._fd = None  # the next append opens a fresh segment (and fails cleanly while the disk is full)
-        self._active = Segment(self._active.seq + 1, self.dir / f"seg-{self._active.seq + 1:012d}.wal")
+        seq = self._active.seq + 1
+        self._active = Segment(self._epoch, seq, self.dir / f"seg-{self._epoch}-{seq:012d}.wal")
 
     def seal(self) -> None:
         """Close the active segment (if it holds anything) for flushing and start a new one."""
@@ -181,7 +195,7 @@ class WriteAheadBuffer:
     def remove(self, segment: Segment) -> None:
         """Forget a segment once its rows are in the store."""
         with self._lock:
-            self._sealed = [s for s in self._sealed if s.seq != segment.seq]
+            self._sealed = [s for s in self._sealed if s.id != segment.id]
             segment.path.unlink(missing_ok=True)
             self._fsync_dir()
 

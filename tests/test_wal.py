@@ -98,3 +98,19 @@ def test_disk_error_keeps_segment_intact(tmp_path: Path) -> None:
     with pytest.raises(BufferWriteError):
         wal.append(KIND_SPANS, 3, request(3))
     assert wal.pending_bytes == size
+
+
+def test_a_new_buffer_never_reuses_a_flushed_segments_token(tmp_path: Path, embedded_store: Store) -> None:
+    """Restarting with an empty buffer must not replay old tokens onto new data (ClickHouse would drop it)."""
+    migrate(embedded_store)
+    names = key_attribute_names()
+    sync_key_attributes(embedded_store, names)
+    for seed in (1, 2):
+        wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
+        wal.append(KIND_SPANS, 100, request(100, seed=seed))
+        wal.seal()
+        Flusher(wal, embedded_store, names, CollectorMetrics(), flush_rows=5000, flush_interval_s=1).drain()
+        wal.close()
+        assert list(tmp_path.glob("seg-*.wal")) == []
+    n = embedded_store.query_rows("SELECT count() AS n FROM $db.otel_traces")[0]["n"]
+    assert n == 200

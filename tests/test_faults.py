@@ -1,0 +1,144 @@
+"""Worst days: kill -9 during sustained ingest (10 times), a full disk under the buffer."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.server import ROOT, TowerServer
+from tests.test_durability import batch
+
+COUNT = """
+import json, sys
+from pathlib import Path
+from tower_core.settings import Settings
+from tower_core.store import open_store
+s = open_store(Settings(data_dir=Path(sys.argv[1])))
+spans = s.query_rows("SELECT count() AS n, uniqExact(TraceId, SpanId) AS u FROM $db.otel_traces")[0]
+ids = [r["i"] for r in s.query_rows("SELECT SpanId AS i FROM $db.otel_traces")]
+events = s.query_rows("SELECT EventId AS i, count() AS c FROM $db.business_events FINAL GROUP BY EventId")
+print(json.dumps({"spans": spans, "span_ids": ids, "events": {r["i"]: r["c"] for r in events}}))
+"""
+
+
+def stored(data_dir: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", COUNT, str(data_dir)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class Load(threading.Thread):
+    """Sends span batches and event batches until stopped; remembers what was acknowledged."""
+
+    def __init__(self, srv: TowerServer) -> None:
+        super().__init__(daemon=True)
+        self.srv, self.stop_flag = srv, threading.Event()
+        self.acked_spans: set[str] = set()
+        self.sent_spans: set[str] = set()
+        self.acked_events: set[str] = set()
+        self.next_span = 0
+
+    def run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self.stop_flag.is_set():
+                first, n = self.next_span, 500
+                self.next_span += n
+                ids = {f"{i + 1:016x}" for i in range(first, first + n)}
+                self.sent_spans |= ids
+                evs = [{"specversion": "1.0", "id": f"ev-{first}-{k}", "source": "fault-test", "type": "invoice.paid",
+                        "data": {"revops.invoice.id": f"in_{first}_{k}"}} for k in range(20)]
+                try:
+                    r = client.post(f"{self.srv.url}/v1/traces", content=batch(first, n),
+                                    headers={"Content-Type": "application/x-protobuf"})
+                    if r.status_code == 200:
+                        self.acked_spans |= ids
+                    r = client.post(f"{self.srv.url}/v1/events", content=orjson.dumps(evs),
+                                    headers={"Content-Type": "application/cloudevents-batch+json"})
+                    if r.status_code == 200:
+                        self.acked_events |= {e["id"] for e in evs}
+                except httpx.HTTPError:
+                    time.sleep(0.05)  # the server is down (being killed / restarting): retry later
+
+
+@pytest.mark.slow
+def test_kill_9_ten_times_during_sustained_ingest(tmp_path: Path) -> None:
+    srv = TowerServer(tmp_path, TOWER_FLUSH_INTERVAL_S="0.3", TOWER_FLUSH_ROWS="5000").start()
+    load = Load(srv)
+    load.start()
+    rnd = random.Random(7)
+    try:
+        for _ in range(10):
+            time.sleep(rnd.uniform(0.5, 2.0))
+            srv.kill9()
+            srv.start()
+        time.sleep(1)
+    finally:
+        load.stop_flag.set()
+        load.join(timeout=30)
+    time.sleep(2)  # let the last flushes land
+    srv.stop()
+    got = stored(tmp_path / "data")
+    assert len(load.acked_spans) > 10_000 and len(load.acked_events) > 200
+    assert got["spans"]["n"] == got["spans"]["u"], "a span was stored twice"
+    span_ids = set(got["span_ids"])
+    assert load.acked_spans <= span_ids, f"{len(load.acked_spans - span_ids)} acknowledged spans lost"
+    assert span_ids <= load.sent_spans
+    assert set(got["events"]) >= load.acked_events, "acknowledged events lost"
+    assert set(got["events"].values()) == {1}, "an event is visible twice"
+    print(f"acked {len(load.acked_spans)} spans, {len(load.acked_events)} events; stored {len(span_ids)} spans")
+
+
+def fill(path: Path) -> None:
+    """Write zeros until the file system is full."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.needs_root
+def test_full_disk_under_the_buffer_503_then_recovers(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs for the buffer needs root (CI runs as root)")
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(wal)], check=True)
+    try:
+        with TowerServer(tmp_path, TOWER_WAL_DIR=str(wal), TOWER_FLUSH_INTERVAL_S="0.2") as srv:
+            accepted = 0
+
+            def post(first: int) -> httpx.Response:
+                return httpx.post(f"{srv.url}/v1/traces", content=batch(first, 200),
+                                  headers={"Content-Type": "application/x-protobuf"})
+
+            for k in range(5):
+                assert post(k * 200).status_code == 200
+                accepted += 200
+            fill(wal / "filler")  # the disk is full now
+            refused = post(10_000)
+            assert refused.status_code == 503, refused.status_code
+            assert refused.headers["Retry-After"] == "1" and "buffer" in refused.text
+            (wal / "filler").unlink()  # space returns: no restart needed
+            for k in range(5):
+                assert post(20_000 + k * 200).status_code == 200
+                accepted += 200
+            time.sleep(1.5)
+        got = stored(tmp_path / "data")
+        assert got["spans"]["n"] == got["spans"]["u"] == accepted
+    finally:
+        subprocess.run(["umount", str(wal)], check=False)
