@@ -35,8 +35,9 @@ def insert_spans(store: Store, spans: list[dict]) -> None:
     for i, s in enumerate(spans):
         store.command(
             "INSERT INTO $db.otel_traces (Timestamp, TraceId, SpanId, SpanName, ServiceName, SpanAttributes, "
-            "ResourceAttributes, Duration) VALUES (fromUnixTimestamp64Nano({ts:Int64}), {tid:String}, {sid:String}, "
-            "'work', 'svc', {attrs:Map(String, String)}, {res:Map(String, String)}, {dur:UInt64})",
+            "ResourceAttributes, Duration, StatusCode) VALUES (fromUnixTimestamp64Nano({ts:Int64}), {tid:String}, "
+            "{sid:String}, 'work', 'svc', {attrs:Map(String, String)}, {res:Map(String, String)}, {dur:UInt64}, "
+            "{status:String})",
             {
                 "ts": s["ts"],
                 "tid": f"{i:032x}",
@@ -44,6 +45,7 @@ def insert_spans(store: Store, spans: list[dict]) -> None:
                 "attrs": s["attrs"],
                 "res": s.get("resource", {}),
                 "dur": s.get("dur", 0),
+                "status": s.get("status", "Unset"),
             },
         )
 
@@ -142,6 +144,41 @@ def test_step_events_come_from_spans_and_business_events(db: Store) -> None:
     by = {r["region"]: r for r in rows}
     assert (by["EU"]["completed"], by["EU"]["q_ns"][0], by["EU"]["buckets"]) == (1, 300 * S, [1])
     assert by["unknown"]["stuck"] == 1  # pay_x: billing payment span at T+6m without region, never applied
+
+
+def test_failed_activity_neither_starts_nor_completes_an_item(db: Store) -> None:
+    """A declined payment does not start payment_to_cash; a rejected ERP posting does not complete an invoice."""
+    pay = {"revops.step": "payment_to_cash", "revops.system": "billing", "revops.payment.id": "pay_declined"}
+    insert_spans(
+        db,
+        [
+            {"ts": T, "attrs": pay, "status": "Error"},
+            inv("in_r", "billing", T),
+            {**inv("in_r", "erp", T + M), "status": "Error"},
+        ],
+    )
+    for event_id, etype, system, step, key in (
+        ("e1", "payment_intent.payment_failed", "billing", "payment_to_cash", "pay_failed"),
+        ("e2", "erp.invoice.rejected", "erp", "invoice_to_ledger", "in_r"),
+        ("e3", "payment_intent.succeeded", "billing", "payment_to_cash", "pay_ok"),
+    ):
+        db.command(
+            "INSERT INTO $db.business_events (EventId, Source, Type, Time, ReceivedAt, System, Region, Step, "
+            "InvoiceId, PaymentId) VALUES ({id:String}, 'test', {type:String}, fromUnixTimestamp64Nano({ts:Int64}), "
+            "fromUnixTimestamp64Nano({ts:Int64}), {sys:String}, 'EU', {step:String}, {inv:String}, {pay:String})",
+            {
+                "id": event_id,
+                "type": etype,
+                "ts": T + 2 * M,
+                "sys": system,
+                "step": step,
+                "inv": key if step == "invoice_to_ledger" else "",
+                "pay": key if step == "payment_to_cash" else "",
+            },
+        )
+    rows = db.query_rows("SELECT DISTINCT KeyValue AS k, System AS sys FROM $db.step_events ORDER BY k, sys")
+    assert [(r["k"], r["sys"]) for r in rows] == [("in_r", "billing"), ("pay_ok", "billing")]
+    assert stats(db, T + 60 * M)["EU"]["stuck"] == 1  # in_r: its posting was rejected, so it is not in the ledger
 
 
 def test_window_counts_stuck_and_latency_by_region(db: Store) -> None:

@@ -21,6 +21,8 @@ PARTITION BY toYYYYMM(Day)
 ORDER BY (Step, Day, KeyType, KeyValue, System)
 SETTINGS index_granularity = 8192;
 
+-- Only successful activity counts: a span with status Error (a declined payment, a rejected ERP posting) or
+-- a failed/rejected business event neither starts nor completes an item.
 -- Spans -> step activity, one row per span and item (merges aggregate them; no GROUP BY keeps the insert path
 -- cheap). An item key attribute may hold a JSON array of ids (one span for several items).
 CREATE MATERIALIZED VIEW IF NOT EXISTS $db.step_events_spans_mv TO $db.step_events
@@ -41,7 +43,8 @@ SELECT
     Timestamp AS FirstSeen,
     addNanoseconds(Timestamp, Duration) AS LastSeen
 FROM $db.otel_traces
-WHERE s IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND raw != '';
+WHERE s IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND raw != ''
+    AND StatusCode != 'Error';
 
 -- Business events (CloudEvents) -> step activity; their key columns already honour the attribute map.
 CREATE MATERIALIZED VIEW IF NOT EXISTS $db.step_events_events_mv TO $db.step_events
@@ -55,7 +58,8 @@ AS SELECT
     Time AS FirstSeen,
     Time AS LastSeen
 FROM $db.business_events
-WHERE Step IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND KeyValue != '';
+WHERE Step IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND KeyValue != ''
+    AND NOT match(Type, '(?i)(fail|reject|error)');
 
 -- Back-fill what was stored before this migration (re-running it changes nothing: min/max aggregates).
 INSERT INTO $db.step_events
@@ -76,7 +80,8 @@ SELECT
     Timestamp AS FirstSeen,
     addNanoseconds(Timestamp, Duration) AS LastSeen
 FROM $db.otel_traces
-WHERE s IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND raw != '';
+WHERE s IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND raw != ''
+    AND StatusCode != 'Error';
 
 INSERT INTO $db.step_events
 SELECT
@@ -89,7 +94,8 @@ SELECT
     Time AS FirstSeen,
     Time AS LastSeen
 FROM $db.business_events FINAL
-WHERE Step IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND KeyValue != '';
+WHERE Step IN ('cdp_to_billing', 'invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND KeyValue != ''
+    AND NOT match(Type, '(?i)(fail|reject|error)');
 
 -- dedup: replace. One row per breach (an alert's firing episode), rewritten at each evaluation while it
 -- fires and once when it resolves. BreachId = hash(fingerprint of the alert's labels, StartsAt).
