@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -93,13 +94,14 @@ def api_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[s
     env.setdefault("TOWER_SIMULATOR_URL", f"http://127.0.0.1:{settings.simulator_port}")
     env.setdefault("TOWER_RECONCILE_INTERVAL_S", "60")
     env.setdefault("TOWER_SLA_EVAL_INTERVAL_S", "30")
+    env.setdefault("TOWER_ADMIN_TOKEN", secrets.token_urlsafe(32))  # mints the dashboard's operator token
     if demo_sla().exists():
         env.setdefault("TOWER_SLA_CONFIG", str(demo_sla()))
     return env
 
 
 def run_demo(settings: Settings, *, reset: bool = False) -> int:
-    from dashboard.launch import dashboard_command, dashboard_env
+    from dashboard.launch import dashboard_command, dashboard_env, demo_token
 
     if settings.clickhouse_url:
         raise ConfigError("tower demo runs on the embedded store; unset TOWER_CLICKHOUSE_URL")
@@ -111,7 +113,8 @@ def run_demo(settings: Settings, *, reset: bool = False) -> int:
     tower = [sys.executable, "-m", "tower_core.cli"]
     procs: list[subprocess.Popen] = []
     try:
-        api = _spawn([*tower, "serve"], env=api_env(settings))
+        env = api_env(settings)
+        api = _spawn([*tower, "serve"], env=env)
         procs.append(api)
         _wait_ready(f"{settings.api_url}/readyz", api, "the API")
         estate = _spawn(
@@ -131,7 +134,8 @@ def run_demo(settings: Settings, *, reset: bool = False) -> int:
         )
         procs.append(estate)
         _wait_ready(f"http://127.0.0.1:{settings.simulator_port}/healthz", estate, "the simulated estate")
-        procs.append(_spawn(dashboard_command(settings), env=dashboard_env(settings)))
+        token = demo_token(settings, env["TOWER_ADMIN_TOKEN"])  # the dashboard signs in as an operator
+        procs.append(_spawn(dashboard_command(settings), env=dashboard_env(settings, token)))
         print(f"API:       {settings.api_url}  (docs at {settings.api_url}/docs)", flush=True)
         print(f"Dashboard: http://{settings.dashboard_host}:{settings.dashboard_port}", flush=True)
         print(f"Estate:    http://127.0.0.1:{settings.simulator_port}  (simulated billing/ERP/CDP, run {run})")
