@@ -270,3 +270,22 @@ class Estate:
 
     def now(self) -> dt.datetime:
         return self._clock()
+
+    def manifest_json(self) -> str:
+        return self.manifest.to_json()
+
+    def flows(self) -> list[dict[str, Any]]:
+        """Per invoice: whether its ERP flow lost trace context (all flows of a generated estate are done)."""
+        fault_of = {f.keys["invoice_id"]: f.fault for f in self.manifest if "invoice_id" in f.keys}
+        return [
+            {
+                "invoice_id": inv.invoice_id,
+                "customer_id": inv.customer_id,
+                "region": inv.region,
+                "context_lost": inv.invoice_id in self.generated.context_lost,
+                "fault": fault_of.get(inv.invoice_id),
+                "status": inv.status,
+                "done": True,
+            }
+            for inv in self.billing.invoices.values()
+        ]

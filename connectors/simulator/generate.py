@@ -420,14 +420,14 @@ def generate_chunk(cfg: EstateConfig, cust: Customers, outages: Outages, k: int)
     eligible = np.flatnonzero(
         (role != R_MULTI_LEAD) & (role != R_MULTI_FOLLOW) & (issued <= as_of - t.fault_age - longest)
     )
-    counts = {name: fault_count(rng, getattr(rates, name), n) for name in INVOICE_FAULT_ROLES}
-    counts["orphan_payment"] = fault_count(rng, rates.orphan_payment, n)
+    # rates are shares of the invoices that can carry a fault (a chunk at the end of the window has none)
+    counts = {name: fault_count(rng, getattr(rates, name), len(eligible)) for name in INVOICE_FAULT_ROLES}
+    counts["orphan_payment"] = fault_count(rng, rates.orphan_payment, len(eligible))
+    room = len(eligible)
+    for name in INVOICE_FAULT_ROLES:  # a tiny pool cannot hold one of each: the later faults give way
+        counts[name] = min(counts[name], room)
+        room -= counts[name]
     needed = sum(v for name, v in counts.items() if name != "orphan_payment")
-    if needed > len(eligible):
-        raise ValueError(
-            f"chunk {k}: {needed} invoice faults need as many invoices older than as_of - "
-            f"{(t.fault_age + longest) / DAY:.1f} days, only {len(eligible)} are; lengthen the window or lower rates"
-        )
     chosen = rng.permutation(eligible)[:needed]
     targets: dict[str, np.ndarray] = {}
     pos = 0
@@ -599,10 +599,9 @@ def generate_chunk(cfg: EstateConfig, cust: Customers, outages: Outages, k: int)
 
     # ---- orphan payments (their ids use slot 3 of a random invoice's payment id range: py_ prefix is free)
     no = counts["orphan_payment"]
-    o_slot = np.sort(rng.choice(n, size=min(no, n), replace=False)) if n else np.zeros(0, np.int64)
+    o_slot = np.sort(rng.choice(eligible, size=min(no, len(eligible)), replace=False)).astype(np.int64)
     o_cust = rng.integers(0, cust.n_billing, len(o_slot))
-    o_hi = as_of - t.fault_age - t.erp_latency[1] if t.fault_age else t_hi
-    o_time = rng.integers(t_lo, max(t_lo + 1, min(t_hi, o_hi)), len(o_slot))
+    o_time = issued[o_slot] + rng.integers(0, t.finalize_lag[1] + 1, len(o_slot))
     o_amount = cust.price_minor[o_cust] + rng.integers(0, 100, len(o_slot)) * SCALE[cust.currency[o_cust]]
 
     chunk = Chunk(

@@ -105,11 +105,12 @@ class LiveEstate:
         self.rand = random.Random(config.seed)
         gen = Generated(config, generate_customers(config), generate_outages(config))
         self.gen = gen
+        self.applying: int | None = None  # the time of the change being applied (the ERP's "now" meanwhile)
         self.cdp = CdpSystem()
         self.billing = BillingSystem()
         outages = gen.outages
         self.erp = ErpSystem(
-            lambda: ms_to_dt(self.clock_ms()),
+            lambda: ms_to_dt(self.applying if self.applying is not None else self.clock_ms()),
             ms_to_dt(first_of_month_ms(config.start_ms)).date(),
             lambda t: outages.active(_ms(t)),
         )
@@ -211,7 +212,11 @@ class LiveEstate:
             while self.pos < len(self.timeline) and self.timeline[self.pos].t <= now_ms:
                 ch = self.timeline[self.pos]
                 self.pos += 1
-                getattr(self, f"_on_{ch.kind}")(ch.t, ch.ref)
+                self.applying = ch.t
+                try:
+                    getattr(self, f"_on_{ch.kind}")(ch.t, ch.ref)
+                finally:
+                    self.applying = None
                 self.counts[ch.kind] = self.counts.get(ch.kind, 0) + 1
                 done += 1
         self.applied += done

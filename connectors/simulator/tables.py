@@ -148,10 +148,10 @@ def customer_tables(c: Customers) -> tuple[pa.Table, pa.Table]:
 def invoice_table(ch: Chunk) -> pa.Table:
     """billing_invoices rows; an invoice hit by duplicate_webhook is written twice (same version)."""
     n = ch.n
-    usage = pc.cast(pa.array(ch.usage), pa.string())
-    plan = pa.array(["monthly", "annual"]).take(pa.array(ch.annual.astype(np.int64)))
-    keys = pa.array(["plan", "usage_minor"]).take(pa.array(np.tile([0, 1], n)))
-    values = pa.concat_arrays([plan, usage]).take(pa.array(np.stack([np.arange(n), np.arange(n) + n], 1).reshape(-1)))
+    # the usage line, where there is one (subtotal = the customer's plan price + usage)
+    has_usage = ch.usage > 0
+    usage = pc.cast(pa.array(ch.usage[has_usage]), pa.string())
+    offsets = np.concatenate([[0], np.cumsum(has_usage)])
     table = _table(
         [
             invoice_ids(ch.j),
@@ -170,7 +170,7 @@ def invoice_table(ch: Chunk) -> pa.Table:
             _ts(ch.paid_at),
             _ts(ch.updated),
             _const(BILLING_SOURCE, n),
-            _map(np.arange(0, 2 * n + 1, 2), keys, values),
+            _map(offsets, _plain("usage_minor", len(usage)), usage),
             _version(ch.updated),
         ],
         BILLING_INVOICES,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tower_core.store.base import Store, check_identifier
+import pyarrow as pa
+
+from tower_core.errors import StoreError
+from tower_core.store.base import Store, check_column, check_identifier, qualify
 
 # Tables the bulk loader writes, with the columns that carry content (IngestedAt is set by the server).
 BULK_TABLES: dict[str, tuple[str, ...]] = {
@@ -58,3 +61,51 @@ def counts_final(store: Store) -> dict[str, int]:
         rows = store.query_rows(f"SELECT count() AS n FROM $db.`{check_identifier(name)}` FINAL")  # noqa: S608
         out[name] = int(rows[0]["n"])
     return out
+
+
+class BulkWriter:
+    """Inserts large Arrow tables, one writer connection per table so tables load in parallel.
+
+    On the embedded backend chDB reads each Arrow table in place through its ``Python()`` table function
+    (about 40% less CPU than serializing an Arrow stream), over extra connections to the same data path
+    this process already owns. Elsewhere it is the seam's ``insert_arrow``.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.embedded = store.backend == "embedded" and hasattr(store, "data_dir")
+        self._conns: dict[str, object] = {}
+
+    def _conn(self, table: str) -> object:
+        if table not in self._conns:
+            import chdb
+
+            self._conns[table] = chdb.connect(str(self.store.data_dir.resolve()))  # type: ignore[attr-defined]
+        return self._conns[table]
+
+    def insert(self, table: str, data: pa.Table) -> int:
+        if data.num_rows == 0:
+            return 0
+        if table not in BULK_TABLES:
+            raise ValueError(f"{table} is not a table the simulator writes")
+        if not self.embedded:
+            return self.store.insert_arrow(table, data)
+        cols = ", ".join(f"`{check_column(c)}`" for c in data.column_names)
+        tower_bulk_arrow = data  # noqa: F841 (read by name by chDB's Python() table function)
+        sql = qualify(
+            f"INSERT INTO $db.`{check_identifier(table)}` ({cols}) SELECT * FROM Python(tower_bulk_arrow) "  # noqa: S608
+            "SETTINGS insert_deduplicate = 0",
+            self.store.database,
+        )
+        try:
+            cursor = self._conn(table).cursor()  # type: ignore[attr-defined]
+            cursor.execute(sql)
+            cursor.close()
+        except Exception as exc:
+            raise StoreError(str(exc).strip()) from None
+        return data.num_rows
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()  # type: ignore[attr-defined]
+        self._conns.clear()

@@ -1,0 +1,85 @@
+"""The estate's loopback HTTP API and the HTTP connectors the tower uses to reach it (real uvicorn, real
+httpx, on 127.0.0.1): same pages as in memory, writes go through, errors keep the connector contract."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from connectors.base import BillingConnector, BusinessRuleError, ErpConnector, TransientError
+from connectors.simulator import Estate, EstateConfig
+from connectors.simulator.client import SimBillingClient, SimCdpClient, SimErpClient, connectors_from_settings
+from connectors.simulator.server import SimServer
+from tests.conftest import free_port
+from tests.sim_reference import pull_all
+from tower_core.settings import Settings
+
+AS_OF = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Estate, str]]:
+    estate = Estate.generate(
+        EstateConfig(seed=11, customers=80, invoices=600, start=AS_OF - dt.timedelta(days=40), as_of=AS_OF)
+    )
+    server = SimServer(estate, port=free_port()).start()
+    try:
+        yield estate, server.url
+    finally:
+        server.stop()
+
+
+def test_pulls_over_http_equal_the_in_memory_pulls(served: tuple[Estate, str]) -> None:
+    estate, url = served
+    billing, erp, cdp = SimBillingClient(url), SimErpClient(url), SimCdpClient(url)
+    assert isinstance(billing, BillingConnector) and isinstance(erp, ErpConnector)
+    for remote, local in (
+        (billing.pull_invoices, estate.billing.pull_invoices),
+        (billing.pull_payments, estate.billing.pull_payments),
+        (billing.pull_customers, estate.billing.pull_customers),
+        (cdp.pull_profiles, estate.cdp.pull_profiles),
+    ):
+        assert pull_all(remote) == pull_all(local)
+    first = erp.pull_ledger_entries(None, 50)
+    assert len(first.items) == 50 and not first.done
+    assert billing.health().ok and erp.health().ok and cdp.health().ok
+    manifest = httpx.get(f"{url}/manifest").text
+    assert manifest == estate.manifest.to_json()
+    assert len(httpx.get(f"{url}/flows").json()) == len(estate.billing.invoices)
+
+
+def test_writes_and_errors_keep_the_connector_contract(served: tuple[Estate, str]) -> None:
+    estate, url = served
+    erp = SimErpClient(url)
+    missing = estate.billing.get_invoice(estate.manifest.of("erp_posting_missing")[0].keys["invoice_id"])
+    first = erp.post_invoice(missing)
+    assert not first.already_done and erp.post_invoice(missing).already_done
+    assert [e.entry_id for e in erp.find_by_external_ref(missing.invoice_id)] == [first.target_ref]
+    refund = estate.billing.get_payment(estate.manifest.of("refund_not_posted")[0].keys["payment_id"])
+    assert not erp.post_credit_memo(refund).already_done
+    rejected = estate.billing.get_invoice(estate.manifest.of("erp_business_rejection")[0].keys["invoice_id"])
+    with pytest.raises(BusinessRuleError, match="is closed"):
+        erp.post_invoice(rejected)
+    with pytest.raises(BusinessRuleError, match="cursor"):
+        erp.pull_ledger_entries("bogus")
+    r = httpx.post(f"{url}/erp/invoices", json={"invoice_id": "x", "surprise": 1})
+    assert r.status_code == 422 and "surprise" in r.json()["detail"]
+    estate.erp.begin_outage()
+    try:
+        with pytest.raises(TransientError, match="503"):
+            erp.post_invoice(missing)
+        assert not erp.health().ok
+    finally:
+        estate.erp.end_outage()
+
+
+def test_unreachable_estate_is_transient() -> None:
+    port = free_port()
+    settings = Settings(simulator_url=f"http://127.0.0.1:{port}", simulator_timeout_s=1)
+    billing, erp, cdp = connectors_from_settings(settings)
+    with pytest.raises(TransientError, match="unreachable"):
+        billing.pull_invoices(None)
+    assert not erp.health().ok and not cdp.health().ok
