@@ -1,0 +1,381 @@
+"""Each dashboard page through streamlit.testing's AppTest against a real running API (``tower serve`` in a
+subprocess) reconciling the simulated estate: the numbers shown are the API's, filters change them, the
+action buttons call the API (after a confirmation), viewers see no buttons, and an API that is down gives a
+banner instead of a traceback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard import views
+from tests.conftest import free_port
+from tests.dashboard_estate import Tower, running_tower, send_billing_span, send_step_spans, small_estate, wait_for
+
+APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+PAGES = ("overview", "unreconciled", "actions", "slas", "audit")
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tower]:
+    with running_tower(tmp_path_factory.mktemp("dash-tower"), small_estate(seed=11, invoices=1500)) as t:
+        t.run()
+        t.token("olga", "operator")
+        t.token("vera", "viewer")
+        now = time.time_ns()
+        send_step_spans(t.url, {"NA": (6, 0), "EU": (3, 3)}, now - 3 * 3600 * 10**9)
+        missing = [i for i in t.items(**{"class": "missing_in_erp"}) if i["reason_code"] == "not_posted"]
+        assert len(missing) >= 3, "the estate should hold a few unposted invoices"
+        t.traced = missing[0]  # type: ignore[attr-defined]
+        # five minutes ago: in flight, not yet late for the 15-minute SLA (no alert of its own)
+        send_billing_span(t.url, missing[0]["invoice_id"], missing[0]["region"], now - 300 * 10**9)
+        wait_for(
+            lambda: (
+                t.call("GET", "/api/transactions", params={"invoice_id": missing[0]["invoice_id"]}).status_code == 200
+            ),
+            what="the billing span stored",
+        )
+        wait_for(
+            lambda: t.call("GET", "/api/transactions", params={"invoice_id": "inv_sla_EU_005"}).status_code == 200,
+            what="the SLA spans stored",
+        )
+        assert t.call("POST", "/api/sla/evaluate", json={}).status_code == 200
+        yield t
+
+
+@pytest.fixture
+def dash(tower: Tower, monkeypatch: pytest.MonkeyPatch) -> Callable[..., AppTest]:
+    """An AppTest of the dashboard on one page, as the given role (None: no token configured)."""
+
+    def make(page: str = "overview", role: str | None = "operator", **env: str) -> AppTest:
+        monkeypatch.setenv("TOWER_API_URL", env.pop("api_url", tower.url))
+        for name in ("TOWER_DASHBOARD_TOKEN", "TOWER_ALERTMANAGER_URL"):
+            monkeypatch.delenv(name, raising=False)
+        if role:
+            monkeypatch.setenv("TOWER_DASHBOARD_TOKEN", tower.tokens[role])
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        at = AppTest.from_file(str(APP), default_timeout=60)
+        at.run()
+        if page != "overview":
+            at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    return make
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+# Read-only dataframes and charts carry no element id in AppTest's tree, so tables are found by their
+# columns and charts by their first trace.
+TABLES = {
+    "ov_aging_table": ("class", "0-1d", "items"),
+    "ov_firing_table": ("sla", "severity", "since"),
+    "ur_table": ("drift id", "first seen"),
+    "ur_diff": ("field", "differs"),
+    "ur_history": ("who", "did", "change"),
+    "ur_actions": ("action id", "operation"),
+    "sla_definitions": ("name", "threshold", "period"),
+    "sla_compliance": ("objective", "late / decided"),
+    "au_table": ("when", "who", "did", "on"),
+}
+CHARTS = {
+    "ov_heatmap": lambda d: d[0]["type"] == "heatmap",
+    "ov_breaches": lambda d: d[0]["type"] == "scatter",
+    "ov_aging_chart": lambda d: d[0]["type"] == "bar" and d[0].get("orientation") != "h",
+    "ur_waterfall": lambda d: d[0]["type"] == "bar" and d[0].get("orientation") == "h",
+}
+
+
+def frame(at: AppTest, key: str) -> Any:
+    found = [d.value for d in at.dataframe if set(TABLES[key]) <= set(d.value.columns)]
+    assert len(found) == 1, (key, [list(d.value.columns) for d in at.dataframe])
+    return found[0]
+
+
+def chart(at: AppTest, key: str) -> dict[str, Any]:
+    specs = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+    found = [s for s in specs if s.get("data") and CHARTS[key](s["data"])]
+    assert len(found) == 1, (key, len(specs))
+    return found[0]
+
+
+def buttons(at: AppTest) -> set[str]:
+    return {b.key for b in at.button} | {b.key for b in at.get("link_button") if getattr(b, "key", None)}
+
+
+def open_items(t: Tower, **params: Any) -> list[dict[str, Any]]:
+    return t.items(**params)
+
+
+def test_overview_shows_the_apis_numbers_and_the_region_filter_changes_them(
+    tower: Tower, dash: Callable[..., AppTest]
+) -> None:
+    at = dash("overview")
+    items = open_items(tower)
+    assert metric(at, "Unreconciled items") == f"{len(items):,}"
+    firing = tower.call("GET", "/api/sla/breaches", params={"status": "firing"}).json()["breaches"]
+    assert firing and {(b["sla"], b["region"]) for b in firing} == {("invoice_posted", "EU")}  # 40 min late in EU
+    assert metric(at, "Firing alerts") == str(len(firing))
+    assert set(frame(at, "ov_firing_table")["region"]) == {"EU"}
+    assert metric(at, "Last run") == "succeeded"
+    table = frame(at, "ov_aging_table")
+    assert dict(zip(table["class"], table["items"], strict=True)) == dict(Counter(i["class"] for i in items))
+    assert set(table["0-1d"]) == {*table["items"]}  # the run found everything just now
+    heat = chart(at, "ov_heatmap")["data"][0]
+    assert heat["x"] == ["billing → ERP (invoice)"]
+    by_region = {region: row[0] for region, row in zip(heat["y"], heat["z"], strict=True)}
+    assert by_region["EU"] == 50.0 and by_region["NA"] == 100.0  # 3 of 6 late in EU, none in NA
+    assert set(by_region) - {"EU", "NA"} <= {tower.traced["region"]}  # type: ignore[attr-defined]
+    breaches = chart(at, "ov_breaches")["data"]
+    assert [trace["name"] for trace in breaches] == ["EU"] and breaches[0]["y"][-1] == len(firing)
+    usd = sum(abs(i["amount_minor"]) for i in items if i["currency"] == "USD")
+    assert views.fmt_money(usd, "USD") in metric(at, "Unreconciled amount")
+    assert "ov_start_run" in buttons(at)
+
+    at.selectbox(key="ov_region").select("EU").run()
+    eu = [i for i in items if i["region"] == "EU"]
+    assert len(eu) != len(items)
+    assert metric(at, "Unreconciled items") == f"{len(eu):,}"
+    assert chart(at, "ov_heatmap")["data"][0]["y"] == ["EU"]
+    assert metric(at, "Firing alerts") == str(len(firing))
+    at.selectbox(key="ov_region").select("NA").run()
+    assert metric(at, "Firing alerts") == "0"
+
+
+def test_unreconciled_filters_sort_and_paginate_on_the_server(tower: Tower, dash: Callable[..., AppTest]) -> None:
+    at = dash("unreconciled")
+    total = len(open_items(tower))
+    assert total > 25, "enough items for two pages"
+    assert metric(at, "Matching items") == f"{total:,}"
+    assert len(frame(at, "ur_table")) == 25  # the first page only
+    at.number_input(key="ur_page").set_value(2).run()
+    assert len(frame(at, "ur_table")) == total - 25
+
+    at.multiselect(key="ur_class").select("missing_in_erp").run()
+    missing = open_items(tower, **{"class": "missing_in_erp"})
+    assert metric(at, "Matching items") == str(len(missing))
+    assert at.number_input(key="ur_page").value == 1  # a new filter starts at the first page
+    assert set(frame(at, "ur_table")["class"]) == {"missing_in_erp"}
+
+    at.multiselect(key="ur_class").unselect("missing_in_erp").run()
+    at.selectbox(key="ur_sort").select("amount").run()
+    biggest = max(open_items(tower), key=lambda i: abs(i["amount_minor"]))
+    assert frame(at, "ur_table")["amount"][0] == views.fmt_money(biggest["amount_minor"], biggest["currency"])
+    at.toggle(key="ur_desc").set_value(False).run()
+    assert frame(at, "ur_table")["amount"][0] != views.fmt_money(biggest["amount_minor"], biggest["currency"])
+
+    at.selectbox(key="ur_region").select("APAC").run()
+    at.text_input(key="ur_customer").input(biggest["customer_id"]).run()
+    expected = open_items(tower, region="APAC", key=biggest["customer_id"])
+    assert metric(at, "Matching items") == str(len(expected))
+
+
+def test_one_item_shows_its_diff_transaction_waterfall_and_history(tower: Tower, dash: Callable[..., AppTest]) -> None:
+    item = tower.traced  # type: ignore[attr-defined]
+    at = dash("unreconciled", role="viewer")
+    at.text_input(key="ur_customer").input(item["invoice_id"]).run()
+    at.selectbox(key="ur_item").select(item["drift_id"]).run()
+    assert not at.exception
+    assert at.header[0].value == f"missing_in_erp · {item['invoice_id']}"
+    assert metric(at, "Amount") == views.fmt_money(item["amount_minor"], item["currency"])
+    diff = frame(at, "ur_diff")
+    total_row = diff[diff["field"] == "total_minor"].iloc[0]
+    assert (total_row["billing"], total_row["erp"], total_row["differs"]) == (str(item["amount_minor"]), "", "≠")
+    traces = chart(at, "ur_waterfall")["data"]
+    bars = [b for b in traces if b["type"] == "bar"]
+    assert [b["y"][0] for b in bars] == ["billing · invoice.finalized", "step · billing → ERP (invoice)"]
+    assert bars[-1]["text"] == ["incomplete (waiting for erp)"]
+    deadline = next(t for t in traces if t["type"] == "scatter")  # the step's SLA deadline, 15 min after its start
+    assert deadline["y"] == ["step · billing → ERP (invoice)"] and deadline["hovertext"] == ["SLA deadline"]
+    history = frame(at, "ur_history")
+    assert list(history["did"]) == ["drift.new"] and list(history["who"]) == ["reconciler"]
+
+
+def test_operator_corrective_sync_asks_first_calls_the_api_and_the_next_run_resolves(
+    tower: Tower, dash: Callable[..., AppTest]
+) -> None:
+    item = [i for i in open_items(tower, **{"class": "missing_in_erp"}) if i["reason_code"] == "not_posted"][1]
+    at = dash("unreconciled")
+    at.text_input(key="ur_customer").input(item["invoice_id"]).run()
+    at.selectbox(key="ur_item").select(item["drift_id"]).run()
+    at.button(key="ur_sync").click().run()
+    assert any("corrective sync of missing_in_erp" in w.value for w in at.warning)
+    assert tower.call("GET", "/api/actions", params={"drift_id": item["drift_id"]}).json()["total"] == 0
+    at.button(key="confirm_item").click().run()
+    assert any("corrective sync: done" in s.value for s in at.success), [e.value for e in at.error]
+    actions = tower.call("GET", "/api/actions", params={"drift_id": item["drift_id"]}).json()["items"]
+    assert [(a["state"], a["requested_by"]) for a in actions] == [("succeeded", "olga")]
+    assert list(frame(at, "ur_actions")["state"]) == ["succeeded"]
+
+    over = dash("overview")
+    runs_before = tower.call("GET", "/api/runs").json()["total"]
+    over.button(key="ov_start_run").click().run()
+    over.button(key="confirm_ov_run").click().run()
+    assert tower.call("GET", "/api/runs").json()["total"] == runs_before + 1
+    wait_for(lambda: tower.call("GET", "/api/runs").json()["items"][0]["state"] == "succeeded", what="the run")
+    assert tower.call("GET", f"/api/drift/{item['drift_id']}").json()["state"] == "resolved"
+    at.run()
+    assert metric(at, "State") == "resolved"
+    assert at.button(key="ur_sync").disabled
+
+
+def test_ignore_needs_a_note_and_both_transitions_are_confirmed_and_audited(
+    tower: Tower, dash: Callable[..., AppTest]
+) -> None:
+    fresh = [i for i in open_items(tower, **{"class": "payment_unapplied"}) if i["state"] in ("new", "persisting")]
+    first, second = fresh[:2]
+    at = dash("unreconciled")
+    at.selectbox(key="ur_item").set_value(first["drift_id"]).run()
+    assert at.button(key="ur_ignore").disabled  # no note yet
+    at.text_area(key="ur_note").input("profile merged by hand in billing").run()
+    at.button(key="ur_ignore").click().run()
+    assert tower.call("GET", f"/api/drift/{first['drift_id']}").json()["state"] == first["state"]  # only asked
+    at.button(key="confirm_item").click().run()
+    doc = tower.call("GET", f"/api/drift/{first['drift_id']}").json()
+    assert (doc["state"], doc["state_note"]) == ("ignored", "profile merged by hand in billing")
+
+    at.selectbox(key="ur_item").set_value(second["drift_id"]).run()
+    at.button(key="ur_ack").click().run()
+    at.button(key="cancel_item").click().run()
+    assert tower.call("GET", f"/api/drift/{second['drift_id']}").json()["state"] == second["state"]
+    at.button(key="ur_ack").click().run()
+    at.button(key="confirm_item").click().run()
+    assert tower.call("GET", f"/api/drift/{second['drift_id']}").json()["state"] == "acknowledged"
+    trail = tower.call("GET", "/api/audit", params={"actor": "olga", "action": "drift."}).json()["items"]
+    assert {(r["action"], r["object_id"]) for r in trail} >= {
+        ("drift.ignored", first["drift_id"]),
+        ("drift.acknowledged", second["drift_id"]),
+    }
+
+
+def test_a_viewer_sees_no_action_buttons_and_the_api_refuses_it_anyway(
+    tower: Tower, dash: Callable[..., AppTest]
+) -> None:
+    for page in PAGES:
+        at = dash(page, role="viewer")
+        assert buttons(at) <= {"sla_alertmanager", "ov_alertmanager"}, (page, buttons(at))
+    at = dash("overview", role="viewer")
+    assert any("Read-only" in c.value for c in at.sidebar.caption)
+    at = dash("unreconciled", role="viewer")
+    item = open_items(tower, **{"class": "missing_in_erp"})[0]
+    at.selectbox(key="ur_item").set_value(item["drift_id"]).run()
+    assert metric(at, "State") == item["state"] and buttons(at) == set()
+    refused = tower.call("POST", f"/api/drift/{item['drift_id']}/sync", token=tower.tokens["viewer"], json={})
+    assert refused.status_code == 403
+    operator = dash("unreconciled")
+    operator.selectbox(key="ur_item").set_value(item["drift_id"]).run()
+    assert {"ur_sync", "ur_ack", "ur_ignore"} <= buttons(operator)
+
+
+def test_actions_page_bulk_shows_the_count_asks_again_and_replays_failed_actions(
+    tower: Tower, dash: Callable[..., AppTest]
+) -> None:
+    at = dash("actions")
+    at.multiselect(key="bulk_class").select("status_mismatch").run()
+    targets = open_items(tower, **{"class": "status_mismatch"})
+    n = len(targets)
+    assert n >= 1
+    assert metric(at, "Open items matching the bulk filter") == str(n)
+    apply = at.button(key="bulk_apply")
+    assert apply.label == f"Acknowledge {n} items…"
+    apply.click().run()
+    assert any(f"This will acknowledge {n} item" in w.value for w in at.warning)
+    assert {i["state"] for i in open_items(tower, **{"class": "status_mismatch"})} <= {"new", "persisting"}
+    at.button(key="confirm_bulk").click().run()
+    assert any(f"{n} of {n} items done" in i.value for i in at.info), [e.value for e in at.error]
+    assert {i["state"] for i in open_items(tower, **{"class": "status_mismatch"})} == {"acknowledged"}
+    bulk = tower.call("GET", "/api/audit", params={"action": "drift.bulk"}).json()["items"]
+    assert bulk[0]["actor"] == "olga" and bulk[0]["after"]["matched"] == n
+
+    # a business-rule correction the ERP connector cannot do fails: it is replayable from this page
+    mismatch = open_items(tower, **{"class": "amount_mismatch"})[0]
+    failed = tower.call("POST", f"/api/drift/{mismatch['drift_id']}/sync", json={"approve": True}).json()
+    assert failed["state"] == "failed"
+    at = dash("actions")
+    at.multiselect(key="ac_state").select("failed").run()
+    assert metric(at, "Actions (filtered)") == str(tower.call("GET", "/api/actions?state=failed").json()["total"])
+    at.selectbox(key="ac_item").set_value(failed["action_id"]).run()
+    assert not at.button(key="ac_replay").disabled and at.button(key="ac_approve").disabled
+    at.button(key="ac_replay").click().run()
+    at.button(key="confirm_action").click().run()
+    replays = tower.call("GET", "/api/actions", params={"original_action_id": failed["action_id"]}).json()["items"]
+    assert len(replays) == 1 and replays[0]["requested_by"] == "olga"
+    assert replays[0]["state"] == "failed"  # the same unsupported operation
+    assert any("replay: done" in m.value for m in at.success)
+    assert "ac_following" not in at.session_state  # followed until it ended, then the page stopped polling
+
+
+def test_slas_page_definitions_compliance_breaches_and_the_alertmanager_link(
+    tower: Tower, dash: Callable[..., AppTest]
+) -> None:
+    at = dash("slas", role="viewer", TOWER_ALERTMANAGER_URL="http://127.0.0.1:9093")
+    names = list(frame(at, "sla_definitions")["name"])
+    assert names == ["customer_synced", "invoice_posted", "payment_applied", "refund_posted"]
+    comp = frame(at, "sla_compliance")
+    by_region = dict(zip(comp["region"], comp["compliance"], strict=True))
+    assert by_region["EU"] == "50.00%" and by_region["NA"] == "100.00%"
+    breaches = tower.call("GET", "/api/sla/breaches").json()["breaches"]
+    assert metric(at, "Breaches shown (last 30 days)") == str(len(breaches))
+    at.selectbox(key="sla_status").select("resolved").run()
+    assert metric(at, "Breaches shown (last 30 days)") == str(sum(b["status"] == "resolved" for b in breaches))
+    links = [b for b in at.get("link_button") if b.proto.url == "http://127.0.0.1:9093"]
+    assert len(links) == 1
+    without = dash("slas", role="viewer")
+    assert not list(without.get("link_button"))
+    assert any("No Alertmanager configured" in c.value for c in without.caption)
+
+
+def test_audit_page_lists_who_did_what_and_filters(tower: Tower, dash: Callable[..., AppTest]) -> None:
+    tower.call("POST", "/api/runs", token=tower.tokens["viewer"], json={})  # a refused attempt, audited too
+    at = dash("audit", role="viewer")
+    since = (dt.datetime.now(dt.UTC) - dt.timedelta(days=7)).isoformat()
+    total = tower.call("GET", "/api/audit", params={"since": since, "limit": 1}).json()["total"]
+    assert metric(at, "Records") == f"{total:,}"
+    at.selectbox(key="au_actor").select("vera").run()
+    rows = frame(at, "au_table")
+    by_vera = tower.call("GET", "/api/audit", params={"actor": "vera"}).json()["items"]
+    assert len(rows) == len(by_vera) >= 1 and set(rows["who"]) == {"vera"}
+    assert set(rows["did"]) == {"api.denied"} and set(rows["result"]) == {"denied"}
+    assert rows["on"][0] == "api POST /api/runs"  # newest first
+    at.selectbox(key="au_actor").select("(all)").run()
+    at.selectbox(key="au_object_type").select("token").run()
+    assert metric(at, "Records") == "2"  # olga's and vera's tokens, created by the bootstrap admin
+
+
+def test_api_down_gives_a_banner_and_no_traceback_on_every_page(dash: Callable[..., AppTest]) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    for page in PAGES:
+        at = dash(page, api_url=down)
+        assert not at.exception
+        assert any("API is unavailable" in e.value for e in at.error), (page, [e.value for e in at.error])
+        assert buttons(at) == {f"retry_{page}"}  # no action buttons while the role is unknown
+        if page == "overview":  # (AppTest keeps the sidebar of the first page only)
+            assert any("Identity unknown" in c.value for c in at.sidebar.caption)
+
+
+def test_without_a_configured_token_it_asks_once_per_session(tower: Tower, dash: Callable[..., AppTest]) -> None:
+    at = dash("overview", role=None)
+    assert not at.title or at.title[0].value == "Revenue Control Tower"
+    at.text_input(key="login_token").input("twr_wrong").run()
+    at.button(key="login_submit").click().run()
+    assert any("refused this token" in e.value for e in at.error)
+    at.text_input(key="login_token").input(tower.tokens["viewer"]).run()
+    at.button(key="login_submit").click().run()
+    assert [t.value for t in at.title] == ["Overview"]
+    assert any("vera" in c.value for c in at.sidebar.caption)
+    at.run()  # another interaction: still signed in, not asked again
+    assert [t.value for t in at.title] == ["Overview"] and "login_token" not in {t.key for t in at.text_input}
+    at.button(key="sign_out").click().run()
+    assert "login_token" in {t.key for t in at.text_input}
