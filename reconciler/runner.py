@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +20,13 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from connectors.base import BillingConnector, ErpConnector, TransientError
 from reconciler import classify as c
+from tower_core.models import CURRENCY_EXPONENT
 from tower_core.store import Store
 from tower_core.store import reconcile as q
 
 log = logging.getLogger("tower.reconciler")
 
-STAGES = ("pull", "scope", "compare_payments", "compare_invoices", "compare_customers", "queue", "statement")
+STAGES = ("pull", "candidates", "facts", "classify", "queue", "statement")
 # Incremental scopes start a little before the last run's start: rows ingested while it read are compared again.
 WATERMARK_OVERLAP = dt.timedelta(seconds=5)
 PAGE_SIZE = 1000
@@ -115,85 +116,6 @@ def pull_cdp(store: Store, cdp: Any) -> int:
         raise RunFailed(f"CDP pull failed: {exc}") from exc
 
 
-def _finding_row(run_id: str, f: c.Finding, key_type: str) -> dict[str, Any]:
-    return {
-        "RunId": run_id,
-        "DriftId": f.drift_id,
-        "Class": f.cls,
-        "ReasonCode": f.reason,
-        "System": f.system,
-        "Region": f.region,
-        "Currency": f.currency,
-        "CustomerId": f.customer_id,
-        "InvoiceId": f.invoice_id if key_type == "invoice" else "",
-        "PaymentId": f.payment_id if key_type == "payment" else "",
-        "LedgerEntryId": f.ledger_entry_id,
-        "PrimaryKey": f.primary_key,
-        "KeyType": key_type,
-        "AmountMinor": f.amount_minor,
-        "BillingValues": f.billing,
-        "ErpValues": f.erp,
-        "DiffFields": f.diff_fields,
-        "Day": f.day,
-    }
-
-
-def _fact_row(run_id: str, r: dict[str, Any], finding: c.Finding | None) -> dict[str, Any]:
-    """A candidate invoice key's contribution to the statement cells, and the bucket explaining it."""
-    billing = int(r["b_total"] or 0) if r["b_n"] and r["b_status"] in q.FINAL_STATUSES else 0
-    erp = int(r["e_sum"] or 0) if r["e_n"] else 0
-    b_day = r["b_day"] or r["e_day"]
-    e_day = r["e_day"] or r["b_day"]
-    b_cell = (r["b_region"] or r["e_region"], r["b_currency"] or r["e_currency"])
-    e_cell = (r["e_region"] or r["b_region"], r["e_currency"] or r["b_currency"])
-    if finding is not None:
-        bucket = finding.cls
-    elif billing != erp:
-        bucket = c.TOLERANCE
-    elif b_cell == e_cell and b_day != e_day and billing:
-        bucket = "timing"  # posted into another period; amounts agree
-    else:
-        bucket = ""
-    return {
-        "Key": r["key"],
-        "BillingRegion": b_cell[0],
-        "BillingCurrency": b_cell[1],
-        "ErpRegion": e_cell[0],
-        "ErpCurrency": e_cell[1],
-        "BillingDay": b_day,
-        "ErpDay": e_day,
-        "BillingMinor": billing,
-        "ErpMinor": erp,
-        "Class": bucket,
-        "RunId": run_id,
-    }
-
-
-def _item_row(finding: dict[str, Any], existing: dict[str, Any] | None, run_id: str, as_of: dt.datetime) -> dict:
-    prev = existing["State"] if existing else None
-    state = c.run_transition(prev, True)
-    reopened = prev in (None, c.RESOLVED)
-    row = {k: v for k, v in finding.items() if k != "RunId"}
-    row.update(
-        {
-            "State": state,
-            "StateNote": "" if reopened else existing["StateNote"],  # type: ignore[index]
-            "FirstSeen": as_of if reopened else existing["FirstSeen"],  # type: ignore[index]
-            "LastSeen": as_of,
-            "UpdatedAt": _now(),
-            "RunId": run_id,
-            "ResolvedAt": q.EPOCH,
-        }
-    )
-    return row
-
-
-def _audit_view(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    return {"state": row["State"], "class": row["Class"], "reason": row["ReasonCode"], "amount": row["AmountMinor"]}
-
-
 class Reconciler:
     """Runs reconciliations on one store with the configured connectors and rules."""
 
@@ -279,11 +201,6 @@ class Reconciler:
             if isinstance(exc, RunFailed):
                 raise
             raise RunFailed(str(exc)) from exc
-        finally:
-            try:
-                q.drop_scope(store, run_id)
-            except Exception:  # scratch rows also expire by TTL
-                log.debug("scope cleanup failed", exc_info=True)
         record["FinishedAt"] = _now()
         record.update(
             {
@@ -301,133 +218,59 @@ class Reconciler:
         return result
 
     # --- comparison
+    def rule_params(self, as_of: dt.datetime) -> dict[str, Any]:
+        """The rules as query parameters of the SQL classification."""
+        r = self.rules
+        return {
+            "as_of": as_of,
+            "tol_abs": {cur: t.abs_minor for cur, t in r.tolerances.items()},
+            "tol_abs_default": r.default_tolerance.abs_minor,
+            "tol_rel": {cur: t.rel_bp for cur, t in r.tolerances.items()},
+            "tol_rel_default": r.default_tolerance.rel_bp,
+            "grace": {k: int(v) for k, v in r.grace_s.items() if k != "*"},
+            "grace_default": r.default_grace_s,
+            "exp": dict(CURRENCY_EXPONENT),
+            "window": r.match_window_days,
+        }
+
     def _compare(self, result: RunResult, record: dict[str, Any], *, full: bool, stage: Callable[[str], None]) -> None:
-        store, rules, run_id, region, as_of = self.store, self.rules, result.run_id, result.region, result.as_of
+        store, run_id, region, as_of = self.store, result.run_id, result.region, result.as_of
         customers = q.table_exists(store, "cdp_profiles") and q.table_exists(store, "billing_customers")
+        rules = self.rule_params(as_of)
+
         t = time.perf_counter()
-        stage("scope")
-        if not full:
-            wm = record["Watermark"]
-            sizes = q.build_scope(store, run_id, wm, customers)
+        stage("candidates")
+        if full:
+            sizes = q.find_candidates(store, run_id, region)  # keys whose sides do not match exactly
+        else:
+            sizes = q.build_scope(store, run_id, record["Watermark"], customers)  # keys changed since the last run
             result.keys_compared = sum(sizes.values())
-        result.timings["scope"] = time.perf_counter() - t
-
-        findings: list[dict[str, Any]] = []
-        facts: list[dict[str, Any]] = []
+        result.timings["candidates"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        stage("compare_payments")
-        pay = q.payment_candidates(store, run_id, full=full, region=region).to_pylist()
-        unallocated = [
-            {
-                "payment_id": r["key"],
-                "customer_id": r["p_customer"],
-                "amount_minor": r["p_amount"],
-                "occurred_at": r["p_occurred"],
-                "currency": r["p_currency"],
-            }
-            for r in pay
-            if r["p_n"] and r["p_kind"] == "payment" and r["p_status"] == "succeeded" and not r["p_alloc_n"]
-            and not r["e_applied_n"]
-        ]  # fmt: skip
-        tolerances = {cur: (t_.abs_minor, t_.rel_bp) for cur, t_ in rules.tolerances.items()}
-        tolerances["*"] = (rules.default_tolerance.abs_minor, rules.default_tolerance.rel_bp)
-        matched = q.sum_matches(store, unallocated, rules.match_window_days, tolerances)
-        for r in pay:
-            r["sum_match"] = r["key"] in matched
-            f = c.classify_payment(r, rules, as_of)
-            if f is not None:
-                findings.append(_finding_row(run_id, f, "payment"))
-        result.timings["compare_payments"] = time.perf_counter() - t
+        stage("facts")
+        facts = q.collect_facts(store, run_id, full=full, region=region, customers=customers)
+        result.timings["facts"] = time.perf_counter() - t
+        if full:
+            result.keys_compared = sum(facts.values())
 
         t = time.perf_counter()
-        stage("compare_invoices")
-        inv = q.invoice_candidates(store, run_id, full=full, region=region).to_pylist()
-        for r in inv:
-            f = c.classify_invoice(r, rules, as_of)
-            if f is not None:
-                findings.append(_finding_row(run_id, f, "invoice"))
-            facts.append(_fact_row(run_id, r, f))
-        result.timings["compare_invoices"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        stage("compare_customers")
-        if customers:
-            for r in q.customer_candidates(store, run_id, full=full, region=region).to_pylist():
-                f = c.classify_customer(r, rules, as_of)
-                if f is not None:
-                    findings.append(_finding_row(run_id, f, "customer"))
-        result.timings["compare_customers"] = time.perf_counter() - t
+        stage("classify")
+        q.classify(store, run_id, rules)
+        result.timings["classify"] = time.perf_counter() - t
 
         t = time.perf_counter()
         stage("queue")
-        result.findings = len(findings)
         with self.queue_lock:
-            self._merge_queue(result, findings, full=full, customers=customers)
+            counts = q.merge_queue(store, run_id, as_of, full=full, region=region, customers=customers)
+        result.findings, result.new, result.resolved = counts["findings"], counts["new"], counts["resolved"]
         result.timings["queue"] = time.perf_counter() - t
 
         t = time.perf_counter()
         stage("statement")
-        q.write_facts(store, facts)
+        q.write_statement_facts(store, run_id, rules)
         q.clear_facts(store, run_id, full=full, region=region)
         result.statement_rows = q.write_statement(store, run_id, region)
         result.residual_minor = q.statement_residual(store, run_id)
-        result.timings["statement"] = time.perf_counter() - t
         result.open = sum(q.open_counts(store).values())
-
-    def _merge_queue(self, result: RunResult, findings: list[dict[str, Any]], *, full: bool, customers: bool) -> None:
-        """New/persisting items from the findings; resolved ones for compared keys no longer drifting."""
-        store, run_id, as_of = self.store, result.run_id, result.as_of
-        by_id: dict[str, dict[str, Any]] = {}
-        for f in findings:
-            by_id.setdefault(f["DriftId"], f)  # one item per (class, primary key)
-        findings = list(by_id.values())
-        q.write_findings(store, findings)
-        existing = q.existing_items(store, run_id=run_id) if findings else {}
-        rows, audit = [], []
-        now = _now()
-        for f in findings:
-            prev = existing.get(f["DriftId"])
-            row = _item_row(f, prev, run_id, as_of)
-            rows.append(row)
-            if prev is None or prev["State"] != row["State"]:
-                result.new += row["State"] == c.NEW
-                audit.append(
-                    q.audit_record(
-                        "reconciler",
-                        f"drift.{row['State']}",
-                        "drift_item",
-                        row["DriftId"],
-                        _audit_view(prev),
-                        _audit_view(row),
-                        f"run {run_id}: {row['ReasonCode']}",
-                        at=now,
-                    )
-                )
-        resolve = q.items_to_resolve(store, run_id, full=full, region=result.region, customers=customers)
-        for prev in resolve:
-            row = dict(prev)
-            row.update({"State": c.RESOLVED, "UpdatedAt": now, "ResolvedAt": as_of, "RunId": run_id})
-            rows.append(row)
-            audit.append(
-                q.audit_record(
-                    "reconciler",
-                    "drift.resolved",
-                    "drift_item",
-                    row["DriftId"],
-                    _audit_view(prev),
-                    _audit_view(row),
-                    f"run {run_id}: drift gone",
-                    at=now,
-                )
-            )
-        result.resolved = len(resolve)
-        for chunk in _chunks(rows, 50_000):
-            q.write_items(store, chunk)
-        for chunk in _chunks(audit, 50_000):
-            q.write_audit(store, chunk)
-
-
-def _chunks(rows: list[Any], n: int) -> Iterable[list[Any]]:
-    for i in range(0, len(rows), n):
-        yield rows[i : i + n]
+        result.timings["statement"] = time.perf_counter() - t

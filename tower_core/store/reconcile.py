@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -402,7 +402,7 @@ SELECT {run:String}, 'invoice', k FROM (
         WHERE IngestedAt >= {wm:DateTime64(6)} AND AppliedToRef != ''
     UNION ALL SELECT arrayJoin(mapKeys(Allocations)) FROM $db.billing_payments WHERE IngestedAt >= {wm:DateTime64(6)}
     UNION ALL SELECT InvoiceId FROM $db.drift_items FINAL
-        WHERE KeyType = 'invoice' AND State != 'resolved' AND InvoiceId != ''
+        WHERE KeyType = 'invoice' AND State != 'resolved' AND Class = 'stale_sync' AND InvoiceId != ''
 )
 WHERE k != ''
 GROUP BY k
@@ -414,7 +414,7 @@ SELECT {run:String}, 'payment', k FROM (
     UNION ALL SELECT ExternalRef FROM $db.erp_ledger_entries
         WHERE IngestedAt >= {wm:DateTime64(6)} AND EntryType IN ('payment', 'credit_memo')
     UNION ALL SELECT PaymentId FROM $db.drift_items FINAL
-        WHERE KeyType = 'payment' AND State != 'resolved' AND PaymentId != ''
+        WHERE KeyType = 'payment' AND State != 'resolved' AND Class = 'stale_sync' AND PaymentId != ''
 )
 WHERE k != ''
 GROUP BY k
@@ -425,7 +425,7 @@ SELECT {run:String}, 'customer', k FROM (
     SELECT CustomerId AS k FROM $db.cdp_profiles WHERE IngestedAt >= {wm:DateTime64(6)}
     UNION ALL SELECT CustomerId FROM $db.billing_customers WHERE IngestedAt >= {wm:DateTime64(6)}
     UNION ALL SELECT CustomerId FROM $db.drift_items FINAL
-        WHERE KeyType = 'customer' AND State != 'resolved' AND CustomerId != ''
+        WHERE KeyType = 'customer' AND State != 'resolved' AND Class = 'stale_sync' AND CustomerId != ''
 )
 WHERE k != ''
 GROUP BY k
@@ -433,7 +433,9 @@ GROUP BY k
 
 
 def build_scope(store: Store, run_id: str, watermark: dt.datetime, customers: bool) -> dict[str, int]:
-    """Keys changed since ``watermark`` (both systems' sides) plus the keys of open drift items."""
+    """Keys changed since ``watermark`` (either system's side), plus the keys of open stale_sync items (the only
+    class that changes with time alone: its grace period ends). Any other item changes only when a row of its
+    key changes, which puts the key in the scope."""
     params = {"run": run_id, "wm": watermark}
     store.command(_SCOPE_INVOICES, params)
     store.command(_SCOPE_PAYMENTS, params)
@@ -446,22 +448,114 @@ def build_scope(store: Store, run_id: str, watermark: dt.datetime, customers: bo
     return {r["t"]: int(r["n"]) for r in rows}
 
 
-def drop_scope(store: Store, run_id: str) -> None:
-    """Scratch rows also expire by TTL; a lightweight delete keeps the table small between merges."""
-    store.command("DELETE FROM $db.reconcile_scope WHERE RunId = {run:String}", {"run": run_id})
-    store.command("DELETE FROM $db.reconcile_findings WHERE RunId = {run:String}", {"run": run_id})
-
-
 _IN_SCOPE_INV = "(SELECT Key FROM $db.reconcile_scope WHERE RunId = {run:String} AND KeyType = 'invoice')"
 _IN_SCOPE_PAY = "(SELECT Key FROM $db.reconcile_scope WHERE RunId = {run:String} AND KeyType = 'payment')"
 _IN_SCOPE_CUS = "(SELECT Key FROM $db.reconcile_scope WHERE RunId = {run:String} AND KeyType = 'customer')"
 
-# --- invoice comparison -------------------------------------------------------------------------------------
-# src: 0 billing invoice, 1 ERP invoice posting, 2 ERP payment application (keyed by the invoice it applies
-# to), 3 ERP draft = rejected posting, 4 billing payment allocation, 5 billing refund / credit-note
+# --- comparison: stage A (full runs) finds candidate keys narrowly, by hash --------------------------------
+# Per business key, counts and one signature per side, grouped by cityHash64(key) (integer keys aggregate
+# several times faster than strings). The signature is the sum of row hashes: the invoice's (amount,
+# currency, region, day, status) against the posting's, each payment allocation (payment, amount) against
+# the ERP application, each credit note against its credit memo; equal sums = equal multisets. Exact matches
+# are dropped; the hashes of the rest go to reconcile_hashes. A hash collision can only merge keys into a
+# group that does not look clean (a second, independent hash per group detects it), or make a key look
+# different: it never hides a difference, and the wide pass (stage B) decides on exact keys and values.
+_STAGE_A_INVOICES = """
+INSERT INTO $db.reconcile_hashes (RunId, KeyType, Hash)
+SELECT {run:String}, 'invoice', hk FROM (
+    SELECT
+        hk,
+        countIf(src = 0) AS b_n, countIf(src = 1) AS e_n, countIf(src = 3) AS rej, countIf(src = 2) AS e_app_n,
+        maxIf(not_final, src = 0) AS b_not_final,
+        sumIf(sig, src IN (0, 4, 5)) AS sig_b, sumIf(sig, src IN (1, 2, 6)) AS sig_e,
+        anyIf(rh, src = 0) AS brh, anyIf(rh, src = 1) AS erh, min(k2) AS k_lo, max(k2) AS k_hi
+    FROM (
+        SELECT cityHash64(InvoiceId) AS hk, toUInt8(0) AS src,
+            if(Status IN ('open', 'paid', 'uncollectible'),
+                cityHash64('I', TotalMinor, Currency, Region, toDate(IssuedAt), Status), 0) AS sig,
+            toUInt8(Status NOT IN ('open', 'paid', 'uncollectible')) AS not_final, cityHash64(Region) AS rh,
+            cityHash64(InvoiceId, 'k') AS k2
+        FROM $db.billing_invoices FINAL WHERE NOT IsDeleted
+        UNION ALL
+        SELECT cityHash64(if(EntryType = 'invoice', ExternalRef, AppliedToRef)),
+            multiIf(EntryType = 'invoice', if(Status = 'draft', 3, 1), EntryType = 'payment', 2, 6),
+            multiIf(EntryType = 'invoice', cityHash64('I', AmountMinor, Currency, Region, PeriodDate, Status),
+                EntryType = 'payment', cityHash64('A', ExternalRef, AmountMinor), cityHash64('C', ExternalRef)),
+            0, cityHash64(Region), cityHash64(if(EntryType = 'invoice', ExternalRef, AppliedToRef), 'k')
+        FROM $db.erp_ledger_entries FINAL
+        WHERE NOT IsDeleted AND Status != 'cancelled' AND (EntryType = 'invoice'
+            OR (EntryType IN ('payment', 'credit_memo') AND AppliedToRef != '' AND Status != 'draft'))
+        UNION ALL
+        SELECT cityHash64(inv), if(Kind = 'payment', 4, 5),
+            if(Kind = 'payment', cityHash64('A', PaymentId, a), cityHash64('C', PaymentId)), 0, 0, cityHash64(inv, 'k')
+        FROM $db.billing_payments FINAL ARRAY JOIN mapKeys(Allocations) AS inv, mapValues(Allocations) AS a
+        WHERE NOT IsDeleted AND Status = 'succeeded'
+    )
+    GROUP BY hk
+    HAVING ({region:String} = '' OR if(b_n > 0, brh, erh) = cityHash64({region:String}))
+        AND NOT (
+            k_lo = k_hi AND (
+                (b_n = 1 AND e_n = 1 AND b_not_final = 0 AND sig_b = sig_e)
+                OR (b_n = 1 AND e_n = 0 AND b_not_final = 1 AND sig_b = sig_e)
+                OR (b_n = 0 AND e_n = 0 AND rej = 0 AND e_app_n = 0)
+            )
+        )
+)
+"""
+_STAGE_A_PAYMENTS = """
+INSERT INTO $db.reconcile_hashes (RunId, KeyType, Hash)
+SELECT {run:String}, 'payment', hk FROM (
+    SELECT
+        hk, countIf(src = 0) AS p_n, maxIf(ok, src = 0) AS succeeded, maxIf(kp, src = 0) AS is_payment,
+        maxIf(kr, src = 0) AS is_refund, maxIf(n, src = 0) AS alloc_n, countIf(src = 1) AS e_n,
+        countIf(src = 1 AND memo = 1) AS e_memo_n, anyIf(rh, src = 0) AS prh, anyIf(rh, src = 1) AS erh,
+        min(k2) AS k_lo, max(k2) AS k_hi
+    FROM (
+        SELECT cityHash64(PaymentId) AS hk, toUInt8(0) AS src, toUInt8(Status = 'succeeded') AS ok,
+            toUInt8(Kind = 'payment') AS kp, toUInt8(Kind IN ('refund', 'credit_note')) AS kr,
+            length(Allocations) AS n, toUInt8(0) AS memo, cityHash64(Region) AS rh, cityHash64(PaymentId, 'k') AS k2
+        FROM $db.billing_payments FINAL WHERE NOT IsDeleted
+        UNION ALL
+        SELECT cityHash64(ExternalRef), 1, 0, 0, 0, 0, toUInt8(EntryType = 'credit_memo'), cityHash64(Region),
+            cityHash64(ExternalRef, 'k')
+        FROM $db.erp_ledger_entries FINAL
+        WHERE NOT IsDeleted AND EntryType IN ('payment', 'credit_memo') AND Status NOT IN ('cancelled', 'draft')
+    )
+    GROUP BY hk
+    HAVING ({region:String} = '' OR if(p_n > 0, prh, erh) = cityHash64({region:String}))
+        AND NOT (
+            p_n = 1 AND k_lo = k_hi AND (
+                (succeeded = 0 AND e_n = 0)
+                OR (succeeded = 1 AND is_payment = 1 AND alloc_n > 0 AND e_n > 0)
+                OR (succeeded = 1 AND is_refund = 1 AND e_memo_n > 0)
+            )
+        )
+)
+"""
+
+
+def find_candidates(store: Store, run_id: str, region: str = "") -> dict[str, int]:
+    """Full runs: hashes of the invoice and payment keys whose sides do not match exactly."""
+    params = {"run": run_id, "region": region}
+    store.command(_STAGE_A_INVOICES, params)
+    store.command(_STAGE_A_PAYMENTS, params)
+    rows = store.query_rows(
+        "SELECT KeyType AS t, count() AS n FROM $db.reconcile_hashes WHERE RunId = {run:String} GROUP BY KeyType",
+        {"run": run_id},
+    )
+    return {r["t"]: int(r["n"]) for r in rows}
+
+
+# --- comparison: stage B, both sides' facts of the candidate keys (exact string keys) ----------------------
+# Invoice keys. src: 0 billing invoice, 1 ERP invoice posting, 2 ERP payment application (keyed by the invoice
+# it applies to), 3 ERP draft = rejected posting, 4 billing payment allocation, 5 billing refund / credit-note
 # allocation, 6 ERP credit memo (keyed by the invoice it applies to).
 _INVOICE_FACTS = """
+INSERT INTO $db.reconcile_invoice_facts (RunId, key, b_n, b_customer, b_region, b_currency, b_total, b_tax,
+    b_subtotal, b_status, b_issued, b_finalized, b_day, e_n, e_currency, e_amount, e_sum, e_status, e_entry,
+    e_region, e_party, e_day, rejected, e_applied, b_alloc, b_alloc_unposted, b_credit_unposted)
 SELECT
+    {run:String},
     k AS key,
     countIf(src = 0) AS b_n,
     anyIf(cust, src = 0) AS b_customer,
@@ -485,13 +579,10 @@ SELECT
     anyIf(day, src = 1) AS e_day,
     anyIf(note, src = 3) AS rejected,
     sumIf(amt, src = 2) AS e_applied,
-    groupArrayIf(id, src = 2) AS e_pay_ids,
     sumIf(amt, src = 4) AS b_alloc,
-    groupArrayIf(id, src = 4) AS b_pay_ids,
-    groupArrayIf(amt, src = 4) AS b_pay_amts,
-    arraySum(arrayMap((p, a) -> if(has(e_pay_ids, p), 0, a), b_pay_ids, b_pay_amts)) AS b_alloc_unposted,
-    groupArrayIf(id, src = 6) AS e_memo_ids,
-    arraySum(arrayMap(p -> if(has(e_memo_ids, p), 0, 1), groupArrayIf(id, src = 5))) AS b_credit_unposted
+    arraySum(arrayMap((p, a) -> if(has(groupArrayIf(id, src = 2), p), 0, a),
+        groupArrayIf(id, src = 4), groupArrayIf(amt, src = 4))) AS b_alloc_unposted,
+    arraySum(arrayMap(p -> if(has(groupArrayIf(id, src = 6), p), 0, 1), groupArrayIf(id, src = 5))) AS b_credit_unposted
 FROM (
     SELECT InvoiceId AS k, 0 AS src, CustomerId AS cust, Region AS region, Currency AS cur, TotalMinor AS amt,
         TaxMinor AS amt2, SubtotalMinor AS amt3, Status AS status, IssuedAt AS ts, FinalizedAt AS ts2,
@@ -526,34 +617,35 @@ HAVING ({region:String} = '' OR b_region = {region:String} OR (b_n = 0 AND e_reg
         OR (b_n = 0 AND e_n = 0 AND e_applied = 0 AND rejected = '')
     )
 """
-_INV_FILTER = "AND InvoiceId IN /*scope_inv*/"
-_LED_INV_FILTER = (
-    "AND EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries WHERE EntryType = 'invoice' "
-    "AND ExternalRef IN /*scope_inv*/)"
-)
-_LED_APP_FILTER = "AND EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries WHERE AppliedToRef IN /*scope_inv*/)"
-_PAY_FILTER = (
-    "AND PaymentId IN (SELECT PaymentId FROM $db.billing_payments ARRAY JOIN mapKeys(Allocations) AS inv "
-    "WHERE inv IN /*scope_inv*/)"
-)
-_KEY_FILTER_INV = "AND key IN /*scope_inv*/"
+# Incremental runs: the scope's exact keys (primary-key filters where the key is the sorting key).
+_INV_SCOPE_FILTERS = {
+    "inv_filter": "AND InvoiceId IN /*scope_inv*/",
+    "led_inv_filter": "AND EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries WHERE EntryType = 'invoice' "
+    "AND ExternalRef IN /*scope_inv*/)",
+    "led_app_filter": "AND EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries WHERE AppliedToRef IN /*scope_inv*/)",
+    "pay_filter": "AND PaymentId IN (SELECT PaymentId FROM $db.billing_payments ARRAY JOIN mapKeys(Allocations) AS inv "
+    "WHERE inv IN /*scope_inv*/)",
+    "key_filter": "AND key IN /*scope_inv*/",
+}
+# Full runs: the candidate hashes of stage A.
+_INV_HASH_FILTERS = {
+    "inv_filter": "AND InvoiceId IN (SELECT InvoiceId FROM $db.billing_invoices PREWHERE cityHash64(InvoiceId) IN "
+    "/*hash_inv*/)",
+    "led_inv_filter": "AND cityHash64(ExternalRef) IN /*hash_inv*/",
+    "led_app_filter": "AND cityHash64(AppliedToRef) IN /*hash_inv*/",
+    "pay_filter": "AND cityHash64(inv) IN /*hash_inv*/",
+    "key_filter": "",
+}
+_HASH_INV = "(SELECT Hash FROM $db.reconcile_hashes WHERE RunId = {run:String} AND KeyType = 'invoice')"
+_HASH_PAY = "(SELECT Hash FROM $db.reconcile_hashes WHERE RunId = {run:String} AND KeyType = 'payment')"
 
-
-def invoice_candidates(store: Store, run_id: str, *, full: bool, region: str = "") -> pa.Table:
-    """Invoice keys whose billing and ERP sides do not match exactly, with both sides' facts."""
-    names = ("inv_filter", "led_inv_filter", "led_app_filter", "pay_filter", "key_filter")
-    if full:
-        sql = _compose(_INVOICE_FACTS, **dict.fromkeys(names, ""))
-    else:
-        fragments = (_INV_FILTER, _LED_INV_FILTER, _LED_APP_FILTER, _PAY_FILTER, _KEY_FILTER_INV)
-        sql = _compose(_compose(_INVOICE_FACTS, **dict(zip(names, fragments, strict=True))), scope_inv=_IN_SCOPE_INV)
-    return store.query_arrow(sql, {"run": run_id, "region": region})
-
-
-# --- payment comparison -------------------------------------------------------------------------------------
-# src: 0 billing payment / refund / credit note, 1 ERP payment application or credit memo (keyed by ExternalRef).
+# Payment keys. src: 0 billing payment / refund / credit note, 1 ERP payment application or credit memo.
 _PAYMENT_FACTS = """
+INSERT INTO $db.reconcile_payment_facts (RunId, key, p_n, p_kind, p_status, p_amount, p_currency, p_region,
+    p_customer, p_occurred, p_alloc_n, p_alloc_refs, e_n, e_memo_n, e_applied_n, e_sum, e_type, e_status,
+    e_currency, e_region, e_party, e_entry, e_day, e_applied_refs)
 SELECT
+    {run:String},
     k AS key,
     countIf(src = 0) AS p_n,
     anyIf(kind, src = 0) AS p_kind,
@@ -600,69 +692,23 @@ HAVING ({region:String} = '' OR p_region = {region:String} OR (p_n = 0 AND e_reg
         )
     )
 """
-_PAY_FILTER_P = "AND PaymentId IN /*scope_pay*/"
-_LED_FILTER_P = "AND EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries WHERE ExternalRef IN /*scope_pay*/)"
-_KEY_FILTER_PAY = "AND key IN /*scope_pay*/"
+_PAY_SCOPE_FILTERS = {
+    "pay_filter": "AND PaymentId IN /*scope_pay*/",
+    "led_filter": "AND EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries WHERE ExternalRef IN /*scope_pay*/)",
+    "key_filter": "AND key IN /*scope_pay*/",
+}
+_PAY_HASH_FILTERS = {
+    "pay_filter": "AND PaymentId IN (SELECT PaymentId FROM $db.billing_payments PREWHERE cityHash64(PaymentId) IN "
+    "/*hash_pay*/)",
+    "led_filter": "AND cityHash64(ExternalRef) IN /*hash_pay*/",
+    "key_filter": "",
+}
 
-
-def payment_candidates(store: Store, run_id: str, *, full: bool, region: str = "") -> pa.Table:
-    """Payment, refund and credit-note keys whose billing and ERP sides do not match."""
-    if full:
-        sql = _compose(_PAYMENT_FACTS, pay_filter="", led_filter="", key_filter="")
-    else:
-        sql = _compose(
-            _compose(_PAYMENT_FACTS, pay_filter=_PAY_FILTER_P, led_filter=_LED_FILTER_P, key_filter=_KEY_FILTER_PAY),
-            scope_pay=_IN_SCOPE_PAY,
-        )
-    return store.query_arrow(sql, {"run": run_id, "region": region})
-
-
-_SUM_MATCH = """
-SELECT p.pid AS payment_id
-FROM (
-    SELECT arrayJoin(arrayZip({ids:Array(String)}, {customers:Array(String)}, {amounts:Array(Int64)},
-        {times:Array(DateTime64(3))}, {abs_tol:Array(Int64)}, {rel_bp:Array(Int64)})) AS t,
-        t.1 AS pid, t.2 AS cust, t.3 AS amount, t.4 AS at, t.5 AS tol_abs, t.6 AS tol_bp
-) AS p
-INNER JOIN (
-    SELECT CustomerId, TotalMinor - AmountPaidMinor - AmountCreditedMinor AS outstanding, FinalizedAt
-    FROM $db.billing_invoices FINAL
-    WHERE NOT IsDeleted AND Status = 'open' AND CustomerId IN {customers:Array(String)}
-) AS i ON i.CustomerId = p.cust
-WHERE i.FinalizedAt BETWEEN p.at - toIntervalDay({window:UInt32}) AND p.at + toIntervalDay({window:UInt32})
-    AND i.outstanding > 0
-GROUP BY p.pid, p.amount, p.tol_abs, p.tol_bp
-HAVING abs(sum(i.outstanding) - p.amount) <= greatest(p.tol_abs, intDiv(p.tol_bp * abs(p.amount), 10000))
-    OR countIf(abs(i.outstanding - p.amount) <= greatest(p.tol_abs, intDiv(p.tol_bp * abs(p.amount), 10000))) = 1
-"""
-
-
-def sum_matches(
-    store: Store, payments: Sequence[Mapping[str, Any]], window_days: int, tolerances: Mapping[str, tuple[int, int]]
-) -> set[str]:
-    """N:1 / 1:N matching of unallocated payments: the customer's open invoices inside the date window sum to
-    the payment amount (or exactly one of them equals it) within the currency's tolerance."""
-    if not payments:
-        return set()
-    tol = [tolerances.get(p["currency"], tolerances.get("*", (0, 0))) for p in payments]
-    rows = store.query_rows(
-        _SUM_MATCH,
-        {
-            "ids": [p["payment_id"] for p in payments],
-            "customers": [p["customer_id"] for p in payments],
-            "amounts": [int(p["amount_minor"]) for p in payments],
-            "times": [_aware(p["occurred_at"]) for p in payments],
-            "abs_tol": [t[0] for t in tol],
-            "rel_bp": [t[1] for t in tol],
-            "window": window_days,
-        },
-    )
-    return {r["payment_id"] for r in rows}
-
-
-# --- customer comparison (CDP profile vs billing customer; tables of migration 0003) -----------------------
+# Customers (tables of migration 0003; small): CDP profiles whose billing customer does not exist.
 _CUSTOMER_FACTS = """
+INSERT INTO $db.reconcile_customer_facts (RunId, key, b_n, b_cdp_user, b_updated, c_n, c_cdp_user, c_updated, region)
 SELECT
+    {run:String},
     k AS key,
     countIf(src = 0) AS b_n,
     anyIf(uid, src = 0) AS b_cdp_user,
@@ -681,21 +727,285 @@ FROM (
 GROUP BY k
 HAVING c_n > 0 AND b_n = 0 AND ({region:String} = '' OR region = {region:String}) /*key_filter*/
 """
+_CUS_SCOPE_FILTERS = {
+    "bill_filter": "AND CustomerId IN /*scope_cus*/",
+    "cdp_filter": "AND CustomerId IN /*scope_cus*/",
+    "key_filter": "AND key IN /*scope_cus*/",
+}
 
 
-def customer_candidates(store: Store, run_id: str, *, full: bool, region: str = "") -> pa.Table:
-    """CDP profiles whose billing customer does not exist."""
-    if full:
-        sql = _compose(_CUSTOMER_FACTS, bill_filter="", cdp_filter="", key_filter="")
-    else:
-        sql = _compose(
-            _CUSTOMER_FACTS,
-            bill_filter="AND CustomerId IN /*scope_cus*/",
-            cdp_filter="AND CustomerId IN /*scope_cus*/",
-            key_filter="AND key IN /*scope_cus*/",
+def collect_facts(store: Store, run_id: str, *, full: bool, region: str = "", customers: bool = True) -> dict[str, int]:
+    """Both sides' facts of the keys to classify into the run's scratch tables: stage A's candidates (full
+    runs) or the scope's keys (incremental runs). Returns rows per kind."""
+    params = {"run": run_id, "region": region}
+    scopes = {"scope_inv": _IN_SCOPE_INV, "scope_pay": _IN_SCOPE_PAY, "scope_cus": _IN_SCOPE_CUS}
+    hashes = {"hash_inv": _HASH_INV, "hash_pay": _HASH_PAY}
+    inv = _compose(_INVOICE_FACTS, **(_INV_HASH_FILTERS if full else _INV_SCOPE_FILTERS))
+    pay = _compose(_PAYMENT_FACTS, **(_PAY_HASH_FILTERS if full else _PAY_SCOPE_FILTERS))
+    store.command(_compose(inv, **scopes, **hashes), params)
+    store.command(_compose(pay, **scopes, **hashes), params)
+    if customers:
+        cus = _compose(_CUSTOMER_FACTS, **(dict.fromkeys(_CUS_SCOPE_FILTERS, "") if full else _CUS_SCOPE_FILTERS))
+        store.command(_compose(cus, **scopes), params)
+    counts = {}
+    for kind, table in (("invoice", "invoice"), ("payment", "payment"), ("customer", "customer")):
+        rows = store.query_rows(
+            _compose("SELECT count() AS n FROM $db.reconcile_/*t*/_facts WHERE RunId = {run:String}", t=table),
+            {"run": run_id},
         )
-        sql = _compose(sql, scope_cus=_IN_SCOPE_CUS)
-    return store.query_arrow(sql, {"run": run_id, "region": region})
+        counts[kind] = int(rows[0]["n"])
+    return counts
+
+
+# --- classification: the SQL mirror of reconciler/classify.py (tests check both agree) ---------------------
+_TOL = """
+    if(mapContains({tol_abs:Map(String, Int64)}, cur), {tol_abs:Map(String, Int64)}[cur],
+        {tol_abs_default:Int64}) AS t_abs,
+    if(mapContains({tol_rel:Map(String, Int64)}, cur), {tol_rel:Map(String, Int64)}[cur],
+        {tol_rel_default:Int64}) AS t_rel,
+"""
+_GRACE = (
+    "if(mapContains({grace:Map(String, Int64)}, '/*cls*/'), {grace:Map(String, Int64)}['/*cls*/'], "
+    "{grace_default:Int64})"
+)
+_DIFF = (
+    "arrayFilter(k -> (mapContains(bv, k) != mapContains(ev, k)) OR bv[k] != ev[k], "
+    "arraySort(arrayDistinct(arrayConcat(mapKeys(bv), mapKeys(ev)))))"
+)
+_DRIFT_ID = "substring(lower(hex(SHA256(concat(cls, ':', pk)))), 1, 32)"
+
+_INVOICE_CLASSIFIED = """
+SELECT *,
+    b_n > 0 AS in_billing,
+    b_status IN ('open', 'paid', 'uncollectible') AS final,
+    if(b_currency != '', b_currency, e_currency) AS cur,
+    if(b_region != '', b_region, e_region) AS reg,
+    /*tol*/
+    if(toYear(b_finalized) > 1971, b_finalized, b_issued) AS since,
+    (toYear(since) > 1971
+        AND dateDiff('millisecond', since, {as_of:DateTime64(3)}) <= /*grace_missing*/ * 1000) AS in_grace,
+    abs(b_total - e_amount) AS d_amt,
+    (d_amt <= t_abs OR d_amt * 10000 <= t_rel * abs(b_total)) AS amt_ok,
+    b_alloc - b_alloc_unposted AS alloc,
+    abs(alloc - e_applied) AS d_app,
+    (d_app <= t_abs OR d_app * 10000 <= t_rel * abs(alloc)) AS app_ok,
+    (b_alloc_unposted = 0 AND b_credit_unposted = 0) AS payments_posted,
+    multiIf(
+        NOT in_billing, if(e_n = 0, '', 'missing_in_billing'),
+        NOT final, if(e_n > 0 AND b_status = 'void', 'status_mismatch', ''),
+        e_n = 0, if(rejected = '' AND in_grace, 'stale_sync', 'missing_in_erp'),
+        e_n > 1, 'duplicate_posting',
+        e_currency != b_currency, 'currency_mismatch',
+        b_total != e_amount AND NOT amt_ok, 'amount_mismatch',
+        alloc != e_applied AND NOT app_ok, if(e_applied < alloc, 'under_applied', 'over_applied'),
+        payments_posted AND b_status = 'paid' AND e_status = 'open', 'status_mismatch',
+        payments_posted AND b_status = 'open' AND e_status = 'paid', 'status_mismatch',
+        '') AS cls,
+    multiIf(
+        cls = 'missing_in_billing', 'not_in_billing',
+        cls = 'status_mismatch',
+            multiIf(NOT final, 'voided_but_posted', b_status = 'paid', 'paid_but_open', 'open_but_paid'),
+        cls = 'stale_sync', 'posting_pending',
+        cls = 'missing_in_erp', if(rejected != '', 'erp_rejected', 'not_posted'),
+        cls = 'duplicate_posting', 'posted_twice',
+        cls = 'currency_mismatch', 'currency_differs',
+        cls = 'amount_mismatch', multiIf(
+            b_tax != 0 AND (d_amt = abs(b_tax) OR e_amount = b_subtotal), 'amount_tax',
+            d_amt < intExp10(if(mapContains({exp:Map(String, Int64)}, cur), {exp:Map(String, Int64)}[cur], 2))
+                OR d_amt <= 1,
+            'amount_rounding',
+            'amount_differs'),
+        cls = 'under_applied', 'applied_less',
+        cls = 'over_applied', 'applied_more',
+        '') AS reason,
+    multiIf(
+        cls = 'missing_in_billing' OR (cls = 'status_mismatch' AND NOT final), -e_sum,
+        cls IN ('stale_sync', 'missing_in_erp'), b_total,
+        cls = 'duplicate_posting', b_total - e_sum,
+        cls IN ('currency_mismatch', 'amount_mismatch'), b_total - e_amount,
+        cls IN ('under_applied', 'over_applied'), alloc - e_applied,
+        0) AS amount,
+    map('status', b_status, 'currency', b_currency, 'total_minor', toString(b_total), 'customer_id', b_customer) AS bm,
+    map('status', e_status, 'currency', e_currency, 'total_minor', toString(e_amount), 'customer_id', e_party) AS em,
+    map('status', '', 'currency', '', 'total_minor', '', 'customer_id', '') AS blank,
+    multiIf(
+        cls = 'missing_in_billing', map('status', '', 'total_minor', '', 'currency', ''),
+        cls = 'duplicate_posting', mapUpdate(bm, map('postings', '1')),
+        cls IN ('under_applied', 'over_applied'), mapUpdate(bm, map('allocated_minor', toString(alloc))),
+        bm) AS bv,
+    multiIf(
+        cls = 'missing_in_billing', map('status', e_status, 'total_minor', toString(e_sum), 'currency', e_currency),
+        cls = 'stale_sync', blank,
+        cls = 'missing_in_erp', if(rejected != '', mapUpdate(blank, map('error', rejected)), blank),
+        cls = 'duplicate_posting', mapUpdate(em, map('total_minor', toString(e_sum), 'postings', toString(e_n))),
+        cls IN ('under_applied', 'over_applied'), mapUpdate(em, map('applied_minor', toString(e_applied))),
+        em) AS ev,
+    if(cls = 'missing_in_billing', e_entry, key) AS pk,
+    /*drift_id*/ AS drift_id,
+    /*diff*/ AS diff,
+    if(cls = 'missing_in_billing', 'billing', 'erp') AS system,
+    if(in_billing, b_day, e_day) AS item_day,
+    if(b_customer != '', b_customer, e_party) AS customer
+FROM $db.reconcile_invoice_facts WHERE RunId = {run:String}
+"""
+_PAYMENT_CLASSIFIED = """
+SELECT *,
+    p_n > 0 AS in_billing,
+    if(p_currency != '', p_currency, e_currency) AS cur,
+    (toYear(p_occurred) > 1971
+        AND dateDiff('millisecond', p_occurred, {as_of:DateTime64(3)}) <= /*grace_unapplied*/ * 1000) AS grace_pay,
+    (toYear(p_occurred) > 1971
+        AND dateDiff('millisecond', p_occurred, {as_of:DateTime64(3)}) <= /*grace_refund*/ * 1000) AS grace_refund,
+    (sum_match = 1 OR key IN (/*sum_match*/)) AS matched,
+    multiIf(
+        NOT in_billing, if(e_n = 0, '', 'missing_in_billing'),
+        p_status != 'succeeded', '',
+        p_kind = 'payment', multiIf(
+            p_alloc_n = 0 AND e_applied_n > 0, '',
+            p_alloc_n = 0 AND NOT matched, 'orphan_payment',
+            e_n = 0, if(grace_pay, 'stale_sync', 'payment_unapplied'),
+            ''),
+        p_kind IN ('refund', 'credit_note'), if(e_memo_n = 0, if(grace_refund, 'stale_sync', 'refund_unposted'), ''),
+        '') AS cls,
+    multiIf(
+        cls = 'missing_in_billing', 'not_in_billing',
+        cls = 'orphan_payment', 'no_invoice',
+        cls = 'stale_sync', if(p_kind = 'payment', 'application_pending', 'credit_memo_pending'),
+        cls = 'payment_unapplied', if(p_alloc_n = 0, 'matched_not_applied', 'not_applied'),
+        cls = 'refund_unposted', 'credit_memo_missing',
+        '') AS reason,
+    if(cls = 'missing_in_billing', -e_sum, p_amount) AS amount,
+    map('kind', p_kind, 'status', p_status, 'amount_minor', toString(p_amount), 'currency', p_currency,
+        'allocated_to', p_alloc_refs) AS bv,
+    map('kind', e_type, 'status', e_status, 'amount_minor', if(e_n > 0, toString(e_sum), ''), 'currency', e_currency,
+        'allocated_to', e_applied_refs) AS ev,
+    if(cls = 'missing_in_billing', e_entry, key) AS pk,
+    /*drift_id*/ AS drift_id,
+    /*diff*/ AS diff,
+    if(cls IN ('missing_in_billing', 'orphan_payment'), 'billing', 'erp') AS system,
+    if(p_region != '', p_region, e_region) AS reg,
+    if(in_billing, toDate(p_occurred), e_day) AS item_day,
+    if(p_customer != '', p_customer, e_party) AS customer
+FROM $db.reconcile_payment_facts WHERE RunId = {run:String}
+"""
+# N:1 matching of unallocated payments: the customer's open invoices inside the date window sum to the amount
+# (or exactly one of them equals it) within the currency's tolerance.
+_SUM_MATCH = """
+SELECT p.key FROM (
+    SELECT key, p_customer, p_amount, p_occurred, p_currency AS cur, /*tol*/ 1 AS one
+    FROM $db.reconcile_payment_facts
+    WHERE RunId = {run:String} AND p_n > 0 AND p_kind = 'payment' AND p_status = 'succeeded' AND p_alloc_n = 0
+        AND e_applied_n = 0
+) AS p
+INNER JOIN (
+    SELECT cust AS CustomerId, st.1 AS status, st.2 AS outstanding, st.3 AS FinalizedAt, st.4 AS deleted
+    FROM (
+        SELECT InvoiceId, any(CustomerId) AS cust,
+            argMax((Status, TotalMinor - AmountPaidMinor - AmountCreditedMinor, FinalizedAt, IsDeleted), Version) AS st
+        FROM $db.billing_invoices
+        PREWHERE CustomerId IN (
+            SELECT p_customer FROM $db.reconcile_payment_facts WHERE RunId = {run:String} AND p_alloc_n = 0)
+        GROUP BY InvoiceId
+    )
+    WHERE status = 'open' AND deleted = 0
+) AS i ON i.CustomerId = p.p_customer
+WHERE i.FinalizedAt BETWEEN p.p_occurred - toIntervalDay({window:UInt32})
+        AND p.p_occurred + toIntervalDay({window:UInt32})
+    AND i.outstanding > 0
+GROUP BY p.key, p.p_amount, p.t_abs, p.t_rel
+HAVING abs(sum(i.outstanding) - p.p_amount) <= greatest(p.t_abs, intDiv(p.t_rel * abs(p.p_amount), 10000))
+    OR countIf(abs(i.outstanding - p.p_amount) <= greatest(p.t_abs, intDiv(p.t_rel * abs(p.p_amount), 10000))) = 1
+"""
+_CUSTOMER_CLASSIFIED = """
+SELECT *,
+    '' AS cur,
+    region AS reg,
+    if(toYear(c_updated) > 1971
+        AND dateDiff('millisecond', c_updated, {as_of:DateTime64(3)}) <= /*grace_customer*/ * 1000,
+        'stale_sync', 'customer_unsynced') AS cls,
+    if(cls = 'stale_sync', 'customer_pending', 'profile_not_in_billing') AS reason,
+    toInt64(0) AS amount,
+    map('exists', if(b_n > 0, 'yes', 'no'), 'cdp_user_id', b_cdp_user) AS bv,
+    map('exists', 'yes', 'cdp_user_id', c_cdp_user, 'updated_at', formatDateTime(c_updated, '%Y-%m-%dT%H:%i:%S')) AS ev,
+    key AS pk,
+    /*drift_id*/ AS drift_id,
+    /*diff*/ AS diff,
+    'billing' AS system,
+    toDate(c_updated) AS item_day,
+    key AS customer
+FROM $db.reconcile_customer_facts WHERE RunId = {run:String}
+"""
+_WRITE_FINDINGS = """
+INSERT INTO $db.reconcile_findings (RunId, DriftId, Class, ReasonCode, System, Region, Currency, CustomerId,
+    InvoiceId, PaymentId, LedgerEntryId, PrimaryKey, KeyType, AmountMinor, BillingValues, ErpValues, DiffFields, Day)
+SELECT {run:String}, drift_id, cls, reason, system, reg, cur, customer, /*invoice*/, /*payment*/, /*entry*/, pk,
+    '/*key_type*/', amount, bv, ev, diff, item_day
+FROM (/*classified*/)
+WHERE cls != ''
+"""
+_CLASSIFIED = {
+    "invoice": (_INVOICE_CLASSIFIED, "key", "''", "e_entry"),
+    "payment": (_PAYMENT_CLASSIFIED, "''", "key", "e_entry"),
+    "customer": (_CUSTOMER_CLASSIFIED, "''", "''", "''"),
+}
+
+
+def _classified(kind: str) -> str:
+    sql = _compose(
+        _CLASSIFIED[kind][0],
+        tol=_TOL,
+        drift_id=_DRIFT_ID,
+        diff=_DIFF,
+        sum_match=_compose(_SUM_MATCH, tol=_TOL),
+    )
+    return _compose(
+        sql,
+        grace_missing=_compose(_GRACE, cls="missing_in_erp"),
+        grace_unapplied=_compose(_GRACE, cls="payment_unapplied"),
+        grace_refund=_compose(_GRACE, cls="refund_unposted"),
+        grace_customer=_compose(_GRACE, cls="customer_unsynced"),
+    )
+
+
+def classify(store: Store, run_id: str, rules: Mapping[str, Any]) -> int:
+    """Classify the run's facts (all three kinds) into reconcile_findings; returns the number of findings.
+
+    ``rules``: as_of, tol_abs / tol_rel (currency -> minor units / basis points) with *_default, grace
+    (class -> seconds) with grace_default, exp (currency -> minor-unit exponent), window (days).
+    """
+    params = {"run": run_id, **rules}
+    for kind, (_, invoice, payment, entry) in _CLASSIFIED.items():
+        sql = _compose(
+            _WRITE_FINDINGS,
+            classified=_classified(kind),
+            invoice=invoice,
+            payment=payment,
+            entry=entry,
+            key_type=kind,
+        )
+        store.command(sql, params)
+    rows = store.query_rows(
+        "SELECT count() AS n FROM $db.reconcile_findings WHERE RunId = {run:String}", {"run": run_id}
+    )
+    return int(rows[0]["n"])
+
+
+def classified_rows(store: Store, run_id: str, kind: str, rules: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The SQL classification of one kind's facts, row by row (tests compare it with reconciler/classify.py)."""
+    sql = _compose(
+        "SELECT key, cls, reason, amount, pk, drift_id, bv, ev, diff, system, reg, cur, item_day, customer "
+        "FROM (/*classified*/) ORDER BY key",
+        classified=_classified(kind),
+    )
+    return store.query_rows(sql, {"run": run_id, **rules})
+
+
+def insert_facts_rows(store: Store, kind: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Write fact rows directly (tests of the classification)."""
+    table = {"invoice": "reconcile_invoice_facts", "payment": "reconcile_payment_facts"}[kind]
+    cols = list(rows[0])
+    data = pa.Table.from_pylist([dict(r) for r in rows])
+    return store.insert_arrow(table, data.select(cols))
 
 
 # --- drift items --------------------------------------------------------------------------------------------
@@ -760,32 +1070,45 @@ def _maps(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_findings(store: Store, rows: Sequence[Mapping[str, Any]]) -> int:
-    """The run's findings, so the resolution step can tell (in SQL) which open items were not re-detected."""
-    if not rows:
-        return 0
-    return store.insert_arrow("reconcile_findings", _table(FINDINGS, [_maps(dict(r)) for r in rows]))
-
-
-def existing_items(store: Store, drift_ids: Iterable[str] | None = None, run_id: str = "") -> dict[str, dict[str, Any]]:
-    """Current rows of the given items (by id list, or the run's findings)."""
-    if drift_ids is not None:
-        sql = _compose(
-            "SELECT /*cols*/ FROM $db.drift_items FINAL WHERE DriftId IN {ids:Array(String)}", cols=_DRIFT_COLS
-        )
-        rows = store.query_rows(sql, {"ids": sorted(set(drift_ids))})
-    else:
-        sql = _compose(
-            "SELECT /*cols*/ FROM $db.drift_items FINAL WHERE DriftId IN "
-            "(SELECT DriftId FROM $db.reconcile_findings WHERE RunId = {run:String})",
-            cols=_DRIFT_COLS,
-        )
-        rows = store.query_rows(sql, {"run": run_id})
-    return {r["DriftId"]: r for r in rows}
-
-
-_TO_RESOLVE = """
-SELECT /*cols*/ FROM $db.drift_items FINAL
+_MERGE_FROM = """
+FROM (SELECT * FROM $db.reconcile_findings WHERE RunId = {run:String} ORDER BY DriftId LIMIT 1 BY DriftId) AS f
+LEFT JOIN (
+    SELECT DriftId, State, StateNote, FirstSeen, Class, ReasonCode, AmountMinor FROM $db.drift_items FINAL
+    WHERE DriftId IN (SELECT DriftId FROM $db.reconcile_findings WHERE RunId = {run:String})
+) AS d ON f.DriftId = d.DriftId
+"""
+# The run transition of reconciler/classify.run_transition, set-based: new / persisting, or the operator's state.
+_NEW_STATE = "multiIf(d.State IN ('', 'resolved'), 'new', d.State IN ('new', 'persisting'), 'persisting', d.State)"
+_STATE_JSON = (
+    "toJSONString(CAST((/*state*/, /*t*/.Class, /*t*/.ReasonCode, /*t*/.AmountMinor), "
+    "'Tuple(state String, class String, reason String, amount Int64)'))"
+)
+_AUDIT_COLS = "AuditId, EventTime, Actor, Action, ObjectType, ObjectId, Before, After, Note, Outcome"
+_AUDIT_DETECTED = """
+INSERT INTO $db.audit_log (/*audit_cols*/)
+SELECT concat('a', replaceAll(toString(generateUUIDv4(f.DriftId)), '-', '')), now64(6), 'reconciler',
+    concat('drift.', /*new_state*/), 'drift_item', f.DriftId,
+    if(d.State = '', '', /*before*/), /*after*/, concat('run ', {run:String}, ': ', f.ReasonCode), 'ok'
+/*from*/
+WHERE /*new_state*/ != d.State
+"""
+_ITEM_COLS = (
+    "DriftId, Class, ReasonCode, Region, Currency, CustomerId, InvoiceId, PaymentId, LedgerEntryId, AmountMinor, "
+    "BillingValues, ErpValues, State, StateNote, FirstSeen, LastSeen, UpdatedAt, RunId, Version, System, Day, "
+    "PrimaryKey, KeyType, DiffFields, ResolvedAt"
+)
+_UPSERT_DETECTED = """
+INSERT INTO $db.drift_items (/*item_cols*/)
+SELECT f.DriftId, f.Class, f.ReasonCode, f.Region, f.Currency, f.CustomerId, f.InvoiceId, f.PaymentId,
+    f.LedgerEntryId, f.AmountMinor, f.BillingValues, f.ErpValues, /*new_state*/,
+    if(d.State IN ('', 'resolved'), '', d.StateNote),
+    if(d.State IN ('', 'resolved'), {as_of:DateTime64(3)}, d.FirstSeen),
+    {as_of:DateTime64(3)}, now64(3), {run:String}, {v:UInt64}, f.System, f.Day, f.PrimaryKey, f.KeyType,
+    f.DiffFields, toDateTime64(0, 3)
+/*from*/
+"""
+_RESOLVE_FROM = """
+FROM $db.drift_items AS i FINAL
 WHERE State != 'resolved'
     AND ({region:String} = '' OR Region = {region:String})
     AND DriftId NOT IN (SELECT DriftId FROM $db.reconcile_findings WHERE RunId = {run:String})
@@ -795,24 +1118,63 @@ _RESOLVE_SCOPE = (
     "AND ((KeyType = 'invoice' AND InvoiceId IN /*scope_inv*/) OR (KeyType = 'payment' AND PaymentId IN /*scope_pay*/) "
     "OR (KeyType = 'customer' AND CustomerId IN /*scope_cus*/))"
 )
-_RESOLVE_FULL_NO_CUSTOMERS = "AND KeyType != 'customer'"
+_AUDIT_RESOLVED = """
+INSERT INTO $db.audit_log (/*audit_cols*/)
+SELECT concat('a', replaceAll(toString(generateUUIDv4(DriftId)), '-', '')), now64(6), 'reconciler', 'drift.resolved',
+    'drift_item', DriftId, /*before*/, /*after*/, concat('run ', {run:String}, ': drift gone'), 'ok'
+/*from*/
+"""
+_UPSERT_RESOLVED = """
+INSERT INTO $db.drift_items (/*item_cols*/)
+SELECT DriftId, Class, ReasonCode, Region, Currency, CustomerId, InvoiceId, PaymentId, LedgerEntryId, AmountMinor,
+    BillingValues, ErpValues, 'resolved', StateNote, FirstSeen, LastSeen, now64(3), {run:String}, {v:UInt64}, System,
+    Day, PrimaryKey, KeyType, DiffFields, {as_of:DateTime64(3)}
+/*from*/
+"""
 
 
-def items_to_resolve(store: Store, run_id: str, *, full: bool, region: str, customers: bool) -> list[dict[str, Any]]:
-    """Open items whose key this run compared and did not find drifting any more."""
+def merge_queue(
+    store: Store, run_id: str, as_of: dt.datetime, *, full: bool, region: str = "", customers: bool = True
+) -> dict[str, int]:
+    """Findings -> drift items (new / persisting, operator states kept); open items whose keys this run compared
+    and did not find -> resolved. Every state change is audited. Set-based; the caller holds the queue lock."""
+    params = {"run": run_id, "as_of": as_of, "region": region}
+    new_state = _NEW_STATE
+    counts = store.query_rows(
+        "SELECT count() AS findings, countIf(d.State IN ('', 'resolved')) AS new /*from*/".replace(
+            "/*from*/", _MERGE_FROM
+        ),
+        params,
+    )[0]
+    audit = _compose(
+        _AUDIT_DETECTED,
+        audit_cols=_AUDIT_COLS,
+        before=_compose(_STATE_JSON, state="d.State", t="d"),
+        after=_compose(_STATE_JSON, state=new_state, t="f"),
+    )
+    store.command(_compose(audit, new_state=new_state).replace("/*from*/", _MERGE_FROM), params)
+    upsert = _compose(_UPSERT_DETECTED, item_cols=_ITEM_COLS, new_state=new_state).replace("/*from*/", _MERGE_FROM)
+    store.command(upsert, {**params, "v": time.time_ns()})
+
     if full:
-        scope = "" if customers else _RESOLVE_FULL_NO_CUSTOMERS
+        scope = "" if customers else "AND KeyType != 'customer'"
     else:
         scope = _RESOLVE_SCOPE
-    sql = _compose(
-        _TO_RESOLVE,
-        cols=_DRIFT_COLS,
-        scope=scope,
-        scope_inv=_IN_SCOPE_INV,
-        scope_pay=_IN_SCOPE_PAY,
-        scope_cus=_IN_SCOPE_CUS,
+    resolve_from = _compose(
+        _compose(_RESOLVE_FROM, scope=scope), scope_inv=_IN_SCOPE_INV, scope_pay=_IN_SCOPE_PAY, scope_cus=_IN_SCOPE_CUS
     )
-    return store.query_rows(sql, {"run": run_id, "region": region})
+    resolved = store.query_rows("SELECT count() AS n " + resolve_from, params)[0]["n"]
+    if resolved:
+        audit = _compose(
+            _AUDIT_RESOLVED,
+            audit_cols=_AUDIT_COLS,
+            before=_compose(_STATE_JSON, state="i.State", t="i"),
+            after=_compose(_STATE_JSON, state="'resolved'", t="i"),
+        )
+        store.command(audit.replace("/*from*/", resolve_from), params)
+        upsert = _compose(_UPSERT_RESOLVED, item_cols=_ITEM_COLS).replace("/*from*/", resolve_from)
+        store.command(upsert, {**params, "v": time.time_ns()})
+    return {"findings": int(counts["findings"]), "new": int(counts["new"]), "resolved": int(resolved)}
 
 
 def write_items(store: Store, rows: Sequence[Mapping[str, Any]]) -> int:
@@ -967,11 +1329,30 @@ FACTS = pa.schema(
 )
 
 
-def write_facts(store: Store, rows: Sequence[Mapping[str, Any]]) -> int:
-    if not rows:
-        return 0
-    v = time.time_ns()
-    return store.insert_arrow("reconcile_facts", _table(FACTS, [{**r, "Version": v} for r in rows]))
+_STATEMENT_FACTS = """
+INSERT INTO $db.reconcile_facts (Key, BillingRegion, BillingCurrency, ErpRegion, ErpCurrency, BillingDay, ErpDay,
+    BillingMinor, ErpMinor, Class, RunId, Version)
+SELECT key, b_cell_r, b_cell_c, e_cell_r, e_cell_c, bd, ed, bmin, emin,
+    if(cls != '', cls, multiIf(
+        bmin != emin, 'within_tolerance',
+        b_cell_r = e_cell_r AND b_cell_c = e_cell_c AND bd != ed AND bmin != 0, 'timing',
+        '')),
+    {run:String}, {v:UInt64}
+FROM (
+    SELECT *,
+        if(in_billing AND final, b_total, 0) AS bmin, if(e_n > 0, e_sum, 0) AS emin,
+        if(b_region != '', b_region, e_region) AS b_cell_r, if(b_currency != '', b_currency, e_currency) AS b_cell_c,
+        if(e_region != '', e_region, b_region) AS e_cell_r, if(e_currency != '', e_currency, b_currency) AS e_cell_c,
+        if(in_billing, b_day, e_day) AS bd, if(e_n > 0, e_day, b_day) AS ed
+    FROM (/*classified*/)
+)
+"""
+
+
+def write_statement_facts(store: Store, run_id: str, rules: Mapping[str, Any]) -> None:
+    """Each compared invoice key that differs: its statement contributions and the bucket explaining them."""
+    sql = _compose(_STATEMENT_FACTS, classified=_classified("invoice"))
+    store.command(sql, {"run": run_id, "v": time.time_ns(), **rules})
 
 
 _CLEAR_FACTS = """

@@ -117,8 +117,10 @@ CREATE TABLE IF NOT EXISTS $db.reconcile_scope
     CreatedAt DateTime DEFAULT now()
 )
 ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(CreatedAt)
 ORDER BY (RunId, KeyType, Key)
-TTL CreatedAt + INTERVAL 1 DAY;
+TTL CreatedAt + INTERVAL 1 DAY
+SETTINGS ttl_only_drop_parts = 1;
 
 -- dedup: replace. A run's findings before they are merged into drift_items (scratch, expires after a day).
 CREATE TABLE IF NOT EXISTS $db.reconcile_findings
@@ -144,5 +146,117 @@ CREATE TABLE IF NOT EXISTS $db.reconcile_findings
     CreatedAt DateTime DEFAULT now()
 )
 ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMMDD(CreatedAt)
 ORDER BY (RunId, DriftId)
-TTL CreatedAt + INTERVAL 1 DAY;
+TTL CreatedAt + INTERVAL 1 DAY
+SETTINGS ttl_only_drop_parts = 1;
+
+-- dedup: idempotent set. Full runs: hashes (cityHash64) of the keys whose sides do not match exactly, found by
+-- a narrow first pass; the wide second pass reads only rows of these keys. Scratch, expires after a day.
+CREATE TABLE IF NOT EXISTS $db.reconcile_hashes
+(
+    RunId String,
+    KeyType LowCardinality(String),
+    Hash UInt64,
+    CreatedAt DateTime DEFAULT now()
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(CreatedAt)
+ORDER BY (RunId, KeyType, Hash)
+TTL CreatedAt + INTERVAL 1 DAY
+SETTINGS ttl_only_drop_parts = 1;
+
+-- dedup: none needed (scratch per run, read by RunId once). Both sides' facts of each candidate invoice key;
+-- the classification (SQL mirror of reconciler/classify.py) reads them. Expires after a day.
+CREATE TABLE IF NOT EXISTS $db.reconcile_invoice_facts
+(
+    RunId String,
+    key String,
+    b_n UInt64,
+    b_customer String,
+    b_region String,
+    b_currency String,
+    b_total Int64,
+    b_tax Int64,
+    b_subtotal Int64,
+    b_status String,
+    b_issued DateTime64(3),
+    b_finalized DateTime64(3),
+    b_day Date,
+    e_n UInt64,
+    e_currency String,
+    e_amount Int64,
+    e_sum Int64,
+    e_status String,
+    e_entry String,
+    e_region String,
+    e_party String,
+    e_day Date,
+    rejected String,
+    e_applied Int64,
+    b_alloc Int64,
+    b_alloc_unposted Int64,
+    b_credit_unposted UInt64,
+    CreatedAt DateTime DEFAULT now()
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(CreatedAt)
+ORDER BY (RunId, key)
+TTL CreatedAt + INTERVAL 1 DAY
+SETTINGS ttl_only_drop_parts = 1;
+
+-- dedup: none needed (scratch per run). Both sides' facts of each candidate payment / refund / credit note.
+CREATE TABLE IF NOT EXISTS $db.reconcile_payment_facts
+(
+    RunId String,
+    key String,
+    p_n UInt64,
+    p_kind String,
+    p_status String,
+    p_amount Int64,
+    p_currency String,
+    p_region String,
+    p_customer String,
+    p_occurred DateTime64(3),
+    p_alloc_n UInt64,
+    p_alloc_refs String,
+    e_n UInt64,
+    e_memo_n UInt64,
+    e_applied_n UInt64,
+    e_sum Int64,
+    e_type String,
+    e_status String,
+    e_currency String,
+    e_region String,
+    e_party String,
+    e_entry String,
+    e_day Date,
+    e_applied_refs String,
+    sum_match UInt8 DEFAULT 0,
+    CreatedAt DateTime DEFAULT now()
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(CreatedAt)
+ORDER BY (RunId, key)
+TTL CreatedAt + INTERVAL 1 DAY
+SETTINGS ttl_only_drop_parts = 1;
+
+-- dedup: none needed (scratch per run). CDP profiles whose billing customer is missing.
+CREATE TABLE IF NOT EXISTS $db.reconcile_customer_facts
+(
+    RunId String,
+    key String,
+    b_n UInt64,
+    b_cdp_user String,
+    b_updated DateTime64(3),
+    c_n UInt64,
+    c_cdp_user String,
+    c_updated DateTime64(3),
+    region String,
+    CreatedAt DateTime DEFAULT now()
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(CreatedAt)
+ORDER BY (RunId, key)
+TTL CreatedAt + INTERVAL 1 DAY
+SETTINGS ttl_only_drop_parts = 1;
