@@ -227,10 +227,14 @@ class Finding:
     ledger_entry_id: str = ""
     billing: dict[str, str] = field(default_factory=dict)
     erp: dict[str, str] = field(default_factory=dict)
+    key_type: str = "invoice"  # which comparison found it: invoice, payment or customer
 
     @property
     def primary_key(self) -> str:
-        return str(getattr(self, PRIMARY_KEY.get(self.cls, "invoice_id")) or self.invoice_id or self.payment_id)
+        """The class's identifying key; stale_sync items take the key of the comparison that found them."""
+        if self.cls == MISSING_IN_BILLING:
+            return self.ledger_entry_id
+        return {"invoice": self.invoice_id, "payment": self.payment_id, "customer": self.customer_id}[self.key_type]
 
     @property
     def drift_id(self) -> str:
@@ -245,7 +249,7 @@ class Finding:
 
 def _s(value: Any) -> str:
     if isinstance(value, dt.datetime):
-        return value.isoformat()
+        return value.strftime("%Y-%m-%dT%H:%M:%S")
     return "" if value is None else str(value)
 
 
@@ -340,7 +344,9 @@ def classify_invoice(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
     if e_n == 0:
         erp = {"status": "", "currency": "", "total_minor": "", "customer_id": ""}
         rejected = f.get("rejected") or ""
-        if not rejected and _inside_grace(f["b_finalized"] or f["b_issued"], as_of, rules.grace(MISSING_IN_ERP)):
+        finalized = _aware(f["b_finalized"])
+        since = finalized if finalized is not None and finalized.year > 1971 else f["b_issued"]
+        if not rejected and _inside_grace(since, as_of, rules.grace(MISSING_IN_ERP)):
             return Finding(STALE_SYNC, "posting_pending", "erp", amount_minor=b_total, billing=billing, erp=erp, **base)
         if rejected:
             erp["error"] = rejected
@@ -373,9 +379,9 @@ def classify_invoice(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
     pay_erp = {**erp, "applied_minor": _s(applied)}
     if alloc != applied and not rules.tolerance(currency).within(alloc, applied):
         cls, reason = (UNDER_APPLIED, "applied_less") if applied < alloc else (OVER_APPLIED, "applied_more")
-        return Finding(cls, reason, "erp", amount_minor=0, billing=pay_billing, erp=pay_erp, **base)
+        return Finding(cls, reason, "erp", amount_minor=alloc - applied, billing=pay_billing, erp=pay_erp, **base)
     e_status = f["e_status"] or ""
-    if int(f["b_alloc_unposted"] or 0) == 0:
+    if int(f["b_alloc_unposted"] or 0) == 0 and int(f["b_credit_unposted"] or 0) == 0:
         if status == "paid" and e_status == "open":
             return Finding(STATUS_MISMATCH, "paid_but_open", "erp", amount_minor=0, billing=billing, erp=erp, **base)
         if status == "open" and e_status == "paid":
@@ -408,6 +414,7 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
         "customer_id": f["p_customer"] or f["e_party"] or "",
         "payment_id": key,
         "ledger_entry_id": f["e_entry"] or "",
+        "key_type": "payment",
     }
     if not f["p_n"]:
         if int(f["e_n"]) == 0:
@@ -427,21 +434,21 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
                 return None  # the ERP applied it to invoices: the ERP side holds the match
             if not f.get("sum_match"):
                 return Finding(
-                    ORPHAN_PAYMENT, "no_invoice", "billing", amount_minor=0, billing=billing, erp=erp, **base
+                    ORPHAN_PAYMENT, "no_invoice", "billing", amount_minor=amount, billing=billing, erp=erp, **base
                 )
             reason = "matched_not_applied"  # N:1 by customer and amount sum, but the ERP has nothing
         if int(f["e_n"]) == 0:
             if _inside_grace(f["p_occurred"], as_of, rules.grace(PAYMENT_UNAPPLIED)):
                 return Finding(
-                    STALE_SYNC, "application_pending", "erp", amount_minor=0, billing=billing, erp=erp, **base
+                    STALE_SYNC, "application_pending", "erp", amount_minor=amount, billing=billing, erp=erp, **base
                 )
-            return Finding(PAYMENT_UNAPPLIED, reason, "erp", amount_minor=0, billing=billing, erp=erp, **base)
+            return Finding(PAYMENT_UNAPPLIED, reason, "erp", amount_minor=amount, billing=billing, erp=erp, **base)
         return None
     if kind in ("refund", "credit_note"):
         if int(f["e_memo_n"] or 0) == 0:
             if _inside_grace(f["p_occurred"], as_of, rules.grace(REFUND_UNPOSTED)):
                 return Finding(
-                    STALE_SYNC, "credit_memo_pending", "erp", amount_minor=0, billing=billing, erp=erp, **base
+                    STALE_SYNC, "credit_memo_pending", "erp", amount_minor=amount, billing=billing, erp=erp, **base
                 )
             return Finding(
                 REFUND_UNPOSTED, "credit_memo_missing", "erp", amount_minor=amount, billing=billing, erp=erp, **base
@@ -458,6 +465,7 @@ def classify_customer(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) ->
         "currency": "",
         "day": _day(f["c_updated"], as_of),
         "customer_id": f["key"],
+        "key_type": "customer",
     }
     if _inside_grace(f["c_updated"], as_of, rules.grace(CUSTOMER_UNSYNCED)):
         return Finding(STALE_SYNC, "customer_pending", "billing", amount_minor=0, billing=billing, erp=cdp, **base)
