@@ -31,8 +31,9 @@ print(json.dumps({"spans": spans, "span_ids": ids, "events": {r["i"]: r["c"] for
 
 
 def stored(data_dir: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", COUNT, str(data_dir)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", COUNT, str(data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -54,15 +55,29 @@ class Load(threading.Thread):
                 self.next_span += n
                 ids = {f"{i + 1:016x}" for i in range(first, first + n)}
                 self.sent_spans |= ids
-                evs = [{"specversion": "1.0", "id": f"ev-{first}-{k}", "source": "fault-test", "type": "invoice.paid",
-                        "data": {"revops.invoice.id": f"in_{first}_{k}"}} for k in range(20)]
+                evs = [
+                    {
+                        "specversion": "1.0",
+                        "id": f"ev-{first}-{k}",
+                        "source": "fault-test",
+                        "type": "invoice.paid",
+                        "data": {"revops.invoice.id": f"in_{first}_{k}"},
+                    }
+                    for k in range(20)
+                ]
                 try:
-                    r = client.post(f"{self.srv.url}/v1/traces", content=batch(first, n),
-                                    headers={"Content-Type": "application/x-protobuf"})
+                    r = client.post(
+                        f"{self.srv.url}/v1/traces",
+                        content=batch(first, n),
+                        headers={"Content-Type": "application/x-protobuf"},
+                    )
                     if r.status_code == 200:
                         self.acked_spans |= ids
-                    r = client.post(f"{self.srv.url}/v1/events", content=orjson.dumps(evs),
-                                    headers={"Content-Type": "application/cloudevents-batch+json"})
+                    r = client.post(
+                        f"{self.srv.url}/v1/events",
+                        content=orjson.dumps(evs),
+                        headers={"Content-Type": "application/cloudevents-batch+json"},
+                    )
                     if r.status_code == 200:
                         self.acked_events |= {e["id"] for e in evs}
                 except httpx.HTTPError:
@@ -123,8 +138,11 @@ def test_full_disk_under_the_buffer_503_then_recovers(tmp_path: Path) -> None:
             accepted = 0
 
             def post(first: int) -> httpx.Response:
-                return httpx.post(f"{srv.url}/v1/traces", content=batch(first, 200),
-                                  headers={"Content-Type": "application/x-protobuf"})
+                return httpx.post(
+                    f"{srv.url}/v1/traces",
+                    content=batch(first, 200),
+                    headers={"Content-Type": "application/x-protobuf"},
+                )
 
             for k in range(5):
                 assert post(k * 200).status_code == 200
@@ -142,3 +160,104 @@ def test_full_disk_under_the_buffer_503_then_recovers(tmp_path: Path) -> None:
         assert got["spans"]["n"] == got["spans"]["u"] == accepted
     finally:
         subprocess.run(["umount", str(wal)], check=False)
+
+
+def buffered_bytes(srv: TowerServer) -> float:
+    text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    return float(next(ln for ln in text.splitlines() if ln.startswith("tower_buffer_bytes ")).split()[1])
+
+
+class ClickHouseFixture:
+    """The ClickHouse-HTTP test fixture as a process that can be stopped and started on the same data."""
+
+    def __init__(self, data: Path) -> None:
+        from tests.conftest import free_port
+
+        self.data, self.port, self.proc = data, free_port(), None
+
+    def start(self) -> None:
+        from tests.conftest import wait_for_port
+
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.fixtures.clickhouse_http_fixture",
+                "--data",
+                str(self.data),
+                "--port",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_store_down_60s_buffer_then_503_then_drains(tmp_path: Path) -> None:
+    import clickhouse_connect
+
+    ch = ClickHouseFixture(tmp_path / "clickhouse")
+    ch.start()
+    url = f"http://default:@127.0.0.1:{ch.port}/faults"
+    srv = TowerServer(
+        tmp_path / "tower",
+        TOWER_CLICKHOUSE_URL=url,
+        TOWER_DATABASE="faults",
+        TOWER_WAL_MAX_BYTES=str(6 * 1024 * 1024),
+        TOWER_FLUSH_INTERVAL_S="0.3",
+    ).start()
+    acked: set[str] = set()
+    statuses: list[int] = []
+    first = 0
+    try:
+        with httpx.Client(timeout=10) as client:
+
+            def send() -> int:
+                nonlocal first
+                ids = {f"{i + 1:016x}" for i in range(first, first + 200)}
+                r = client.post(
+                    f"{srv.url}/v1/traces",
+                    content=batch(first, 200),
+                    headers={"Content-Type": "application/x-protobuf"},
+                )
+                first += 200
+                if r.status_code == 200:
+                    acked.update(ids)
+                else:
+                    assert r.status_code == 503 and r.headers["Retry-After"]
+                return r.status_code
+
+            for _ in range(10):
+                assert send() == 200
+            ch.stop()  # the store is gone for 60 s under load
+            down_until = time.monotonic() + 60
+            while time.monotonic() < down_until:
+                statuses.append(send())
+                time.sleep(0.1)
+            assert statuses[0] == 200, "the buffer must keep acknowledging while the store is down"
+            assert 503 in statuses, "a full buffer must refuse"
+            assert statuses.index(503) > 5
+            ch.start()
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and buffered_bytes(srv) > 100_000:  # the buffer drains
+                time.sleep(0.5)
+            for _ in range(5):
+                assert send() == 200
+    finally:
+        srv.stop()
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=ch.port)
+    try:
+        n, u = client.query("SELECT count(), uniqExact(TraceId, SpanId) FROM faults.otel_traces").result_rows[0]
+        ids = {r[0] for r in client.query("SELECT SpanId FROM faults.otel_traces").result_rows}
+    finally:
+        ch.stop()
+    assert n == u, "a span was stored twice"
+    assert acked <= ids, f"{len(acked - ids)} acknowledged spans lost"
+    print(f"store down 60 s: {statuses.count(200)} requests buffered, then {statuses.count(503)} refused (503)")
