@@ -54,12 +54,14 @@ if session.principal() is None:
     except ApiUnavailable:
         pass  # each page shows the banner; no role known means no action buttons
 
+# One module per page under screens/ (not pages/: Streamlit treats a pages/ directory beside the entry script as a
+# legacy multipage app and would run those files directly, without this entry's token check and navigation).
 pages = [
-    st.Page("pages/overview.py", title="Overview", icon="🗼", url_path="overview", default=True),
-    st.Page("pages/unreconciled.py", title="Unreconciled", icon="🧾", url_path="unreconciled"),
-    st.Page("pages/actions.py", title="Actions", icon="🛠️", url_path="actions"),
-    st.Page("pages/slas.py", title="SLAs & alerts", icon="⏱️", url_path="slas"),
-    st.Page("pages/audit.py", title="Audit", icon="📜", url_path="audit"),
+    st.Page("screens/overview.py", title="Overview", icon=":material/dashboard:", url_path="overview", default=True),
+    st.Page("screens/unreconciled.py", title="Unreconciled", icon=":material/rule:", url_path="unreconciled"),
+    st.Page("screens/actions.py", title="Actions", icon=":material/build:", url_path="actions"),
+    st.Page("screens/slas.py", title="SLAs & alerts", icon=":material/timer:", url_path="slas"),
+    st.Page("screens/audit.py", title="Audit", icon=":material/history:", url_path="audit"),
 ]
 nav = st.navigation(pages)
 

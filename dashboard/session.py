@@ -75,7 +75,7 @@ def banner(exc: Exception, where: str) -> None:
     st.error(
         f"**The tower's API is unavailable** — {exc}. The data on this page cannot be loaded; nothing was "
         f"changed. Start it with `tower serve` (API at {cfg.api_url}) and retry.",
-        icon="🚫",
+        icon=":material/cloud_off:",
     )
     st.button("Retry", key=f"retry_{where}")
     st.stop()
@@ -119,14 +119,14 @@ def confirmation(where: str) -> None:
     pending = st.session_state.get(CONFIRM)
     if pending and pending["where"] == where:
         with st.container(border=True):
-            st.warning(pending["prompt"], icon="⚠️")
+            st.warning(pending["prompt"], icon=":material/warning:")
             c1, c2, _ = st.columns([1, 1, 4])
             c1.button("Confirm", key=f"confirm_{where}", type="primary", on_click=_confirmed)
             c2.button("Cancel", key=f"cancel_{where}", on_click=_cancelled)
     result = st.session_state.get(RESULT)
     if result and result["where"] == where:
         if result["ok"]:
-            st.success(f"{result['op']}: done", icon="✅")
+            st.success(f"{result['op']}: done", icon=":material/check_circle:")
         else:
             st.error(f"{result['op']} refused (HTTP {result['status']}): {result['message']}")
 

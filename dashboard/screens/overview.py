@@ -29,15 +29,15 @@ firing_here = [b for b in firing if not region or b.get("region") == region]
 last_run = ((data.get("runs") or {}).get("items") or [None])[0]
 run = views.run_summary(last_run)
 
-c1, c2, c3, c4 = st.columns(4)
+c1, c2, c3 = st.columns(3)
 c1.metric("Unreconciled items", f"{aging.total:,}")
 c2.metric("Firing alerts", len(firing_here))
 c3.metric("Last run", run["state"], help=f"started {run.get('started', '—')}")
 totals = aging.currency_totals()
-c4.metric(
-    "Unreconciled amount",
-    " · ".join(views.fmt_money(v, cur) for cur, v in totals.items()) or "0",
-)
+if totals:
+    st.caption("Unreconciled amount per currency (|amount| of the open items)")
+    for col, (cur, minor) in zip(st.columns(max(4, len(totals))), totals.items(), strict=False):
+        col.metric(f"Unreconciled {cur}", views.fmt_money(minor, cur))
 
 left, right = st.columns(2)
 with left:
