@@ -132,3 +132,17 @@ def test_bulk_one_million_invoices_through_the_cli(tmp_path: Path) -> None:
             counts[parts[0]] = int(parts[1].replace(",", ""))
     assert counts["billing_invoices"] >= 1_000_000
     assert counts["billing_payments"] > 900_000 and counts["erp_ledger_entries"] > 1_900_000
+
+
+def test_simulate_run_on_a_busy_port_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli(["simulate", "run", "--port", str(port), "--minutes", "5"], tmp_path, timeout=60)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    url = f"http://127.0.0.1:{port}"
+    assert lines == [f"tower: error: the simulator API cannot listen on {url}: Address already in use"]

@@ -383,7 +383,7 @@ class LiveEstate:
             self._event("erp", etype, f"erp-{etype}-{entry_id}", t, attrs, ctx)
             return
         already = any(x.entry_type == e.entry_type and x.applied_to_ref == e.applied_to_ref
-                      for x in self.erp._refs(e.external_ref))  # fmt: skip
+                      for x in self.erp.refs(e.external_ref))  # fmt: skip
         if already:
             return
         self.erp.store(e)
@@ -396,7 +396,7 @@ class LiveEstate:
         etype = "erp.payment.applied" if e.entry_type == "payment" else "erp.credit_memo.posted"
         self._event("erp", etype, f"erp-{etype}-{entry_id}", t, attrs, ctx)
         if self.role.get(e.applied_to_ref) != F_STATUS:
-            self.erp._refresh_status(e.applied_to_ref)
+            self.erp.refresh_status(e.applied_to_ref)
 
     # ---- what the loopback API shows besides the systems
     def manifest_json(self) -> str:

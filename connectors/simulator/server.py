@@ -8,6 +8,7 @@ Errors keep the connector contract: TransientError -> 503 (+ Retry-After), Busin
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from typing import Annotated, Any, Protocol
@@ -130,6 +131,12 @@ class SimServer:
         self.url = f"http://{host}:{port}"
 
     def start(self, ready: Callable[[], None] | None = None) -> SimServer:
+        cfg = self.server.config
+        with socket.socket() as probe:  # a clear error instead of uvicorn's log line and a dead thread
+            try:
+                probe.bind((cfg.host, cfg.port))
+            except OSError as exc:
+                raise RuntimeError(f"the simulator API cannot listen on {self.url}: {exc.strerror}") from None
         self.thread.start()
         while not self.server.started:
             if not self.thread.is_alive():

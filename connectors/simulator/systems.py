@@ -204,7 +204,8 @@ class ErpSystem:
                     self.by_applied.setdefault(entry.applied_to_ref, []).append(entry.entry_id)
             self.entries.put(entry)
 
-    def _refs(self, external_ref: str) -> list[LedgerEntry]:
+    def refs(self, external_ref: str) -> list[LedgerEntry]:
+        """Entries with this external reference, without the outage gate (for the estate's own use)."""
         return [self.entries.records[i] for i in self.by_ref.get(external_ref, ())]
 
     def _new_id(self) -> str:
@@ -220,7 +221,7 @@ class ErpSystem:
     def invoice_entry(self, invoice_id: str) -> LedgerEntry | None:
         with self.lock:
             return next(
-                (e for e in self._refs(invoice_id) if e.entry_type == "invoice" and e.status not in NOT_POSTINGS),
+                (e for e in self.refs(invoice_id) if e.entry_type == "invoice" and e.status not in NOT_POSTINGS),
                 None,
             )
 
@@ -233,7 +234,8 @@ class ErpSystem:
                 total += e.amount_minor
         return total
 
-    def _refresh_status(self, invoice_id: str) -> None:
+    def refresh_status(self, invoice_id: str) -> None:
+        """Mark the ERP invoice paid once applied payments and credit notes settle it."""
         inv = self.invoice_entry(invoice_id)
         if inv is None or inv.status != "open":
             return
@@ -249,7 +251,7 @@ class ErpSystem:
     def find_by_external_ref(self, external_ref: str) -> list[LedgerEntry]:
         with self.lock:
             self._gate()
-            return list(self._refs(external_ref))
+            return list(self.refs(external_ref))
 
     def post_invoice(self, invoice: Invoice) -> ActionOutcome:
         with self.lock:
@@ -292,11 +294,11 @@ class ErpSystem:
                 raise BusinessRuleError(f"currency {payment.currency} does not match invoice {invoice_id}")
             applied = sum(
                 e.amount_minor
-                for e in self._refs(payment.payment_id)
+                for e in self.refs(payment.payment_id)
                 if e.entry_type == "payment" and e.applied_to_ref == invoice_id
             )
             if applied >= amount_minor:
-                ref = next(e.entry_id for e in self._refs(payment.payment_id) if e.applied_to_ref == invoice_id)
+                ref = next(e.entry_id for e in self.refs(payment.payment_id) if e.applied_to_ref == invoice_id)
                 return ActionOutcome(ref, True, "already applied", {"entry_id": ref})
             now = self._now()
             entry = LedgerEntry(
@@ -315,7 +317,7 @@ class ErpSystem:
                 source_system=self.name,
             )
             self.store(entry)
-            self._refresh_status(invoice_id)
+            self.refresh_status(invoice_id)
             detail = f"applied {amount_minor - applied}"
             return ActionOutcome(entry.entry_id, False, detail, {"entry_id": entry.entry_id})
 
@@ -324,7 +326,7 @@ class ErpSystem:
             self._gate()
             if refund.kind not in ("refund", "credit_note"):
                 raise BusinessRuleError(f"{refund.payment_id} is not a refund or credit note")
-            existing = next((e for e in self._refs(refund.payment_id) if e.entry_type == "credit_memo"), None)
+            existing = next((e for e in self.refs(refund.payment_id) if e.entry_type == "credit_memo"), None)
             if existing is not None:
                 return ActionOutcome(existing.entry_id, True, "already posted", {"entry_id": existing.entry_id})
             invoice_id = next(iter(refund.allocations), "")
@@ -348,7 +350,7 @@ class ErpSystem:
             )
             self.store(entry)
             if invoice_id:
-                self._refresh_status(invoice_id)
+                self.refresh_status(invoice_id)
             return ActionOutcome(entry.entry_id, False, "posted", {"entry_id": entry.entry_id})
 
     def health(self) -> Health:
