@@ -302,3 +302,33 @@ def test_notification_log_keeps_every_group_of_one_delivery(db: Store) -> None:
     q.record_notifications(db, "http://r", "g1", [("fp1", 1000, "firing")], 200, version=7)  # a retried insert
     assert q.notified(db, "http://r") == {("fp1", 1000, "firing"), ("fp2", 1000, "firing")}
     assert db.query_rows("SELECT count() AS n FROM $db.sla_notifications FINAL")[0]["n"] == 2
+
+
+def test_an_item_ends_at_its_first_target_activity_after_its_start(db: Store) -> None:
+    """A customer's later profile changes and an invoice's duplicate posting do not stretch the latency, and
+    evaluating between two activities of one day-row still sees the first one."""
+    cus = {"revops.step": "cdp_to_billing", "revops.customer.id": "cus_1"}
+    insert_spans(
+        db,
+        [
+            {"ts": T, "attrs": {**cus, "revops.system": "cdp", "revops.region": "EU"}},
+            {"ts": T + S, "attrs": {**cus, "revops.system": "billing"}},  # created 1 s later
+            {"ts": T + 19 * M, "attrs": {**cus, "revops.system": "cdp"}},  # the next change...
+            {"ts": T + 19 * M + S, "attrs": {**cus, "revops.system": "billing"}},  # ...and its update
+            inv("in_dup", "billing", T),
+            inv("in_dup", "erp", T + 2 * M),
+            inv("in_dup", "erp", T + 25 * M),  # a duplicate posting later
+        ],
+    )
+    common = dict(now_ns=T + 30 * M, windows_s=[3600], period_s=3600, bounds_s=[60])
+    (cust,) = q.step_stats(
+        db, step="cdp_to_billing", key_type="customer", source="cdp", target="billing", threshold_s=30, **common
+    )  # type: ignore[arg-type]
+    assert (cust["totals"], cust["bads"], cust["q_ns"][0]) == ([1], [0], S)
+    (eu,) = stats(db, T + 30 * M).values()
+    assert (eu["completed"], eu["bads"], eu["q_ns"][0]) == (1, [0, 0, 0], 2 * M)
+    early = dict(common, now_ns=T + 10 * M)  # the billing day-row reaches past now (T+19m): still ended at T+1s
+    (cust,) = q.step_stats(
+        db, step="cdp_to_billing", key_type="customer", source="cdp", target="billing", threshold_s=30, **early
+    )  # type: ignore[arg-type]
+    assert (cust["stuck"], cust["completed"], cust["bads"]) == (0, 1, [0])

@@ -23,7 +23,11 @@ from tower_core.store.base import Store
 
 NS = 1_000_000_000
 
-# One row per item of the step, as of {now}: its region, start, whether it ended by {now}, end, latency.
+# One row per item of the step, as of {now}: its region, start (first activity in the source system), whether it
+# ended by {now} and when: its first activity in the target system at or after the start. Rows of step_events
+# span a day of activity (first/last seen), so a target row counts from its first activity when that is after the
+# start, else from its last if that lies in [start, now]. Later target activity (a duplicate posting, a status
+# refresh, the next profile change) and earlier history do not stretch the latency.
 # Items whose decision can fall inside the longest window start no earlier than {lo} = now - window -
 # threshold, so rows of older days are pruned through the (Step, Day, ...) primary key. Per region, the
 # decided and bad counts of each window, and latency figures of the items completed over the period.
@@ -45,9 +49,11 @@ _STEP_STATS = (
     "     anyIf(Region, System = {source:String} AND Region != ''), "
     "     if(anyIf(Region, Region != '') != '', anyIf(Region, Region != ''), 'unknown')) AS region, "
     "  toUnixTimestamp64Nano(minIf(FirstSeen, System = {source:String})) AS start_ns, "
-    "  countIf(System = {target:String} AND LastSeen <= fromUnixTimestamp64Nano({now:Int64})) > 0 AS ended, "
-    "  if(ended, toUnixTimestamp64Nano(maxIf(LastSeen, System = {target:String} "
-    "     AND LastSeen <= fromUnixTimestamp64Nano({now:Int64}))), 0) AS end_ns, "
+    "  arrayFilter(x -> x > 0, arrayMap(p -> if(p.1 >= start_ns, p.1, "
+    "     if(p.2 >= start_ns AND p.2 <= {now:Int64}, p.2, 0)), groupArrayIf((toUnixTimestamp64Nano(FirstSeen), "
+    "     toUnixTimestamp64Nano(LastSeen)), System = {target:String}))) AS ends, "
+    "  notEmpty(ends) AS ended, "
+    "  if(ended, arrayMin(ends), 0) AS end_ns, "
     "  if(ended, greatest(end_ns - start_ns, 0), 0) AS latency_ns, "
     "  ended AND latency_ns <= {threshold_ns:Int64} AS good, "
     "  (ended AND latency_ns > {threshold_ns:Int64}) OR (NOT ended AND start_ns + {threshold_ns:Int64} <= {now:Int64}) "
@@ -71,9 +77,11 @@ _STUCK = (
     "     anyIf(Region, System = {source:String} AND Region != ''), "
     "     if(anyIf(Region, Region != '') != '', anyIf(Region, Region != ''), 'unknown')) AS region, "
     "  toUnixTimestamp64Nano(minIf(FirstSeen, System = {source:String})) AS start_ns, "
-    "  countIf(System = {target:String} AND LastSeen <= fromUnixTimestamp64Nano({now:Int64})) > 0 AS ended, "
-    "  if(ended, toUnixTimestamp64Nano(maxIf(LastSeen, System = {target:String} "
-    "     AND LastSeen <= fromUnixTimestamp64Nano({now:Int64}))), 0) AS end_ns, "
+    "  arrayFilter(x -> x > 0, arrayMap(p -> if(p.1 >= start_ns, p.1, "
+    "     if(p.2 >= start_ns AND p.2 <= {now:Int64}, p.2, 0)), groupArrayIf((toUnixTimestamp64Nano(FirstSeen), "
+    "     toUnixTimestamp64Nano(LastSeen)), System = {target:String}))) AS ends, "
+    "  notEmpty(ends) AS ended, "
+    "  if(ended, arrayMin(ends), 0) AS end_ns, "
     "  if(ended, greatest(end_ns - start_ns, 0), 0) AS latency_ns, "
     "  ended AND latency_ns <= {threshold_ns:Int64} AS good, "
     "  (ended AND latency_ns > {threshold_ns:Int64}) OR (NOT ended AND start_ns + {threshold_ns:Int64} <= {now:Int64}) "
