@@ -54,8 +54,8 @@ def open_items(store: Store) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def invoice_postings(estate: Estate, invoice_id: str) -> list[Any]:
-    with estate.erp.lock:
-        return [e for e in estate.erp._refs(invoice_id) if e.entry_type == "invoice" and e.status != "draft"]
+    found = estate.erp.find_by_external_ref(invoice_id)
+    return [e for e in found if e.entry_type == "invoice" and e.status != "draft"]
 
 
 def test_default_fault_mix_recall_and_precision_are_100_percent(store: Store, tmp_path: Path) -> None:

@@ -589,16 +589,13 @@ FROM (
         toDate(IssuedAt) AS day, '' AS id, '' AS note
     FROM $db.billing_invoices FINAL WHERE NOT IsDeleted /*inv_filter*/
     UNION ALL
-    SELECT ExternalRef, if(Status = 'draft', 3, 1), PartyRef, Region, Currency, AmountMinor, 0, 0, Status, PostedAt,
-        PostedAt, PeriodDate, EntryId, Attributes['rejection']
+    SELECT if(EntryType = 'invoice', ExternalRef, AppliedToRef) AS lk,
+        multiIf(EntryType = 'invoice', if(Status = 'draft', 3, 1), EntryType = 'payment', 2, 6), PartyRef, Region,
+        Currency, AmountMinor, 0, 0, Status, PostedAt, PostedAt, PeriodDate,
+        if(EntryType = 'invoice', EntryId, ExternalRef), if(EntryType = 'invoice', Attributes['rejection'], '')
     FROM $db.erp_ledger_entries FINAL
-    WHERE NOT IsDeleted AND EntryType = 'invoice' AND Status != 'cancelled' /*led_inv_filter*/
-    UNION ALL
-    SELECT AppliedToRef, if(EntryType = 'payment', 2, 6), PartyRef, Region, Currency, AmountMinor, 0, 0, Status,
-        PostedAt, PostedAt, PeriodDate, ExternalRef, ''
-    FROM $db.erp_ledger_entries FINAL
-    WHERE NOT IsDeleted AND EntryType IN ('payment', 'credit_memo') AND AppliedToRef != ''
-        AND Status NOT IN ('cancelled', 'draft') /*led_app_filter*/
+    WHERE NOT IsDeleted AND Status != 'cancelled' AND (EntryType = 'invoice'
+        OR (EntryType IN ('payment', 'credit_memo') AND AppliedToRef != '' AND Status != 'draft')) /*led_filter*/
     UNION ALL
     SELECT inv, if(Kind = 'payment', 4, 5), CustomerId, Region, Currency, a, 0, 0, Status, OccurredAt, OccurredAt,
         toDate(OccurredAt), PaymentId, ''
@@ -607,7 +604,6 @@ FROM (
 )
 GROUP BY k
 HAVING ({region:String} = '' OR b_region = {region:String} OR (b_n = 0 AND e_region = {region:String}))
-    /*key_filter*/
     AND NOT (
         (b_n = 1 AND e_n = 1 AND b_status IN ('open', 'paid', 'uncollectible') AND e_currency = b_currency
             AND e_amount = b_total AND e_region = b_region AND e_day = b_day
@@ -617,25 +613,20 @@ HAVING ({region:String} = '' OR b_region = {region:String} OR (b_n = 0 AND e_reg
         OR (b_n = 0 AND e_n = 0 AND e_applied = 0 AND rejected = '')
     )
 """
-# Incremental runs: the scope's exact keys (primary-key filters where the key is the sorting key).
-_INV_SCOPE_FILTERS = {
-    "inv_filter": "AND InvoiceId IN /*scope_inv*/",
-    "led_inv_filter": "AND EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries WHERE EntryType = 'invoice' "
-    "AND ExternalRef IN /*scope_inv*/)",
-    "led_app_filter": "AND EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries WHERE AppliedToRef IN /*scope_inv*/)",
-    "pay_filter": "AND PaymentId IN (SELECT PaymentId FROM $db.billing_payments ARRAY JOIN mapKeys(Allocations) AS inv "
-    "WHERE inv IN /*scope_inv*/)",
-    "key_filter": "AND key IN /*scope_inv*/",
-}
-# Full runs: the candidate hashes of stage A.
+# Both modes read the rows of the keys whose hashes are in reconcile_hashes (stage A's candidates, or the
+# incremental scope's keys): a filter on a function of the sorting key may go before FINAL (PREWHERE); others
+# after it, so an old version never stands in for the latest.
 _INV_HASH_FILTERS = {
     "inv_filter": "AND InvoiceId IN (SELECT InvoiceId FROM $db.billing_invoices PREWHERE cityHash64(InvoiceId) IN "
     "/*hash_inv*/)",
-    "led_inv_filter": "AND cityHash64(ExternalRef) IN /*hash_inv*/",
-    "led_app_filter": "AND cityHash64(AppliedToRef) IN /*hash_inv*/",
+    "led_filter": "AND cityHash64(lk) IN /*hash_inv*/",
     "pay_filter": "AND cityHash64(inv) IN /*hash_inv*/",
-    "key_filter": "",
 }
+_SCOPE_HASHES = """
+INSERT INTO $db.reconcile_hashes (RunId, KeyType, Hash)
+SELECT RunId, KeyType, cityHash64(Key) FROM $db.reconcile_scope
+WHERE RunId = {run:String} AND KeyType IN ('invoice', 'payment')
+"""
 _HASH_INV = "(SELECT Hash FROM $db.reconcile_hashes WHERE RunId = {run:String} AND KeyType = 'invoice')"
 _HASH_PAY = "(SELECT Hash FROM $db.reconcile_hashes WHERE RunId = {run:String} AND KeyType = 'payment')"
 
@@ -683,7 +674,6 @@ FROM (
 )
 GROUP BY k
 HAVING ({region:String} = '' OR p_region = {region:String} OR (p_n = 0 AND e_region = {region:String}))
-    /*key_filter*/
     AND NOT (
         p_n = 1 AND (
             (p_status != 'succeeded' AND e_n = 0)
@@ -692,16 +682,10 @@ HAVING ({region:String} = '' OR p_region = {region:String} OR (p_n = 0 AND e_reg
         )
     )
 """
-_PAY_SCOPE_FILTERS = {
-    "pay_filter": "AND PaymentId IN /*scope_pay*/",
-    "led_filter": "AND EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries WHERE ExternalRef IN /*scope_pay*/)",
-    "key_filter": "AND key IN /*scope_pay*/",
-}
 _PAY_HASH_FILTERS = {
     "pay_filter": "AND PaymentId IN (SELECT PaymentId FROM $db.billing_payments PREWHERE cityHash64(PaymentId) IN "
     "/*hash_pay*/)",
     "led_filter": "AND cityHash64(ExternalRef) IN /*hash_pay*/",
-    "key_filter": "",
 }
 
 # Customers (tables of migration 0003; small): CDP profiles whose billing customer does not exist.
@@ -740,8 +724,10 @@ def collect_facts(store: Store, run_id: str, *, full: bool, region: str = "", cu
     params = {"run": run_id, "region": region}
     scopes = {"scope_inv": _IN_SCOPE_INV, "scope_pay": _IN_SCOPE_PAY, "scope_cus": _IN_SCOPE_CUS}
     hashes = {"hash_inv": _HASH_INV, "hash_pay": _HASH_PAY}
-    inv = _compose(_INVOICE_FACTS, **(_INV_HASH_FILTERS if full else _INV_SCOPE_FILTERS))
-    pay = _compose(_PAYMENT_FACTS, **(_PAY_HASH_FILTERS if full else _PAY_SCOPE_FILTERS))
+    if not full:
+        store.command(_SCOPE_HASHES, params)
+    inv = _compose(_INVOICE_FACTS, **_INV_HASH_FILTERS)
+    pay = _compose(_PAYMENT_FACTS, **_PAY_HASH_FILTERS)
     store.command(_compose(inv, **scopes, **hashes), params)
     store.command(_compose(pay, **scopes, **hashes), params)
     if customers:
