@@ -30,6 +30,8 @@ def dashboard_command(settings: Settings) -> list[str]:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "minimal",
     ]
 
 

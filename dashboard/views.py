@@ -292,7 +292,10 @@ def drift_rows(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def item_label(item: Mapping[str, Any]) -> str:
+    """The item picker's text; an item known only by its id (a link to it) shows just that."""
     key = item.get("primary_key") or item.get("invoice_id") or item.get("payment_id") or item.get("customer_id")
+    if "class" not in item:
+        return f"item {item['drift_id']}"
     return f"{item['class']} · {key} · {fmt_money(item.get('amount_minor'), item.get('currency', ''))}"
 
 
@@ -336,9 +339,12 @@ class Bar:
     detail: str
 
 
-def transaction_bars(txn: Mapping[str, Any] | None, thresholds_s: Mapping[str, float]) -> list[Bar]:
+def transaction_bars(
+    txn: Mapping[str, Any] | None, thresholds_s: Mapping[str, float], now: dt.datetime | None = None
+) -> list[Bar]:
     """The CDP -> billing -> ERP waterfall: each system's spans in time order, then each flow step's span
-    from its source to its target system with its latency against the step's SLA threshold."""
+    from its source to its target system with its latency against the step's SLA threshold. A step still
+    waiting for its target system runs until ``now`` (when given), late once past its threshold."""
     if not txn:
         return []
     bars: list[Bar] = []
@@ -371,6 +377,9 @@ def transaction_bars(txn: Mapping[str, Any] | None, thresholds_s: Mapping[str, f
         latency = st.get("latency_ms")
         complete = bool(st.get("complete")) and end is not None and latency is not None
         within = None if threshold_s is None or not complete else latency <= threshold_s * 1000
+        waited = max(now, start) if now is not None and not complete else start
+        if not complete and threshold_s is not None and (waited - start).total_seconds() > threshold_s:
+            within = False  # still waiting, and already past the SLA
         missing = ", ".join(st.get("missing_systems") or [])
         bars.append(
             Bar(
@@ -378,7 +387,7 @@ def transaction_bars(txn: Mapping[str, Any] | None, thresholds_s: Mapping[str, f
                 kind="step",
                 system="",
                 start=start,
-                end=end if complete and end is not None else start,
+                end=end if complete and end is not None else waited,
                 latency_ms=latency if complete else None,
                 threshold_ms=None if threshold_s is None else threshold_s * 1000,
                 within=within,
@@ -392,7 +401,12 @@ def bar_verdict(bar: Bar) -> str:
     if bar.kind != "step":
         return fmt_duration((bar.latency_ms or 0) / 1000)
     if bar.latency_ms is None:
-        return f"incomplete ({bar.detail})"
+        waited = (bar.end - bar.start).total_seconds()
+        if not waited:
+            return f"incomplete ({bar.detail})"
+        late = " (late)" if bar.within is False else ""
+        sla = f" · SLA {fmt_duration(bar.threshold_ms / 1000)}" if bar.threshold_ms is not None else ""
+        return f"{bar.detail} for {fmt_duration(waited)}{sla}{late}"
     lat = fmt_duration(bar.latency_ms / 1000)
     if bar.threshold_ms is None:
         return lat

@@ -196,7 +196,7 @@ def test_one_item_shows_its_diff_transaction_waterfall_and_history(tower: Tower,
     traces = chart(at, "ur_waterfall")["data"]
     bars = [b for b in traces if b["type"] == "bar"]
     assert [b["y"][0] for b in bars] == ["billing · invoice.finalized", "step · billing → ERP (invoice)"]
-    assert bars[-1]["text"] == ["incomplete (waiting for erp)"]
+    assert bars[-1]["text"][0].startswith("waiting for erp for ")  # in flight since its billing span
     deadline = next(t for t in traces if t["type"] == "scatter")  # the step's SLA deadline, 15 min after its start
     assert deadline["y"] == ["step · billing → ERP (invoice)"] and deadline["hovertext"] == ["SLA deadline"]
     history = frame(at, "ur_history")

@@ -165,6 +165,12 @@ def test_transaction_bars_order_systems_then_steps_against_their_sla() -> None:
     assert views.bar_verdict(late) == "20 min > SLA 15 min (late)"
     assert waiting.within is None and views.bar_verdict(waiting) == "incomplete (waiting for erp)"
     assert views.transaction_bars(None, {}) == []
+    now = T0 + dt.timedelta(minutes=45)  # the payment step has been waiting 45 min for the ERP (SLA 30 min)
+    waiting_now = views.transaction_bars(txn, {"payment_to_cash": 1800}, now)[-1]
+    assert waiting_now.end == now and waiting_now.within is False
+    assert views.bar_verdict(waiting_now) == "waiting for erp for 45 min · SLA 30 min (late)"
+    early = views.transaction_bars(txn, {"payment_to_cash": 1800}, T0 + dt.timedelta(minutes=5))[-1]
+    assert early.within is None and views.bar_verdict(early) == "waiting for erp for 5 min · SLA 30 min"
     fast = views.transaction_bars({"spans": [], "steps": [{**txn["steps"][0], "latency_ms": 60_000.0}]},
                                   {"invoice_to_ledger": 900})  # fmt: skip
     assert fast[0].within is True and views.bar_verdict(fast[0]) == "1 min ≤ SLA 15 min"
@@ -187,3 +193,6 @@ def test_diff_action_and_audit_rows() -> None:
     assert rows[0]["who"] == "olga" and rows[0]["change"] == "state: new → ignored, note:  → dup"
     assert rows[1]["on"] == "api POST /api/runs" and rows[1]["change"] == "status=403" and rows[1]["result"] == "denied"
     assert views.unset_all("(all)") == "" and views.unset_all("EU") == "EU"
+    item = {"drift_id": "d1", "class": "missing_in_erp", "primary_key": "in_1", "amount_minor": 1250, "currency": "EUR"}
+    assert views.item_label(item) == "missing_in_erp · in_1 · 12.50 EUR"
+    assert views.item_label({"drift_id": "d1"}) == "item d1"

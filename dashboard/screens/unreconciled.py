@@ -4,6 +4,7 @@ history, and its actions (corrective sync, acknowledge, ignore — each confirme
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import plotly.graph_objects as go
@@ -74,7 +75,7 @@ if preset and st.session_state.get("ur_item") is None:
     st.session_state["ur_item"] = preset
 for kept in (preset, st.session_state.get("ur_item")):  # an open item stays open on another page of the list
     if kept and kept not in items:
-        items[kept] = {"drift_id": kept, "class": "item", "primary_key": kept, "currency": ""}
+        items[kept] = {"drift_id": kept}
 options = ["", *items]
 chosen = st.selectbox(
     "Open an item",
@@ -85,7 +86,7 @@ chosen = st.selectbox(
 
 
 def _waterfall(txn: dict[str, Any] | None, thresholds: dict[str, float]) -> None:
-    bars = views.transaction_bars(txn, thresholds)
+    bars = views.transaction_bars(txn, thresholds, dt.datetime.now(dt.UTC))
     if not bars:
         st.info("No spans or events of this transaction have reached the tower yet.")
         return
