@@ -936,13 +936,15 @@ _CLASSIFIED = {
 }
 
 
-def _classified(kind: str) -> str:
+def _classified(kind: str, sum_match: bool = True) -> str:
+    """The classification SELECT of one kind; ``sum_match=False`` leaves out the N:1 matching subquery (used
+    when the run has no unallocated payment to match)."""
     sql = _compose(
         _CLASSIFIED[kind][0],
         tol=_TOL,
         drift_id=_DRIFT_ID,
         diff=_DIFF,
-        sum_match=_compose(_SUM_MATCH, tol=_TOL),
+        sum_match=_compose(_SUM_MATCH, tol=_TOL) if sum_match else "SELECT ''",
     )
     return _compose(
         sql,
@@ -960,10 +962,15 @@ def classify(store: Store, run_id: str, rules: Mapping[str, Any]) -> int:
     (class -> seconds) with grace_default, exp (currency -> minor-unit exponent), window (days).
     """
     params = {"run": run_id, **rules}
+    unallocated = store.query_rows(
+        "SELECT count() AS n FROM $db.reconcile_payment_facts WHERE RunId = {run:String} AND p_n > 0 "
+        "AND p_alloc_n = 0 AND e_applied_n = 0",
+        {"run": run_id},
+    )[0]["n"]
     for kind, (_, invoice, payment, entry) in _CLASSIFIED.items():
         sql = _compose(
             _WRITE_FINDINGS,
-            classified=_classified(kind),
+            classified=_classified(kind, sum_match=bool(unallocated)),
             invoice=invoice,
             payment=payment,
             entry=entry,
