@@ -368,10 +368,10 @@ def test_api_down_gives_a_banner_and_no_traceback_on_every_page(dash: Callable[.
 def test_without_a_configured_token_it_asks_once_per_session(tower: Tower, dash: Callable[..., AppTest]) -> None:
     at = dash("overview", role=None)
     assert not at.title or at.title[0].value == "Revenue Control Tower"
-    at.text_input(key="login_token").input("twr_wrong").run()
+    at.text_input(key="login_token").input("twr_wrong")  # a form: typed values count when it is submitted
     at.button(key="login_submit").click().run()
     assert any("refused this token" in e.value for e in at.error)
-    at.text_input(key="login_token").input(tower.tokens["viewer"]).run()
+    at.text_input(key="login_token").input(tower.tokens["viewer"])
     at.button(key="login_submit").click().run()
     assert [t.value for t in at.title] == ["Overview"]
     assert any("vera" in c.value for c in at.sidebar.caption)
