@@ -6,7 +6,6 @@ skips its turn.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from typing import TYPE_CHECKING
 
@@ -41,8 +40,8 @@ def _actions_job(service: ReconcilerService) -> None:
 
 
 def schedule(service: ReconcilerService, scheduler: BaseScheduler, settings: Settings) -> list[str]:
-    """Add the reconciler's interval jobs to a scheduler (the app's shared one, or ``tower reconciler``'s)."""
-    now = dt.datetime.now(dt.UTC)
+    """Add the reconciler's interval jobs to a scheduler (the app's shared one, or ``tower reconciler``'s); each
+    first runs one interval after the start."""
     jobs = [
         ("reconcile", settings.reconcile_interval_s, _run_job, [service, False]),
         ("reconcile-full", settings.reconcile_full_interval_s, _run_job, [service, True]),
@@ -59,7 +58,6 @@ def schedule(service: ReconcilerService, scheduler: BaseScheduler, settings: Set
             seconds=interval,
             id=job_id,
             name=job_id,
-            next_run_time=now + dt.timedelta(seconds=min(interval, 10.0)),
             replace_existing=True,
         )
         added.append(job_id)
