@@ -304,3 +304,41 @@ def test_exhausted_actions_go_to_the_dead_letter_list(store: Store, tmp_path: Pa
     replay = svc.actions.replay(action["action_id"], "bob")
     assert replay["state"] == "succeeded" and replay["original_action_id"] == action["action_id"]
     assert len(invoice_postings(estate, invoice_id)) == 1
+
+
+def test_scheduled_jobs_run_reconciliations_and_retry_due_actions(store: Store, tmp_path: Path) -> None:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    estate = missing_estate(seed=16, invoices=300, erp_posting_missing=0.02)
+    svc = ReconcilerService(
+        settings(
+            tmp_path,
+            reconcile_scheduler=True,
+            reconcile_interval_s=0.5,
+            reconcile_full_interval_s=0,
+            reconcile_actions_interval_s=0.3,
+        ),
+        store,
+        Connectors(estate.billing, estate.erp, estate.cdp),
+    )
+    scheduler = BackgroundScheduler(timezone="UTC")
+    svc.start(scheduler)
+    assert {j.id for j in scheduler.get_jobs()} == {"reconcile", "reconcile-actions"}  # full runs off (0)
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not q.list_runs(store, state="succeeded")[1]:
+            time.sleep(0.2)
+        runs, _ = q.list_runs(store, state="succeeded")
+        assert runs and runs[0]["trigger"] == "schedule" and runs[0]["requested_by"] == "scheduler"
+        # an action deferred by an ERP blip is retried by the actions job
+        invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+        svc.actions.retry = RetryPolicy(attempts_per_execution=1, initial_s=0.01, max_s=0.01)
+        estate.erp.fail_next(1)
+        first = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
+        assert first["state"] == "pending"
+        while time.monotonic() < deadline and q.get_action(store, first["action_id"])["State"] != "succeeded":  # type: ignore[index]
+            time.sleep(0.2)
+        assert q.get_action(store, first["action_id"])["State"] == "succeeded"  # type: ignore[index]
+    finally:
+        scheduler.shutdown(wait=True)
