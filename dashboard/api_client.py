@@ -230,15 +230,19 @@ def first_item(api: TowerApi, **params: Any) -> str | None:
     return items[0]["drift_id"] if items else None
 
 
-# What each page waits for with its default filters, in the page's order (bench/dashboard.py times these).
-PAGE_LOADS: dict[str, Callable[[TowerApi], Any]] = {
-    "overview": lambda api: load_overview(api),
-    "unreconciled": lambda api: load_unreconciled(api, {"limit": 25, "offset": 0, "sort": "first_seen"}),
-    "unreconciled_item": lambda api: load_item(api, first_item(api) or "none"),
-    "actions": lambda api: load_actions(api, {"limit": 25}, {}),
-    "slas": lambda api: load_slas(api),
-    "audit": lambda api: (
-        api.audit_facets(),
-        load_audit(api, {"since": (dt.datetime.now(dt.UTC) - dt.timedelta(days=7)).isoformat(), "limit": 50}),
-    ),
-}
+def page_loads(api: TowerApi) -> dict[str, Callable[[], Any]]:
+    """What each page waits for with its default filters, in the page's order (bench/dashboard.py times these).
+    The item page opens the queue's first item (looked up once, as the list page already has it)."""
+    drift_id = first_item(api) or "none"
+    week_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(days=7)).isoformat()
+    return {
+        "overview": lambda: load_overview(api),
+        "unreconciled": lambda: load_unreconciled(api, {"limit": 25, "offset": 0, "sort": "first_seen"}),
+        "unreconciled_filtered": lambda: load_unreconciled(
+            api, {"class": ["missing_in_erp"], "region": "EU", "sort": "amount", "order": "desc", "limit": 25}
+        ),
+        "unreconciled_item": lambda: load_item(api, drift_id),
+        "actions": lambda: load_actions(api, {"limit": 25}, {}),
+        "slas": lambda: load_slas(api),
+        "audit": lambda: (api.audit_facets(), load_audit(api, {"since": week_ago, "limit": 50})),
+    }
