@@ -82,6 +82,8 @@ def test_demo_pace_estate_correlates_across_broken_trace_context(tmp_path: Path)
             erp = {s["trace_id"] for s in doc["spans"] if s["name"] == "erp.invoice.post"}
             assert billing and erp and not billing & erp
             services |= {s["service"] for s in doc["spans"]}
+            # the business events (CloudEvents) of both sides are in the transaction too
+            assert {"billing", "erp"} <= {e["system"] for e in doc["events"]}, doc["events"]
             checked += 1
         assert checked == 6
         assert services == {"sim-cdp", "sim-billing", "sim-erp"}
