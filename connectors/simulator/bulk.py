@@ -92,7 +92,8 @@ class _Pipeline:
             except queue.Full:
                 continue
 
-    def run(self, config: EstateConfig, gen: Generated) -> float:
+    def run(self, config: EstateConfig, gen: Generated, then: Callable[[], None]) -> float:
+        """Generate into the writers; ``then`` runs once generation is done, while the writers finish."""
         for t in self.threads:
             t.start()
         start = time.thread_time()
@@ -106,6 +107,8 @@ class _Pipeline:
         generate_cpu = time.thread_time() - start
         for name in self.queues:
             self.put(name, _DONE)
+        if not self.stop.is_set():
+            then()
         for t in self.threads:
             while t.is_alive():
                 t.join(timeout=0.5)
@@ -136,9 +139,13 @@ def bulk_load(
         sim_store.truncate(store)
     gen = Generated(config, generate_customers(config), generate_outages(config))
     pipeline = _Pipeline(store, progress)
-    generate_cpu = pipeline.run(config, gen)
-    manifest = gen.manifest()
-    if manifest_path is not None:
-        manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        manifest_path.write_text(manifest.to_json())
-    return BulkResult(manifest, pipeline.rows, time.perf_counter() - t0, generate_cpu, time.process_time() - cpu0)
+    done: list[Manifest] = []
+
+    def write_manifest() -> None:
+        done.append(gen.manifest())
+        if manifest_path is not None:
+            manifest_path.parent.mkdir(parents=True, exist_ok=True)
+            manifest_path.write_text(done[0].to_json())
+
+    generate_cpu = pipeline.run(config, gen, write_manifest)
+    return BulkResult(done[0], pipeline.rows, time.perf_counter() - t0, generate_cpu, time.process_time() - cpu0)

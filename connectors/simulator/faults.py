@@ -201,7 +201,7 @@ class Manifest:
     def to_json(self) -> str:
         """Canonical JSON: byte-identical for the same seed and configuration."""
         doc = {"seed": self.seed, "config": self.config, "faults": [f.to_dict() for f in self.faults]}
-        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode()
+        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
