@@ -146,3 +146,16 @@ def test_simulate_run_on_a_busy_port_is_one_line(tmp_path: Path) -> None:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     url = f"http://127.0.0.1:{port}"
     assert lines == [f"tower: error: the simulator API cannot listen on {url}: Address already in use"]
+
+
+def test_demo_runs_get_fresh_invoice_ranges_and_reset_starts_over(tmp_path: Path) -> None:
+    from tower_core.demo import prepare_run
+
+    s = Settings(data_dir=tmp_path / ".tower" / "data", wal_dir=tmp_path / ".tower" / "wal")
+    s.data_dir.mkdir(parents=True)
+    s.wal_dir.mkdir(parents=True)
+    (s.data_dir / "kept").write_text("x")
+    assert [prepare_run(s, reset=False) for _ in range(3)] == [0, 1, 2]
+    assert (s.data_dir / "kept").exists()  # data kept between runs
+    assert prepare_run(s, reset=True) == 0
+    assert not s.data_dir.exists() and not s.wal_dir.exists()

@@ -60,8 +60,13 @@ def _stop(procs: list[subprocess.Popen], timeout_s: float = 20) -> None:
             p.wait()
 
 
-def next_run(settings: Settings) -> int:
-    """The number of this demo run (kept beside the data dir), so each run gets its own invoice ids."""
+def prepare_run(settings: Settings, *, reset: bool) -> int:
+    """``--reset`` deletes the store's data, the write-ahead buffer and the run counter; then the number of
+    this demo run (kept beside the data dir), so each run plays its own range of invoice ids."""
+    if reset:
+        for path in (settings.data_dir, settings.wal_dir):
+            shutil.rmtree(path, ignore_errors=True)
+        (Path(settings.data_dir).parent / "simulator-run").unlink(missing_ok=True)
     path = Path(settings.data_dir).parent / "simulator-run"
     try:
         run = int(path.read_text().strip()) + 1
@@ -105,11 +110,7 @@ def run_demo(settings: Settings, *, reset: bool = False) -> int:
 
     if settings.clickhouse_url:
         raise ConfigError("tower demo runs on the embedded store; unset TOWER_CLICKHOUSE_URL")
-    if reset:
-        for path in (settings.data_dir, settings.wal_dir):
-            shutil.rmtree(path, ignore_errors=True)
-        (Path(settings.data_dir).parent / "simulator-run").unlink(missing_ok=True)
-    run = next_run(settings)
+    run = prepare_run(settings, reset=reset)
     tower = [sys.executable, "-m", "tower_core.cli"]
     procs: list[subprocess.Popen] = []
     try:
