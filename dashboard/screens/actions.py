@@ -87,6 +87,12 @@ if following:
     _follow(api, following)
 
 choices = {a["action_id"]: a for a in listing["items"]} | {a["action_id"]: a for a in dead["items"]}
+kept = st.session_state.get("ac_item")
+if kept and kept not in choices:  # the open action stays open when the list's filter no longer shows it
+    try:
+        choices[kept] = api.action(kept)
+    except (ApiError, ApiUnavailable):
+        st.session_state["ac_item"] = ""
 chosen = st.selectbox(
     "Open an action",
     ["", *choices],
