@@ -77,7 +77,9 @@ async def list_items(
         if age not in c.AGE_BUCKETS:
             raise HTTPException(422, f"unknown age bucket {age!r}; one of {', '.join(c.AGE_BUCKETS)}")
         lo, hi = c.age_bucket_bounds(age)
-        min_age_days, max_age_days = max(min_age_days, lo), hi if max_age_days is None else min(max_age_days, hi or 0)
+        min_age_days = max(min_age_days, lo)
+        if hi is not None:
+            max_age_days = hi if max_age_days is None else min(max_age_days, hi)
     now = dt.datetime.now(dt.UTC)
     rows, total = await run_in_threadpool(
         q.list_drift,
