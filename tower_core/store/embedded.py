@@ -25,10 +25,9 @@ from tower_core.store.params import escape_params
 
 _lock = threading.Lock()
 _local = threading.local()
-# Streaming inserts go through the process's one session, which takes one at a time ("Another streaming
-# query or insert is already active on this connection" otherwise): the flusher and a reconciliation run insert
-# concurrently.
-_insert_lock = threading.Lock()
+# Every thread queries and inserts through its own chDB connection (see EmbeddedStore._conn): a connection
+# takes one streaming insert at a time and keeps one set of query parameters, so sharing one between the
+# flusher, reconciliation runs and request threads mixes them up.
 _session: Any = None
 _session_path: Path | None = None
 
@@ -143,7 +142,7 @@ class EmbeddedStore:
         with pa.ipc.new_stream(sink, data.schema) as writer:
             writer.write_table(data)
         try:
-            with _insert_lock, self._s.send_insert(sql, "ArrowStream") as ins:
+            with self._conn().send_insert(sql, "ArrowStream") as ins:
                 ins.append(sink.getvalue())
                 ins.finish()
         except Exception as exc:
