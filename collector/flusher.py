@@ -78,15 +78,12 @@ class Flusher:
         *,
         flush_rows: int,
         flush_interval_s: float,
-        on_flushed: Callable[[int], None] | None = None,
     ) -> None:
         self.wal, self.store, self.key_names, self.metrics = wal, store, key_names, metrics
         self.flush_rows, self.flush_interval_s = flush_rows, flush_interval_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tower-flusher", daemon=True)
-        self.healthy = True
-        self.on_flushed = on_flushed
 
     def start(self) -> None:
         self._thread.start()
@@ -128,14 +125,10 @@ class Flusher:
             except StoreError as exc:
                 log.warning("flush of segment %s deferred: %s", segment.id, exc)
                 return
-            self.healthy = True
             self.wal.remove(segment)
             self.metrics.buffer_bytes.set(self.wal.pending_bytes)
-            if self.on_flushed:
-                self.on_flushed(segment.rows)
 
     def _on_retry(self, state: Any) -> None:
-        self.healthy = False
         self.metrics.flush_errors.inc()
         log.warning("flush failed (attempt %s): %s", state.attempt_number, state.outcome.exception())
 

@@ -171,7 +171,3 @@ CDP_PROFILES = pa.schema(
         ("Version", pa.uint64()),
     ]
 )
-
-
-def empty(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
