@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from tower_core.models import Invoice, LedgerEntry, Payment
+from tower_core.store.arrow_schemas import BILLING_INVOICES, BILLING_PAYMENTS, ERP_LEDGER_ENTRIES
 from tower_core.store.base import Store
 
 TS_MS = pa.timestamp("ms", tz="UTC")
@@ -53,66 +54,10 @@ def _compose(template: str, **fragments: str) -> str:
 
 
 # --- state tables: connector pulls --------------------------------------------------------------------------
-INVOICES = pa.schema(
-    [
-        ("InvoiceId", pa.string()),
-        ("CustomerId", pa.string()),
-        ("Region", pa.string()),
-        ("Currency", pa.string()),
-        ("SubtotalMinor", pa.int64()),
-        ("TaxMinor", pa.int64()),
-        ("TotalMinor", pa.int64()),
-        ("AmountPaidMinor", pa.int64()),
-        ("AmountCreditedMinor", pa.int64()),
-        ("Status", pa.string()),
-        ("IssuedAt", TS_MS),
-        ("DueAt", TS_MS),
-        ("FinalizedAt", TS_MS),
-        ("PaidAt", TS_MS),
-        ("UpdatedAt", TS_MS),
-        ("SourceSystem", pa.string()),
-        ("Attributes", SMAP),
-        ("Version", pa.uint64()),
-    ]
-)
-PAYMENTS = pa.schema(
-    [
-        ("PaymentId", pa.string()),
-        ("Kind", pa.string()),
-        ("CustomerId", pa.string()),
-        ("Region", pa.string()),
-        ("Currency", pa.string()),
-        ("AmountMinor", pa.int64()),
-        ("Method", pa.string()),
-        ("Status", pa.string()),
-        ("Allocations", IMAP),
-        ("RelatedPaymentId", pa.string()),
-        ("OccurredAt", TS_MS),
-        ("UpdatedAt", TS_MS),
-        ("SourceSystem", pa.string()),
-        ("Attributes", SMAP),
-        ("Version", pa.uint64()),
-    ]
-)
-LEDGER = pa.schema(
-    [
-        ("EntryId", pa.string()),
-        ("EntryType", pa.string()),
-        ("ExternalRef", pa.string()),
-        ("PartyRef", pa.string()),
-        ("Region", pa.string()),
-        ("Currency", pa.string()),
-        ("AmountMinor", pa.int64()),
-        ("Status", pa.string()),
-        ("AppliedToRef", pa.string()),
-        ("PostedAt", TS_MS),
-        ("PeriodDate", pa.date32()),
-        ("UpdatedAt", TS_MS),
-        ("SourceSystem", pa.string()),
-        ("Attributes", SMAP),
-        ("Version", pa.uint64()),
-    ]
-)
+# The pulls write the same columns as the simulator's bulk loader: one definition, in arrow_schemas.
+INVOICES = BILLING_INVOICES
+PAYMENTS = BILLING_PAYMENTS
+LEDGER = ERP_LEDGER_ENTRIES
 
 
 def _table(schema: pa.Schema, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
