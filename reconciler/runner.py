@@ -7,6 +7,7 @@ estate "as of" a past date reconciles exactly as it would have then.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from connectors.base import BillingConnector, ErpConnector, TransientError
+from connectors.segment.tracking import PiiPolicy
 from reconciler import classify as c
 from tower_core.models import CURRENCY_EXPONENT
 from tower_core.store import Store
@@ -107,11 +109,26 @@ def pull(store: Store, billing: BillingConnector | None, erp: ErpConnector | Non
     return pulled
 
 
-def pull_cdp(store: Store, cdp: Any) -> int:
+def scrub_profile(profile: Any, policy: PiiPolicy | None) -> Any:
+    """CDP PII (name, e-mail, PII traits) is hashed with the keyed HMAC, or dropped without a policy, before
+    a profile reaches the store; ids stay (they are the join keys)."""
+
+    def one(value: str) -> str:
+        return policy.digest(value) if policy is not None and policy.mode == "hash" and value else ""
+
+    traits = policy.scrub(profile.traits) if policy is not None else {}
+    return dataclasses.replace(profile, name=one(profile.name), email=one(profile.email), traits=traits)
+
+
+def pull_cdp(store: Store, cdp: Any, pii: PiiPolicy | None = None) -> int:
     if cdp is None or not hasattr(cdp, "pull_profiles") or not q.table_exists(store, "cdp_profiles"):
         return 0
+
+    def write(st: Store, items: list[Any], token: str | None) -> int:
+        return q.write_profiles(st, [scrub_profile(p, pii) for p in items], token)
+
     try:
-        return _pull_stream(store, getattr(cdp, "name", "cdp"), "profiles", cdp.pull_profiles, q.write_profiles)
+        return _pull_stream(store, getattr(cdp, "name", "cdp"), "profiles", cdp.pull_profiles, write)
     except TransientError as exc:
         raise RunFailed(f"CDP pull failed: {exc}") from exc
 
@@ -127,7 +144,9 @@ class Reconciler:
         erp: ErpConnector | None = None,
         cdp: Any = None,
         queue_lock: Any = None,
+        pii: PiiPolicy | None = None,
     ) -> None:
+        self.pii = pii
         self.queue_lock = queue_lock or threading.RLock()
         self.store = store
         self.rules = rules
@@ -186,7 +205,7 @@ class Reconciler:
             stage("pull")
             if pull_sources:
                 result.pulled = pull(store, self.billing, self.erp)
-                n = pull_cdp(store, self.cdp)
+                n = pull_cdp(store, self.cdp, self.pii)
                 if n:
                     result.pulled["profiles"] = n
             record["Pulled"] = result.pulled

@@ -12,6 +12,7 @@ import threading
 import uuid
 from typing import Any
 
+from connectors.segment.tracking import PiiPolicy
 from reconciler import classify as c
 from reconciler.actions import ActionError, ActionService, Breakers
 from reconciler.connectors import Connectors
@@ -33,6 +34,14 @@ class RunBusy(Exception):
         self.run_id = run_id
 
 
+def _pii_policy(settings: Settings) -> PiiPolicy | None:
+    """The CDP PII policy for pulled profiles; without an HMAC key PII is dropped, never stored raw."""
+    key = settings.cdp_pii_hmac_key.get_secret_value() if settings.cdp_pii_hmac_key else ""
+    if settings.cdp_pii_mode == "hash" and not key:
+        return None
+    return PiiPolicy.build(settings.cdp_pii_mode, key or None, settings.cdp_pii_fields)
+
+
 class ReconcilerService:
     def __init__(self, settings: Settings, store: Store, connectors: Connectors | None = None) -> None:
         self.settings = settings
@@ -43,7 +52,7 @@ class ReconcilerService:
         self._progress: dict[str, dict[str, Any]] = {}
         self._current: str | None = None
         self.connectors = connectors if connectors is not None else build_connectors(settings)
-        self.reconciler = Reconciler(store, self.rules, queue_lock=self.queue_lock)
+        self.reconciler = Reconciler(store, self.rules, queue_lock=self.queue_lock, pii=_pii_policy(settings))
         self.actions = ActionService(
             store,
             None,

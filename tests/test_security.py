@@ -131,3 +131,28 @@ def test_sql_lives_only_in_the_store() -> None:
                 if f'"{verb}' in text or f"'{verb}" in text:
                     offenders.append(f"{path.relative_to(ROOT)}: {verb}")
     assert offenders == []
+
+
+def test_cdp_profiles_pulled_by_the_reconciler_keep_no_raw_pii() -> None:
+    import datetime as dt
+
+    from connectors.segment.tracking import HASH_PREFIX, PiiPolicy
+    from reconciler.runner import scrub_profile
+    from tower_core.models import CdpProfile
+
+    profile = CdpProfile(
+        cdp_user_id="u1",
+        customer_id="cus_1",
+        name="Jane Doe",
+        email=EMAIL,
+        region="EU",
+        updated_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        traits={"email": EMAIL, "plan": "pro"},
+    )
+    hashed = scrub_profile(profile, PiiPolicy.build("hash", PII_KEY, ["email", "name", "phone"]))
+    assert EMAIL not in repr(hashed) and "Jane" not in repr(hashed)
+    assert hashed.email.startswith(HASH_PREFIX)  # a stable keyed pseudonym, not the address
+    assert hashed.email == scrub_profile(profile, PiiPolicy.build("hash", PII_KEY, ["email"])).email
+    assert (hashed.cdp_user_id, hashed.customer_id, hashed.traits["plan"]) == ("u1", "cus_1", "pro")
+    dropped = scrub_profile(profile, None)  # no key configured: dropped, never stored raw
+    assert (dropped.email, dropped.name, dropped.traits) == ("", "", {})
