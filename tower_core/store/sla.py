@@ -31,6 +31,32 @@ NS = 1_000_000_000
 # Items whose decision can fall inside the longest window start no earlier than {lo} = now - window -
 # threshold, so rows of older days are pruned through the (Step, Day, ...) primary key. Per region, the
 # decided and bad counts of each window, and latency figures of the items completed over the period.
+# One row per item (the subquery both the statistics and the stuck list read).
+_ITEMS = (
+    "SELECT KeyValue AS key, "
+    "  if(anyIf(Region, System = {source:String} AND Region != '') != '', "
+    "     anyIf(Region, System = {source:String} AND Region != ''), "
+    "     if(anyIf(Region, Region != '') != '', anyIf(Region, Region != ''), 'unknown')) AS region, "
+    "  toUnixTimestamp64Nano(minIf(FirstSeen, System = {source:String})) AS start_ns, "
+    "  arrayFilter(x -> x > 0, arrayMap(p -> if(p.1 >= start_ns, p.1, "
+    "     if(p.2 >= start_ns AND p.2 <= {now:Int64}, p.2, 0)), groupArrayIf((toUnixTimestamp64Nano(FirstSeen), "
+    "     toUnixTimestamp64Nano(LastSeen)), System = {target:String}))) AS ends, "
+    "  notEmpty(ends) AS ended, "
+    "  if(ended, arrayMin(ends), 0) AS end_ns, "
+    "  if(ended, greatest(end_ns - start_ns, 0), 0) AS latency_ns, "
+    "  ended AND latency_ns <= {threshold_ns:Int64} AS good, "
+    "  (ended AND latency_ns > {threshold_ns:Int64}) OR (NOT ended AND start_ns + {threshold_ns:Int64} <= {now:Int64}) "
+    "     AS bad, "
+    "  if(good, end_ns, start_ns + {threshold_ns:Int64}) AS decision_ns "
+    "FROM $db.step_events "
+    "WHERE Step = {step:String} AND KeyType = {key_type:String} "
+    "  AND Day >= toDate(fromUnixTimestamp64Nano({lo:Int64})) AND Day <= toDate(fromUnixTimestamp64Nano({now:Int64})) "
+    "  AND FirstSeen <= fromUnixTimestamp64Nano({now:Int64}) "
+    "GROUP BY KeyValue "
+    "HAVING countIf(System = {source:String}) > 0 AND start_ns >= {lo:Int64}"
+    ") "
+)
+
 _STEP_STATS = (
     "SELECT region, "
     "  sumForEach(arrayMap(w -> toUInt64((good OR bad) AND decision_ns > {now:Int64} - w), {windows_ns:Array(Int64)}))"
@@ -43,61 +69,17 @@ _STEP_STATS = (
     "  sumForEach(arrayMap(b -> toUInt64(ended AND end_ns > {now:Int64} - {period_ns:Int64} AND latency_ns <= b), "
     "    {bounds_ns:Array(Int64)})) AS buckets, "
     "  sumIf(latency_ns, ended AND end_ns > {now:Int64} - {period_ns:Int64}) AS latency_sum_ns "
-    "FROM ("
-    "SELECT KeyValue AS key, "
-    "  if(anyIf(Region, System = {source:String} AND Region != '') != '', "
-    "     anyIf(Region, System = {source:String} AND Region != ''), "
-    "     if(anyIf(Region, Region != '') != '', anyIf(Region, Region != ''), 'unknown')) AS region, "
-    "  toUnixTimestamp64Nano(minIf(FirstSeen, System = {source:String})) AS start_ns, "
-    "  arrayFilter(x -> x > 0, arrayMap(p -> if(p.1 >= start_ns, p.1, "
-    "     if(p.2 >= start_ns AND p.2 <= {now:Int64}, p.2, 0)), groupArrayIf((toUnixTimestamp64Nano(FirstSeen), "
-    "     toUnixTimestamp64Nano(LastSeen)), System = {target:String}))) AS ends, "
-    "  notEmpty(ends) AS ended, "
-    "  if(ended, arrayMin(ends), 0) AS end_ns, "
-    "  if(ended, greatest(end_ns - start_ns, 0), 0) AS latency_ns, "
-    "  ended AND latency_ns <= {threshold_ns:Int64} AS good, "
-    "  (ended AND latency_ns > {threshold_ns:Int64}) OR (NOT ended AND start_ns + {threshold_ns:Int64} <= {now:Int64}) "
-    "     AS bad, "
-    "  if(good, end_ns, start_ns + {threshold_ns:Int64}) AS decision_ns "
-    "FROM $db.step_events "
-    "WHERE Step = {step:String} AND KeyType = {key_type:String} "
-    "  AND Day >= toDate(fromUnixTimestamp64Nano({lo:Int64})) AND Day <= toDate(fromUnixTimestamp64Nano({now:Int64})) "
-    "  AND FirstSeen <= fromUnixTimestamp64Nano({now:Int64}) "
-    "GROUP BY KeyValue "
-    "HAVING countIf(System = {source:String}) > 0 AND start_ns >= {lo:Int64}"
-    ") "
+    "FROM (/*items*/"
     "WHERE empty({regions:Array(String)}) OR has({regions:Array(String)}, region) "
     "GROUP BY region ORDER BY region"
-)
+).replace("/*items*/", _ITEMS)
 
 _STUCK = (
-    "SELECT key, region, start_ns, {now:Int64} - start_ns AS age_ns FROM ("
-    "SELECT KeyValue AS key, "
-    "  if(anyIf(Region, System = {source:String} AND Region != '') != '', "
-    "     anyIf(Region, System = {source:String} AND Region != ''), "
-    "     if(anyIf(Region, Region != '') != '', anyIf(Region, Region != ''), 'unknown')) AS region, "
-    "  toUnixTimestamp64Nano(minIf(FirstSeen, System = {source:String})) AS start_ns, "
-    "  arrayFilter(x -> x > 0, arrayMap(p -> if(p.1 >= start_ns, p.1, "
-    "     if(p.2 >= start_ns AND p.2 <= {now:Int64}, p.2, 0)), groupArrayIf((toUnixTimestamp64Nano(FirstSeen), "
-    "     toUnixTimestamp64Nano(LastSeen)), System = {target:String}))) AS ends, "
-    "  notEmpty(ends) AS ended, "
-    "  if(ended, arrayMin(ends), 0) AS end_ns, "
-    "  if(ended, greatest(end_ns - start_ns, 0), 0) AS latency_ns, "
-    "  ended AND latency_ns <= {threshold_ns:Int64} AS good, "
-    "  (ended AND latency_ns > {threshold_ns:Int64}) OR (NOT ended AND start_ns + {threshold_ns:Int64} <= {now:Int64}) "
-    "     AS bad, "
-    "  if(good, end_ns, start_ns + {threshold_ns:Int64}) AS decision_ns "
-    "FROM $db.step_events "
-    "WHERE Step = {step:String} AND KeyType = {key_type:String} "
-    "  AND Day >= toDate(fromUnixTimestamp64Nano({lo:Int64})) AND Day <= toDate(fromUnixTimestamp64Nano({now:Int64})) "
-    "  AND FirstSeen <= fromUnixTimestamp64Nano({now:Int64}) "
-    "GROUP BY KeyValue "
-    "HAVING countIf(System = {source:String}) > 0 AND start_ns >= {lo:Int64}"
-    ") "
+    "SELECT key, region, start_ns, {now:Int64} - start_ns AS age_ns FROM (/*items*/"
     "WHERE NOT ended AND start_ns + {threshold_ns:Int64} <= {now:Int64} "
     "  AND (empty({regions:Array(String)}) OR has({regions:Array(String)}, region)) "
     "ORDER BY start_ns, key LIMIT {limit:UInt32}"
-)
+).replace("/*items*/", _ITEMS)
 
 
 def _step_params(
