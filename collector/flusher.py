@@ -103,8 +103,12 @@ class Flusher:
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
             stopping = self._stop.is_set()
-            self.wal.seal()
-            self.drain(give_up=self._stop.is_set)
+            try:
+                self.wal.seal()
+                self.drain(give_up=self._stop.is_set)
+            except Exception:  # the flusher must outlive any error: the segment stays and is retried next tick
+                self.metrics.flush_errors.inc()
+                log.exception("flush failed; the buffer keeps the data and the next tick retries")
             if stopping:
                 return
 

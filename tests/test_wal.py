@@ -114,3 +114,43 @@ def test_a_new_buffer_never_reuses_a_flushed_segments_token(tmp_path: Path, embe
         assert list(tmp_path.glob("seg-*.wal")) == []
     n = embedded_store.query_rows("SELECT count() AS n FROM $db.otel_traces")[0]["n"]
     assert n == 200
+
+
+class _FailingOnce:
+    """Fault injection around the real chDB store: the first span insert raises a non-store error."""
+
+    def __init__(self, store: Store) -> None:
+        self._store, self.failures = store, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    def insert_select(self, *args: object, **kwargs: object) -> None:
+        if self.failures == 0:
+            self.failures += 1
+            raise RuntimeError("injected: an unexpected error, not a StoreError")
+        self._store.insert_select(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_flusher_thread_survives_an_unexpected_error(tmp_path: Path, embedded_store: Store) -> None:
+    import time
+
+    migrate(embedded_store)
+    names = key_attribute_names()
+    sync_key_attributes(embedded_store, names)
+    wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
+    wal.append(KIND_SPANS, 500, request(500))
+    metrics = CollectorMetrics()
+    failing = _FailingOnce(embedded_store)
+    flusher = Flusher(wal, failing, names, metrics, flush_rows=5000, flush_interval_s=0.05)  # type: ignore[arg-type]
+    flusher.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and wal.pending_rows:
+            time.sleep(0.05)
+    finally:
+        flusher.stop()
+    assert failing.failures == 1
+    assert wal.pending_rows == 0, "the flusher died with the error instead of retrying the segment"
+    assert embedded_store.query_rows("SELECT count() AS n FROM $db.otel_traces")[0]["n"] == 500
+    assert metrics.flush_errors._value.get() >= 1

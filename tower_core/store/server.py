@@ -42,7 +42,10 @@ class ServerStore:
         self._args.pop("database", None)
         self._timeout = connect_timeout_s
         self._local = threading.local()
-        self._client()  # fail fast with a ConfigError
+        try:
+            self._client()
+        except StoreError as exc:  # unreachable at start is a configuration problem: fail fast
+            raise ConfigError(str(exc)) from None
         self.command("CREATE DATABASE IF NOT EXISTS $db")
 
     def _client(self) -> Any:
@@ -57,16 +60,16 @@ class ServerStore:
                 client = clickhouse_connect.get_client(
                     **self._args, connect_timeout=self._timeout, autogenerate_session_id=False
                 )
-            except Exception as exc:
+            except Exception as exc:  # later, an unreachable server is transient: callers retry StoreError
                 where = f"{self._args['host']}:{self._args['port']}"
-                raise ConfigError(f"cannot reach ClickHouse at {where}: {_short(exc)}") from None
+                raise StoreError(f"cannot reach ClickHouse at {where}: {_short(exc)}") from None
             self._local.client = client
         return client
 
     def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         try:
             self._client().command(qualify(sql, self.database), parameters=format_params(params))
-        except ConfigError:
+        except StoreError:
             raise
         except Exception as exc:
             raise StoreError(_short(exc)) from None
@@ -74,7 +77,7 @@ class ServerStore:
     def query_arrow(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
         try:
             return self._client().query_arrow(qualify(sql, self.database), parameters=format_params(params))
-        except ConfigError:
+        except StoreError:
             raise
         except Exception as exc:
             raise StoreError(_short(exc)) from None
@@ -88,7 +91,7 @@ class ServerStore:
         settings = {"insert_deduplication_token": check_identifier(dedup_token)} if dedup_token else {}
         try:
             self._client().insert_arrow(check_identifier(table), data, database=self.database, settings=settings)
-        except ConfigError:
+        except StoreError:
             raise
         except Exception as exc:
             raise StoreError(_short(exc)) from None
@@ -101,7 +104,7 @@ class ServerStore:
             self._client().command(
                 qualify(sql, self.database) + f" FORMAT {fmt}", parameters=format_params(params), data=data
             )
-        except ConfigError:
+        except StoreError:
             raise
         except Exception as exc:
             raise StoreError(_short(exc)) from None
