@@ -398,55 +398,62 @@ _IN_SCOPE_PAY = "(SELECT Key FROM $db.reconcile_scope WHERE RunId = {run:String}
 _IN_SCOPE_CUS = "(SELECT Key FROM $db.reconcile_scope WHERE RunId = {run:String} AND KeyType = 'customer')"
 
 # --- comparison: stage A (full runs) finds candidate keys narrowly, by hash --------------------------------
-# Per business key, counts and one signature per side, grouped by cityHash64(key) (integer keys aggregate
-# several times faster than strings). The signature is the sum of row hashes: the invoice's (amount,
-# currency, region, day, status) against the posting's, each payment allocation (payment, amount) against
-# the ERP application, each credit note against its credit memo; equal sums = equal multisets. Exact matches
-# are dropped; the hashes of the rest go to reconcile_hashes. A hash collision can only merge keys into a
-# group that does not look clean (a second, independent hash per group detects it), or make a key look
-# different: it never hides a difference, and the wide pass (stage B) decides on exact keys and values.
+# Per business key, grouped by cityHash64(key) (integer keys aggregate several times faster than strings), two
+# sums: the row counts per kind packed into one UInt64 (12 bits each: billing invoices, ERP invoice postings,
+# rejected (draft) postings, ERP payment applications; bit 48 up: billing invoices not final), and a signed
+# signature: the sum of row hashes, billing's added and the ERP's subtracted (wrapping UInt64 arithmetic), so 0
+# means equal multisets. Each row hash includes the key itself, so keys whose cityHash64 collide never look
+# clean together. Hashed: the invoice's (amount, currency, region, day, status) against the posting's, each
+# payment allocation (payment, amount) against the ERP application, each credit note against its credit memo.
+# Exact matches are dropped; the hashes of the rest go to reconcile_hashes. A collision can only make a key
+# look different, never hide a difference; the wide pass (stage B) decides on exact keys and values.
 _STAGE_A_INVOICES = """
 INSERT INTO $db.reconcile_hashes (RunId, KeyType, Hash)
 SELECT {run:String}, 'invoice', hk FROM (
-    SELECT
-        hk,
-        countIf(src = 0) AS b_n, countIf(src = 1) AS e_n, countIf(src = 3) AS rej, countIf(src = 2) AS e_app_n,
-        maxIf(not_final, src = 0) AS b_not_final,
-        sumIf(sig, src IN (0, 4, 5)) AS sig_b, sumIf(sig, src IN (1, 2, 6)) AS sig_e,
-        anyIf(rh, src = 0) AS brh, anyIf(rh, src = 1) AS erh, min(k2) AS k_lo, max(k2) AS k_hi
+    SELECT hk, sum(cnt) AS packed, sum(sig) AS d /*region_aggs*/
     FROM (
-        SELECT cityHash64(InvoiceId) AS hk, toUInt8(0) AS src,
+        SELECT cityHash64(InvoiceId) AS hk,
+            if(Status IN ('open', 'paid', 'uncollectible'), toUInt64(1), toUInt64(0x1000000000001)) AS cnt,
             if(Status IN ('open', 'paid', 'uncollectible'),
-                cityHash64('I', TotalMinor, Currency, Region, toDate(IssuedAt), Status), 0) AS sig,
-            toUInt8(Status NOT IN ('open', 'paid', 'uncollectible')) AS not_final, cityHash64(Region) AS rh,
-            cityHash64(InvoiceId, 'k') AS k2
+                cityHash64(InvoiceId, TotalMinor, Currency, Region, toDate(IssuedAt), Status), 0) AS sig,
+            toUInt8(1) AS side, cityHash64(Region) AS rh
         FROM $db.billing_invoices FINAL WHERE NOT IsDeleted
         UNION ALL
-        SELECT cityHash64(if(EntryType = 'invoice', ExternalRef, AppliedToRef)),
-            multiIf(EntryType = 'invoice', if(Status = 'draft', 3, 1), EntryType = 'payment', 2, 6),
-            multiIf(EntryType = 'invoice', cityHash64('I', AmountMinor, Currency, Region, PeriodDate, Status),
-                EntryType = 'payment', cityHash64('A', ExternalRef, AmountMinor), cityHash64('C', ExternalRef)),
-            0, cityHash64(Region), cityHash64(if(EntryType = 'invoice', ExternalRef, AppliedToRef), 'k')
-        FROM $db.erp_ledger_entries FINAL
-        WHERE NOT IsDeleted AND Status != 'cancelled' AND (EntryType = 'invoice'
-            OR (EntryType IN ('payment', 'credit_memo') AND AppliedToRef != '' AND Status != 'draft'))
+        SELECT cityHash64(lk),
+            multiIf(EntryType = 'invoice', if(Status = 'draft', toUInt64(0x1000000), toUInt64(0x1000)),
+                EntryType = 'payment', toUInt64(0x1000000000), toUInt64(0)),
+            bitNot(multiIf(
+                EntryType = 'invoice', if(Status = 'draft', bitNot(toUInt64(0)),
+                    cityHash64(lk, AmountMinor, Currency, Region, PeriodDate, Status)),
+                EntryType = 'payment', cityHash64(lk, 'A', ExternalRef, AmountMinor),
+                cityHash64(lk, 'C', ExternalRef))) + 1,
+            if(EntryType = 'invoice' AND Status != 'draft', 2, 0), cityHash64(Region)
+        FROM (
+            SELECT if(EntryType = 'invoice', ExternalRef, AppliedToRef) AS lk, EntryType, Status, AmountMinor,
+                Currency, Region, PeriodDate, ExternalRef
+            FROM $db.erp_ledger_entries FINAL
+            WHERE NOT IsDeleted AND Status != 'cancelled' AND (EntryType = 'invoice'
+                OR (EntryType IN ('payment', 'credit_memo') AND AppliedToRef != '' AND Status != 'draft'))
+        )
         UNION ALL
-        SELECT cityHash64(inv), if(Kind = 'payment', 4, 5),
-            if(Kind = 'payment', cityHash64('A', PaymentId, a), cityHash64('C', PaymentId)), 0, 0, cityHash64(inv, 'k')
+        SELECT cityHash64(inv), 0,
+            if(Kind = 'payment', cityHash64(inv, 'A', PaymentId, a), cityHash64(inv, 'C', PaymentId)), 0, 0
         FROM $db.billing_payments FINAL ARRAY JOIN mapKeys(Allocations) AS inv, mapValues(Allocations) AS a
         WHERE NOT IsDeleted AND Status = 'succeeded'
     )
     GROUP BY hk
-    HAVING ({region:String} = '' OR if(b_n > 0, brh, erh) = cityHash64({region:String}))
-        AND NOT (
-            k_lo = k_hi AND (
-                (b_n = 1 AND e_n = 1 AND b_not_final = 0 AND sig_b = sig_e)
-                OR (b_n = 1 AND e_n = 0 AND b_not_final = 1 AND sig_b = sig_e)
-                OR (b_n = 0 AND e_n = 0 AND rej = 0 AND e_app_n = 0)
-            )
-        )
+    HAVING /*region_having*/ NOT (
+        (bitAnd(packed, 0xFFFFFF) = 0x1001 AND bitShiftRight(packed, 48) = 0 AND d = 0)
+        OR (bitAnd(packed, 0xFFFFFF) = 0x1 AND bitShiftRight(packed, 48) = 1 AND d = 0)
+        OR bitAnd(packed, 0xFFFFFFFFFFFF) = 0
+    )
 )
 """
+# Region runs only: the key's region (the billing invoice's, else the ERP posting's).
+_STAGE_A_REGION = {
+    "region_aggs": ", anyIf(rh, side = 1) AS b_rh, anyIf(rh, side = 2) AS e_rh",
+    "region_having": "if(b_rh != 0, b_rh, e_rh) = cityHash64({region:String}) AND",
+}
 _STAGE_A_PAYMENTS = """
 INSERT INTO $db.reconcile_hashes (RunId, KeyType, Hash)
 SELECT {run:String}, 'payment', hk FROM (
@@ -482,7 +489,8 @@ SELECT {run:String}, 'payment', hk FROM (
 def find_candidates(store: Store, run_id: str, region: str = "") -> dict[str, int]:
     """Full runs: hashes of the invoice and payment keys whose sides do not match exactly."""
     params = {"run": run_id, "region": region}
-    store.command(_STAGE_A_INVOICES, params)
+    region_sql = _STAGE_A_REGION if region else dict.fromkeys(_STAGE_A_REGION, "")
+    store.command(_compose(_STAGE_A_INVOICES, **region_sql), params)
     store.command(_STAGE_A_PAYMENTS, params)
     rows = store.query_rows(
         "SELECT KeyType AS t, count() AS n FROM $db.reconcile_hashes WHERE RunId = {run:String} GROUP BY KeyType",
