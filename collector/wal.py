@@ -1,6 +1,8 @@
 """The collector's write-ahead buffer: what a 200 promised lives here until it is in ClickHouse.
 
-Appends go to the active segment and are fsync'd before the caller acknowledges. The flusher seals the
+Appends go to the active segment and are fsync'd before the caller acknowledges; concurrent appends share one
+write and one fsync (group commit: whoever finds the disk idle writes everyone's queued records). The flusher
+seals the
 active segment and drains sealed segments to the store; a sealed segment never changes, so a flush retried
 after a crash sends the same rows in the same order under the same insert_deduplication_token, and
 ClickHouse drops the repeat. The total size is bounded: past ``max_bytes`` appends raise BufferFull.
@@ -40,6 +42,16 @@ class Record:
 
 
 @dataclass
+class _Pending:
+    """One append waiting for its group commit."""
+
+    record: bytes
+    rows: int
+    done: bool = False
+    error: BufferWriteError | None = None
+
+
+@dataclass
 class Segment:
     """``epoch`` names the buffer's life (one per process start): with ``seq`` it makes the segment's id unique
     forever, so a new segment never reuses a flushed one's deduplication token."""
@@ -73,6 +85,13 @@ def _scan(path: Path) -> tuple[int, int]:
     return good, rows
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    if written != len(data):
+        raise OSError(28, "short write")
+    os.fsync(fd)
+
+
 def _last_epoch(segments: list[Segment]) -> int:
     return max((int(s.epoch, 16) for s in segments), default=0)
 
@@ -82,6 +101,10 @@ class WriteAheadBuffer:
         self.dir = directory
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._queue: list[_Pending] = []
+        self._queued_bytes = 0
+        self._io_busy = False  # a leader is writing a batch outside the lock; seal/close wait for it
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -129,21 +152,44 @@ class WriteAheadBuffer:
         """Durably append one record (write + fsync) or raise; never leaves a partial record behind."""
         body = struct.pack("<BI", kind, rows) + payload
         record = struct.pack("<II", len(payload), zlib.crc32(body)) + body
-        with self._lock:
-            if self.pending_bytes + len(record) > self.max_bytes:
+        with self._cond:
+            if self.pending_bytes + self._queued_bytes + len(record) > self.max_bytes:
                 raise BufferFull(f"write-ahead buffer holds {self.pending_bytes} of {self.max_bytes} bytes")
+            mine = _Pending(record, rows)
+            self._queue.append(mine)
+            self._queued_bytes += len(record)
+            while not mine.done:
+                if self._io_busy:
+                    self._cond.wait()
+                else:
+                    self._lead()
+        if mine.error is not None:
+            raise mine.error
+
+    def _lead(self) -> None:
+        """Write and fsync every queued record at once; called and returns with the lock held. Only the I/O
+        runs outside the lock, while ``_io_busy`` keeps seal, close and other leaders off the segment."""
+        batch, self._queue, self._queued_bytes = self._queue, [], 0
+        error: BufferWriteError | None = None
+        try:
+            if self._fd is None:
+                self._active = self._open_segment(self._active.seq)
+            self._io_busy = True
+            self._lock.release()
             try:
-                if self._fd is None:
-                    self._active = self._open_segment(self._active.seq)
-                written = os.write(self._fd, record)
-                if written != len(record):
-                    raise OSError(28, "short write")
-                os.fsync(self._fd)
-            except OSError as exc:
-                self._drop_partial_record()
-                raise BufferWriteError(f"cannot write the buffer: {exc.strerror or exc}") from None
-            self._active.size += len(record)
-            self._active.rows += rows
+                _write_all(self._fd, b"".join(p.record for p in batch))  # type: ignore[arg-type]
+            finally:
+                self._lock.acquire()
+                self._io_busy = False
+        except OSError as exc:
+            self._drop_partial_record()
+            error = BufferWriteError(f"cannot write the buffer: {exc.strerror or exc}")
+        if error is None:
+            self._active.size += sum(len(p.record) for p in batch)
+            self._active.rows += sum(p.rows for p in batch)
+        for p in batch:
+            p.done, p.error = True, error
+        self._cond.notify_all()
 
     def _drop_partial_record(self) -> None:
         """After a failed write: cut the segment back to its last good record, or, if even that fails,
@@ -169,7 +215,8 @@ class WriteAheadBuffer:
 
     def seal(self) -> None:
         """Close the active segment (if it holds anything) for flushing and start a new one."""
-        with self._lock:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._io_busy)
             if self._active.size == 0:
                 return
             if self._fd is not None:
@@ -200,7 +247,8 @@ class WriteAheadBuffer:
             self._fsync_dir()
 
     def close(self) -> None:
-        with self._lock:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._io_busy)
             if self._fd is not None:
                 os.close(self._fd)
             if self._active.size == 0:

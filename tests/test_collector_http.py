@@ -226,12 +226,28 @@ def test_cloudevents_structured_batch_and_traceparent(server: TowerServer) -> No
 
 
 def test_metrics_count_what_happened(server: TowerServer) -> None:
-    text = httpx.get(f"{server.url}/metrics").text
-    values = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
-    assert values["tower_spans_received_total"] >= 1
-    assert values["tower_spans_rejected_total"] >= 1
-    assert values["tower_events_rejected_total"] >= 2
-    assert "tower_flush_seconds_count" in values and "tower_buffer_bytes" in values
+    def metrics() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        return {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+
+    before = metrics()
+    req = ExportTraceServiceRequest()
+    ss = req.resource_spans.add().scope_spans.add()
+    ss.spans.add(trace_id=b"\x07" * 16, span_id=b"\x02" * 8, name="good", start_time_unix_nano=1, end_time_unix_nano=2)
+    ss.spans.add(trace_id=b"\x07" * 3, span_id=b"\x02" * 8, name="bad id")
+    assert httpx.post(f"{server.url}/v1/traces", content=req.SerializeToString(), headers=PB).status_code == 200
+    bad_events = [{"specversion": "1.0", "id": "m1", "type": "invoice.paid"}, {"specversion": "1.0", "id": "m2"}]
+    r = httpx.post(
+        f"{server.url}/v1/events",
+        content=orjson.dumps(bad_events),
+        headers={"Content-Type": "application/cloudevents-batch+json"},
+    )
+    assert r.status_code == 400
+    after = metrics()
+    assert after["tower_spans_received_total"] - before["tower_spans_received_total"] == 1
+    assert after["tower_spans_rejected_total"] - before["tower_spans_rejected_total"] == 1
+    assert after["tower_events_rejected_total"] - before["tower_events_rejected_total"] == 2
+    assert "tower_flush_seconds_count" in after and "tower_buffer_bytes" in after
 
 
 def test_full_buffer_answers_503_with_retry_after(tmp_path: Path) -> None:
