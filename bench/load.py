@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -50,6 +51,7 @@ def main() -> None:
     ingest_ms: list[float] = []
     read_ms: list[float] = []
     errors = {"ingest": 0, "read": 0}
+    kinds: Counter[str] = Counter()  # what the errors were, for the report
     acked = [0]
     rss: list[tuple[float, float]] = []
     start = time.perf_counter()
@@ -74,6 +76,7 @@ def main() -> None:
                         acked[0] += per
                     else:
                         errors["ingest"] += 1
+                        kinds[f"ingest {r.status_code} {r.text[:80]}"] += 1
 
     def reader(k: int) -> None:
         with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {ADMIN}"}) as c:
@@ -87,6 +90,7 @@ def main() -> None:
                     read_ms.append((time.perf_counter() - t) * 1000)
                     if r.status_code >= 500 or (r.status_code >= 400 and r.status_code != 404):
                         errors["read"] += 1
+                        kinds[f"read {r.status_code} {path.split('?')[0]}"] += 1
                 time.sleep(0.05)
 
     threads = [threading.Thread(target=ingest)] + [threading.Thread(target=reader, args=(k,))
@@ -120,6 +124,8 @@ def main() -> None:
           f"ingest p99 {res['ingest_p99_ms']} ms, reads p50 {res['read_p50_ms']} / p99 {res['read_p99_ms']} ms "
           f"({res['reads']} reads), error rate {res['error_rate']:.3%}, peak RSS {res['rss_peak_mb']} MB, "
           f"lost {res['lost']}, duplicated {res['duplicated']}")
+    for kind, n in kinds.most_common():
+        print(f"  {n:6d} x {kind}")
     print(json.dumps(res))
 
 
