@@ -2,9 +2,8 @@
 
 Appends go to the active segment and are fsync'd before the caller acknowledges; concurrent appends share one
 write and one fsync (group commit: whoever finds the disk idle writes everyone's queued records). The flusher
-seals the
-active segment and drains sealed segments to the store; a sealed segment never changes, so a flush retried
-after a crash sends the same rows in the same order under the same insert_deduplication_token, and
+seals the active segment and drains sealed segments to the store; a sealed segment never changes, so a flush
+retried after a crash sends the same rows in the same order under the same insert_deduplication_token, and
 ClickHouse drops the repeat. The total size is bounded: past ``max_bytes`` appends raise BufferFull.
 """
 
@@ -103,7 +102,7 @@ class WriteAheadBuffer:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._queue: list[_Pending] = []
-        self._queued_bytes = 0
+        self._queued_bytes = 0  # queued or being written: counted against max_bytes like what is on disk
         self._io_busy = False  # a leader is writing a batch outside the lock; seal/close wait for it
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -169,7 +168,8 @@ class WriteAheadBuffer:
     def _lead(self) -> None:
         """Write and fsync every queued record at once; called and returns with the lock held. Only the I/O
         runs outside the lock, while ``_io_busy`` keeps seal, close and other leaders off the segment."""
-        batch, self._queue, self._queued_bytes = self._queue, [], 0
+        batch, self._queue = self._queue, []
+        size = sum(len(p.record) for p in batch)
         error: BufferWriteError | None = None
         try:
             if self._fd is None:
@@ -181,11 +181,12 @@ class WriteAheadBuffer:
             finally:
                 self._lock.acquire()
                 self._io_busy = False
-        except OSError as exc:
+        except Exception as exc:  # every writer of the batch gets the error; none may wait forever
             self._drop_partial_record()
-            error = BufferWriteError(f"cannot write the buffer: {exc.strerror or exc}")
+            error = BufferWriteError(f"cannot write the buffer: {getattr(exc, 'strerror', None) or exc}")
+        self._queued_bytes -= size
         if error is None:
-            self._active.size += sum(len(p.record) for p in batch)
+            self._active.size += size
             self._active.rows += sum(p.rows for p in batch)
         for p in batch:
             p.done, p.error = True, error

@@ -24,8 +24,8 @@ from tower_core.store.base import check_column, check_identifier, input_from_fil
 from tower_core.store.params import escape_params
 
 # chDB's jemalloc keeps freed pages for 10 s by default, so a process that inserts steadily holds every
-# insert's transient memory at once (1.6 GB RSS under ingest). Returning them after 0.5 s keeps RSS near 0.9 GB
-# at the same insert rate (bench/ingest.py). Read once, when chDB loads; an operator's own value wins.
+# insert's transient memory at once (1.6 GB RSS under ingest). Returning them after 0.5 s brought the peak to
+# 1.2 GB at the same insert rate (bench/ingest.py). Read once, when chDB loads; an operator's own value wins.
 os.environ.setdefault("JE_MALLOC_CONF", "dirty_decay_ms:500,muzzy_decay_ms:0")
 
 _lock = threading.Lock()
