@@ -199,7 +199,8 @@ def test_demo_overview_item_corrective_sync_and_resolution_in_chromium(demo: Dem
 
     def show(text: str) -> None:
         """Scroll the element holding ``text`` to the top (Streamlit scrolls its main block, not the window)."""
-        el = browser.find_element(By.XPATH, f"//*[self::h1 or self::h2 or self::h3][contains(., '{text}')]")
+        xpath = f"//*[self::h1 or self::h2 or self::h3][contains(., '{text}')]"
+        el = WebDriverWait(browser, 60).until(ec.presence_of_element_located((By.XPATH, xpath)))
         browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", el)
 
     def pick(label: str, option_text: str) -> None:
@@ -217,9 +218,12 @@ def test_demo_overview_item_corrective_sync_and_resolution_in_chromium(demo: Dem
 
         WebDriverWait(browser, 60, poll_frequency=1).until(option).click()
 
-    def button(label: str) -> Any:
-        xpath = f"//button[normalize-space(.)='{label}']"
+    def clickable(xpath: str) -> Any:
+        """Streamlit renders a page in several passes: wait for the element instead of expecting it at once."""
         return WebDriverWait(browser, 60).until(ec.element_to_be_clickable((By.XPATH, xpath)))
+
+    def button(label: str) -> Any:
+        return clickable(f"//button[normalize-space(.)='{label}']")
 
     # an invoice the ERP will never post (ground truth from the demo's manifest), once the reconciler sees it
     def unposted_item() -> dict[str, Any] | None:
@@ -237,13 +241,13 @@ def test_demo_overview_item_corrective_sync_and_resolution_in_chromium(demo: Dem
 
     browser.get(f"{demo.dashboard}/unreconciled")
     until_text("Matching items")
-    search = browser.find_element(By.XPATH, "//input[@aria-label='Customer / invoice / payment id']")
+    search = clickable("//input[@aria-label='Customer / invoice / payment id']")
     search.send_keys(item["invoice_id"], Keys.ENTER)
     pick("Open an item", item["invoice_id"])  # offered once the API has re-filtered the list
     until_text(f"missing_in_erp · {item['invoice_id']}")
     show(f"missing_in_erp · {item['invoice_id']}")
     shot("02-unreconciled-item")
-    tab = browser.find_element(By.XPATH, "//*[@role='tab'][contains(., 'Transaction')]")
+    tab = clickable("//*[@role='tab'][contains(., 'Transaction')]")
     tab.click()
     browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", tab)
     shot("03-item-transaction")
