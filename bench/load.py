@@ -25,8 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import ROOT, Server, percentile, realistic_request
 
 ADMIN = "twr_bench_load_admin"
-READS = ("/api/drift?limit=50", "/api/drift/summary", "/api/sla/compliance", "/api/overview/aging",
-         "/api/transactions?invoice_id=in_{inv:09d}", "/api/runs")
+READS = (
+    "/api/drift?limit=50",
+    "/api/drift/summary",
+    "/api/sla/compliance",
+    "/api/overview/aging",
+    "/api/transactions?invoice_id=in_{inv:09d}",
+    "/api/runs",
+)
 COUNT = """
 import json, sys
 from pathlib import Path
@@ -93,8 +99,9 @@ def main() -> None:
                         kinds[f"read {r.status_code} {path.split('?')[0]}"] += 1
                 time.sleep(0.05)
 
-    threads = [threading.Thread(target=ingest)] + [threading.Thread(target=reader, args=(k,))
-                                                   for k in range(args.readers)]
+    threads = [threading.Thread(target=ingest)] + [
+        threading.Thread(target=reader, args=(k,)) for k in range(args.readers)
+    ]
     for t in threads:
         t.start()
     while threads[0].is_alive() and time.perf_counter() - start < args.seconds + 30:
@@ -107,23 +114,37 @@ def main() -> None:
     time.sleep(3)
     peak = srv.rss_mb()[1]
     srv.stop()
-    out = subprocess.run([sys.executable, "-c", COUNT, str(tmp / "server" / "data")], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", COUNT, str(tmp / "server" / "data")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stored = json.loads(out.stdout.strip().splitlines()[-1])
     shutil.rmtree(tmp, ignore_errors=True)
     total = len(ingest_ms) + len(read_ms)
     res = {
-        "seconds": round(elapsed, 1), "spans_acked": acked[0], "spans_per_s": round(acked[0] / elapsed),
-        "ingest_p99_ms": round(percentile(ingest_ms, 99), 1), "read_p50_ms": round(percentile(read_ms, 50), 1),
-        "read_p99_ms": round(percentile(read_ms, 99), 1), "reads": len(read_ms),
-        "error_rate": round((errors["ingest"] + errors["read"]) / max(1, total), 5), "rss_peak_mb": round(peak),
-        "rss_mb_over_time": rss[:: max(1, len(rss) // 20)], "stored": stored["n"],
-        "lost": acked[0] - stored["u"], "duplicated": stored["n"] - stored["u"],
+        "seconds": round(elapsed, 1),
+        "spans_acked": acked[0],
+        "spans_per_s": round(acked[0] / elapsed),
+        "ingest_p99_ms": round(percentile(ingest_ms, 99), 1),
+        "read_p50_ms": round(percentile(read_ms, 50), 1),
+        "read_p99_ms": round(percentile(read_ms, 99), 1),
+        "reads": len(read_ms),
+        "error_rate": round((errors["ingest"] + errors["read"]) / max(1, total), 5),
+        "rss_peak_mb": round(peak),
+        "rss_mb_over_time": rss[:: max(1, len(rss) // 20)],
+        "stored": stored["n"],
+        "lost": acked[0] - stored["u"],
+        "duplicated": stored["n"] - stored["u"],
     }
-    print(f"{res['spans_per_s']:,} spans/s for {res['seconds']} s with {args.readers} dashboard readers: "
-          f"ingest p99 {res['ingest_p99_ms']} ms, reads p50 {res['read_p50_ms']} / p99 {res['read_p99_ms']} ms "
-          f"({res['reads']} reads), error rate {res['error_rate']:.3%}, peak RSS {res['rss_peak_mb']} MB, "
-          f"lost {res['lost']}, duplicated {res['duplicated']}")
+    print(
+        f"{res['spans_per_s']:,} spans/s for {res['seconds']} s with {args.readers} dashboard readers: "
+        f"ingest p99 {res['ingest_p99_ms']} ms, reads p50 {res['read_p50_ms']} / p99 {res['read_p99_ms']} ms "
+        f"({res['reads']} reads), error rate {res['error_rate']:.3%}, peak RSS {res['rss_peak_mb']} MB, "
+        f"lost {res['lost']}, duplicated {res['duplicated']}"
+    )
     for kind, n in kinds.most_common():
         print(f"  {n:6d} x {kind}")
     print(json.dumps(res))

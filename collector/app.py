@@ -80,6 +80,11 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.add_middleware(AuditRefusals, store=lambda: app.state.store)
     app.add_middleware(BodySizeLimit, limit=settings.api_max_body_bytes)
     if settings.cors_origins:  # no cross-origin access unless origins are listed
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
-                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app

@@ -36,8 +36,11 @@ def received(srv: TowerServer) -> float:
 
 def one_span(**attrs: str) -> ExportTraceServiceRequest:
     req = ExportTraceServiceRequest()
-    sp = req.resource_spans.add().scope_spans.add().spans.add(
-        trace_id=b"\x07" * 16, span_id=b"\x08" * 8, name="s", start_time_unix_nano=1, end_time_unix_nano=2)
+    sp = (
+        req.resource_spans.add()
+        .scope_spans.add()
+        .spans.add(trace_id=b"\x07" * 16, span_id=b"\x08" * 8, name="s", start_time_unix_nano=1, end_time_unix_nano=2)
+    )
     for k, v in attrs.items():
         sp.attributes.add(key=k).value.string_value = v
     return req
@@ -46,8 +49,14 @@ def one_span(**attrs: str) -> ExportTraceServiceRequest:
 def test_hostile_bodies_get_4xx_with_bounded_memory(server: TowerServer) -> None:
     before_rss, before_spans = rss_mb(server), received(server)
     cases: list[tuple[str, bytes, dict[str, str], int]] = []
-    cases.append(("gzip bomb (1 GiB of zeros)", gzip.compress(b"\0" * (1 << 30), compresslevel=9),
-                  {**PB, "Content-Encoding": "gzip"}, 413))
+    cases.append(
+        (
+            "gzip bomb (1 GiB of zeros)",
+            gzip.compress(b"\0" * (1 << 30), compresslevel=9),
+            {**PB, "Content-Encoding": "gzip"},
+            413,
+        )
+    )
     cases.append(("deeply nested JSON", b'{"resourceSpans": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JS, 400))
     many = one_span()
     for i in range(10_000):
@@ -59,9 +68,18 @@ def test_hostile_bodies_get_4xx_with_bounded_memory(server: TowerServer) -> None
     huge = ExportTraceServiceRequest()
     huge.resource_spans.add().scope_spans.add().spans.add(trace_id=b"\x01" * 1_000_000, span_id=b"\x02" * 8)
     cases.append(("1 MB trace id", huge.SerializeToString(), PB, 400))
-    cases.append(("JSON trace id of 100k hex chars",
-                  b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"' + b"ab" * 50_000 + b'","spanId":"'
-                  + b"01" * 8 + b'"}]}]}]}', JS, 400))
+    cases.append(
+        (
+            "JSON trace id of 100k hex chars",
+            b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"'
+            + b"ab" * 50_000
+            + b'","spanId":"'
+            + b"01" * 8
+            + b'"}]}]}]}',
+            JS,
+            400,
+        )
+    )
     for name, body, headers, expected in cases:
         r = httpx.post(f"{server.url}/v1/traces", content=body, headers=headers, timeout=60)
         assert r.status_code == expected, f"{name}: {r.status_code} {r.content[:200]!r}"
@@ -73,24 +91,33 @@ def test_hostile_bodies_get_4xx_with_bounded_memory(server: TowerServer) -> None
     assert received(server) == before_spans  # nothing of it was kept
     assert rss_mb(server) - before_rss < 300, "memory grew beyond the request caps"
     # events: invalid UTF-8, nesting, oversize
-    for body, ctype in ((b"\xff\xfe", "application/cloudevents+json"),
-                        (b"[" * 100_000 + b"]" * 100_000, "application/cloudevents-batch+json"),
-                        (b" " * (25 * 1024 * 1024), "application/cloudevents+json")):
+    for body, ctype in (
+        (b"\xff\xfe", "application/cloudevents+json"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/cloudevents-batch+json"),
+        (b" " * (25 * 1024 * 1024), "application/cloudevents+json"),
+    ):
         r = httpx.post(f"{server.url}/v1/events", content=body, headers={"Content-Type": ctype}, timeout=60)
         assert 400 <= r.status_code < 500 and r.json()["error"]
 
 
 def test_api_errors_are_json_4xx(server: TowerServer) -> None:
-    for method, path in (("GET", "/api/traces/" + "z" * 10_000), ("GET", "/api/transactions?invoice_id=" + "x" * 5000),
-                         ("POST", "/api/tokens"), ("GET", "/api/nope")):
+    for method, path in (
+        ("GET", "/api/traces/" + "z" * 10_000),
+        ("GET", "/api/transactions?invoice_id=" + "x" * 5000),
+        ("POST", "/api/tokens"),
+        ("GET", "/api/nope"),
+    ):
         r = httpx.request(method, f"{server.url}{path}")
         assert 400 <= r.status_code < 500, (path, r.status_code)
         assert "detail" in r.json()
 
 
 def test_api_body_cap_and_no_cors_by_default(server: TowerServer) -> None:
-    r = httpx.post(f"{server.url}/api/tokens", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        f"{server.url}/api/tokens",
+        content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 413 and "exceeds" in r.json()["detail"]
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the cap holds while streaming
@@ -99,6 +126,7 @@ def test_api_body_cap_and_no_cors_by_default(server: TowerServer) -> None:
 
     r = httpx.post(f"{server.url}/api/tokens", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413
-    pre = httpx.options(f"{server.url}/api/drift", headers={"Origin": "https://evil.example",
-                                                            "Access-Control-Request-Method": "GET"})
+    pre = httpx.options(
+        f"{server.url}/api/drift", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+    )
     assert "access-control-allow-origin" not in pre.headers

@@ -170,7 +170,7 @@ def buffered_bytes(srv: TowerServer) -> float:
 
 def server_errors(srv: TowerServer) -> str:
     """The server log without access-log lines: what explains a failure."""
-    lines = [ln for ln in srv.log.read_text().splitlines() if '" 200 OK' not in ln and "HTTP/1.1\" 503" not in ln]
+    lines = [ln for ln in srv.log.read_text().splitlines() if '" 200 OK' not in ln and 'HTTP/1.1" 503' not in ln]
     return "\n".join(lines)[-4000:]
 
 

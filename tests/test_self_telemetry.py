@@ -16,8 +16,13 @@ from tower_core.settings import Settings
 
 @pytest.mark.parametrize(
     ("endpoint", "is_self"),
-    [("http://127.0.0.1:8000", True), ("http://localhost:8000/v1/traces", True), ("127.0.0.1:8000", True),
-     ("http://127.0.0.1:4318", False), ("http://collector.internal:8000", False)],
+    [
+        ("http://127.0.0.1:8000", True),
+        ("http://localhost:8000/v1/traces", True),
+        ("127.0.0.1:8000", True),
+        ("http://127.0.0.1:4318", False),
+        ("http://collector.internal:8000", False),
+    ],
 )
 def test_points_at_self(endpoint: str, is_self: bool) -> None:
     assert points_at_self(endpoint, Settings(port=8000)) is is_self
@@ -25,11 +30,15 @@ def test_points_at_self(endpoint: str, is_self: bool) -> None:
 
 @pytest.mark.slow
 def test_flush_spans_exported_to_another_collector(tmp_path: Path) -> None:
-    with TowerServer(tmp_path / "observer") as observer, TowerServer(
-        tmp_path / "tower", OTEL_EXPORTER_OTLP_ENDPOINT=observer.url, OTEL_BSP_SCHEDULE_DELAY="200"
-    ) as tower:
-        r = httpx.post(f"{tower.url}/v1/traces", content=batch(0, 10),
-                       headers={"Content-Type": "application/x-protobuf"})
+    with (
+        TowerServer(tmp_path / "observer") as observer,
+        TowerServer(
+            tmp_path / "tower", OTEL_EXPORTER_OTLP_ENDPOINT=observer.url, OTEL_BSP_SCHEDULE_DELAY="200"
+        ) as tower,
+    ):
+        r = httpx.post(
+            f"{tower.url}/v1/traces", content=batch(0, 10), headers={"Content-Type": "application/x-protobuf"}
+        )
         assert r.status_code == 200
         deadline = time.monotonic() + 20
         found = None

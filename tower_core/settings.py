@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     reconcile_breaker_reset_s: float = Field(30.0, description="Seconds an open breaker waits before a trial call.")
 
     cors_origins: list[str] = Field(
-        default_factory=list, description='Origins allowed cross-origin API access, JSON list; empty = none.'
+        default_factory=list, description="Origins allowed cross-origin API access, JSON list; empty = none."
     )
     api_max_body_bytes: int = Field(1024 * 1024, description="Body cap of JSON API requests (413 beyond).")
 
@@ -167,7 +167,15 @@ class Settings(BaseSettings):
     )
     cdp_pii_fields: list[str] = Field(
         default_factory=lambda: [
-            "email", "phone", "name", "firstName", "lastName", "first_name", "last_name", "address", "birthday",
+            "email",
+            "phone",
+            "name",
+            "firstName",
+            "lastName",
+            "first_name",
+            "last_name",
+            "address",
+            "birthday",
         ],
         description="Trait/property names treated as PII (case-insensitive), JSON list.",
     )
