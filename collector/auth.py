@@ -12,7 +12,7 @@ import hmac
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -77,6 +77,18 @@ class TokenVerifier:
 
     def forget(self) -> None:
         self._cache.clear()
+
+
+def ingest_allowed(authorization: str | None, tokens: Sequence[str]) -> bool:
+    """OTLP and CloudEvents ingest: open when no token is configured, else any configured bearer token
+    (several during rotation), compared in constant time."""
+    if not tokens:
+        return True
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return False
+    matches = [hmac.compare_digest(presented.strip().encode(), t.encode()) for t in tokens]  # every token, always
+    return any(matches)
 
 
 def get_principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:

@@ -43,6 +43,7 @@ class Reply:
 class IngestService:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
+        self.ingest_tokens = [t.get_secret_value() for t in settings.ingest_tokens]
         self.metrics = CollectorMetrics()
         self.key_names = key_attribute_names(settings.key_attribute_map)
         sync_key_attributes(store, self.key_names)  # read by the span -> key-link materialized view

@@ -178,7 +178,7 @@ def response(mt: str, rejected: int = 0, message: str = "") -> bytes:
 
 def status_body(mt: str, code: int, message: str) -> bytes:
     """A google.rpc.Status in the request's content type."""
-    grpc_code = {400: 3, 413: 3, 415: 3, 429: 8, 503: 14}.get(code, 2)
+    grpc_code = {400: 3, 401: 16, 413: 3, 415: 3, 429: 8, 503: 14}.get(code, 2)
     status = status_pb2.Status(code=grpc_code, message=message)
     if mt == PROTOBUF:
         return status.SerializeToString()

@@ -267,3 +267,57 @@ def test_full_buffer_answers_503_with_retry_after(tmp_path: Path) -> None:
         refused = next(r for r in statuses if r.status_code == 503)
         assert refused.headers["Retry-After"] == "1"
         assert "buffer" in status_pb2.Status.FromString(refused.content).message
+
+
+def test_ingest_tokens_when_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TOWER_INGEST_TOKENS set, OTLP and CloudEvents ingest take any listed bearer token (rotation) and
+    refuse the rest with 401 (OTLP: a google.rpc.Status UNAUTHENTICATED in the request's content type)."""
+    with TowerServer(tmp_path, TOWER_INGEST_TOKENS='["tok-new", "tok-old"]', TOWER_FLUSH_INTERVAL_S="0.2") as srv:
+        # the real SDK exporter, configured the way OTEL_EXPORTER_OTLP_HEADERS would
+        provider = TracerProvider(resource=Resource.create({"service.name": "billing-svc"}))
+        exporter = OTLPSpanExporter(endpoint=f"{srv.url}/v1/traces", headers={"Authorization": "Bearer tok-new"})
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with provider.get_tracer("t").start_as_current_span("with token") as sp:
+            tid = format(sp.get_span_context().trace_id, "032x")
+        provider.shutdown()
+        assert wait_for(lambda: httpx.get(f"{srv.url}/api/traces/{tid}").status_code == 200)
+
+        req = ExportTraceServiceRequest()
+        req.resource_spans.add().scope_spans.add().spans.add(
+            trace_id=b"\x09" * 16, span_id=b"\x01" * 8, name="no token", start_time_unix_nano=1, end_time_unix_nano=2
+        )
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic tok-new"}):
+            r = httpx.post(f"{srv.url}/v1/traces", content=req.SerializeToString(), headers={**PB, **headers})
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+            assert status_pb2.Status.FromString(r.content).code == 16
+        r = httpx.post(f"{srv.url}/v1/traces", content=b"{}", headers=JS)
+        assert r.status_code == 401 and "ingest bearer token" in r.json()["message"]
+        event = {"specversion": "1.0", "id": "tok-1", "source": "billing", "type": "invoice.paid"}
+        ce = {"Content-Type": "application/cloudevents+json"}
+        assert httpx.post(f"{srv.url}/v1/events", json=event, headers=ce).status_code == 401
+        ok = httpx.post(f"{srv.url}/v1/events", json=event, headers={**ce, "Authorization": "Bearer tok-old"})
+        assert ok.status_code == 200, ok.text
+        assert httpx.get(f"{srv.url}/api/traces/{'09' * 16}").status_code == 404  # the refused span was not kept
+
+        # `tower demo` hands the token to the simulated estate as OTEL_EXPORTER_OTLP_HEADERS, which the SDK's
+        # exporter and the estate's event sender both honour
+        from connectors.simulator.telemetry import EventSender
+        from tower_core.demo import estate_env
+        from tower_core.settings import Settings
+
+        env = estate_env(Settings(ingest_tokens=["tok new/1"]), {})
+        assert env == {"OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20tok%20new%2F1"}
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20tok-old")
+        sender = EventSender(f"{srv.url}/v1/events", interval_s=60)
+        sender.add({**event, "id": "tok-2"})
+        assert sender.flush() and sender.sent == 1
+        sender.shutdown()
+        provider = TracerProvider(resource=Resource.create({"service.name": "erp-svc"}))
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{srv.url}/v1/traces")))
+        with provider.get_tracer("t").start_as_current_span("token from the environment") as sp:
+            tid2 = format(sp.get_span_context().trace_id, "032x")
+        provider.shutdown()
+        assert wait_for(lambda: httpx.get(f"{srv.url}/api/traces/{tid2}").status_code == 200)
+        text = httpx.get(f"{srv.url}/metrics").text
+        received = next(ln for ln in text.splitlines() if ln.startswith("tower_events_received_total "))
+        assert float(received.split()[1]) == 2  # tok-1 and tok-2; the refused ones never counted

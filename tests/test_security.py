@@ -21,6 +21,7 @@ WRITE_KEY = "wk_s3cret_write_key"
 PII_KEY = "pii_hmac_k3y_never_logged"
 EMAIL = "jane.doe.secret@example.com"
 WRONG_TOKEN = "twr_wrong_token_presented_by_attacker"
+INGEST = "ingest_t0ken_for_otel_exporters"
 
 
 def test_secrets_never_reach_logs_or_storage(tmp_path: Path) -> None:
@@ -29,6 +30,7 @@ def test_secrets_never_reach_logs_or_storage(tmp_path: Path) -> None:
         "TOWER_STRIPE_WEBHOOK_SECRETS": json.dumps([WEBHOOK_SECRET]),
         "TOWER_CDP_WRITE_KEYS": json.dumps([WRITE_KEY]),
         "TOWER_CDP_PII_HMAC_KEY": PII_KEY,
+        "TOWER_INGEST_TOKENS": json.dumps([INGEST]),
         "TOWER_LOG_LEVEL": "DEBUG",
     }
     with TowerServer(tmp_path, **env) as srv:
@@ -77,13 +79,20 @@ def test_secrets_never_reach_logs_or_storage(tmp_path: Path) -> None:
             headers={"Authorization": f"Basic {auth}"},
         )
         assert seg.status_code == 200, seg.text
+        event = {"specversion": "1.0", "id": "sec-1", "source": "billing", "type": "invoice.paid"}
+        events = f"{srv.url}/v1/events"
+        ce = {"Content-Type": "application/cloudevents+json"}
+        assert httpx.post(events, json=event, headers={**ce, "Authorization": f"Bearer {INGEST}"}).status_code == 200
+        assert (
+            httpx.post(events, json=event, headers={**ce, "Authorization": f"Bearer {WRONG_TOKEN}"}).status_code == 401
+        )
         time.sleep(1.5)  # flushed to the store
     logs = (tmp_path / "server.log").read_text(errors="replace")
     assert "POST /webhooks/stripe" in logs  # the log is the real one
-    for secret in (ADMIN, WEBHOOK_SECRET, WRITE_KEY, PII_KEY, EMAIL, WRONG_TOKEN, operator_token):
+    for secret in (ADMIN, WEBHOOK_SECRET, WRITE_KEY, PII_KEY, EMAIL, WRONG_TOKEN, operator_token, INGEST):
         assert secret not in logs, f"a secret reached the log: {secret[:8]}…"
     stored = b"".join(p.read_bytes() for p in (tmp_path / "wal").rglob("*") if p.is_file())
-    for secret in (ADMIN, WEBHOOK_SECRET, WRITE_KEY, PII_KEY, EMAIL.encode().decode(), operator_token):
+    for secret in (ADMIN, WEBHOOK_SECRET, WRITE_KEY, PII_KEY, EMAIL.encode().decode(), operator_token, INGEST):
         assert secret.encode() not in stored
 
 

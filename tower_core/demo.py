@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -92,6 +93,16 @@ def _wait_ready(url: str, proc: subprocess.Popen, what: str, timeout_s: float = 
         time.sleep(0.3)
 
 
+def estate_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The simulated estate's environment: its OTLP exporters and event sender carry the first ingest token
+    when the tower requires one (OTEL_EXPORTER_OTLP_HEADERS, unless the user set it)."""
+    env = dict(os.environ if environ is None else environ)
+    if settings.ingest_tokens:
+        token = quote(settings.ingest_tokens[0].get_secret_value(), safe="")
+        env.setdefault("OTEL_EXPORTER_OTLP_HEADERS", f"Authorization=Bearer%20{token}")
+    return env
+
+
 def api_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The API child's environment: reconcile against the estate, often, unless the user chose otherwise."""
     env = dict(os.environ if environ is None else environ)
@@ -131,7 +142,8 @@ def run_demo(settings: Settings, *, reset: bool = False) -> int:
                 str(run * RUN_RANGE),
                 "--manifest",
                 str(Path(settings.data_dir).parent / f"demo-manifest-run{run}.json"),
-            ]
+            ],
+            env=estate_env(settings),
         )
         procs.append(estate)
         _wait_ready(f"http://127.0.0.1:{settings.simulator_port}/healthz", estate, "the simulated estate")

@@ -158,6 +158,11 @@ class Settings(BaseSettings):
     stripe_default_region: str = Field(
         "", description="revops.region for Stripe objects whose metadata carries no `region`."
     )
+    ingest_tokens: list[SecretStr] = Field(
+        default_factory=list,
+        description="Bearer tokens /v1/traces and /v1/events accept, JSON list (several during rotation); "
+        "empty = ingest open, like an OTel Collector receiver.",
+    )
     cdp_write_keys: list[SecretStr] = Field(
         default_factory=list, description="Accepted Segment/RudderStack write keys (basic-auth user), JSON list."
     )

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from collector import otlp
+from collector.auth import ingest_allowed
 from collector.deps import get_ingest, read_body
 from collector.ingest import IngestService
 
@@ -19,7 +20,11 @@ async def post_events(
     request: Request,
     ingest: Annotated[IngestService, Depends(get_ingest)],
     content_type: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
+    if not ingest_allowed(authorization, ingest.ingest_tokens):
+        body = b'{"error": "a valid ingest bearer token is required (TOWER_INGEST_TOKENS)"}'
+        return Response(body, 401, {"WWW-Authenticate": "Bearer"}, media_type="application/json")
     try:
         body = await read_body(request, ingest.settings.max_body_bytes)
     except otlp.OtlpError as exc:

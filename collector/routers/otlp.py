@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from collector import otlp
+from collector.auth import ingest_allowed
 from collector.deps import get_ingest, read_body
 from collector.ingest import IngestService
 
@@ -20,7 +21,12 @@ async def export_traces(
     ingest: Annotated[IngestService, Depends(get_ingest)],
     content_type: Annotated[str | None, Header()] = None,
     content_encoding: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
+    if not ingest_allowed(authorization, ingest.ingest_tokens):
+        mt = otlp.JSON if "json" in (content_type or "") else otlp.PROTOBUF
+        body = otlp.status_body(mt, 401, "a valid ingest bearer token is required (TOWER_INGEST_TOKENS)")
+        return Response(body, 401, {"WWW-Authenticate": "Bearer"}, media_type=mt)
     try:
         body = await read_body(request, ingest.settings.max_body_bytes)
     except otlp.OtlpError as exc:

@@ -9,6 +9,7 @@ a hop (CDP -> billing always; billing -> ERP except for the share of flows that 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.util.re import parse_env_headers
 
 log = logging.getLogger("tower.simulator")
 SYSTEMS = ("cdp", "billing", "erp")
@@ -48,7 +50,9 @@ class EventSender:
         self.sent = 0
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
-        self.client = httpx.Client(timeout=10)
+        # the same headers the OTLP exporters send (OTEL_EXPORTER_OTLP_HEADERS), e.g. the tower's ingest token
+        headers = parse_env_headers(os.environ.get("OTEL_EXPORTER_OTLP_HEADERS", ""), liberal=True)
+        self.client = httpx.Client(timeout=10, headers=headers)
         self.thread = threading.Thread(target=self._run, name="sim-events", daemon=True)
         self.thread.start()
 
