@@ -321,3 +321,5 @@ def test_ingest_tokens_when_configured(tmp_path: Path, monkeypatch: pytest.Monke
         text = httpx.get(f"{srv.url}/metrics").text
         received = next(ln for ln in text.splitlines() if ln.startswith("tower_events_received_total "))
         assert float(received.split()[1]) == 2  # tok-1 and tok-2; the refused ones never counted
+        refused = next(ln for ln in text.splitlines() if ln.startswith('tower_ingest_refused_total{reason="unauth'))
+        assert float(refused.split()[1]) == 5  # three OTLP protobuf, one OTLP JSON, one CloudEvents

@@ -23,6 +23,7 @@ async def post_events(
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     if not ingest_allowed(authorization, ingest.ingest_tokens):
+        ingest.metrics.requests_refused.labels(reason="unauthenticated").inc()
         body = b'{"error": "a valid ingest bearer token is required (TOWER_INGEST_TOKENS)"}'
         return Response(body, 401, {"WWW-Authenticate": "Bearer"}, media_type="application/json")
     try:

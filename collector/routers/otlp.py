@@ -24,6 +24,7 @@ async def export_traces(
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     if not ingest_allowed(authorization, ingest.ingest_tokens):
+        ingest.metrics.requests_refused.labels(reason="unauthenticated").inc()
         mt = otlp.JSON if "json" in (content_type or "") else otlp.PROTOBUF
         body = otlp.status_body(mt, 401, "a valid ingest bearer token is required (TOWER_INGEST_TOKENS)")
         return Response(body, 401, {"WWW-Authenticate": "Bearer"}, media_type=mt)
