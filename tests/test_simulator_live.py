@@ -125,9 +125,17 @@ def test_tower_demo_starts_everything_and_ctrl_c_leaves_nothing(tmp_path: Path) 
         TOWER_RECONCILE_INTERVAL_S="0",
     )
 
-    def start() -> tuple[subprocess.Popen, str, set[int]]:
+    def start(sigint_ignored: bool = False) -> tuple[subprocess.Popen, str, set[int]]:
+        # a script's background job starts with SIGINT ignored (POSIX shells do that); Ctrl-C must still work
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
         proc = subprocess.Popen(
-            [*TOWER, "demo"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [*TOWER, "demo"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=ignore,
         )
         lines = []
         deadline = time.monotonic() + 120
@@ -172,7 +180,7 @@ def test_tower_demo_starts_everything_and_ctrl_c_leaves_nothing(tmp_path: Path) 
     time.sleep(0.5)
     assert not [k for k in kids if Path(f"/proc/{k}").exists()], "orphaned processes"
     # data kept: the second run starts a fresh invoice range on the same store, and the first run's data is there
-    proc, text, kids = start()
+    proc, text, kids = start(sigint_ignored=True)
     try:
         assert "run 1" in text
         old = httpx.get(f"http://127.0.0.1:{api}/api/transactions", params={"invoice_id": "in_0000000001"}, timeout=20)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -122,6 +123,10 @@ def run_demo(settings: Settings, *, reset: bool = False) -> int:
     if settings.clickhouse_url:
         raise ConfigError("tower demo runs on the embedded store; unset TOWER_CLICKHOUSE_URL")
     run = prepare_run(settings, reset=reset)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C stops the demo even when a script started it in the background: POSIX shells start background
+        # jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     tower = [sys.executable, "-m", "tower_core.cli"]
     procs: list[subprocess.Popen] = []
     try:
