@@ -412,33 +412,23 @@ INSERT INTO $db.reconcile_hashes (RunId, KeyType, Hash)
 SELECT {run:String}, 'invoice', hk FROM (
     SELECT hk, sum(cnt) AS packed, sum(sig) AS d /*region_aggs*/
     FROM (
-        SELECT cityHash64(InvoiceId) AS hk,
+        SELECT KeyHash AS hk,
             if(Status IN ('open', 'paid', 'uncollectible'), toUInt64(1), toUInt64(0x1000000000001)) AS cnt,
-            if(Status IN ('open', 'paid', 'uncollectible'),
-                cityHash64(InvoiceId, TotalMinor, Currency, Region, toDate(IssuedAt), Status), 0) AS sig,
+            if(Status IN ('open', 'paid', 'uncollectible'), RowSig, 0) AS sig,
             toUInt8(1) AS side, cityHash64(Region) AS rh
         FROM $db.billing_invoices FINAL WHERE NOT IsDeleted
         UNION ALL
-        SELECT cityHash64(lk),
+        SELECT LinkHash,
             multiIf(EntryType = 'invoice', if(Status = 'draft', toUInt64(0x1000000), toUInt64(0x1000)),
                 EntryType = 'payment', toUInt64(0x1000000000), toUInt64(0)),
-            bitNot(multiIf(
-                EntryType = 'invoice', if(Status = 'draft', bitNot(toUInt64(0)),
-                    cityHash64(lk, AmountMinor, Currency, Region, PeriodDate, Status)),
-                EntryType = 'payment', cityHash64(lk, 'A', ExternalRef, AmountMinor),
-                cityHash64(lk, 'C', ExternalRef))) + 1,
+            if(EntryType = 'invoice' AND Status = 'draft', toUInt64(1), bitNot(RowSig) + 1),
             if(EntryType = 'invoice' AND Status != 'draft', 2, 0), cityHash64(Region)
-        FROM (
-            SELECT if(EntryType = 'invoice', ExternalRef, AppliedToRef) AS lk, EntryType, Status, AmountMinor,
-                Currency, Region, PeriodDate, ExternalRef
-            FROM $db.erp_ledger_entries FINAL
-            WHERE NOT IsDeleted AND Status != 'cancelled' AND (EntryType = 'invoice'
-                OR (EntryType IN ('payment', 'credit_memo') AND AppliedToRef != '' AND Status != 'draft'))
-        )
+        FROM $db.erp_ledger_entries FINAL
+        WHERE NOT IsDeleted AND Status != 'cancelled' AND (EntryType = 'invoice'
+            OR (EntryType IN ('payment', 'credit_memo') AND AppliedToRef != '' AND Status != 'draft'))
         UNION ALL
-        SELECT cityHash64(inv), 0,
-            if(Kind = 'payment', cityHash64(inv, 'A', PaymentId, a), cityHash64(inv, 'C', PaymentId)), 0, 0
-        FROM $db.billing_payments FINAL ARRAY JOIN mapKeys(Allocations) AS inv, mapValues(Allocations) AS a
+        SELECT hs.1, 0, hs.2, 0, 0
+        FROM $db.billing_payments FINAL ARRAY JOIN arrayZip(AllocHashes, AllocSigs) AS hs
         WHERE NOT IsDeleted AND Status = 'succeeded'
     )
     GROUP BY hk
@@ -454,34 +444,36 @@ _STAGE_A_REGION = {
     "region_aggs": ", anyIf(rh, side = 1) AS b_rh, anyIf(rh, side = 2) AS e_rh",
     "region_having": "if(b_rh != 0, b_rh, e_rh) = cityHash64({region:String}) AND",
 }
+# Payment keys, the same way: per key one packed sum of 0/1 flags (16 bits: billing payments; 4 bits each:
+# not succeeded, succeeded payment with allocations, succeeded refund or credit note; 18 bits each: ERP
+# applications and credit memos, of them credit memos) and the sums of a second hash of the key over each side,
+# so rows of two keys whose cityHash64 collide never look clean together (the ERP side must sum to e_n times
+# the billing side's).
 _STAGE_A_PAYMENTS = """
 INSERT INTO $db.reconcile_hashes (RunId, KeyType, Hash)
 SELECT {run:String}, 'payment', hk FROM (
-    SELECT
-        hk, countIf(src = 0) AS p_n, maxIf(ok, src = 0) AS succeeded, maxIf(kp, src = 0) AS is_payment,
-        maxIf(kr, src = 0) AS is_refund, maxIf(n, src = 0) AS alloc_n, countIf(src = 1) AS e_n,
-        countIf(src = 1 AND memo = 1) AS e_memo_n, anyIf(rh, src = 0) AS prh, anyIf(rh, src = 1) AS erh,
-        min(k2) AS k_lo, max(k2) AS k_hi
+    SELECT hk, sum(cnt) AS packed, sumIf(k2, side = 1) AS sb, sumIf(k2, side = 2) AS se /*region_aggs*/,
+        bitAnd(bitShiftRight(packed, 28), 0x3FFFF) AS e_n
     FROM (
-        SELECT cityHash64(PaymentId) AS hk, toUInt8(0) AS src, toUInt8(Status = 'succeeded') AS ok,
-            toUInt8(Kind = 'payment') AS kp, toUInt8(Kind IN ('refund', 'credit_note')) AS kr,
-            length(Allocations) AS n, toUInt8(0) AS memo, cityHash64(Region) AS rh, cityHash64(PaymentId, 'k') AS k2
+        SELECT KeyHash AS hk, toUInt8(1) AS side, KeySig AS k2, cityHash64(Region) AS rh,
+            1 + multiIf(Status != 'succeeded', 0x10000,
+                Kind = 'payment', if(empty(Allocations), 0, 0x100000),
+                Kind IN ('refund', 'credit_note'), 0x1000000, 0) AS cnt
         FROM $db.billing_payments FINAL WHERE NOT IsDeleted
         UNION ALL
-        SELECT cityHash64(ExternalRef), 1, 0, 0, 0, 0, toUInt8(EntryType = 'credit_memo'), cityHash64(Region),
-            cityHash64(ExternalRef, 'k')
+        SELECT RefHash, toUInt8(2), RefSig, cityHash64(Region),
+            if(EntryType = 'credit_memo', toUInt64(0x400010000000), toUInt64(0x10000000))
         FROM $db.erp_ledger_entries FINAL
         WHERE NOT IsDeleted AND EntryType IN ('payment', 'credit_memo') AND Status NOT IN ('cancelled', 'draft')
     )
     GROUP BY hk
-    HAVING ({region:String} = '' OR if(p_n > 0, prh, erh) = cityHash64({region:String}))
-        AND NOT (
-            p_n = 1 AND k_lo = k_hi AND (
-                (succeeded = 0 AND e_n = 0)
-                OR (succeeded = 1 AND is_payment = 1 AND alloc_n > 0 AND e_n > 0)
-                OR (succeeded = 1 AND is_refund = 1 AND e_memo_n > 0)
-            )
+    HAVING /*region_having*/ NOT (
+        bitAnd(packed, 0xFFFF) = 1 AND se = e_n * sb AND (
+            (bitAnd(packed, 0xF0000) != 0 AND e_n = 0)
+            OR (bitAnd(packed, 0xF00000) != 0 AND e_n > 0)
+            OR (bitAnd(packed, 0xF000000) != 0 AND bitShiftRight(packed, 46) > 0)
         )
+    )
 )
 """
 
@@ -491,7 +483,7 @@ def find_candidates(store: Store, run_id: str, region: str = "") -> dict[str, in
     params = {"run": run_id, "region": region}
     region_sql = _STAGE_A_REGION if region else dict.fromkeys(_STAGE_A_REGION, "")
     store.command(_compose(_STAGE_A_INVOICES, **region_sql), params)
-    store.command(_STAGE_A_PAYMENTS, params)
+    store.command(_compose(_STAGE_A_PAYMENTS, **region_sql), params)
     rows = store.query_rows(
         "SELECT KeyType AS t, count() AS n FROM $db.reconcile_hashes WHERE RunId = {run:String} GROUP BY KeyType",
         {"run": run_id},
