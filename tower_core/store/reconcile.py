@@ -532,19 +532,20 @@ FROM (
     SELECT InvoiceId AS k, 0 AS src, CustomerId AS cust, Region AS region, Currency AS cur, TotalMinor AS amt,
         TaxMinor AS amt2, SubtotalMinor AS amt3, Status AS status, IssuedAt AS ts, FinalizedAt AS ts2,
         toDate(IssuedAt) AS day, '' AS id, '' AS note
-    FROM $db.billing_invoices FINAL WHERE NOT IsDeleted /*inv_filter*/
+    FROM $db.billing_invoices FINAL /*inv_filter*/ WHERE NOT IsDeleted
     UNION ALL
     SELECT if(EntryType = 'invoice', ExternalRef, AppliedToRef) AS lk,
         multiIf(EntryType = 'invoice', if(Status = 'draft', 3, 1), EntryType = 'payment', 2, 6), PartyRef, Region,
         Currency, AmountMinor, 0, 0, Status, PostedAt, PostedAt, PeriodDate,
-        if(EntryType = 'invoice', EntryId, ExternalRef), if(EntryType = 'invoice', Attributes['rejection'], '')
-    FROM $db.erp_ledger_entries FINAL
-    WHERE NOT IsDeleted AND Status != 'cancelled' AND (EntryType = 'invoice'
-        OR (EntryType IN ('payment', 'credit_memo') AND AppliedToRef != '' AND Status != 'draft')) /*led_filter*/
+        if(EntryType = 'invoice', EntryId, ExternalRef), Rejection
+    FROM $db.reconcile_ledger_rows
+    WHERE RunId = {run:String} AND LinkHash IN /*hash_inv*/ AND (EntryType = 'invoice'
+        OR (EntryType IN ('payment', 'credit_memo') AND AppliedToRef != '' AND Status != 'draft'))
     UNION ALL
     SELECT inv, if(Kind = 'payment', 4, 5), CustomerId, Region, Currency, a, 0, 0, Status, OccurredAt, OccurredAt,
         toDate(OccurredAt), PaymentId, ''
-    FROM $db.billing_payments FINAL ARRAY JOIN mapKeys(Allocations) AS inv, mapValues(Allocations) AS a
+    FROM $db.billing_payments FINAL
+        ARRAY JOIN mapKeys(Allocations) AS inv, mapValues(Allocations) AS a, AllocHashes AS inv_hash
     WHERE NOT IsDeleted AND Status = 'succeeded' /*pay_filter*/
 )
 GROUP BY k
@@ -559,18 +560,26 @@ HAVING ({region:String} = '' OR b_region = {region:String} OR (b_n = 0 AND e_reg
     )
 """
 # Both modes read the rows of the keys whose hashes are in reconcile_hashes (stage A's candidates, or the
-# incremental scope's keys): a filter on a function of the sorting key may go before FINAL (PREWHERE); others
-# after it, so an old version never stands in for the latest.
+# incremental scope's keys): a filter on a function of the sorting key (KeyHash) goes before FINAL (PREWHERE:
+# every version of a key passes or fails it together); others after it, so an old version never stands in for
+# the latest.
 _INV_HASH_FILTERS = {
-    "inv_filter": "AND InvoiceId IN (SELECT InvoiceId FROM $db.billing_invoices PREWHERE cityHash64(InvoiceId) IN "
-    "/*hash_inv*/)",
-    "led_filter": "AND cityHash64(lk) IN /*hash_inv*/",
-    "pay_filter": "AND cityHash64(inv) IN /*hash_inv*/",
+    "inv_filter": "PREWHERE KeyHash IN /*hash_inv*/",
+    "pay_filter": "AND inv_hash IN /*hash_inv*/",
 }
 _SCOPE_HASHES = """
 INSERT INTO $db.reconcile_hashes (RunId, KeyType, Hash)
 SELECT RunId, KeyType, cityHash64(Key) FROM $db.reconcile_scope
 WHERE RunId = {run:String} AND KeyType IN ('invoice', 'payment')
+"""
+# The live ledger rows either comparison needs, in one pass over the ledger (see migration 0011).
+_LEDGER_ROWS = """
+INSERT INTO $db.reconcile_ledger_rows (RunId, LinkHash, RefHash, EntryId, EntryType, ExternalRef, PartyRef, Region,
+    Currency, AmountMinor, Status, AppliedToRef, PostedAt, PeriodDate, Rejection)
+SELECT {run:String}, LinkHash, RefHash, EntryId, EntryType, ExternalRef, PartyRef, Region, Currency, AmountMinor,
+    Status, AppliedToRef, PostedAt, PeriodDate, if(EntryType = 'invoice', Attributes['rejection'], '')
+FROM $db.erp_ledger_entries FINAL
+WHERE NOT IsDeleted AND Status != 'cancelled' AND (LinkHash IN /*hash_inv*/ OR RefHash IN /*hash_pay*/)
 """
 _HASH_INV = "(SELECT Hash FROM $db.reconcile_hashes WHERE RunId = {run:String} AND KeyType = 'invoice')"
 _HASH_PAY = "(SELECT Hash FROM $db.reconcile_hashes WHERE RunId = {run:String} AND KeyType = 'payment')"
@@ -609,13 +618,13 @@ FROM (
     SELECT PaymentId AS k, 0 AS src, Kind AS kind, Status AS status, AmountMinor AS amt, Currency AS cur,
         Region AS region, CustomerId AS cust, OccurredAt AS ts, length(Allocations) AS n,
         arrayStringConcat(arraySort(mapKeys(Allocations)), ',') AS refs, '' AS id, toDate(OccurredAt) AS day
-    FROM $db.billing_payments FINAL WHERE NOT IsDeleted /*pay_filter*/
+    FROM $db.billing_payments FINAL /*pay_filter*/ WHERE NOT IsDeleted
     UNION ALL
     SELECT ExternalRef, 1, EntryType, Status, AmountMinor, Currency, Region, PartyRef, PostedAt, 0, AppliedToRef,
         EntryId, PeriodDate
-    FROM $db.erp_ledger_entries FINAL
-    WHERE NOT IsDeleted AND EntryType IN ('payment', 'credit_memo') AND Status NOT IN ('cancelled', 'draft')
-        /*led_filter*/
+    FROM $db.reconcile_ledger_rows
+    WHERE RunId = {run:String} AND RefHash IN /*hash_pay*/ AND EntryType IN ('payment', 'credit_memo')
+        AND Status != 'draft'
 )
 GROUP BY k
 HAVING ({region:String} = '' OR p_region = {region:String} OR (p_n = 0 AND e_region = {region:String}))
@@ -628,9 +637,7 @@ HAVING ({region:String} = '' OR p_region = {region:String} OR (p_n = 0 AND e_reg
     )
 """
 _PAY_HASH_FILTERS = {
-    "pay_filter": "AND PaymentId IN (SELECT PaymentId FROM $db.billing_payments PREWHERE cityHash64(PaymentId) IN "
-    "/*hash_pay*/)",
-    "led_filter": "AND cityHash64(ExternalRef) IN /*hash_pay*/",
+    "pay_filter": "PREWHERE KeyHash IN /*hash_pay*/",
 }
 
 # Customers (tables of migration 0003; small): CDP profiles whose billing customer does not exist.
@@ -671,6 +678,7 @@ def collect_facts(store: Store, run_id: str, *, full: bool, region: str = "", cu
     hashes = {"hash_inv": _HASH_INV, "hash_pay": _HASH_PAY}
     if not full:
         store.command(_SCOPE_HASHES, params)
+    store.command(_compose(_LEDGER_ROWS, **hashes), params)
     inv = _compose(_INVOICE_FACTS, **_INV_HASH_FILTERS)
     pay = _compose(_PAYMENT_FACTS, **_PAY_HASH_FILTERS)
     store.command(_compose(inv, **scopes, **hashes), params)
