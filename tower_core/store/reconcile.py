@@ -397,6 +397,10 @@ _IN_SCOPE_INV = "(SELECT Key FROM $db.reconcile_scope WHERE RunId = {run:String}
 _IN_SCOPE_PAY = "(SELECT Key FROM $db.reconcile_scope WHERE RunId = {run:String} AND KeyType = 'payment')"
 _IN_SCOPE_CUS = "(SELECT Key FROM $db.reconcile_scope WHERE RunId = {run:String} AND KeyType = 'customer')"
 
+# Large INSERT ... SELECTs of a run: two insert streams, and no per-block dedup while inserting (every reader of
+# these ReplacingMergeTree tables dedups with FINAL or LIMIT 1 BY); single-threaded otherwise, and 40% slower.
+_BULK_INSERT = "\nSETTINGS optimize_on_insert = 0, max_insert_threads = 2"
+
 # --- comparison: stage A (full runs) finds candidate keys narrowly, by hash --------------------------------
 # Per business key, grouped by cityHash64(key) (integer keys aggregate several times faster than strings), two
 # sums: the row counts per kind packed into one UInt64 (12 bits each: billing invoices, ERP invoice postings,
@@ -929,7 +933,7 @@ def classify(store: Store, run_id: str, rules: Mapping[str, Any]) -> int:
             entry=entry,
             key_type=kind,
         )
-        store.command(sql, params)
+        store.command(sql + _BULK_INSERT, params)
     rows = store.query_rows(
         "SELECT count() AS n FROM $db.reconcile_findings WHERE RunId = {run:String}", {"run": run_id}
     )
@@ -1098,9 +1102,9 @@ def merge_queue(
         before=_compose(_STATE_JSON, state="d.State", t="d"),
         after=_compose(_STATE_JSON, state=new_state, t="f"),
     )
-    store.command(_compose(audit, new_state=new_state).replace("/*from*/", _MERGE_FROM), params)
+    store.command(_compose(audit, new_state=new_state).replace("/*from*/", _MERGE_FROM) + _BULK_INSERT, params)
     upsert = _compose(_UPSERT_DETECTED, item_cols=_ITEM_COLS, new_state=new_state).replace("/*from*/", _MERGE_FROM)
-    store.command(upsert, {**params, "v": time.time_ns()})
+    store.command(upsert + _BULK_INSERT, {**params, "v": time.time_ns()})
 
     if full:
         scope = "" if customers else "AND KeyType != 'customer'"
@@ -1117,9 +1121,9 @@ def merge_queue(
             before=_compose(_STATE_JSON, state="i.State", t="i"),
             after=_compose(_STATE_JSON, state="'resolved'", t="i"),
         )
-        store.command(audit.replace("/*from*/", resolve_from), params)
+        store.command(audit.replace("/*from*/", resolve_from) + _BULK_INSERT, params)
         upsert = _compose(_UPSERT_RESOLVED, item_cols=_ITEM_COLS).replace("/*from*/", resolve_from)
-        store.command(upsert, {**params, "v": time.time_ns()})
+        store.command(upsert + _BULK_INSERT, {**params, "v": time.time_ns()})
     return {"findings": int(counts["findings"]), "new": int(counts["new"]), "resolved": int(resolved)}
 
 
@@ -1298,7 +1302,7 @@ FROM (
 def write_statement_facts(store: Store, run_id: str, rules: Mapping[str, Any]) -> None:
     """Each compared invoice key that differs: its statement contributions and the bucket explaining them."""
     sql = _compose(_STATEMENT_FACTS, classified=_classified("invoice"))
-    store.command(sql, {"run": run_id, "v": time.time_ns(), **rules})
+    store.command(sql + _BULK_INSERT, {"run": run_id, "v": time.time_ns(), **rules})
 
 
 _CLEAR_FACTS = """
