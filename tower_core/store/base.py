@@ -35,13 +35,18 @@ _INPUT = re.compile(r"\binput\(")
 _FORMAT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 
 
-def input_from_file(sql: str, path: str, fmt: str) -> str:
-    """Rewrite ``input('<structure>')`` into ``file('<path>', '<fmt>', '<structure>')`` (embedded backend)."""
+def file_source(path: str, fmt: str) -> str:
+    """``file('<path>', '<fmt>')``: a spooled batch as a table function (embedded backend)."""
     if not _FORMAT_NAME.match(fmt) or "'" in path or "\\" in path:
         raise ValueError("unsafe format or path")
+    return f"file('{path}', '{fmt}')"
+
+
+def input_from_file(sql: str, path: str, fmt: str) -> str:
+    """Rewrite ``input('<structure>')`` into ``file('<path>', '<fmt>', '<structure>')`` (embedded backend)."""
     if len(_INPUT.findall(sql)) != 1:
         raise ValueError("the statement must read input() exactly once")
-    return _INPUT.sub(f"file('{path}', '{fmt}', ", sql)
+    return _INPUT.sub(file_source(path, fmt)[:-1] + ", ", sql)
 
 
 def qualify(sql: str, database: str) -> str:
