@@ -118,6 +118,26 @@ def test_every_view_of_a_table_fires_for_an_arrow_insert(chdb_data_dir: Path) ->
             st.command("DROP DATABASE IF EXISTS $db")
 
 
+def test_a_batch_that_cannot_be_spooled_is_a_store_error(embedded_store: Store) -> None:
+    """The embedded backend spools each batch under the data dir; a disk that refuses it fails the insert like
+    any other store failure (callers retry StoreError), and nothing is written."""
+    migrate(embedded_store)
+    spool = embedded_store.data_dir.resolve() / "input_spool"  # type: ignore[attr-defined]
+    aside = spool.with_name("input_spool.aside")
+    if spool.exists():
+        spool.rename(aside)
+    spool.write_text("not a directory")
+    try:
+        with pytest.raises(StoreError, match="cannot spool the batch"):
+            embedded_store.insert_arrow("otel_traces", spans(5))
+    finally:
+        spool.unlink()
+        if aside.exists():
+            aside.rename(spool)
+    assert embedded_store.query_rows("SELECT count() AS n FROM $db.otel_traces")[0]["n"] == 0
+    assert embedded_store.insert_arrow("otel_traces", spans(5)) == 5
+
+
 def test_retried_insert_with_same_token_is_deduplicated(store: Store) -> None:
     migrate(store)
     batch = spans(100)

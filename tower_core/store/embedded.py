@@ -156,13 +156,17 @@ class EmbeddedStore:
         self._spooled(data, lambda path: input_from_file(sql, path, fmt), params)
 
     def _spooled(self, data: bytes, statement: Callable[[str], str], params: Mapping[str, Any] | None) -> None:
-        """Run the statement ``statement(path)`` reading ``data`` from a spool file under the data dir."""
+        """Run the statement ``statement(path)`` reading ``data`` from a spool file under the data dir (a full or
+        failing disk is a StoreError like any other failed write)."""
         spool = self.data_dir.resolve() / "input_spool"
-        spool.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=spool, prefix="input-", suffix=".bin") as f:
-            f.write(data)
-            f.flush()
-            self._run(statement(f.name), "CSV", params)
+        try:
+            spool.mkdir(exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=spool, prefix="input-", suffix=".bin") as f:
+                f.write(data)
+                f.flush()
+                self._run(statement(f.name), "CSV", params)
+        except OSError as exc:
+            raise StoreError(f"cannot spool the batch under {spool}: {exc.strerror or exc}") from None
 
     def ping(self) -> bool:
         try:
