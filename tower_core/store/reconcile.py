@@ -403,7 +403,8 @@ _IN_SCOPE_CUS = "(SELECT Key FROM $db.reconcile_scope WHERE RunId = {run:String}
 _BULK_INSERT = "\nSETTINGS optimize_on_insert = 0, max_insert_threads = 2"
 
 # --- comparison: stage A (full runs) finds candidate keys narrowly, by hash --------------------------------
-# Per business key, grouped by cityHash64(key) (integer keys aggregate several times faster than strings), two
+# Per business key, grouped by cityHash64(key) (integer keys aggregate several times faster than strings; the
+# key and row hashes are columns computed at insert, migration 0010, so this pass hashes no strings), two
 # sums: the row counts per kind packed into one UInt64 (12 bits each: billing invoices, ERP invoice postings,
 # rejected (draft) postings, ERP payment applications; bit 48 up: billing invoices not final), and a signed
 # signature: the sum of row hashes, billing's added and the ERP's subtracted (wrapping UInt64 arithmetic), so 0
@@ -913,6 +914,10 @@ def _classified(kind: str, sum_match: bool = True) -> str:
     )
 
 
+# Long-lived threads: each keeps its store connection (a chDB connection or HTTP client per thread) across runs.
+_CLASSIFY_POOL = ThreadPoolExecutor(max_workers=len(_CLASSIFIED), thread_name_prefix="tower-classify")
+
+
 def classify(store: Store, run_id: str, rules: Mapping[str, Any]) -> int:
     """Classify the run's facts (all three kinds) into reconcile_findings; returns the number of findings.
 
@@ -938,9 +943,8 @@ def classify(store: Store, run_id: str, rules: Mapping[str, Any]) -> int:
         for kind, (_, invoice, payment, entry) in _CLASSIFIED.items()
     ]
     # the kinds are independent, and the invoice kind's insert runs on one core: side by side
-    with ThreadPoolExecutor(max_workers=len(statements), thread_name_prefix="tower-classify") as pool:
-        for done in [pool.submit(store.command, sql, params) for sql in statements]:
-            done.result()
+    for done in [_CLASSIFY_POOL.submit(store.command, sql, params) for sql in statements]:
+        done.result()
     rows = store.query_rows(
         "SELECT count() AS n FROM $db.reconcile_findings WHERE RunId = {run:String}", {"run": run_id}
     )
