@@ -552,6 +552,7 @@ FROM (
         toDate(OccurredAt), PaymentId, ''
     FROM $db.billing_payments FINAL
         ARRAY JOIN mapKeys(Allocations) AS inv, mapValues(Allocations) AS a, AllocHashes AS inv_hash
+    /*pay_prewhere*/
     WHERE NOT IsDeleted AND Status = 'succeeded' /*pay_filter*/
 )
 GROUP BY k
@@ -571,6 +572,9 @@ HAVING ({region:String} = '' OR b_region = {region:String} OR (b_n = 0 AND e_reg
 # the latest.
 _INV_HASH_FILTERS = {
     "inv_filter": "PREWHERE KeyHash IN /*hash_inv*/",
+    # payments any version of which allocates to a key (a narrow pass without FINAL), then their latest versions
+    "pay_prewhere": "PREWHERE KeyHash IN (SELECT KeyHash FROM $db.billing_payments ARRAY JOIN AllocHashes AS h "
+    "WHERE h IN /*hash_inv*/)",
     "pay_filter": "AND inv_hash IN /*hash_inv*/",
 }
 _SCOPE_HASHES = """
