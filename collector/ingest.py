@@ -13,6 +13,7 @@ import orjson
 
 from collector import events as ev
 from collector import otlp
+from collector.auth import ingest_allowed
 from collector.correlation import key_attribute_names
 from collector.flusher import Flusher
 from collector.metrics import CollectorMetrics
@@ -57,6 +58,13 @@ class IngestService:
             flush_interval_s=settings.flush_interval_s,
         )
         self.metrics.buffer_bytes.set(self.wal.pending_bytes)
+
+    def authorized(self, authorization: str | None) -> bool:
+        """Whether an ingest request may go on (collector.auth.ingest_allowed); a refusal is counted."""
+        if ingest_allowed(authorization, self.ingest_tokens):
+            return True
+        self.metrics.requests_refused.labels(reason="unauthenticated").inc()
+        return False
 
     def start(self) -> None:
         self.flusher.start()

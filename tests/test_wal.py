@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -157,9 +159,6 @@ def test_flusher_thread_survives_an_unexpected_error(tmp_path: Path, embedded_st
 
 
 def test_concurrent_appends_share_fsyncs_and_all_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-    import time
-
     real_fsync, calls = os.fsync, [0]
 
     def slow_fsync(fd: int) -> None:  # the real fsync, made as slow as a busy disk and counted

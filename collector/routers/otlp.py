@@ -8,7 +8,6 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from collector import otlp
-from collector.auth import ingest_allowed
 from collector.deps import get_ingest, read_body
 from collector.ingest import IngestService
 
@@ -23,8 +22,7 @@ async def export_traces(
     content_encoding: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
-    if not ingest_allowed(authorization, ingest.ingest_tokens):
-        ingest.metrics.requests_refused.labels(reason="unauthenticated").inc()
+    if not ingest.authorized(authorization):
         mt = otlp.JSON if "json" in (content_type or "") else otlp.PROTOBUF
         body = otlp.status_body(mt, 401, "a valid ingest bearer token is required (TOWER_INGEST_TOKENS)")
         return Response(body, 401, {"WWW-Authenticate": "Bearer"}, media_type=mt)
