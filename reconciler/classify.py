@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -471,6 +471,52 @@ def classify_customer(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) ->
         return Finding(STALE_SYNC, "customer_pending", "billing", amount_minor=0, billing=billing, erp=cdp, **base)
     return Finding(
         CUSTOMER_UNSYNCED, "profile_not_in_billing", "billing", amount_minor=0, billing=billing, erp=cdp, **base
+    )
+
+
+def party_facts(invoice_facts: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per billing customer, its compared invoices whose ERP posting carries no or another party reference
+    (the store's party facts): count, first day, first invoice and its posting, up to five parties seen."""
+    found: dict[str, list[Mapping[str, Any]]] = {}
+    for f in invoice_facts:
+        customer = f["b_customer"] or ""
+        if int(f["b_n"]) and int(f["e_n"]) and customer and (f["e_party"] or "") != customer:
+            found.setdefault(customer, []).append(f)
+    out = []
+    for customer, rows in sorted(found.items()):
+        first = min(rows, key=lambda r: r["key"])
+        out.append(
+            {
+                "key": customer,
+                "region": min(r["b_region"] or "" for r in rows),
+                "first_day": min(r["b_day"] for r in rows),
+                "invoices": len(rows),
+                "invoice": first["key"],
+                "entry": first["e_entry"] or "",
+                "parties": ",".join(sorted({r["e_party"] or "" for r in rows})[:5]),
+            }
+        )
+    return out
+
+
+def classify_party(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> Finding | None:
+    """A billing customer the ERP has no party for: its postings were booked to no or another party. No grace:
+    a posting that exists already carries its party."""
+    invoices = str(f["invoices"])
+    return Finding(
+        CUSTOMER_UNMATCHED,
+        "no_erp_party",
+        "erp",
+        region=f["region"],
+        currency="",
+        day=_day(f["first_day"], as_of),
+        amount_minor=0,
+        customer_id=f["key"],
+        invoice_id=f["invoice"],
+        ledger_entry_id=f["entry"],
+        billing={"customer_id": f["key"], "invoices": invoices},
+        erp={"customer_id": f["parties"], "invoices": invoices},
+        key_type="customer",
     )
 
 

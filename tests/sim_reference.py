@@ -44,6 +44,8 @@ def reference_drift(
     for inv in invoices.values():
         refs = by_ref[inv.invoice_id]
         posted = [e for e in refs if e.entry_type == "invoice" and e.status not in ("draft", "cancelled")]
+        if any(e.party_ref != inv.customer_id for e in posted):
+            out.add(("customer_unmatched", inv.customer_id))  # the ERP booked it to no or another party
         if not posted:
             age = as_of - inv.finalized_at
             if age >= grace:

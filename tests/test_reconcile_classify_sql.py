@@ -156,6 +156,25 @@ def test_invoice_classification_sql_matches_the_pure_rules(store: Store) -> None
     assert 0 < flagged < len(facts)
 
 
+def test_party_classification_sql_matches_the_pure_rules(store: Store) -> None:
+    """customer_unmatched: the SQL's per-customer aggregation of the invoice facts and the pure one agree."""
+    rnd = random.Random(7)
+    facts = []
+    for i in range(2000):
+        row = invoice_row(rnd, i)
+        row["b_customer"] = pick(rnd, "", *(f"cus_{n}" for n in range(40)))
+        row["e_party"] = pick(rnd, row["b_customer"], row["b_customer"], row["b_customer"], "", "SUSPENSE", "cus_0")
+        facts.append(row)
+    q.insert_facts_rows(store, "invoice", facts)
+    params = Reconciler(store, RULES).rule_params(AS_OF)
+    rows = q.classified_rows(store, "eq", "party", params)
+    customers = c.party_facts(facts)
+    assert [r["key"] for r in rows] == [f["key"] for f in customers] and 10 < len(rows) <= 40
+    compare(rows, customers, c.classify_party)
+    assert {r["cls"] for r in rows} == {c.CUSTOMER_UNMATCHED}
+    assert any("," in dict(r["ev"])["customer_id"] for r in rows)  # several parties seen for one customer
+
+
 def test_payment_classification_sql_matches_the_pure_rules(store: Store) -> None:
     rnd = random.Random(6)
     facts = [payment_row(rnd, i) for i in range(2000)]

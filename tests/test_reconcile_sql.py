@@ -3,6 +3,7 @@ runs, incremental scope, region filter, 1:N matching, grace periods and the stat
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -297,6 +298,42 @@ def test_customer_missing_in_billing(store: Store) -> None:
     )
     Reconciler(store, RULES).run(full=True, as_of=AS_OF)
     assert set(items(store)) == {(c.CUSTOMER_UNSYNCED, "cus_2")}
+
+
+def test_customer_unmatched_when_the_erp_books_a_customer_to_no_party(store: Store) -> None:
+    """One item per billing customer whose postings carry no or another party; its invoices raise none of
+    their own; incremental runs never resolve it (they see only some of its invoices), a full run does."""
+    theirs = [dataclasses.replace(inv(i), customer_id="cus_9") for i in ("in_p1", "in_p2")]
+    q.write_invoices(store, [*theirs, inv("in_ok")])
+    unmapped = [
+        dataclasses.replace(led("le_p1", "invoice", "in_p1", 1_100), party_ref=""),
+        dataclasses.replace(led("le_p2", "invoice", "in_p2", 1_100), party_ref="SUSPENSE"),
+    ]
+    q.write_ledger(store, [*unmapped, led("le_ok", "invoice", "in_ok", 1_100)])
+    r = Reconciler(store, RULES)
+    run = r.run(full=True, as_of=AS_OF)
+    found = items(store)
+    assert set(found) == {(c.CUSTOMER_UNMATCHED, "cus_9")}
+    item = q.get_drift(store, found[(c.CUSTOMER_UNMATCHED, "cus_9")]["drift_id"])
+    assert item is not None and item["ReasonCode"] == "no_erp_party" and item["KeyType"] == "customer"
+    assert dict(item["BillingValues"]) == {"customer_id": "cus_9", "invoices": "2"}
+    assert dict(item["ErpValues"]) == {"customer_id": ",SUSPENSE", "invoices": "2"}  # no party, and another
+    assert list(item["DiffFields"]) == ["customer_id"]
+    assert (item["InvoiceId"], item["LedgerEntryId"], item["Region"]) == ("in_p1", "le_p1", "EU")
+    assert run.residual_minor == 0  # the amounts agree: nothing to explain
+    # the ERP maps one posting: an incremental run compares only that invoice and leaves the item open
+    q.write_ledger(store, [dataclasses.replace(unmapped[0], party_ref="cus_9")])
+    inc = r.run(as_of=AS_OF)
+    assert inc.mode == "incremental" and inc.resolved == 0 and inc.new == 0
+    assert (c.CUSTOMER_UNMATCHED, "cus_9") in items(store)
+    # an incremental run whose changed invoice is still unmapped keeps it as persisting
+    q.write_ledger(store, [unmapped[1]])
+    r.run(as_of=AS_OF)
+    assert items(store)[(c.CUSTOMER_UNMATCHED, "cus_9")]["state"] == c.PERSISTING
+    # the last one mapped: the next full run resolves it
+    q.write_ledger(store, [dataclasses.replace(unmapped[1], party_ref="cus_9")])
+    assert r.run(full=True, as_of=AS_OF).resolved == 1
+    assert items(store) == {}
 
 
 def test_list_filters_sorting_and_pagination(store: Store) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from connectors.simulator.config import EstateConfig
-from connectors.simulator.faults import InjectedFault, Manifest
+from connectors.simulator.faults import FAULTS, InjectedFault, Manifest
 from connectors.simulator.generate import (
     Chunk,
     Customers,
@@ -45,7 +45,23 @@ class Generated:
     context_lost: set[str] = field(default_factory=set)
 
     def manifest(self) -> Manifest:
-        return Manifest(self.config.seed, sorted(self.faults, key=InjectedFault.sort_key), self.config.summary())
+        return Manifest(
+            self.config.seed, sorted(_unique(self.faults), key=InjectedFault.sort_key), self.config.summary()
+        )
+
+
+def _unique(faults: list[InjectedFault]) -> list[InjectedFault]:
+    """Customer-level faults are found chunk by chunk (a customer's invoices span chunks): one each."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for f in faults:
+        if FAULTS[f.fault].rate_of == "customers":
+            key = (f.fault, f.keys.get("customer_id", ""))
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(f)
+    return out
 
 
 def generate_tables(

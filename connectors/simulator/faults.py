@@ -41,6 +41,8 @@ FAULTS: dict[str, FaultSpec] = {
     "refund_not_posted": FaultSpec("refund_unposted", "payment_id", ("billing", "erp"), "invoices"),
     "duplicate_webhook": FaultSpec(None, None, ("billing",), "invoices"),
     "customer_missing_in_billing": FaultSpec("customer_unsynced", "customer_id", ("cdp", "billing"), "customers"),
+    # a billing customer the ERP has no party for: its postings carry no party reference
+    "erp_party_unmapped": FaultSpec("customer_unmatched", "customer_id", ("billing", "erp"), "customers"),
     "erp_outage": FaultSpec(None, None, ("erp",), "time"),
     "erp_business_rejection": FaultSpec("missing_in_erp", "invoice_id", ("billing", "erp"), "invoices"),
 }
@@ -50,7 +52,8 @@ FAULT_NAMES: tuple[str, ...] = tuple(FAULTS)
 @dataclass(frozen=True)
 class FaultRates:
     """One rate per fault (0 = off). Invoice faults are a share of invoices, ``customer_missing_in_billing``
-    a share of customers, ``erp_outage`` the share of the estate's time the ERP is down."""
+    and ``erp_party_unmapped`` a share of customers, ``erp_outage`` the share of the estate's time the ERP is
+    down."""
 
     erp_posting_delayed: float = 0.0
     erp_posting_missing: float = 0.0
@@ -64,6 +67,7 @@ class FaultRates:
     refund_not_posted: float = 0.0
     duplicate_webhook: float = 0.0
     customer_missing_in_billing: float = 0.0
+    erp_party_unmapped: float = 0.0
     erp_outage: float = 0.0
     erp_business_rejection: float = 0.0
 
@@ -93,6 +97,7 @@ class FaultRates:
             refund_not_posted=0.003,
             duplicate_webhook=0.01,
             customer_missing_in_billing=0.01,
+            erp_party_unmapped=0.002,
             erp_outage=0.01,
             erp_business_rejection=0.002,
         )

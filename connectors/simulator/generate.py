@@ -148,6 +148,8 @@ class Customers:
     upd_cdp_at: np.ndarray
     upd_billing_at: np.ndarray
     faults: list[InjectedFault] = field(default_factory=list)
+    # billing customers the ERP has no party for (the erp_party_unmapped faults): their postings carry none
+    unmapped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
 def generate_customers(cfg: EstateConfig) -> Customers:
@@ -233,6 +235,12 @@ def generate_customers(cfg: EstateConfig) -> Customers:
                     ms_to_dt(int(at[i])),
                 )
             )
+    # a stream of its own, so turning this fault on leaves every other draw of the estate as it was
+    unmapped = np.zeros(n, dtype=bool)
+    u_rng = np.random.default_rng([cfg.seed, 3])
+    unmapped[u_rng.choice(c, size=min(c, fault_count(u_rng, cfg.fault_rates.erp_party_unmapped, c)), replace=False)] = (
+        True
+    )
     return Customers(
         c,
         n,
@@ -254,6 +262,7 @@ def generate_customers(cfg: EstateConfig) -> Customers:
         upd_cdp_at,
         upd_billing_at,
         faults,
+        unmapped,
     )
 
 
@@ -372,6 +381,9 @@ class Chunk:
     o_region: np.ndarray
     o_currency: np.ndarray
     faults: list[InjectedFault] = field(default_factory=list)
+    unmapped: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, dtype=bool)
+    )  # the invoice's customer has no ERP party
 
     @property
     def n(self) -> int:
@@ -647,8 +659,28 @@ def generate_chunk(cfg: EstateConfig, cust: Customers, outages: Outages, k: int)
         cust.region[o_cust],
         cust.currency[o_cust],
     )
+    chunk.unmapped = cust.unmapped[c]
     chunk.faults = _chunk_faults(chunk, targets, unposted, variant, rejected, cn_variant)
+    chunk.faults += _unmapped_party_faults(chunk, cust)
     return chunk
+
+
+def _unmapped_party_faults(ch: Chunk, cust: Customers) -> list[InjectedFault]:
+    """One fault per unmapped customer with an invoice posting (draft = rejected, not a posting) in this chunk;
+    a customer with none leaves no trace to find. Chunks repeat a customer: ``Generated.manifest`` keeps one."""
+    posted = ch.unmapped & ((ch.e_exists[0] & (ch.e_status != 2)) | ch.e_exists[1])
+    spec = FAULTS["erp_party_unmapped"]
+    return [
+        InjectedFault(
+            "erp_party_unmapped",
+            spec.expected_class,
+            {"customer_id": f"cus_{i:08d}"},
+            spec.systems,
+            REGIONS[int(cust.region[i])],
+            ms_to_dt(int(cust.billing_created[i])),
+        )
+        for i in np.unique(ch.cust[posted]).tolist()
+    ]
 
 
 def payment_id(prefix: str, j: int, slot: int) -> str:

@@ -330,7 +330,12 @@ def ledger_table(ch: Chunk) -> pa.Table:
     j = ch.j
     parts = []
     inv_ids = invoice_ids(j)
-    cus_ids = customer_ids(ch.cust)
+    # the ERP's party of each entry: the billing customer, or none where the ERP has no party for it
+    cus_ids = (
+        pc.if_else(pa.array(ch.unmapped), pa.scalar(""), customer_ids(ch.cust))
+        if ch.unmapped.any()
+        else customer_ids(ch.cust)
+    )
     for slot in (0, 1):
         r = np.flatnonzero(ch.e_exists[slot])
         m = len(r)

@@ -404,13 +404,14 @@ _BULK_INSERT = "\nSETTINGS optimize_on_insert = 0, max_insert_threads = 2"
 
 # --- comparison: stage A (full runs) finds candidate keys narrowly, by hash --------------------------------
 # Per business key, grouped by cityHash64(key) (integer keys aggregate several times faster than strings; the
-# key and row hashes are columns computed at insert, migration 0010, so this pass hashes no strings), two
-# sums: the row counts per kind packed into one UInt64 (12 bits each: billing invoices, ERP invoice postings,
-# rejected (draft) postings, ERP payment applications; bit 48 up: billing invoices not final), and a signed
-# signature: the sum of row hashes, billing's added and the ERP's subtracted (wrapping UInt64 arithmetic), so 0
-# means equal multisets. Each row hash includes the key itself, so keys whose cityHash64 collide never look
-# clean together. Hashed: the invoice's (amount, currency, region, day, status) against the posting's, each
-# payment allocation (payment, amount) against the ERP application, each credit note against its credit memo.
+# key and row hashes are columns computed at insert, migrations 0010 and 0013, so this pass hashes no strings),
+# two sums: the row counts per kind packed into one UInt64 (12 bits each: billing invoices, ERP invoice
+# postings, rejected (draft) postings, ERP payment applications; bit 48 up: billing invoices not final), and a
+# signed signature: the sum of row hashes, billing's added and the ERP's subtracted (wrapping UInt64
+# arithmetic), so 0 means equal multisets. Each row hash includes the key itself, so keys whose cityHash64
+# collide never look clean together. Hashed: the invoice's (amount, currency, region, day, status, customer)
+# against the posting's (party for customer), each payment allocation (payment, amount) against the ERP
+# application, each credit note against its credit memo.
 # Exact matches are dropped; the hashes of the rest go to reconcile_hashes. A collision can only make a key
 # look different, never hide a difference; the wide pass (stage B) decides on exact keys and values.
 _STAGE_A_INVOICES = """
@@ -420,14 +421,14 @@ SELECT {run:String}, 'invoice', hk FROM (
     FROM (
         SELECT KeyHash AS hk,
             if(Status IN ('open', 'paid', 'uncollectible'), toUInt64(1), toUInt64(0x1000000000001)) AS cnt,
-            if(Status IN ('open', 'paid', 'uncollectible'), RowSig, 0) AS sig,
+            if(Status IN ('open', 'paid', 'uncollectible'), MatchSig, 0) AS sig,
             toUInt8(1) AS side, cityHash64(Region) AS rh
         FROM $db.billing_invoices FINAL WHERE NOT IsDeleted
         UNION ALL
         SELECT LinkHash,
             multiIf(EntryType = 'invoice', if(Status = 'draft', toUInt64(0x1000000), toUInt64(0x1000)),
                 EntryType = 'payment', toUInt64(0x1000000000), toUInt64(0)),
-            if(EntryType = 'invoice' AND Status = 'draft', toUInt64(1), bitNot(RowSig) + 1),
+            if(EntryType = 'invoice' AND Status = 'draft', toUInt64(1), bitNot(MatchSig) + 1),
             if(EntryType = 'invoice' AND Status != 'draft', 2, 0), cityHash64(Region)
         FROM $db.erp_ledger_entries FINAL
         WHERE NOT IsDeleted AND Status != 'cancelled' AND (EntryType = 'invoice'
@@ -559,7 +560,7 @@ GROUP BY k
 HAVING ({region:String} = '' OR b_region = {region:String} OR (b_n = 0 AND e_region = {region:String}))
     AND NOT (
         (b_n = 1 AND e_n = 1 AND b_status IN ('open', 'paid', 'uncollectible') AND e_currency = b_currency
-            AND e_amount = b_total AND e_region = b_region AND e_day = b_day
+            AND e_amount = b_total AND e_region = b_region AND e_day = b_day AND e_party = b_customer
             AND b_alloc = e_applied AND b_alloc_unposted = 0 AND b_credit_unposted = 0
             AND NOT (b_status = 'paid' AND e_status = 'open') AND NOT (b_status = 'open' AND e_status = 'paid'))
         OR (b_n = 1 AND e_n = 0 AND b_status NOT IN ('open', 'paid', 'uncollectible') AND b_alloc = e_applied)
@@ -884,6 +885,33 @@ SELECT *,
     key AS customer
 FROM $db.reconcile_customer_facts WHERE RunId = {run:String}
 """
+# Customers, from the run's invoice facts: a billing customer whose compared invoices the ERP booked to no or
+# another party has no ERP party mapping (one item per customer; its first such invoice and posting as example).
+# Deterministic aggregates only (min, argMin, sorted parties) so the SQL and reconciler/classify.py agree.
+_PARTY_CLASSIFIED = """
+SELECT *,
+    '' AS cur,
+    region AS reg,
+    'customer_unmatched' AS cls,
+    'no_erp_party' AS reason,
+    toInt64(0) AS amount,
+    map('customer_id', key, 'invoices', toString(invoices)) AS bv,
+    map('customer_id', parties, 'invoices', toString(invoices)) AS ev,
+    key AS pk,
+    /*drift_id*/ AS drift_id,
+    /*diff*/ AS diff,
+    'erp' AS system,
+    first_day AS item_day,
+    key AS customer
+FROM (
+    SELECT b_customer AS key, min(b_region) AS region, min(b_day) AS first_day, count() AS invoices,
+        min(f.key) AS invoice, argMin(e_entry, f.key) AS entry,
+        arrayStringConcat(arraySlice(arraySort(groupUniqArray(e_party)), 1, 5), ',') AS parties
+    FROM $db.reconcile_invoice_facts AS f
+    WHERE RunId = {run:String} AND b_n > 0 AND e_n > 0 AND b_customer != '' AND e_party != b_customer
+    GROUP BY b_customer
+)
+"""
 _WRITE_FINDINGS = """
 INSERT INTO $db.reconcile_findings (RunId, DriftId, Class, ReasonCode, System, Region, Currency, CustomerId,
     InvoiceId, PaymentId, LedgerEntryId, PrimaryKey, KeyType, AmountMinor, BillingValues, ErpValues, DiffFields, Day)
@@ -892,10 +920,12 @@ SELECT {run:String}, drift_id, cls, reason, system, reg, cur, customer, /*invoic
 FROM (/*classified*/)
 WHERE cls != ''
 """
+# kind -> (classification, InvoiceId, PaymentId, LedgerEntryId, KeyType of its items)
 _CLASSIFIED = {
-    "invoice": (_INVOICE_CLASSIFIED, "key", "''", "e_entry"),
-    "payment": (_PAYMENT_CLASSIFIED, "''", "key", "e_entry"),
-    "customer": (_CUSTOMER_CLASSIFIED, "''", "''", "''"),
+    "invoice": (_INVOICE_CLASSIFIED, "key", "''", "e_entry", "invoice"),
+    "payment": (_PAYMENT_CLASSIFIED, "''", "key", "e_entry", "payment"),
+    "customer": (_CUSTOMER_CLASSIFIED, "''", "''", "''", "customer"),
+    "party": (_PARTY_CLASSIFIED, "invoice", "''", "entry", "customer"),
 }
 
 
@@ -941,12 +971,13 @@ def classify(store: Store, run_id: str, rules: Mapping[str, Any]) -> int:
             invoice=invoice,
             payment=payment,
             entry=entry,
-            key_type=kind,
+            key_type=key_type,
         )
         + _BULK_INSERT
-        for kind, (_, invoice, payment, entry) in _CLASSIFIED.items()
+        for kind, (_, invoice, payment, entry, key_type) in _CLASSIFIED.items()
     ]
-    # the kinds are independent, and the invoice kind's insert runs on one core: side by side
+    # the kinds are independent (the party kind reads the invoice facts, not the findings), and the invoice
+    # kind's insert runs on one core: side by side
     for done in [_CLASSIFY_POOL.submit(store.command, sql, params) for sql in statements]:
         done.result()
     rows = store.query_rows(
@@ -1079,9 +1110,12 @@ WHERE State != 'resolved'
     AND DriftId NOT IN (SELECT DriftId FROM $db.reconcile_findings WHERE RunId = {run:String})
     /*scope*/
 """
+# Incremental runs resolve only items whose key they compared. A customer_unmatched item stands for all the
+# customer's invoices and an incremental run sees only the changed ones: it can raise one, only a full run
+# resolves one.
 _RESOLVE_SCOPE = (
     "AND ((KeyType = 'invoice' AND InvoiceId IN /*scope_inv*/) OR (KeyType = 'payment' AND PaymentId IN /*scope_pay*/) "
-    "OR (KeyType = 'customer' AND CustomerId IN /*scope_cus*/))"
+    "OR (KeyType = 'customer' AND Class != 'customer_unmatched' AND CustomerId IN /*scope_cus*/))"
 )
 _AUDIT_RESOLVED = """
 INSERT INTO $db.audit_log (/*audit_cols*/)
@@ -1122,7 +1156,7 @@ def merge_queue(
     store.command(upsert + _BULK_INSERT, {**params, "v": time.time_ns()})
 
     if full:
-        scope = "" if customers else "AND KeyType != 'customer'"
+        scope = "" if customers else "AND (KeyType != 'customer' OR Class = 'customer_unmatched')"
     else:
         scope = _RESOLVE_SCOPE
     resolve_from = _compose(
