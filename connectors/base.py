@@ -74,4 +74,9 @@ class ErpConnector(Protocol):
 
     def post_credit_memo(self, refund: Payment) -> ActionOutcome: ...
 
+    def cancel_entry(self, entry_id: str, reason: str) -> ActionOutcome:
+        """Cancel (reverse) one invoice posting, e.g. a duplicate or one to post again from billing; one
+        already cancelled is ``already_done``. The ERP's own rules may refuse it (BusinessRuleError)."""
+        ...
+
     def health(self) -> Health: ...

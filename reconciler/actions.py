@@ -31,6 +31,7 @@ from connectors.base import ActionOutcome, BusinessRuleError, ErpConnector, Tran
 from reconciler import classify as c
 from reconciler import policy
 from reconciler.breaker import Breaker
+from tower_core.models import LedgerEntry
 from tower_core.store import Store
 from tower_core.store import reconcile as q
 
@@ -391,17 +392,25 @@ class ActionService:
     # --- the operations, each preceded by a look at the target
     def _perform(self, row: dict[str, Any]) -> ActionOutcome:
         assert self.erp is not None
-        op = row["Operation"]
+        op = policy.ALIASES.get(row["Operation"], row["Operation"])
         params = json.loads(row["Params"] or "{}")
-        if op in policy.UNSUPPORTED:
-            raise BusinessRuleError(policy.UNSUPPORTED[op])
+        if op in ("repost_invoice", "reverse_duplicate"):
+            invoice_id = params["invoice_id"]
+            invoice = q.load_invoice(self.store, invoice_id)
+            if invoice is None:
+                raise ActionError(422, f"invoice {invoice_id} is not in the billing state")
+            plan = policy.correction(op, self._live_postings(invoice_id), invoice)
+            why = f"{row['Class']} of {invoice_id} (tower action {row['ActionId']})"
+            outcomes = [self.erp.cancel_entry(entry_id, why) for entry_id in plan.cancel]
+            if plan.post:
+                outcomes.append(self.erp.post_invoice(invoice))
+            if not outcomes:
+                return ActionOutcome(plan.keep, True, "the ERP holds one posting as billing has it (checked first)")
+            done = all(o.already_done for o in outcomes)
+            return ActionOutcome(outcomes[-1].target_ref, done, "; ".join(o.detail for o in outcomes))
         if op == "post_invoice":
             invoice_id = params["invoice_id"]
-            present = [
-                e
-                for e in self.erp.find_by_external_ref(invoice_id)
-                if e.entry_type == "invoice" and e.status not in ("draft", "cancelled")
-            ]
+            present = self._live_postings(invoice_id)
             if present:
                 return ActionOutcome(present[0].entry_id, True, "already in the ERP (checked before writing)")
             invoice = q.load_invoice(self.store, invoice_id)
@@ -446,16 +455,27 @@ class ActionService:
             return self.erp.post_credit_memo(refund)
         raise ActionError(422, f"unknown operation {op}")
 
+    def _live_postings(self, invoice_id: str) -> list[LedgerEntry]:
+        assert self.erp is not None
+        return [
+            e
+            for e in self.erp.find_by_external_ref(invoice_id)
+            if e.entry_type == "invoice" and e.status not in ("draft", "cancelled")
+        ]
+
     def target_holds(self, row: dict[str, Any]) -> bool:
         """Does the target already hold what the action was to write? (restart recovery)"""
         assert self.erp is not None
         params = json.loads(row["Params"] or "{}")
-        op = row["Operation"]
+        op = policy.ALIASES.get(row["Operation"], row["Operation"])
+        if op in ("repost_invoice", "reverse_duplicate"):
+            invoice = q.load_invoice(self.store, params["invoice_id"])
+            if invoice is None:
+                return False
+            plan = policy.correction(op, self._live_postings(invoice.invoice_id), invoice)
+            return not plan.cancel and not plan.post
         if op == "post_invoice":
-            return any(
-                e.entry_type == "invoice" and e.status not in ("draft", "cancelled")
-                for e in self.erp.find_by_external_ref(params["invoice_id"])
-            )
+            return bool(self._live_postings(params["invoice_id"]))
         if op == "post_credit_memo":
             return any(e.entry_type == "credit_memo" for e in self.erp.find_by_external_ref(params["payment_id"]))
         if op == "apply_payment" and "payment_id" in params:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from reconciler import classify as c
+from tower_core.models import Invoice, LedgerEntry
 
 Decision = Literal["auto", "operator", "approval", "manual"]
 
@@ -25,17 +26,12 @@ OPERATIONS: dict[str, str] = {
     c.PAYMENT_UNAPPLIED: "apply_payment",
     c.REFUND_UNPOSTED: "post_credit_memo",
     c.UNDER_APPLIED: "apply_payment",
-    c.AMOUNT_MISMATCH: "adjust_invoice",
-    c.DUPLICATE_POSTING: "reverse_duplicate",
+    c.AMOUNT_MISMATCH: "repost_invoice",  # cancel the wrong posting, post the billing invoice again
     c.CURRENCY_MISMATCH: "repost_invoice",
+    c.DUPLICATE_POSTING: "reverse_duplicate",  # cancel every posting but one
 }
-# Business-rule operations the ErpConnector contract cannot express yet (no reversal or amendment call):
-# approving them records the decision and fails the action with this message, for a person to finish in the ERP.
-UNSUPPORTED = {
-    "adjust_invoice": "the ERP connector has no invoice amendment; correct the amount in the ERP, then acknowledge",
-    "reverse_duplicate": "the ERP connector has no reversal; cancel the duplicate posting in the ERP, then acknowledge",
-    "repost_invoice": "the ERP connector has no cancel-and-repost; repost in the ERP's currency, then acknowledge",
-}
+# Actions stored under an operation's former name run as the operation that replaced it.
+ALIASES = {"adjust_invoice": "repost_invoice"}
 TARGET_SYSTEM = "erp"
 
 
@@ -58,6 +54,36 @@ def idempotency_key(cls: str, keys: Mapping[str, str], target: str) -> str:
     """Stable key of (class, keys, target): the same correction requested twice is one action."""
     doc = json.dumps({"class": cls, "keys": {k: v for k, v in sorted(keys.items()) if v}, "target": target})
     return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What a business-rule correction writes to the ERP: postings to cancel, then whether to post again."""
+
+    cancel: tuple[str, ...]
+    post: bool
+    keep: str  # the posting that stays ('' if none)
+
+
+def correction(op: str, live: Sequence[LedgerEntry], invoice: Invoice) -> Correction:
+    """Plan ``repost_invoice`` / ``reverse_duplicate`` from the invoice's live postings (read just before).
+
+    Billing is the source of truth: the posting to keep is the first that matches the billing invoice's amount
+    and currency (a duplicate keeps the earliest one when none matches; its amount is then an item of its own).
+    Cancelling first and posting last makes a repeat safe: after a crash between the two, the next attempt finds
+    no live posting and only posts.
+    """
+    ordered = sorted(live, key=lambda e: (e.posted_at, e.entry_id))
+    matching = [e for e in ordered if e.amount_minor == invoice.total_minor and e.currency == invoice.currency]
+    if op == "reverse_duplicate":
+        keep = (matching or ordered)[:1]
+    elif op == "repost_invoice":
+        keep = matching[:1]
+    else:
+        raise ValueError(f"{op} is not a business-rule correction")
+    kept = keep[0].entry_id if keep else ""
+    cancel = tuple(e.entry_id for e in ordered if e.entry_id != kept)
+    return Correction(cancel, op == "repost_invoice" and not kept, kept)
 
 
 @dataclass(frozen=True)

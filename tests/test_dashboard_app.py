@@ -299,10 +299,10 @@ def test_actions_page_bulk_shows_the_count_asks_again_and_replays_failed_actions
     bulk = tower.call("GET", "/api/audit", params={"action": "drift.bulk"}).json()["items"]
     assert bulk[0]["actor"] == "olga" and bulk[0]["after"]["matched"] == n
 
-    # a business-rule correction the ERP connector cannot do fails: it is replayable from this page
-    mismatch = open_items(tower, **{"class": "amount_mismatch"})[0]
-    failed = tower.call("POST", f"/api/drift/{mismatch['drift_id']}/sync", json={"approve": True}).json()
-    assert failed["state"] == "failed"
+    # a correction the ERP refuses (posting into a closed period) fails: it is replayable from this page
+    rejected = next(i for i in open_items(tower, **{"class": "missing_in_erp"}) if i["reason_code"] == "erp_rejected")
+    failed = tower.call("POST", f"/api/drift/{rejected['drift_id']}/sync", json={"approve": True}).json()
+    assert failed["state"] == "failed" and "closed" in failed["last_error"]
     at = dash("actions")
     at.multiselect(key="ac_state").select("failed").run()
     assert metric(at, "Actions (filtered)") == str(tower.call("GET", "/api/actions?state=failed").json()["total"])
@@ -312,7 +312,7 @@ def test_actions_page_bulk_shows_the_count_asks_again_and_replays_failed_actions
     at.button(key="confirm_action").click().run()
     replays = tower.call("GET", "/api/actions", params={"original_action_id": failed["action_id"]}).json()["items"]
     assert len(replays) == 1 and replays[0]["requested_by"] == "olga"
-    assert replays[0]["state"] == "failed"  # the same unsupported operation
+    assert replays[0]["state"] == "failed"  # the period is still closed
     assert any("replay: done" in m.value for m in at.success)
     assert "ac_following" not in at.session_state  # followed until it ended, then the page stopped polling
 

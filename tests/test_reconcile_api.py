@@ -190,13 +190,13 @@ def test_corrective_sync_approval_replay_and_dead_letters(api: dict[str, Any]) -
     postings = [e for e in estate.erp.find_by_external_ref(missing["invoice_id"]) if e.entry_type == "invoice"]
     assert len(postings) == 1
 
-    # business-rule class: waits for approval, then runs (the connector has no amendment: fails with why)
+    # business-rule class: waits for approval, then the ERP's posting is cancelled and billing's posted
     amount = next(i for i in items if i["class"] == "amount_mismatch")
     waiting = cl.post(f"/api/drift/{amount['drift_id']}/sync", json={}, headers=auth(op)).json()
     assert waiting["state"] == "pending" and waiting["approved_by"] == ""
     approved = cl.post(f"/api/actions/{waiting['action_id']}/approve", headers=auth(op)).json()
-    assert approved["approved_by"] == "otto" and approved["state"] == "failed"
-    assert "acknowledge" in approved["last_error"]
+    assert approved["approved_by"] == "otto" and approved["state"] == "succeeded", approved
+    assert approved["result"]["detail"].startswith("cancelled; posted")
 
     orphan = next(i for i in items if i["class"] == "orphan_payment")
     r = cl.post(f"/api/drift/{orphan['drift_id']}/sync", json={}, headers=auth(op))
@@ -219,9 +219,10 @@ def test_corrective_sync_approval_replay_and_dead_letters(api: dict[str, Any]) -
     assert [a["action_id"] for a in listed.json()["items"]] == [results[0]["action_id"]]
     assert cl.get("/api/actions", params={"state": "weird"}, headers=auth(op)).status_code == 422
     assert cl.get("/api/actions/breakers", headers=auth(op)).json()["breakers"]["erp"]["state"] == "closed"
-    # the next run resolves the corrected item
+    # the next run resolves the corrected items
     run_and_wait(cl, op, {"as_of": as_of(api)})
     assert cl.get(f"/api/drift/{missing['drift_id']}", headers=auth(op)).json()["state"] == "resolved"
+    assert cl.get(f"/api/drift/{amount['drift_id']}", headers=auth(op)).json()["state"] == "resolved"
 
 
 def tower(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

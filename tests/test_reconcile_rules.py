@@ -11,6 +11,7 @@ import pytest
 from reconciler import classify as c
 from reconciler import policy
 from reconciler.breaker import Breaker
+from tower_core.models import Invoice, LedgerEntry
 from tower_core.settings import Settings
 
 AS_OF = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
@@ -234,6 +235,36 @@ def test_policy() -> None:
     assert policy.decision(c.ORPHAN_PAYMENT, auto_enabled=True) == "manual"
     assert policy.target_ref(c.PAYMENT_UNAPPLIED, {"invoice_id": "", "payment_id": "py_1"}) == "py_1"
     assert policy.target_ref(c.MISSING_IN_ERP, {"invoice_id": "in_1", "payment_id": ""}) == "in_1"
+
+
+def _posting(entry_id: str, amount: int, currency: str = "USD", minute: int = 0) -> LedgerEntry:
+    at = dt.datetime(2026, 1, 5, 12, minute, tzinfo=dt.UTC)
+    return LedgerEntry(entry_id, "invoice", "in_1", "cus_1", "EU", currency, amount, "open", at, at)
+
+
+def test_business_corrections_keep_the_posting_billing_agrees_with_and_post_only_without_one() -> None:
+    billing = Invoice("in_1", "cus_1", "EU", "USD", 1_000, 100, 1_100, "open", AS_OF, AS_OF)
+    wrong, right = _posting("le_a", 1_500), _posting("le_b", 1_100, minute=5)
+    # amount: cancel the wrong one, then post billing's
+    assert policy.correction("repost_invoice", [wrong], billing) == policy.Correction(("le_a",), True, "")
+    # currency: same amount, other currency is wrong too
+    eur = _posting("le_e", 1_100, "EUR")
+    assert policy.correction("repost_invoice", [eur], billing) == policy.Correction(("le_e",), True, "")
+    # a right posting exists (e.g. a retry after the post): keep it, cancel the rest, post nothing
+    assert policy.correction("repost_invoice", [right, wrong], billing) == policy.Correction(("le_a",), False, "le_b")
+    assert policy.correction("repost_invoice", [right], billing) == policy.Correction((), False, "le_b")
+    # after a crash between cancel and post: nothing live, only the post is left
+    assert policy.correction("repost_invoice", [], billing) == policy.Correction((), True, "")
+    # duplicates: keep the one matching billing even if posted later, else the earliest; never post
+    assert policy.correction("reverse_duplicate", [wrong, right], billing) == policy.Correction(
+        ("le_a",), False, "le_b"
+    )
+    twin = _posting("le_c", 1_500, minute=9)
+    assert policy.correction("reverse_duplicate", [twin, wrong], billing) == policy.Correction(("le_c",), False, "le_a")
+    assert policy.correction("reverse_duplicate", [right], billing) == policy.Correction((), False, "le_b")
+    with pytest.raises(ValueError, match="not a business-rule correction"):
+        policy.correction("post_invoice", [right], billing)
+    assert policy.ALIASES["adjust_invoice"] == policy.OPERATIONS[c.AMOUNT_MISMATCH]
 
 
 def test_idempotency_key() -> None:

@@ -97,6 +97,38 @@ def missing_estate(seed: int = 5, invoices: int = 400, **rates: float) -> Estate
     )
 
 
+def test_business_rule_corrections_wait_for_approval_then_repair_once_and_resolve(store: Store, tmp_path: Path) -> None:
+    estate = missing_estate(amount_mismatch=0.01, currency_mismatch=0.01, duplicate_erp_posting=0.01)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    found = open_items(store)
+    classes = (c.AMOUNT_MISMATCH, c.CURRENCY_MISMATCH, c.DUPLICATE_POSTING)
+    targets = {cls: min(k for k_cls, k in found if k_cls == cls) for cls in classes}
+    for cls, invoice_id in targets.items():
+        before = invoice_postings(estate, invoice_id)
+        waiting = svc.actions.request(c.drift_id(cls, invoice_id), "otto")
+        assert waiting["state"] == "pending" and waiting["approved_by"] == ""
+        assert invoice_postings(estate, invoice_id) == before  # nothing written before the approval
+        done = svc.actions.approve(waiting["action_id"], "alice")
+        assert done["state"] == "succeeded" and done["approved_by"] == "alice", done
+        invoice = estate.billing.get_invoice(invoice_id)
+        after = invoice_postings(estate, invoice_id)
+        live = [e for e in after if e.status != "cancelled"]
+        assert len(live) == 1 and (live[0].amount_minor, live[0].currency) == (invoice.total_minor, invoice.currency)
+        cancelled = {e.entry_id for e in invoice_postings(estate, invoice_id) if e.status == "cancelled"}
+        assert cancelled == {e.entry_id for e in before} - {live[0].entry_id}
+        # asked again, and replayed through a new request: the same action, nothing written twice
+        again = svc.actions.request(c.drift_id(cls, invoice_id), "bob", approve=True)
+        assert again["action_id"] == done["action_id"]
+        assert invoice_postings(estate, invoice_id) == after
+        assert len(after) == len(before) + (cls != c.DUPLICATE_POSTING)  # a repost adds one, a reversal none
+        audit = [h["action"] for h in q.audit_for(store, "action", done["action_id"])]
+        assert "action.approve" in audit
+    run = svc.run(as_of=estate.config.as_of)
+    assert run.resolved == len(targets)
+    assert not {(cls, k) for cls, k in targets.items()} & set(open_items(store))
+
+
 def test_missing_in_erp_corrective_sync_then_next_run_resolves(store: Store, tmp_path: Path) -> None:
     estate = missing_estate(erp_posting_missing=0.02)
     svc = service_for(store, estate, tmp_path)

@@ -186,6 +186,37 @@ def test_corrective_acts_are_idempotent_and_remove_the_drift() -> None:
     assert fixed <= before and after == before - fixed
 
 
+def test_cancel_entry_follows_the_erps_rules_and_then_the_invoice_can_be_posted_again() -> None:
+    e = Estate.generate(config(seed=3))
+    before = reference_drift(e)
+    dup = e.manifest.of("duplicate_erp_posting")[0].keys
+    cursor = e.erp.pull_ledger_entries(None, 100_000).next_cursor
+    out = e.erp.cancel_entry(dup["ledger_entry_id"], "duplicate")
+    assert not out.already_done and e.erp.cancel_entry(dup["ledger_entry_id"], "again").already_done
+    (pulled,) = e.erp.pull_ledger_entries(cursor).items  # the cancellation is a change the tower pulls
+    assert pulled.status == "cancelled" and pulled.attributes["cancel_reason"] == "duplicate"
+    # amount: cancel the wrong posting, post billing's
+    amount = e.manifest.of("amount_mismatch")[0].keys
+    e.erp.cancel_entry(amount["ledger_entry_id"], "repost")
+    invoice = e.billing.get_invoice(amount["invoice_id"])
+    posted = e.erp.post_invoice(invoice)
+    assert not posted.already_done and e.erp.invoice_entry(invoice.invoice_id).amount_minor == invoice.total_minor
+    assert reference_drift(e) == before - {
+        ("duplicate_posting", dup["invoice_id"]),
+        ("amount_mismatch", amount["invoice_id"]),
+    }
+    # refused: a paid invoice (payments applied), a payment entry, an unknown id; nothing changes
+    settled = e.manifest.of("status_mismatch")[0].keys
+    with pytest.raises(BusinessRuleError, match="payments applied"):
+        e.erp.cancel_entry(settled["ledger_entry_id"], "x")
+    payment_entry = next(x for x in e.erp.entries.records.values() if x.entry_type == "payment")
+    with pytest.raises(BusinessRuleError, match="not an invoice posting"):
+        e.erp.cancel_entry(payment_entry.entry_id, "x")
+    with pytest.raises(BusinessRuleError, match="does not exist"):
+        e.erp.cancel_entry("le_nope", "x")
+    assert e.erp.invoice_entry(settled["invoice_id"]).status != "cancelled"
+
+
 def test_business_rejection_and_outages() -> None:
     e = Estate.generate(config(seed=5))
     rejected = e.manifest.of("erp_business_rejection")[0]

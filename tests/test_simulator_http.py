@@ -65,6 +65,13 @@ def test_writes_and_errors_keep_the_connector_contract(served: tuple[Estate, str
         erp.post_invoice(rejected)
     with pytest.raises(BusinessRuleError, match="cursor"):
         erp.pull_ledger_entries("bogus")
+    dup = estate.manifest.of("duplicate_erp_posting")[0].keys["ledger_entry_id"]
+    assert not erp.cancel_entry(dup, "duplicate").already_done and erp.cancel_entry(dup, "again").already_done
+    assert estate.erp.entries.get(dup).status == "cancelled"
+    with pytest.raises(BusinessRuleError, match="does not exist"):
+        erp.cancel_entry("le_nope", "x")
+    with pytest.raises(BusinessRuleError):  # quoted into one path segment: no other route is reached
+        erp.cancel_entry("le_x/../../manifest", "x")
     r = httpx.post(f"{url}/erp/invoices", json={"invoice_id": "x", "surprise": 1})
     assert r.status_code == 422 and "surprise" in r.json()["detail"]
     estate.erp.begin_outage()

@@ -3,6 +3,7 @@ payments, credit memos, pulls, business-rule failures and transient faults (thro
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Iterator
@@ -18,9 +19,14 @@ from connectors.base import BusinessRuleError, ErpConnector, TransientError
 from connectors.tryton import mapping as m
 from connectors.tryton.connector import TrytonErp
 from connectors.tryton.rpc import AmbiguousWriteError, TrytonRpc, decode, encode, fault, is_write
+from reconciler import classify as c
+from reconciler.actions import ActionService
+from reconciler.runner import Reconciler
 from tests.fixtures.external import Trytond
 from tests.fixtures.fault_proxy import FaultProxy
 from tower_core.models import Invoice, Payment
+from tower_core.store import Store, migrate
+from tower_core.store import reconcile as q
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -193,6 +199,60 @@ def test_credit_memo_is_posted_once_against_the_invoice(erp: TrytonErp) -> None:
     assert erp.post_credit_memo(refund).already_done
     (memo,) = erp.find_by_external_ref(refund.payment_id)
     assert (memo.entry_type, memo.applied_to_ref, memo.amount_minor) == ("credit_memo", inv.invoice_id, 2000)
+
+
+def test_cancel_entry_reverses_a_posting_once_and_the_invoice_posts_again(erp: TrytonErp) -> None:
+    inv = billing_invoice(4200)
+    first = erp.post_invoice(inv)
+    out = erp.cancel_entry(first.target_ref, "duplicate")
+    assert not out.already_done and out.target_ref == first.target_ref
+    assert erp.cancel_entry(first.target_ref, "again").already_done
+    (entry,) = erp.find_by_external_ref(inv.invoice_id)
+    assert (entry.entry_id, entry.status) == (first.target_ref, "cancelled")
+    again = erp.post_invoice(inv)  # a cancelled posting does not count as posted
+    assert not again.already_done and again.target_ref != first.target_ref
+    assert sorted(r["state"] for r in tryton_invoices(erp, inv.invoice_id)) == ["cancelled", "posted"]
+    with pytest.raises(BusinessRuleError, match="not a Tryton invoice posting"):
+        erp.cancel_entry("tryton:line:1", "x")
+
+
+def test_cancel_refused_by_the_company_setup_keeps_trytons_message(erp: TrytonErp) -> None:
+    company = erp.refs()["company"]
+    erp.rpc.model("company.company", "write", [company], {"cancel_invoice_out": False})
+    try:
+        inv = billing_invoice(300)
+        posted = erp.post_invoice(inv)
+        with pytest.raises(BusinessRuleError, match='can not call "cancel"'):  # Tryton's own words
+            erp.cancel_entry(posted.target_ref, "x")
+        assert [r["state"] for r in tryton_invoices(erp, inv.invoice_id)] == ["posted"]
+    finally:
+        erp.rpc.model("company.company", "write", [company], {"cancel_invoice_out": True})
+
+
+def test_an_approved_amount_correction_cancels_and_reposts_in_tryton(erp: TrytonErp, embedded_store: Store) -> None:
+    """The whole path on the real ERP: a full run finds the mismatch, the action waits for its approval, then
+    Tryton's posting is cancelled and billing's posted; asked again it writes nothing; the next run resolves."""
+    migrate(embedded_store)
+    billing = dataclasses.replace(billing_invoice(7000), status="open")
+    erp.post_invoice(dataclasses.replace(billing, subtotal_minor=9000, total_minor=9000))  # booked wrong
+    q.write_invoices(embedded_store, [billing])
+    reconciler = Reconciler(embedded_store, c.Rules(), erp=erp)
+    reconciler.run(full=True)
+    drift = c.drift_id(c.AMOUNT_MISMATCH, billing.invoice_id)
+    item = q.get_drift(embedded_store, drift)
+    assert item is not None and item["State"] == c.NEW
+    actions = ActionService(embedded_store, erp)
+    waiting = actions.request(drift, "otto")
+    assert waiting["state"] == "pending" and len(tryton_invoices(erp, billing.invoice_id)) == 1
+    done = actions.approve(waiting["action_id"], "alice")
+    assert done["state"] == "succeeded", done
+    states = sorted((r["state"], r["total_amount"]) for r in tryton_invoices(erp, billing.invoice_id))
+    assert states == [("cancelled", Decimal("90.00")), ("posted", Decimal("70.00"))]
+    assert actions.request(drift, "bob", approve=True)["action_id"] == done["action_id"]
+    assert len(tryton_invoices(erp, billing.invoice_id)) == 2
+    assert reconciler.run(full=True).resolved >= 1
+    item = q.get_drift(embedded_store, drift)
+    assert item is not None and item["State"] == c.RESOLVED
 
 
 def test_pull_ledger_entries_pages_through_changes(erp: TrytonErp) -> None:

@@ -7,6 +7,7 @@ errors, 429 and 5xx -> TransientError; 4xx -> BusinessRuleError with the estate'
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -98,6 +99,10 @@ class SimErpClient:
 
     def post_credit_memo(self, refund: Payment) -> ActionOutcome:
         return codec.outcome_from(self.http.call("POST", "/erp/credit-memos", json=codec.to_json(refund)))
+
+    def cancel_entry(self, entry_id: str, reason: str) -> ActionOutcome:
+        path = f"/erp/ledger-entries/{quote(entry_id, safe='')}/cancel"
+        return codec.outcome_from(self.http.call("POST", path, json={"reason": reason}))
 
     def health(self) -> Health:
         try:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Protocol
 
 import uvicorn
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import Body, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from connectors.base import BusinessRuleError, TransientError
@@ -109,6 +109,13 @@ def create_sim_app(source: EstateSource) -> FastAPI:
     @app.post("/erp/credit-memos")
     def post_credit_memo(refund: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
         return codec.outcome_json(source.erp.post_credit_memo(codec.from_json(Payment, refund)))
+
+    @app.post("/erp/ledger-entries/{entry_id}/cancel")
+    def cancel_entry(
+        entry_id: Annotated[str, Path(min_length=1, max_length=256)],
+        reason: Annotated[str, Body(embed=True, max_length=1000)] = "",
+    ) -> dict[str, Any]:
+        return codec.outcome_json(source.erp.cancel_entry(entry_id, reason))
 
     @app.get("/manifest")
     def manifest() -> Response:

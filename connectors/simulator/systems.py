@@ -280,6 +280,30 @@ class ErpSystem:
             self.store(entry)
             return ActionOutcome(entry.entry_id, False, "posted", {"entry_id": entry.entry_id})
 
+    def cancel_entry(self, entry_id: str, reason: str) -> ActionOutcome:
+        """Like an ERP's cancel button: not in a closed period, not once payments or credit memos are applied."""
+        with self.lock:
+            self._gate()
+            entry = self.entries.get(entry_id)
+            if entry is None:
+                raise BusinessRuleError(f"ledger entry {entry_id} does not exist")
+            if entry.status == "cancelled":
+                return ActionOutcome(entry_id, True, "already cancelled", {"entry_id": entry_id})
+            if entry.entry_type != "invoice":
+                raise BusinessRuleError(f"{entry_id} is a {entry.entry_type} entry, not an invoice posting")
+            if entry.period_date is not None and entry.period_date < self.closed_before:
+                raise BusinessRuleError(f"period {entry.period_date:%Y-%m} is closed")
+            if self._settlement(entry.external_ref) > 0:
+                raise BusinessRuleError(f"invoice {entry.external_ref} has payments applied; unapply them first")
+            cancelled = dataclasses.replace(
+                entry,
+                status="cancelled",
+                updated_at=self._now(entry.updated_at),
+                attributes={**entry.attributes, "cancel_reason": reason},
+            )
+            self.store(cancelled)
+            return ActionOutcome(entry_id, False, "cancelled", {"entry_id": entry_id})
+
     def apply_payment(self, payment: Payment, invoice_id: str, amount_minor: int) -> ActionOutcome:
         with self.lock:
             self._gate()

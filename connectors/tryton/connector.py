@@ -210,6 +210,26 @@ class TrytonErp:
     def apply_payment(self, payment: Payment, invoice_id: str, amount_minor: int) -> ActionOutcome:
         return self._rechecked(lambda: self._apply_payment(payment, invoice_id, amount_minor))
 
+    def cancel_entry(self, entry_id: str, reason: str) -> ActionOutcome:
+        """Tryton's cancel of a posted customer invoice (a cancel move reverses it). The company must allow it
+        (``cancel_invoice_out``); otherwise, or once the invoice is paid, Tryton's refusal is the error."""
+        return self._rechecked(lambda: self._cancel_entry(entry_id))
+
+    def _cancel_entry(self, entry_id: str) -> ActionOutcome:
+        kind, _, rid = entry_id.removeprefix("tryton:").partition(":")
+        if kind != "invoice" or not rid.isdigit():
+            raise BusinessRuleError(f"{entry_id} is not a Tryton invoice posting")
+        found = self._invoices([["id", "=", int(rid)]], {"revops.ledger.entry.id": entry_id})
+        if not found:
+            raise BusinessRuleError(f"Tryton has no customer invoice {rid}")
+        rec = found[0]
+        number = str(rec.get("number") or "")
+        if rec["state"] == "cancelled":
+            return ActionOutcome(entry_id, True, "already cancelled", {"number": number})
+        invoice_ref = {"revops.invoice.id": str(rec.get("reference") or "")}
+        self.rpc.model(INVOICE, "cancel", [int(rid)], attributes=invoice_ref)
+        return ActionOutcome(entry_id, False, f"cancelled {number}", {"number": number})
+
     def _apply_payment(self, payment: Payment, invoice_id: str, amount_minor: int) -> ActionOutcome:
         attrs = {"revops.payment.id": payment.payment_id, "revops.invoice.id": invoice_id}
         found = self._invoices([["reference", "=", invoice_id]], attrs)
