@@ -362,12 +362,13 @@ class LiveEstate:
         lost = self.ctx_lost.get(invoice_id, False)
         attrs: dict[str, Any] = {
             "revops.region": e.region,
-            "revops.customer.id": e.party_ref,
             "revops.invoice.id": invoice_id,
             "revops.ledger.entry.id": entry_id,
             "revops.amount_minor": e.amount_minor,
             "revops.currency": e.currency,
         }
+        if e.party_ref:  # an ERP with no party for the customer (erp_party_unmapped) does not know its id
+            attrs["revops.customer.id"] = e.party_ref
         if e.entry_type == "invoice":
             duplicate = entry_id.endswith("1")
             if not duplicate and self.erp.invoice_entry(e.external_ref) is not None:
