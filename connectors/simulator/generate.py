@@ -2,8 +2,9 @@
 
 Both modes use it: ``Estate.generate`` (in memory) turns the chunks' Arrow tables into records, the bulk
 loader writes the same tables straight into the store. Customers and ERP outage windows are generated once
-per estate (``rng([seed, 0])`` / ``rng([seed, 2])``); invoice chunk ``k`` uses ``rng([seed, 1, k])``, so a
-chunk does not depend on the others. Times are integer milliseconds since the epoch (UTC).
+per estate (``rng([seed, 0])`` / ``rng([seed, 2])``, the customers without an ERP party ``rng([seed, 3])``);
+invoice chunk ``k`` uses ``rng([seed, 1, k])``, so a chunk does not depend on the others. Times are integer
+milliseconds since the epoch (UTC).
 
 Every record's counterpart is derived from the same arrays, so a clean estate reconciles to zero by
 construction; each fault changes exactly one thing (docs/simulator.md lists the footprints).
@@ -238,9 +239,8 @@ def generate_customers(cfg: EstateConfig) -> Customers:
     # a stream of its own, so turning this fault on leaves every other draw of the estate as it was
     unmapped = np.zeros(n, dtype=bool)
     u_rng = np.random.default_rng([cfg.seed, 3])
-    unmapped[u_rng.choice(c, size=min(c, fault_count(u_rng, cfg.fault_rates.erp_party_unmapped, c)), replace=False)] = (
-        True
-    )
+    n_unmapped = min(c, fault_count(u_rng, cfg.fault_rates.erp_party_unmapped, c))
+    unmapped[u_rng.choice(c, size=n_unmapped, replace=False)] = True
     return Customers(
         c,
         n,
@@ -381,9 +381,8 @@ class Chunk:
     o_region: np.ndarray
     o_currency: np.ndarray
     faults: list[InjectedFault] = field(default_factory=list)
-    unmapped: np.ndarray = field(
-        default_factory=lambda: np.zeros(0, dtype=bool)
-    )  # the invoice's customer has no ERP party
+    # per invoice: its customer has no ERP party (erp_party_unmapped), so its ERP entries carry none
+    unmapped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
     def n(self) -> int:

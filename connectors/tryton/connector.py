@@ -212,7 +212,8 @@ class TrytonErp:
 
     def cancel_entry(self, entry_id: str, reason: str) -> ActionOutcome:
         """Tryton's cancel of a posted customer invoice (a cancel move reverses it). The company must allow it
-        (``cancel_invoice_out``); otherwise, or once the invoice is paid, Tryton's refusal is the error."""
+        (``cancel_invoice_out``); otherwise, or once the invoice is paid, Tryton's refusal is the error. A posted
+        invoice takes no free text, so the reason stays in the tower's action and audit log."""
         return self._rechecked(lambda: self._cancel_entry(entry_id))
 
     def _cancel_entry(self, entry_id: str) -> ActionOutcome:
