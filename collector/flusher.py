@@ -1,9 +1,11 @@
 """Background flusher: seals the write-ahead buffer every ``flush_interval_s`` (or sooner once
 ``flush_rows`` wait) and drains sealed segments into the store in deterministic chunks.
 
-A chunk's insert_deduplication_token is derived from (segment, chunk, table), so a retry — in this process
-or after a crash and replay — inserts nothing twice. Store errors are retried with exponential backoff for
-as long as the process runs; meanwhile the buffer fills and ingest answers 503 once it is full.
+A chunk's spans carry an insert_deduplication_token derived from (segment, chunk), so a retry in this process
+inserts nothing twice. A segment replayed after a crash writes only the spans otel_traces does not hold, under
+a new token (collector/replay.py says why the old one cannot be trusted). Business events need no token: their
+tables are idempotent by content. Store errors are retried with exponential backoff for as long as the
+process runs; meanwhile the buffer fills and ingest answers 503 once it is full.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from opentelemetry import trace
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from collector import events as ev
+from collector import replay
 from collector.metrics import CollectorMetrics
 from collector.wal import KIND_EVENTS, KIND_SPANS, Record, Segment, WriteAheadBuffer
 from tower_core.errors import StoreError
 from tower_core.store import Store
 from tower_core.store.otlp_sql import insert_otlp_spans
+from tower_core.store.traces import stored_span_keys
 
 log = logging.getLogger("tower.flusher")
 tracer = trace.get_tracer("tower.collector")
@@ -132,6 +136,19 @@ class Flusher:
             self.wal.remove(segment)
             self.metrics.buffer_bytes.set(self.wal.pending_bytes)
 
+    def _still_to_write(self, requests: list[bytes], token: str) -> tuple[list[bytes], str]:
+        """A replayed chunk's spans that otel_traces does not hold, under a token of this process's life (the
+        old one may name a part that a crash kept from landing; see collector/replay.py)."""
+        spans = replay.index(requests)
+        if spans is None:
+            return [], token
+        stored = stored_span_keys(self.store, spans.keys, spans.first_day, spans.last_day)
+        if len(stored) == len(spans.keys):
+            return [], token
+        if stored:
+            log.info("replay: %d of %d spans of %s already stored", len(stored), len(spans.keys), token)
+        return replay.without(requests, stored), f"{token}_r{self.wal.epoch}"
+
     def _on_retry(self, state: Any) -> None:
         self.metrics.flush_errors.inc()
         log.warning("flush failed (attempt %s): %s", state.attempt_number, state.outcome.exception())
@@ -140,15 +157,21 @@ class Flusher:
         with tracer.start_as_current_span("tower.flush_segment") as span:
             span.set_attribute("tower.wal.segment", segment.id)
             started = time.perf_counter()
+            replayed = segment.epoch != self.wal.epoch  # an earlier process may have flushed part of it
+            span.set_attribute("tower.wal.replayed", replayed)
             for chunk in chunks(WriteAheadBuffer.read(segment)):
                 token = f"wal_{segment.epoch}_s{segment.seq}_c{chunk.index}"
                 span_requests = [r.payload for r in chunk.records if r.kind == KIND_SPANS]
+                if span_requests and replayed:
+                    span_requests, token = self._still_to_write(span_requests, token)
                 if span_requests:
                     insert_otlp_spans(self.store, span_requests, token)
                     rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
                     self.metrics.rows_flushed.labels(table="otel_traces").inc(rows)
+                # no token: business_events replaces on the event id and the link and step tables aggregate,
+                # so a retry cannot duplicate anything, and a token could only hide a part lost in a crash
                 for table, data in event_tables(chunk, self.key_names).items():
-                    self.store.insert_arrow(table, data, dedup_token=f"{token}_{table}")
+                    self.store.insert_arrow(table, data)
                     self.metrics.rows_flushed.labels(table=table).inc(data.num_rows)
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
             span.set_attribute("tower.rows", segment.rows)

@@ -136,6 +136,11 @@ class WriteAheadBuffer:
             os.close(fd)
 
     @property
+    def epoch(self) -> str:
+        """This buffer's life: a segment of another epoch was written by an earlier process (a replay)."""
+        return self._epoch
+
+    @property
     def pending_bytes(self) -> int:
         return self._active.size + sum(s.size for s in self._sealed)
 

@@ -15,7 +15,7 @@ from collector.flusher import Flusher, chunks
 from collector.metrics import CollectorMetrics
 from collector.wal import KIND_SPANS, BufferFull, Record, WriteAheadBuffer
 from tower_core.store import Store, migrate
-from tower_core.store.otlp_sql import sync_key_attributes
+from tower_core.store.otlp_sql import insert_otlp_spans, sync_key_attributes
 
 
 def request(n: int, seed: int = 0) -> bytes:
@@ -87,6 +87,34 @@ def test_flush_retried_after_crash_inserts_nothing_twice(tmp_path: Path, embedde
         "SELECT count() AS n FROM $db.business_key_links FINAL WHERE KeyType = 'invoice'"
     )[0]["n"]
     assert links == 4000
+
+
+def test_a_replay_writes_what_a_crash_kept_from_landing_under_a_recorded_token(
+    tmp_path: Path, embedded_store: Store
+) -> None:
+    """ClickHouse records an insert's token before it puts the part in place, so a kill -9 between the two leaves
+    the token without the rows, and a retry under that token is dropped (seen once in ten kill -9s of the fault
+    test). Made here on purpose: the chunk landed, then its rows are deleted, all of one request and half of
+    another; the token stays in the table's deduplication log."""
+    migrate(embedded_store)
+    names = key_attribute_names()
+    sync_key_attributes(embedded_store, names)
+    wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
+    wal.append(KIND_SPANS, 1000, request(1000, seed=0))
+    wal.append(KIND_SPANS, 1000, request(1000, seed=1))
+    wal.seal()
+    segment = wal.sealed()[0]
+    Flusher(wal, embedded_store, names, CollectorMetrics(), flush_rows=5000, flush_interval_s=1).flush_segment(segment)
+    gone = [f"{n:032x}" for n in range(1, 1001)] + [f"{100_000 + n:032x}" for n in range(1, 501)]
+    embedded_store.command("DELETE FROM $db.otel_traces WHERE TraceId IN {ids:Array(String)}", {"ids": gone})
+    count = "SELECT count() AS n, uniqExact(TraceId, SpanId) AS u FROM $db.otel_traces"
+    assert embedded_store.query_rows(count)[0] == {"n": 500, "u": 500}
+    insert_otlp_spans(embedded_store, [request(1000, seed=0)], f"wal_{segment.epoch}_s{segment.seq}_c0")
+    assert embedded_store.query_rows(count)[0]["n"] == 500, "the old token hides the rows: the failure is real"
+    recovered = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)  # the restart: a new epoch replays the segment
+    Flusher(recovered, embedded_store, names, CollectorMetrics(), flush_rows=5000, flush_interval_s=1).drain()
+    assert recovered.sealed() == []
+    assert embedded_store.query_rows(count)[0] == {"n": 2000, "u": 2000}  # the missing 1,500, nothing twice
 
 
 def test_disk_error_keeps_segment_intact(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import datetime as dt
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from tower_core.store.base import Store
@@ -16,6 +17,27 @@ _SPANS_OF_TRACES = (
     "AND Timestamp >= fromUnixTimestamp64Nano({lo:Int64}) AND Timestamp <= fromUnixTimestamp64Nano({hi:Int64}) "
     "ORDER BY Timestamp, SpanId LIMIT 1 BY TraceId, SpanId"
 )
+
+
+def stored_span_keys(
+    store: Store, keys: Collection[tuple[str, str]], first_day: dt.date, last_day: dt.date
+) -> set[tuple[str, str]]:
+    """Which of these (TraceId, SpanId) otel_traces holds; the days bound the partitions read (a replay's check,
+    see collector/replay.py)."""
+    if not keys:
+        return set()
+    rows = store.query_rows(
+        "SELECT DISTINCT TraceId AS t, SpanId AS s FROM $db.otel_traces "
+        "WHERE toDate(Timestamp) BETWEEN {d0:Date} AND {d1:Date} "
+        "AND TraceId IN {tids:Array(String)} AND SpanId IN {sids:Array(String)}",
+        {
+            "d0": first_day,
+            "d1": last_day,
+            "tids": sorted({t for t, _ in keys}),
+            "sids": sorted({s for _, s in keys}),
+        },
+    )
+    return {(r["t"], r["s"]) for r in rows} & set(keys)
 
 
 def trace_range(store: Store, trace_id: str) -> tuple[int, int] | None:
