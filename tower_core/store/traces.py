@@ -22,8 +22,8 @@ _SPANS_OF_TRACES = (
 def stored_span_keys(
     store: Store, keys: Collection[tuple[str, str]], first_day: dt.date, last_day: dt.date
 ) -> set[tuple[str, str]]:
-    """Which of these (TraceId, SpanId) otel_traces holds; the days bound the partitions read (a replay's check,
-    see collector/replay.py)."""
+    """Which of these (TraceId, SpanId) otel_traces holds; the days (UTC, widened by one each way for a server in
+    another time zone) bound the partitions read. A replay's check, see collector/replay.py."""
     if not keys:
         return set()
     rows = store.query_rows(
@@ -31,8 +31,8 @@ def stored_span_keys(
         "WHERE toDate(Timestamp) BETWEEN {d0:Date} AND {d1:Date} "
         "AND TraceId IN {tids:Array(String)} AND SpanId IN {sids:Array(String)}",
         {
-            "d0": first_day,
-            "d1": last_day,
+            "d0": first_day - dt.timedelta(days=1),
+            "d1": last_day + dt.timedelta(days=1),
             "tids": sorted({t for t, _ in keys}),
             "sids": sorted({s for _, s in keys}),
         },
