@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 SpanKey = tuple[str, str]  # (TraceId, SpanId) as otel_traces stores them: lowercase hex
 
@@ -34,11 +35,15 @@ def index(requests: Iterable[bytes]) -> SpanIndex | None:
         for rs in ExportTraceServiceRequest.FromString(body).resource_spans:
             for ss in rs.scope_spans:
                 for sp in ss.spans:
-                    keys.add((sp.trace_id.hex(), sp.span_id.hex()))
+                    keys.add(_key(sp))
                     starts.append(int(sp.start_time_unix_nano))
     if not starts:
         return None
     return SpanIndex(frozenset(keys), _day(min(starts)), _day(max(starts)))
+
+
+def _key(span: Span) -> SpanKey:
+    return span.trace_id.hex(), span.span_id.hex()
 
 
 def _day(ns: int) -> dt.date:
@@ -53,7 +58,7 @@ def without(requests: Iterable[bytes], stored: set[SpanKey]) -> list[bytes]:
         kept = 0
         for rs in req.resource_spans:
             for ss in rs.scope_spans:
-                keep = [sp for sp in ss.spans if (sp.trace_id.hex(), sp.span_id.hex()) not in stored]
+                keep = [sp for sp in ss.spans if _key(sp) not in stored]
                 if len(keep) != len(ss.spans):
                     del ss.spans[:]
                     ss.spans.extend(keep)

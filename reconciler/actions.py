@@ -392,9 +392,9 @@ class ActionService:
     # --- the operations, each preceded by a look at the target
     def _perform(self, row: dict[str, Any]) -> ActionOutcome:
         assert self.erp is not None
-        op = policy.ALIASES.get(row["Operation"], row["Operation"])
+        op = policy.operation(row["Operation"])
         params = json.loads(row["Params"] or "{}")
-        if op in ("repost_invoice", "reverse_duplicate"):
+        if op in policy.CORRECTIONS:
             invoice_id = params["invoice_id"]
             invoice = q.load_invoice(self.store, invoice_id)
             if invoice is None:
@@ -431,7 +431,7 @@ class ActionService:
                     raise ActionError(422, f"payment {pid} is not in the billing state")
                 applied: dict[str, int] = {}
                 for e in self.erp.find_by_external_ref(pid):
-                    if e.entry_type == "payment" and e.status not in ("draft", "cancelled"):
+                    if e.entry_type == "payment" and e.live:
                         applied[e.applied_to_ref] = applied.get(e.applied_to_ref, 0) + e.amount_minor
                 for invoice_id, amount in sorted(payment.allocations.items()):
                     if only_invoice and invoice_id != only_invoice:
@@ -457,18 +457,14 @@ class ActionService:
 
     def _live_postings(self, invoice_id: str) -> list[LedgerEntry]:
         assert self.erp is not None
-        return [
-            e
-            for e in self.erp.find_by_external_ref(invoice_id)
-            if e.entry_type == "invoice" and e.status not in ("draft", "cancelled")
-        ]
+        return [e for e in self.erp.find_by_external_ref(invoice_id) if e.entry_type == "invoice" and e.live]
 
     def target_holds(self, row: dict[str, Any]) -> bool:
         """Does the target already hold what the action was to write? (restart recovery)"""
         assert self.erp is not None
         params = json.loads(row["Params"] or "{}")
-        op = policy.ALIASES.get(row["Operation"], row["Operation"])
-        if op in ("repost_invoice", "reverse_duplicate"):
+        op = policy.operation(row["Operation"])
+        if op in policy.CORRECTIONS:
             invoice = q.load_invoice(self.store, params["invoice_id"])
             if invoice is None:
                 return False

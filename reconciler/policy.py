@@ -30,8 +30,17 @@ OPERATIONS: dict[str, str] = {
     c.CURRENCY_MISMATCH: "repost_invoice",
     c.DUPLICATE_POSTING: "reverse_duplicate",  # cancel every posting but one
 }
+# Business-rule operations planned by ``correction``: they cancel postings and may post again.
+CORRECTIONS = frozenset({"repost_invoice", "reverse_duplicate"})
 # Actions stored under an operation's former name run as the operation that replaced it.
 ALIASES = {"adjust_invoice": "repost_invoice"}
+
+
+def operation(stored: str) -> str:
+    """The operation an action stored as ``stored`` runs."""
+    return ALIASES.get(stored, stored)
+
+
 TARGET_SYSTEM = "erp"
 
 
@@ -80,7 +89,7 @@ def correction(op: str, live: Sequence[LedgerEntry], invoice: Invoice) -> Correc
     elif op == "repost_invoice":
         keep = matching[:1]
     else:
-        raise ValueError(f"{op} is not a business-rule correction")
+        raise ValueError(f"{op} is not a business-rule correction (one of {sorted(CORRECTIONS)})")
     kept = keep[0].entry_id if keep else ""
     cancel = tuple(e.entry_id for e in ordered if e.entry_id != kept)
     return Correction(cancel, op == "repost_invoice" and not kept, kept)

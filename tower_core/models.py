@@ -83,6 +83,14 @@ class LedgerEntry:
     source_system: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def live(self) -> bool:
+        """A posting that counts: not a rejected draft, not cancelled (reversed)."""
+        return self.status not in NOT_POSTINGS
+
+
+# Ledger entry statuses that are documents but not postings.
+NOT_POSTINGS = ("draft", "cancelled")
 
 T = TypeVar("T")
 

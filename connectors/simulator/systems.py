@@ -20,7 +20,6 @@ from tower_core.models import CdpProfile, Customer, Invoice, LedgerEntry, Page, 
 
 T = TypeVar("T")
 Clock = Callable[[], dt.datetime]
-NOT_POSTINGS = ("draft", "cancelled")
 
 
 def parse_cursor(cursor: str | None) -> int:
@@ -221,7 +220,7 @@ class ErpSystem:
     def invoice_entry(self, invoice_id: str) -> LedgerEntry | None:
         with self.lock:
             return next(
-                (e for e in self.refs(invoice_id) if e.entry_type == "invoice" and e.status not in NOT_POSTINGS),
+                (e for e in self.refs(invoice_id) if e.entry_type == "invoice" and e.live),
                 None,
             )
 

@@ -953,7 +953,7 @@ _CLASSIFY_POOL = ThreadPoolExecutor(max_workers=len(_CLASSIFIED), thread_name_pr
 
 
 def classify(store: Store, run_id: str, rules: Mapping[str, Any]) -> int:
-    """Classify the run's facts (all three kinds) into reconcile_findings; returns the number of findings.
+    """Classify the run's facts (every kind of _CLASSIFIED) into reconcile_findings; returns the number of findings.
 
     ``rules``: as_of, tol_abs / tol_rel (currency -> minor units / basis points) with *_default, grace
     (class -> seconds) with grace_default, exp (currency -> minor-unit exponent), window (days).
