@@ -3,8 +3,9 @@
 
 A chunk's spans carry an insert_deduplication_token derived from (segment, chunk), so a retry in this process
 inserts nothing twice. A segment replayed after a crash writes only the spans otel_traces does not hold, under
-a new token (collector/replay.py says why the old one cannot be trusted). Business events need no token: their
-tables are idempotent by content. Store errors are retried with exponential backoff for as long as the
+a new token (collector/replay.py says why the old one cannot be trusted), and runs the views of otel_traces again
+over the spans it does hold (a crash can land the spans' part and lose a view's). Business events need no token:
+their tables are idempotent by content. Store errors are retried with exponential backoff for as long as the
 process runs; meanwhile the buffer fills and ingest answers 503 once it is full.
 """
 
@@ -28,7 +29,7 @@ from collector.metrics import CollectorMetrics
 from collector.wal import KIND_EVENTS, KIND_SPANS, Record, Segment, WriteAheadBuffer
 from tower_core.errors import StoreError
 from tower_core.store import Store
-from tower_core.store.otlp_sql import insert_otlp_spans
+from tower_core.store.otlp_sql import insert_otlp_spans, rederive_span_views
 from tower_core.store.traces import stored_span_keys
 
 log = logging.getLogger("tower.flusher")
@@ -143,10 +144,24 @@ class Flusher:
         if spans is None:
             return [], token
         stored = stored_span_keys(self.store, spans.keys, spans.first_day, spans.last_day)
+        if stored:
+            # the crash may have kept a view's part of the same insert from landing: derive those rows again
+            # (a failure here must not hold back the spans still to write: logged, not raised)
+            try:
+                views = ", ".join(rederive_span_views(self.store, stored, spans.first_day, spans.last_day))
+            except StoreError as exc:
+                self.metrics.flush_errors.inc()
+                log.error("replay: the views of %s's stored spans could not be derived again: %s", token, exc)
+                views = "failed"
+            log.info(
+                "replay: %d of %d spans of %s already stored; views derived again: %s",
+                len(stored),
+                len(spans.keys),
+                token,
+                views or "none",
+            )
         if len(stored) == len(spans.keys):
             return [], token
-        if stored:
-            log.info("replay: %d of %d spans of %s already stored", len(stored), len(spans.keys), token)
         return replay.without(requests, stored), f"{token}_r{self.wal.epoch}"
 
     def _on_retry(self, state: Any) -> None:

@@ -1,4 +1,5 @@
-"""kill -9 during flushing: every acknowledged span is stored exactly once after restart."""
+"""kill -9 during flushing: every acknowledged span is stored exactly once after restart, with its business-key
+link and trace-id index row (what the views of otel_traces derive)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from tower_core.settings import Settings
 from tower_core.store import open_store
 s = open_store(Settings(data_dir=Path(sys.argv[1])))
 print(json.dumps(s.query_rows(
-    "SELECT count() AS n, uniqExact(TraceId, SpanId) AS u FROM $db.otel_traces")[0]))
+    "SELECT count() AS n, uniqExact(TraceId, SpanId) AS u, "
+    "(SELECT uniqExact(KeyValue) FROM $db.business_key_links WHERE KeyType = 'invoice') AS invoice_links, "
+    "(SELECT uniqExact(TraceId) FROM $db.otel_traces_trace_id_ts) AS indexed_traces FROM $db.otel_traces")[0]))
 """
 
 
-def stored_spans(data_dir: Path) -> dict[str, int]:
+def stored(data_dir: Path) -> dict[str, int]:
     """Count in a separate process once the server is stopped (one chDB path per process)."""
     out = subprocess.run(
         [sys.executable, "-c", COUNT_SCRIPT, str(data_dir)],
@@ -94,4 +97,5 @@ def test_kill_9_during_flush_loses_and_duplicates_nothing(tmp_path: Path) -> Non
     while flushed(srv) + seen < acked and time.monotonic() < deadline:
         time.sleep(0.2)
     srv.stop()
-    assert stored_spans(tmp_path / "data") == {"n": acked, "u": acked}
+    traces = acked // 4  # four spans per trace, one invoice per trace
+    assert stored(tmp_path / "data") == {"n": acked, "u": acked, "invoice_links": traces, "indexed_traces": traces}

@@ -8,10 +8,12 @@ does. No Python runs per span, which is what makes sustained ingest fast on two 
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
-from tower_core.store.base import Store, check_identifier
+from tower_core.store.base import Store, check_column, check_identifier
 
 # The subset of opentelemetry-proto (trace/v1, common/v1, resource/v1) the tower stores. Field numbers are the
 # specification's; unknown fields (e.g. nested array/kvlist values, dropped counts) are skipped by the reader.
@@ -131,3 +133,57 @@ def sync_key_attributes(store: Store, key_names: Mapping[str, str]) -> None:
         "SELECT n.1, n.2, {v:UInt64}, n.3 FROM (SELECT arrayJoin({rows:Array(Tuple(String, String, UInt8))}) AS n)",
         {"v": version, "rows": [(n, key_names.get(n, current.get(n, "")), int(n not in key_names)) for n in names]},
     )
+
+
+# --- the views' rows of spans already stored (a replay's repair) ----------------------------------------------
+# A kill -9 can land the spans' part and lose a view's part of the same insert (each target table commits its own
+# part). The targets are idempotent aggregates (min / max / anyLast), so a replay runs each view's own query,
+# read from the live definition, over the spans already stored and inserts the result again: nothing doubles,
+# and no second copy of a view's SQL can drift from the migrations.
+_SPAN_VIEWS = """
+SELECT name, as_select AS query, create_table_query AS ddl FROM system.tables
+WHERE database = {db:String} AND engine = 'MaterializedView' AND name IN (
+    SELECT arrayJoin(arrayFilter((t, d) -> d = {db:String}, dependencies_table, dependencies_database))
+    FROM system.tables WHERE database = {db:String} AND name = 'otel_traces')
+ORDER BY name
+"""
+_STORED_SPANS = (
+    "(SELECT * FROM $db.otel_traces WHERE toDate(Timestamp) BETWEEN {d0:Date} AND {d1:Date} "
+    "AND (TraceId, SpanId) IN {keys:Array(Tuple(String, String))}) AS otel_traces"
+)
+
+
+def rederive_span_views(
+    store: Store, keys: Collection[tuple[str, str]], first_day: dt.date, last_day: dt.date
+) -> list[str]:
+    """Run every view of otel_traces again over these stored spans (TraceId, SpanId); the days (UTC, widened by
+    one each way like the replay's check) bound the partitions read. Returns the views re-run; a view whose
+    source cannot be found in its definition is left out (and named in the log by the caller)."""
+    if not keys:
+        return []
+    db = check_identifier(store.database)
+    source = re.compile(rf"\bFROM {re.escape(db)}\.otel_traces\b")
+    params = {
+        "d0": first_day - dt.timedelta(days=1),
+        "d1": last_day + dt.timedelta(days=1),
+        "keys": sorted(keys),
+    }
+    done = []
+    for view in store.query_rows(_SPAN_VIEWS, {"db": db}):
+        target = re.search(rf"\bTO\s+{re.escape(db)}\.(\w+)\s*\(", view["ddl"])
+        query, found = source.subn(lambda _: "FROM " + _STORED_SPANS, view["query"])
+        if target is None or found != 1:
+            continue
+        cols = ", ".join(
+            f"`{check_column(r['name'])}`"
+            for r in store.query_rows(
+                "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String} ORDER BY position",
+                {"db": db, "t": view["name"]},
+            )
+        )
+        table = check_identifier(target.group(1))
+        # the query is the store's own view definition, the names are checked; every value is a bound parameter
+        sql = f"INSERT INTO $db.`{table}` ({cols}) SELECT {cols} FROM ({query}) SETTINGS insert_deduplicate = 0"  # noqa: S608
+        store.command(sql, params)
+        done.append(view["name"])
+    return done
