@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from collector.correlation import key_attribute_names
 from collector.flusher import Flusher, chunks
 from collector.metrics import CollectorMetrics
-from collector.wal import KIND_SPANS, BufferFull, Record, WriteAheadBuffer
+from collector.wal import KIND_SPANS, BufferFull, Record, Segment, WriteAheadBuffer
 from tower_core.store import Store, migrate
 from tower_core.store.otlp_sql import insert_otlp_spans, sync_key_attributes
 
@@ -89,6 +89,22 @@ def test_flush_retried_after_crash_inserts_nothing_twice(tmp_path: Path, embedde
     assert links == 4000
 
 
+def flushed_not_removed(tmp_path: Path, store: Store, requests: list[bytes]) -> tuple[dict[str, str], Segment]:
+    """One sealed segment of these requests, flushed by a process that then "died" before removing it."""
+    migrate(store)
+    names = key_attribute_names()
+    sync_key_attributes(store, names)
+    wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
+    for body in requests:
+        wal.append(
+            KIND_SPANS, len(ExportTraceServiceRequest.FromString(body).resource_spans[0].scope_spans[0].spans), body
+        )
+    wal.seal()
+    segment = wal.sealed()[0]
+    Flusher(wal, store, names, CollectorMetrics(), flush_rows=5000, flush_interval_s=1).flush_segment(segment)
+    return names, segment
+
+
 def test_a_replay_writes_what_a_crash_kept_from_landing_under_a_recorded_token(
     tmp_path: Path, embedded_store: Store
 ) -> None:
@@ -96,15 +112,7 @@ def test_a_replay_writes_what_a_crash_kept_from_landing_under_a_recorded_token(
     the token without the rows, and a retry under that token is dropped (seen once in ten kill -9s of the fault
     test). Made here on purpose: the chunk landed, then its rows are deleted, all of one request and half of
     another; the token stays in the table's deduplication log."""
-    migrate(embedded_store)
-    names = key_attribute_names()
-    sync_key_attributes(embedded_store, names)
-    wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
-    wal.append(KIND_SPANS, 1000, request(1000, seed=0))
-    wal.append(KIND_SPANS, 1000, request(1000, seed=1))
-    wal.seal()
-    segment = wal.sealed()[0]
-    Flusher(wal, embedded_store, names, CollectorMetrics(), flush_rows=5000, flush_interval_s=1).flush_segment(segment)
+    names, segment = flushed_not_removed(tmp_path, embedded_store, [request(1000, seed=0), request(1000, seed=1)])
     gone = [f"{n:032x}" for n in range(1, 1001)] + [f"{100_000 + n:032x}" for n in range(1, 501)]
     embedded_store.command("DELETE FROM $db.otel_traces WHERE TraceId IN {ids:Array(String)}", {"ids": gone})
     count = "SELECT count() AS n, uniqExact(TraceId, SpanId) AS u FROM $db.otel_traces"
@@ -144,15 +152,8 @@ def test_a_replay_derives_again_the_view_rows_a_crash_lost(tmp_path: Path, embed
     while the spans' part did. Made here on purpose: after the flush, every view row of the first request's traces
     is deleted (their spans stay), and half of the second request's spans too (the token race above). The replay
     restores the spans once and every view's rows exactly as the first flush made them."""
-    migrate(embedded_store)
-    names = key_attribute_names()
-    sync_key_attributes(embedded_store, names)
-    wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
-    wal.append(KIND_SPANS, 500, posting_request(500, seed=0))
-    wal.append(KIND_SPANS, 500, posting_request(500, seed=1))
-    wal.seal()
-    Flusher(wal, embedded_store, names, CollectorMetrics(), flush_rows=5000, flush_interval_s=1).flush_segment(
-        wal.sealed()[0]
+    names, _ = flushed_not_removed(
+        tmp_path, embedded_store, [posting_request(500, seed=0), posting_request(500, seed=1)]
     )
     before = {table: embedded_store.query_rows(sql) for table, sql in _VIEW_ROWS.items()}
     assert all(before.values()), {table: len(rows) for table, rows in before.items()}
