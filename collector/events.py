@@ -58,11 +58,27 @@ def parse_time(value: Any) -> int:
     m = re.match(r"^(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:\d{2})$", value)
     if not m:
         raise EventError(f"time {value[:40]!r} is not RFC 3339")
-    base = dt.datetime.fromisoformat(m.group(1).replace("t", "T").replace(" ", "T"))
-    tz = dt.UTC if m.group(3) in ("Z", "z") else dt.datetime.strptime(m.group(3), "%z").tzinfo
-    seconds = int(base.replace(tzinfo=tz).timestamp())
-    frac = int((m.group(2) or "0").ljust(9, "0"))
-    return seconds * 1_000_000_000 + frac
+    try:  # the pattern admits 2024-02-30, 25:00 or +25:00; the calendar does not
+        base = dt.datetime.fromisoformat(m.group(1).replace("t", "T").replace(" ", "T"))
+        tz = dt.UTC if m.group(3) in ("Z", "z") else dt.datetime.strptime(m.group(3), "%z").tzinfo
+        seconds = int(base.replace(tzinfo=tz).timestamp())
+    except (ValueError, OverflowError):
+        raise EventError(f"time {value[:40]!r} is not a valid date and time") from None
+    ns = seconds * 1_000_000_000 + int((m.group(2) or "0").ljust(9, "0"))
+    if not _MIN_TIME_NS <= ns <= _MAX_TIME_NS:
+        raise EventError(f"time {value[:40]!r} is outside 1900-01-01 .. 2262-04-11 (what the store can hold)")
+    return ns
+
+
+# DateTime64(9) columns and int64 nanoseconds hold 1900-01-01 .. 2262-04-11
+_MIN_TIME_NS = int(dt.datetime(1900, 1, 1, tzinfo=dt.UTC).timestamp()) * 1_000_000_000
+_MAX_TIME_NS = 2**63 - 1
+_AMOUNT = re.compile(r"^-?\d{1,18}$")  # minor units that fit Int64
+
+
+def amount_minor(text: str) -> int | None:
+    """``revops.amount_minor`` as an integer, or None when it is not a whole number of minor units."""
+    return int(text) if _AMOUNT.match(text) else None
 
 
 def _scalar_text(value: Any) -> str | None:
@@ -124,6 +140,8 @@ def parse_event(doc: Any, received_ns: int) -> BusinessEvent:
     ):
         if short in attrs:
             attrs.setdefault(full, attrs[short])
+    if "revops.amount_minor" in attrs and amount_minor(attrs["revops.amount_minor"]) is None:
+        raise EventError("revops.amount_minor must be a whole number of minor units (an Int64)")
     return BusinessEvent(
         event_id=doc["id"],
         source=doc["source"],
@@ -190,7 +208,7 @@ def to_tables(
             "InvoiceId": keys.get("invoice", ""),
             "PaymentId": keys.get("payment", ""),
             "LedgerEntryId": keys.get("ledger_entry", ""),
-            "AmountMinor": int(amount) if amount.lstrip("-").isdigit() and len(amount) < 19 else 0,
+            "AmountMinor": amount_minor(amount) or 0,
             "Currency": a.get("revops.currency", ""),
             "Attributes": list(a.items()),
             "Data": ev.data,

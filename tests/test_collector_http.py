@@ -203,6 +203,13 @@ def test_cloudevents_structured_batch_and_traceparent(server: TowerServer) -> No
         {**ev, "id": f"e2-{inv}", "type": "invoice.paid"},
         {"specversion": "1.0", "id": "x"},
         {**ev, "id": f"e3-{inv}", "traceparent": "garbage"},
+        # RFC 3339 in form, not in the calendar or the store's range: rejected, never a 500 nor a poisoned buffer
+        {**ev, "id": f"e4-{inv}", "time": "2024-02-30T00:00:00Z"},
+        {**ev, "id": f"e5-{inv}", "time": "2026-01-01T25:00:00Z"},
+        {**ev, "id": f"e6-{inv}", "time": "2026-01-01T10:00:00+25:00"},
+        {**ev, "id": f"e7-{inv}", "time": "2300-01-01T00:00:00Z"},
+        {**ev, "id": f"e8-{inv}", "time": "0001-01-01T00:00:00Z"},
+        {**ev, "id": f"e9-{inv}", "data": {**ev["data"], "revops.amount_minor": "--5"}},
     ]
     r = httpx.post(
         f"{server.url}/v1/events",
@@ -211,8 +218,17 @@ def test_cloudevents_structured_batch_and_traceparent(server: TowerServer) -> No
     )
     body = r.json()
     assert r.status_code == 200 and body["accepted"] == 1
-    assert [b["index"] for b in body["rejected"]] == [1, 2]
+    assert [b["index"] for b in body["rejected"]] == list(range(1, 9))
     assert "source" in body["rejected"][0]["error"] and "traceparent" in body["rejected"][1]["error"]
+    assert all("valid date" in b["error"] for b in body["rejected"][2:5])
+    assert all("outside 1900-01-01" in b["error"] for b in body["rejected"][5:7])
+    assert "amount_minor" in body["rejected"][7]["error"]
+    r = httpx.post(
+        f"{server.url}/v1/events",
+        content=orjson.dumps({**ev, "id": "bad-day", "time": "2024-02-30T00:00:00Z"}),
+        headers={"Content-Type": "application/cloudevents+json"},
+    )
+    assert r.status_code == 400 and "valid date" in r.json()["rejected"][0]["error"]
     r = httpx.post(f"{server.url}/v1/events", content=b"[]", headers={"Content-Type": "text/csv"})
     assert r.status_code == 415
 
