@@ -49,6 +49,10 @@ class ActionError(Exception):
         self.status = status
 
 
+class UnexpectedError(Exception):
+    """An attempt ended in an error that is neither transient nor a business rule (an unexpected answer, a bug)."""
+
+
 class BreakerOpen(Exception):
     """The target system's breaker refused the call."""
 
@@ -81,6 +85,10 @@ class Breakers:
     def failure(self, system: str) -> None:
         with self._lock:
             self._by_system[system] = self._get(system).record_failure(self.clock())
+
+    def release(self, system: str) -> None:
+        with self._lock:
+            self._by_system[system] = self._get(system).release(self.clock())
 
     def state(self, system: str) -> str:
         with self._lock:
@@ -331,6 +339,12 @@ class ActionService:
             except BusinessRuleError:
                 self.breakers.success(system)  # the system answered: it is up
                 raise
+            except ActionError:
+                self.breakers.release(system)  # decided here, not by the system
+                raise
+            except Exception as exc:  # an unexpected answer or a bug: a failed attempt, never a stuck action
+                self.breakers.failure(system)
+                raise UnexpectedError(f"{type(exc).__name__}: {exc}") from exc
             self.breakers.success(system)
             return outcome
 
@@ -369,6 +383,14 @@ class ActionService:
             row["DeadLetter"] = 1
             row["LastError"] = str(exc)
             self._save(row, "reconciler", "action.fail", before, "cannot be performed")
+            return _public(row)
+        except UnexpectedError as exc:
+            log.exception("action %s failed unexpectedly", row["ActionId"])
+            row["Attempts"] = int(row["Attempts"]) + attempts_here
+            row["State"] = FAILED
+            row["DeadLetter"] = 1
+            row["LastError"] = f"unexpected: {exc}"
+            self._save(row, "reconciler", "action.fail", before, "unexpected error; not retried, replay it once fixed")
             return _public(row)
         row["Attempts"] = int(row["Attempts"]) + attempts_here
         row["State"] = SUCCEEDED
@@ -446,7 +468,7 @@ class ActionService:
             return ActionOutcome(outcomes[-1].target_ref, done, "; ".join(o.detail for o in outcomes))
         if op == "post_credit_memo":
             pid = params["payment_id"]
-            present = [e for e in self.erp.find_by_external_ref(pid) if e.entry_type == "credit_memo"]
+            present = [e for e in self.erp.find_by_external_ref(pid) if e.entry_type == "credit_memo" and e.live]
             if present:
                 return ActionOutcome(present[0].entry_id, True, "already in the ERP (checked before writing)")
             refund = q.load_payment(self.store, pid)
@@ -473,14 +495,16 @@ class ActionService:
         if op == "post_invoice":
             return bool(self._live_postings(params["invoice_id"]))
         if op == "post_credit_memo":
-            return any(e.entry_type == "credit_memo" for e in self.erp.find_by_external_ref(params["payment_id"]))
+            return any(
+                e.entry_type == "credit_memo" and e.live for e in self.erp.find_by_external_ref(params["payment_id"])
+            )
         if op == "apply_payment" and "payment_id" in params:
             payment = q.load_payment(self.store, params["payment_id"])
             if payment is None:
                 return False
             applied: dict[str, int] = {}
             for e in self.erp.find_by_external_ref(payment.payment_id):
-                if e.entry_type == "payment":
+                if e.entry_type == "payment" and e.live:
                     applied[e.applied_to_ref] = applied.get(e.applied_to_ref, 0) + e.amount_minor
             return all(applied.get(i, 0) >= a for i, a in payment.allocations.items())
         return False

@@ -50,6 +50,11 @@ class Breaker:
             return replace(self, state="open", opened_at=now, failures=failures, trial_in_flight=False)
         return replace(self, failures=failures)
 
+    def release(self, now: float) -> Breaker:
+        """A call that ended without saying whether the system is up (it failed before or apart from the system):
+        the half-open trial is over, the next call is a new trial; a closed or open breaker is unchanged."""
+        return replace(self, trial_in_flight=False)
+
     def retry_in(self, now: float) -> float:
         """Seconds until an open breaker lets a trial call through (0 when calls may go now)."""
         if self.current(now) == "open":

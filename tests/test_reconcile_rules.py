@@ -298,6 +298,21 @@ def test_breaker_opens_after_threshold_and_half_opens_after_timeout() -> None:
     assert ok
 
 
+def test_a_trial_that_ends_without_a_verdict_frees_the_half_open_breaker() -> None:
+    """A half-open trial that failed before or apart from the system (the tower refused the action itself) says
+    nothing about the system: the next call is a new trial, and the breaker never stays stuck half-open."""
+    b = Breaker(failure_threshold=1, reset_after_s=1.0).record_failure(0.0)
+    ok, b = b.allow(1.5)
+    assert ok and b.trial_in_flight
+    assert not b.allow(1.6)[0]
+    b = b.release(1.7)
+    assert b.current(1.7) == "half_open" and b.failures == 1
+    ok, b = b.allow(1.8)
+    assert ok and b.trial_in_flight
+    closed = Breaker().release(0.0)
+    assert closed.current(0.0) == "closed" and closed.allow(0.0)[0]
+
+
 def test_breaker_success_resets_the_failure_count() -> None:
     b = Breaker(failure_threshold=2, reset_after_s=1.0)
     b = b.record_failure(0.0).record_success(0.1).record_failure(0.2)

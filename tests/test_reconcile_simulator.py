@@ -4,6 +4,7 @@ a crash, and replays of business-rule rejections."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from connectors.base import ConnectorError
 from connectors.simulator import Estate, EstateConfig, FaultRates
 from reconciler import classify as c
 from reconciler.actions import ActionError, ActionService, Breakers
@@ -284,6 +286,74 @@ def test_in_progress_action_after_a_restart_is_checked_against_the_target(store:
     assert restarted.actions.process_due() == 1
     assert q.get_action(store, rows[1]["ActionId"])["State"] == "succeeded"  # type: ignore[index]
     assert len(invoice_postings(estate, a_inv)) == 1 and len(invoice_postings(estate, b_inv)) == 1
+
+
+class OddErp:
+    """The simulated ERP answering the next ``odd`` writes with an error that is neither transient nor a business
+    rule, as a real ERP does with a reply nobody planned for (a test wrapper, named as such)."""
+
+    def __init__(self, erp: Any, odd: int = 1) -> None:
+        self._erp, self.name, self.odd = erp, erp.name, odd
+
+    def post_invoice(self, invoice: Any) -> Any:
+        if self.odd:
+            self.odd -= 1
+            raise ConnectorError("unexpected reply: HTTP 418")
+        return self._erp.post_invoice(invoice)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._erp, name)
+
+
+def test_an_unexpected_erp_error_fails_the_action_instead_of_leaving_it_in_progress(
+    store: Store, tmp_path: Path
+) -> None:
+    estate = missing_estate(seed=16, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    svc.actions.erp = OddErp(estate.erp)  # type: ignore[assignment]
+    action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
+    assert action["state"] == "failed" and action["dead_letter"] and action["attempts"] == 1
+    assert action["last_error"] == "unexpected: ConnectorError: unexpected reply: HTTP 418"
+    assert svc.actions.process_due() == 0 and not invoice_postings(estate, invoice_id)
+    assert svc.actions.breakers.snapshot()["erp"]["failures"] == 1  # the attempt ended: counted, not stuck
+    replay = svc.actions.replay(action["action_id"], "bob")
+    assert replay["state"] == "succeeded" and len(invoice_postings(estate, invoice_id)) == 1
+
+
+def test_a_cancelled_credit_memo_or_payment_application_is_not_taken_for_done(store: Store, tmp_path: Path) -> None:
+    """What the ERP cancelled is not a posting: the correction writes a live one, at once or after a restart."""
+    estate = missing_estate(seed=17, invoices=800, refund_not_posted=0.01, payment_not_applied=0.01)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    found = open_items(store)
+    refund_id = min(k for cls, k in found if cls == c.REFUND_UNPOSTED)
+    payment_id = min(k for cls, k in found if cls == c.PAYMENT_UNAPPLIED)
+    refund, payment = q.load_payment(store, refund_id), q.load_payment(store, payment_id)
+    assert refund is not None and payment is not None
+    invoice_id, amount = next(iter(payment.allocations.items()))
+    for outcome in (estate.erp.post_credit_memo(refund), estate.erp.apply_payment(payment, invoice_id, amount)):
+        entry = estate.erp.entries.get(outcome.target_ref)  # written, then cancelled in the ERP
+        estate.erp.store(dataclasses.replace(entry, status="cancelled"))
+
+    def live(ref: str, entry_type: str) -> int:
+        return sum(1 for e in estate.erp.find_by_external_ref(ref) if e.entry_type == entry_type and e.live)
+
+    memo = svc.actions.request(c.drift_id(c.REFUND_UNPOSTED, refund_id), "alice")
+    assert memo["state"] == "succeeded" and live(refund_id, "credit_memo") == 1
+    created = svc.actions.request(c.drift_id(c.PAYMENT_UNAPPLIED, payment_id), "alice", execute=False)
+    row = q.get_action(store, created["action_id"])
+    assert row is not None
+    row["State"] = "in_progress"  # the process died mid-call
+    q.write_action(store, row)
+    restarted = ReconcilerService(settings(tmp_path), store, Connectors(estate.billing, estate.erp, estate.cdp))
+    restarted.start()
+    assert q.get_action(store, row["ActionId"])["State"] == "pending"  # type: ignore[index]
+    assert restarted.actions.process_due() == 1 and live(payment_id, "payment") == 1
+    restarted.run(as_of=estate.config.as_of)
+    left = open_items(store)
+    assert (c.REFUND_UNPOSTED, refund_id) not in left and (c.PAYMENT_UNAPPLIED, payment_id) not in left
 
 
 def test_auto_correct_repairs_technical_classes_only(store: Store, tmp_path: Path) -> None:

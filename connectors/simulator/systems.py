@@ -229,6 +229,8 @@ class ErpSystem:
         total = 0
         for eid in self.by_applied.get(invoice_id, ()):
             e = self.entries.records[eid]
+            if not e.live:
+                continue
             if e.entry_type == "payment" or (e.entry_type == "credit_memo" and e.external_ref.startswith("cn_")):
                 total += e.amount_minor
         return total
@@ -318,10 +320,12 @@ class ErpSystem:
             applied = sum(
                 e.amount_minor
                 for e in self.refs(payment.payment_id)
-                if e.entry_type == "payment" and e.applied_to_ref == invoice_id
+                if e.entry_type == "payment" and e.live and e.applied_to_ref == invoice_id
             )
             if applied >= amount_minor:
-                ref = next(e.entry_id for e in self.refs(payment.payment_id) if e.applied_to_ref == invoice_id)
+                ref = next(
+                    e.entry_id for e in self.refs(payment.payment_id) if e.live and e.applied_to_ref == invoice_id
+                )
                 return ActionOutcome(ref, True, "already applied", {"entry_id": ref})
             now = self._now()
             entry = LedgerEntry(
@@ -349,7 +353,7 @@ class ErpSystem:
             self._gate()
             if refund.kind not in ("refund", "credit_note"):
                 raise BusinessRuleError(f"{refund.payment_id} is not a refund or credit note")
-            existing = next((e for e in self.refs(refund.payment_id) if e.entry_type == "credit_memo"), None)
+            existing = next((e for e in self.refs(refund.payment_id) if e.entry_type == "credit_memo" and e.live), None)
             if existing is not None:
                 return ActionOutcome(existing.entry_id, True, "already posted", {"entry_id": existing.entry_id})
             invoice_id = next(iter(refund.allocations), "")
