@@ -122,11 +122,14 @@ class WriteAheadBuffer:
         self._epoch = f"{max(time.time_ns(), _last_epoch(self._sealed) + 1):016x}"
         self._active = self._open_segment(1)
 
+    def _segment(self, seq: int) -> Segment:
+        return Segment(self._epoch, seq, self.dir / f"seg-{self._epoch}-{seq:012d}.wal")
+
     def _open_segment(self, seq: int) -> Segment:
-        path = self.dir / f"seg-{self._epoch}-{seq:012d}.wal"
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        segment = self._segment(seq)
+        self._fd: int | None = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._fsync_dir()
-        return Segment(self._epoch, seq, path)
+        return segment
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)
@@ -216,8 +219,7 @@ class WriteAheadBuffer:
         else:
             self._active.path.unlink(missing_ok=True)
         self._fd = None  # the next append opens a fresh segment (and fails cleanly while the disk is full)
-        seq = self._active.seq + 1
-        self._active = Segment(self._epoch, seq, self.dir / f"seg-{self._epoch}-{seq:012d}.wal")
+        self._active = self._segment(self._active.seq + 1)
 
     def seal(self) -> None:
         """Close the active segment (if it holds anything) for flushing and start a new one."""
@@ -227,8 +229,13 @@ class WriteAheadBuffer:
                 return
             if self._fd is not None:
                 os.close(self._fd)
+                self._fd = None  # closed: never written again, whatever happens next
             self._sealed.append(self._active)
-            self._active = self._open_segment(self._active.seq + 1)
+            self._active = self._segment(self._active.seq + 1)
+            try:
+                self._active = self._open_segment(self._active.seq)
+            except OSError:
+                pass  # the next append opens it, or fails with the reason (no descriptor, disk full)
 
     def sealed(self) -> list[Segment]:
         with self._lock:

@@ -60,6 +60,31 @@ def test_bounded_size_refuses_instead_of_growing(tmp_path: Path) -> None:
     assert wal.pending_rows == 100
 
 
+def test_a_segment_that_cannot_be_opened_at_seal_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """seal() closes the active segment, then opens the next one. If that open fails (no descriptor left, disk
+    full), the closed descriptor must not be written again: its number may belong to another file by then."""
+    wal = WriteAheadBuffer(tmp_path / "wal", max_bytes=10_000_000)
+    wal.append(KIND_SPANS, 3, request(3))
+    real_open, failures = os.open, []
+
+    def open_once_failing(path: object, *args: object) -> int:
+        if str(path).endswith(".wal") and not failures:
+            failures.append(path)
+            raise OSError(24, "Too many open files")
+        return real_open(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", open_once_failing)
+    wal.seal()
+    assert failures, "the failure was injected"
+    victim = tmp_path / "victim.txt"
+    with open(victim, "wb") as other:  # takes the lowest free descriptor: likely the one seal closed
+        wal.append(KIND_SPANS, 2, request(2, seed=1))
+        other.flush()
+    assert victim.stat().st_size == 0
+    wal.seal()
+    assert [[r.rows for r in WriteAheadBuffer.read(seg)] for seg in wal.sealed()] == [[3], [2]]
+
+
 def test_chunks_are_deterministic() -> None:
     recs = [Record(KIND_SPANS, n, b"") for n in (30_000, 30_000, 10_000, 50_000, 1)]
     first = [(c.index, [r.rows for r in c.records]) for c in chunks(iter(recs))]
