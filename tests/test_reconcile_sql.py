@@ -224,6 +224,73 @@ def test_incremental_compares_only_keys_changed_since_the_last_run(store: Store)
     assert set(items(store)) == {(c.MISSING_IN_ERP, "in_new"), (c.MISSING_IN_ERP, "in_old")}
 
 
+def ingested_long_ago(store: Store) -> None:
+    """Every state row as if ingested in 2020, each table merged to its latest versions: the next incremental run
+    sees only what is written after this."""
+    for table in ("billing_invoices", "billing_payments", "erp_ledger_entries"):
+        store.command(
+            f"INSERT INTO $db.{table} SELECT * REPLACE (toDateTime64('2020-01-01 00:00:00', 6) AS IngestedAt) "
+            f"FROM $db.{table}"
+        )
+        store.command(f"OPTIMIZE TABLE $db.{table} FINAL")
+
+
+def later(row: object, seconds: int = 60) -> object:
+    return dataclasses.replace(row, updated_at=row.updated_at + dt.timedelta(seconds=seconds))  # type: ignore[attr-defined,type-var]
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["old-version-stored", "old-version-merged-away"])
+def test_incremental_compares_the_keys_a_changed_row_left_behind(store: Store, merged: bool) -> None:
+    """A change can move a row from one key to another: the old key must be compared again too, whether the
+    row's old version is still stored or a merge folded it away (then the other side or an open item names it)."""
+    q.write_invoices(store, [inv("in_a", status="paid", amount_paid_minor=1_100), inv("in_b"), inv("in_c")])
+    q.write_ledger(
+        store,
+        [
+            led("le_a", "invoice", "in_a", 1_100, "paid"),
+            led("le_b", "invoice", "in_b", 1_100),
+            led("le_x", "invoice", "in_typo", 1_100),
+            led("le_p", "payment", "py_1", 1_100, "posted", "in_a"),
+        ],
+    )
+    q.write_payments(store, [pay("py_1", 1_100, {"in_a": 1_100})])
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.MISSING_IN_BILLING, "le_x"), (c.MISSING_IN_ERP, "in_c")}
+    ingested_long_ago(store)
+    # the ERP fixes a posting's reference (in_typo -> in_c); billing moves the payment from in_a to in_b while
+    # the ERP still applies it to in_a
+    q.write_ledger(store, [later(led("le_x", "invoice", "in_c", 1_100))])  # type: ignore[list-item]
+    q.write_payments(store, [later(pay("py_1", 1_100, {"in_b": 1_100}))])  # type: ignore[list-item]
+    if merged:
+        for table in ("billing_payments", "erp_ledger_entries"):
+            store.command(f"OPTIMIZE TABLE $db.{table} FINAL")
+    inc = r.run(as_of=AS_OF)
+    assert inc.mode == "incremental"
+    found = set(items(store))
+    # in_c is posted now and le_x no longer stray; in_a keeps an application billing moved away
+    assert (c.OVER_APPLIED, "in_a") in found
+    assert not found & {(c.MISSING_IN_BILLING, "le_x"), (c.MISSING_IN_ERP, "in_c")}
+    full = r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == found and full.new == 0 and full.resolved == 0
+    assert inc.residual_minor == full.residual_minor
+
+
+def test_incremental_rematches_an_unallocated_payment_when_its_customer_gets_an_invoice(store: Store) -> None:
+    """The N:1 match of an unallocated payment depends on its customer's open invoices, not on its own row."""
+    q.write_payments(store, [pay("py_x", 1_100, {})])
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.ORPHAN_PAYMENT, "py_x")}
+    ingested_long_ago(store)
+    q.write_invoices(store, [inv("in_new", at=T + dt.timedelta(days=1))])  # the same amount, open
+    q.write_ledger(store, [led("le_new", "invoice", "in_new", 1_100)])
+    r.run(as_of=AS_OF)
+    assert set(items(store)) == {(c.PAYMENT_UNAPPLIED, "py_x")}
+    r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.PAYMENT_UNAPPLIED, "py_x")}
+
+
 def test_region_filter(store: Store) -> None:
     q.write_invoices(store, [inv("in_eu"), inv("in_na", region="NA")])
     r = Reconciler(store, RULES)

@@ -339,28 +339,48 @@ def interrupted_runs(store: Store) -> list[dict[str, Any]]:
 
 
 # --- scope of an incremental run ----------------------------------------------------------------------------
+# Keys changed since the watermark, on either side, and the keys such a change can leave behind: a row that
+# now points elsewhere (an ERP posting whose reference was fixed, a payment allocated to another invoice) stops
+# being compared under its old key unless something else names it. Found through every stored version of the
+# changed entries and payments, the other side's view of them (the ERP applications of a changed billing
+# payment, the billing allocations of a changed ERP application), and open items that name a changed entry.
+# What a background merge has already folded away and nothing else names is left to the next full run.
+_CHANGED_ENTRIES = "(SELECT EntryId FROM $db.erp_ledger_entries WHERE IngestedAt >= {wm:DateTime64(6)})"
+_CHANGED_PAYMENTS = "(SELECT PaymentId FROM $db.billing_payments WHERE IngestedAt >= {wm:DateTime64(6)})"
 _SCOPE_INVOICES = """
 INSERT INTO $db.reconcile_scope (RunId, KeyType, Key)
 SELECT {run:String}, 'invoice', k FROM (
     SELECT InvoiceId AS k FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)}
-    UNION ALL SELECT ExternalRef FROM $db.erp_ledger_entries WHERE IngestedAt >= {wm:DateTime64(6)}
+    UNION ALL SELECT arrayJoin([ExternalRef, AppliedToRef]) FROM $db.erp_ledger_entries
+        WHERE EntryId IN /*changed_entries*/
+    UNION ALL SELECT arrayJoin(mapKeys(Allocations)) FROM $db.billing_payments WHERE PaymentId IN /*changed_payments*/
     UNION ALL SELECT AppliedToRef FROM $db.erp_ledger_entries
-        WHERE IngestedAt >= {wm:DateTime64(6)} AND AppliedToRef != ''
-    UNION ALL SELECT arrayJoin(mapKeys(Allocations)) FROM $db.billing_payments WHERE IngestedAt >= {wm:DateTime64(6)}
+        WHERE RefHash IN (SELECT KeyHash FROM $db.billing_payments WHERE IngestedAt >= {wm:DateTime64(6)})
+            AND AppliedToRef != ''
+    UNION ALL SELECT arrayJoin(mapKeys(Allocations)) FROM $db.billing_payments
+        WHERE KeyHash IN (SELECT RefHash FROM $db.erp_ledger_entries
+            WHERE IngestedAt >= {wm:DateTime64(6)} AND EntryType IN ('payment', 'credit_memo'))
     UNION ALL SELECT InvoiceId FROM $db.drift_items FINAL
-        WHERE KeyType = 'invoice' AND State != 'resolved' AND Class = 'stale_sync' AND InvoiceId != ''
+        WHERE KeyType = 'invoice' AND State != 'resolved' AND InvoiceId != ''
+            AND (Class = 'stale_sync' OR LedgerEntryId IN /*changed_entries*/)
 )
 WHERE k != ''
 GROUP BY k
 """
+# Payment keys likewise, and the unallocated payments of customers whose invoices changed: their N:1 match
+# (the customer's open invoices summing to the amount) depends on those invoices.
 _SCOPE_PAYMENTS = """
 INSERT INTO $db.reconcile_scope (RunId, KeyType, Key)
 SELECT {run:String}, 'payment', k FROM (
     SELECT PaymentId AS k FROM $db.billing_payments WHERE IngestedAt >= {wm:DateTime64(6)}
     UNION ALL SELECT ExternalRef FROM $db.erp_ledger_entries
-        WHERE IngestedAt >= {wm:DateTime64(6)} AND EntryType IN ('payment', 'credit_memo')
+        WHERE EntryId IN /*changed_entries*/ AND EntryType IN ('payment', 'credit_memo')
+    UNION ALL SELECT PaymentId FROM $db.billing_payments
+        PREWHERE empty(Allocations) AND Kind = 'payment'
+        WHERE CustomerId IN (SELECT CustomerId FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)})
     UNION ALL SELECT PaymentId FROM $db.drift_items FINAL
-        WHERE KeyType = 'payment' AND State != 'resolved' AND Class = 'stale_sync' AND PaymentId != ''
+        WHERE KeyType = 'payment' AND State != 'resolved' AND PaymentId != ''
+            AND (Class = 'stale_sync' OR LedgerEntryId IN /*changed_entries*/)
 )
 WHERE k != ''
 GROUP BY k
@@ -379,12 +399,13 @@ GROUP BY k
 
 
 def build_scope(store: Store, run_id: str, watermark: dt.datetime, customers: bool) -> dict[str, int]:
-    """Keys changed since ``watermark`` (either system's side), plus the keys of open stale_sync items (the only
-    class that changes with time alone: its grace period ends). Any other item changes only when a row of its
-    key changes, which puts the key in the scope."""
+    """Keys changed since ``watermark`` (either system's side) and the keys those changes can leave behind (see
+    _SCOPE_INVOICES), plus the keys of open stale_sync items (the only class that changes with time alone: its
+    grace period ends)."""
     params = {"run": run_id, "wm": watermark}
-    store.command(_SCOPE_INVOICES, params)
-    store.command(_SCOPE_PAYMENTS, params)
+    changed = {"changed_entries": _CHANGED_ENTRIES, "changed_payments": _CHANGED_PAYMENTS}
+    store.command(_compose(_SCOPE_INVOICES, **changed), params)
+    store.command(_compose(_SCOPE_PAYMENTS, **changed), params)
     if customers:
         store.command(_SCOPE_CUSTOMERS, params)
     rows = store.query_rows(
