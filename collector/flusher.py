@@ -23,8 +23,8 @@ import pyarrow as pa
 from opentelemetry import trace
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
+from collector import dead_letter, replay
 from collector import events as ev
-from collector import replay
 from collector.metrics import CollectorMetrics
 from collector.wal import KIND_EVENTS, KIND_SPANS, Record, Segment, WriteAheadBuffer
 from tower_core.errors import StoreError
@@ -85,6 +85,7 @@ class Flusher:
         flush_interval_s: float,
     ) -> None:
         self.wal, self.store, self.key_names, self.metrics = wal, store, key_names, metrics
+        self.dead_letters = dead_letter.DeadLetterBox(wal.dir / "dead-letter")
         self.flush_rows, self.flush_interval_s = flush_rows, flush_interval_s
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -176,17 +177,48 @@ class Flusher:
             span.set_attribute("tower.wal.replayed", replayed)
             for chunk in chunks(WriteAheadBuffer.read(segment)):
                 token = f"wal_{segment.epoch}_s{segment.seq}_c{chunk.index}"
-                span_requests = [r.payload for r in chunk.records if r.kind == KIND_SPANS]
-                if span_requests and replayed:
-                    span_requests, token = self._still_to_write(span_requests, token)
-                if span_requests:
-                    insert_otlp_spans(self.store, span_requests, token)
-                    rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
-                    self.metrics.rows_flushed.labels(table="otel_traces").inc(rows)
-                # no token: business_events replaces on the event id and the link and step tables aggregate,
-                # so a retry cannot duplicate anything, and a token could only hide a part lost in a crash
-                for table, data in event_tables(chunk, self.key_names).items():
-                    self.store.insert_arrow(table, data)
-                    self.metrics.rows_flushed.labels(table=table).inc(data.num_rows)
+                try:
+                    self._write(chunk, token, replayed)
+                except Exception:
+                    if not self._set_aside_refused(segment, chunk, token):
+                        raise  # nothing points at a record but at the store: retried as a whole
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
             span.set_attribute("tower.rows", segment.rows)
+
+    def _write(self, chunk: Chunk, token: str, replayed: bool) -> None:
+        span_requests = [r.payload for r in chunk.records if r.kind == KIND_SPANS]
+        if span_requests and replayed:
+            span_requests, token = self._still_to_write(span_requests, token)
+        if span_requests:
+            insert_otlp_spans(self.store, span_requests, token)
+            rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
+            self.metrics.rows_flushed.labels(table="otel_traces").inc(rows)
+        # no token: business_events replaces on the event id and the link and step tables aggregate,
+        # so a retry cannot duplicate anything, and a token could only hide a part lost in a crash
+        for table, data in event_tables(chunk, self.key_names).items():
+            self.store.insert_arrow(table, data)
+            self.metrics.rows_flushed.labels(table=table).inc(data.num_rows)
+
+    def _set_aside_refused(self, segment: Segment, chunk: Chunk, token: str) -> bool:
+        """A chunk the store refused, written record by record (each checked against what is stored, so nothing
+        lands twice); the records to blame go to the dead-letter box (collector/dead_letter.py). False when the
+        failures point at the store instead."""
+        if not self.store.ping():
+            return False  # a store that does not answer refuses everything: no record to blame
+        outcomes: list[BaseException | None] = []
+        for i, record in enumerate(chunk.records):
+            try:
+                self._write(Chunk(chunk.index, [record]), f"{token}_i{i}", replayed=True)
+                outcomes.append(None)
+            except Exception as exc:
+                outcomes.append(exc)
+        blamed = dead_letter.blame(outcomes)
+        if blamed is None:
+            return False
+        for i in blamed:
+            record, error = chunk.records[i], outcomes[i]
+            assert error is not None
+            where = self.dead_letters.put(f"{segment.id}_c{chunk.index}_r{i}", record, error)
+            self.metrics.dead_letters.inc(record.rows)
+            log.error("set aside %d rows the store refuses: %s (%s)", record.rows, where, error)
+        return True

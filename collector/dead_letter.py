@@ -1,0 +1,107 @@
+"""Records the store refuses for good: found by writing a refused chunk record by record, kept on disk.
+
+An acknowledged record that the store can never take (protobuf that Python parsed but ClickHouse's reader
+rejects, a value outside a column's range, a conversion bug) would otherwise be retried forever: the flusher
+drains oldest first, so everything behind it would wait and ingest would answer 503 once the buffer is full.
+Such a record is moved to ``<wal dir>/dead-letter/`` (its payload and a JSON line saying why), counted and
+logged, and the drain goes on. Nothing acknowledged is dropped: an operator can inspect it and send it again.
+
+A record is blamed only when the evidence points at it: it fails alone while other records of the same chunk
+are written, or it fails with an error about its data. When every record fails with anything else, the store is
+the likely cause and the chunk is retried as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from collector.wal import KIND_SPANS, Record
+from tower_core.errors import StoreError
+
+# ClickHouse error codes about the data being inserted (parse, type, range), not about the server's state
+DATA_ERROR_CODES = frozenset(
+    {
+        6,  # CANNOT_PARSE_TEXT
+        26,  # CANNOT_PARSE_QUOTED_STRING
+        27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        32,  # ATTEMPT_TO_READ_AFTER_EOF
+        33,  # CANNOT_READ_ALL_DATA
+        38,  # CANNOT_PARSE_DATE
+        41,  # CANNOT_PARSE_DATETIME
+        53,  # TYPE_MISMATCH
+        69,  # ARGUMENT_OUT_OF_BOUND
+        70,  # CANNOT_CONVERT_TYPE
+        72,  # CANNOT_PARSE_NUMBER
+        117,  # INCORRECT_DATA
+        131,  # TOO_LARGE_STRING_SIZE
+        321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        444,  # protobuf messages corrupted or not matching the schema
+    }
+)
+_CODE = re.compile(r"\bCode: (\d+)\b")
+
+
+def data_error(exc: BaseException) -> bool:
+    """Does this failure say the record itself is bad? Any error raised before the store (decoding, converting)
+    does; a store error does when its ClickHouse code is about the data."""
+    if not isinstance(exc, StoreError):
+        return True
+    m = _CODE.search(str(exc))
+    return m is not None and int(m.group(1)) in DATA_ERROR_CODES
+
+
+def blame(outcomes: Sequence[BaseException | None]) -> list[int] | None:
+    """Given each record's outcome written alone (None = written), the records to set aside, or None when the
+    failures point at the store rather than at records (retry the chunk)."""
+    failed = [i for i, o in enumerate(outcomes) if o is not None]
+    if len(failed) < len(outcomes):
+        return failed  # the store took others of the same chunk: what it refused, it refuses for the data
+    if all(data_error(o) for o in outcomes if o is not None):
+        return failed
+    return None
+
+
+class DeadLetterBox:
+    """``<dir>/<name>.{otlp.pb|events.json}`` with ``<name>.error.json`` beside it, both fsync'd before the
+    buffer forgets the segment. Writing the same name again (a replay after a crash) overwrites it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def put(self, name: str, record: Record, error: BaseException) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        payload = self.dir / f"{name}.{'otlp.pb' if record.kind == KIND_SPANS else 'events.json'}"
+        why = {
+            "record": payload.name,
+            "kind": "spans" if record.kind == KIND_SPANS else "events",
+            "rows": record.rows,
+            "error": f"{type(error).__name__}: {error}"[:2000],
+            "set_aside_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _write_durably(payload, record.payload)
+        _write_durably(self.dir / f"{name}.error.json", json.dumps(why).encode() + b"\n")
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return payload
+
+    def names(self) -> list[str]:
+        return sorted(p.name.removesuffix(".error.json") for p in self.dir.glob("*.error.json"))
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
