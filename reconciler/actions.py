@@ -107,6 +107,10 @@ class Breakers:
             }
 
 
+def _utc(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -161,8 +165,10 @@ class ActionService:
 
     # --- locking
     def _lock(self, key: str) -> threading.Lock:
+        """One lock per target: a replay's key is its original's plus ``:replay:N``, and a replay and a new
+        request for the same item must not both find the target empty and both write."""
         with self._locks_guard:
-            return self._locks.setdefault(key, threading.Lock())
+            return self._locks.setdefault(key.split(":replay:", 1)[0], threading.Lock())
 
     # --- persistence helpers
     def _save(self, row: dict[str, Any], actor: str, verb: str, before: dict[str, Any] | None, note: str = "") -> None:
@@ -195,6 +201,9 @@ class ActionService:
             )
         if item["State"] == c.RESOLVED:
             raise ActionError(409, f"drift item {drift_id} is resolved; nothing to correct")
+        why = policy.NOT_CORRECTED.get((cls, item["ReasonCode"]))
+        if why:
+            raise ActionError(422, f"{cls} ({item['ReasonCode']}) is not corrected by the tower: {why}")
         decision = policy.decision(cls, self.auto_enabled)
         if automatic and decision != "auto":
             raise ActionError(409, f"{cls} is not corrected automatically")
@@ -209,7 +218,12 @@ class ActionService:
             previous = q.actions_by_key(self.store, key)
             if automatic and previous:
                 return _public(previous[-1])  # a failed automatic correction waits for a person's replay
-            existing = [a for a in previous if a["State"] in (*ACTIVE, SUCCEEDED)]
+            # a success stands until a run finds the drift again after it (then the target is checked anew)
+            existing = [
+                a
+                for a in previous
+                if a["State"] in ACTIVE or (a["State"] == SUCCEEDED and _utc(item["UpdatedAt"]) <= _utc(a["UpdatedAt"]))
+            ]
             if existing:
                 row = existing[-1]
                 if row["State"] == PENDING and decision == "approval" and approve and not row["ApprovedBy"]:

@@ -32,6 +32,13 @@ OPERATIONS: dict[str, str] = {
 }
 # Business-rule operations planned by ``correction``: they cancel postings and may post again.
 CORRECTIONS = frozenset({"repost_invoice", "reverse_duplicate"})
+# (class, reason) whose correction is a choice the tower does not make: why, for the operator
+NOT_CORRECTED: dict[tuple[str, str], str] = {
+    (c.PAYMENT_UNAPPLIED, "matched_not_applied"): (
+        "the payment has no allocation in billing (it matched the customer's open invoices by amount only); "
+        "allocate it in billing, and the next run applies or flags it"
+    ),
+}
 # Actions stored under an operation's former name run as the operation that replaced it.
 ALIASES = {"adjust_invoice": "repost_invoice"}
 

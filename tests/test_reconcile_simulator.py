@@ -203,6 +203,67 @@ def test_same_action_sent_twice_concurrently_posts_once(store: Store, tmp_path: 
     assert len(invoice_postings(estate, invoice_id)) == 1
 
 
+def test_a_replay_and_a_new_request_for_the_same_item_post_once(store: Store, tmp_path: Path) -> None:
+    """A replay has a key of its own (its original's plus :replay:N); it must still share the target's lock with
+    a new request for the same item, or both find the ERP empty and both post."""
+    estate = missing_estate(seed=18, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    drift_id = c.drift_id(c.MISSING_IN_ERP, invoice_id)
+    svc.actions.erp = OddErp(estate.erp)  # type: ignore[assignment]
+    failed = svc.actions.request(drift_id, "alice")
+    assert failed["state"] == "failed"
+    posts: list[str] = []
+
+    class CountingSlowErp(SlowErp):
+        """SlowErp counting post_invoice calls: the simulated ERP would refuse a second posting itself, so
+        a race shows as a second call, not as a second posting (a test wrapper, named as such)."""
+
+        def post_invoice(self, invoice: Any) -> Any:
+            posts.append(invoice.invoice_id)
+            return self._erp.post_invoice(invoice)
+
+    svc.actions.erp = CountingSlowErp(estate.erp)  # type: ignore[assignment]
+    barrier = threading.Barrier(2)
+    results: list[dict[str, Any]] = []
+
+    def replay() -> None:
+        barrier.wait()
+        results.append(svc.actions.replay(failed["action_id"], "bob"))
+
+    def request() -> None:
+        barrier.wait()
+        time.sleep(0.1)  # while the replay looks at the ERP (SlowErp pauses there)
+        results.append(svc.actions.request(drift_id, "carol"))
+
+    threads = [threading.Thread(target=replay), threading.Thread(target=request)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(results) == 2 and {r["state"] for r in results} == {"succeeded"}
+    assert posts == [invoice_id] and len(invoice_postings(estate, invoice_id)) == 1
+
+
+def test_a_correction_runs_again_when_the_drift_comes_back_after_it_succeeded(store: Store, tmp_path: Path) -> None:
+    estate = missing_estate(seed=19, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    drift_id = c.drift_id(c.MISSING_IN_ERP, invoice_id)
+    first = svc.actions.request(drift_id, "alice")
+    assert first["state"] == "succeeded" and svc.actions.request(drift_id, "bob")["action_id"] == first["action_id"]
+    estate.erp.cancel_entry(invoice_postings(estate, invoice_id)[0].entry_id, "cancelled by someone in finance")
+    svc.run(full=True, as_of=estate.config.as_of)
+    assert (c.MISSING_IN_ERP, invoice_id) in open_items(store)  # the drift is back
+    again = svc.actions.request(drift_id, "alice")
+    assert again["action_id"] != first["action_id"] and again["state"] == "succeeded"
+    live = [e for e in estate.erp.find_by_external_ref(invoice_id) if e.entry_type == "invoice" and e.live]
+    assert len(live) == 1
+    assert svc.actions.request(drift_id, "bob")["action_id"] == again["action_id"]  # no new run: it stands
+
+
 def test_erp_outage_opens_the_breaker_and_actions_succeed_after_recovery(store: Store, tmp_path: Path) -> None:
     estate = missing_estate(seed=8, invoices=600, erp_posting_missing=0.02)
     svc = service_for(store, estate, tmp_path, reconcile_breaker_reset_s=2.0)

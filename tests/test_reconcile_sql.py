@@ -9,6 +9,7 @@ import datetime as dt
 import pytest
 
 from reconciler import classify as c
+from reconciler.actions import ActionError, ActionService
 from reconciler.runner import Reconciler
 from tower_core.models import Invoice, LedgerEntry, Payment
 from tower_core.store import Store, migrate
@@ -288,7 +289,14 @@ def test_incremental_rematches_an_unallocated_payment_when_its_customer_gets_an_
     r.run(as_of=AS_OF)
     assert set(items(store)) == {(c.PAYMENT_UNAPPLIED, "py_x")}
     r.run(full=True, as_of=AS_OF)
-    assert set(items(store)) == {(c.PAYMENT_UNAPPLIED, "py_x")}
+    item = items(store)[(c.PAYMENT_UNAPPLIED, "py_x")]
+    assert item["reason_code"] == "matched_not_applied"
+    # the tower does not choose invoices for an unallocated payment: no action that could only fail
+    actions = ActionService(store, None, auto_enabled=True)
+    with pytest.raises(ActionError) as refused:
+        actions.request(item["drift_id"], "alice")
+    assert refused.value.status == 422 and "allocate it in billing" in str(refused.value)
+    assert actions.auto_correct("run") == 0 and q.list_actions(store)[1] == 0
 
 
 def test_region_filter(store: Store) -> None:
