@@ -81,12 +81,14 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
         ranges = q.trace_ranges(store, traces)
     else:
         ranges = q.trace_ranges(store, traces)
-    if not ranges and not links:
-        return None
     key_set = {(ln.key_type, ln.key_value) for ln in links} | {seed}
+    # events without trace context (a batch job, a CDP call) are found by their business keys alone
+    customers = [value] if key_type == "customer" else []
     span_rows, event_rows = _both(
-        lambda: q.spans_of_traces(store, ranges), lambda: q.events_for(store, key_set, ranges)
+        lambda: q.spans_of_traces(store, ranges), lambda: q.events_for(store, key_set, ranges, customers=customers)
     )
+    if not span_rows and not event_rows and not links:
+        return None
     events = [
         corr.EventView(
             r["event_id"],

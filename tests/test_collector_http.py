@@ -241,6 +241,47 @@ def test_cloudevents_structured_batch_and_traceparent(server: TowerServer) -> No
     assert doc["events"][0]["trace_id"] == tid and doc["events"][0]["time"] == "2026-01-01T10:00:00.123456789Z"
 
 
+def test_a_transaction_seen_only_in_events_without_trace_context_is_found_by_its_keys(server: TowerServer) -> None:
+    """Batch jobs and CDP calls often carry no traceparent: their events still make the transaction."""
+    inv, cus = f"in_notrace_{time.time_ns()}", f"cus_notrace_{time.time_ns()}"
+    events = [
+        {
+            "specversion": "1.0",
+            "id": f"{system}-{inv}",
+            "source": f"{system}/batch",
+            "type": kind,
+            "time": at,
+            "data": {
+                "revops.invoice.id": inv,
+                "revops.customer.id": cus,
+                "revops.system": system,
+                "revops.step": "invoice_to_ledger",
+            },
+        }
+        for system, kind, at in (
+            ("billing", "invoice.finalized", "2026-01-01T10:00:00Z"),
+            ("erp", "ledger.posted", "2026-01-01T10:05:00Z"),
+        )
+    ]
+    r = httpx.post(
+        f"{server.url}/v1/events",
+        content=orjson.dumps(events),
+        headers={"Content-Type": "application/cloudevents-batch+json"},
+    )
+    assert r.status_code == 200 and r.json()["accepted"] == 2
+
+    def txn(params: dict[str, str]) -> dict | None:
+        r = httpx.get(f"{server.url}/api/transactions", params=params)
+        return r.json() if r.status_code == 200 and len(r.json()["events"]) == 2 else None
+
+    doc = wait_for(lambda: txn({"invoice_id": inv}))
+    assert doc and [e["id"] for e in doc["events"]] == [f"billing-{inv}", f"erp-{inv}"]
+    step = next(s for s in doc["steps"] if s["step"] == "invoice_to_ledger")
+    assert step["complete"] and step["latency_ms"] == 300_000
+    assert txn({"customer_id": cus}) is not None
+    assert httpx.get(f"{server.url}/api/transactions", params={"invoice_id": "in_never_seen"}).status_code == 404
+
+
 def test_metrics_count_what_happened(server: TowerServer) -> None:
     def metrics() -> dict[str, float]:
         text = httpx.get(f"{server.url}/metrics").text

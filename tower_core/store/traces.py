@@ -117,9 +117,14 @@ def links_for_traces(store: Store, trace_ids: Iterable[str]) -> list[dict[str, A
 
 
 def events_for(
-    store: Store, keys: Iterable[tuple[str, str]], trace_ids: Iterable[str], limit: int = 1000
+    store: Store,
+    keys: Iterable[tuple[str, str]],
+    trace_ids: Iterable[str],
+    limit: int = 1000,
+    customers: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
-    """Business events carrying one of the identifying keys, or one of the traces."""
+    """Business events carrying one of the identifying keys, one of the traces, or (a customer's transaction)
+    one of ``customers``."""
     by_type: dict[str, list[str]] = {"invoice": [], "payment": [], "ledger_entry": []}
     for key_type, value in keys:
         if key_type in by_type:
@@ -130,8 +135,10 @@ def events_for(
         "LedgerEntryId AS ledger_entry FROM $db.business_events FINAL "
         "WHERE InvoiceId IN {inv:Array(String)} OR PaymentId IN {pay:Array(String)} "
         "OR LedgerEntryId IN {led:Array(String)} OR TraceId IN {tr:Array(String)} "
+        "OR CustomerId IN {cus:Array(String)} "
         "ORDER BY Time LIMIT {limit:UInt32}",
         {
+            "cus": sorted(set(customers) - {""}),
             "inv": by_type["invoice"],
             "pay": by_type["payment"],
             "led": by_type["ledger_entry"],
