@@ -179,8 +179,8 @@ class Flusher:
                 token = f"wal_{segment.epoch}_s{segment.seq}_c{chunk.index}"
                 try:
                     self._write(chunk, token, replayed)
-                except Exception:
-                    if not self._set_aside_refused(segment, chunk, token):
+                except Exception as exc:
+                    if not self._set_aside_refused(segment, chunk, token, exc):
                         raise  # nothing points at a record but at the store: retried as a whole
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
             span.set_attribute("tower.rows", segment.rows)
@@ -199,12 +199,14 @@ class Flusher:
             self.store.insert_arrow(table, data)
             self.metrics.rows_flushed.labels(table=table).inc(data.num_rows)
 
-    def _set_aside_refused(self, segment: Segment, chunk: Chunk, token: str) -> bool:
+    def _set_aside_refused(self, segment: Segment, chunk: Chunk, token: str, exc: Exception) -> bool:
         """A chunk the store refused, written record by record (each checked against what is stored, so nothing
         lands twice); the records to blame go to the dead-letter box (collector/dead_letter.py). False when the
         failures point at the store instead."""
         if not self.store.ping():
             return False  # a store that does not answer refuses everything: no record to blame
+        self.metrics.flush_errors.inc()
+        log.warning("chunk %s refused (%s); writing its records one by one", token, exc)
         outcomes: list[BaseException | None] = []
         for i, record in enumerate(chunk.records):
             try:

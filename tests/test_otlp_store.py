@@ -34,6 +34,9 @@ def make_request() -> bytes:
     attrs.add(key="ratio").value.double_value = 0.25
     attrs.add(key="flag").value.bool_value = True
     attrs.add(key="quote").value.string_value = "it's \\ \t"
+    keys = attrs.add(key="revops.ledger.entry.id").value.array_value.values  # an SDK's list attribute
+    keys.add().string_value, keys.add().string_value = "le_1", "le_2"
+    attrs.add(key="tags").value.array_value.values.add().int_value = 7
     sp.status.code, sp.status.message = 2, "declined"
     ev = sp.events.add(time_unix_nano=1_767_225_600_200_000_000, name="retry")
     ev.attributes.add(key="attempt").value.int_value = 2
@@ -71,6 +74,7 @@ def test_spans_and_links_rendered_like_the_exporter(store: Store) -> None:
     attrs = dict(r["SpanAttributes"])
     assert attrs["revops.amount_minor"] == "123456789012" and attrs["ratio"] == "0.25"
     assert attrs["flag"] == "true" and attrs["quote"] == "it's \\ \t"
+    assert attrs["revops.ledger.entry.id"] == '["le_1","le_2"]' and attrs["tags"] == '["7"]'
     assert r["en"] == ["retry"] and dict(r["ea"][0]) == {"attempt": "2"}
     assert r["lt"] == ["11" * 16] and dict(r["la"][0]) == {"batch": "b1"}
     links = store.query_rows(
@@ -80,6 +84,8 @@ def test_spans_and_links_rendered_like_the_exporter(store: Store) -> None:
     assert [(x["t"], x["v"]) for x in links] == [
         ("invoice", "in_1"),
         ("invoice", "in_alias"),
+        ("ledger_entry", "le_1"),
+        ("ledger_entry", "le_2"),
         ("payment", "py_1"),
         ("payment", "py_2"),
         ("trace", "11" * 16),

@@ -19,12 +19,16 @@ from tower_core.store.base import Store, check_column, check_identifier
 log = logging.getLogger("tower.store")
 
 # The subset of opentelemetry-proto (trace/v1, common/v1, resource/v1) the tower stores. Field numbers are the
-# specification's; unknown fields (e.g. nested array/kvlist values, dropped counts) are skipped by the reader.
+# specification's; unknown fields (kvlist values, arrays inside arrays, dropped counts) are skipped by the reader.
+# An array value is read one level deep (its scalars), which is what business keys sent as arrays need.
 OTLP_PROTO = " ".join(
     """
 syntax = "proto3";
-message AnyValue { string string_value = 1; bool bool_value = 2; int64 int_value = 3; double double_value = 4;
+message ScalarValue { string string_value = 1; bool bool_value = 2; int64 int_value = 3; double double_value = 4;
   bytes bytes_value = 7; }
+message ArrayValue { repeated ScalarValue values = 1; }
+message AnyValue { string string_value = 1; bool bool_value = 2; int64 int_value = 3; double double_value = 4;
+  ArrayValue array_value = 5; bytes bytes_value = 7; }
 message KeyValue { string key = 1; AnyValue value = 2; }
 message Resource { repeated KeyValue attributes = 1; }
 message InstrumentationScope { string name = 1; string version = 2; }
@@ -40,10 +44,8 @@ message ExportTraceServiceRequest { repeated ResourceSpans resource_spans = 1; }
 """.split()
 )
 
-_KV = (
-    "Array(Tuple(key String, value Tuple(string_value String, bool_value Bool, int_value Int64, "
-    "double_value Float64, bytes_value String)))"
-)
+_SCALAR = "string_value String, bool_value Bool, int_value Int64, double_value Float64, bytes_value String"
+_KV = f"Array(Tuple(key String, value Tuple({_SCALAR}, array_value Tuple(values Array(Tuple({_SCALAR}))))))"
 STRUCTURE = (
     f"resource_spans Array(Tuple(resource Tuple(attributes {_KV}), scope_spans Array(Tuple(scope Tuple("
     f"name String, version String), spans Array(Tuple(trace_id String, span_id String, trace_state String, "
@@ -55,10 +57,20 @@ STRUCTURE = (
 
 # AnyValue -> text as the clickhouseexporter renders scalars (proto3 oneof presence is not kept by the
 # reader, so an int 0 / false / empty bytes value renders as an empty string).
+
+
+def _scalar(v: str) -> str:
+    return (
+        f"multiIf({v}.string_value != '', {v}.string_value, {v}.int_value != 0, toString({v}.int_value), "
+        f"{v}.double_value != 0, toString({v}.double_value), {v}.bool_value, 'true', {v}.bytes_value != '', "
+        f"base64Encode({v}.bytes_value), '')"
+    )
+
+
+# an array value renders as a JSON array of its scalars' texts (["in_1","in_2"]), as the key rules expect
 _VALUE = (
-    "multiIf(kv.value.string_value != '', kv.value.string_value, kv.value.int_value != 0, "
-    "toString(kv.value.int_value), kv.value.double_value != 0, toString(kv.value.double_value), "
-    "kv.value.bool_value, 'true', kv.value.bytes_value != '', base64Encode(kv.value.bytes_value), '')"
+    "if(notEmpty(kv.value.array_value.values), "
+    f"toJSONString(arrayMap(x -> {_scalar('x')}, kv.value.array_value.values)), {_scalar('kv.value')})"
 )
 
 
