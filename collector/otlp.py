@@ -125,6 +125,9 @@ class Validated:
     error_message: str
 
 
+MAX_TIME_UNIX_NANO = 2**63 - 1  # DateTime64(9) and signed nanoseconds end here (2262-04-11)
+
+
 def _span_problem(span: Any) -> str | None:
     if len(span.trace_id) != 16 or span.trace_id == _ZERO_TRACE:
         return "trace_id must be 16 non-zero bytes"
@@ -134,6 +137,9 @@ def _span_problem(span: Any) -> str | None:
         return "parent_span_id must be empty or 8 bytes"
     if span.end_time_unix_nano and span.end_time_unix_nano < span.start_time_unix_nano:
         return "end_time_unix_nano is before start_time_unix_nano"
+    times = [span.start_time_unix_nano, span.end_time_unix_nano, *(e.time_unix_nano for e in span.events)]
+    if max(times) > MAX_TIME_UNIX_NANO:
+        return "a time is past 2262-04-11, beyond what the store holds"
     if len(span.attributes) > MAX_ATTRIBUTES:
         return f"{len(span.attributes)} attributes (at most {MAX_ATTRIBUTES})"
     if len(span.name) > MAX_NAME_BYTES:

@@ -148,10 +148,12 @@ def test_partial_success_reports_rejected_spans(server: TowerServer) -> None:
     ss = req.resource_spans.add().scope_spans.add()
     ss.spans.add(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="good", start_time_unix_nano=1, end_time_unix_nano=2)
     ss.spans.add(trace_id=b"\x01" * 3, span_id=b"\x02" * 8, name="bad id")
+    # a fixed64 the store cannot hold (it would wrap to 1969)
+    ss.spans.add(trace_id=b"\x01" * 16, span_id=b"\x03" * 8, name="far future", start_time_unix_nano=2**64 - 1)
     r = httpx.post(f"{server.url}/v1/traces", content=req.SerializeToString(), headers=PB)
     assert r.status_code == 200
     resp = ExportTraceServiceResponse.FromString(r.content)
-    assert resp.partial_success.rejected_spans == 1 and "bad id" in resp.partial_success.error_message
+    assert resp.partial_success.rejected_spans == 2 and "bad id" in resp.partial_success.error_message
 
 
 def test_bad_requests_get_clear_4xx(server: TowerServer) -> None:
