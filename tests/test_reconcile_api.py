@@ -3,6 +3,7 @@ a real ``tower serve`` subprocess pulling from the simulated estate's HTTP API o
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -127,6 +128,11 @@ def test_run_then_list_filter_sort_paginate_and_statement(api: dict[str, Any]) -
     assert summary["open"] == len(expected)
     runs = c.get("/api/runs", headers=auth(op)).json()
     assert runs["items"][0]["run_id"] == run["run_id"]
+    # items first seen in the future would hide from the queue: refused; so is an offset past any page
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
+    r = c.post("/api/runs", json={"as_of": future}, headers=auth(op))
+    assert r.status_code == 422 and "future" in r.text
+    assert c.get("/api/runs", params={"offset": 2**64}, headers=auth(op)).status_code == 422
 
 
 def test_item_detail_diff_history_transaction_and_audited_transitions(api: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ async def list_actions(
     sort: str = "created_at",
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
     bad = sorted(set(state) - set(ACTION_STATES))
     if bad:
@@ -74,7 +74,7 @@ async def dead_letters(
     store: Annotated[Store, Depends(get_store)],
     viewer: Annotated[Principal, Depends(require("viewer"))],
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
     return await run_in_threadpool(
         _list,

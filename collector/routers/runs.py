@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from collector.auth import Principal, require
@@ -24,6 +24,17 @@ class RunRequest(BaseModel):
     region: str = Field("", pattern=r"^[A-Za-z0-9_-]{0,16}$", description="Only this region (e.g. EU).")
     as_of: dt.datetime | None = Field(None, description="Reconcile as of this time (default now); grace and aging.")
 
+    @field_validator("as_of")
+    @classmethod
+    def _not_in_the_future(cls, value: dt.datetime | None) -> dt.datetime | None:
+        """Items first seen in the future would hide from the queue (negative age) until that date."""
+        if value is None:
+            return None
+        value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        if value > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5):
+            raise ValueError("as_of is in the future; a run reconciles as of now or an earlier time")
+        return value
+
 
 @router.post("", status_code=202, summary="Start a reconciliation run")
 async def start(
@@ -33,8 +44,6 @@ async def start(
     operator: Annotated[Principal, Depends(require("operator"))],
 ) -> dict[str, Any]:
     as_of = body.as_of
-    if as_of is not None and as_of.tzinfo is None:
-        as_of = as_of.replace(tzinfo=dt.UTC)
     try:
         run_id = service.start_run(
             full=body.full, region=body.region, as_of=as_of, trigger="api", requested_by=operator.name
@@ -54,7 +63,7 @@ async def list_runs(
     viewer: Annotated[Principal, Depends(require("viewer"))],
     state: Annotated[str, Query(pattern="^(|running|succeeded|failed)$")] = "",
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
     rows, total = await run_in_threadpool(q.list_runs, store, limit, offset, state)
     return {"items": rows, "total": total, "limit": limit, "offset": offset}

@@ -43,7 +43,7 @@ async def statement(
     day_to: Annotated[dt.date | None, Query(alias="to")] = None,
     residual_only: bool = False,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
     doc = await run_in_threadpool(
         _statement,
