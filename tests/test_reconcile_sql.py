@@ -299,6 +299,22 @@ def test_incremental_rematches_an_unallocated_payment_when_its_customer_gets_an_
     assert actions.auto_correct("run") == 0 and q.list_actions(store)[1] == 0
 
 
+def test_a_duplicate_posted_on_another_day_is_explained_in_each_day_of_the_statement(store: Store) -> None:
+    q.write_invoices(store, [inv("in_dup")])
+    next_day = dataclasses.replace(
+        led("le_dup2", "invoice", "in_dup", 1_100), period_date=(T + dt.timedelta(days=1)).date()
+    )
+    q.write_ledger(store, [led("le_dup1", "invoice", "in_dup", 1_100), next_day])
+    run = Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.DUPLICATE_POSTING, "in_dup")}
+    rows = {r["day"]: r for r in q.list_statements(store, run_id=run.run_id)[0]}
+    day1, day2 = T.date(), (T + dt.timedelta(days=1)).date()
+    assert (rows[day1]["billing_total_minor"], rows[day1]["erp_total_minor"]) == (1_100, 1_100)
+    assert (rows[day2]["billing_total_minor"], rows[day2]["erp_total_minor"]) == (0, 1_100)
+    assert dict(rows[day2]["explained"]) == {c.DUPLICATE_POSTING: -1_100}
+    assert run.residual_minor == 0 and all(r["residual_minor"] == 0 for r in rows.values())
+
+
 def test_region_filter(store: Store) -> None:
     q.write_invoices(store, [inv("in_eu"), inv("in_na", region="NA")])
     r = Reconciler(store, RULES)

@@ -527,7 +527,7 @@ def find_candidates(store: Store, run_id: str, region: str = "") -> dict[str, in
 _INVOICE_FACTS = """
 INSERT INTO $db.reconcile_invoice_facts (RunId, key, b_n, b_customer, b_region, b_currency, b_total, b_tax,
     b_subtotal, b_status, b_issued, b_finalized, b_day, e_n, e_currency, e_amount, e_sum, e_status, e_entry,
-    e_region, e_party, e_day, rejected, e_applied, b_alloc, b_alloc_unposted, b_credit_unposted)
+    e_region, e_party, e_day, rejected, e_applied, b_alloc, b_alloc_unposted, b_credit_unposted, e_cells)
 SELECT
     {run:String},
     k AS key,
@@ -556,7 +556,9 @@ SELECT
     sumIf(amt, src = 4) AS b_alloc,
     arraySum(arrayMap((p, a) -> if(has(groupArrayIf(id, src = 2), p), 0, a),
         groupArrayIf(id, src = 4), groupArrayIf(amt, src = 4))) AS b_alloc_unposted,
-    arraySum(arrayMap(p -> if(has(groupArrayIf(id, src = 6), p), 0, 1), groupArrayIf(id, src = 5))) AS b_credit_unposted
+    arraySum(arrayMap(p -> if(has(groupArrayIf(id, src = 6), p), 0, 1), groupArrayIf(id, src = 5)))
+        AS b_credit_unposted,
+    groupArrayIf((toString(region), toString(cur), day, amt), src = 1) AS e_cells
 FROM (
     SELECT InvoiceId AS k, 0 AS src, CustomerId AS cust, Region AS region, Currency AS cur, TotalMinor AS amt,
         TaxMinor AS amt2, SubtotalMinor AS amt3, Status AS status, IssuedAt AS ts, FinalizedAt AS ts2,
@@ -1352,13 +1354,13 @@ FACTS = pa.schema(
 
 _STATEMENT_FACTS = """
 INSERT INTO $db.reconcile_facts (Key, BillingRegion, BillingCurrency, ErpRegion, ErpCurrency, BillingDay, ErpDay,
-    BillingMinor, ErpMinor, Class, RunId, Version)
+    BillingMinor, ErpMinor, Class, RunId, Version, ErpCells)
 SELECT key, b_cell_r, b_cell_c, e_cell_r, e_cell_c, bd, ed, bmin, emin,
     if(cls != '', cls, multiIf(
         bmin != emin, 'within_tolerance',
         b_cell_r = e_cell_r AND b_cell_c = e_cell_c AND bd != ed AND bmin != 0, 'timing',
         '')),
-    {run:String}, {v:UInt64}
+    {run:String}, {v:UInt64}, if(e_n > 0, e_cells, [])
 FROM (
     SELECT *,
         if(in_billing AND final, b_total, 0) AS bmin, if(e_n > 0, e_sum, 0) AS emin,
@@ -1377,7 +1379,8 @@ def write_statement_facts(store: Store, run_id: str, rules: Mapping[str, Any]) -
 
 
 _CLEAR_FACTS = """
-INSERT INTO $db.reconcile_facts
+INSERT INTO $db.reconcile_facts (Key, BillingRegion, BillingCurrency, ErpRegion, ErpCurrency, BillingDay, ErpDay,
+    BillingMinor, ErpMinor, Class, RunId, Version)
 SELECT Key, BillingRegion, BillingCurrency, ErpRegion, ErpCurrency, BillingDay, ErpDay, 0, 0, '', {run:String},
     {v:UInt64}
 FROM $db.reconcile_facts FINAL
@@ -1397,7 +1400,8 @@ def clear_facts(store: Store, run_id: str, *, full: bool, region: str) -> None:
 
 # Billing side: finalized invoices by their region, currency and issue day. ERP side: invoice postings by the
 # ERP's own region, currency and period date (drafts are rejected documents, not postings). Explained: the
-# per-key contributions of the keys that differ, by class. Residual = what no class explains.
+# per-key contributions of the keys that differ, by class, the ERP side per posting (its own region, currency
+# and day: migration 0014). Residual = what no class explains.
 _STATEMENT = """
 INSERT INTO $db.reconciliation_statements
 SELECT {run:String}, Region, Currency, Day, billing, erp, billing - erp, explained,
@@ -1417,8 +1421,10 @@ FROM (
         SELECT BillingRegion, BillingCurrency, BillingDay, 0, 0, Class, BillingMinor
         FROM $db.reconcile_facts FINAL WHERE Class != '' AND BillingMinor != 0 /*fact_b_filter*/
         UNION ALL
-        SELECT ErpRegion, ErpCurrency, ErpDay, 0, 0, Class, -ErpMinor
-        FROM $db.reconcile_facts FINAL WHERE Class != '' AND ErpMinor != 0 /*fact_e_filter*/
+        SELECT c.1, c.2, c.3, 0, 0, Class, -c.4
+        FROM $db.reconcile_facts FINAL
+        ARRAY JOIN if(empty(ErpCells), [(toString(ErpRegion), toString(ErpCurrency), ErpDay, ErpMinor)], ErpCells) AS c
+        WHERE Class != '' AND c.4 != 0 /*fact_e_filter*/
     )
     WHERE ({region:String} = '' OR Region = {region:String})
     GROUP BY Region, Currency, Day
