@@ -212,8 +212,8 @@ class Flusher:
             try:
                 self._write(Chunk(chunk.index, [record]), f"{token}_i{i}", replayed=True)
                 outcomes.append(None)
-            except Exception as exc:
-                outcomes.append(exc)
+            except Exception as err:
+                outcomes.append(err)
         blamed = dead_letter.blame(outcomes)
         if blamed is None:
             return False

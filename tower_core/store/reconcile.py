@@ -527,7 +527,7 @@ def find_candidates(store: Store, run_id: str, region: str = "") -> dict[str, in
 _INVOICE_FACTS = """
 INSERT INTO $db.reconcile_invoice_facts (RunId, key, b_n, b_customer, b_region, b_currency, b_total, b_tax,
     b_subtotal, b_status, b_issued, b_finalized, b_day, e_n, e_currency, e_amount, e_sum, e_status, e_entry,
-    e_region, e_party, e_day, rejected, e_applied, b_alloc, b_alloc_unposted, b_credit_unposted, e_cells)
+    e_region, e_party, e_day, rejected, e_applied, b_alloc, b_alloc_unposted, b_credit_unposted)
 SELECT
     {run:String},
     k AS key,
@@ -556,9 +556,7 @@ SELECT
     sumIf(amt, src = 4) AS b_alloc,
     arraySum(arrayMap((p, a) -> if(has(groupArrayIf(id, src = 2), p), 0, a),
         groupArrayIf(id, src = 4), groupArrayIf(amt, src = 4))) AS b_alloc_unposted,
-    arraySum(arrayMap(p -> if(has(groupArrayIf(id, src = 6), p), 0, 1), groupArrayIf(id, src = 5)))
-        AS b_credit_unposted,
-    groupArrayIf((toString(region), toString(cur), day, amt), src = 1) AS e_cells
+    arraySum(arrayMap(p -> if(has(groupArrayIf(id, src = 6), p), 0, 1), groupArrayIf(id, src = 5))) AS b_credit_unposted
 FROM (
     SELECT InvoiceId AS k, 0 AS src, CustomerId AS cust, Region AS region, Currency AS cur, TotalMinor AS amt,
         TaxMinor AS amt2, SubtotalMinor AS amt3, Status AS status, IssuedAt AS ts, FinalizedAt AS ts2,
@@ -1360,7 +1358,7 @@ SELECT key, b_cell_r, b_cell_c, e_cell_r, e_cell_c, bd, ed, bmin, emin,
         bmin != emin, 'within_tolerance',
         b_cell_r = e_cell_r AND b_cell_c = e_cell_c AND bd != ed AND bmin != 0, 'timing',
         '')),
-    {run:String}, {v:UInt64}, if(e_n > 0, e_cells, [])
+    {run:String}, {v:UInt64}, if(e_n > 1, cells.c, [])
 FROM (
     SELECT *,
         if(in_billing AND final, b_total, 0) AS bmin, if(e_n > 0, e_sum, 0) AS emin,
@@ -1368,7 +1366,15 @@ FROM (
         if(e_region != '', e_region, b_region) AS e_cell_r, if(e_currency != '', e_currency, b_currency) AS e_cell_c,
         if(in_billing, b_day, e_day) AS bd, if(e_n > 0, e_day, b_day) AS ed
     FROM (/*classified*/)
-)
+) AS f
+-- keys booked more than once: each posting in its own cell (the run's ledger rows, as the invoice facts read them)
+LEFT JOIN (
+    SELECT ExternalRef AS ck, groupArray((toString(Region), toString(Currency), PeriodDate, AmountMinor)) AS c
+    FROM $db.reconcile_ledger_rows
+    WHERE RunId = {run:String} AND EntryType = 'invoice' AND Status != 'draft'
+    GROUP BY ExternalRef
+    HAVING count() > 1
+) AS cells ON cells.ck = f.key
 """
 
 
