@@ -385,27 +385,16 @@ class ActionService:
             wait = max(self.breakers.retry_in(system), self.retry.initial_s)
             return self._defer(row, row["LastError"], wait, before)
         except BusinessRuleError as exc:
-            row["Attempts"] = int(row["Attempts"]) + attempts_here
-            row["State"] = FAILED
-            row["DeadLetter"] = 1
-            row["LastError"] = f"business rule: {exc}"
-            self._save(row, "reconciler", "action.fail", before, "rejected by the target; not retried")
-            return _public(row)
+            return self._fail(
+                row, before, attempts_here, f"business rule: {exc}", "rejected by the target; not retried"
+            )
         except ActionError as exc:
-            row["Attempts"] = int(row["Attempts"]) + attempts_here
-            row["State"] = FAILED
-            row["DeadLetter"] = 1
-            row["LastError"] = str(exc)
-            self._save(row, "reconciler", "action.fail", before, "cannot be performed")
-            return _public(row)
+            return self._fail(row, before, attempts_here, str(exc), "cannot be performed")
         except UnexpectedError as exc:
             log.exception("action %s failed unexpectedly", row["ActionId"])
-            row["Attempts"] = int(row["Attempts"]) + attempts_here
-            row["State"] = FAILED
-            row["DeadLetter"] = 1
-            row["LastError"] = f"unexpected: {exc}"
-            self._save(row, "reconciler", "action.fail", before, "unexpected error; not retried, replay it once fixed")
-            return _public(row)
+            return self._fail(
+                row, before, attempts_here, f"unexpected: {exc}", "unexpected error; not retried, replay it once fixed"
+            )
         row["Attempts"] = int(row["Attempts"]) + attempts_here
         row["State"] = SUCCEEDED
         row["LastError"] = ""
@@ -413,6 +402,17 @@ class ActionService:
             {"target_ref": outcome.target_ref, "already_done": outcome.already_done, "detail": outcome.detail}
         )
         self._save(row, "reconciler", "action.succeed", before, outcome.detail)
+        return _public(row)
+
+    def _fail(
+        self, row: dict[str, Any], before: dict[str, Any], attempts: int, error: str, note: str
+    ) -> dict[str, Any]:
+        """An attempt that is not retried: the action fails into the dead-letter list, for a replay."""
+        row["Attempts"] = int(row["Attempts"]) + attempts
+        row["State"] = FAILED
+        row["DeadLetter"] = 1
+        row["LastError"] = error
+        self._save(row, "reconciler", "action.fail", before, note)
         return _public(row)
 
     def _defer(
