@@ -188,8 +188,9 @@ def to_tables(
     """business_events rows, and business_key_links rows for events that carry a trace."""
     cols: dict[str, list[Any]] = {n: [] for n in BUSINESS_EVENTS.names}
     links: dict[tuple[str, str, str, str], list[Any]] = {}
+    mapped = [n for n in key_names if not n.startswith("revops.")]
     for ev, recv in zip(events, received_ns, strict=True):
-        a = ev.attributes
+        a = {**_mapped_data_fields(ev.data, mapped), **ev.attributes} if mapped and ev.data else ev.attributes
         keys = dict(extract_keys(a, key_names))
         amount = a.get("revops.amount_minor", "0")
         row = {
@@ -224,6 +225,19 @@ def to_tables(
                 else:
                     cur[1], cur[2] = min(cur[1], ev.time_ns), max(cur[2], ev.time_ns)
     return pa.Table.from_pydict(cols, schema=BUSINESS_EVENTS), links_table(links)
+
+
+def _mapped_data_fields(data: str, names: list[str]) -> dict[str, str]:
+    """Fields of an event's ``data`` named by the key-attribute map (``TOWER_KEY_ATTRIBUTE_MAP``, e.g.
+    ``stripe.invoice_id``): CloudEvents extension names cannot hold a dot, so ``data`` is where they arrive."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    found = {n: _scalar_text(doc[n]) for n in names if n in doc}
+    return {n: text for n, text in found.items() if text is not None}
 
 
 def links_table(links: Mapping[tuple[str, str, str, str], list[Any]]) -> pa.Table:

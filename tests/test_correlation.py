@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collector import correlation as corr
+from collector import events
 
 
 def test_extract_keys_reads_conventions_mappings_and_arrays() -> None:
@@ -19,6 +20,17 @@ def test_extract_keys_reads_conventions_mappings_and_arrays() -> None:
     keys = corr.extract_keys(attrs, names)
     assert set(keys) == {("customer", "cus_1"), ("invoice", "in_9"), ("payment", "py_1"), ("payment", "py_2")}
     assert corr.extract_keys({"revops.invoice.id": "x" * 300}, names) == []  # absurd ids are not keys
+
+
+def test_a_mapped_key_name_in_a_cloudevents_data_is_a_key() -> None:
+    """CloudEvents extension names cannot hold a dot, so a mapped name (stripe.invoice_id) arrives in ``data``."""
+    names = corr.key_attribute_names({"stripe.invoice_id": "revops.invoice.id"})
+    doc = {"specversion": "1.0", "id": "e1", "source": "stripe", "type": "invoice.paid", "time": "2026-01-01T00:00:00Z"}
+    mapped = events.parse_event({**doc, "data": {"stripe.invoice_id": "in_9", "other": "x"}}, 0)
+    conventional = events.parse_event({**doc, "id": "e2", "data": {"revops.invoice.id": "in_8"}}, 0)
+    not_an_object = events.parse_event({**doc, "id": "e3", "data": ["stripe.invoice_id"]}, 0)
+    table, _ = events.to_tables([mapped, conventional, not_an_object], [0, 0, 0], names)
+    assert table.column("InvoiceId").to_pylist() == ["in_9", "in_8", ""]
 
 
 def test_seed_key_needs_exactly_one() -> None:
