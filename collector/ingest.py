@@ -73,6 +73,12 @@ class IngestService:
         self.flusher.stop()
         self.wal.close()
 
+    def _never_fits(self, payload: bytes) -> str | None:
+        """A request larger than the whole buffer would get 503 on every retry: it is refused as too large."""
+        if len(payload) + 64 <= self.wal.max_bytes:  # 64: the record's framing, generously
+            return None
+        return f"request of {len(payload)} bytes is larger than the write-ahead buffer (TOWER_WAL_MAX_BYTES)"
+
     def _append(self, kind: int, rows: int, payload: bytes) -> None:
         try:
             self.wal.append(kind, rows, payload)
@@ -103,6 +109,8 @@ class IngestService:
             return Reply(400, otlp.status_body(mt, 400, checked.error_message), mt)
         if checked.accepted:
             payload = raw if (mt == otlp.PROTOBUF and not checked.rejected) else req.SerializeToString()
+            if (too_big := self._never_fits(payload)) is not None:
+                return Reply(413, otlp.status_body(mt, 413, too_big), mt)
             try:
                 self._append(KIND_SPANS, checked.accepted, payload)
             except Refused as exc:
@@ -124,6 +132,8 @@ class IngestService:
         if not good:
             return _json(400, {"error": "no valid event in the request", "accepted": 0, "rejected": bad})
         payload = orjson.dumps({"received_ns": received_ns, "events": [e.to_json() for e in good]})
+        if (too_big := self._never_fits(payload)) is not None:
+            return _json(413, {"error": too_big})
         try:
             self._append(KIND_EVENTS, len(good), payload)
         except Refused as exc:

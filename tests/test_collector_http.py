@@ -326,6 +326,12 @@ def test_full_buffer_answers_503_with_retry_after(tmp_path: Path) -> None:
         refused = next(r for r in statuses if r.status_code == 503)
         assert refused.headers["Retry-After"] == "1"
         assert "buffer" in status_pb2.Status.FromString(refused.content).message
+        # a request larger than the whole buffer would be refused on every retry: 413, not 503
+        for i in range(500, 1_500):
+            sp = ss.spans.add(trace_id=(i + 1).to_bytes(16, "big"), span_id=b"\x01" * 8, name="x" * 50)
+            sp.attributes.add(key="k").value.string_value = "v" * 100
+        huge = httpx.post(f"{srv.url}/v1/traces", content=req.SerializeToString(), headers=PB)
+        assert huge.status_code == 413 and "TOWER_WAL_MAX_BYTES" in status_pb2.Status.FromString(huge.content).message
 
 
 def test_ingest_tokens_when_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
