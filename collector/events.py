@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +91,9 @@ def _scalar_text(value: Any) -> str | None:
     return None
 
 
-def parse_event(doc: Any, received_ns: int) -> BusinessEvent:
+def parse_event(doc: Any, received_ns: int, key_names: Collection[str] = ()) -> BusinessEvent:
+    """``key_names``: attribute names mapped onto business keys (TOWER_KEY_ATTRIBUTE_MAP), read from ``data``
+    besides ``revops.*`` (CloudEvents extension names cannot hold a dot, so ``data`` is where they arrive)."""
     if not isinstance(doc, dict):
         raise EventError("an event must be a JSON object")
     for attr in _REQUIRED:
@@ -113,7 +115,7 @@ def parse_event(doc: Any, received_ns: int) -> BusinessEvent:
     if isinstance(data, dict):
         for k, v in data.items():
             text = _scalar_text(v)
-            if text is not None and k.startswith("revops."):
+            if text is not None and (k.startswith("revops.") or k in key_names):
                 attrs[k] = text
     for k, v in doc.items():  # extension attributes (revops* or mapped names) win over data fields
         if k not in (
@@ -155,7 +157,9 @@ def parse_event(doc: Any, received_ns: int) -> BusinessEvent:
     )
 
 
-def parse_body(body: bytes, content_type: str | None, received_ns: int) -> tuple[list[BusinessEvent], list[dict]]:
+def parse_body(
+    body: bytes, content_type: str | None, received_ns: int, key_names: Collection[str] = ()
+) -> tuple[list[BusinessEvent], list[dict]]:
     """Valid events and, for the others, ``{"index", "id", "error"}``. Raises EventError if the body as a
     whole is unusable."""
     mt = (content_type or "").split(";", 1)[0].strip().lower()
@@ -176,7 +180,7 @@ def parse_body(body: bytes, content_type: str | None, received_ns: int) -> tuple
     good, bad = [], []
     for i, d in enumerate(docs):
         try:
-            good.append(parse_event(d, received_ns))
+            good.append(parse_event(d, received_ns, key_names))
         except EventError as exc:
             bad.append({"index": i, "id": d.get("id") if isinstance(d, dict) else None, "error": str(exc)})
     return good, bad
@@ -188,9 +192,8 @@ def to_tables(
     """business_events rows, and business_key_links rows for events that carry a trace."""
     cols: dict[str, list[Any]] = {n: [] for n in BUSINESS_EVENTS.names}
     links: dict[tuple[str, str, str, str], list[Any]] = {}
-    mapped = [n for n in key_names if not n.startswith("revops.")]
     for ev, recv in zip(events, received_ns, strict=True):
-        a = {**_mapped_data_fields(ev.data, mapped), **ev.attributes} if mapped and ev.data else ev.attributes
+        a = ev.attributes
         keys = dict(extract_keys(a, key_names))
         amount = a.get("revops.amount_minor", "0")
         row = {
@@ -225,19 +228,6 @@ def to_tables(
                 else:
                     cur[1], cur[2] = min(cur[1], ev.time_ns), max(cur[2], ev.time_ns)
     return pa.Table.from_pydict(cols, schema=BUSINESS_EVENTS), links_table(links)
-
-
-def _mapped_data_fields(data: str, names: list[str]) -> dict[str, str]:
-    """Fields of an event's ``data`` named by the key-attribute map (``TOWER_KEY_ATTRIBUTE_MAP``, e.g.
-    ``stripe.invoice_id``): CloudEvents extension names cannot hold a dot, so ``data`` is where they arrive."""
-    try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return {}
-    if not isinstance(doc, dict):
-        return {}
-    found = {n: _scalar_text(doc[n]) for n in names if n in doc}
-    return {n: text for n, text in found.items() if text is not None}
 
 
 def links_table(links: Mapping[tuple[str, str, str, str], list[Any]]) -> pa.Table:

@@ -124,7 +124,7 @@ class IngestService:
         if len(body) > self.settings.max_body_bytes:
             return _json(413, {"error": f"request body exceeds {self.settings.max_body_bytes} bytes"})
         try:
-            good, bad = ev.parse_body(body, content_type, received_ns)
+            good, bad = ev.parse_body(body, content_type, received_ns, self.key_names)
         except ev.EventError as exc:
             status = 415 if "content type" in str(exc) else 400
             return _json(status, {"error": str(exc)})

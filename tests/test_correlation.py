@@ -26,9 +26,9 @@ def test_a_mapped_key_name_in_a_cloudevents_data_is_a_key() -> None:
     """CloudEvents extension names cannot hold a dot, so a mapped name (stripe.invoice_id) arrives in ``data``."""
     names = corr.key_attribute_names({"stripe.invoice_id": "revops.invoice.id"})
     doc = {"specversion": "1.0", "id": "e1", "source": "stripe", "type": "invoice.paid", "time": "2026-01-01T00:00:00Z"}
-    mapped = events.parse_event({**doc, "data": {"stripe.invoice_id": "in_9", "other": "x"}}, 0)
-    conventional = events.parse_event({**doc, "id": "e2", "data": {"revops.invoice.id": "in_8"}}, 0)
-    not_an_object = events.parse_event({**doc, "id": "e3", "data": ["stripe.invoice_id"]}, 0)
+    mapped = events.parse_event({**doc, "data": {"stripe.invoice_id": "in_9", "other": "x"}}, 0, names)
+    conventional = events.parse_event({**doc, "id": "e2", "data": {"revops.invoice.id": "in_8"}}, 0, names)
+    not_an_object = events.parse_event({**doc, "id": "e3", "data": ["stripe.invoice_id"]}, 0, names)
     table, _ = events.to_tables([mapped, conventional, not_an_object], [0, 0, 0], names)
     assert table.column("InvoiceId").to_pylist() == ["in_9", "in_8", ""]
 
