@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from collector.wal import KIND_SPANS, Record
+from collector.wal import KIND_SPANS, Record, fsync_dir, write_synced
 from tower_core.errors import StoreError
 
 # ClickHouse error codes about the data being inserted (parse, type, range), not about the server's state
@@ -85,11 +85,7 @@ class DeadLetterBox:
         }
         _write_durably(payload, record.payload)
         _write_durably(self.dir / f"{name}.error.json", json.dumps(why).encode() + b"\n")
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.dir)
         return payload
 
     def names(self) -> list[str]:
@@ -99,9 +95,6 @@ class DeadLetterBox:
 def _write_durably(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        write_synced(fd, data)
     finally:
         os.close(fd)

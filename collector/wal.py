@@ -84,11 +84,21 @@ def _scan(path: Path) -> tuple[int, int]:
     return good, rows
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_synced(fd: int, data: bytes) -> None:
+    """Write all of ``data`` and fsync; a short write (a full disk) is an OSError."""
     written = os.write(fd, data)
     if written != len(data):
         raise OSError(28, "short write")
     os.fsync(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (files created or removed) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _last_epoch(segments: list[Segment]) -> int:
@@ -132,11 +142,7 @@ class WriteAheadBuffer:
         return segment
 
     def _fsync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.dir)
 
     @property
     def epoch(self) -> str:
@@ -185,7 +191,7 @@ class WriteAheadBuffer:
             self._io_busy = True
             self._lock.release()
             try:
-                _write_all(self._fd, b"".join(p.record for p in batch))  # type: ignore[arg-type]
+                write_synced(self._fd, b"".join(p.record for p in batch))  # type: ignore[arg-type]
             finally:
                 self._lock.acquire()
                 self._io_busy = False
