@@ -38,6 +38,7 @@ from tower_core.store import reconcile as q
 log = logging.getLogger("tower.reconciler.actions")
 
 PENDING, IN_PROGRESS, SUCCEEDED, FAILED = "pending", "in_progress", "succeeded", "failed"
+_REPLAY = ":replay:"  # a replay's idempotency key: its original's, this, and the replay's number
 ACTIVE = (PENDING, IN_PROGRESS)
 
 
@@ -107,10 +108,6 @@ class Breakers:
             }
 
 
-def _utc(t: dt.datetime) -> dt.datetime:
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -168,7 +165,7 @@ class ActionService:
         """One lock per target: a replay's key is its original's plus ``:replay:N``, and a replay and a new
         request for the same item must not both find the target empty and both write."""
         with self._locks_guard:
-            return self._locks.setdefault(key.split(":replay:", 1)[0], threading.Lock())
+            return self._locks.setdefault(key.split(_REPLAY, 1)[0], threading.Lock())
 
     # --- persistence helpers
     def _save(self, row: dict[str, Any], actor: str, verb: str, before: dict[str, Any] | None, note: str = "") -> None:
@@ -222,7 +219,8 @@ class ActionService:
             existing = [
                 a
                 for a in previous
-                if a["State"] in ACTIVE or (a["State"] == SUCCEEDED and _utc(item["UpdatedAt"]) <= _utc(a["UpdatedAt"]))
+                if a["State"] in ACTIVE
+                or (a["State"] == SUCCEEDED and c.aware(item["UpdatedAt"]) <= c.aware(a["UpdatedAt"]))
             ]
             if existing:
                 row = existing[-1]
@@ -294,7 +292,7 @@ class ActionService:
             row.update(
                 {
                     "ActionId": uuid.uuid4().hex,
-                    "IdempotencyKey": f"{orig['IdempotencyKey']}:replay:{len(replays) + 1}",
+                    "IdempotencyKey": f"{orig['IdempotencyKey']}{_REPLAY}{len(replays) + 1}",
                     "Kind": "replay",
                     "State": PENDING,
                     "Attempts": 0,

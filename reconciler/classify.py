@@ -261,14 +261,14 @@ def _day(value: dt.datetime | dt.date | None, fallback: dt.datetime) -> dt.date:
     return fallback.date()
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
+def aware(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _inside_grace(since: dt.datetime | None, as_of: dt.datetime, grace: dt.timedelta) -> bool:
-    since = _aware(since)
+    since = aware(since)
     return since is not None and since.year > 1971 and as_of - since <= grace
 
 
@@ -344,7 +344,7 @@ def classify_invoice(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
     if e_n == 0:
         erp = {"status": "", "currency": "", "total_minor": "", "customer_id": ""}
         rejected = f.get("rejected") or ""
-        finalized = _aware(f["b_finalized"])
+        finalized = aware(f["b_finalized"])
         since = finalized if finalized is not None and finalized.year > 1971 else f["b_issued"]
         if not rejected and _inside_grace(since, as_of, rules.grace(MISSING_IN_ERP)):
             return Finding(STALE_SYNC, "posting_pending", "erp", amount_minor=b_total, billing=billing, erp=erp, **base)
