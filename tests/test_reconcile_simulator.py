@@ -99,6 +99,16 @@ def missing_estate(seed: int = 5, invoices: int = 400, **rates: float) -> Estate
     )
 
 
+def one_missing_posting(
+    store: Store, tmp_path: Path, seed: int = 5, **over: Any
+) -> tuple[Estate, ReconcilerService, str]:
+    """An estate with invoices missing in the ERP, reconciled once: the estate, the service, and one such invoice."""
+    estate = missing_estate(seed=seed, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path, **over)
+    svc.run(full=True, as_of=estate.config.as_of)
+    return estate, svc, sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+
+
 def test_business_rule_corrections_wait_for_approval_then_repair_once_and_resolve(store: Store, tmp_path: Path) -> None:
     estate = missing_estate(amount_mismatch=0.01, currency_mismatch=0.01, duplicate_erp_posting=0.01)
     svc = service_for(store, estate, tmp_path)
@@ -173,10 +183,7 @@ class SlowErp:
 
 
 def test_same_action_sent_twice_concurrently_posts_once(store: Store, tmp_path: Path) -> None:
-    estate = missing_estate(erp_posting_missing=0.02)
-    svc = service_for(store, estate, tmp_path)
-    svc.run(full=True, as_of=estate.config.as_of)
-    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path)
     svc.actions.erp = SlowErp(estate.erp)  # type: ignore[assignment]
     drift_id = c.drift_id(c.MISSING_IN_ERP, invoice_id)
     barrier = threading.Barrier(2)
@@ -206,10 +213,7 @@ def test_same_action_sent_twice_concurrently_posts_once(store: Store, tmp_path: 
 def test_a_replay_and_a_new_request_for_the_same_item_post_once(store: Store, tmp_path: Path) -> None:
     """A replay has a key of its own (its original's plus :replay:N); it must still share the target's lock with
     a new request for the same item, or both find the ERP empty and both post."""
-    estate = missing_estate(seed=18, invoices=400, erp_posting_missing=0.02)
-    svc = service_for(store, estate, tmp_path)
-    svc.run(full=True, as_of=estate.config.as_of)
-    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=18)
     drift_id = c.drift_id(c.MISSING_IN_ERP, invoice_id)
     svc.actions.erp = OddErp(estate.erp)  # type: ignore[assignment]
     failed = svc.actions.request(drift_id, "alice")
@@ -247,10 +251,7 @@ def test_a_replay_and_a_new_request_for_the_same_item_post_once(store: Store, tm
 
 
 def test_a_correction_runs_again_when_the_drift_comes_back_after_it_succeeded(store: Store, tmp_path: Path) -> None:
-    estate = missing_estate(seed=19, invoices=400, erp_posting_missing=0.02)
-    svc = service_for(store, estate, tmp_path)
-    svc.run(full=True, as_of=estate.config.as_of)
-    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=19)
     drift_id = c.drift_id(c.MISSING_IN_ERP, invoice_id)
     first = svc.actions.request(drift_id, "alice")
     assert first["state"] == "succeeded" and svc.actions.request(drift_id, "bob")["action_id"] == first["action_id"]
@@ -369,10 +370,7 @@ class OddErp:
 def test_an_unexpected_erp_error_fails_the_action_instead_of_leaving_it_in_progress(
     store: Store, tmp_path: Path
 ) -> None:
-    estate = missing_estate(seed=16, invoices=400, erp_posting_missing=0.02)
-    svc = service_for(store, estate, tmp_path)
-    svc.run(full=True, as_of=estate.config.as_of)
-    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=16)
     svc.actions.erp = OddErp(estate.erp)  # type: ignore[assignment]
     action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
     assert action["state"] == "failed" and action["dead_letter"] and action["attempts"] == 1
@@ -442,10 +440,7 @@ def test_auto_correct_repairs_technical_classes_only(store: Store, tmp_path: Pat
 
 
 def test_transient_errors_are_retried_with_backoff(store: Store, tmp_path: Path) -> None:
-    estate = missing_estate(seed=14, invoices=400, erp_posting_missing=0.02)
-    svc = service_for(store, estate, tmp_path, reconcile_action_attempts=4)
-    svc.run(full=True, as_of=estate.config.as_of)
-    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=14, reconcile_action_attempts=4)
     estate.erp.fail_next(2)  # a blip: two timeouts, then the ERP answers
     action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
     assert action["state"] == "succeeded" and action["attempts"] == 3
