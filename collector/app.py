@@ -18,6 +18,7 @@ from collector.routers import actions as action_routes
 from collector.routers import audit as audit_routes
 from collector.routers import bulk as bulk_routes
 from collector.routers import cdp, drift, events, health, lookups, metrics, otlp, runs, statements, tokens, webhooks
+from collector.routers import dead_letters as dead_letter_routes
 from collector.routers import overview as overview_routes
 from collector.routers import sla as sla_routes
 from collector.scheduler import create_scheduler
@@ -70,7 +71,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
         log.warning("store error on %s: %s", request.url.path, exc)
         return JSONResponse({"detail": "the store is unavailable; try again"}, 503, {"Retry-After": "5"})
 
-    for module in (health, otlp, events, lookups, metrics, tokens, webhooks, cdp):
+    for module in (health, otlp, events, lookups, metrics, tokens, webhooks, cdp, dead_letter_routes):
         app.include_router(module.router)
     app.include_router(sla_routes.router)
     for module in (drift, action_routes, runs, statements):

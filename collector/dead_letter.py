@@ -19,8 +19,9 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from collector.wal import KIND_SPANS, Record, fsync_dir, write_synced
+from collector.wal import KIND_EVENTS, KIND_SPANS, Record, fsync_dir, write_synced
 from tower_core.errors import StoreError
 
 # ClickHouse error codes about the data being inserted (parse, type, range), not about the server's state
@@ -90,6 +91,39 @@ class DeadLetterBox:
 
     def names(self) -> list[str]:
         return sorted(p.name.removesuffix(".error.json") for p in self.dir.glob("*.error.json"))
+
+    def entries(self) -> list[dict[str, Any]]:
+        """What each set-aside record is and why, oldest first (names start with the segment's epoch and
+        sequence). A reason file that cannot be read is listed with its name and the read error."""
+        return [self._why(name) for name in self.names()]
+
+    def _why(self, name: str) -> dict[str, Any]:
+        try:
+            why = json.loads((self.dir / f"{name}.error.json").read_bytes())
+            if not isinstance(why, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            why = {"error": f"unreadable reason file: {exc}"}
+        return {"name": name, **why}
+
+    def get(self, name: str) -> tuple[dict[str, Any], Record] | None:
+        """One set-aside record (its reason and the payload as buffered), or None when the box has no such
+        name. Names are matched against the box's own listing, so a path never leaves the box."""
+        if name not in self.names():
+            return None
+        why = self._why(name)
+        for kind, suffix in ((KIND_SPANS, "otlp.pb"), (KIND_EVENTS, "events.json")):
+            path = self.dir / f"{name}.{suffix}"
+            if path.exists():
+                rows = why.get("rows")
+                return why, Record(kind, rows if isinstance(rows, int) and rows > 0 else 1, path.read_bytes())
+        return None
+
+    def remove(self, name: str) -> None:
+        """Forget one record (after it went back into the buffer): payload first, then its reason."""
+        for suffix in ("otlp.pb", "events.json", "error.json"):
+            (self.dir / f"{name}.{suffix}").unlink(missing_ok=True)
+        fsync_dir(self.dir)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -6,8 +6,10 @@ event loop: the fsync'd append runs in a worker thread.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -58,6 +60,7 @@ class IngestService:
             flush_interval_s=settings.flush_interval_s,
         )
         self.metrics.buffer_bytes.set(self.wal.pending_bytes)
+        self._requeue_lock = threading.Lock()
 
     def authorized(self, authorization: str | None) -> bool:
         """Whether an ingest request may go on (collector.auth.ingest_allowed); a refusal is counted."""
@@ -140,6 +143,21 @@ class IngestService:
             return _json(503, {"error": str(exc)}, {"Retry-After": str(RETRY_AFTER_S)})
         self.metrics.events_received.inc(len(good))
         return _json(200, {"accepted": len(good), "rejected": bad})
+
+    def requeue_dead_letter(self, name: str) -> dict[str, Any] | None:
+        """A record the store refused, back into the buffer once its cause is fixed (an upgrade, a schema
+        change); None when the box has no such name. Refused when the buffer is full. The append is fsync'd
+        before the box forgets the record, so a crash in between keeps it in both places (at least once, never
+        lost). The lock makes a double click one requeue."""
+        with self._requeue_lock:
+            found = self.flusher.dead_letters.get(name)
+            if found is None:
+                return None
+            why, record = found
+            self._append(record.kind, record.rows, record.payload)
+            self.flusher.dead_letters.remove(name)
+        kind = "spans" if record.kind == KIND_SPANS else "events"
+        return {"name": name, "kind": kind, "rows": record.rows, "error": why.get("error", "")}
 
     def append_events(self, events: list[ev.BusinessEvent], received_ns: int) -> None:
         """Buffer business events a connector already built (webhooks, CDP); raises Refused when full."""

@@ -37,20 +37,20 @@ def api_is_up(settings: Settings) -> bool:
 
 
 class ViaApi:
-    """The API's admin routes, with an admin token from settings."""
+    """The API's routes, with the admin (or API) token from settings."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, purpose: str = "an admin token to manage tokens through it") -> None:
         secret = settings.admin_token or settings.api_token
         if secret is None:
             raise ConfigError(
-                f"the API at {settings.api_url} owns the store: set TOWER_ADMIN_TOKEN (or TOWER_API_TOKEN) to an "
-                "admin token to manage tokens through it"
+                f"the API at {settings.api_url} owns the store: set TOWER_ADMIN_TOKEN (or TOWER_API_TOKEN) to "
+                + purpose
             )
         self.url = settings.api_url
         self.headers = {"Authorization": f"Bearer {secret.get_secret_value()}"}
         self.where = f"through the API at {self.url}"
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             r = httpx.request(method, f"{self.url}{path}", headers=self.headers, timeout=30, **kwargs)
         except httpx.HTTPError as exc:
@@ -64,13 +64,13 @@ class ViaApi:
         return r.json()
 
     def create(self, name: str, role: str) -> dict[str, str]:
-        return self._call("POST", "/api/tokens", json={"name": name, "role": role})
+        return self.call("POST", "/api/tokens", json={"name": name, "role": role})
 
     def list(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/api/tokens")
+        return self.call("GET", "/api/tokens")
 
     def revoke(self, token_id: str) -> None:
-        self._call("DELETE", f"/api/tokens/{token_id}")
+        self.call("DELETE", f"/api/tokens/{token_id}")
 
 
 class Direct:

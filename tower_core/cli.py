@@ -153,6 +153,15 @@ def _add_token() -> None:
 _add_token()
 
 
+def _add_ingest() -> None:
+    from collector.dead_letter_cli import app as ingest_app
+
+    app.add_typer(ingest_app, name="ingest")
+
+
+_add_ingest()
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
