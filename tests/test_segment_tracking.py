@@ -86,6 +86,28 @@ def test_customer_id_falls_back_to_user_or_group_id_and_email_ids_are_pseudonymi
     assert "revops.customer.id" not in ev.attributes and EMAIL not in orjson.dumps(ev.to_json()).decode()
 
 
+def test_a_group_id_that_is_an_email_is_pseudonymized_everywhere() -> None:
+    ev = tr.to_event({"type": "group", "userId": "u-1", "groupId": EMAIL}, NOW_NS, HASH, CUSTOMER_TRAITS, "")
+    assert ev is not None and ev.attributes["cdp.group_id"] == expected_hash(EMAIL)
+    assert EMAIL not in orjson.dumps(ev.to_json()).decode()
+    ev = tr.to_event({"type": "group", "userId": "u-1", "groupId": EMAIL}, NOW_NS, DROP, CUSTOMER_TRAITS, "")
+    assert ev is not None and "cdp.group_id" not in ev.attributes
+
+
+def test_messages_without_a_message_id_get_distinct_ids_per_message_and_the_same_on_a_retry() -> None:
+    def event_id(msg: dict[str, Any]) -> str:
+        ev = tr.to_event(msg, NOW_NS, HASH, CUSTOMER_TRAITS, "")
+        assert ev is not None
+        return ev.event_id
+
+    a = {"type": "identify", "userId": "user-A", "traits": {"plan": "pro"}}
+    b = {"type": "identify", "userId": "user-B", "traits": {"plan": "pro"}}  # same data, another user
+    assert event_id(a) != event_id(b)
+    assert event_id(a) == event_id(dict(reversed(list(a.items()))))  # a retry of the same message
+    assert event_id({**a, "timestamp": "2026-11-26T10:00:00Z"}) != event_id({**a, "timestamp": "2026-11-26T10:01:00Z"})
+    assert event_id({**a, "messageId": "m-9"}) == "m-9"
+
+
 def test_track_is_kept_without_a_step_and_page_is_ignored() -> None:
     ev = tr.to_event(
         {"type": "track", "userId": "u", "event": "Seat Added", "properties": {"email": EMAIL}},
@@ -137,6 +159,7 @@ def test_write_key_from_basic_auth() -> None:
     header = "Basic " + base64.b64encode(b"wk_1:").decode()
     assert tr.write_key_from_basic(header) == "wk_1"
     assert tr.write_key_from_basic("Basic !!!") is None and tr.write_key_from_basic("Bearer x") is None
+    assert tr.write_key_from_basic("Basic \xe9") is None  # not ASCII: no key, not an exception (was a 500)
     assert tr.known_write_key("wk_1", ["wk_0", "wk_1"]) and not tr.known_write_key("wk_2", ["wk_1"])
     assert not tr.known_write_key(None, ["wk_1"])
 
@@ -226,6 +249,8 @@ def test_unknown_write_key_is_401_with_either_sdk_or_plain_http(tower: TowerServ
     for auth in [None, ("wk_not_configured", "")]:
         r = httpx.post(f"{tower.url}/v1/identify", json=body, auth=auth)
         assert r.status_code == 401 and "write key" in r.json()["error"]
+    r = httpx.post(f"{tower.url}/v1/identify", json=body, headers={"Authorization": b"Basic \xe9"})
+    assert r.status_code == 401 and "write key" in r.json()["error"]  # a non-ASCII header was a 500
     assert (
         httpx.get(
             f"{tower.url}/api/cdp/events", params={"user_id": "intruder"}, headers={"Authorization": f"Bearer {ADMIN}"}

@@ -54,6 +54,8 @@ def test_rotation_any_configured_secret_and_any_v1_may_match() -> None:
         ("GOOD", [SECRET], NOW + 301, "outside the 300 s tolerance"),
         ("GOOD", [SECRET], NOW - 301, "outside the 300 s tolerance"),
         ("GOOD", [], NOW, "no Stripe webhook secret is configured"),
+        (f"t={NOW}\xb2,v1={'0' * 64}", [SECRET], NOW, "no valid timestamp"),  # "²" passes str.isdigit()
+        (f"t={NOW},v1=\xe9", [SECRET], NOW, "no v1 signature"),  # compare_digest refuses non-ASCII str
     ],
 )
 def test_bad_signatures_are_refused_with_the_reason(
@@ -205,9 +207,9 @@ def _stored_rows(tower: TowerServer, event_id: str, timeout: float = 15) -> int:
 
 
 def _post(tower: TowerServer, body: bytes, header: str | None) -> httpx.Response:
-    headers = {"Content-Type": "application/json"}
+    headers: dict[str, str | bytes] = {"Content-Type": "application/json"}
     if header is not None:
-        headers["Stripe-Signature"] = header
+        headers["Stripe-Signature"] = header.encode("latin-1")  # the raw header bytes, non-ASCII ones too
     return httpx.post(f"{tower.url}/webhooks/stripe", content=body, headers=headers, timeout=10)
 
 
@@ -261,6 +263,8 @@ def test_bad_or_missing_signature_is_400_and_nothing_is_stored(tower: TowerServe
         (None, "missing Stripe-Signature"),
         (_header(body, ["whsec_attacker"], now), "matches a configured endpoint secret"),
         (_header(body, [SECRET], now - 3600), "tolerance"),
+        (f"t={now}\xb2,v1={'0' * 64}", "no valid timestamp"),  # non-ASCII header bytes: a 400, not a 500
+        (f"t={now},v1=\xe9", "no v1 signature"),
     ]:
         r = _post(tower, body, header)
         assert r.status_code == 400 and reason in r.json()["error"]

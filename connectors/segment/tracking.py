@@ -11,7 +11,6 @@ event exists, so nothing downstream — buffer, store, logs — ever holds the r
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import uuid
@@ -84,7 +83,7 @@ def write_key_from_basic(authorization: str | None) -> str | None:
         return None
     try:
         decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and a non-ASCII header
         return None
     return decoded.split(":", 1)[0] or None
 
@@ -156,6 +155,13 @@ def _region(traits: Mapping[str, Any], context: Mapping[str, Any], default: str)
     return default
 
 
+def _content_id(msg: Mapping[str, Any], policy: PiiPolicy) -> str:
+    """An id for a message sent without messageId: the same message (a retry) gets the same id, two users'
+    messages never do. Keyed (the message holds PII), over the whole message as sent."""
+    canonical = orjson.dumps(msg, option=orjson.OPT_SORT_KEYS, default=str)
+    return str(uuid.UUID(hex=hmac.new(policy.key, canonical, hashlib.sha256).hexdigest()[:32]))
+
+
 def to_event(
     msg: Any,
     received_ns: int,
@@ -202,8 +208,8 @@ def to_event(
         if customer:
             attrs["revops.customer.id"] = policy.identifier(customer)
         attrs["revops.step"] = "cdp_to_billing"
-    if group_id:
-        attrs["cdp.group_id"] = group_id
+    if group_id and (group := policy.identifier(group_id)):  # an e-mail as group id is PII like any other
+        attrs["cdp.group_id"] = group
     if event_name:
         attrs["cdp.event"] = event_name
     library = context.get("library") if isinstance(context.get("library"), Mapping) else {}
@@ -215,7 +221,7 @@ def to_event(
         "context_traits": policy.scrub(context.get("traits") or {}),
         "library": str(library.get("name") or ""),
     }
-    message_id = _text(msg, "messageId") or str(uuid.uuid5(uuid.NAMESPACE_OID, orjson.dumps(data).decode()))
+    message_id = _text(msg, "messageId") or _content_id(msg, policy)
     kind = {"identify": "cdp.profile.identified", "group": "cdp.account.grouped", "track": "cdp.track"}[mtype]
     return BusinessEvent(
         event_id=message_id,

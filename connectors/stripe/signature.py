@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Sequence
 
 SCHEME = "v1"
+# ASCII only: str.isdigit() also accepts "²", and compare_digest refuses non-ASCII str (both were 500s)
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class SignatureError(ValueError):
@@ -31,8 +35,9 @@ def parse_header(header: str | None) -> tuple[int, list[str]]:
             timestamps.append(value.strip())
         elif key == SCHEME:
             signatures.append(value.strip().lower())
-    if len(timestamps) != 1 or not timestamps[0].isdigit():
+    if len(timestamps) != 1 or not _TIMESTAMP.fullmatch(timestamps[0]):
         raise SignatureError("Stripe-Signature has no valid timestamp (t=)")
+    signatures = [s for s in signatures if _HEX_SHA256.fullmatch(s)]  # anything else can never match
     if not signatures:
         raise SignatureError("Stripe-Signature has no v1 signature")
     return int(timestamps[0]), signatures
