@@ -315,16 +315,39 @@ def test_transient_faults_on_reads_are_retried(erp: TrytonErp, trytond_server: T
         reader.rpc.close()
 
 
-@pytest.mark.parametrize("fault_kind", ["503", "500"])
-def test_refused_writes_are_retried(trytond_server: Trytond, fault_kind: str) -> None:
-    """A 503/500 answer means the write did not happen (Tryton rolls a failed transaction back)."""
+@pytest.mark.parametrize(
+    "fault", ["503@account.invoice.post", "500@account.invoice.create", "504@account.invoice.create",
+              "504@account.invoice.post"]
+)  # fmt: skip
+def test_a_5xx_to_a_write_is_rechecked_applied_or_not(trytond_server: Trytond, fault: str) -> None:
+    """A 5xx answer to a write is either Tryton's (it rolled back) or a gateway's that gave up after Tryton
+    committed (504 here: the proxy forwards, then answers 504). The connector cannot tell them apart, so it looks
+    at the target and finishes from there: one posted invoice either way, never a second draft."""
     with FaultProxy(trytond_server.url) as proxy:
         erp = erp_for(trytond_server, proxy.url, timeout_s=5, backoff_s=0.05)
+        erp.recheck_wait_s = 0.05
         inv = billing_invoice(301)
-        proxy.plan.append(f"{fault_kind}@account.invoice.post")
-        assert not erp.post_invoice(inv).already_done
-        assert fault_kind in proxy.seen
+        proxy.plan.append(fault)
+        erp.post_invoice(inv)
+        assert fault.split("@")[0] in proxy.seen
         assert [r["state"] for r in tryton_invoices(erp, inv.invoice_id)] == ["posted"]
+        erp.rpc.close()
+
+
+def test_a_5xx_to_the_payment_wizard_after_tryton_applied_it_pays_once(trytond_server: Trytond) -> None:
+    with FaultProxy(trytond_server.url) as proxy:
+        erp = erp_for(trytond_server, proxy.url, timeout_s=5, backoff_s=0.05)
+        erp.recheck_wait_s = 0.05
+        inv = billing_invoice(650)
+        pay = Payment(f"pi_{uuid.uuid4().hex[:10]}", "payment", inv.customer_id, "NA", "USD", 650, "succeeded", NOW,
+                      NOW)  # fmt: skip
+        erp.post_invoice(inv)
+        proxy.plan.append("504@account.invoice.pay.execute")
+        erp.apply_payment(pay, inv.invoice_id, 650)
+        assert "504" in proxy.seen
+        (rec,) = tryton_invoices(erp, inv.invoice_id)
+        assert rec["state"] == "paid"
+        assert len(erp.find_by_external_ref(pay.payment_id)) == 1
         erp.rpc.close()
 
 

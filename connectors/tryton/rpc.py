@@ -88,7 +88,8 @@ def fault(error: Any) -> Exception:
 
 
 class AmbiguousWriteError(TransientError):
-    """A write was sent but its answer was lost (timeout, dropped connection): it may have been applied.
+    """A write was sent but its answer was lost (timeout, dropped connection, a 5xx or garbled answer that a
+    proxy may have made up after Tryton committed): it may have been applied.
     Not retried blindly: the caller looks at the target first (DOMAIN.md §4, "in progress, may have written")."""
 
 
@@ -152,13 +153,21 @@ class TrytonRpc:
             if auth:
                 raise _SessionExpired()
             raise BusinessRuleError(f"tryton refused the login of {self.user!r} (HTTP {r.status_code})")
-        if r.status_code == 429 or r.status_code >= 500:
+        if r.status_code == 429:  # refused before any work
+            raise TransientError(f"tryton {method}: HTTP {r.status_code}")
+        if r.status_code >= 500:
+            # Tryton rolls back a transaction that fails, but a 5xx may come from a proxy that gave up after
+            # Tryton committed: for a write that is not proof of "not applied"
+            if is_write(method):
+                raise AmbiguousWriteError(f"tryton {method}: HTTP {r.status_code}; it may have been applied")
             raise TransientError(f"tryton {method}: HTTP {r.status_code}")
         if r.status_code != 200:
             raise BusinessRuleError(f"tryton {method}: HTTP {r.status_code} {r.text[:200]}")
         try:
             doc = r.json()
         except ValueError:
+            if is_write(method):
+                raise AmbiguousWriteError(f"tryton {method}: answer not JSON; it may have been applied") from None
             raise TransientError(f"tryton {method}: response is not JSON") from None
         if doc.get("error") is not None:
             raise fault(doc["error"])
