@@ -6,12 +6,15 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from collector.audit import AuditRefusals
-from collector.auth import TokenVerifier
+from collector.auth import TokenVerifier, get_principal, require, route_role
 from collector.ingest import IngestService
 from collector.limits import BodySizeLimit
 from collector.routers import actions as action_routes
@@ -65,6 +68,19 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.state.reconciler = reconciler
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
     app.state.verifier = TokenVerifier(store, admin)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        """FastAPI parses the body before a route's dependencies run, so a malformed body would get its 422
+        before the token and role check (and unaudited): the check runs first here."""
+        role = route_role(request.scope.get("route"))
+        if role is not None:
+            try:
+                principal = await run_in_threadpool(get_principal, request, request.headers.get("authorization"))
+                require(role)(principal)
+            except HTTPException as refused:
+                return JSONResponse({"detail": refused.detail}, refused.status_code, refused.headers)
+        return await request_validation_exception_handler(request, exc)
 
     @app.exception_handler(StoreError)
     async def store_unavailable(request: Request, exc: StoreError) -> JSONResponse:

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request
 
@@ -23,6 +23,7 @@ from tower_core.store import tokens as token_store
 
 ROLES = ("viewer", "operator", "admin")
 _CACHE_TTL_S = 5.0
+_CACHE_MAX = 10_000  # tokens remembered (a hit or a miss) for _CACHE_TTL_S
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class TokenVerifier:
         principal = None
         if row and not row["revoked_ms"] and hmac.compare_digest(row["token_hash"], h):
             principal = Principal(row["name"], row["role"])
+        if len(self._cache) >= _CACHE_MAX:  # random tokens must not grow it without bound: drop the oldest
+            self._cache.pop(next(iter(self._cache)))
+        self._cache.pop(h, None)
         self._cache[h] = (now, principal)
         return principal
 
@@ -99,6 +103,17 @@ def get_principal(request: Request, authorization: Annotated[str | None, Header(
         raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
     request.state.principal = principal  # collector/audit.py names it in the audit of a refused mutation
     return principal
+
+
+def route_role(route: Any) -> str | None:
+    """The role a route's dependencies require (``require``), or None for a route without a role check."""
+    pending = list(getattr(getattr(route, "dependant", None), "dependencies", []))
+    while pending:
+        dep = pending.pop()
+        if (role := getattr(dep.call, "required_role", None)) is not None:
+            return role
+        pending.extend(dep.dependencies)
+    return None
 
 
 def require(role: str) -> Callable[[Principal], Principal]:

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Annotated
+
 from fastapi import Request
+from pydantic import AfterValidator, AwareDatetime
 
 from collector.ingest import IngestService
 from collector.otlp import OtlpError
 from tower_core.settings import Settings
 from tower_core.store import Store
+
+# The instants the store's DateTime columns (and Python's datetime in every time zone) can hold: a time outside is
+# a 422 here, not an overflow deep in the store answered as "store unavailable" or written into a row nobody reads.
+EARLIEST = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+LATEST = dt.datetime(2106, 2, 7, tzinfo=dt.UTC)
+
+
+def in_store_range(value: dt.datetime) -> dt.datetime:
+    """The instant in UTC (naive means UTC), if the store can hold it."""
+    try:
+        utc = (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+    except OverflowError:
+        utc = EARLIEST - dt.timedelta(days=1)
+    if not EARLIEST <= utc < LATEST:
+        raise ValueError(f"must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} UTC")
+    return utc
+
+
+StoreTime = Annotated[AwareDatetime, AfterValidator(in_store_range)]
+MAX_MINOR = 2**63 - 1  # Int64 minor units
+MAX_AGE_DAYS = 100_000
 
 
 def get_store(request: Request) -> Store:

@@ -21,28 +21,32 @@ class BodySizeLimit:
         if declared and declared.isdigit() and int(declared) > self.limit:
             await _too_large(send, self.limit)
             return
+        # The whole body is read before the app runs: a route must never act on a body that is then refused (a
+        # cut-short body can still be valid JSON, and the mutation would happen behind the 413).
+        chunks: list[bytes] = []
         seen = 0
-        exceeded = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen, exceeded
-            if exceeded:
-                return {"type": "http.request", "body": b"", "more_body": False}
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:  # stop reading; whatever the app answers is replaced by a 413
-                    exceeded = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
-            return message
+            if message["type"] != "http.request":  # the client went away: nothing to answer
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                await _too_large(send, self.limit)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        async def guarded_send(message: Message) -> None:
-            if not exceeded:
-                await send(message)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnect notices
 
-        await self.app(scope, limited_receive, guarded_send)
-        if exceeded:
-            await _too_large(send, self.limit)
+        await self.app(scope, replay, send)
 
 
 async def _too_large(send: Send, limit: int) -> None:

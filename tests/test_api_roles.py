@@ -294,3 +294,19 @@ def test_tower_token_cli_without_and_with_a_running_api(tmp_path: Path) -> None:
         assert ("token.revoke", "admin (bootstrap)") in actors
         assert any(a == "token.create" and who.startswith("cli:") for a, who in actors)  # the offline one
     assert alice not in (tmp_path / "server.log").read_text()
+
+
+def test_the_token_cache_stays_bounded_under_random_tokens(
+    embedded_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collector import auth as auth_module
+
+    migrate(embedded_store)
+    monkeypatch.setattr(auth_module, "_CACHE_MAX", 20)
+    verifier = auth_module.TokenVerifier(embedded_store, ADMIN)
+    _, real = create_token(embedded_store, "rita", "viewer")
+    assert verifier.verify(real) is not None
+    for i in range(60):
+        assert verifier.verify(f"twr_random_{i}") is None
+    assert len(verifier._cache) <= 20
+    assert verifier.verify(real) is not None  # evicted or not, a real token still works

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -130,3 +131,72 @@ def test_api_body_cap_and_no_cors_by_default(server: TowerServer) -> None:
         f"{server.url}/api/drift", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
     )
     assert "access-control-allow-origin" not in pre.headers
+
+
+ADMIN = "bad-input-admin"
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with TowerServer(tmp_path_factory.mktemp("bad-input-secured"), TOWER_ADMIN_TOKEN=ADMIN) as srv:
+        tokens = {"admin": ADMIN}
+        for role in ("viewer", "operator"):
+            made = httpx.post(f"{srv.url}/api/tokens", json={"name": f"{role}-1", "role": role}, headers=bearer(ADMIN))
+            tokens[role] = made.json()["token"]
+        yield {"url": srv.url, **tokens}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def audit_of(s: dict[str, Any], **params: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{s['url']}/api/audit", params={"limit": "1000", **params}, headers=bearer(ADMIN)).json()["items"]
+
+
+def test_a_body_refused_as_too_large_changes_nothing(secured: dict[str, Any]) -> None:
+    def padded() -> Iterator[bytes]:  # valid JSON, then spaces past the cap, streamed without Content-Length
+        yield b'{"name": "ghost-413", "role": "admin"}'
+        for _ in range(40):
+            yield b" " * 65536
+
+    r = httpx.post(f"{secured['url']}/api/tokens", content=padded(), headers={**JS, **bearer(ADMIN)})
+    assert r.status_code == 413 and "exceeds" in r.json()["detail"]
+    names = [t["name"] for t in httpx.get(f"{secured['url']}/api/tokens", headers=bearer(ADMIN)).json()]
+    assert "ghost-413" not in names and "viewer-1" in names  # the route never ran
+    assert not [a for a in audit_of(secured, action="token.create") if "ghost-413" in a["after"]]
+
+
+def test_a_malformed_body_meets_the_token_and_role_check_first(secured: dict[str, Any]) -> None:
+    url = f"{secured['url']}/api/runs"
+    assert httpx.post(f"{secured['url']}/api/tokens", content=b"{", headers=JS).status_code == 401
+    denied = httpx.post(url, content=b'{"full": tru', headers={**JS, **bearer(secured["viewer"])})
+    assert denied.status_code == 403 and "operator role" in denied.json()["detail"]
+    bad = httpx.post(url, content=b'{"full": tru', headers={**JS, **bearer(secured["operator"])})
+    assert bad.status_code == 422  # the operator may: now the body's error
+    refused = {(a["actor"], a["outcome"]) for a in audit_of(secured, object_type="api", object_id="POST /api/runs")}
+    assert {("viewer-1", "denied"), ("operator-1", "rejected")} <= refused
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/api/audit?since=0001-01-01T00:00:00%2B01:00", None),
+        ("GET", "/api/audit?until=9999-12-31T23:59:59-01:00", None),
+        ("GET", "/api/sla/breaches?since=1969-12-31T23:00:00Z", None),
+        ("POST", "/api/runs", {"as_of": "0001-01-01T00:00:00+01:00"}),
+        ("POST", "/api/sla/evaluate", {"now": "1900-01-01T00:00:00Z"}),
+        ("GET", "/api/drift?min_age_days=4294967296", None),
+        ("GET", "/api/drift?min_amount=18446744073709551616", None),
+        ("POST", "/api/drift/bulk", {"action": "acknowledge", "expected_count": 0, "note": "n",
+                                     "filter": {"min_amount": 18446744073709551616}}),
+    ],
+)  # fmt: skip
+def test_times_and_numbers_the_store_cannot_hold_are_422(
+    secured: dict[str, Any], method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    """They used to wrap silently (a filter meaning "nothing" matched everything), answer 503 "store unavailable"
+    to a request that can never succeed, or store a run nobody could list again (500 on GET /api/runs)."""
+    r = httpx.request(method, f"{secured['url']}{path}", json=body, headers=bearer(ADMIN))
+    assert r.status_code == 422, r.text
+    assert httpx.get(f"{secured['url']}/api/runs", headers=bearer(ADMIN)).status_code == 200

@@ -90,7 +90,8 @@ def test_evaluate_needs_an_operator_and_is_audited(client: tuple[TestClient, Sto
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status"),
     [
-        ("post", "/api/sla/evaluate", {"json": {"now": "2999-01-01T00:00:00Z"}}, 400),
+        ("post", "/api/sla/evaluate", {"json": {"now": "2100-01-01T00:00:00Z"}}, 400),  # in the future
+        ("post", "/api/sla/evaluate", {"json": {"now": "2999-01-01T00:00:00Z"}}, 422),  # past what the store holds
         ("post", "/api/sla/evaluate", {"json": {"now": "yesterday"}}, 422),
         ("post", "/api/sla/evaluate", {"json": {"now": "2026-01-01T00:00:00"}}, 422),  # no time zone
         ("get", "/api/sla/breaches", {"params": {"status": "maybe"}}, 422),

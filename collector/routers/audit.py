@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AwareDatetime
 from starlette.concurrency import run_in_threadpool
 
 from collector.auth import Principal, require
-from collector.deps import get_store
+from collector.deps import StoreTime, get_store
 from tower_core.store import Store
 from tower_core.store import audit as audit_store
 
@@ -26,8 +25,8 @@ async def list_records(
     object_type: Annotated[str, Query(max_length=32, description="drift_item, action, run, sla, token, api")] = "",
     object_id: Text = "",
     outcome: Annotated[str, Query(max_length=32, description="ok, error, denied, rejected")] = "",
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
+    since: StoreTime | None = None,
+    until: StoreTime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from collector.auth import Principal, require
-from collector.deps import get_store
+from collector.deps import MAX_MINOR, get_store
 from collector.routers.drift import get_service
 from reconciler import classify as c
 from reconciler.actions import ActionError
@@ -43,8 +43,8 @@ class DriftFilter(BaseModel):
     reason: str = Field("", max_length=64)
     key: str = Field("", max_length=200)
     age: str = Field("", description="Aging bucket: 0-1d, 2-7d, 8-30d, >30d.")
-    min_amount: int = Field(0, ge=0)
-    max_amount: int | None = Field(None, ge=0)
+    min_amount: int = Field(0, ge=0, le=MAX_MINOR)
+    max_amount: int | None = Field(None, ge=0, le=MAX_MINOR)
 
     model_config = {"populate_by_name": True}
 

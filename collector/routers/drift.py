@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from collector.auth import Principal, require
-from collector.deps import get_store
+from collector.deps import MAX_AGE_DAYS, MAX_MINOR, get_store
 from collector.lookups import get_transaction
 from reconciler import classify as c
 from reconciler import policy
@@ -60,10 +60,10 @@ async def list_items(
         str, Query(max_length=200, description="Any key: invoice, payment, customer, entry, drift id.")
     ] = "",
     age: Annotated[str, Query(description="Aging bucket: 0-1d, 2-7d, 8-30d, >30d.")] = "",
-    min_age_days: Annotated[int, Query(ge=0)] = 0,
-    max_age_days: Annotated[int | None, Query(ge=0)] = None,
-    min_amount: Annotated[int, Query(ge=0, description="Minimum |amount| in minor units.")] = 0,
-    max_amount: Annotated[int | None, Query(ge=0)] = None,
+    min_age_days: Annotated[int, Query(ge=0, le=MAX_AGE_DAYS)] = 0,
+    max_age_days: Annotated[int | None, Query(ge=0, le=MAX_AGE_DAYS)] = None,
+    min_amount: Annotated[int, Query(ge=0, le=MAX_MINOR, description="Minimum |amount| in minor units.")] = 0,
+    max_amount: Annotated[int | None, Query(ge=0, le=MAX_MINOR)] = None,
     sort: Annotated[str, Query(description="Sort key: " + ", ".join(q.DRIFT_SORT))] = "first_seen",
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,

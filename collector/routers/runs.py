@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from collector.auth import Principal, require
-from collector.deps import get_store
+from collector.deps import get_store, in_store_range
 from collector.routers.drift import get_service
 from reconciler.service import ReconcilerService, RunBusy
 from tower_core.store import Store
@@ -30,7 +30,7 @@ class RunRequest(BaseModel):
         """Items first seen in the future would hide from the queue (negative age) until that date."""
         if value is None:
             return None
-        value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        value = in_store_range(value)
         if value > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5):
             raise ValueError("as_of is in the future; a run reconciles as of now or an earlier time")
         return value

@@ -9,11 +9,11 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from collector.auth import Principal, require
-from collector.deps import get_store
+from collector.deps import StoreTime, get_store
 from reconciler.sla.evaluate import Breach
 from reconciler.sla.service import SlaService
 from tower_core.store import Store
@@ -64,7 +64,7 @@ async def breaches(
     name: SlaName = None,
     step: Name = None,
     region: Name = None,
-    since: Annotated[AwareDatetime | None, Query(description="Resolved breaches ended at or after this time")] = None,
+    since: Annotated[StoreTime | None, Query(description="Resolved breaches ended at or after this time")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> dict[str, Any]:
     rows = await run_in_threadpool(
@@ -87,7 +87,7 @@ async def stuck(
     name: Annotated[str, Query(alias="sla", min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")],
     region: Name = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    at: Annotated[AwareDatetime | None, Query(description="As of this instant (default now)")] = None,
+    at: Annotated[StoreTime | None, Query(description="As of this instant (default now)")] = None,
 ) -> dict[str, Any]:
     now_ns = int(at.timestamp() * 1_000_000) * 1000 if at else None
     try:
@@ -104,7 +104,7 @@ async def stuck(
 
 
 class EvaluateRequest(BaseModel):
-    now: AwareDatetime | None = Field(
+    now: StoreTime | None = Field(
         None, description="Evaluate as of this instant (back-fills, tests); default now. Not in the future."
     )
 

@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
+from tower_core.errors import StoreError
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
@@ -47,6 +49,14 @@ def input_from_file(sql: str, path: str, fmt: str) -> str:
     if len(_INPUT.findall(sql)) != 1:
         raise ValueError("the statement must read input() exactly once")
     return _INPUT.sub(file_source(path, fmt)[:-1] + ", ", sql)
+
+
+def rows_of(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows as dicts; a stored value Python cannot hold (a date before year 1 in UTC) is a store error."""
+    try:
+        return table.to_pylist()
+    except (OverflowError, ValueError) as exc:
+        raise StoreError(f"a stored value cannot be read: {exc}") from None
 
 
 def qualify(sql: str, database: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from tower_core.errors import ConfigError, StoreError
-from tower_core.store.base import check_column, check_identifier, file_source, input_from_file, qualify
+from tower_core.store.base import check_column, check_identifier, file_source, input_from_file, qualify, rows_of
 from tower_core.store.params import escape_params
 
 # chDB's jemalloc keeps freed pages for 10 s by default, so a process that inserts steadily holds every
@@ -121,8 +121,9 @@ class EmbeddedStore:
         return conn
 
     def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
+        bound = escape_params(params)  # a parameter that cannot be bound is the caller's bug, not the store's
         try:
-            return self._conn().query(qualify(sql, self.database), fmt, params=escape_params(params))
+            return self._conn().query(qualify(sql, self.database), fmt, params=bound)
         except Exception as exc:
             raise StoreError(str(exc).strip()) from None
 
@@ -133,7 +134,7 @@ class EmbeddedStore:
         return self._run(sql, "ArrowTable", params)
 
     def query_rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        return self.query_arrow(sql, params).to_pylist()
+        return rows_of(self.query_arrow(sql, params))
 
     def insert_arrow(self, table: str, data: pa.Table, *, dedup_token: str | None = None) -> int:
         """INSERT ... SELECT from the batch spooled as an Arrow stream. Not chDB's streaming insert: with it, the

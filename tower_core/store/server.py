@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 
 from tower_core.errors import ConfigError, StoreError
-from tower_core.store.base import check_identifier, qualify
+from tower_core.store.base import check_identifier, qualify, rows_of
 from tower_core.store.params import format_params
 
 
@@ -83,7 +83,7 @@ class ServerStore:
             raise StoreError(_short(exc)) from None
 
     def query_rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        return self.query_arrow(sql, params).to_pylist()
+        return rows_of(self.query_arrow(sql, params))
 
     def insert_arrow(self, table: str, data: pa.Table, *, dedup_token: str | None = None) -> int:
         if data.num_rows == 0:
