@@ -47,6 +47,7 @@ print(json.dumps({"txns": txns, "load_s": load_s, "merge_s": time.perf_counter()
 
 
 # The lookups' tables, merged after the bulk load unless --unmerged (the trace-id index always, as before).
+ADMIN = "twr_bench_lookup_admin"  # the lookups need a viewer token (any role above does)
 MERGED = ("otel_traces", "business_key_links", "trace_key_links", "otel_traces_trace_id_ts")
 
 
@@ -74,11 +75,11 @@ def main() -> None:
         f"loaded {args.spans:,} spans ({loaded['txns']:,} transactions x 3 traces) in {loaded['load_s']:.1f} s; "
         f"merged {merged} in {loaded['merge_s']:.1f} s"
     )
-    srv = Server(tmp / "server").start()
+    srv = Server(tmp / "server", TOWER_ADMIN_TOKEN=ADMIN).start()
     rnd = random.Random(42)
     trace_ms, txn_ms = [], []
     try:
-        with httpx.Client(base_url=srv.url, timeout=30) as client:
+        with httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": f"Bearer {ADMIN}"}) as client:
             # trace ids come from the API itself: the transaction of a random invoice lists them
             for i in range(args.queries + 10):
                 inv = f"in_{rnd.randrange(loaded['txns'])}"

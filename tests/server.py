@@ -29,9 +29,11 @@ class TowerServer:
                 "TOWER_PORT": str(self.port),
                 "TOWER_API_URL": self.url,
                 "TOWER_FLUSH_INTERVAL_S": "0.2",
+                "TOWER_ADMIN_TOKEN": "tower-tests-admin",  # every API read needs a token
             }
         )
         self.env.update(env)
+        self.auth = {"Authorization": f"Bearer {self.env['TOWER_ADMIN_TOKEN']}"}
         self.proc: subprocess.Popen | None = None
         self.log = workdir / "server.log"
 

@@ -93,11 +93,11 @@ def send_estate(
     return invoices
 
 
-def wait_stored(url: str, invoice: str, timeout: float = 60.0) -> None:
+def wait_stored(url: str, invoice: str, auth: dict[str, str], timeout: float = 60.0) -> None:
     """Until the invoice's billing and ERP spans are queryable (the flusher drains in order)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = httpx.get(f"{url}/api/transactions", params={"invoice_id": invoice}, timeout=10)
+        r = httpx.get(f"{url}/api/transactions", params={"invoice_id": invoice}, headers=auth, timeout=10)
         if r.status_code == 200 and {"billing", "erp"} <= set(r.json()["systems_seen"]):
             return
         time.sleep(0.2)

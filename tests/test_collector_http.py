@@ -85,7 +85,7 @@ def test_three_systems_three_trace_ids_one_transaction(server: TowerServer) -> N
     assert len(set(tids.values())) == 3
 
     def txn() -> dict | None:
-        r = httpx.get(f"{server.url}/api/transactions", params={"invoice_id": inv})
+        r = httpx.get(f"{server.url}/api/transactions", headers=server.auth, params={"invoice_id": inv})
         doc = r.json() if r.status_code == 200 else None
         return doc if doc and len(doc["traces"]) == 3 else None
 
@@ -99,11 +99,11 @@ def test_three_systems_three_trace_ids_one_transaction(server: TowerServer) -> N
     assert steps["invoice_to_ledger"]["complete"] and steps["invoice_to_ledger"]["latency_ms"] > 0
     assert steps["cdp_to_billing"]["complete"]
     # the same transaction from the ERP trace id, and the customer's view includes it
-    by_trace = httpx.get(f"{server.url}/api/transactions", params={"trace_id": tids["erp"]}).json()
+    by_trace = httpx.get(f"{server.url}/api/transactions", headers=server.auth, params={"trace_id": tids["erp"]}).json()
     assert {t["trace_id"] for t in by_trace["traces"]} == set(tids.values())
-    by_customer = httpx.get(f"{server.url}/api/transactions", params={"customer_id": cus}).json()
+    by_customer = httpx.get(f"{server.url}/api/transactions", headers=server.auth, params={"customer_id": cus}).json()
     assert {tids["cdp"], tids["billing"]} <= {t["trace_id"] for t in by_customer["traces"]}
-    one = httpx.get(f"{server.url}/api/traces/{tids['billing']}").json()
+    one = httpx.get(f"{server.url}/api/traces/{tids['billing']}", headers=server.auth).json()
     assert one["span_count"] == 3 and {s["trace_id"] for s in one["spans"]} == {tids["billing"]}
 
 
@@ -117,7 +117,7 @@ def test_span_links_join_traces(server: TowerServer) -> None:
     producer_tid = format(ctx.trace_id, "032x")
 
     def linked() -> dict | None:
-        r = httpx.get(f"{server.url}/api/transactions", params={"trace_id": producer_tid})
+        r = httpx.get(f"{server.url}/api/transactions", headers=server.auth, params={"trace_id": producer_tid})
         return r.json() if r.status_code == 200 and len(r.json()["traces"]) == 2 else None
 
     doc = wait_for(linked)
@@ -136,9 +136,11 @@ def test_json_spec_example_and_gzip(server: TowerServer) -> None:
     )
     assert r.status_code == 200
     for tid in ("5b8efff798038103d269b633813fc60d", "5b8efff798038103d269b633813fc60e"):
-        got = wait_for(lambda t=tid: httpx.get(f"{server.url}/api/traces/{t}").status_code == 200)
+        got = wait_for(lambda t=tid: httpx.get(f"{server.url}/api/traces/{t}", headers=server.auth).status_code == 200)
         assert got
-    span = httpx.get(f"{server.url}/api/traces/5b8efff798038103d269b633813fc60d").json()["spans"][0]
+    span = httpx.get(f"{server.url}/api/traces/5b8efff798038103d269b633813fc60d", headers=server.auth).json()["spans"][
+        0
+    ]
     assert span["name"] == "I'm a server span" and span["attributes"]["count"] == "42"
     assert span["duration_ms"] == 1000.0
 
@@ -172,10 +174,15 @@ def test_bad_requests_get_clear_4xx(server: TowerServer) -> None:
     assert r.status_code == 413
     r = httpx.post(f"{server.url}/v1/traces", content=b"", headers=PB)  # empty request
     assert r.status_code == 200
-    assert httpx.get(f"{server.url}/api/traces/not-hex").status_code == 400
-    assert httpx.get(f"{server.url}/api/traces/{'ab' * 16}").status_code == 404
-    assert httpx.get(f"{server.url}/api/transactions").status_code == 400
-    assert httpx.get(f"{server.url}/api/transactions", params={"invoice_id": "never-seen"}).status_code == 404
+    assert httpx.get(f"{server.url}/api/traces/not-hex", headers=server.auth).status_code == 400
+    assert httpx.get(f"{server.url}/api/traces/{'ab' * 16}", headers=server.auth).status_code == 404
+    assert httpx.get(f"{server.url}/api/transactions", headers=server.auth).status_code == 400
+    assert (
+        httpx.get(
+            f"{server.url}/api/transactions", headers=server.auth, params={"invoice_id": "never-seen"}
+        ).status_code
+        == 404
+    )
 
 
 def test_cloudevents_structured_batch_and_traceparent(server: TowerServer) -> None:
@@ -235,7 +242,7 @@ def test_cloudevents_structured_batch_and_traceparent(server: TowerServer) -> No
     assert r.status_code == 415
 
     def txn() -> dict | None:
-        r = httpx.get(f"{server.url}/api/transactions", params={"invoice_id": inv})
+        r = httpx.get(f"{server.url}/api/transactions", headers=server.auth, params={"invoice_id": inv})
         return r.json() if r.status_code == 200 and len(r.json()["events"]) == 2 else None
 
     doc = wait_for(txn)
@@ -273,7 +280,7 @@ def test_a_transaction_seen_only_in_events_without_trace_context_is_found_by_its
     assert r.status_code == 200 and r.json()["accepted"] == 2
 
     def txn(params: dict[str, str]) -> dict | None:
-        r = httpx.get(f"{server.url}/api/transactions", params=params)
+        r = httpx.get(f"{server.url}/api/transactions", headers=server.auth, params=params)
         return r.json() if r.status_code == 200 and len(r.json()["events"]) == 2 else None
 
     doc = wait_for(lambda: txn({"invoice_id": inv}))
@@ -281,7 +288,12 @@ def test_a_transaction_seen_only_in_events_without_trace_context_is_found_by_its
     step = next(s for s in doc["steps"] if s["step"] == "invoice_to_ledger")
     assert step["complete"] and step["latency_ms"] == 300_000
     assert txn({"customer_id": cus}) is not None
-    assert httpx.get(f"{server.url}/api/transactions", params={"invoice_id": "in_never_seen"}).status_code == 404
+    assert (
+        httpx.get(
+            f"{server.url}/api/transactions", headers=server.auth, params={"invoice_id": "in_never_seen"}
+        ).status_code
+        == 404
+    )
 
 
 def test_metrics_count_what_happened(server: TowerServer) -> None:
@@ -345,7 +357,7 @@ def test_ingest_tokens_when_configured(tmp_path: Path, monkeypatch: pytest.Monke
         with provider.get_tracer("t").start_as_current_span("with token") as sp:
             tid = format(sp.get_span_context().trace_id, "032x")
         provider.shutdown()
-        assert wait_for(lambda: httpx.get(f"{srv.url}/api/traces/{tid}").status_code == 200)
+        assert wait_for(lambda: httpx.get(f"{srv.url}/api/traces/{tid}", headers=srv.auth).status_code == 200)
 
         req = ExportTraceServiceRequest()
         req.resource_spans.add().scope_spans.add().spans.add(
@@ -362,7 +374,9 @@ def test_ingest_tokens_when_configured(tmp_path: Path, monkeypatch: pytest.Monke
         assert httpx.post(f"{srv.url}/v1/events", json=event, headers=ce).status_code == 401
         ok = httpx.post(f"{srv.url}/v1/events", json=event, headers={**ce, "Authorization": "Bearer tok-old"})
         assert ok.status_code == 200, ok.text
-        assert httpx.get(f"{srv.url}/api/traces/{'09' * 16}").status_code == 404  # the refused span was not kept
+        assert (
+            httpx.get(f"{srv.url}/api/traces/{'09' * 16}", headers=srv.auth).status_code == 404
+        )  # the refused span was not kept
 
         # `tower demo` hands the token to the simulated estate as OTEL_EXPORTER_OTLP_HEADERS, which the SDK's
         # exporter and the estate's event sender both honour
@@ -382,7 +396,7 @@ def test_ingest_tokens_when_configured(tmp_path: Path, monkeypatch: pytest.Monke
         with provider.get_tracer("t").start_as_current_span("token from the environment") as sp:
             tid2 = format(sp.get_span_context().trace_id, "032x")
         provider.shutdown()
-        assert wait_for(lambda: httpx.get(f"{srv.url}/api/traces/{tid2}").status_code == 200)
+        assert wait_for(lambda: httpx.get(f"{srv.url}/api/traces/{tid2}", headers=srv.auth).status_code == 200)
         text = httpx.get(f"{srv.url}/metrics").text
         received = next(ln for ln in text.splitlines() if ln.startswith("tower_events_received_total "))
         assert float(received.split()[1]) == 2  # tok-1 and tok-2; the refused ones never counted

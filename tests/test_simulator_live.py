@@ -70,7 +70,12 @@ def test_demo_pace_estate_correlates_across_broken_trace_context(tmp_path: Path)
         checked = 0
         services: set[str] = set()
         for flow in broken[:6]:
-            r = httpx.get(f"{server.url}/api/transactions", params={"invoice_id": flow["invoice_id"]}, timeout=30)
+            r = httpx.get(
+                f"{server.url}/api/transactions",
+                headers=server.auth,
+                params={"invoice_id": flow["invoice_id"]},
+                timeout=30,
+            )
             assert r.status_code == 200, r.text
             doc = r.json()
             assert doc["systems_seen"] == ["billing", "cdp", "erp"] and doc["missing_systems"] == []
@@ -89,7 +94,9 @@ def test_demo_pace_estate_correlates_across_broken_trace_context(tmp_path: Path)
         assert services == {"sim-cdp", "sim-billing", "sim-erp"}
         # a flow that kept its context is one trace from billing to ERP
         kept = next(f for f in flows if f["done"] and not f["context_lost"] and f["fault"] is None)
-        doc = httpx.get(f"{server.url}/api/transactions", params={"invoice_id": kept["invoice_id"]}).json()
+        doc = httpx.get(
+            f"{server.url}/api/transactions", headers=server.auth, params={"invoice_id": kept["invoice_id"]}
+        ).json()
         billing = {s["trace_id"] for s in doc["spans"] if s["name"] == "invoice.finalize"}
         erp = {s["trace_id"] for s in doc["spans"] if s["name"] == "erp.invoice.post"}
         assert billing == erp
@@ -123,7 +130,9 @@ def test_tower_demo_starts_everything_and_ctrl_c_leaves_nothing(tmp_path: Path) 
         TOWER_DASHBOARD_PORT=str(dash),
         TOWER_SIMULATOR_PORT=str(sim),
         TOWER_RECONCILE_INTERVAL_S="0",
+        TOWER_ADMIN_TOKEN="demo-test-admin",
     )
+    auth = {"Authorization": "Bearer demo-test-admin"}
 
     def start(sigint_ignored: bool = False) -> tuple[subprocess.Popen, str, set[int]]:
         # a script's background job starts with SIGINT ignored (POSIX shells do that); Ctrl-C must still work
@@ -168,7 +177,9 @@ def test_tower_demo_starts_everything_and_ctrl_c_leaves_nothing(tmp_path: Path) 
             time.sleep(0.5)
         deadline = time.monotonic() + 60  # the estate's first invoices reach the store
         while True:
-            got = httpx.get(f"http://127.0.0.1:{api}/api/transactions", params={"invoice_id": "in_0000000001"})
+            got = httpx.get(
+                f"http://127.0.0.1:{api}/api/transactions", params={"invoice_id": "in_0000000001"}, headers=auth
+            )
             if got.status_code == 200:
                 break
             assert got.status_code == 404 and time.monotonic() < deadline, got.text
@@ -183,7 +194,9 @@ def test_tower_demo_starts_everything_and_ctrl_c_leaves_nothing(tmp_path: Path) 
     proc, text, kids = start(sigint_ignored=True)
     try:
         assert "run 1" in text
-        old = httpx.get(f"http://127.0.0.1:{api}/api/transactions", params={"invoice_id": "in_0000000001"}, timeout=20)
+        old = httpx.get(
+            f"http://127.0.0.1:{api}/api/transactions", params={"invoice_id": "in_0000000001"}, headers=auth, timeout=20
+        )
         assert old.status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)

@@ -125,7 +125,7 @@ def test_eu_invoice_delay_fires_one_alert_group_and_resolves(tmp_path: Path, ale
         b = base_ns(13)
         delay = Delay("EU", b + 240 * MIN, b + 300 * MIN, 40 * MIN)
         invoices = send_estate(srv.url, b, 12, delays=(delay,))
-        wait_stored(srv.url, invoices[-1])
+        wait_stored(srv.url, invoices[-1], srv.auth)
 
         t1 = b + 300 * MIN  # at the end of the delay
         doc = evaluate(srv.url, TOKEN, t1)
@@ -209,7 +209,7 @@ def test_clean_estate_fires_nothing(tmp_path: Path, alertmanager: Alertmanager) 
     ):
         b = base_ns(13)
         invoices = send_estate(srv.url, b, 12)
-        wait_stored(srv.url, invoices[-1])
+        wait_stored(srv.url, invoices[-1], srv.auth)
         for hours in (1, 5, 12):
             doc = evaluate(srv.url, TOKEN, b + hours * 60 * MIN)
             assert doc["firing"] == [] and doc["started"] == []

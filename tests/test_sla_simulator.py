@@ -47,7 +47,9 @@ def play(tmp_path: Path, faults: FaultRates) -> tuple[list[list[dict]], LiveEsta
         telemetry.shutdown()
         last = max(estate.invoices)
         deadline = time.monotonic() + 30
-        while httpx.get(f"{srv.url}/api/transactions", params={"invoice_id": last}).status_code != 200:
+        while (
+            httpx.get(f"{srv.url}/api/transactions", headers=srv.auth, params={"invoice_id": last}).status_code != 200
+        ):
             assert time.monotonic() < deadline, "the estate's spans were not stored"
             time.sleep(0.2)
         time.sleep(1)  # the events of the last batch

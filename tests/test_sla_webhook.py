@@ -28,7 +28,7 @@ def test_webhook_fire_repeat_restart_resolve_without_duplicates(tmp_path: Path) 
         t1, t2 = b + 300 * MIN, b + 720 * MIN
         with TowerServer(tmp_path / "tower", **env) as srv:
             invoices = send_estate(srv.url, b, 12, delays=(Delay("EU", b + 240 * MIN, b + 300 * MIN, 40 * MIN),))
-            wait_stored(srv.url, invoices[-1])
+            wait_stored(srv.url, invoices[-1], srv.auth)
             doc = evaluate(srv.url, TOKEN, t1)  # fire
             assert [s["status"] for s in doc["delivery"]["webhook"]["sent"]] == ["firing"]
             (msg,) = rx.wait(1)

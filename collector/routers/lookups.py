@@ -1,4 +1,4 @@
-"""Read APIs: one trace, one business transaction."""
+"""Read APIs: one trace, one business transaction (viewer and up: they show the estate's business keys)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from starlette.concurrency import run_in_threadpool
 
 from collector import correlation as corr
+from collector.auth import Principal, require
 from collector.deps import get_store
 from collector.lookups import TRACE_ID, get_trace, get_transaction
 from tower_core.store import Store
@@ -17,7 +18,11 @@ KeyParam = Annotated[str | None, Query(min_length=1, max_length=corr.MAX_KEY_VAL
 
 
 @router.get("/traces/{trace_id}", summary="All spans of one trace")
-async def trace(trace_id: str, store: Annotated[Store, Depends(get_store)]) -> dict[str, Any]:
+async def trace(
+    trace_id: str,
+    store: Annotated[Store, Depends(get_store)],
+    viewer: Annotated[Principal, Depends(require("viewer"))],
+) -> dict[str, Any]:
     tid = trace_id.lower()
     if not TRACE_ID.match(tid):
         raise HTTPException(400, "trace_id must be 32 hex characters")
@@ -30,6 +35,7 @@ async def trace(trace_id: str, store: Annotated[Store, Depends(get_store)]) -> d
 @router.get("/transactions", summary="The business transaction of an invoice, customer, payment or trace")
 async def transaction(
     store: Annotated[Store, Depends(get_store)],
+    viewer: Annotated[Principal, Depends(require("viewer"))],
     invoice_id: KeyParam = None,
     customer_id: KeyParam = None,
     payment_id: KeyParam = None,
