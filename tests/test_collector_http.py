@@ -174,6 +174,11 @@ def test_bad_requests_get_clear_4xx(server: TowerServer) -> None:
     assert r.status_code == 413
     r = httpx.post(f"{server.url}/v1/traces", content=b"", headers=PB)  # empty request
     assert r.status_code == 200
+    # the lookups show business keys: a viewer token at least
+    assert httpx.get(f"{server.url}/api/traces/{'ab' * 16}").status_code == 401
+    assert httpx.get(f"{server.url}/api/transactions", params={"invoice_id": "in_1"}).status_code == 401
+    bad = {"Authorization": "Bearer not-a-token"}
+    assert httpx.get(f"{server.url}/api/transactions", params={"invoice_id": "in_1"}, headers=bad).status_code == 401
     assert httpx.get(f"{server.url}/api/traces/not-hex", headers=server.auth).status_code == 400
     assert httpx.get(f"{server.url}/api/traces/{'ab' * 16}", headers=server.auth).status_code == 404
     assert httpx.get(f"{server.url}/api/transactions", headers=server.auth).status_code == 400
