@@ -7,11 +7,12 @@ Alertmanager's API and notified by it; when the delay ends the alerts resolve. A
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,15 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.sla.payloads import fingerprint, webhook_alert, webhook_message
+from reconciler.sla.service import SlaService
 from tests.conftest import free_port
+from tests.fixtures.fault_proxy import FaultProxy
 from tests.server import TowerServer
 from tests.sla_estate import MIN, Delay, Receiver, base_ns, evaluate, iso, send_estate, wait_stored
+from tests.test_sla_store import M, T, scenario
+from tower_core.settings import Settings
+from tower_core.store import Store, migrate
+from tower_core.store import sla as sla_store
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +45,16 @@ class Alertmanager:
 
     def groups(self) -> list[dict]:
         return httpx.get(f"{self.url}/api/v2/alerts/groups", timeout=5).json()
+
+    def wait_alerts(self, done: Callable[[list[dict]], bool], timeout: float = 15.0) -> list[dict]:
+        """The alerts not resolved, once ``done`` holds for them (or at the timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            alerts = httpx.get(f"{self.url}/api/v2/alerts", params={"active": "true"}, timeout=5).json()
+            alerts = [a for a in alerts if a["status"]["state"] != "unprocessed"]  # active, or inhibited by a page
+            if done(alerts) or time.monotonic() > deadline:
+                return alerts
+            time.sleep(0.1)
 
     def wait_groups(self, count: int, timeout: float = 15.0) -> list[dict]:
         deadline = time.monotonic() + timeout
@@ -223,3 +240,45 @@ def test_clean_estate_fires_nothing(tmp_path: Path, alertmanager: Alertmanager) 
             ("EU", 1.0, 0),
             ("APAC", 1.0, 0),
         }
+
+
+def test_backfills_record_nothing_firing_alerts_outlive_slow_evaluations_and_lost_resolutions_are_resent(
+    embedded_store: Store, alertmanager: Alertmanager
+) -> None:
+    """The service in-process on real chDB, the real Alertmanager behind a fault proxy."""
+    migrate(embedded_store)
+    scenario(embedded_store)
+    with FaultProxy(alertmanager.url) as proxy:
+        settings = Settings(
+            database=embedded_store.database,
+            alertmanager_url=proxy.url,
+            sla_eval_interval_s=600,  # evaluations further apart than Alertmanager's resolve_timeout (5m)
+            alertmanager_resend_s=60,
+        )
+        svc = SlaService(settings, embedded_store)
+        first = svc.evaluate(T + 60 * M)
+        firing = sorted(b.breach_id for b in first.transitions.firing)
+        assert firing and first.delivery["alertmanager"]["sent"] == len(firing)
+        active = alertmanager.wait_alerts(lambda alerts: len(alerts) == len(firing))
+        assert len(active) == len(firing)
+        for a in active:  # held for 4 x max(600 s, 60 s), not Alertmanager's 5 minutes
+            held = dt.datetime.fromisoformat(a["endsAt"]) - dt.datetime.fromisoformat(a["updatedAt"])
+            assert dt.timedelta(minutes=39) < held <= dt.timedelta(minutes=40)
+
+        # a back-fill (an instant before the last recorded one) is assessed, not recorded, not delivered
+        posts = len(proxy.seen)
+        past = svc.evaluate(T + 5 * M)
+        assert not past.recorded and past.delivery == {} and len(proxy.seen) == posts
+        assert sorted(r["breach_id"] for r in sla_store.open_breaches(embedded_store)) == firing
+        assert svc.last is first
+        assert svc.evaluate(0, record=False).to_json()["evaluated_at"].startswith("1970-01-01")  # 0 is an instant
+        assert svc.evaluate(T + 61 * M).transitions.started == []  # the same episodes go on
+
+        # the resolution Alertmanager refuses is sent again with the next delivery
+        proxy.plan.extend(["503"] * 3)  # the client's three attempts
+        ended = svc.evaluate(T + 24 * 60 * M)
+        assert len(ended.transitions.resolved) == len(firing) and "error" in ended.delivery["alertmanager"]
+        assert len(alertmanager.wait_alerts(lambda alerts: False, timeout=1.0)) == len(firing)  # still active
+        again = svc.evaluate(T + 24 * 60 * M + M)
+        assert again.delivery["alertmanager"]["sent"] == len(firing)
+        assert alertmanager.wait_alerts(lambda alerts: alerts == []) == []

@@ -136,7 +136,7 @@ def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["15", "15 min", "-5m", "0s", True, None, "m"])
+@pytest.mark.parametrize("text", ["15", "15 min", "-5m", "0s", True, None, "m", float("nan"), float("inf")])
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)

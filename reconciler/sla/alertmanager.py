@@ -1,8 +1,10 @@
 """Alertmanager client (``POST /api/v2/alerts``), following Prometheus's client contract (DOMAIN.md §7).
 
-Firing alerts are sent when they start and re-sent every ``resend_s`` while they fire, without endsAt, so
-Alertmanager keeps them active for its resolve_timeout (5m by default) after each send: ``resend_s`` must stay
-below it. A resolved alert is sent once with its endsAt. Grouping, silences and inhibition are Alertmanager's.
+Firing alerts are sent when they start and re-sent every ``resend_s`` while they fire, with endsAt
+``hold_s`` ahead (Prometheus: 4 x max(evaluation interval, resend delay)), so an alert stays active between
+evaluations however far apart they are, and still ends by itself if the tower stops sending. A resolved alert
+is sent with its endsAt, again at the next delivery if Alertmanager did not take it. Grouping, silences and
+inhibition are Alertmanager's.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class AlertmanagerClient:
-    def __init__(self, url: str, resend_s: float, timeout_s: float = 5.0, attempts: int = 3) -> None:
+    def __init__(
+        self, url: str, resend_s: float, hold_s: float | None = None, timeout_s: float = 5.0, attempts: int = 3
+    ) -> None:
         self.url = url.rstrip("/") + "/api/v2/alerts"
         self.resend_s = resend_s
+        self.hold_s = hold_s if hold_s is not None else 4 * resend_s
+        self._unsent_resolved: dict[str, Breach] = {}  # fingerprint -> a resolution Alertmanager did not take
         self.attempts = attempts
         self._http = httpx.Client(timeout=timeout_s)
         self._last_sent: dict[str, float] = {}  # fingerprint -> monotonic time of the last send
@@ -61,14 +67,23 @@ class AlertmanagerClient:
         """Send what is due; returns the number of alerts sent. Raises httpx.HTTPError when Alertmanager fails."""
         now = time.monotonic()
         send = self.due(firing, started, now)
-        batch = [am_alert(b.labels, b.annotations, b.starts_ms, b.generator_url) for b in send]
-        batch += [am_alert(b.labels, b.annotations, b.starts_ms, b.generator_url, b.ends_ms) for b in resolved]
+        for b in firing:  # an alert firing again supersedes its older resolution still waiting to be sent
+            self._unsent_resolved.pop(b.fingerprint, None)
+        ending = {**self._unsent_resolved, **{b.fingerprint: b for b in resolved}}
+        hold_until_ms = int(time.time() * 1000 + self.hold_s * 1000)  # wall clock: Alertmanager's time
+        batch = [am_alert(b.labels, b.annotations, b.starts_ms, b.generator_url, hold_until_ms) for b in send]
+        batch += [am_alert(b.labels, b.annotations, b.starts_ms, b.generator_url, b.ends_ms) for b in ending.values()]
         if not batch:
             return 0
-        self.post(batch)
+        try:
+            self.post(batch)
+        except httpx.HTTPError:
+            self._unsent_resolved = ending  # the next delivery sends them again
+            raise
+        self._unsent_resolved = {}
         for b in send:
             self._last_sent[b.fingerprint] = now
-        for b in resolved:
-            self._last_sent.pop(b.fingerprint, None)
-        log.info("sent %d alert(s) to Alertmanager (%d resolved)", len(batch), len(resolved))
+        for fp in ending:
+            self._last_sent.pop(fp, None)
+        log.info("sent %d alert(s) to Alertmanager (%d resolved)", len(batch), len(ending))
         return len(batch)

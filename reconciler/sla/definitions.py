@@ -7,6 +7,7 @@ shipped default ``reconciler/sla/config/sla.yaml`` for every field with its mean
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -45,8 +46,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
     else:
         raise ValueError(f"invalid duration {value!r}: use a number with s, m, h, d or w, e.g. 15m")
-    if seconds <= 0:
-        raise ValueError(f"duration {value!r} must be positive")
+    if not math.isfinite(seconds) or seconds <= 0:  # YAML's .nan and .inf are floats too
+        raise ValueError(f"duration {value!r} must be a positive, finite number of seconds")
     return seconds
 
 

@@ -42,8 +42,8 @@ def am_alert(
     generator_url: str,
     ends_ms: int | None = None,
 ) -> dict[str, Any]:
-    """One element of ``POST /api/v2/alerts``. A firing alert carries no endsAt: Alertmanager keeps it active
-    for its resolve_timeout after each re-send; a resolved one carries its endsAt."""
+    """One element of ``POST /api/v2/alerts``. A firing alert's endsAt lies ahead (the sender keeps pushing it
+    out while the alert fires, as Prometheus does); a resolved one's is when it ended."""
     doc: dict[str, Any] = {
         "labels": dict(labels),
         "annotations": dict(annotations),

@@ -72,7 +72,11 @@ class SlaService:
         dashboard = settings.sla_dashboard_url or f"http://{settings.dashboard_host}:{settings.dashboard_port}"
         self.links = ev.Links(dashboard, settings.api_url)
         self.alertmanager = (
-            AlertmanagerClient(settings.alertmanager_url, settings.alertmanager_resend_s)
+            AlertmanagerClient(
+                settings.alertmanager_url,
+                settings.alertmanager_resend_s,
+                hold_s=4 * max(settings.sla_eval_interval_s, settings.alertmanager_resend_s),
+            )
             if settings.alertmanager_url
             else None
         )
@@ -131,7 +135,7 @@ class SlaService:
         obj = next((o for o in self.definitions.objectives if o.name == sla), None)
         if obj is None:
             raise KeyError(sla)
-        now_ns = now_ns or time.time_ns()
+        now_ns = time.time_ns() if now_ns is None else now_ns
         return sla_store.stuck_items(
             self.store,
             step=obj.step,
@@ -150,11 +154,17 @@ class SlaService:
     def evaluate(self, now_ns: int | None = None, *, record: bool = True) -> Evaluation:
         """Assess every definition as of ``now_ns``; when ``record``, store breach transitions and deliver."""
         started = time.perf_counter()
-        now_ns = now_ns or time.time_ns()
+        now_ns = time.time_ns() if now_ns is None else now_ns
         now_ms = now_ns // 1_000_000
         with self._lock:
             statuses, thresholds, alerts = self._assess(now_ns)
             open_breaches = [ev.Breach.from_row(r) for r in sla_store.open_breaches(self.store)]
+            # an instant before the last recorded evaluation (a back-fill) is assessed, never recorded: it would
+            # close alerts that still fire now and announce that to Alertmanager
+            latest_ms = max((b.evaluated_ms for b in open_breaches), default=0)
+            if self.last is not None and self.last.recorded:
+                latest_ms = max(latest_ms, self.last.now_ns // 1_000_000)
+            record = record and now_ms >= latest_ms
             trans = ev.transitions(open_breaches, alerts, now_ms)
             result = Evaluation(now_ns, statuses, thresholds, alerts, trans, record)
             if record:
