@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tower_core.models import CURRENCY_EXPONENT
+from tower_core.models import format_money
 
 ROLES = ("viewer", "operator", "admin")
 STEP_ORDER = ("cdp_to_billing", "invoice_to_ledger", "payment_to_cash", "refund_to_ledger")
@@ -43,14 +43,9 @@ def can_act(role: str | None) -> bool:
 
 # --- money and time -------------------------------------------------------------------------------------------
 def fmt_money(minor: int | None, currency: str) -> str:
-    """Integer minor units as a decimal amount in the currency's exponent (JPY has none): 123456 EUR -> 1,234.56."""
-    if minor is None:
-        return "—"
-    exp = CURRENCY_EXPONENT.get(currency, 2)
-    sign = "-" if minor < 0 else ""
-    whole, frac = divmod(abs(int(minor)), 10**exp)
-    text = f"{whole:,}" + (f".{frac:0{exp}d}" if exp else "")
-    return f"{sign}{text} {currency}".strip()
+    """Integer minor units as a decimal amount in the currency's ISO exponent (JPY has none): 123456 EUR ->
+    1,234.56 EUR; a code the tower does not know stays in minor units, said so."""
+    return "—" if minor is None else format_money(int(minor), currency)
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -20,6 +20,9 @@ T0 = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
         (0, "GBP", "0.00 GBP"),
         (100000000, "USD", "1,000,000.00 USD"),
         (None, "USD", "—"),
+        (50000, "KRW", "50,000 KRW"),  # zero-decimal beyond JPY
+        (12345, "KWD", "12.345 KWD"),  # three decimals
+        (12345, "XYZ", "12,345 XYZ (minor units)"),  # unknown: never a guessed exponent
     ],
 )
 def test_money_uses_the_currency_exponent(minor: int | None, currency: str, text: str) -> None:

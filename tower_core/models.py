@@ -6,8 +6,21 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
-# ISO 4217 minor-unit exponents for the currencies the tower handles (JPY has no minor unit).
-CURRENCY_EXPONENT: dict[str, int] = {"USD": 2, "EUR": 2, "GBP": 2, "JPY": 0, "CHF": 2, "CAD": 2, "AUD": 2}
+# ISO 4217 (list one, active codes with a minor unit): the minor-unit exponent of every currency. A currency
+# missing here is refused where money is converted (connectors), never guessed: a guess of 2 decimals posts
+# 100x too much for KRW and a tenth of it for KWD.
+_ISO_4217_EXPONENTS = {
+    0: "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF",
+    2: "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BMD BND BOB BOV BRL BSD BTN BWP BYN BZD CAD CDF "
+    "CHE CHF CHW CNY COP COU CRC CUP CVE CZK DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GTQ GYD HKD "
+    "HNL HTG HUF IDR ILS INR IRR JMD KES KGS KHR KPW KYD KZT LAK LBP LKR LRD LSL MAD MDL MGA MKD MMK MNT MOP MRU "
+    "MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD PAB PEN PGK PHP PKR PLN QAR RON RSD RUB SAR SBD SCR SDG "
+    "SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TOP TRY TTD TWD TZS UAH USD USN UYU UZS VED VES WST "
+    "XCD XCG YER ZAR ZMW ZWG",
+    3: "BHD IQD JOD KWD LYD OMR TND",
+    4: "CLF UYW",
+}
+CURRENCY_EXPONENT: dict[str, int] = {c: e for e, codes in _ISO_4217_EXPONENTS.items() for c in codes.split()}
 REGIONS = ("NA", "EU", "APAC")
 
 InvoiceStatus = Literal["draft", "open", "paid", "void", "uncollectible"]
@@ -15,9 +28,19 @@ PaymentKind = Literal["payment", "refund", "credit_note"]
 EntryType = Literal["invoice", "payment", "credit_memo", "journal"]
 
 
+def currency_exponent(currency: str) -> int:
+    """The ISO 4217 minor-unit exponent; ValueError for a code that is not an active currency."""
+    try:
+        return CURRENCY_EXPONENT[currency]
+    except KeyError:
+        raise ValueError(f"{currency!r} is not an ISO 4217 currency with a minor unit") from None
+
+
 def format_money(amount_minor: int, currency: str) -> str:
     """Human display only; never feed the result back into arithmetic."""
-    exp = CURRENCY_EXPONENT.get(currency, 2)
+    if currency not in CURRENCY_EXPONENT:
+        return f"{amount_minor:,} {currency} (minor units)"
+    exp = CURRENCY_EXPONENT[currency]
     sign = "-" if amount_minor < 0 else ""
     whole, frac = divmod(abs(amount_minor), 10**exp)
     return f"{sign}{whole:,}{'.' + str(frac).zfill(exp) if exp else ''} {currency}"

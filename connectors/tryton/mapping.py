@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from tower_core.models import CURRENCY_EXPONENT, Invoice, LedgerEntry, Payment
+from tower_core.models import Invoice, LedgerEntry, Payment, currency_exponent
 
 SOURCE = "tryton"
 INVOICE_FIELDS = [
@@ -30,15 +30,22 @@ class MappingError(ValueError):
     """A value cannot be represented exactly (e.g. more decimals than the currency has)."""
 
 
+def _exponent(currency: str) -> int:
+    try:
+        return currency_exponent(currency)
+    except ValueError as exc:
+        raise MappingError(str(exc)) from None
+
+
 def to_minor(amount: Decimal, currency: str) -> int:
-    scaled = amount.scaleb(CURRENCY_EXPONENT.get(currency, 2))
+    scaled = amount.scaleb(_exponent(currency))
     if scaled != scaled.to_integral_value():
         raise MappingError(f"{amount} {currency} has more decimals than the currency")
     return int(scaled)
 
 
 def from_minor(amount_minor: int, currency: str) -> Decimal:
-    return Decimal(amount_minor).scaleb(-CURRENCY_EXPONENT.get(currency, 2))
+    return Decimal(amount_minor).scaleb(-_exponent(currency))
 
 
 def _changed(rec: dict[str, Any]) -> dt.datetime:
