@@ -126,6 +126,20 @@ def test_pull_invoices_since_the_cursor(localstripe: Localstripe, spans: InMemor
     assert retrieve.attributes["revops.system"] == "billing" and retrieve.attributes["revops.invoice.id"] in mine
 
 
+def test_a_deleted_draft_invoice_is_skipped_not_a_blocked_pull(localstripe: Localstripe) -> None:
+    """Its invoice.created event stays in the Events API (30 days) while the invoice answers 404."""
+    billing = StripeBilling("sk_test_tower", localstripe.url, default_region="NA", backoff_s=0.01)
+    _, cursor = drain_invoices(billing, None)
+    client = stripe_client(localstripe)
+    paid = paid_subscription_invoice(client, amount=500)
+    draft = client.v1.invoices.create(params={"customer": paid.customer, "subscription": paid.subscription})
+    assert draft.status == "draft"
+    client.v1.invoices.delete(draft.id)
+    later = paid_subscription_invoice(client, amount=700)
+    items, _ = drain_invoices(billing, cursor)
+    assert {i.invoice_id for i in items} == {paid.id, later.id}  # the draft's events are passed over
+
+
 def test_pull_payments_and_refunds(localstripe: Localstripe) -> None:
     billing = StripeBilling("sk_test_tower", localstripe.url, default_region="NA", backoff_s=0.01)
     cursor = None

@@ -49,6 +49,10 @@ def _when(t: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(t, dt.UTC)
 
 
+class NotFoundError(BusinessRuleError):
+    """Stripe has no such object (404): a deleted draft invoice, a deleted customer."""
+
+
 class StripeBilling:
     name = "stripe"
 
@@ -108,6 +112,8 @@ class StripeBilling:
             message = exc.user_message or str(exc)
             if _retryable(exc):
                 raise TransientError(f"stripe {op} failed after {self.attempts} attempts: {message}") from exc
+            if exc.http_status == 404:
+                raise NotFoundError(f"stripe {op}: {message}") from exc
             raise BusinessRuleError(f"stripe {op}: {message}") from exc
         raise TransientError(f"stripe {op}: no attempt made")  # pragma: no cover
 
@@ -179,7 +185,10 @@ class StripeBilling:
         page, nxt, done = mapping.select_changes(changes, cur, limit)
         items = []
         for c in page:
-            obj = self._retrieve("invoice", c.key)
+            try:
+                obj = self._retrieve("invoice", c.key)
+            except NotFoundError:  # Stripe deletes only drafts: never an invoice, nothing to reconcile
+                continue
             items.append(mapping.to_invoice(obj, _when(c.t), self._region_of(obj)))
         return Page(items, nxt.encode(), done)
 
