@@ -332,3 +332,34 @@ def test_an_item_ends_at_its_first_target_activity_after_its_start(db: Store) ->
         db, step="cdp_to_billing", key_type="customer", source="cdp", target="billing", threshold_s=30, **early
     )  # type: ignore[arg-type]
     assert (cust["stuck"], cust["completed"], cust["bads"]) == (0, 1, [0])
+
+
+def test_a_latency_does_not_depend_on_background_merges(db: Store) -> None:
+    """Billing touches the customer in the morning and the evening; the CDP change at 10:00 syncs at 10:05. Kept
+    per day as min/max, a merge of the day's parts made the evening the end (8 h instead of 5 min)."""
+    h = 3600 * S
+    cdp = {"revops.step": "cdp_to_billing", "revops.customer.id": "cus_m", "revops.region": "EU"}
+    insert_spans(db, [{"ts": T + 8 * h, "attrs": {**cdp, "revops.system": "billing"}}])
+    insert_spans(db, [{"ts": T + 10 * h, "attrs": {**cdp, "revops.system": "cdp"}}])
+    insert_spans(db, [{"ts": T + 10 * h + 5 * M, "attrs": {**cdp, "revops.system": "billing"}}])
+    insert_spans(db, [{"ts": T + 18 * h, "attrs": {**cdp, "revops.system": "billing"}}])
+
+    def p50_s() -> float:
+        (row,) = q.step_stats(
+            db,
+            step="cdp_to_billing",
+            key_type="customer",
+            source="cdp",
+            target="billing",
+            threshold_s=900,
+            now_ns=T + 20 * h,
+            windows_s=[86400],
+            period_s=86400,
+            bounds_s=[900],
+        )
+        assert row["bads"] == [0]
+        return row["q_ns"][0] / S
+
+    assert p50_s() == 300
+    db.command("OPTIMIZE TABLE $db.step_events FINAL")
+    assert p50_s() == 300

@@ -24,10 +24,11 @@ from tower_core.store.base import Store
 NS = 1_000_000_000
 
 # One row per item of the step, as of {now}: its region, start (first activity in the source system), whether it
-# ended by {now} and when: its first activity in the target system at or after the start. Rows of step_events
-# span a day of activity (first/last seen), so a target row counts from its first activity when that is after the
-# start, else from its last if that lies in [start, now]. Later target activity (a duplicate posting, a status
-# refresh, the next profile change) and earlier history do not stretch the latency.
+# ended by {now} and when: its first activity in the target system at or after the start. A row of step_events
+# is one activity (a span's start and end; migration 0015), so a target row counts from its start when that is
+# after the item's start, else from its end if that lies in [start, now] (a span running across the start).
+# Later target activity (a duplicate posting, a status refresh, the next profile change) and earlier history do
+# not stretch the latency, merged or not.
 # Items whose decision can fall inside the longest window start no earlier than {lo} = now - window -
 # threshold, so rows of older days are pruned through the (Step, Day, ...) primary key. Per region, the
 # decided and bad counts of each window, and latency figures of the items completed over the period.
