@@ -86,3 +86,22 @@ def test_invalid_setting_is_one_line(tmp_path: Path) -> None:
 def test_help(cmd: list[str], tmp_path: Path) -> None:
     proc = run(cmd, tmp_path)
     assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["nope"], "No such command 'nope'"),
+        (["simulate", "manifest", "--invoices", "abc"], "Invalid value for '--invoices'"),
+        (["simulate", "manifest", "--nope"], "No such option: --nope"),
+        (["simulate", "manifest", "--seed", "-1"], "Invalid value for '--seed'"),
+        (["simulate", "manifest", "--seed", "18446744073709551616"], "Invalid value for '--seed'"),
+        (["simulate", "bulk", "--as-of", "0001-01-05"], "--as-of '0001-01-05' is not an ISO date"),
+        (["simulate", "bulk", "--days", "1000000"], "Invalid value for '--days'"),
+        (["simulate", "run", "--port", "99999"], "Invalid value for '--port'"),
+        (["simulate", "run", "--minutes", "0.5"], "Invalid value for '--minutes'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str], says: str, tmp_path: Path) -> None:
+    """typer >= 0.29 raises its own copy of click's usage errors: they printed a traceback (exit 1)."""
+    assert says in one_error_line(run(args, tmp_path))

@@ -172,12 +172,15 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
+    except Exception as exc:  # usage errors: click's, or the copy of click that typer >= 0.29 bundles
         import click
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "format_message"):
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            message = " ".join(str(exc.format_message()).split())
+            err.print(f"tower: error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(getattr(exc, "exit_code", 2) or 2)
         raise
 
 

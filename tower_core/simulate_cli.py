@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from connectors.simulator import EstateConfig, FaultRates
 
 simulate_app = typer.Typer(no_args_is_help=True, help="The synthetic revenue estate (bulk load, demo pace).")
+MAX_SEED = 2**63 - 1  # numpy's generators take non-negative 64-bit seeds
 out = Console()
 FaultsOpt = Annotated[str, typer.Option("--faults", help="Fault mix: default or clean.")]
 
@@ -49,8 +50,8 @@ def _config(**kwargs: object) -> EstateConfig:
 def bulk(
     invoices: Annotated[int, typer.Option(min=1, help="Invoices to generate.")] = 1_000_000,
     customers: Annotated[int | None, typer.Option(min=1, help="Customers (default invoices/20, at least 200).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed: same seed, same estate.")] = 7,
-    days: Annotated[int, typer.Option(min=20, help="Length of the estate's window, ending at --as-of.")] = 60,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed: same seed, same estate.")] = 7,
+    days: Annotated[int, typer.Option(min=20, max=36_500, help="Length of the window, ending at --as-of.")] = 60,
     as_of: Annotated[str, typer.Option(help="End of the window (UTC date or datetime).")] = "2026-03-01",
     faults: FaultsOpt = "default",
     manifest: Annotated[
@@ -69,14 +70,15 @@ def bulk(
 
     try:
         end = dt.datetime.fromisoformat(as_of)
-    except ValueError:
-        raise ConfigError(f"--as-of {as_of!r} is not an ISO date") from None
-    end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
+        end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
+        start = end - dt.timedelta(days=days)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"--as-of {as_of!r} is not an ISO date with {days} days before it") from None
     config = _config(
         seed=seed,
         customers=customers or max(200, invoices // 20),
         invoices=invoices,
-        start=end - dt.timedelta(days=days),
+        start=start,
         as_of=end,
         fault_rates=_rates(faults),
     )
@@ -116,8 +118,10 @@ def run(
     api_url: Annotated[
         str | None, typer.Option(help="The tower API receiving telemetry (default TOWER_API_URL).")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port of the estate's API (default TOWER_SIMULATOR_PORT).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed (default TOWER_SIMULATOR_SEED).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port of the estate's API (default TOWER_SIMULATOR_PORT).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(min=0, max=MAX_SEED, help="Seed (default TOWER_SIMULATOR_SEED).")] = None,
     rate: Annotated[
         int | None, typer.Option(min=1, help="Invoices per minute (default TOWER_SIMULATOR_RATE_PER_MIN).")
     ] = None,
@@ -133,15 +137,18 @@ def run(
     from tower_core.cli import load_settings
 
     settings = load_settings()
-    config = demo_config(
-        seed=settings.simulator_seed if seed is None else seed,
-        rate_per_min=rate or settings.simulator_rate_per_min,
-        horizon_min=minutes,
-        customers=customers,
-        fault_rates=_rates(faults),
-        context_loss_share=context_loss,
-        id_offset=id_offset,
-    )
+    try:
+        config = demo_config(
+            seed=settings.simulator_seed if seed is None else seed,
+            rate_per_min=rate or settings.simulator_rate_per_min,
+            horizon_min=minutes,
+            customers=customers,
+            fault_rates=_rates(faults),
+            context_loss_share=context_loss,
+            id_offset=id_offset,
+        )
+    except (ValueError, OverflowError) as exc:
+        raise ConfigError(str(exc)) from None
     stop = threading.Event()
 
     def handle(signum: int, frame: object) -> None:
@@ -166,7 +173,7 @@ def run(
 def manifest_cmd(
     invoices: Annotated[int, typer.Option(min=1)] = 2000,
     customers: Annotated[int, typer.Option(min=1)] = 200,
-    seed: Annotated[int, typer.Option()] = 7,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 7,
     faults: FaultsOpt = "default",
 ) -> None:
     """Print the manifest of the in-memory estate of this seed (no store involved)."""

@@ -103,6 +103,8 @@ class EstateConfig:
     def __post_init__(self) -> None:
         if self.customers < 1 or self.invoices < 0:
             raise ValueError("an estate needs at least one customer and a non-negative invoice count")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError("the seed must be an integer from 0 to 2**63 - 1")
         if not self.regions or set(self.regions) - set(REGIONS):
             raise ValueError(f"regions must be a non-empty subset of {REGIONS}")
         for t in (self.start, self.as_of):
