@@ -324,3 +324,23 @@ def test_demo_telemetry_context_flows_cdp_to_billing_and_is_lost_at_the_erp_for_
     ids = Counter(ev["id"] for ev in events)
     assert {i for i, n in ids.items() if n > 1}  # duplicate_webhook re-sent a delivered event
     tel.shutdown()
+
+
+def test_a_cursor_from_an_earlier_run_of_the_estate_reads_the_new_run_whole() -> None:
+    """A demo restart starts a new estate process whose changes count from 1 again: the reconciler's stored
+    cursor (run 0's position) skipped run 1's first changes and pulled nothing."""
+    from connectors.simulator.systems import ChangeLog
+
+    run0: ChangeLog[str] = ChangeLog(lambda r: r)
+    for i in range(5):
+        run0.put(f"old_{i}")
+    kept = run0.pull(None, 10).next_cursor
+    assert run0.pull(kept, 10).items == []  # the same instance goes on from its cursor
+    run1: ChangeLog[str] = ChangeLog(lambda r: r)
+    for i in range(3):
+        run1.put(f"new_{i}")
+    assert run1.pull(kept, 10).items == ["new_0", "new_1", "new_2"]
+    assert run1.pull("5", 10).items == ["new_0", "new_1", "new_2"]  # a bare number (older cursor format)
+    for bad in ("bogus", ":5", "x:y"):
+        with pytest.raises(BusinessRuleError, match="was not issued by this system"):
+            run1.pull(bad, 10)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from connectors.base import BillingConnector, BusinessRuleError, ErpConnector, TransientError
-from connectors.simulator import Estate, EstateConfig
+from connectors.simulator import Estate, EstateConfig, codec
 from connectors.simulator.client import SimBillingClient, SimCdpClient, SimErpClient, connectors_from_settings
 from connectors.simulator.server import SimServer
 from tests.conftest import free_port
@@ -74,6 +74,15 @@ def test_writes_and_errors_keep_the_connector_contract(served: tuple[Estate, str
         erp.cancel_entry("le_x/../../manifest", "x")
     r = httpx.post(f"{url}/erp/invoices", json={"invoice_id": "x", "surprise": 1})
     assert r.status_code == 422 and "surprise" in r.json()["detail"]
+    good = codec.to_json(missing)
+    for path, doc, field in [  # wrong types answered 500 (and a string amount was even stored)
+        ("/erp/invoices", {**good, "invoice_id": "in_typed", "issued_at": None}, "issued_at"),
+        ("/erp/invoices", {**good, "invoice_id": "in_typed", "total_minor": "abc"}, "total_minor"),
+        ("/erp/credit-memos", {**codec.to_json(refund), "allocations": None}, "allocations"),
+    ]:
+        r = httpx.post(f"{url}{path}", json=doc)
+        assert r.status_code == 422 and field in r.json()["detail"], (path, r.status_code, r.text)
+    assert erp.find_by_external_ref("in_typed") == []
     estate.erp.begin_outage()
     try:
         with pytest.raises(TransientError, match="503"):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import typing
 from functools import cache
 from typing import Any, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
 
 from connectors.base import ActionOutcome
 from tower_core.models import CdpProfile, Customer, Invoice, LedgerEntry, Payment
@@ -36,33 +37,30 @@ def to_json(record: Any) -> dict[str, Any]:
 
 
 @cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _adapter(cls: type[T]) -> TypeAdapter[T]:
+    return TypeAdapter(cls)
 
 
 def from_json(cls: type[T], doc: dict[str, Any]) -> T:
-    """Build a record; unknown fields are an error (ValueError), so a bad request gets a clear 422."""
+    """Build a record, every field checked against its type (a string where an amount belongs, a null where a
+    date does): a ValueError, so a bad request gets a clear 422 and never reaches the systems."""
     if not isinstance(doc, dict):
         raise ValueError(f"a {cls.__name__} must be a JSON object")
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(doc) - names
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    unknown = set(doc) - {f.name for f in fields}
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
-    kwargs: dict[str, Any] = {}
-    for name, value in doc.items():
-        hint = str(hints[name])
-        if value is not None and "datetime.datetime" in hint:
-            value = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-            if value.tzinfo is None:
-                raise ValueError(f"{name} must carry a timezone")
-        elif value is not None and "date" in hint:
-            value = dt.date.fromisoformat(str(value))
-        kwargs[name] = value
     try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"invalid {cls.__name__}: {exc}") from None
+        record = _adapter(cls).validate_python(doc, strict=False)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or cls.__name__
+        raise ValueError(f"invalid {cls.__name__}: {where}: {first['msg']}") from None
+    for f in fields:
+        value = getattr(record, f.name)
+        if isinstance(value, dt.datetime) and value.tzinfo is None:
+            raise ValueError(f"{f.name} must carry a timezone")
+    return record
 
 
 def outcome_json(o: ActionOutcome) -> dict[str, Any]:

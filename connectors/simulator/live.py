@@ -371,11 +371,12 @@ class LiveEstate:
             attrs["revops.customer.id"] = e.party_ref
         if e.entry_type == "invoice":
             duplicate = entry_id.endswith("1")
-            if not duplicate and self.erp.invoice_entry(e.external_ref) is not None:
-                return  # posted already (a corrective sync got there first)
-            self.erp.store(
-                dataclasses.replace(e, status="draft" if e.status == "draft" else "open", updated_at=e.posted_at)
-            )
+            with self.erp.lock:  # check and store as one step: a corrective sync over HTTP may post meanwhile
+                if not duplicate and self.erp.invoice_entry(e.external_ref) is not None:
+                    return  # posted already (a corrective sync got there first)
+                self.erp.store(
+                    dataclasses.replace(e, status="draft" if e.status == "draft" else "open", updated_at=e.posted_at)
+                )
             attrs["revops.step"] = "invoice_to_ledger"
             parent = None if lost else self.inv_ctx.get(invoice_id)
             error = e.attributes.get("rejection") if e.status == "draft" else None
@@ -383,11 +384,12 @@ class LiveEstate:
             etype = "erp.invoice.rejected" if error else "erp.invoice.posted"
             self._event("erp", etype, f"erp-{etype}-{entry_id}", t, attrs, ctx)
             return
-        already = any(x.entry_type == e.entry_type and x.applied_to_ref == e.applied_to_ref
-                      for x in self.erp.refs(e.external_ref))  # fmt: skip
-        if already:
-            return
-        self.erp.store(e)
+        with self.erp.lock:
+            already = any(x.entry_type == e.entry_type and x.applied_to_ref == e.applied_to_ref
+                          for x in self.erp.refs(e.external_ref))  # fmt: skip
+            if already:
+                return
+            self.erp.store(e)
         attrs["revops.payment.id"] = e.external_ref
         step = "payment_to_cash" if e.entry_type == "payment" else "refund_to_ledger"
         attrs["revops.step"] = step

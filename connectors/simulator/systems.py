@@ -12,6 +12,7 @@ import bisect
 import dataclasses
 import datetime as dt
 import threading
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
@@ -22,16 +23,16 @@ T = TypeVar("T")
 Clock = Callable[[], dt.datetime]
 
 
-def parse_cursor(cursor: str | None) -> int:
+def parse_cursor(cursor: str | None, epoch: str) -> int:
+    """The sequence number after which to read. A cursor is ``<epoch>:<seq>``; the epoch names the instance of the
+    system that issued it, so a cursor kept from an earlier run of the estate (a new process numbers its changes
+    from 1 again) reads everything instead of skipping the new run's first changes."""
     if not cursor:
         return 0
-    try:
-        value = int(cursor)
-    except ValueError:
-        raise BusinessRuleError(f"cursor {cursor[:40]!r} was not issued by this system") from None
-    if value < 0:
+    issuer, sep, seq = cursor.rpartition(":")
+    if not seq.isdigit() or (sep and not issuer):
         raise BusinessRuleError(f"cursor {cursor[:40]!r} was not issued by this system")
-    return value
+    return int(seq) if issuer == epoch else 0
 
 
 class ChangeLog(Generic[T]):
@@ -45,6 +46,7 @@ class ChangeLog(Generic[T]):
         self.ids: list[str] = []
         self.dups: set[int] = set()
         self.seq = 0
+        self.epoch = uuid.uuid4().hex[:12]
 
     def put(self, record: T, *, duplicate: bool = False) -> int:
         rid = self.key(record)
@@ -68,7 +70,7 @@ class ChangeLog(Generic[T]):
     def pull(self, cursor: str | None, limit: int) -> Page[T]:
         if limit < 1:
             raise BusinessRuleError("limit must be positive")
-        after = parse_cursor(cursor)
+        after = parse_cursor(cursor, self.epoch)
         i = bisect.bisect_right(self.seqs, after)
         items: list[T] = []
         last = after
@@ -78,7 +80,7 @@ class ChangeLog(Generic[T]):
                 items.append(self.records[rid])
             last = seq
             i += 1
-        return Page(items, str(last), i >= len(self.seqs))
+        return Page(items, f"{self.epoch}:{last}", i >= len(self.seqs))
 
     def __len__(self) -> int:
         return len(self.records)
