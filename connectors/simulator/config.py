@@ -77,7 +77,7 @@ class Timing:
             retry_lag=(2_000, 15_000),
             outage_len=(15_000, 40_000),
             cdp_latency=(100, 3_000),
-            settle_margin=0,
+            settle_margin=4 * MIN,  # the slowest clean ERP side (outage + latency + card/refund lags) lands by as_of
             fault_age=0,
             stale_window=(0, 0),
             customer_ramp=10_000,
