@@ -12,6 +12,7 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -42,6 +43,11 @@ def _detail(r: httpx.Response) -> str:
     return str(detail)
 
 
+def _seg(value: str) -> str:
+    """One path segment, whatever the id holds (a pasted ``?drift=../x`` must not reach another route)."""
+    return quote(str(value), safe="")
+
+
 class TowerApi:
     """Thin typed wrapper of the routes the dashboard uses."""
 
@@ -49,6 +55,8 @@ class TowerApi:
         self, base_url: str, token: str | None, timeout_s: float = 10.0, transport: httpx.BaseTransport | None = None
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        if token and not token.isascii():  # it could not even be sent as a header
+            raise ApiError(401, "a tower token is ASCII text; this one is not (check for typographic quotes)")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport)
 
@@ -67,7 +75,12 @@ class TowerApi:
             raise ApiUnavailable(f"the API at {self.base_url} is unavailable: {_detail(r)}")
         if r.status_code >= 400:
             raise ApiError(r.status_code, _detail(r))
-        return r.json() if r.content else None
+        if not r.content:
+            return None
+        try:
+            return r.json()
+        except ValueError:  # a proxy's login page, another service on the port
+            raise ApiUnavailable(f"the API at {self.base_url} answered with something that is not JSON") from None
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v not in (None, "", [])})
@@ -87,19 +100,19 @@ class TowerApi:
         return self.get("/api/drift", **params)
 
     def drift_item(self, drift_id: str) -> dict[str, Any]:
-        return self.get(f"/api/drift/{drift_id}")
+        return self.get(f"/api/drift/{_seg(drift_id)}")
 
     def aging(self, region: str = "") -> dict[str, Any]:
         return self.get("/api/overview/aging", region=region)
 
     def acknowledge(self, drift_id: str, note: str = "") -> dict[str, Any]:
-        return self.post(f"/api/drift/{drift_id}/acknowledge", {"note": note})
+        return self.post(f"/api/drift/{_seg(drift_id)}/acknowledge", {"note": note})
 
     def ignore(self, drift_id: str, note: str) -> dict[str, Any]:
-        return self.post(f"/api/drift/{drift_id}/ignore", {"note": note})
+        return self.post(f"/api/drift/{_seg(drift_id)}/ignore", {"note": note})
 
     def sync(self, drift_id: str, approve: bool = False) -> dict[str, Any]:
-        return self.post(f"/api/drift/{drift_id}/sync", {"approve": approve})
+        return self.post(f"/api/drift/{_seg(drift_id)}/sync", {"approve": approve})
 
     def bulk(self, action: str, filters: Mapping[str, Any], expected: int, note: str = "") -> dict[str, Any]:
         body = {"action": action, "filter": dict(filters), "expected_count": expected, "note": note}
@@ -110,13 +123,13 @@ class TowerApi:
         return self.get("/api/actions", **params)
 
     def action(self, action_id: str) -> dict[str, Any]:
-        return self.get(f"/api/actions/{action_id}")
+        return self.get(f"/api/actions/{_seg(action_id)}")
 
     def replay(self, action_id: str) -> dict[str, Any]:
-        return self.post(f"/api/actions/{action_id}/replay")
+        return self.post(f"/api/actions/{_seg(action_id)}/replay")
 
     def approve(self, action_id: str) -> dict[str, Any]:
-        return self.post(f"/api/actions/{action_id}/approve")
+        return self.post(f"/api/actions/{_seg(action_id)}/approve")
 
     def breakers(self) -> dict[str, Any]:
         return self.get("/api/actions/breakers")

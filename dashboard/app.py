@@ -24,7 +24,9 @@ def _login(message: str = "") -> None:
         st.write("Paste your API token (`tower token create --name you --role operator` prints one).")
         typed = st.text_input("API token", type="password", key="login_token")
         submitted = st.form_submit_button("Sign in", key="login_submit")
-    if submitted and typed.strip():
+    if submitted and typed.strip() and not typed.strip().isascii():
+        st.error("This is not a tower token: tokens are ASCII text (check for typographic quotes).")
+    elif submitted and typed.strip():
         probe = TowerApi(cfg.api_url, typed.strip(), cfg.dashboard_timeout_s)
         try:
             st.session_state[session.PRINCIPAL] = probe.whoami()
@@ -75,7 +77,11 @@ with st.sidebar:
         st.caption("Identity unknown while the API is unavailable (read-only).")
     st.caption(f"API: {cfg.api_url}")
     if session.configured_token(cfg) is None and st.button("Sign out", key="sign_out"):
-        for k in (session.TOKEN, session.PRINCIPAL, "_api"):
+        session.forget_pending()
+        cached = st.session_state.pop("_api", None)
+        if cached is not None:
+            cached[1].close()
+        for k in (session.TOKEN, session.PRINCIPAL):
             st.session_state.pop(k, None)
         st.rerun()
 

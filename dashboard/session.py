@@ -88,14 +88,22 @@ def show_errors(errors: dict[str, str]) -> None:
 
 # --- two-step confirmation -----------------------------------------------------------------------------------
 def ask(where: str, op: str, prompt: str, run: Callable[[], Any], target: str = "") -> None:
-    """First click: remember what to do and ask. ``confirmation(where)`` shows the question to finish or cancel."""
+    """First click: remember what to do and ask. ``confirmation(where, target)`` shows the question to finish or
+    cancel, for the same object and the same signed-in person only."""
     st.session_state.pop(RESULT, None)
-    st.session_state[CONFIRM] = {"where": where, "op": op, "prompt": prompt, "target": target, "run": run}
+    who = (principal() or {}).get("name", "")
+    st.session_state[CONFIRM] = {"where": where, "op": op, "prompt": prompt, "target": target, "run": run, "who": who}
+
+
+def forget_pending() -> None:
+    """Sign-out: nothing asked by the previous person can be confirmed by the next one."""
+    st.session_state.pop(CONFIRM, None)
+    st.session_state.pop(RESULT, None)
 
 
 def _confirmed() -> None:
     pending = st.session_state.pop(CONFIRM, None)
-    if not pending:
+    if not pending or pending["who"] != (principal() or {}).get("name", ""):
         return
     try:
         doc = pending["run"]()
@@ -114,9 +122,13 @@ def _cancelled() -> None:
     st.session_state.pop(CONFIRM, None)
 
 
-def confirmation(where: str) -> None:
-    """The pending question (if any) with Confirm / Cancel, and the outcome of the last confirmed action."""
+def confirmation(where: str, target: str = "") -> None:
+    """The pending question (if any) with Confirm / Cancel, and the outcome of the last confirmed action, both
+    for the object on screen: a question asked about another object (the operator moved on) is dropped."""
     pending = st.session_state.get(CONFIRM)
+    if pending and pending["where"] == where and pending["target"] != target:
+        st.session_state.pop(CONFIRM, None)
+        pending = None
     if pending and pending["where"] == where:
         with st.container(border=True):
             st.warning(pending["prompt"], icon=":material/warning:")
@@ -124,7 +136,7 @@ def confirmation(where: str) -> None:
             c1.button("Confirm", key=f"confirm_{where}", type="primary", on_click=_confirmed)
             c2.button("Cancel", key=f"cancel_{where}", on_click=_cancelled)
     result = st.session_state.get(RESULT)
-    if result and result["where"] == where:
+    if result and result["where"] == where and result["target"] == target:
         if result["ok"]:
             st.success(f"{result['op']}: done", icon=":material/check_circle:")
         else:

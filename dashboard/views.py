@@ -45,7 +45,7 @@ def can_act(role: str | None) -> bool:
 def fmt_money(minor: int | None, currency: str) -> str:
     """Integer minor units as a decimal amount in the currency's ISO exponent (JPY has none): 123456 EUR ->
     1,234.56 EUR; a code the tower does not know stays in minor units, said so."""
-    return "—" if minor is None else format_money(int(minor), currency)
+    return "—" if minor is None or not currency else format_money(int(minor), currency)
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -379,3 +379,88 @@ def test_without_a_configured_token_it_asks_once_per_session(tower: Tower, dash:
     assert [t.value for t in at.title] == ["Overview"] and "login_token" not in {t.key for t in at.text_input}
     at.button(key="sign_out").click().run()
     assert "login_token" in {t.key for t in at.text_input}
+
+
+def sign_in(at: AppTest, token: str) -> None:
+    at.text_input(key="login_token").input(token)
+    at.button(key="login_submit").click().run()
+
+
+def open_item(at: AppTest, item: dict[str, Any]) -> None:
+    at.text_input(key="ur_customer").input(item["primary_key"]).run()
+    at.selectbox(key="ur_item").set_value(item["drift_id"]).run()
+
+
+def test_a_pending_question_stays_with_its_item_and_its_person(tower: Tower, dash: Callable[..., AppTest]) -> None:
+    """Asked about item A, then B opened: B's Confirm acknowledged A. Asked, then signed out: the next person's
+    Confirm ran the previous person's action under the previous token."""
+    untouched = [i for i in open_items(tower) if i["state"] in ("new", "persisting")]
+    a, b = [i for i in untouched if i["class"] not in ("payment_unapplied", "missing_in_erp")][-2:]
+    at = dash("overview", role=None)
+    sign_in(at, tower.tokens["operator"])  # olga
+    at.switch_page("screens/unreconciled.py").run()
+    open_item(at, a)
+    at.button(key="ur_ack").click().run()
+    assert any(a["primary_key"] in w.value for w in at.warning) and "confirm_item" in buttons(at)
+    open_item(at, b)
+    assert "confirm_item" not in buttons(at) and not any(a["primary_key"] in w.value for w in at.warning)
+    open_item(at, a)
+    assert "confirm_item" not in buttons(at)  # dropped, not just hidden
+
+    at.button(key="ur_ack").click().run()  # asked again, then olga leaves
+    at.switch_page("screens/overview.py").run()
+    at.button(key="sign_out").click().run()
+    other = tower.call("POST", "/api/tokens", json={"name": "oscar", "role": "operator"}).json()["token"]
+    sign_in(at, other)
+    at.switch_page("screens/unreconciled.py").run()
+    open_item(at, a)
+    assert "confirm_item" not in buttons(at)
+    assert tower.call("GET", f"/api/drift/{a['drift_id']}").json()["state"] == a["state"]
+    assert tower.call("GET", f"/api/drift/{b['drift_id']}").json()["state"] == b["state"]
+
+
+def test_odd_answers_links_and_tokens_give_messages_not_tracebacks(
+    tower: Tower, dash: Callable[..., AppTest], tmp_path: Path
+) -> None:
+    import http.server
+    import threading
+
+    class LoginPage(http.server.BaseHTTPRequestHandler):  # a stand-in for a proxy's login page (200, HTML)
+        def do_GET(self) -> None:
+            body = b"<html>please sign in</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginPage)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        at = dash("overview", api_url=f"http://127.0.0.1:{proxy.server_address[1]}")
+        assert any("not JSON" in e.value for e in at.error), [e.value for e in at.error]
+    finally:
+        proxy.shutdown()
+
+    at = dash("overview", role=None)
+    sign_in(at, "“twr_pasted_with_quotes”")
+    assert not at.exception and any("ASCII" in e.value for e in at.error)
+
+    dash("overview")  # the operator's environment
+    for link in ("../overview/aging", "#x", "a/b"):  # ?drift= pasted into the API path as one segment
+        at = AppTest.from_file(str(APP), default_timeout=60)
+        at.query_params["drift"] = link  # a fresh session opened from the link
+        at.run()
+        at.switch_page("screens/unreconciled.py").run()
+        assert not at.exception, (link, [e.value for e in at.exception])
+        assert any("Cannot open item" in w.value for w in at.warning), (link, [w.value for w in at.warning])
+
+
+def test_the_audit_page_goes_back_to_page_one_when_a_filter_changes(tower: Tower, dash: Callable[..., AppTest]) -> None:
+    at = dash("audit")
+    at.number_input(key="au_page").set_value(2).run()
+    at.selectbox(key="au_actor").select("vera").run()
+    assert at.number_input(key="au_page").value == 1

@@ -121,7 +121,7 @@ if chosen:
         expanded=False,
     )
     if operator:
-        session.confirmation("action")
+        session.confirmation("action", chosen)
 
         def _ask_replay() -> None:
 

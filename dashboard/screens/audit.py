@@ -31,6 +31,10 @@ with st.container(border=True):
     days = f[5].selectbox("Period", (1, 7, 30, 365), index=1, format_func=lambda d: f"last {d} d", key="au_days")
     g = st.columns([1, 1, 4])
     page_size = g[0].selectbox("Per page", (50, 100, 500), key="au_page_size")
+    signature = repr((actor, action, object_type, outcome, object_id, days, page_size))
+    if st.session_state.get("au_signature") != signature:  # another filter: back to the first page
+        st.session_state["au_signature"] = signature
+        st.session_state["au_page"] = 1
     page = int(g[1].number_input("Page", min_value=1, step=1, key="au_page"))
 
 params = {

@@ -29,9 +29,11 @@ firing_here = [b for b in firing if not region or b.get("region") == region]
 last_run = ((data.get("runs") or {}).get("items") or [None])[0]
 run = views.run_summary(last_run)
 
+# a part that failed to load is unknown, never "all clear"
+aging_known, firing_known = "aging" not in data.errors, "firing" not in data.errors
 c1, c2, c3 = st.columns(3)
-c1.metric("Unreconciled items", f"{aging.total:,}")
-c2.metric("Firing alerts", len(firing_here))
+c1.metric("Unreconciled items", f"{aging.total:,}" if aging_known else "unknown")
+c2.metric("Firing alerts", len(firing_here) if firing_known else "unknown")
 c3.metric("Last run", run["state"], help=f"started {run.get('started', '—')}")
 totals = aging.currency_totals()
 if totals:
@@ -88,7 +90,7 @@ if aging.classes:
     fig.update_layout(barmode="stack", height=300, margin={"l": 10, "r": 10, "t": 10, "b": 10}, yaxis_title="items")
     st.plotly_chart(fig, key="ov_aging_chart", width="stretch")
     st.dataframe(aging.rows(), key="ov_aging_table", hide_index=True, width="stretch")
-else:
+elif aging_known:
     st.success("Nothing unreconciled.")
 
 left, right = st.columns(2)
@@ -111,7 +113,7 @@ with left:
             key="ov_firing_table",
             hide_index=True,
         )
-    else:
+    elif firing_known:
         st.caption("No alert is firing.")
     am = session.settings().alertmanager_url
     if am:

@@ -55,6 +55,9 @@ with st.expander("Burn-rate windows and threshold rules"):
 compliance = data.get("compliance") or {}
 objectives = compliance.get("objectives", [])
 regions = sorted({o["region"] for o in objectives})
+linked = st.query_params.get("region")  # an alert's dashboard link (?sla=&step=&region=) opens filtered
+if linked in regions and "sla_region" not in st.session_state:
+    st.session_state["sla_region"] = linked
 region = views.unset_all(st.selectbox("Region", views.options_with_all(regions), key="sla_region"))
 shown = [o for o in objectives if not region or o["region"] == region]
 st.subheader("Compliance")

@@ -194,7 +194,7 @@ def _item(api: TowerApi, drift_id: str) -> None:
     if not session.can_act():
         return
     st.subheader("Act on this item")
-    session.confirmation("item")
+    session.confirmation("item", drift_id)
     resolved = item["state"] == "resolved"
     key = item["primary_key"]
     c1, c2, c3 = st.columns(3)
