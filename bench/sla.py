@@ -1,11 +1,11 @@
 """SLA evaluation cost at scale: N invoices over 30 days in 3 regions (billing span + ERP posting span each,
-1% of EU's posted late and 0.1% never posted), inserted into otel_traces so the step_events materialized view
+1% of EU's posted late and 0.1% never posted), inserted into otel_traces so the step_activity materialized view
 does its real work; then full evaluations (every objective and threshold rule of the shipped definitions).
 
     .venv/bin/python bench/sla.py --invoices 1000000 [--evaluations 5] [--data /tmp/sla-bench]
 
 Prints the figures and ends with one JSON line:
-{"invoices", "spans", "insert_s", "spans_per_s_with_mv", "step_events_rows", "evaluate_p50_ms", "evaluate_max_ms"}
+{"invoices", "spans", "insert_s", "spans_per_s_with_mv", "step_activity_rows", "evaluate_p50_ms", "evaluate_max_ms"}
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def main() -> None:
             },
         )
     insert_s = time.perf_counter() - started
-    rows = store.query_rows("SELECT count() AS n FROM $db.step_events")[0]["n"]
-    print(f"inserted {spans:,} spans in {insert_s:.1f} s ({spans / insert_s:,.0f} spans/s incl. the step_events view)")
+    rows = store.query_rows("SELECT count() AS n FROM $db.step_activity")[0]["n"]
+    print(f"inserted {spans:,} spans in {insert_s:.1f} s ({spans / insert_s:,.0f} spans/s with the step views)")
     service = SlaService(Settings(database="sla_bench", sla_eval_interval_s=0), store)
     times = []
     for _ in range(args.evaluations):
@@ -90,7 +90,7 @@ def main() -> None:
                 "spans": spans,
                 "insert_s": round(insert_s, 2),
                 "spans_per_s_with_mv": round(spans / insert_s),
-                "step_events_rows": int(rows),
+                "step_activity_rows": int(rows),
                 "evaluate_p50_ms": round(statistics.median(times), 1),
                 "evaluate_max_ms": round(max(times), 1),
             }

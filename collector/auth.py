@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -60,6 +61,7 @@ class TokenVerifier:
         self.store = store
         self._admin_hash = hash_token(admin_token) if admin_token else None
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._cache_lock = threading.Lock()  # verify runs in the threadpool
 
     def verify(self, token: str) -> Principal | None:
         h = hash_token(token)
@@ -73,14 +75,16 @@ class TokenVerifier:
         principal = None
         if row and not row["revoked_ms"] and hmac.compare_digest(row["token_hash"], h):
             principal = Principal(row["name"], row["role"])
-        if len(self._cache) >= _CACHE_MAX:  # random tokens must not grow it without bound: drop the oldest
-            self._cache.pop(next(iter(self._cache)))
-        self._cache.pop(h, None)
-        self._cache[h] = (now, principal)
+        with self._cache_lock:
+            self._cache.pop(h, None)
+            while len(self._cache) >= _CACHE_MAX:  # random tokens must not grow it without bound: drop the oldest
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[h] = (now, principal)
         return principal
 
     def forget(self) -> None:
-        self._cache.clear()
+        with self._cache_lock:
+            self._cache.clear()
 
 
 def ingest_allowed(authorization: str | None, tokens: Sequence[str]) -> bool:

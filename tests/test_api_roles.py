@@ -310,3 +310,36 @@ def test_the_token_cache_stays_bounded_under_random_tokens(
         assert verifier.verify(f"twr_random_{i}") is None
     assert len(verifier._cache) <= 20
     assert verifier.verify(real) is not None  # evicted or not, a real token still works
+
+
+def test_the_token_cache_evicts_safely_from_many_threads(
+    embedded_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify runs in the threadpool: two threads evicting the same oldest entry raised KeyError (a 500)."""
+    import threading
+
+    from collector import auth as auth_module
+
+    migrate(embedded_store)
+    monkeypatch.setattr(auth_module, "_CACHE_MAX", 8)
+    verifier = auth_module.TokenVerifier(embedded_store, ADMIN)
+    errors: list[BaseException] = []
+
+    def hammer(n: int) -> None:
+        for i in range(100):
+            try:
+                verifier.verify(f"twr_random_{n}_{i}")
+            except BaseException as exc:  # any exception is the finding
+                errors.append(exc)
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=hammer, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert errors == [] and len(verifier._cache) <= 8

@@ -14,6 +14,7 @@ from tests.sla_estate import Receiver
 from tower_core.settings import Settings
 from tower_core.store import Store, migrate
 from tower_core.store import sla as q
+from tower_core.store.migrate import available
 
 T = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
 M = 60_000_000_000
@@ -107,10 +108,10 @@ def stats(store: Store, now: int, **kw: object) -> dict[str, dict]:
     return {r["region"]: r for r in rows}
 
 
-def test_step_events_come_from_spans_and_business_events(db: Store) -> None:
+def test_step_activity_come_from_spans_and_business_events(db: Store) -> None:
     scenario(db)
     rows = db.query_rows(
-        "SELECT KeyType AS kt, KeyValue AS k, System AS sys, any(Region) AS region FROM $db.step_events "
+        "SELECT KeyType AS kt, KeyValue AS k, System AS sys, any(Region) AS region FROM $db.step_activity "
         "WHERE Step = 'invoice_to_ledger' GROUP BY kt, k, sys ORDER BY k, sys"
     )
     got = {(r["k"], r["sys"]): r["region"] for r in rows}
@@ -176,7 +177,7 @@ def test_failed_activity_neither_starts_nor_completes_an_item(db: Store) -> None
                 "pay": key if step == "payment_to_cash" else "",
             },
         )
-    rows = db.query_rows("SELECT DISTINCT KeyValue AS k, System AS sys FROM $db.step_events ORDER BY k, sys")
+    rows = db.query_rows("SELECT DISTINCT KeyValue AS k, System AS sys FROM $db.step_activity ORDER BY k, sys")
     assert [(r["k"], r["sys"]) for r in rows] == [("in_r", "billing"), ("pay_ok", "billing")]
     assert stats(db, T + 60 * M)["EU"]["stuck"] == 1  # in_r: its posting was rejected, so it is not in the ledger
 
@@ -361,5 +362,31 @@ def test_a_latency_does_not_depend_on_background_merges(db: Store) -> None:
         return row["q_ns"][0] / S
 
     assert p50_s() == 300
-    db.command("OPTIMIZE TABLE $db.step_events FINAL")
+    db.command("OPTIMIZE TABLE $db.step_activity FINAL")
     assert p50_s() == 300
+
+
+def test_migration_0015_moves_the_activity_of_a_running_store_and_can_run_twice(store: Store) -> None:
+    """A store at version 14 with spans and events under the old per-day table: 0015 rebuilds the activity from its
+    sources, twice in a row as two starting processes would, and new spans then reach the new table only."""
+    for m in available():
+        if m.version < 15:
+            for statement in m.statements():
+                store.command(statement)
+    scenario(store)
+    old = store.query_rows("SELECT count() AS n FROM $db.step_events")[0]["n"]
+    assert old > 0
+    (m15,) = [m for m in available() if m.version == 15]
+    for _ in range(2):
+        for statement in m15.statements():
+            store.command(statement)
+    per_activity = "SELECT KeyValue, System, FirstSeen FROM $db.step_activity FINAL ORDER BY ALL"
+    rows = store.query_rows(per_activity)
+    assert len(rows) >= old and len({(r["KeyValue"], r["System"], r["FirstSeen"]) for r in rows}) == len(rows)
+    tables = store.query_rows(
+        "SELECT name FROM system.tables WHERE database = {d:String} AND name LIKE 'step_%' ORDER BY name",
+        {"d": store.database},
+    )
+    assert [t["name"] for t in tables] == ["step_activity", "step_activity_events_mv", "step_activity_spans_mv"]
+    insert_spans(store, [inv("in_after", "erp", T + 99 * M)])
+    assert store.query_rows("SELECT count() AS n FROM $db.step_activity WHERE KeyValue = 'in_after'")[0]["n"] == 1

@@ -106,13 +106,13 @@ def test_every_view_of_a_table_fires_for_an_arrow_insert(chdb_data_dir: Path) ->
             st.insert_arrow("otel_traces", batch, dedup_token="views_1")
             counts = {
                 t: st.query_rows(f"SELECT count() AS n FROM $db.{t}")[0]["n"]
-                for t in ("otel_traces_trace_id_ts", "business_key_links", "trace_key_links", "step_events")
+                for t in ("otel_traces_trace_id_ts", "business_key_links", "trace_key_links", "step_activity")
             }
             assert counts == {
                 "otel_traces_trace_id_ts": 1,
                 "business_key_links": 10,
                 "trace_key_links": 10,
-                "step_events": 10,
+                "step_activity": 10,
             }, counts
         finally:
             st.command("DROP DATABASE IF EXISTS $db")

@@ -157,8 +157,8 @@ _VIEW_ROWS = {
     "FROM $db.trace_key_links GROUP BY ALL ORDER BY ALL",
     "otel_traces_trace_id_ts": "SELECT TraceId, min(Start) AS s, max(End) AS e FROM $db.otel_traces_trace_id_ts "
     "GROUP BY ALL ORDER BY ALL",
-    "step_events": "SELECT Step, Day, KeyType, KeyValue, System, anyLast(Region) AS r, min(FirstSeen) AS f, "
-    "max(LastSeen) AS l FROM $db.step_events GROUP BY ALL ORDER BY ALL",
+    "step_activity": "SELECT Step, Day, KeyType, KeyValue, System, anyLast(Region) AS r, min(FirstSeen) AS f, "
+    "max(LastSeen) AS l FROM $db.step_activity GROUP BY ALL ORDER BY ALL",
 }
 
 
@@ -184,11 +184,11 @@ def test_a_replay_derives_again_the_view_rows_a_crash_lost(tmp_path: Path, embed
     assert all(before.values()), {table: len(rows) for table, rows in before.items()}
     first = {"ids": [f"{n:032x}" for n in range(1, 501)], "keys": [f"in_0_{i}" for i in range(500)]}
     for table in _VIEW_ROWS:
-        column = "KeyValue IN {keys:Array(String)}" if table == "step_events" else "TraceId IN {ids:Array(String)}"
+        column = "KeyValue IN {keys:Array(String)}" if table == "step_activity" else "TraceId IN {ids:Array(String)}"
         embedded_store.command(f"DELETE FROM $db.{table} WHERE {column}", first)
     lost = [f"{100_000 + n:032x}" for n in range(1, 251)]
     embedded_store.command("DELETE FROM $db.otel_traces WHERE TraceId IN {ids:Array(String)}", {"ids": lost})
-    step_keys = {(r["KeyValue"]) for r in embedded_store.query_rows(_VIEW_ROWS["step_events"])}
+    step_keys = {(r["KeyValue"]) for r in embedded_store.query_rows(_VIEW_ROWS["step_activity"])}
     assert "in_0_0" not in step_keys and "in_1_0" in step_keys  # the damage is real before the replay
 
     recovered = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)

@@ -175,7 +175,8 @@ def main() -> None:
     except Exception as exc:  # usage errors: click's, or the copy of click that typer >= 0.29 bundles
         import click
 
-        if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "format_message"):
+        usage = (click.ClickException, getattr(typer, "TyperException", click.ClickException))  # typer < 0.29: click's
+        if isinstance(exc, usage) and hasattr(exc, "format_message"):
             ctx = getattr(exc, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             message = " ".join(str(exc.format_message()).split())

@@ -22,7 +22,7 @@ from collector.correlation import STEPS
 from reconciler.sla.burnrate import DEFAULT_RULES, WindowRule
 from tower_core.errors import ConfigError
 
-# The business key that identifies an item of each step (what step_events.KeyType holds; migration 0005).
+# The business key that identifies an item of each step (what step_activity.KeyType holds; migrations 0005, 0015).
 STEP_ITEM_KEYS: dict[str, str] = {
     "cdp_to_billing": "customer",
     "invoice_to_ledger": "invoice",

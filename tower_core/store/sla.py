@@ -1,4 +1,4 @@
-"""SLA reads and writes: step latencies per region from ``step_events``, stuck items, drift age, breach history
+"""SLA reads and writes: step latencies per region from ``step_activity``, stuck items, drift age, breach history
 and the webhook notification log. All values are bound parameters; times are integer nanoseconds (UTC).
 
 An item of a step (an invoice for invoice_to_ledger...) starts at its first activity in the step's source
@@ -24,7 +24,7 @@ from tower_core.store.base import Store
 NS = 1_000_000_000
 
 # One row per item of the step, as of {now}: its region, start (first activity in the source system), whether it
-# ended by {now} and when: its first activity in the target system at or after the start. A row of step_events
+# ended by {now} and when: its first activity in the target system at or after the start. A row of step_activity
 # is one activity (a span's start and end; migration 0015), so a target row counts from its start when that is
 # after the item's start, else from its end if that lies in [start, now] (a span running across the start).
 # Later target activity (a duplicate posting, a status refresh, the next profile change) and earlier history do
@@ -49,7 +49,7 @@ _ITEMS = (
     "  (ended AND latency_ns > {threshold_ns:Int64}) OR (NOT ended AND start_ns + {threshold_ns:Int64} <= {now:Int64}) "
     "     AS bad, "
     "  if(good, end_ns, start_ns + {threshold_ns:Int64}) AS decision_ns "
-    "FROM $db.step_events "
+    "FROM $db.step_activity "
     "WHERE Step = {step:String} AND KeyType = {key_type:String} "
     "  AND Day >= toDate(fromUnixTimestamp64Nano({lo:Int64})) AND Day <= toDate(fromUnixTimestamp64Nano({now:Int64})) "
     "  AND FirstSeen <= fromUnixTimestamp64Nano({now:Int64}) "
