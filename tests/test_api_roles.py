@@ -18,8 +18,9 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from collector import auth as auth_module
 from collector.app import create_app
-from collector.auth import create_token
+from collector.auth import TokenVerifier, create_token
 from connectors.simulator import Estate, EstateConfig, FaultRates
 from reconciler.connectors import Connectors
 from tests.server import TowerServer
@@ -296,14 +297,17 @@ def test_tower_token_cli_without_and_with_a_running_api(tmp_path: Path) -> None:
     assert alice not in (tmp_path / "server.log").read_text()
 
 
+def capped_verifier(store: Store, monkeypatch: pytest.MonkeyPatch, cap: int) -> TokenVerifier:
+    """A verifier on the real store whose cache holds ``cap`` tokens."""
+    migrate(store)
+    monkeypatch.setattr(auth_module, "_CACHE_MAX", cap)
+    return TokenVerifier(store, ADMIN)
+
+
 def test_the_token_cache_stays_bounded_under_random_tokens(
     embedded_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from collector import auth as auth_module
-
-    migrate(embedded_store)
-    monkeypatch.setattr(auth_module, "_CACHE_MAX", 20)
-    verifier = auth_module.TokenVerifier(embedded_store, ADMIN)
+    verifier = capped_verifier(embedded_store, monkeypatch, 20)
     _, real = create_token(embedded_store, "rita", "viewer")
     assert verifier.verify(real) is not None
     for i in range(60):
@@ -318,11 +322,7 @@ def test_the_token_cache_evicts_safely_from_many_threads(
     """verify runs in the threadpool: two threads evicting the same oldest entry raised KeyError (a 500)."""
     import threading
 
-    from collector import auth as auth_module
-
-    migrate(embedded_store)
-    monkeypatch.setattr(auth_module, "_CACHE_MAX", 8)
-    verifier = auth_module.TokenVerifier(embedded_store, ADMIN)
+    verifier = capped_verifier(embedded_store, monkeypatch, 8)
     errors: list[BaseException] = []
 
     def hammer(n: int) -> None:
