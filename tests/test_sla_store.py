@@ -92,19 +92,18 @@ def scenario(store: Store) -> None:
 
 
 def stats(store: Store, now: int, **kw: object) -> dict[str, dict]:
-    rows = q.step_stats(
-        store,
-        step="invoice_to_ledger",
-        key_type="invoice",
-        source="billing",
-        target="erp",
-        threshold_s=900,
-        now_ns=now,
-        windows_s=[300, 3600, 86400],
-        period_s=86400,
-        bounds_s=[60, 600, 3600],
-        **kw,  # type: ignore[arg-type]
-    )
+    """Per region, invoice_to_ledger with a 15-minute threshold unless ``kw`` says otherwise."""
+    args: dict[str, object] = {
+        "step": "invoice_to_ledger",
+        "key_type": "invoice",
+        "source": "billing",
+        "target": "erp",
+        "threshold_s": 900,
+        "windows_s": [300, 3600, 86400],
+        "period_s": 86400,
+        "bounds_s": [60, 600, 3600],
+    }
+    rows = q.step_stats(store, now_ns=now, **{**args, **kw})  # type: ignore[arg-type]
     return {r["region"]: r for r in rows}
 
 
@@ -346,18 +345,8 @@ def test_a_latency_does_not_depend_on_background_merges(db: Store) -> None:
     insert_spans(db, [{"ts": T + 18 * h, "attrs": {**cdp, "revops.system": "billing"}}])
 
     def p50_s() -> float:
-        (row,) = q.step_stats(
-            db,
-            step="cdp_to_billing",
-            key_type="customer",
-            source="cdp",
-            target="billing",
-            threshold_s=900,
-            now_ns=T + 20 * h,
-            windows_s=[86400],
-            period_s=86400,
-            bounds_s=[900],
-        )
+        cdp_sync = {"step": "cdp_to_billing", "key_type": "customer", "source": "cdp", "target": "billing"}
+        row = stats(db, T + 20 * h, **cdp_sync, windows_s=[86400])["EU"]
         assert row["bads"] == [0]
         return row["q_ns"][0] / S
 
