@@ -45,6 +45,9 @@ DATA_ERROR_CODES = frozenset(
     }
 )
 _CODE = re.compile(r"\bCode: (\d+)\b")
+# per kind of record: its name, and its payload file's suffix and media type (what the API serves it as)
+KIND_NAMES = {KIND_SPANS: "spans", KIND_EVENTS: "events"}
+_FILES = {KIND_SPANS: ("otlp.pb", "application/x-protobuf"), KIND_EVENTS: ("events.json", "application/json")}
 
 
 def data_error(exc: BaseException) -> bool:
@@ -76,10 +79,10 @@ class DeadLetterBox:
 
     def put(self, name: str, record: Record, error: BaseException) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        payload = self.dir / f"{name}.{'otlp.pb' if record.kind == KIND_SPANS else 'events.json'}"
+        payload = self.dir / f"{name}.{_FILES[record.kind][0]}"
         why = {
             "record": payload.name,
-            "kind": "spans" if record.kind == KIND_SPANS else "events",
+            "kind": KIND_NAMES[record.kind],
             "rows": record.rows,
             "error": f"{type(error).__name__}: {error}"[:2000],
             "set_aside_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -112,7 +115,7 @@ class DeadLetterBox:
         if name not in self.names():
             return None
         why = self._why(name)
-        for kind, suffix in ((KIND_SPANS, "otlp.pb"), (KIND_EVENTS, "events.json")):
+        for kind, (suffix, _) in _FILES.items():
             path = self.dir / f"{name}.{suffix}"
             if path.exists():
                 rows = why.get("rows")
@@ -121,9 +124,15 @@ class DeadLetterBox:
 
     def remove(self, name: str) -> None:
         """Forget one record (after it went back into the buffer): payload first, then its reason."""
-        for suffix in ("otlp.pb", "events.json", "error.json"):
+        for suffix in (*(f[0] for f in _FILES.values()), "error.json"):
             (self.dir / f"{name}.{suffix}").unlink(missing_ok=True)
         fsync_dir(self.dir)
+
+
+def payload_file(record: Record, name: str) -> tuple[str, str]:
+    """The file name and media type a record is served as."""
+    suffix, media = _FILES[record.kind]
+    return f"{name}.{suffix}", media
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -21,12 +21,13 @@ LATEST = dt.datetime(2106, 2, 7, tzinfo=dt.UTC)
 
 def in_store_range(value: dt.datetime) -> dt.datetime:
     """The instant in UTC (naive means UTC), if the store can hold it."""
+    outside = f"must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} UTC"
     try:
         utc = (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
-    except OverflowError:
-        utc = EARLIEST - dt.timedelta(days=1)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it
+        raise ValueError(outside) from None
     if not EARLIEST <= utc < LATEST:
-        raise ValueError(f"must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} UTC")
+        raise ValueError(outside)
     return utc
 
 

@@ -17,6 +17,7 @@ from collector import events as ev
 from collector import otlp
 from collector.auth import ingest_allowed
 from collector.correlation import key_attribute_names
+from collector.dead_letter import KIND_NAMES
 from collector.flusher import Flusher
 from collector.metrics import CollectorMetrics
 from collector.wal import KIND_EVENTS, KIND_SPANS, BufferFull, BufferWriteError, WriteAheadBuffer
@@ -60,6 +61,7 @@ class IngestService:
             flush_interval_s=settings.flush_interval_s,
         )
         self.metrics.buffer_bytes.set(self.wal.pending_bytes)
+        self.dead_letters = self.flusher.dead_letters  # the records the store refused (the flusher fills it)
         self._requeue_lock = threading.Lock()
 
     def authorized(self, authorization: str | None) -> bool:
@@ -150,14 +152,13 @@ class IngestService:
         before the box forgets the record, so a crash in between keeps it in both places (at least once, never
         lost). The lock makes a double click one requeue."""
         with self._requeue_lock:
-            found = self.flusher.dead_letters.get(name)
+            found = self.dead_letters.get(name)
             if found is None:
                 return None
             why, record = found
             self._append(record.kind, record.rows, record.payload)
-            self.flusher.dead_letters.remove(name)
-        kind = "spans" if record.kind == KIND_SPANS else "events"
-        return {"name": name, "kind": kind, "rows": record.rows, "error": why.get("error", "")}
+            self.dead_letters.remove(name)
+        return {"name": name, "kind": KIND_NAMES[record.kind], "rows": record.rows, "error": why.get("error", "")}
 
     def append_events(self, events: list[ev.BusinessEvent], received_ns: int) -> None:
         """Buffer business events a connector already built (webhooks, CDP); raises Refused when full."""

@@ -142,7 +142,7 @@ def test_operators_list_download_and_requeue_dead_letters_through_the_api(
 
         # once the cause is gone (here: a record the store takes, set aside as if by an older version), a
         # requeue lands it in the store and empties the box
-        box = c.app.state.ingest.flusher.dead_letters
+        box = c.app.state.ingest.dead_letters
         box.remove(again["name"])
         box.put("fixed_c0_r0", Record(KIND_SPANS, 30, request(30, seed=9)), ValueError("a conversion bug, fixed"))
         assert c.post(f"{url}/fixed_c0_r0/requeue", headers=as_op).status_code == 200

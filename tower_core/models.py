@@ -38,9 +38,9 @@ def currency_exponent(currency: str) -> int:
 
 def format_money(amount_minor: int, currency: str) -> str:
     """Human display only; never feed the result back into arithmetic."""
-    if currency not in CURRENCY_EXPONENT:
+    exp = CURRENCY_EXPONENT.get(currency)
+    if exp is None:
         return f"{amount_minor:,} {currency} (minor units)"
-    exp = CURRENCY_EXPONENT[currency]
     sign = "-" if amount_minor < 0 else ""
     whole, frac = divmod(abs(amount_minor), 10**exp)
     return f"{sign}{whole:,}{'.' + str(frac).zfill(exp) if exp else ''} {currency}"

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from collector.auth import Principal, require
+from collector.dead_letter import payload_file
 from collector.deps import get_ingest, get_store
 from collector.ingest import IngestService, Refused
-from collector.wal import KIND_SPANS
 from tower_core.store import Store
 from tower_core.store import reconcile as audit_log
 
@@ -26,7 +26,7 @@ async def list_letters(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
-    entries = await run_in_threadpool(ingest.flusher.dead_letters.entries)
+    entries = await run_in_threadpool(ingest.dead_letters.entries)
     return {"items": entries[offset : offset + limit], "total": len(entries), "limit": limit, "offset": offset}
 
 
@@ -36,12 +36,12 @@ async def payload(
     ingest: Annotated[IngestService, Depends(get_ingest)],
     operator: Annotated[Principal, Depends(require("operator"))],
 ) -> Response:
-    found = await run_in_threadpool(ingest.flusher.dead_letters.get, name)
+    found = await run_in_threadpool(ingest.dead_letters.get, name)
     if found is None:
         raise HTTPException(404, f"no dead letter named {name!r}")
     _, record = found
-    media, suffix = ("application/x-protobuf", "otlp.pb") if record.kind == KIND_SPANS else ("application/json", "json")
-    disposition = {"Content-Disposition": f'attachment; filename="{name}.{suffix}"'}
+    filename, media = payload_file(record, name)
+    disposition = {"Content-Disposition": f'attachment; filename="{filename}"'}
     return Response(record.payload, media_type=media, headers=disposition)
 
 

@@ -31,11 +31,11 @@ def _retryable(exc: BaseException) -> bool:
 
 class AlertmanagerClient:
     def __init__(
-        self, url: str, resend_s: float, hold_s: float | None = None, timeout_s: float = 5.0, attempts: int = 3
+        self, url: str, resend_s: float, eval_interval_s: float = 0.0, timeout_s: float = 5.0, attempts: int = 3
     ) -> None:
         self.url = url.rstrip("/") + "/api/v2/alerts"
         self.resend_s = resend_s
-        self.hold_s = hold_s if hold_s is not None else 4 * resend_s
+        self.hold_s = 4 * max(eval_interval_s, resend_s)
         self._unsent_resolved: dict[str, Breach] = {}  # fingerprint -> a resolution Alertmanager did not take
         self.attempts = attempts
         self._http = httpx.Client(timeout=timeout_s)

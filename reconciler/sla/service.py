@@ -75,7 +75,7 @@ class SlaService:
             AlertmanagerClient(
                 settings.alertmanager_url,
                 settings.alertmanager_resend_s,
-                hold_s=4 * max(settings.sla_eval_interval_s, settings.alertmanager_resend_s),
+                eval_interval_s=settings.sla_eval_interval_s,
             )
             if settings.alertmanager_url
             else None
