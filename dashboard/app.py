@@ -77,12 +77,7 @@ with st.sidebar:
         st.caption("Identity unknown while the API is unavailable (read-only).")
     st.caption(f"API: {cfg.api_url}")
     if session.configured_token(cfg) is None and st.button("Sign out", key="sign_out"):
-        session.forget_pending()
-        cached = st.session_state.pop("_api", None)
-        if cached is not None:
-            cached[1].close()
-        for k in (session.TOKEN, session.PRINCIPAL):
-            st.session_state.pop(k, None)
+        session.sign_out()
         st.rerun()
 
 nav.run()

@@ -91,19 +91,27 @@ def ask(where: str, op: str, prompt: str, run: Callable[[], Any], target: str = 
     """First click: remember what to do and ask. ``confirmation(where, target)`` shows the question to finish or
     cancel, for the same object and the same signed-in person only."""
     st.session_state.pop(RESULT, None)
-    who = (principal() or {}).get("name", "")
-    st.session_state[CONFIRM] = {"where": where, "op": op, "prompt": prompt, "target": target, "run": run, "who": who}
+    pending = {"where": where, "op": op, "prompt": prompt, "target": target, "run": run, "who": _who()}
+    st.session_state[CONFIRM] = pending
 
 
-def forget_pending() -> None:
-    """Sign-out: nothing asked by the previous person can be confirmed by the next one."""
-    st.session_state.pop(CONFIRM, None)
-    st.session_state.pop(RESULT, None)
+def _who() -> str:
+    return (principal() or {}).get("name", "")
+
+
+def sign_out() -> None:
+    """Forget the typed token, who it was and this session's client; nothing asked by the previous person can be
+    confirmed by the next one."""
+    for key in (CONFIRM, RESULT, TOKEN, PRINCIPAL):
+        st.session_state.pop(key, None)
+    cached = st.session_state.pop("_api", None)
+    if cached is not None:
+        cached[1].close()
 
 
 def _confirmed() -> None:
     pending = st.session_state.pop(CONFIRM, None)
-    if not pending or pending["who"] != (principal() or {}).get("name", ""):
+    if not pending or pending["who"] != _who():
         return
     try:
         doc = pending["run"]()

@@ -57,7 +57,8 @@ def _ms(t: dt.datetime) -> int:
 def _demo_timing(horizon_min: float) -> Timing:
     """The settle margin never takes more than a quarter of a short window, so its invoices keep their pace."""
     timing = Timing.demo()
-    return dataclasses.replace(timing, settle_margin=min(timing.settle_margin, int(horizon_min * 15_000)))
+    quarter_ms = int(horizon_min * 60_000 / 4)
+    return dataclasses.replace(timing, settle_margin=min(timing.settle_margin, quarter_ms))
 
 
 def demo_config(
