@@ -182,15 +182,17 @@ class StripeBilling:
             for e in events
             if str(e.get("type", "")).startswith("invoice.") and e["data"]["object"].get("id")
         ]
-        page, nxt, done = mapping.select_changes(changes, cur, limit)
-        items = []
-        for c in page:
-            try:
-                obj = self._retrieve("invoice", c.key)
-            except NotFoundError:  # Stripe deletes only drafts: never an invoice, nothing to reconcile
-                continue
-            items.append(mapping.to_invoice(obj, _when(c.t), self._region_of(obj)))
-        return Page(items, nxt.encode(), done)
+        items: list[Invoice] = []
+        while True:  # a page that is not the last is never empty (the runner stops at an empty page)
+            page, cur, done = mapping.select_changes(changes, cur, limit)
+            for c in page:
+                try:
+                    obj = self._retrieve("invoice", c.key)
+                except NotFoundError:  # Stripe deletes only drafts: never an invoice, nothing to reconcile
+                    continue
+                items.append(mapping.to_invoice(obj, _when(c.t), self._region_of(obj)))
+            if items or done:
+                return Page(items, cur.encode(), done)
 
     def pull_payments(self, cursor: str | None, limit: int = 1000) -> Page[Payment]:
         cur = Cursor.decode(cursor)
