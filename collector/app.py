@@ -20,7 +20,20 @@ from collector.limits import BodySizeLimit
 from collector.routers import actions as action_routes
 from collector.routers import audit as audit_routes
 from collector.routers import bulk as bulk_routes
-from collector.routers import cdp, drift, events, health, lookups, metrics, otlp, runs, statements, tokens, webhooks
+from collector.routers import (
+    cdp,
+    drift,
+    events,
+    health,
+    lookups,
+    metrics,
+    otlp,
+    runs,
+    sources,
+    statements,
+    tokens,
+    webhooks,
+)
 from collector.routers import dead_letters as dead_letter_routes
 from collector.routers import overview as overview_routes
 from collector.routers import sla as sla_routes
@@ -90,7 +103,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     for module in (health, otlp, events, lookups, metrics, tokens, webhooks, cdp, dead_letter_routes):
         app.include_router(module.router)
     app.include_router(sla_routes.router)
-    for module in (drift, action_routes, runs, statements):
+    for module in (drift, action_routes, runs, statements, sources):
         app.include_router(module.router)
     for module in (bulk_routes, overview_routes, audit_routes):  # the dashboard's extra reads and bulk actions
         app.include_router(module.router)

@@ -95,6 +95,13 @@ def reconcile_via_api(
         markup=False,
         highlight=False,
     )
+    skipped = sum(n for k, n in (doc.get("pulled") or {}).items() if k.endswith("_skipped"))
+    if skipped:
+        out.print(
+            f"{skipped} source records could not be mapped and were skipped: GET /api/sources/skipped",
+            markup=False,
+            highlight=False,
+        )
     return 0
 
 

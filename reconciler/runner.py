@@ -25,6 +25,7 @@ from reconciler import classify as c
 from tower_core.models import CURRENCY_EXPONENT
 from tower_core.store import Store
 from tower_core.store import reconcile as q
+from tower_core.store import source_skips as skips
 
 log = logging.getLogger("tower.reconciler")
 
@@ -61,15 +62,26 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _item_ref(item: Any) -> str:
+    """The id a connector names a skipped record by: the ledger entry, invoice, payment or customer id."""
+    for name in ("entry_id", "invoice_id", "payment_id", "customer_id"):
+        value = getattr(item, name, None)
+        if value:
+            return str(value)
+    return ""
+
+
 def _pull_stream(
     store: Store,
     connector_name: str,
     stream: str,
     fetch: Callable[[str | None, int], Any],
     write: Callable[[Store, list[Any], str | None], int],
-) -> int:
-    """Drain one cursor-based stream into its state table; the cursor advances only after the rows landed."""
-    total = 0
+) -> tuple[int, int]:
+    """Drain one cursor-based stream into its state table; the cursor advances only after the rows landed.
+    Records the connector could not map are kept in ``source_skips`` (and the pull goes on); a skipped record
+    that maps on a later pull is cleared. Returns (records stored, records skipped)."""
+    total = skipped = 0
     cursor = q.get_cursor(store, connector_name, stream)
     retry = Retrying(
         stop=stop_after_attempt(3),
@@ -77,33 +89,45 @@ def _pull_stream(
         retry=retry_if_exception_type(TransientError),
         reraise=True,
     )
+    open_skips = skips.has_open_skips(store, connector_name, stream)
     while True:
         page = retry(fetch, cursor, PAGE_SIZE)
         if page.items:
             write(store, list(page.items), None)
             total += len(page.items)
+            if open_skips:
+                skips.clear_skips(store, connector_name, stream, [_item_ref(i) for i in page.items])
+        if page.skipped:
+            skips.record_skips(store, connector_name, stream, page.skipped)
+            skipped += len(page.skipped)
+            open_skips = True
+            for s in page.skipped:
+                log.warning("%s %s: skipped %s: %s", connector_name, stream, s.ref, s.reason)
         if page.next_cursor and page.next_cursor != cursor:
             q.set_cursor(store, connector_name, stream, page.next_cursor)
             cursor = page.next_cursor
-        if page.done or not page.items:
-            return total
+        if page.done or not (page.items or page.skipped):
+            return total, skipped
 
 
 def pull(store: Store, billing: BillingConnector | None, erp: ErpConnector | None) -> dict[str, int]:
-    """Everything changed since the stored cursors, from every configured connector."""
+    """Everything changed since the stored cursors, from every configured connector: records stored per
+    stream, and ``<stream>_skipped`` for records that could not be mapped (listed by GET /api/sources/skipped)."""
     pulled: dict[str, int] = {}
+
+    def drain(name: str, stream: str, fetch: Callable[[str | None, int], Any], write: Any) -> None:
+        pulled[stream], n_skipped = _pull_stream(store, name, stream, fetch, write)
+        if n_skipped:
+            pulled[f"{stream}_skipped"] = n_skipped
+
     try:
         if billing is not None:
-            pulled["invoices"] = _pull_stream(store, billing.name, "invoices", billing.pull_invoices, q.write_invoices)
-            pulled["payments"] = _pull_stream(store, billing.name, "payments", billing.pull_payments, q.write_payments)
+            drain(billing.name, "invoices", billing.pull_invoices, q.write_invoices)
+            drain(billing.name, "payments", billing.pull_payments, q.write_payments)
             if hasattr(billing, "pull_customers") and q.table_exists(store, "billing_customers"):
-                pulled["customers"] = _pull_stream(
-                    store, billing.name, "customers", billing.pull_customers, q.write_customers
-                )
+                drain(billing.name, "customers", billing.pull_customers, q.write_customers)
         if erp is not None:
-            pulled["ledger_entries"] = _pull_stream(
-                store, erp.name, "ledger_entries", erp.pull_ledger_entries, q.write_ledger
-            )
+            drain(erp.name, "ledger_entries", erp.pull_ledger_entries, q.write_ledger)
     except TransientError as exc:
         raise RunFailed(f"pull failed: {exc}") from exc
     return pulled
@@ -128,7 +152,7 @@ def pull_cdp(store: Store, cdp: Any, pii: PiiPolicy | None = None) -> int:
         return q.write_profiles(st, [scrub_profile(p, pii) for p in items], token)
 
     try:
-        return _pull_stream(store, getattr(cdp, "name", "cdp"), "profiles", cdp.pull_profiles, write)
+        return _pull_stream(store, getattr(cdp, "name", "cdp"), "profiles", cdp.pull_profiles, write)[0]
     except TransientError as exc:
         raise RunFailed(f"CDP pull failed: {exc}") from exc
 

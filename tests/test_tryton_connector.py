@@ -27,6 +27,7 @@ from tests.fixtures.fault_proxy import FaultProxy
 from tower_core.models import Invoice, Payment
 from tower_core.store import Store, migrate
 from tower_core.store import reconcile as q
+from tower_core.store import source_skips as skips
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -279,6 +280,57 @@ def test_pull_ledger_entries_pages_through_changes(erp: TrytonErp) -> None:
             break
     assert seen == [i.invoice_id for i in invs]  # oldest change first, each once
     assert erp.pull_ledger_entries(cursor, 2).items == []
+
+
+def unmappable_posting(erp: TrytonErp) -> tuple[str, int]:
+    """A posted customer invoice in a currency Tryton has and ISO 4217 does not (XBT, 8 decimals), made through
+    Tryton's RPC as another user of the ERP would. Returns (its reference, its Tryton id)."""
+    found = erp.rpc.search_read("currency.currency", [["code", "=", "XBT"]], ["id"])
+    if found:
+        xbt = int(found[0]["id"])
+    else:
+        rate = {"date": dt.date(2000, 1, 1), "rate": Decimal("1")}
+        currency = {"name": "Bitcoin", "code": "XBT", "symbol": "XBT", "digits": 8, "rounding": Decimal("0.00000001")}
+        (xbt,) = erp.rpc.model("currency.currency", "create", [{**currency, "rates": [["create", [rate]]]}])
+    doc = billing_invoice(5000)
+    refs = erp.refs()
+    party, address = erp._party(doc.customer_id)
+    values = m.invoice_values(
+        doc, reference=doc.invoice_id, party=party, address=address, currency=xbt, receivable=refs["receivable"],
+        revenue=refs["revenue"], journal=refs["journal"], payment_term=refs["payment_term"], company=refs["company"],
+    )  # fmt: skip
+    (tryton_id,) = erp.rpc.model("account.invoice", "create", [values])
+    erp.rpc.model("account.invoice", "post", [tryton_id])
+    return doc.invoice_id, int(tryton_id)
+
+
+def test_an_unmappable_posting_is_skipped_by_pulls_and_refuses_writes_for_its_reference(
+    erp: TrytonErp, embedded_store: Store
+) -> None:
+    """One record the tower cannot represent exactly used to fail every run at the pull (the cursor never moved):
+    it is now passed over and kept visible, the records after it are stored, and the lookup that decides a write
+    for its reference refuses instead of reporting the posting absent (post_invoice reads Tryton's raw record
+    and finds it posted)."""
+    migrate(embedded_store)
+    ref, tryton_id = unmappable_posting(erp)
+    good = billing_invoice(4200)
+    erp.post_invoice(good)
+    reconciler = Reconciler(embedded_store, c.Rules(), erp=erp)
+    first = reconciler.run(full=True)
+    assert first.pulled["ledger_entries_skipped"] >= 1
+    (skip,) = [s for s in skips.list_skips(embedded_store) if s["ref"] == f"tryton:invoice:{tryton_id}"]
+    assert skip["connector"] == erp.name and skip["stream"] == "ledger_entries" and not skip["cleared"]
+    assert "XBT" in skip["reason"] and skip["times"] == 1
+    stored = embedded_store.query_rows(
+        "SELECT count() AS n FROM $db.erp_ledger_entries WHERE ExternalRef = {r:String}", {"r": good.invoice_id}
+    )
+    assert stored[0]["n"] == 1  # changed after the bad record, pulled all the same
+    second = reconciler.run(full=True)
+    assert "ledger_entries_skipped" not in second.pulled  # the cursor moved past it
+    with pytest.raises(BusinessRuleError, match="cannot read"):
+        erp.find_by_external_ref(ref)
+    assert erp.post_invoice(dataclasses.replace(good, invoice_id=ref)).already_done  # reads Tryton's own record
+    assert len(tryton_invoices(erp, ref)) == 1
 
 
 def test_business_rule_failure_keeps_trytons_message_is_not_retried_and_leaves_nothing(

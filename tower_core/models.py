@@ -119,12 +119,23 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A source record a connector could not map (e.g. a currency the tower cannot represent exactly): passed
+    over so one bad record does not stop every later change, and kept visible until it maps again."""
+
+    ref: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Page(Generic[T]):
-    """One page of a cursor-based pull; pass ``next_cursor`` back to continue, stop when ``done``."""
+    """One page of a cursor-based pull; pass ``next_cursor`` back to continue, stop when ``done``. ``skipped``:
+    the page's records that could not be mapped (the cursor still moves past them)."""
 
     items: list[T]
     next_cursor: str
     done: bool
+    skipped: tuple[Skipped, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 from connectors.base import ActionOutcome, BusinessRuleError, ConnectorError, Health, TransientError
 from connectors.tryton import mapping as m
 from connectors.tryton.rpc import AmbiguousWriteError, TrytonRpc
-from tower_core.models import Invoice, LedgerEntry, Page, Payment
+from tower_core.models import Invoice, LedgerEntry, Page, Payment, Skipped
 from tower_core.settings import Settings
 
 INVOICE = "account.invoice"
@@ -117,15 +117,24 @@ class TrytonErp:
         rows = self.rpc.search_read("account.move.line", [["id", "in", ids]], m.LINE_FIELDS)
         return {int(r["id"]): r for r in rows}
 
-    def _entries(self, invoices: list[dict[str, Any]]) -> list[LedgerEntry]:
+    def _entries(self, invoices: list[dict[str, Any]]) -> tuple[list[LedgerEntry], list[Skipped]]:
+        """Each invoice with its payment lines; an invoice that cannot be mapped exactly (a currency without an
+        ISO 4217 exponent, more decimals than its currency) is skipped whole, with the reason."""
         lines = self._payment_lines([i for inv in invoices for i in inv.get("payment_lines") or []])
         out: list[LedgerEntry] = []
+        skipped: list[Skipped] = []
         for inv in invoices:
-            out.append(m.invoice_entry(inv, self.region))
-            for line_id in inv.get("payment_lines") or []:
-                if line_id in lines:
-                    out.append(m.payment_entry(lines[line_id], inv, self.region))
-        return out
+            try:
+                entries = [m.invoice_entry(inv, self.region)]
+                for line_id in inv.get("payment_lines") or []:
+                    if line_id in lines:
+                        entries.append(m.payment_entry(lines[line_id], inv, self.region))
+            except m.MappingError as exc:
+                ref = f"tryton:invoice:{inv['id']}"
+                skipped.append(Skipped(ref, f"Tryton invoice {inv.get('number') or inv['id']}: {exc}"))
+                continue
+            out += entries
+        return out, skipped
 
     def pull_ledger_entries(self, cursor: str | None, limit: int = 1000) -> Page[LedgerEntry]:
         """Customer invoices and credit notes changed since the cursor, each with its payment lines (adding a
@@ -137,11 +146,20 @@ class TrytonErp:
             {"tryton.since": since.isoformat()},
         )
         page, nxt, done = m.next_page(changed, cur, limit)
-        return Page(self._entries(page), nxt.encode() if nxt else (cursor or ""), done)
+        entries, skipped = self._entries(page)
+        return Page(entries, nxt.encode() if nxt else (cursor or ""), done, tuple(skipped))
+
+    def _readable(self, invoices: list[dict[str, Any]], reference: str) -> list[LedgerEntry]:
+        """Entries of a lookup that decides a write: a posting that exists but cannot be read must stop the
+        write (not look absent and be posted a second time)."""
+        entries, skipped = self._entries(invoices)
+        if skipped:
+            raise BusinessRuleError(f"{reference} has a posting the tower cannot read: {skipped[0].reason}")
+        return entries
 
     def find_by_external_ref(self, external_ref: str) -> list[LedgerEntry]:
         invoices = self._invoices([["reference", "=", external_ref]], {"revops.invoice.id": external_ref})
-        entries = [e for e in self._entries(invoices) if e.external_ref == external_ref]
+        entries = [e for e in self._readable(invoices, external_ref) if e.external_ref == external_ref]
         lines = self.rpc.search_read(
             "account.move.line",
             [["move.description", "=", external_ref], ["credit", ">", 0], ["move_origin", "like", f"{INVOICE},%"]],
@@ -152,7 +170,7 @@ class TrytonErp:
         for line in lines:
             if f"tryton:line:{line['id']}" not in known:
                 inv = self._invoices([["payment_lines", "in", [line["id"]]]])
-                entries += [e for e in self._entries(inv) if e.entry_id == f"tryton:line:{line['id']}"]
+                entries += [e for e in self._readable(inv, external_ref) if e.entry_id == f"tryton:line:{line['id']}"]
         return entries
 
     # ------------------------------------------------------------ acts
