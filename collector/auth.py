@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import threading
 import time
@@ -87,16 +88,31 @@ class TokenVerifier:
             self._cache.clear()
 
 
-def ingest_allowed(authorization: str | None, tokens: Sequence[str]) -> bool:
-    """OTLP and CloudEvents ingest: open when no token is configured, else any configured bearer token
-    (several during rotation), compared in constant time."""
+def is_loopback(host: str | None) -> bool:
+    """Whether a peer address is this machine's loopback (IPv4, IPv6, or IPv4 mapped into IPv6)."""
+    try:
+        addr = ipaddress.ip_address((host or "").strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def ingest_refusal(authorization: str | None, tokens: Sequence[str], peer: str | None, open_ingest: bool) -> str:
+    """OTLP and CloudEvents ingest: why a request is refused ('' = allowed). With tokens configured, any of them
+    (several during rotation, compared in constant time) from anywhere. Without, only loopback peers, unless
+    ingest is opened explicitly (TOWER_INGEST_OPEN, an OTel Collector receiver's default): a tower bound to a
+    public address does not take unauthenticated writes by accident."""
     if not tokens:
-        return True
+        if open_ingest or is_loopback(peer):
+            return ""
+        return "ingest from other hosts needs a bearer token (set TOWER_INGEST_TOKENS, or TOWER_INGEST_OPEN=true)"
     scheme, _, presented = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not presented:
-        return False
+        return "a valid ingest bearer token is required (TOWER_INGEST_TOKENS)"
     matches = [hmac.compare_digest(presented.strip().encode(), t.encode()) for t in tokens]  # every token, always
-    return any(matches)
+    return "" if any(matches) else "a valid ingest bearer token is required (TOWER_INGEST_TOKENS)"
 
 
 def get_principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:

@@ -15,7 +15,7 @@ import orjson
 
 from collector import events as ev
 from collector import otlp
-from collector.auth import ingest_allowed
+from collector.auth import ingest_refusal
 from collector.correlation import key_attribute_names
 from collector.dead_letter import KIND_NAMES
 from collector.flusher import Flusher
@@ -64,12 +64,14 @@ class IngestService:
         self.dead_letters = self.flusher.dead_letters  # the records the store refused (the flusher fills it)
         self._requeue_lock = threading.Lock()
 
-    def authorized(self, authorization: str | None) -> bool:
-        """Whether an ingest request may go on (collector.auth.ingest_allowed); a refusal is counted."""
-        if ingest_allowed(authorization, self.ingest_tokens):
-            return True
-        self.metrics.requests_refused.labels(reason="unauthenticated").inc()
-        return False
+    def refusal(self, authorization: str | None, peer: str | None) -> str:
+        """Why an ingest request may not go on, '' if it may (collector.auth.ingest_refusal); refusals are
+        counted."""
+        reason = ingest_refusal(authorization, self.ingest_tokens, peer, self.settings.ingest_open)
+        if reason:
+            label = "unauthenticated" if self.ingest_tokens else "remote_without_token"
+            self.metrics.requests_refused.labels(reason=label).inc()
+        return reason
 
     def start(self) -> None:
         self.flusher.start()

@@ -23,6 +23,7 @@ from opentelemetry.trace import Link
 
 from tests.server import TowerServer
 from tests.test_otlp_decode import SPEC_EXAMPLE
+from tower_core.store import Store
 
 PB = {"Content-Type": "application/x-protobuf"}
 JS = {"Content-Type": "application/json"}
@@ -407,3 +408,72 @@ def test_ingest_tokens_when_configured(tmp_path: Path, monkeypatch: pytest.Monke
         assert float(received.split()[1]) == 2  # tok-1 and tok-2; the refused ones never counted
         refused = next(ln for ln in text.splitlines() if ln.startswith('tower_ingest_refused_total{reason="unauth'))
         assert float(refused.split()[1]) == 5  # three OTLP protobuf, one OTLP JSON, one CloudEvents
+
+
+@pytest.mark.parametrize(
+    ("peer", "local"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("2001:db8::1", False),
+        ("testclient", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_ingest_without_tokens_is_open_to_loopback_peers_only(peer: str | None, local: bool) -> None:
+    from collector.auth import ingest_refusal
+
+    assert (ingest_refusal(None, [], peer, open_ingest=False) == "") is local
+    assert ingest_refusal(None, [], peer, open_ingest=True) == ""  # opened explicitly
+    assert ingest_refusal("Bearer t", ["t"], peer, open_ingest=False) == ""  # a token works from anywhere
+    assert "bearer token" in ingest_refusal(None, ["t"], peer, open_ingest=True)  # and is then always needed
+
+
+def test_ingest_from_another_host_without_tokens_is_refused_with_the_way_out(
+    embedded_store: Store, tmp_path: Path
+) -> None:
+    """A tower bound to a public address with no ingest tokens must not take unauthenticated writes: the peer
+    (an in-process ASGI client given a TEST-NET address; nothing leaves this machine) gets a 401 naming both
+    settings, nothing is buffered, the refusal is counted; TOWER_INGEST_OPEN opens it."""
+    from fastapi.testclient import TestClient
+
+    from collector.app import create_app
+    from tower_core.settings import Settings
+    from tower_core.store import migrate
+
+    migrate(embedded_store)
+    req = ExportTraceServiceRequest()
+    req.resource_spans.add().scope_spans.add().spans.add(
+        trace_id=b"\x0a" * 16, span_id=b"\x01" * 8, name="remote", start_time_unix_nano=1, end_time_unix_nano=2
+    )
+    event = {"specversion": "1.0", "id": "remote-1", "source": "billing", "type": "invoice.paid"}
+    ce = {"Content-Type": "application/cloudevents+json"}
+    for open_ingest in (False, True):
+        settings = Settings(
+            database=embedded_store.database,
+            wal_dir=tmp_path / f"wal-{open_ingest}",
+            ingest_open=open_ingest,
+            sla_eval_interval_s=0,
+            reconcile_scheduler=False,
+        )
+        app = create_app(settings, embedded_store)
+        with TestClient(app, client=("203.0.113.7", 40000)) as remote:
+            traces = remote.post("/v1/traces", content=req.SerializeToString(), headers=PB)
+            events = remote.post("/v1/events", json=event, headers=ce)
+            buffered = app.state.ingest.wal.pending_bytes
+            metrics = remote.get("/metrics").text
+        if open_ingest:
+            assert traces.status_code == 200 and events.status_code == 200
+            continue
+        assert traces.status_code == 401 and traces.headers["WWW-Authenticate"] == "Bearer"
+        message = status_pb2.Status.FromString(traces.content).message
+        assert "TOWER_INGEST_TOKENS" in message and "TOWER_INGEST_OPEN" in message
+        assert events.status_code == 401 and "TOWER_INGEST_OPEN" in events.json()["error"]
+        assert buffered == 0
+        assert 'tower_ingest_refused_total{reason="remote_without_token"} 2.0' in metrics

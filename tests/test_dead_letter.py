@@ -106,7 +106,7 @@ def test_operators_list_download_and_requeue_dead_letters_through_the_api(
         flush_interval_s=0.1,
     )
     pb = {"Content-Type": "application/x-protobuf"}
-    with TestClient(create_app(settings, embedded_store)) as c:
+    with TestClient(create_app(settings, embedded_store), client=("127.0.0.1", 50000)) as c:  # a loopback peer
         _, viewer = create_token(embedded_store, "vera", "viewer")
         _, operator = create_token(embedded_store, "otto", "operator")
         as_op = {"Authorization": f"Bearer {operator}"}

@@ -161,7 +161,12 @@ class Settings(BaseSettings):
     ingest_tokens: list[SecretStr] = Field(
         default_factory=list,
         description="Bearer tokens /v1/traces and /v1/events accept, JSON list (several during rotation); "
-        "empty = ingest open, like an OTel Collector receiver.",
+        "empty = ingest only from loopback peers unless TOWER_INGEST_OPEN.",
+    )
+    ingest_open: bool = Field(
+        False,
+        description="Without TOWER_INGEST_TOKENS, accept ingest from any host (an OTel Collector receiver's "
+        "default); off: only from loopback.",
     )
     cdp_write_keys: list[SecretStr] = Field(
         default_factory=list, description="Accepted Segment/RudderStack write keys (basic-auth user), JSON list."

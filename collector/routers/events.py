@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Depends, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -21,9 +22,10 @@ async def post_events(
     content_type: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
-    if not ingest.authorized(authorization):
-        body = b'{"error": "a valid ingest bearer token is required (TOWER_INGEST_TOKENS)"}'
-        return Response(body, 401, {"WWW-Authenticate": "Bearer"}, media_type="application/json")
+    if refused := ingest.refusal(authorization, request.client.host if request.client else None):
+        return Response(
+            orjson.dumps({"error": refused}), 401, {"WWW-Authenticate": "Bearer"}, media_type="application/json"
+        )
     try:
         body = await read_body(request, ingest.settings.max_body_bytes)
     except otlp.OtlpError as exc:

@@ -22,9 +22,9 @@ async def export_traces(
     content_encoding: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
-    if not ingest.authorized(authorization):
+    if refused := ingest.refusal(authorization, request.client.host if request.client else None):
         mt = otlp.JSON if "json" in (content_type or "") else otlp.PROTOBUF
-        body = otlp.status_body(mt, 401, "a valid ingest bearer token is required (TOWER_INGEST_TOKENS)")
+        body = otlp.status_body(mt, 401, refused)
         return Response(body, 401, {"WWW-Authenticate": "Bearer"}, media_type=mt)
     try:
         body = await read_body(request, ingest.settings.max_body_bytes)
