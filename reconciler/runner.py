@@ -110,7 +110,9 @@ def _pull_stream(
             return total, skipped
 
 
-def pull(store: Store, billing: BillingConnector | None, erp: ErpConnector | None) -> dict[str, int]:
+def pull(
+    store: Store, billing: BillingConnector | None, erp: ErpConnector | None, pii: PiiPolicy | None = None
+) -> dict[str, int]:
     """Everything changed since the stored cursors, from every configured connector: records stored per
     stream, and ``<stream>_skipped`` for records that could not be mapped (listed by GET /api/sources/skipped)."""
     pulled: dict[str, int] = {}
@@ -120,12 +122,15 @@ def pull(store: Store, billing: BillingConnector | None, erp: ErpConnector | Non
         if n_skipped:
             pulled[f"{stream}_skipped"] = n_skipped
 
+    def write_customers(st: Store, items: list[Any], token: str | None) -> int:
+        return q.write_customers(st, [scrub_customer(c, pii) for c in items], token)
+
     try:
         if billing is not None:
             drain(billing.name, "invoices", billing.pull_invoices, q.write_invoices)
             drain(billing.name, "payments", billing.pull_payments, q.write_payments)
             if hasattr(billing, "pull_customers") and q.table_exists(store, "billing_customers"):
-                drain(billing.name, "customers", billing.pull_customers, q.write_customers)
+                drain(billing.name, "customers", billing.pull_customers, write_customers)
         if erp is not None:
             drain(erp.name, "ledger_entries", erp.pull_ledger_entries, q.write_ledger)
     except TransientError as exc:
@@ -133,15 +138,22 @@ def pull(store: Store, billing: BillingConnector | None, erp: ErpConnector | Non
     return pulled
 
 
+def _pseudonym(value: str, policy: PiiPolicy | None) -> str:
+    return policy.digest(value) if policy is not None and policy.mode == "hash" and value else ""
+
+
 def scrub_profile(profile: Any, policy: PiiPolicy | None) -> Any:
     """CDP PII (name, e-mail, PII traits) is hashed with the keyed HMAC, or dropped without a policy, before
     a profile reaches the store; ids stay (they are the join keys)."""
-
-    def one(value: str) -> str:
-        return policy.digest(value) if policy is not None and policy.mode == "hash" and value else ""
-
     traits = policy.scrub(profile.traits) if policy is not None else {}
-    return dataclasses.replace(profile, name=one(profile.name), email=one(profile.email), traits=traits)
+    name, email = _pseudonym(profile.name, policy), _pseudonym(profile.email, policy)
+    return dataclasses.replace(profile, name=name, email=email, traits=traits)
+
+
+def scrub_customer(customer: Any, policy: PiiPolicy | None) -> Any:
+    """A billing customer's name and e-mail, the same way: the reconciler compares ids, never reads them."""
+    name, email = _pseudonym(customer.name, policy), _pseudonym(customer.email, policy)
+    return dataclasses.replace(customer, name=name, email=email)
 
 
 def pull_cdp(store: Store, cdp: Any, pii: PiiPolicy | None = None) -> int:
@@ -228,7 +240,7 @@ class Reconciler:
             t0 = time.perf_counter()
             stage("pull")
             if pull_sources:
-                result.pulled = pull(store, self.billing, self.erp)
+                result.pulled = pull(store, self.billing, self.erp, self.pii)
                 n = pull_cdp(store, self.cdp, self.pii)
                 if n:
                     result.pulled["profiles"] = n

@@ -14,6 +14,7 @@ import orjson
 
 from connectors.stripe.signature import sign
 from tests.server import ROOT, TowerServer
+from tower_core.store import Store
 
 ADMIN = "twr_admin_bootstrap_S3cr3t_value"
 WEBHOOK_SECRET = "whsec_sup3r_s3cret_rotation_1"
@@ -165,3 +166,27 @@ def test_cdp_profiles_pulled_by_the_reconciler_keep_no_raw_pii() -> None:
     assert (hashed.cdp_user_id, hashed.customer_id, hashed.traits["plan"]) == ("u1", "cus_1", "pro")
     dropped = scrub_profile(profile, None)  # no key configured: dropped, never stored raw
     assert (dropped.email, dropped.name, dropped.traits) == ("", "", {})
+
+
+def test_billing_customers_pulled_by_the_reconciler_keep_no_raw_pii(embedded_store: Store) -> None:
+    """Billing customers carry a name and an e-mail the reconciler never reads (it compares ids): they reach the
+    store as the same keyed pseudonyms as CDP PII, or not at all without a key."""
+    from connectors.segment.tracking import HASH_PREFIX, PiiPolicy
+    from connectors.simulator import Estate, EstateConfig
+    from reconciler.runner import pull
+    from tower_core.store import migrate
+
+    migrate(embedded_store)
+    estate = Estate.generate(EstateConfig(seed=3, customers=8, invoices=20))
+    raw = estate.billing.pull_customers(None, 1000).items
+    assert raw and all(c.name and "@" in c.email for c in raw)
+    policy = PiiPolicy.build("hash", PII_KEY, ["email", "name"])
+    assert pull(embedded_store, estate.billing, None, policy)["customers"] == len(raw)
+    rows = embedded_store.query_rows("SELECT CustomerId AS id, Name AS n, Email AS e FROM $db.billing_customers")
+    stored = {r["id"]: (r["n"], r["e"]) for r in rows}
+    assert set(stored) == {c.customer_id for c in raw}  # the join keys stay
+    for c in raw:
+        name, email = stored[c.customer_id]
+        assert name == policy.digest(c.name) and email == policy.digest(c.email) and email.startswith(HASH_PREFIX)
+    kept = " ".join(f"{n} {e}" for n, e in stored.values())
+    assert not any(c.email in kept or c.name in kept for c in raw)
