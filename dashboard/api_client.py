@@ -155,6 +155,16 @@ class TowerApi:
     def audit(self, **params: Any) -> dict[str, Any]:
         return self.get("/api/audit", **params)
 
+    # --- intake: what ingest and the pulls set aside
+    def ingest_dead_letters(self, limit: int = 100) -> dict[str, Any]:
+        return self.get("/api/ingest/dead-letters", limit=limit)
+
+    def requeue_dead_letter(self, name: str) -> dict[str, Any]:
+        return self.post(f"/api/ingest/dead-letters/{_seg(name)}/requeue")
+
+    def skipped_sources(self, include_cleared: bool = False) -> dict[str, Any]:
+        return self.get("/api/sources/skipped", include_cleared="true" if include_cleared else None)
+
     def audit_facets(self) -> dict[str, list[str]]:
         return self.get("/api/audit/facets")
 
@@ -238,6 +248,14 @@ def load_audit(api: TowerApi, params: Mapping[str, Any]) -> Loaded:
     return gather({"audit": lambda: api.audit(**params)})
 
 
+def load_intake(api: TowerApi, include_cleared: bool = False, operator: bool = True) -> Loaded:
+    """Skipped source records (viewers), and the ingest dead letters (operators: their payloads are raw data)."""
+    calls: dict[str, Callable[[], Any]] = {"skipped": lambda: api.skipped_sources(include_cleared)}
+    if operator:
+        calls["dead_letters"] = api.ingest_dead_letters
+    return gather(calls)
+
+
 def first_item(api: TowerApi, **params: Any) -> str | None:
     items = api.drift(limit=1, **params)["items"]
     return items[0]["drift_id"] if items else None
@@ -258,4 +276,5 @@ def page_loads(api: TowerApi) -> dict[str, Callable[[], Any]]:
         "actions": lambda: load_actions(api, {"limit": 25}, {}),
         "slas": lambda: load_slas(api),
         "audit": lambda: (api.audit_facets(), load_audit(api, {"since": week_ago, "limit": 50})),
+        "intake": lambda: load_intake(api),
     }

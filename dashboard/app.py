@@ -63,6 +63,7 @@ pages = [
     st.Page("screens/unreconciled.py", title="Unreconciled", icon=":material/rule:", url_path="unreconciled"),
     st.Page("screens/actions.py", title="Actions", icon=":material/build:", url_path="actions"),
     st.Page("screens/slas.py", title="SLAs & alerts", icon=":material/timer:", url_path="slas"),
+    st.Page("screens/intake.py", title="Intake", icon=":material/inbox:", url_path="intake"),
     st.Page("screens/audit.py", title="Audit", icon=":material/history:", url_path="audit"),
 ]
 nav = st.navigation(pages)

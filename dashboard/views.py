@@ -468,6 +468,37 @@ def audit_rows(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+# --- intake ---------------------------------------------------------------------------------------------------
+def dead_letter_rows(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Ingest records the store refused: what, how many rows, since when, and the store's reason."""
+    return [
+        {
+            "name": d.get("name", ""),
+            "kind": d.get("kind", ""),
+            "rows": d.get("rows", ""),
+            "set aside": fmt_time(d.get("set_aside_at")),
+            "reason": d.get("error", ""),
+        }
+        for d in items
+    ]
+
+
+def skipped_rows(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Source records a pull could not map; cleared ones (a later pull mapped them) say when."""
+    return [
+        {
+            "source": f"{s.get('connector', '')} {s.get('stream', '')}".strip(),
+            "record": s.get("ref") or "(no id)",
+            "reason": s.get("reason", ""),
+            "first skipped": fmt_time(s.get("first_skipped_at")),
+            "last skipped": fmt_time(s.get("last_skipped_at")),
+            "times": s.get("times", 0),
+            "cleared": fmt_time(s.get("cleared_at")) if s.get("cleared") else "",
+        }
+        for s in items
+    ]
+
+
 def options_with_all(values: Sequence[str], all_label: str = "(all)") -> list[str]:
     return [all_label, *values]
 

@@ -22,7 +22,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from connectors.base import BillingConnector, ErpConnector, TransientError
 from connectors.segment.tracking import PiiPolicy
 from reconciler import classify as c
-from tower_core.models import CURRENCY_EXPONENT
+from tower_core.models import CURRENCY_EXPONENT, record_ref
 from tower_core.store import Store
 from tower_core.store import reconcile as q
 from tower_core.store import source_skips as skips
@@ -62,15 +62,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _item_ref(item: Any) -> str:
-    """The id a connector names a skipped record by: the ledger entry, invoice, payment or customer id."""
-    for name in ("entry_id", "invoice_id", "payment_id", "customer_id"):
-        value = getattr(item, name, None)
-        if value:
-            return str(value)
-    return ""
-
-
 def _pull_stream(
     store: Store,
     connector_name: str,
@@ -96,7 +87,7 @@ def _pull_stream(
             write(store, list(page.items), None)
             total += len(page.items)
             if open_skips:
-                skips.clear_skips(store, connector_name, stream, [_item_ref(i) for i in page.items])
+                skips.clear_skips(store, connector_name, stream, [record_ref(type(i), i) for i in page.items])
         if page.skipped:
             skips.record_skips(store, connector_name, stream, page.skipped)
             skipped += len(page.skipped)

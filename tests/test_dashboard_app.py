@@ -21,7 +21,7 @@ from tests.conftest import free_port
 from tests.dashboard_estate import Tower, running_tower, send_billing_span, send_step_spans, small_estate, wait_for
 
 APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
-PAGES = ("overview", "unreconciled", "actions", "slas", "audit")
+PAGES = ("overview", "unreconciled", "actions", "slas", "intake", "audit")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,8 @@ TABLES = {
     "sla_definitions": ("name", "threshold", "period"),
     "sla_compliance": ("objective", "late / decided"),
     "au_table": ("when", "who", "did", "on"),
+    "in_skipped": ("source", "record", "times"),
+    "in_letters": ("name", "kind", "set aside"),
 }
 CHARTS = {
     "ov_heatmap": lambda d: d[0]["type"] == "heatmap",
@@ -464,3 +466,55 @@ def test_the_audit_page_goes_back_to_page_one_when_a_filter_changes(tower: Tower
     at.number_input(key="au_page").set_value(2).run()
     at.selectbox(key="au_actor").select("vera").run()
     assert at.number_input(key="au_page").value == 1
+
+
+def test_intake_lists_skipped_source_records_and_requeues_dead_letters(
+    tower: Tower, dash: Callable[..., AppTest]
+) -> None:
+    """A posting the estate's ERP serves malformed is passed over by the next run and listed; an acknowledged
+    OTLP request the store refuses is set aside; an operator sends it back (asked first, audited) and, the store
+    still refusing it, it is set aside again; a viewer sees the skipped records and no dead letters."""
+    import dataclasses
+
+    import httpx
+
+    from tests.test_dead_letter import UNSTORABLE_SPANS
+
+    erp = tower.estate.erp
+    with erp.lock:
+        good = next(iter(erp.entries.values()))
+        erp.entries.put(dataclasses.replace(good, entry_id="erp_malformed_1", amount_minor="12.50"))  # type: ignore[arg-type]
+    assert tower.run(full=False)["pulled"]["ledger_entries_skipped"] == 1
+    sent = httpx.post(
+        f"{tower.url}/v1/traces", content=UNSTORABLE_SPANS, headers={"Content-Type": "application/x-protobuf"}
+    )
+    assert sent.status_code == 200
+    letters = wait_for(
+        lambda: tower.call("GET", "/api/ingest/dead-letters").json()["items"], what="the refused request set aside"
+    )
+
+    at = dash("intake")
+    assert metric(at, "Skipped source records (open)") == "1"
+    skipped = frame(at, "in_skipped")
+    assert list(skipped["record"]) == ["erp_malformed_1"] and "amount_minor" in skipped["reason"][0]
+    assert metric(at, "Ingest dead letters") == str(len(letters))
+    name = letters[0]["name"]
+    assert name in list(frame(at, "in_letters")["name"])
+    at.selectbox(key="in_letter").set_value(name).run()
+    at.button(key="in_requeue").click().run()
+    assert any(f"Send {name} back" in w.value for w in at.warning)
+    assert name in [d["name"] for d in tower.call("GET", "/api/ingest/dead-letters").json()["items"]]  # asked only
+    at.button(key="confirm_dead_letter").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("back in the write-ahead buffer" in s.value for s in at.success), [e.value for e in at.error]
+    audit = tower.call("GET", "/api/audit", params={"action": "ingest.requeue"}).json()["items"]
+    assert audit[0]["actor"] == "olga" and audit[0]["object_id"] == name
+    again = wait_for(
+        lambda: [d for d in tower.call("GET", "/api/ingest/dead-letters").json()["items"] if d["name"] != name],
+        what="the requeued record refused again and set aside under a new name",
+    )
+    assert len(again) == len(letters)
+
+    at = dash("intake", role="viewer")
+    assert metric(at, "Ingest dead letters") == "—" and "in_requeue" not in buttons(at)
+    assert list(frame(at, "in_skipped")["record"]) == ["erp_malformed_1"]

@@ -263,7 +263,8 @@ def test_demo_overview_item_corrective_sync_and_resolution_in_chromium(demo: Dem
     for name, path, text in (
         ("07-actions", "actions", "Actions (filtered)"),
         ("08-slas", "slas", "Compliance"),
-        ("09-audit", "audit", "Records"),
+        ("09-intake", "intake", "Skipped source records"),
+        ("10-audit", "audit", "Records"),
     ):
         browser.get(f"{demo.dashboard}/{path}")
         until_text(text)
@@ -275,5 +276,5 @@ def test_demo_overview_item_corrective_sync_and_resolution_in_chromium(demo: Dem
     WebDriverWait(browser, 30).until(
         ec.text_to_be_present_in_element((By.TAG_NAME, "body"), f"Records\n{by_operator}\n")
     )
-    shot("10-audit-by-operator")
+    shot("11-audit-by-operator")
     assert all((ARTIFACTS / f"{n}.png").stat().st_size > 10_000 for n in ("01-overview", "06-item-resolved"))

@@ -199,3 +199,23 @@ def test_diff_action_and_audit_rows() -> None:
     item = {"drift_id": "d1", "class": "missing_in_erp", "primary_key": "in_1", "amount_minor": 1250, "currency": "EUR"}
     assert views.item_label(item) == "missing_in_erp · in_1 · 12.50 EUR"
     assert views.item_label({"drift_id": "d1"}) == "item d1"
+
+
+def test_intake_rows_show_the_reason_and_when_a_skip_was_cleared() -> None:
+    letters = views.dead_letter_rows(
+        [{"name": "e1_c0_r1", "kind": "spans", "rows": 3, "error": "Code: 444", "set_aside_at": "2026-11-27T05:00:00Z"}]
+    )
+    assert letters == [
+        {"name": "e1_c0_r1", "kind": "spans", "rows": 3, "set aside": "2026-11-27 05:00:00 UTC", "reason": "Code: 444"}
+    ]
+    assert views.dead_letter_rows([{"name": "x", "error": "unreadable reason file: gone"}])[0]["set aside"] == "—"
+    common = {"connector": "tryton", "stream": "ledger_entries", "reason": "XBT", "times": 2}
+    rows = views.skipped_rows(
+        [
+            {**common, "ref": "tryton:invoice:4", "cleared": False, "cleared_at": "1970-01-01T00:00:00Z"},
+            {**common, "ref": "", "cleared": True, "cleared_at": "2026-11-27T05:01:00Z"},
+        ]
+    )
+    assert [r["source"] for r in rows] == ["tryton ledger_entries"] * 2
+    assert [r["record"] for r in rows] == ["tryton:invoice:4", "(no id)"]
+    assert [r["cleared"] for r in rows] == ["", "2026-11-27 05:01:00 UTC"]

@@ -99,3 +99,30 @@ def test_unreachable_estate_is_transient() -> None:
     with pytest.raises(TransientError, match="unreachable"):
         billing.pull_invoices(None)
     assert not erp.health().ok and not cdp.health().ok
+
+
+def test_a_malformed_record_is_passed_over_with_its_id_and_reason() -> None:
+    """The estate's HTTP API hands out a posting whose amount is not an integer number of minor units: the
+    connector keeps the rest of the page and lists that one as skipped (the pull goes on)."""
+    import dataclasses
+
+    estate = Estate.generate(EstateConfig(seed=4, customers=5, invoices=12, as_of=AS_OF))
+    good = next(iter(estate.erp.entries.values()))
+    bad = dataclasses.replace(good, entry_id="erp_bad_1", amount_minor="12.50")  # type: ignore[arg-type]
+    estate.erp.entries.put(bad)
+    server = SimServer(estate, port=free_port()).start()
+    try:
+        erp = SimErpClient(server.url)
+        items, skipped, cursor = [], [], None
+        while True:
+            page = erp.pull_ledger_entries(cursor, 5)
+            items += page.items
+            skipped += page.skipped
+            cursor = page.next_cursor
+            if page.done:
+                break
+        erp.http.close()
+    finally:
+        server.stop()
+    assert [s.ref for s in skipped] == ["erp_bad_1"] and "amount_minor" in skipped[0].reason
+    assert {e.entry_id for e in items} == {e.entry_id for e in estate.erp.entries.values()} - {"erp_bad_1"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 # ISO 4217 (list one, active codes with a minor unit): the minor-unit exponent of every currency. A currency
 # missing here is refused where money is converted (connectors), never guessed: a guess of 2 decimals posts
@@ -170,3 +170,20 @@ class CdpProfile:
     parent_id: str = ""
     source_system: str = ""
     traits: dict[str, str] = field(default_factory=dict)
+
+
+# The id a source record is known by, per record type (what a skipped record is listed under).
+REF_FIELD: dict[type, str] = {
+    Invoice: "invoice_id",
+    Payment: "payment_id",
+    LedgerEntry: "entry_id",
+    Customer: "customer_id",
+    CdpProfile: "cdp_user_id",
+}
+
+
+def record_ref(cls: type, record: Any) -> str:
+    """That id, from a record or from its raw JSON object ('' when it has none)."""
+    name = REF_FIELD.get(cls, "")
+    value = record.get(name) if isinstance(record, dict) else getattr(record, name, "")
+    return value if isinstance(value, str) else ""

@@ -13,7 +13,7 @@ import httpx
 
 from connectors.base import ActionOutcome, BusinessRuleError, Health, TransientError
 from connectors.simulator import codec
-from tower_core.models import CdpProfile, Customer, Invoice, LedgerEntry, Page, Payment
+from tower_core.models import CdpProfile, Customer, Invoice, LedgerEntry, Page, Payment, Skipped, record_ref
 from tower_core.settings import Settings
 
 
@@ -40,7 +40,13 @@ class _Http:
         if cursor:
             params["cursor"] = cursor
         doc = self.call("GET", path, params=params)
-        return Page([codec.from_json(cls, i) for i in doc["items"]], doc["next_cursor"], doc["done"])
+        items, skipped = [], []
+        for raw in doc["items"]:
+            try:
+                items.append(codec.from_json(cls, raw))
+            except ValueError as exc:  # one malformed record is listed and passed over, not a failed pull
+                skipped.append(Skipped(record_ref(cls, raw), str(exc)))
+        return Page(items, doc["next_cursor"], doc["done"], tuple(skipped))
 
     def close(self) -> None:
         self.client.close()

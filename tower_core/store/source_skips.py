@@ -64,7 +64,7 @@ def list_skips(store: Store, *, include_cleared: bool = False, limit: int = 500)
     return store.query_rows(
         "SELECT Connector AS connector, Stream AS stream, Ref AS ref, Reason AS reason, "
         "FirstSkippedAt AS first_skipped_at, LastSkippedAt AS last_skipped_at, Times AS times, "
-        "Cleared = 1 AS cleared, ClearedAt AS cleared_at FROM $db.source_skips FINAL "
+        "Cleared = 1 AS cleared, if(Cleared = 1, ClearedAt, NULL) AS cleared_at FROM $db.source_skips FINAL "
         "WHERE {all:UInt8} = 1 OR Cleared = 0 ORDER BY LastSkippedAt DESC, Ref LIMIT {limit:UInt32}",
         {"all": int(include_cleared), "limit": limit},
     )

@@ -1,0 +1,72 @@
+"""Intake: what never reached the comparison. Source records a pull could not map (listed until a later pull
+maps them), and ingest records the store refused (operators: list, and send one back once its cause is fixed)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import session, views
+from dashboard.api_client import ApiUnavailable, load_intake
+
+st.title("Intake")
+api = session.api()
+operator = session.can_act()
+include_cleared = st.toggle("Also records a later pull mapped", key="in_cleared")
+try:
+    data = load_intake(api, include_cleared=include_cleared, operator=operator)
+except ApiUnavailable as exc:
+    session.banner(exc, "intake")
+session.show_errors(data.errors)
+
+skipped = data.get("skipped") or {"items": [], "open": 0}
+letters = data.get("dead_letters") or {"items": [], "total": 0}
+m = st.columns(2)
+m[0].metric("Skipped source records (open)", f"{skipped['open']:,}")
+m[1].metric("Ingest dead letters", f"{letters['total']:,}" if operator else "—")
+
+st.subheader("Skipped source records")
+st.caption(
+    "Records a connector pulled and could not map (a currency without an ISO 4217 exponent, a malformed record). "
+    "The pull went on without them; fix them at the source and the next pull maps them."
+)
+if skipped["items"]:
+    st.dataframe(views.skipped_rows(skipped["items"]), key="in_skipped", hide_index=True, width="stretch")
+else:
+    st.info("No source record is skipped.")
+
+st.subheader("Ingest dead letters")
+if not operator:
+    st.caption("Operators only: these records hold the estate's raw data.")
+else:
+    st.caption(
+        "Acknowledged ingest the store refused for good, set aside so the rest could drain. Send one back once "
+        "its cause is fixed (an upgrade, a schema change); one the store still refuses is set aside again."
+    )
+    names = [d["name"] for d in letters["items"]]
+    if st.session_state.get("in_letter") not in ("", None, *names):  # requeued (or gone) since it was chosen
+        st.session_state["in_letter"] = ""
+    result = st.session_state.get(session.RESULT)
+    if result and result["where"] == "dead_letter" and result["target"] not in names:
+        if result["ok"]:
+            rows = result["doc"].get("rows", "")
+            st.success(f"{result['target']} is back in the write-ahead buffer ({rows} rows).")
+        else:
+            st.error(f"requeue of {result['target']} refused (HTTP {result['status']}): {result['message']}")
+    if names:
+        st.dataframe(views.dead_letter_rows(letters["items"]), key="in_letters", hide_index=True, width="stretch")
+        chosen = st.selectbox("Dead letter", ["", *names], format_func=lambda n: n or "—", key="in_letter")
+        if chosen:
+
+            def _ask_requeue() -> None:
+                session.ask(
+                    "dead_letter",
+                    "requeue",
+                    f"Send {chosen} back into the write-ahead buffer?",
+                    lambda: api.requeue_dead_letter(chosen),
+                    chosen,
+                )
+
+            st.button("Requeue…", key="in_requeue", on_click=_ask_requeue)
+        session.confirmation("dead_letter", chosen)
+    else:
+        st.info("No ingest record is set aside.")
