@@ -44,6 +44,24 @@ DATA_ERROR_CODES = frozenset(
         444,  # protobuf messages corrupted or not matching the schema
     }
 )
+# ClickHouse error codes that describe the server's state (busy, restarting, out of disk), not the data
+STORE_SIDE_CODES = frozenset(
+    {
+        159,  # TIMEOUT_EXCEEDED
+        164,  # READONLY
+        202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+        203,  # NO_FREE_CONNECTION
+        209,  # SOCKET_TIMEOUT
+        210,  # NETWORK_ERROR
+        236,  # ABORTED
+        242,  # TABLE_IS_READ_ONLY
+        243,  # NOT_ENOUGH_SPACE
+        252,  # TOO_MANY_PARTS
+        319,  # UNKNOWN_STATUS_OF_INSERT
+        394,  # QUERY_WAS_CANCELLED
+        999,  # KEEPER_EXCEPTION
+    }
+)
 _CODE = re.compile(r"\bCode: (\d+)\b")
 # per kind of record: its name, and its payload file's suffix and media type (what the API serves it as)
 KIND_NAMES = {KIND_SPANS: "spans", KIND_EVENTS: "events"}
@@ -59,10 +77,20 @@ def data_error(exc: BaseException) -> bool:
     return m is not None and int(m.group(1)) in DATA_ERROR_CODES
 
 
+def store_side(exc: BaseException) -> bool:
+    """Does this failure say the store is busy or unreachable (retry later), whatever the record?"""
+    if not isinstance(exc, StoreError) or data_error(exc):
+        return False
+    m = _CODE.search(str(exc))
+    return m is None or int(m.group(1)) in STORE_SIDE_CODES
+
+
 def blame(outcomes: Sequence[BaseException | None]) -> list[int] | None:
     """Given each record's outcome written alone (None = written), the records to set aside, or None when the
     failures point at the store rather than at records (retry the chunk)."""
     failed = [i for i, o in enumerate(outcomes) if o is not None]
+    if any(store_side(outcomes[i]) for i in failed):  # type: ignore[arg-type]
+        return None  # busy or unreachable for some: no record is to blame yet
     if len(failed) < len(outcomes):
         return failed  # the store took others of the same chunk: what it refused, it refuses for the data
     if all(data_error(o) for o in outcomes if o is not None):

@@ -25,6 +25,8 @@ _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _REQUIRED = ("id", "source", "type", "specversion")
 MAX_FIELD = 1024
 MAX_EVENTS_PER_BATCH = 10_000
+# JSON nesting an event may hold: orjson reads 1024 levels but writes only 254, and no business event needs more
+MAX_DEPTH = 64
 
 
 class EventError(ValueError):
@@ -91,11 +93,26 @@ def _scalar_text(value: Any) -> str | None:
     return None
 
 
+def nesting_depth(node: Any, stop_at: int = MAX_DEPTH + 1) -> int:
+    """How deep JSON containers nest (iterative: no recursion limit to hit), counted up to ``stop_at``."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            if deepest >= stop_at:
+                return deepest
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def parse_event(doc: Any, received_ns: int, key_names: Collection[str] = ()) -> BusinessEvent:
     """``key_names``: attribute names mapped onto business keys (TOWER_KEY_ATTRIBUTE_MAP), read from ``data``
     besides ``revops.*`` (CloudEvents extension names cannot hold a dot, so ``data`` is where they arrive)."""
     if not isinstance(doc, dict):
         raise EventError("an event must be a JSON object")
+    if nesting_depth(doc) > MAX_DEPTH:
+        raise EventError(f"the event nests JSON deeper than {MAX_DEPTH} levels")
     for attr in _REQUIRED:
         if not isinstance(doc.get(attr), str) or not doc[attr]:
             raise EventError(f"required attribute {attr!r} is missing or not a non-empty string")
@@ -182,7 +199,8 @@ def parse_body(
         try:
             good.append(parse_event(d, received_ns, key_names))
         except EventError as exc:
-            bad.append({"index": i, "id": d.get("id") if isinstance(d, dict) else None, "error": str(exc)})
+            given = d.get("id") if isinstance(d, dict) else None  # echoed only when it is an id (text)
+            bad.append({"index": i, "id": given if isinstance(given, str) else None, "error": str(exc)})
     return good, bad
 
 

@@ -87,6 +87,10 @@ class Flusher:
         self.wal, self.store, self.key_names, self.metrics = wal, store, key_names, metrics
         self.dead_letters = dead_letter.DeadLetterBox(wal.dir / "dead-letter")
         self.flush_rows, self.flush_interval_s = flush_rows, flush_interval_s
+        # segment id -> chunk index -> True once this process wrote or set aside the chunk (a retry of the segment
+        # skips it), False once some of its records were written one by one (a retry checks what is stored):
+        # either way its chunk token would not catch rows that landed under the records' own tokens.
+        self._progress: dict[str, dict[int, bool]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tower-flusher", daemon=True)
@@ -136,6 +140,7 @@ class Flusher:
                 log.warning("flush of segment %s deferred: %s", segment.id, exc)
                 return
             self.wal.remove(segment)
+            self._progress.pop(segment.id, None)
             self.metrics.buffer_bytes.set(self.wal.pending_bytes)
 
     def _still_to_write(self, requests: list[bytes], token: str) -> tuple[list[bytes], str]:
@@ -163,7 +168,9 @@ class Flusher:
             )
         if len(stored) == len(spans.keys):
             return [], token
-        return replay.without(requests, stored), f"{token}_r{self.wal.epoch}"
+        # a fresh token per set of stored spans (it only grows): a token names its content, and a retry writing
+        # fewer spans under the token of a landed attempt would be dropped as that attempt's duplicate
+        return replay.without(requests, stored), f"{token}_r{self.wal.epoch}_{len(stored)}"
 
     def _on_retry(self, state: Any) -> None:
         self.metrics.flush_errors.inc()
@@ -175,13 +182,18 @@ class Flusher:
             started = time.perf_counter()
             replayed = segment.epoch != self.wal.epoch  # an earlier process may have flushed part of it
             span.set_attribute("tower.wal.replayed", replayed)
+            progress = self._progress.setdefault(segment.id, {})
             for chunk in chunks(WriteAheadBuffer.read(segment)):
+                if progress.get(chunk.index):
+                    continue
                 token = f"wal_{segment.epoch}_s{segment.seq}_c{chunk.index}"
                 try:
-                    self._write(chunk, token, replayed)
+                    self._write(chunk, token, replayed or chunk.index in progress)
                 except Exception as exc:
+                    progress[chunk.index] = False  # record-by-record writes follow
                     if not self._set_aside_refused(segment, chunk, token, exc):
                         raise  # nothing points at a record but at the store: retried as a whole
+                progress[chunk.index] = True
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
             span.set_attribute("tower.rows", segment.rows)
 

@@ -59,17 +59,29 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         return body
     if enc not in ("gzip", "deflate"):
         raise OtlpError(415, f"unsupported Content-Encoding {enc!r}; use gzip or identity")
-    d = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
+    if not body:
+        return b""
+    out = bytearray()
+    data = body
     try:
-        out = d.decompress(body, limit + 1)
-        if len(out) > limit or d.unconsumed_tail:
-            raise OtlpError(413, f"request body exceeds {limit} bytes after decompression")
-        out += d.flush()
+        while True:  # gzip: one member after another (RFC 1952), as gzip.decompress reads them
+            d = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
+            out += d.decompress(data, limit + 1 - len(out))
+            if len(out) > limit or d.unconsumed_tail:
+                raise OtlpError(413, f"request body exceeds {limit} bytes after decompression")
+            out += d.flush()
+            if not d.eof:
+                raise OtlpError(400, f"invalid {enc} body: the stream is truncated")
+            data = d.unused_data
+            if not data.strip(b"\0"):  # the end (zero padding after a member is tolerated, as by gzip)
+                break
+            if enc != "gzip" or not data.startswith(b"\x1f\x8b"):
+                raise OtlpError(400, f"invalid {enc} body: {len(data)} bytes after the end of the stream")
     except (zlib.error, gzip.BadGzipFile) as exc:
         raise OtlpError(400, f"invalid {enc} body: {exc}") from None
     if len(out) > limit:
         raise OtlpError(413, f"request body exceeds {limit} bytes after decompression")
-    return out
+    return bytes(out)
 
 
 _ID_FIELDS = {"traceId": 16, "spanId": 8, "parentSpanId": 8}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,6 +145,67 @@ def test_json_spec_example_and_gzip(server: TowerServer) -> None:
     ]
     assert span["name"] == "I'm a server span" and span["attributes"]["count"] == "42"
     assert span["duration_ms"] == 1000.0
+
+
+def _span_request(trace_hex: str, name: str) -> ExportTraceServiceRequest:
+    req = ExportTraceServiceRequest()
+    req.resource_spans.add().scope_spans.add().spans.add(
+        trace_id=bytes.fromhex(trace_hex), span_id=b"\x02" * 8, name=name, start_time_unix_nano=1, end_time_unix_nano=2
+    )
+    return req
+
+
+def test_gzip_members_are_all_read_and_a_cut_stream_is_refused(server: TowerServer) -> None:
+    """A gzip body of two members (RFC 1952; what gzip.decompress reads) used to be acknowledged with the second
+    member's spans silently dropped; a stream cut short is a 400, not a partial request."""
+    first, second = "a1" * 16, "c2" * 16
+    body = gzip.compress(_span_request(first, "m1").SerializeToString())
+    body += gzip.compress(_span_request(second, "m2").SerializeToString())
+    r = httpx.post(f"{server.url}/v1/traces", content=body, headers={**PB, "Content-Encoding": "gzip"})
+    assert r.status_code == 200
+    for tid in (first, second):
+        assert wait_for(lambda t=tid: httpx.get(f"{server.url}/api/traces/{t}", headers=server.auth).status_code == 200)
+    whole = gzip.compress(_span_request("e3" * 16, "cut").SerializeToString())
+    for bad in (whole[:-6], whole + b"trailing bytes"):
+        r = httpx.post(f"{server.url}/v1/traces", content=bad, headers={**PB, "Content-Encoding": "gzip"})
+        assert r.status_code == 400, r.content
+        assert "gzip" in status_pb2.Status.FromString(r.content).message
+    gz = {**PB, "Content-Encoding": "gzip"}
+    padded = httpx.post(f"{server.url}/v1/traces", content=whole + b"\0" * 8, headers=gz)
+    assert padded.status_code == 200  # zero padding after the last member is tolerated, as gzip does
+
+
+def test_a_span_field_sent_twice_is_stored_as_validated(server: TowerServer) -> None:
+    """Protobuf reads a repeated singular field as its last value, ClickHouse's reader did not: a span with its
+    trace id sent twice was acknowledged and stored without one. What was validated is what is stored."""
+
+    def ld(tag: int, body: bytes) -> bytes:
+        return bytes([tag, len(body)]) + body
+
+    tid = "3c" * 16
+    span = _span_request(tid, "twice").resource_spans[0].scope_spans[0].spans[0].SerializeToString()
+    body = ld(0x0A, ld(0x12, ld(0x12, ld(0x0A, b"\xaa" * 16) + span)))  # an earlier trace_id the later one overrides
+    r = httpx.post(f"{server.url}/v1/traces", content=body, headers=PB)
+    assert r.status_code == 200
+    assert wait_for(lambda: httpx.get(f"{server.url}/api/traces/{tid}", headers=server.auth).status_code == 200)
+    spans = httpx.get(f"{server.url}/api/traces/{tid}", headers=server.auth).json()["spans"]
+    assert [s["name"] for s in spans] == ["twice"]
+    assert httpx.get(f"{server.url}/api/traces/{'aa' * 16}", headers=server.auth).status_code == 404
+
+
+def test_deeply_nested_events_get_a_400_not_a_500(server: TowerServer) -> None:
+    deep: object = "x"
+    for _ in range(300):
+        deep = {"d": deep}
+    event = {"specversion": "1.0", "id": "deep-1", "source": "billing", "type": "invoice.paid", "data": deep}
+    ce = {"Content-Type": "application/cloudevents+json"}
+    r = httpx.post(f"{server.url}/v1/events", content=json.dumps(event), headers=ce)  # (orjson writes 254 levels)
+    assert r.status_code == 400 and "deeper than 64" in r.json()["rejected"][0]["error"]
+    batch = [{**event, "id": deep}, {**event, "id": "shallow-1", "data": {"revops.invoice.id": "in_1"}}]
+    batch_type = {"Content-Type": "application/cloudevents-batch+json"}
+    r = httpx.post(f"{server.url}/v1/events", content=json.dumps(batch), headers=batch_type)
+    assert r.status_code == 200, r.text
+    assert r.json()["accepted"] == 1 and r.json()["rejected"][0]["id"] is None  # not echoed: it is not an id
 
 
 def test_partial_success_reports_rejected_spans(server: TowerServer) -> None:

@@ -31,11 +31,15 @@ from tower_core.store.otlp_sql import sync_key_attributes
 
 PARSE = StoreError("Code: 444. DB::Exception: Protobuf messages are corrupted or don't match the provided schema")
 DOWN = StoreError("Code: 210. DB::NetException: Connection refused (127.0.0.1:9000)")
+BUSY = StoreError("Code: 252. DB::Exception: Too many parts (300) in table otel_traces. (TOO_MANY_PARTS)")
+HUGE = StoreError("Code: 241. DB::Exception: Memory limit (for query) exceeded")
 
 
 def test_a_record_is_blamed_only_when_the_evidence_points_at_it() -> None:
     assert data_error(PARSE) and data_error(ValueError("a conversion bug")) and not data_error(DOWN)
-    assert blame([None, DOWN, None]) == [1]  # the store took the others: the refused one is bad
+    assert blame([None, HUGE, None]) == [1]  # the store took the others: the refused one is bad
+    assert blame([None, DOWN, None]) is None  # ... unless it said it is unreachable or busy: nobody to blame yet
+    assert blame([None, BUSY, PARSE]) is None
     assert blame([PARSE, PARSE]) == [0, 1]  # nothing written, but every error is about the data
     assert blame([DOWN, DOWN]) is None  # the store refuses everything: retry, blame nobody
     assert blame([PARSE, DOWN]) is None
@@ -184,3 +188,73 @@ def test_tower_ingest_cli_lists_and_requeues_through_a_running_api(tmp_path: Pat
         offline.returncode == 0 and box.names()[0] in offline.stdout and "record(s) set aside (in " in (offline.stdout)
     )
     assert "dl-cli-admin" not in (tmp_path / "server.log").read_text()
+
+
+class FlakyStore:
+    """A fault-injecting wrapper around the real chDB store (named fake: ClickHouse cannot be made to answer
+    TOO_MANY_PARTS or drop its connection on cue here): the span inserts whose call numbers are listed fail."""
+
+    def __init__(self, store: Store, failures: dict[int, StoreError]) -> None:
+        self.store, self.failures, self.calls, self.down = store, failures, 0, False
+
+    def insert_select(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        error = self.failures.get(self.calls)
+        self.down = error is DOWN
+        if error is not None:
+            raise error
+        return self.store.insert_select(*args, **kwargs)
+
+    def ping(self) -> bool:
+        return not self.down and self.store.ping()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def _segment_of(tmp_path: Path, store: Store, sizes: list[int]) -> WriteAheadBuffer:
+    migrate(store)
+    sync_key_attributes(store, key_attribute_names())
+    wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
+    for seed, n in enumerate(sizes):
+        wal.append(KIND_SPANS, n, request(n, seed=seed))
+    wal.seal()
+    return wal
+
+
+def _stored(store: Store) -> dict[str, int]:
+    return store.query_rows("SELECT count() AS rows, uniqExact(TraceId, SpanId) AS spans FROM $db.otel_traces")[0]
+
+
+def test_a_segment_retried_in_the_same_process_writes_each_span_once(
+    tmp_path: Path, embedded_store: Store, monkeypatch: Any
+) -> None:
+    """Chunk 0 is refused once while the store answers (so its records are written one by one), then chunk 1
+    meets an outage and the segment is retried: chunk 0 must not go in again under its own chunk token, and the
+    flushed-rows metric counts each row once."""
+    import functools
+
+    from collector import flusher as flusher_module
+
+    monkeypatch.setattr(flusher_module, "chunks", functools.partial(flusher_module.chunks, max_rows=30))
+    wal = _segment_of(tmp_path, embedded_store, [10, 10, 10, 5])  # chunk 0: three records; chunk 1: one
+    flaky = FlakyStore(embedded_store, {1: BUSY, 5: DOWN})  # 1: chunk 0; 2-4: its records; 5: chunk 1
+    metrics = CollectorMetrics()
+    Flusher(wal, flaky, key_attribute_names(), metrics, flush_rows=5000, flush_interval_s=1).drain()  # type: ignore[arg-type]
+    assert wal.sealed() == [] and flaky.calls == 6
+    assert _stored(embedded_store) == {"rows": 35, "spans": 35}
+    assert metrics.rows_flushed.labels(table="otel_traces")._value.get() == 35
+
+
+def test_a_busy_store_while_records_are_written_one_by_one_blames_no_record(
+    tmp_path: Path, embedded_store: Store
+) -> None:
+    """The store says TOO_MANY_PARTS for the chunk, takes two of its records, then says it again: the store is
+    busy, not the records. Nothing is set aside; the retry writes the other two, and nothing twice."""
+    wal = _segment_of(tmp_path, embedded_store, [10, 10, 10, 10])
+    flaky = FlakyStore(embedded_store, {1: BUSY, 4: BUSY, 5: BUSY})
+    metrics = CollectorMetrics()
+    Flusher(wal, flaky, key_attribute_names(), metrics, flush_rows=5000, flush_interval_s=1).drain()  # type: ignore[arg-type]
+    assert wal.sealed() == []
+    assert _stored(embedded_store) == {"rows": 40, "spans": 40}
+    assert DeadLetterBox(tmp_path / "dead-letter").names() == [] and metrics.dead_letters._value.get() == 0
