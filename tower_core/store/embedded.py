@@ -117,7 +117,12 @@ class EmbeddedStore:
         if conn is None:
             from chdb.state import sqlitelike
 
-            conn = _local.conn = sqlitelike.Connection(str(_session_path))
+            conn = sqlitelike.Connection(str(_session_path))
+            try:  # times are bound and read as UTC, whatever the process's TZ (see tower_core/store/params.py)
+                conn.query("SET session_timezone = 'UTC'", "CSV")
+            except Exception as exc:
+                raise StoreError(f"cannot set the session time zone: {str(exc).strip()}") from None
+            _local.conn = conn
         return conn
 
     def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:

@@ -1,7 +1,8 @@
 """Python values -> ClickHouse query-parameter text (the ``param_*`` wire form).
 
 Both backends bind ``{name:Type}`` placeholders server-side; this module fixes one textual encoding so the
-same call binds the same value on chDB and over HTTP. Pure, no IO.
+same call binds the same value on chDB and over HTTP. Times are sent as UTC wall-clock text, which ClickHouse
+reads in the session's time zone: both backends set ``session_timezone = 'UTC'``. Pure, no IO.
 """
 
 from __future__ import annotations

@@ -58,7 +58,11 @@ class ServerStore:
             logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)  # we report errors ourselves
             try:
                 client = clickhouse_connect.get_client(
-                    **self._args, connect_timeout=self._timeout, autogenerate_session_id=False
+                    **self._args,
+                    connect_timeout=self._timeout,
+                    autogenerate_session_id=False,
+                    # times are bound and read as UTC, whatever the server's time zone (tower_core/store/params.py)
+                    settings={"session_timezone": "UTC"},
                 )
             except Exception as exc:  # later, an unreachable server is transient: callers retry StoreError
                 where = f"{self._args['host']}:{self._args['port']}"
