@@ -21,7 +21,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,12 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _redetected(action: dict[str, Any], item: dict[str, Any]) -> bool:
+    """A succeeded action whose drift a run found again after it: the target is to be checked and written anew
+    (an automatic correction stands otherwise: a failed one waits for a person's replay)."""
+    return action["State"] == SUCCEEDED and c.aware(item["UpdatedAt"]) > c.aware(action["UpdatedAt"])
+
+
 def _public(row: dict[str, Any]) -> dict[str, Any]:
     """API view of an action row."""
     out = {
@@ -167,6 +174,29 @@ class ActionService:
         with self._locks_guard:
             return self._locks.setdefault(key.split(_REPLAY, 1)[0], threading.Lock())
 
+    @contextmanager
+    def _documents_locked(self, row: dict[str, Any]) -> Iterator[None]:
+        """Hold the locks of the ERP records an action looks at and writes, in a fixed order, for one attempt.
+        Actions of different classes can write the same record (under_applied of an invoice and
+        payment_unapplied of a payment allocated to it both apply that payment); one lock per idempotency key
+        would let both find it missing and both write."""
+        locks = [self._lock(name) for name in sorted(set(self._documents(row)))]
+        with ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
+            yield
+
+    def _documents(self, row: dict[str, Any]) -> list[str]:
+        params = json.loads(row["Params"] or "{}")
+        op = policy.operation(row["Operation"])
+        if op == "apply_payment":
+            if "payment_id" in params and row["Class"] == c.PAYMENT_UNAPPLIED:
+                return [f"erp-doc:payment:{params['payment_id']}"]
+            return [f"erp-doc:payment:{p}" for p in q.payments_for_invoice(self.store, params["invoice_id"])]
+        if op == "post_credit_memo":
+            return [f"erp-doc:payment:{params['payment_id']}"]
+        return [f"erp-doc:invoice:{params['invoice_id']}"] if "invoice_id" in params else []
+
     # --- persistence helpers
     def _save(self, row: dict[str, Any], actor: str, verb: str, before: dict[str, Any] | None, note: str = "") -> None:
         row["UpdatedAt"] = _now()
@@ -213,7 +243,7 @@ class ActionService:
         key = policy.idempotency_key(cls, keys, f"{policy.TARGET_SYSTEM}:{target}")
         with self._lock(key):
             previous = q.actions_by_key(self.store, key)
-            if automatic and previous:
+            if automatic and previous and not _redetected(previous[-1], item):
                 return _public(previous[-1])  # a failed automatic correction waits for a person's replay
             # a success stands until a run finds the drift again after it (then the target is checked anew)
             existing = [
@@ -335,7 +365,11 @@ class ActionService:
         before = dict(row)
         row["State"] = IN_PROGRESS
         row["NextAttemptAt"] = q.EPOCH
-        self._save(row, "reconciler", "action.start", before)
+        try:
+            self._save(row, "reconciler", "action.start", before)
+        except BaseException:
+            self.breakers.release(system)  # no call was made: a half-open trial granted above is not spent
+            raise
         attempts_here = 0
 
         def attempt() -> ActionOutcome:
@@ -344,7 +378,8 @@ class ActionService:
                 raise BreakerOpen(system)
             attempts_here += 1
             try:
-                outcome = self._perform(row)
+                with self._documents_locked(row):
+                    outcome = self._perform(row)
             except TransientError:
                 self.breakers.failure(system)
                 raise
@@ -521,17 +556,32 @@ class ActionService:
             return all(applied.get(i, 0) >= a for i, a in payment.allocations.items())
         return False
 
-    def recover(self) -> list[str]:
-        """Actions left in_progress by a crash: look at the target first; done -> succeeded, else pending."""
+    def recover(self, stale_after_s: float | None = None) -> list[str]:
+        """Actions left in_progress by a crash: look at the target first; done -> succeeded, else pending. At
+        start every one (``stale_after_s`` None); from the actions job only those unchanged for
+        ``stale_after_s`` and not executing here. An action whose target cannot be read stays in_progress for the
+        next pass (one failure does not stop the others)."""
         recovered = []
-        for row in q.actions_in_states(self.store, [IN_PROGRESS]):
-            with self._lock(row["IdempotencyKey"]):
+        cutoff = _now() - dt.timedelta(seconds=stale_after_s or 0)
+        for listed in q.actions_in_states(self.store, [IN_PROGRESS]):
+            if stale_after_s is not None and c.aware(listed["UpdatedAt"]) > cutoff:
+                continue
+            lock = self._lock(listed["IdempotencyKey"])
+            if not lock.acquire(blocking=stale_after_s is None):
+                continue  # executing in this process right now
+            try:
+                row = q.get_action(self.store, listed["ActionId"])
+                if row is None or row["State"] != IN_PROGRESS:
+                    continue  # ended meanwhile
                 before = dict(row)
                 try:
                     holds = self.erp is not None and self.target_holds(row)
                 except TransientError as exc:
-                    log.warning("recovery of %s postponed: %s", row["ActionId"], exc)
+                    log.warning("recovery of %s: the target is unreachable (%s)", row["ActionId"], exc)
                     holds = False
+                except Exception:
+                    log.exception("recovery of %s: the target cannot be checked; tried again later", row["ActionId"])
+                    continue
                 if holds:
                     row["State"] = SUCCEEDED
                     row["Result"] = json.dumps({"target_ref": row["TargetRef"], "already_done": True})
@@ -541,14 +591,14 @@ class ActionService:
                     row["NextAttemptAt"] = q.EPOCH
                     self._save(row, "reconciler", "action.recover", before, "not in the target; will retry")
                 recovered.append(row["ActionId"])
+            finally:
+                lock.release()
         return recovered
 
     def process_due(self, limit: int = 100) -> int:
         """Execute pending, approved actions whose next attempt is due (the scheduler's job)."""
         done = 0
-        for row in q.actions_in_states(self.store, [PENDING], due_before=_now())[:limit]:
-            if not row["ApprovedBy"]:
-                continue
+        for row in q.actions_in_states(self.store, [PENDING], due_before=_now(), approved_only=True, limit=limit):
             self.execute(row["ActionId"])
             done += 1
         return done

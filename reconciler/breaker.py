@@ -1,7 +1,8 @@
 """Circuit breaker per target system: a pure state machine (time is passed in, nothing else is touched).
 
 closed --(``failure_threshold`` consecutive failures)--> open --(``reset_after_s`` elapsed)--> half_open;
-half_open lets one trial call through: success closes, failure re-opens for another ``reset_after_s``.
+half_open lets one trial call through: success closes, failure re-opens for another ``reset_after_s``; a trial
+that never reports back (its caller died) lapses after ``reset_after_s`` and the next call is a new trial.
 An open breaker stops corrective syncs from hammering a system that is down; actions stay pending.
 """
 
@@ -21,6 +22,7 @@ class Breaker:
     failures: int = 0
     opened_at: float = 0.0
     trial_in_flight: bool = False
+    trial_started: float = 0.0
 
     def current(self, now: float) -> BreakerState:
         """The state as seen at ``now`` (an open breaker becomes half-open once its timeout elapsed)."""
@@ -35,9 +37,9 @@ class Breaker:
             return True, self
         if state == "open":
             return False, self
-        if self.trial_in_flight and self.state == "half_open":
-            return False, self
-        return True, replace(self, state="half_open", trial_in_flight=True)
+        if self.trial_in_flight and self.state == "half_open" and now - self.trial_started < self.reset_after_s:
+            return False, self  # a trial is out (one that never reported back lapses after reset_after_s)
+        return True, replace(self, state="half_open", trial_in_flight=True, trial_started=now)
 
     def record_success(self, now: float) -> Breaker:
         return replace(self, state="closed", failures=0, opened_at=0.0, trial_in_flight=False)

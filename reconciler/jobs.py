@@ -32,8 +32,15 @@ def _run_job(service: ReconcilerService, full: bool) -> None:
         log.warning("scheduled run failed: %s", exc)
 
 
+# An action in_progress this long, and not executing in this process, was left by a crash (or by a recovery at
+# start that could not read its target): the actions job looks at its target again.
+STALE_IN_PROGRESS_S = 300.0
+
+
 def _actions_job(service: ReconcilerService) -> None:
     try:
+        if service.actions.erp is not None:
+            service.actions.recover(stale_after_s=STALE_IN_PROGRESS_S)
         service.actions.process_due()
     except Exception:
         log.exception("retrying due actions failed")

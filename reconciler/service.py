@@ -107,7 +107,7 @@ class ReconcilerService:
             try:
                 self.actions.recover()
             except Exception:
-                log.exception("recovery of in-progress actions failed; the actions job retries it")
+                log.exception("recovery of in-progress actions failed; the actions job tries again")
         if scheduler is not None and self.settings.reconcile_scheduler:
             from reconciler.jobs import schedule
 

@@ -313,6 +313,17 @@ def test_a_trial_that_ends_without_a_verdict_frees_the_half_open_breaker() -> No
     assert closed.current(0.0) == "closed" and closed.allow(0.0)[0]
 
 
+def test_a_trial_that_never_reports_back_lapses_after_the_reset_time() -> None:
+    """The caller of a trial died (or a store error cut it short) before recording its verdict: after another
+    ``reset_after_s`` the breaker lets a new trial through instead of refusing every call for good."""
+    b = Breaker(failure_threshold=1, reset_after_s=1.0).record_failure(0.0)
+    ok, b = b.allow(1.5)
+    assert ok and b.trial_in_flight
+    assert not b.allow(2.4)[0]  # still out
+    ok, b = b.allow(2.6)
+    assert ok and b.trial_in_flight and b.trial_started == 2.6
+
+
 def test_breaker_success_resets_the_failure_count() -> None:
     b = Breaker(failure_threshold=2, reset_after_s=1.0)
     b = b.record_failure(0.0).record_success(0.1).record_failure(0.2)

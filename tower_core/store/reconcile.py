@@ -390,6 +390,9 @@ _SCOPE_CUSTOMERS = """
 INSERT INTO $db.reconcile_scope (RunId, KeyType, Key)
 SELECT {run:String}, 'customer', k FROM (
     SELECT CustomerId AS k FROM $db.cdp_profiles WHERE IngestedAt >= {wm:DateTime64(6)}
+    -- every stored version of a changed profile: one re-pointed to another customer leaves its old one behind
+    UNION ALL SELECT CustomerId FROM $db.cdp_profiles
+        WHERE CdpUserId IN (SELECT CdpUserId FROM $db.cdp_profiles WHERE IngestedAt >= {wm:DateTime64(6)})
     UNION ALL SELECT CustomerId FROM $db.billing_customers WHERE IngestedAt >= {wm:DateTime64(6)}
     UNION ALL SELECT CustomerId FROM $db.drift_items FINAL
         WHERE KeyType = 'customer' AND State != 'resolved' AND Class = 'stale_sync' AND CustomerId != ''
@@ -1642,15 +1645,28 @@ def actions_by_key(store: Store, idempotency_key: str) -> list[dict[str, Any]]:
 
 
 def actions_in_states(
-    store: Store, states: Sequence[str], due_before: dt.datetime | None = None
+    store: Store,
+    states: Sequence[str],
+    due_before: dt.datetime | None = None,
+    *,
+    approved_only: bool = False,
+    limit: int = 1000,
 ) -> list[dict[str, Any]]:
+    """Actions in these states, the longest due first; ``approved_only`` leaves out those awaiting a person's
+    approval (before the limit: a hundred of them must not hide one that is due)."""
     return store.query_rows(
         _compose(
             "SELECT /*cols*/ FROM $db.actions FINAL WHERE State IN {s:Array(String)} "
-            "AND NextAttemptAt <= {due:DateTime64(3)} ORDER BY CreatedAt LIMIT 1000",
+            "AND NextAttemptAt <= {due:DateTime64(3)} AND ({approved:UInt8} = 0 OR ApprovedBy != '') "
+            "ORDER BY NextAttemptAt, CreatedAt LIMIT {limit:UInt32}",
             cols=_ACTION_COLS,
         ),
-        {"s": list(states), "due": due_before or dt.datetime(2200, 1, 1, tzinfo=dt.UTC)},
+        {
+            "s": list(states),
+            "due": due_before or dt.datetime(2200, 1, 1, tzinfo=dt.UTC),
+            "approved": int(approved_only),
+            "limit": limit,
+        },
     )
 
 
