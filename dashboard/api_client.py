@@ -162,6 +162,10 @@ class TowerApi:
     def requeue_dead_letter(self, name: str) -> dict[str, Any]:
         return self.post(f"/api/ingest/dead-letters/{_seg(name)}/requeue")
 
+    def dismiss_skipped(self, connector: str, stream: str, ref: str, note: str) -> dict[str, Any]:
+        body = {"connector": connector, "stream": stream, "ref": ref, "note": note}
+        return self.post("/api/sources/skipped/dismiss", body)
+
     def skipped_sources(self, include_cleared: bool = False) -> dict[str, Any]:
         return self.get("/api/sources/skipped", include_cleared="true" if include_cleared else None)
 

@@ -499,6 +499,11 @@ def skipped_rows(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def skip_label(skip: Mapping[str, Any]) -> str:
+    """One skipped record named for a chooser: source and id."""
+    return f"{skip.get('connector', '')} {skip.get('stream', '')}: {skip.get('ref') or '(no id)'}"
+
+
 def options_with_all(values: Sequence[str], all_label: str = "(all)") -> list[str]:
     return [all_label, *values]
 

@@ -579,6 +579,9 @@ class ActionService:
                 except TransientError as exc:
                     log.warning("recovery of %s: the target is unreachable (%s)", row["ActionId"], exc)
                     holds = False
+                except BusinessRuleError as exc:  # the target refuses the look itself: the execution fails it
+                    log.warning("recovery of %s: the target refuses the check (%s)", row["ActionId"], exc)
+                    holds = False
                 except Exception:
                     log.exception("recovery of %s: the target cannot be checked; tried again later", row["ActionId"])
                     continue

@@ -516,5 +516,18 @@ def test_intake_lists_skipped_source_records_and_requeues_dead_letters(
     assert len(again) == len(letters)
 
     at = dash("intake", role="viewer")
-    assert metric(at, "Ingest dead letters") == "—" and "in_requeue" not in buttons(at)
+    assert metric(at, "Ingest dead letters") == "—" and not {"in_requeue", "in_dismiss"} & buttons(at)
     assert list(frame(at, "in_skipped")["record"]) == ["erp_malformed_1"]
+
+    # the record will never map (say it was deleted at the source): an operator dismisses it, with a note
+    at = dash("intake")
+    at.selectbox(key="in_skip").set_value("sim-erp ledger_entries: erp_malformed_1").run()
+    assert at.button(key="in_dismiss").disabled  # no note yet
+    at.text_input(key="in_skip_note").input("deleted in the ERP by its owner").run()
+    at.button(key="in_dismiss").click().run()
+    at.button(key="confirm_skip").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("dismissed" in s.value for s in at.success), [e.value for e in at.error]
+    assert metric(at, "Skipped source records (open)") == "0"
+    audit = tower.call("GET", "/api/audit", params={"action": "source.dismiss"}).json()["items"]
+    assert [(a["actor"], a["note"]) for a in audit] == [("olga", "deleted in the ERP by its owner")]

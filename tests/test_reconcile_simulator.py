@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from connectors.base import ConnectorError
+from connectors.base import BusinessRuleError, ConnectorError
 from connectors.simulator import Estate, EstateConfig, FaultRates
 from reconciler import classify as c
 from reconciler.actions import ActionError, ActionService, Breakers
@@ -358,8 +358,9 @@ class OddErp:
     """The simulated ERP answering the next ``odd`` calls of ``method`` with an error that is neither transient nor
     a business rule, as a real ERP does with a reply nobody planned for (a test wrapper, named as such)."""
 
-    def __init__(self, erp: Any, odd: int = 1, method: str = "post_invoice") -> None:
+    def __init__(self, erp: Any, odd: int = 1, method: str = "post_invoice", error: Exception | None = None) -> None:
         self._erp, self.name, self.odd, self.method = erp, erp.name, odd, method
+        self.error = error or ConnectorError("unexpected reply: HTTP 418")
 
     def __getattr__(self, name: str) -> Any:
         real = getattr(self._erp, name)
@@ -369,7 +370,7 @@ class OddErp:
         def odd_call(*args: Any, **kwargs: Any) -> Any:
             if self.odd:
                 self.odd -= 1
-                raise ConnectorError("unexpected reply: HTTP 418")
+                raise self.error
             return real(*args, **kwargs)
 
         return odd_call
@@ -564,6 +565,22 @@ def test_an_action_left_in_progress_is_recovered_by_the_actions_job_when_start_c
     _actions_job(restarted)  # the scheduler's job: recovers it, then runs what is due
     assert state_of(store, action_id) == "succeeded"
     assert len(live_postings(e, inv)) == 1
+
+
+def test_an_action_whose_target_refuses_the_check_fails_instead_of_staying_in_progress(
+    store: Store, tmp_path: Path
+) -> None:
+    """The ERP holds a posting for the reference that the tower cannot read (Tryton's answer to an unmappable
+    record is a business-rule refusal): recovery sends the action on, and its execution fails it, replayable."""
+    e, svc, inv = one_missing_posting(store, tmp_path, seed=12)
+    action_id = left_in_progress(store, svc, inv)
+    refusing = OddErp(e.erp, odd=10, method="find_by_external_ref", error=BusinessRuleError("cannot read it"))
+    restarted = ReconcilerService(settings(tmp_path), store, Connectors(e.billing, refusing, e.cdp))  # type: ignore[arg-type]
+    restarted.start()
+    assert state_of(store, action_id) == "pending"
+    restarted.actions.process_due()
+    action = restarted.actions.get(action_id)
+    assert action["state"] == "failed" and action["dead_letter"] and "cannot read it" in action["last_error"]
 
 
 def test_a_fresh_in_progress_action_is_left_to_its_execution(store: Store, tmp_path: Path) -> None:

@@ -190,3 +190,33 @@ def test_billing_customers_pulled_by_the_reconciler_keep_no_raw_pii(embedded_sto
         assert name == policy.digest(c.name) and email == policy.digest(c.email) and email.startswith(HASH_PREFIX)
     kept = " ".join(f"{n} {e}" for n, e in stored.values())
     assert not any(c.email in kept or c.name in kept for c in raw)
+
+
+def test_migration_0017_blanks_billing_pii_stored_before_the_pull_pseudonymized_it(store: Store) -> None:
+    """Customers pulled before the change kept raw names and e-mails (their stream resumes from its cursor, so
+    they are not pulled again): 0017 blanks them, keeps pseudonyms, and changes nothing when run again."""
+    import datetime as dt
+
+    from tower_core.models import Customer
+    from tower_core.store import migrate as run_migrations
+    from tower_core.store.migrate import available
+    from tower_core.store.reconcile import write_customers
+
+    for m in available():
+        if m.version < 17:
+            for statement in m.statements():
+                store.command(statement)
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    raw = Customer("cus_raw", "Jane Doe", EMAIL, "EU", "EUR", t0, t0)
+    kept = Customer("cus_ok", "hmac-sha256:ab", "hmac-sha256:cd", "EU", "EUR", t0, t0)
+    write_customers(store, [raw, kept])
+    (m17,) = [m for m in available() if m.version == 17]
+    for _ in range(2):
+        for statement in m17.statements():
+            store.command(statement)
+    rows = store.query_rows("SELECT CustomerId AS id, Name AS n, Email AS e FROM $db.billing_customers ORDER BY id")
+    assert [(r["id"], r["n"], r["e"]) for r in rows] == [
+        ("cus_ok", "hmac-sha256:ab", "hmac-sha256:cd"),
+        ("cus_raw", "", ""),
+    ]
+    run_migrations(store)  # the rest of the chain records it and applies nothing twice

@@ -106,3 +106,19 @@ def test_viewers_list_skipped_source_records(embedded_store: Store, tmp_path: Pa
         every = client.get("/api/sources/skipped", params={"include_cleared": "true"}, headers=auth).json()
         assert sorted(i["ref"] for i in every["items"]) == ["in_1", "tryton:invoice:7"]
         assert client.get("/api/sources/skipped", params={"limit": 0}, headers=auth).status_code == 422
+
+        # one no pull will map (cancelled at its source, still in XBT): an operator dismisses it, with a note
+        target = {"connector": "tryton", "stream": "ledger_entries", "ref": "tryton:invoice:7"}
+        why = {**target, "note": "cancelled in Tryton; re-issued in EUR as invoice 8"}
+        assert client.post("/api/sources/skipped/dismiss", json=why, headers=auth).status_code == 403  # a viewer
+        _, operator = create_token(embedded_store, "otto", "operator")
+        as_op = {"Authorization": f"Bearer {operator}"}
+        assert client.post("/api/sources/skipped/dismiss", json={**why, "note": " "}, headers=as_op).status_code == 422
+        done = client.post("/api/sources/skipped/dismiss", json=why, headers=as_op)
+        assert done.status_code == 200 and done.json()["cleared"]
+        assert client.get("/api/sources/skipped", headers=auth).json() == {"items": [], "open": 0}
+        assert client.post("/api/sources/skipped/dismiss", json=why, headers=as_op).status_code == 404  # once
+        audit = client.get("/api/audit", params={"action": "source.dismiss"}, headers=as_op).json()["items"]
+        assert [(a["actor"], a["object_id"], a["note"]) for a in audit] == [
+            ("otto", "tryton/ledger_entries/tryton:invoice:7", why["note"])
+        ]

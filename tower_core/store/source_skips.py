@@ -82,3 +82,13 @@ def has_open_skips(store: Store, connector: str, stream: str) -> bool:
         {"connector": connector, "stream": stream},
     )
     return bool(rows and rows[0]["n"])
+
+
+def open_skip(store: Store, connector: str, stream: str, ref: str) -> dict[str, Any] | None:
+    rows = store.query_rows(
+        "SELECT Connector AS connector, Stream AS stream, Ref AS ref, Reason AS reason, Times AS times "
+        "FROM $db.source_skips FINAL WHERE Connector = {connector:String} AND Stream = {stream:String} "
+        "AND Ref = {ref:String} AND Cleared = 0",
+        {"connector": connector, "stream": stream, "ref": ref},
+    )
+    return rows[0] if rows else None
