@@ -10,7 +10,7 @@ import pytest
 
 from collector.correlation import key_attribute_names
 from tests.conftest import new_database
-from tower_core.errors import StoreError
+from tower_core.errors import ConfigError, StoreError
 from tower_core.settings import Settings
 from tower_core.store import Store, migrate, open_store, schema_version, table_counts
 from tower_core.store.arrow_schemas import BILLING_INVOICES, OTEL_TRACES
@@ -238,3 +238,52 @@ def test_http_fixture_takes_chunked_native_inserts(clickhouse_http: str) -> None
     client.insert("native_t.x", [[i, f"s{i}"] for i in range(20_000)], column_names=["a", "s"])
     assert client.query("SELECT count(), sum(a) FROM native_t.x").result_rows == [(20_000, sum(range(20_000)))]
     client.command("DROP DATABASE native_t")
+
+
+def test_both_backends_bind_the_same_values_and_refuse_the_same_ones(store: Store) -> None:
+    """Found by a review: clickhouse-connect wrote a nested bool as ``True`` (refused by ClickHouse), and a value
+    that cannot be bound was a (retried) StoreError on one backend and a TypeError on the other."""
+    sql = "SELECT {x:Array(UInt8)} AS v, mapKeys({m:Map(String, UInt8)}) AS k, mapValues({m:Map(String, UInt8)}) AS w"
+    got = store.query_rows(sql, {"x": [True, False], "m": {"a": True}})
+    assert got == [{"v": [1, 0], "k": ["a"], "w": [1]}]
+    with pytest.raises(TypeError):
+        store.query_rows("SELECT {x:String} AS v", {"x": None})
+
+
+def test_a_data_dir_path_with_a_quote_or_backslash_is_read_from(embedded_store: Store, tmp_path: Path) -> None:
+    """The embedded backend reads spooled batches with file('<path>'): a path holding a quote or a backslash was
+    refused at every write (a ValueError the flusher retried for ever) once it had opened and migrated fine."""
+    from tower_core.store.base import file_source
+
+    folder = tmp_path / "o'neil \\ data"
+    folder.mkdir()
+    batch = pa.table({"n": pa.array([1, 2, 3], pa.int64())})
+    with pa.ipc.new_stream(folder / "batch.arrows", batch.schema) as writer:
+        writer.write_table(batch)
+    sql = f"SELECT sum(n) AS s FROM {file_source(str(folder / 'batch.arrows'), 'ArrowStream')}"
+    assert embedded_store.query_rows(sql) == [{"s": 6}]
+
+
+def test_the_database_named_in_the_clickhouse_url_is_used(clickhouse_http: str) -> None:
+    named = new_database()
+    st = open_store(Settings(clickhouse_url=f"{clickhouse_http}/{named}"))
+    try:
+        assert st.database == named
+        assert named in [r["name"] for r in st.query_rows("SELECT name FROM system.databases")]
+    finally:
+        st.command("DROP DATABASE IF EXISTS $db")
+        st.close()
+    with pytest.raises(ConfigError, match="different databases"):
+        open_store(Settings(clickhouse_url=f"{clickhouse_http}/{named}", database="other"))
+
+
+@pytest.mark.parametrize("name", ["tower\n", "tower\r\n", "to wer", "`tower`", ""])
+def test_identifiers_with_a_trailing_newline_or_other_characters_are_refused(name: str) -> None:
+    from pydantic import ValidationError
+
+    from tower_core.store.base import check_identifier
+
+    with pytest.raises(ValueError, match="not a safe identifier"):
+        check_identifier(name)
+    with pytest.raises(ValidationError):
+        Settings(database=name)

@@ -213,7 +213,7 @@ class Settings(BaseSettings):
     @field_validator("database")
     @classmethod
     def _database_is_identifier(cls, value: str) -> str:
-        if not _IDENT.match(value):
+        if not _IDENT.fullmatch(value):  # not match: ``$`` lets a final newline through (a Secret's value)
             raise ValueError(f"database name {value!r} must match {_IDENT.pattern}")
         return value
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from tower_core.errors import ConfigError
 from tower_core.settings import Settings
 from tower_core.store.base import Store
 from tower_core.store.migrate import migrate, schema_version
@@ -15,9 +16,17 @@ __all__ = ["Store", "migrate", "open_store", "schema_version", "table_counts"]
 
 def open_store(settings: Settings) -> Store:
     if settings.clickhouse_url:
-        from tower_core.store.server import ServerStore
+        from tower_core.store.server import ServerStore, parse_url
 
-        return ServerStore(settings.clickhouse_url, settings.database, settings.clickhouse_connect_timeout_s)
+        # the database: TOWER_DATABASE when set, else the one the URL names (…:8123/db), else the default
+        named = parse_url(settings.clickhouse_url)["database"]
+        explicit = "database" in settings.model_fields_set
+        if explicit and named and named != settings.database:
+            raise ConfigError(
+                f"TOWER_DATABASE ({settings.database}) and TOWER_CLICKHOUSE_URL (/{named}) name different databases"
+            )
+        database = settings.database if explicit or not named else named
+        return ServerStore(settings.clickhouse_url, database, settings.clickhouse_connect_timeout_s)
     from tower_core.store.embedded import EmbeddedStore
 
     return EmbeddedStore(settings.data_dir, settings.database)

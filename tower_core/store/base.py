@@ -21,14 +21,14 @@ _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 def check_identifier(name: str) -> str:
     """Identifiers cannot be bound as parameters, so they are whitelisted instead."""
-    if not _IDENT.match(name):
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):  # fullmatch: ``$`` would let a final newline in
         raise ValueError(f"not a safe identifier: {name!r}")
     return name
 
 
 def check_column(name: str) -> str:
     """Column names may carry one dot (Nested sub-columns such as ``Events.Name``)."""
-    if not _COLUMN.match(name):
+    if not isinstance(name, str) or not _COLUMN.fullmatch(name):
         raise ValueError(f"not a safe column name: {name!r}")
     return name
 
@@ -37,11 +37,15 @@ _INPUT = re.compile(r"\binput\(")
 _FORMAT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 
 
+_LITERAL = str.maketrans({"\\": "\\\\", "'": "\\'"})
+
+
 def file_source(path: str, fmt: str) -> str:
-    """``file('<path>', '<fmt>')``: a spooled batch as a table function (embedded backend)."""
-    if not _FORMAT_NAME.match(fmt) or "'" in path or "\\" in path:
-        raise ValueError("unsafe format or path")
-    return f"file('{path}', '{fmt}')"
+    """``file('<path>', '<fmt>')``: a spooled batch as a table function (embedded backend). The path is the
+    tower's own spool file, quoted as a string literal (a data dir may hold a quote or a backslash)."""
+    if not _FORMAT_NAME.fullmatch(fmt):
+        raise ValueError(f"unsafe format name {fmt!r}")
+    return f"file('{path.translate(_LITERAL)}', '{fmt}')"
 
 
 def input_from_file(sql: str, path: str, fmt: str) -> str:

@@ -149,7 +149,7 @@ class EmbeddedStore:
             return 0
         cols = ", ".join(f"`{check_column(c)}`" for c in data.column_names)
         settings = ""
-        if dedup_token is not None:
+        if dedup_token:  # as on the server backend: an empty token is no token
             settings = f" SETTINGS insert_deduplication_token='{check_identifier(dedup_token)}'"
         head = f"INSERT INTO $db.`{check_identifier(table)}` ({cols}) SELECT * FROM "  # noqa: S608 (checked names)
         sink = io.BytesIO()

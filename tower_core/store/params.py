@@ -56,9 +56,29 @@ def _is_composite(value: Any) -> bool:
     return isinstance(value, Mapping | list | tuple)
 
 
+def _plain(value: Any) -> Any:
+    """A composite's members as clickhouse-connect formats them the way this module does (it writes a nested
+    bool as ``True``, which ClickHouse cannot read as a number)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def format_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Values for clickhouse-connect: it escapes top-level scalars and formats composites itself."""
-    return {k: v if _is_composite(v) else format_param(v) for k, v in (params or {}).items()}
+    """Values for clickhouse-connect: it escapes top-level scalars (given as this module's text) and formats
+    composites itself (given with their members as this module would write them). Every value is checked here,
+    so a value that cannot be bound fails the same way on both backends, before the store is asked."""
+    out: dict[str, Any] = {}
+    for k, v in (params or {}).items():
+        text = format_param(v)
+        out[k] = _plain(v) if _is_composite(v) else text
+    return out
 
 
 _TOP_ESC = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"})

@@ -71,16 +71,18 @@ class ServerStore:
         return client
 
     def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        bound = format_params(params)  # a parameter that cannot be bound is the caller's bug, not the store's
         try:
-            self._client().command(qualify(sql, self.database), parameters=format_params(params))
+            self._client().command(qualify(sql, self.database), parameters=bound)
         except StoreError:
             raise
         except Exception as exc:
             raise StoreError(_short(exc)) from None
 
     def query_arrow(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+        bound = format_params(params)
         try:
-            return self._client().query_arrow(qualify(sql, self.database), parameters=format_params(params))
+            return self._client().query_arrow(qualify(sql, self.database), parameters=bound)
         except StoreError:
             raise
         except Exception as exc:
@@ -104,10 +106,9 @@ class ServerStore:
     def insert_select(self, sql: str, data: bytes, fmt: str, params: Mapping[str, Any] | None = None) -> None:
         if not fmt.isalnum():
             raise ValueError(f"unsafe format name {fmt!r}")
+        bound = format_params(params)
         try:
-            self._client().command(
-                qualify(sql, self.database) + f" FORMAT {fmt}", parameters=format_params(params), data=data
-            )
+            self._client().command(qualify(sql, self.database) + f" FORMAT {fmt}", parameters=bound, data=data)
         except StoreError:
             raise
         except Exception as exc:
