@@ -190,6 +190,8 @@ class Flusher:
                 try:
                     self._write(chunk, token, replayed or chunk.index in progress)
                 except Exception as exc:
+                    if not self.store.ping():
+                        raise  # a store that does not answer refuses everything: no record to blame, retried
                     progress[chunk.index] = False  # record-by-record writes follow
                     if not self._set_aside_refused(segment, chunk, token, exc):
                         raise  # nothing points at a record but at the store: retried as a whole
@@ -214,9 +216,7 @@ class Flusher:
     def _set_aside_refused(self, segment: Segment, chunk: Chunk, token: str, exc: Exception) -> bool:
         """A chunk the store refused, written record by record (each checked against what is stored, so nothing
         lands twice); the records to blame go to the dead-letter box (collector/dead_letter.py). False when the
-        failures point at the store instead."""
-        if not self.store.ping():
-            return False  # a store that does not answer refuses everything: no record to blame
+        failures point at the store instead (the store answered: the caller asked)."""
         self.metrics.flush_errors.inc()
         log.warning("chunk %s refused (%s); writing its records one by one", token, exc)
         outcomes: list[BaseException | None] = []
