@@ -47,7 +47,7 @@ def test_migrate_twice_then_status(tmp_path: Path) -> None:
 
 def test_unreachable_clickhouse_url(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
-    line = one_error_line(run(["status"], tmp_path, TOWER_CLICKHOUSE_URL=f"http://u:secret@127.0.0.1:{port}/db"))
+    line = one_error_line(run(["status"], tmp_path, TOWER_CLICKHOUSE_URL=f"http://u:secret@127.0.0.1:{port}/tower"))
     assert f"127.0.0.1:{port}" in line and "refused" in line
     assert "secret" not in line  # the password is never printed
 

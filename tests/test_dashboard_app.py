@@ -483,8 +483,9 @@ def test_intake_lists_skipped_source_records_and_requeues_dead_letters(
     erp = tower.estate.erp
     with erp.lock:
         good = next(iter(erp.entries.values()))
-        erp.entries.put(dataclasses.replace(good, entry_id="erp_malformed_1", amount_minor="12.50"))  # type: ignore[arg-type]
-    assert tower.run(full=False)["pulled"]["ledger_entries_skipped"] == 1
+        for n in (1, 2):
+            erp.entries.put(dataclasses.replace(good, entry_id=f"erp_malformed_{n}", amount_minor="12.50"))  # type: ignore[arg-type]
+    assert tower.run(full=False)["pulled"]["ledger_entries_skipped"] == 2
     sent = httpx.post(
         f"{tower.url}/v1/traces", content=UNSTORABLE_SPANS, headers={"Content-Type": "application/x-protobuf"}
     )
@@ -494,9 +495,10 @@ def test_intake_lists_skipped_source_records_and_requeues_dead_letters(
     )
 
     at = dash("intake")
-    assert metric(at, "Skipped source records (open)") == "1"
+    assert metric(at, "Skipped source records (open)") == "2"
     skipped = frame(at, "in_skipped")
-    assert list(skipped["record"]) == ["erp_malformed_1"] and "amount_minor" in skipped["reason"][0]
+    assert sorted(skipped["record"]) == ["erp_malformed_1", "erp_malformed_2"]
+    assert "amount_minor" in skipped["reason"][0]
     assert metric(at, "Ingest dead letters") == str(len(letters))
     name = letters[0]["name"]
     assert name in list(frame(at, "in_letters")["name"])
@@ -517,17 +519,27 @@ def test_intake_lists_skipped_source_records_and_requeues_dead_letters(
 
     at = dash("intake", role="viewer")
     assert metric(at, "Ingest dead letters") == "—" and not {"in_requeue", "in_dismiss"} & buttons(at)
-    assert list(frame(at, "in_skipped")["record"]) == ["erp_malformed_1"]
+    assert sorted(frame(at, "in_skipped")["record"]) == ["erp_malformed_1", "erp_malformed_2"]
 
-    # the record will never map (say it was deleted at the source): an operator dismisses it, with a note
+    # a record that will never map (say it was deleted at the source): an operator dismisses it, with a note
+    first, second = (f"sim-erp ledger_entries: erp_malformed_{n}" for n in (1, 2))
     at = dash("intake")
-    at.selectbox(key="in_skip").set_value("sim-erp ledger_entries: erp_malformed_1").run()
+    at.selectbox(key="in_skip").set_value(first).run()
     assert at.button(key="in_dismiss").disabled  # no note yet
-    at.text_input(key="in_skip_note").input("deleted in the ERP by its owner").run()
+    at.text_input(key="in_skip_note").input("a first thought").run()
     at.button(key="in_dismiss").click().run()
+    assert any(f"Dismiss {first}" in w.value for w in at.warning)
+    at.selectbox(key="in_skip").set_value(second).run()  # moved on: the question about the first is dropped
+    assert "confirm_skip" not in buttons(at)
+    at.selectbox(key="in_skip").set_value(first).run()
+    at.text_input(key="in_skip_note").input("deleted in the ERP by its owner")  # typed, then clicked at once
+    at.button(key="in_dismiss").click().run()
+    assert any("deleted in the ERP by its owner" in w.value for w in at.warning)  # the note that will be sent
     at.button(key="confirm_skip").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    assert any("dismissed" in s.value for s in at.success), [e.value for e in at.error]
-    assert metric(at, "Skipped source records (open)") == "0"
+    assert any(f"{first} dismissed" in s.value for s in at.success), [e.value for e in at.error]
+    assert metric(at, "Skipped source records (open)") == "1"
     audit = tower.call("GET", "/api/audit", params={"action": "source.dismiss"}).json()["items"]
-    assert [(a["actor"], a["note"]) for a in audit] == [("olga", "deleted in the ERP by its owner")]
+    assert [(a["actor"], a["object_id"], a["note"]) for a in audit] == [
+        ("olga", "sim-erp/ledger_entries/erp_malformed_1", "deleted in the ERP by its owner")
+    ]

@@ -264,17 +264,31 @@ def test_a_data_dir_path_with_a_quote_or_backslash_is_read_from(embedded_store: 
     assert embedded_store.query_rows(sql) == [{"s": 6}]
 
 
-def test_the_database_named_in_the_clickhouse_url_is_used(clickhouse_http: str) -> None:
+def test_a_clickhouse_url_naming_another_database_than_tower_database_is_refused(clickhouse_http: str) -> None:
+    """The URL's database was silently replaced by TOWER_DATABASE (default ``tower``); switching to it silently
+    would move an upgraded deployment to an empty database. Different names are a configuration error now."""
     named = new_database()
-    st = open_store(Settings(clickhouse_url=f"{clickhouse_http}/{named}"))
+    st = open_store(Settings(clickhouse_url=f"{clickhouse_http}/{named}", database=named))  # the same: fine
     try:
         assert st.database == named
-        assert named in [r["name"] for r in st.query_rows("SELECT name FROM system.databases")]
     finally:
         st.command("DROP DATABASE IF EXISTS $db")
         st.close()
-    with pytest.raises(ConfigError, match="different databases"):
-        open_store(Settings(clickhouse_url=f"{clickhouse_http}/{named}", database="other"))
+    for url, database in ((f"{clickhouse_http}/{named}", "tower"), (f"{clickhouse_http}/{named}", "other")):
+        with pytest.raises(ConfigError, match="set TOWER_DATABASE"):
+            open_store(Settings(clickhouse_url=url, database=database))
+    with pytest.raises(ConfigError, match="not a plain identifier"):
+        open_store(Settings(clickhouse_url=f"{clickhouse_http}/my-db"))
+
+
+@pytest.mark.parametrize("folder", ["tower-{prod}", "tower-{1..2}", "data*", "a?b", "x[1]", "costs$db"])
+def test_a_data_dir_that_file_would_read_as_a_pattern_is_refused(tmp_path: Path, folder: str) -> None:
+    """file() reads its path as a glob and statements carry $db: a data dir holding those characters made every
+    spooled write read nothing, silently (or fail for ever). It is refused when the store opens."""
+    from tower_core.store.embedded import EmbeddedStore
+
+    with pytest.raises(ConfigError, match="choose another TOWER_DATA_DIR"):
+        EmbeddedStore(tmp_path / folder, "db")
 
 
 @pytest.mark.parametrize("name", ["tower\n", "tower\r\n", "to wer", "`tower`", ""])

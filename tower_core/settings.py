@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     database: str = Field("tower", description="ClickHouse database holding the tower's tables.")
     clickhouse_url: str | None = Field(
         None,
-        description="ClickHouse server URL, e.g. http://user:pass@host:8123/db; unset = embedded chDB.",
+        description="ClickHouse server URL, e.g. http://user:pass@host:8123/tower; unset = embedded chDB.",
     )
     clickhouse_connect_timeout_s: float = Field(5.0, description="Connect timeout for the server backend.")
 

@@ -36,33 +36,35 @@ else:
 open_skips = {views.skip_label(s): s for s in skipped["items"] if not s.get("cleared")}
 if st.session_state.get("in_skip") not in ("", None, *open_skips):  # dismissed (or mapped) since it was chosen
     st.session_state["in_skip"] = ""
+result = st.session_state.get(session.RESULT)
+if result and result["where"] == "skip" and result["target"] not in open_skips:  # dismissed: gone from the list
+    if result["ok"]:
+        st.success(f"{result['target']} dismissed.")
+    else:
+        st.error(f"dismissal of {result['target']} refused (HTTP {result['status']}): {result['message']}")
 if operator and open_skips:
     with st.expander("Dismiss a record no pull will map (cancelled or deleted at its source)"):
         label = st.selectbox("Record", ["", *open_skips], format_func=lambda k: k or "—", key="in_skip")
         note = st.text_input("What happened to it at the source (required)", key="in_skip_note")
         if label:
-            chosen_skip = open_skips[label]
 
             def _ask_dismiss() -> None:
+                # read at click time: a note typed and clicked at once is the one that is sent (and shown)
+                chosen = st.session_state.get("in_skip") or ""
+                said = (st.session_state.get("in_skip_note") or "").strip()
+                record = open_skips.get(chosen)
+                if record is None or not said:
+                    return
                 session.ask(
                     "skip",
                     "dismiss",
-                    f"Dismiss {label}? It leaves the open list; the audit log keeps your note.",
-                    lambda: api.dismiss_skipped(
-                        chosen_skip["connector"], chosen_skip["stream"], chosen_skip["ref"], note.strip()
-                    ),
-                    label,
+                    f"Dismiss {chosen} with the note “{said}”? It leaves the open list; the audit log keeps the note.",
+                    lambda: api.dismiss_skipped(record["connector"], record["stream"], record["ref"], said),
+                    chosen,
                 )
 
             st.button("Dismiss…", key="in_dismiss", on_click=_ask_dismiss, disabled=not note.strip())
-result = st.session_state.get(session.RESULT)
-if result and result["where"] == "skip":
-    if result["ok"]:
-        st.success(f"{result['target']} dismissed.")
-    else:
-        st.error(f"dismissal of {result['target']} refused (HTTP {result['status']}): {result['message']}")
-if st.session_state.get(session.CONFIRM, {}).get("where") == "skip":
-    session.confirmation("skip", st.session_state[session.CONFIRM]["target"])
+            session.confirmation("skip", label)  # a question about another record is dropped
 
 st.subheader("Ingest dead letters")
 if not operator:

@@ -16,17 +16,23 @@ __all__ = ["Store", "migrate", "open_store", "schema_version", "table_counts"]
 
 def open_store(settings: Settings) -> Store:
     if settings.clickhouse_url:
+        from tower_core.store.base import check_identifier
         from tower_core.store.server import ServerStore, parse_url
 
-        # the database: TOWER_DATABASE when set, else the one the URL names (…:8123/db), else the default
+        # a database the URL names (…:8123/db) must be TOWER_DATABASE's: neither silently ignored (as it was)
+        # nor silently switched to on an upgrade (the history would stay in the other one)
         named = parse_url(settings.clickhouse_url)["database"]
-        explicit = "database" in settings.model_fields_set
-        if explicit and named and named != settings.database:
-            raise ConfigError(
-                f"TOWER_DATABASE ({settings.database}) and TOWER_CLICKHOUSE_URL (/{named}) name different databases"
-            )
-        database = settings.database if explicit or not named else named
-        return ServerStore(settings.clickhouse_url, database, settings.clickhouse_connect_timeout_s)
+        if named:
+            try:
+                check_identifier(named)
+            except ValueError:
+                raise ConfigError(f"TOWER_CLICKHOUSE_URL names database {named!r}, not a plain identifier") from None
+            if named != settings.database:
+                raise ConfigError(
+                    f"TOWER_CLICKHOUSE_URL names database {named!r} but TOWER_DATABASE is {settings.database!r}: "
+                    "set TOWER_DATABASE to the database the tower uses, and the URL's path to the same (or none)"
+                )
+        return ServerStore(settings.clickhouse_url, settings.database, settings.clickhouse_connect_timeout_s)
     from tower_core.store.embedded import EmbeddedStore
 
     return EmbeddedStore(settings.data_dir, settings.database)

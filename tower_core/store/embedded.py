@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import re
 import tempfile
 import threading
 import uuid
@@ -69,10 +70,20 @@ def _check_writable(path: Path) -> None:
         raise ConfigError(f"data dir {path} is not writable: {exc.strerror or exc}") from None
 
 
+# file() reads its path as a glob ({a,b}, {1..3}, *, ?, [..]) and the store writes $db into statements: a data
+# dir holding any of these would make spooled writes read nothing (silently) or the wrong path
+_UNSAFE_PATH = re.compile(r"[{}\[\]*?$]")
+
+
 def open_session(path: Path) -> Any:
     """The process's single chDB session, opened on first use."""
     global _session, _session_path
     path = path.resolve()
+    if _UNSAFE_PATH.search(str(path)):
+        raise ConfigError(
+            f"data dir {path} holds one of {{ }} [ ] * ? $, which ClickHouse's file() would read as a pattern; "
+            "choose another TOWER_DATA_DIR"
+        )
     with _lock:
         if _session is not None:
             if path != _session_path:
