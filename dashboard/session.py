@@ -4,7 +4,7 @@ through ``api_client`` and formatting through ``views``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import streamlit as st
@@ -149,6 +149,24 @@ def confirmation(where: str, target: str = "") -> None:
             st.success(f"{result['op']}: done", icon=":material/check_circle:")
         else:
             st.error(f"{result['op']} refused (HTTP {result['status']}): {result['message']}")
+
+
+def choice_among(key: str, options: Collection[str]) -> None:
+    """Before a chooser is drawn: a value that left its options (the action on it took it off the list) resets it."""
+    if st.session_state.get(key) not in ("", None, *options):
+        st.session_state[key] = ""
+
+
+def outcome_if_gone(where: str, listed: Collection[str], done: Callable[[dict[str, Any]], str], what: str) -> None:
+    """The outcome of the last confirmed action on an object that is no longer listed (the action removed it, so
+    ``confirmation`` for the object on screen cannot show it): ``done(result)`` on success."""
+    result = st.session_state.get(RESULT)
+    if not result or result["where"] != where or result["target"] in listed:
+        return
+    if result["ok"]:
+        st.success(done(result))
+    else:
+        st.error(f"{what} of {result['target']} refused (HTTP {result['status']}): {result['message']}")
 
 
 def clear_result() -> None:

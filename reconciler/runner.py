@@ -80,7 +80,7 @@ def _pull_stream(
         retry=retry_if_exception_type(TransientError),
         reraise=True,
     )
-    open_skips = skips.has_open_skips(store, connector_name, stream)
+    open_skips = skips.open_skip_count(store, connector_name, stream) > 0
     while True:
         page = retry(fetch, cursor, PAGE_SIZE)
         if page.items:

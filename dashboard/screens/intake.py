@@ -34,14 +34,8 @@ if skipped["items"]:
 else:
     st.info("No source record is skipped.")
 open_skips = {views.skip_label(s): s for s in skipped["items"] if not s.get("cleared")}
-if st.session_state.get("in_skip") not in ("", None, *open_skips):  # dismissed (or mapped) since it was chosen
-    st.session_state["in_skip"] = ""
-result = st.session_state.get(session.RESULT)
-if result and result["where"] == "skip" and result["target"] not in open_skips:  # dismissed: gone from the list
-    if result["ok"]:
-        st.success(f"{result['target']} dismissed.")
-    else:
-        st.error(f"dismissal of {result['target']} refused (HTTP {result['status']}): {result['message']}")
+session.choice_among("in_skip", open_skips)  # dismissed (or mapped) since it was chosen
+session.outcome_if_gone("skip", open_skips, lambda r: f"{r['target']} dismissed.", "dismissal")
 if operator and open_skips:
     with st.expander("Dismiss a record no pull will map (cancelled or deleted at its source)"):
         label = st.selectbox("Record", ["", *open_skips], format_func=lambda k: k or "—", key="in_skip")
@@ -75,15 +69,13 @@ else:
         "its cause is fixed (an upgrade, a schema change); one the store still refuses is set aside again."
     )
     names = [d["name"] for d in letters["items"]]
-    if st.session_state.get("in_letter") not in ("", None, *names):  # requeued (or gone) since it was chosen
-        st.session_state["in_letter"] = ""
-    result = st.session_state.get(session.RESULT)
-    if result and result["where"] == "dead_letter" and result["target"] not in names:
-        if result["ok"]:
-            rows = result["doc"].get("rows", "")
-            st.success(f"{result['target']} is back in the write-ahead buffer ({rows} rows).")
-        else:
-            st.error(f"requeue of {result['target']} refused (HTTP {result['status']}): {result['message']}")
+    session.choice_among("in_letter", names)  # requeued (or gone) since it was chosen
+    session.outcome_if_gone(
+        "dead_letter",
+        names,
+        lambda r: f"{r['target']} is back in the write-ahead buffer ({r['doc'].get('rows', '')} rows).",
+        "requeue",
+    )
     if names:
         st.dataframe(views.dead_letter_rows(letters["items"]), key="in_letters", hide_index=True, width="stretch")
         chosen = st.selectbox("Dead letter", ["", *names], format_func=lambda n: n or "—", key="in_letter")

@@ -56,9 +56,13 @@ def _is_composite(value: Any) -> bool:
     return isinstance(value, Mapping | list | tuple)
 
 
+_LEAVES = (type(None), bool, int, float, str, bytes, dt.datetime, dt.date)
+
+
 def _plain(value: Any) -> Any:
     """A composite's members as clickhouse-connect formats them the way this module does (it writes a nested
-    bool as ``True``, which ClickHouse cannot read as a number)."""
+    bool as ``True``, which ClickHouse cannot read as a number); a member neither can bind is a TypeError here,
+    as in ``format_param``."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, Mapping):
@@ -67,18 +71,16 @@ def _plain(value: Any) -> Any:
         return tuple(_plain(v) for v in value)
     if isinstance(value, list):
         return [_plain(v) for v in value]
+    if not isinstance(value, _LEAVES):
+        raise TypeError(f"cannot bind a {type(value).__name__} as a ClickHouse parameter")
     return value
 
 
 def format_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     """Values for clickhouse-connect: it escapes top-level scalars (given as this module's text) and formats
-    composites itself (given with their members as this module would write them). Every value is checked here,
-    so a value that cannot be bound fails the same way on both backends, before the store is asked."""
-    out: dict[str, Any] = {}
-    for k, v in (params or {}).items():
-        text = format_param(v)
-        out[k] = _plain(v) if _is_composite(v) else text
-    return out
+    composites itself (given with their members as this module would write them). A value that cannot be bound
+    fails here, the same way on both backends, before the store is asked."""
+    return {k: _plain(v) if _is_composite(v) else format_param(v) for k, v in (params or {}).items()}
 
 
 _TOP_ESC = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"})

@@ -70,18 +70,15 @@ def list_skips(store: Store, *, include_cleared: bool = False, limit: int = 500)
     )
 
 
-def open_skip_count(store: Store) -> int:
-    rows = store.query_rows("SELECT count() AS n FROM $db.source_skips FINAL WHERE Cleared = 0")
-    return int(rows[0]["n"]) if rows else 0
-
-
-def has_open_skips(store: Store, connector: str, stream: str) -> bool:
+def open_skip_count(store: Store, connector: str = "", stream: str = "") -> int:
+    """Open skips, of one connector's stream when given."""
     rows = store.query_rows(
-        "SELECT count() AS n FROM $db.source_skips FINAL "
-        "WHERE Connector = {connector:String} AND Stream = {stream:String} AND Cleared = 0",
+        "SELECT count() AS n FROM $db.source_skips FINAL WHERE Cleared = 0 "
+        "AND ({connector:String} = '' OR Connector = {connector:String}) "
+        "AND ({stream:String} = '' OR Stream = {stream:String})",
         {"connector": connector, "stream": stream},
     )
-    return bool(rows and rows[0]["n"])
+    return int(rows[0]["n"]) if rows else 0
 
 
 def open_skip(store: Store, connector: str, stream: str, ref: str) -> dict[str, Any] | None:
