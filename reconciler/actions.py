@@ -32,6 +32,7 @@ from connectors.base import ActionOutcome, BusinessRuleError, ErpConnector, Tran
 from reconciler import classify as c
 from reconciler import policy
 from reconciler.breaker import Breaker
+from tower_core.errors import StoreError
 from tower_core.models import LedgerEntry
 from tower_core.store import Store
 from tower_core.store import reconcile as q
@@ -386,8 +387,8 @@ class ActionService:
             except BusinessRuleError:
                 self.breakers.success(system)  # the system answered: it is up
                 raise
-            except ActionError:
-                self.breakers.release(system)  # decided here, not by the system
+            except (ActionError, StoreError):
+                self.breakers.release(system)  # decided here, or the tower's own store failed: not the system
                 raise
             except Exception as exc:  # an unexpected answer or a bug: a failed attempt, never a stuck action
                 self.breakers.failure(system)
@@ -423,6 +424,11 @@ class ActionService:
             )
         except ActionError as exc:
             return self._fail(row, before, attempts_here, str(exc), "cannot be performed")
+        except StoreError as exc:
+            # the tower's store failed around the call (a read before it, the check after): nothing says whether
+            # the target was written, so the action waits and its next attempt looks at the target first
+            row["Attempts"] = int(row["Attempts"]) + attempts_here
+            return self._defer(row, f"store: {exc}", self.retry.initial_s, before)
         except UnexpectedError as exc:
             log.exception("action %s failed unexpectedly", row["ActionId"])
             return self._fail(

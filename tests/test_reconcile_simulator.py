@@ -23,6 +23,7 @@ from reconciler.jobs import STALE_IN_PROGRESS_S, _actions_job
 from reconciler.policy import RetryPolicy
 from reconciler.runner import WATERMARK_OVERLAP, Reconciler
 from reconciler.service import ReconcilerService
+from tower_core.errors import StoreError
 from tower_core.models import CdpProfile, Customer
 from tower_core.settings import Settings
 from tower_core.store import Store, migrate
@@ -388,6 +389,43 @@ def test_an_unexpected_erp_error_fails_the_action_instead_of_leaving_it_in_progr
     assert svc.actions.breakers.snapshot()["erp"]["failures"] == 1  # the attempt ended: counted, not stuck
     replay = svc.actions.replay(action["action_id"], "bob")
     assert replay["state"] == "succeeded" and len(invoice_postings(estate, invoice_id)) == 1
+
+
+class StoreFailingOnce:
+    """The real chDB store failing the first query that contains ``fragment`` (a test wrapper, named as such: chDB
+    cannot be made to drop one query on cue)."""
+
+    def __init__(self, store: Store, fragment: str) -> None:
+        self._store, self.fragment, self.failed = store, fragment, False
+
+    def query_rows(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed and self.fragment in sql:
+            self.failed = True
+            raise StoreError("Code: 210. DB::NetException: Connection refused")
+        return self._store.query_rows(sql, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_store_error_around_the_erp_call_defers_the_action_without_blaming_the_erp(
+    store: Store, tmp_path: Path
+) -> None:
+    """The tower's own store failing the read before the write is not the ERP's fault: the breaker counts
+    nothing, the action is not failed for good, and its next attempt writes once."""
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=18)
+    flaky = StoreFailingOnce(store, "FROM $db.billing_invoices FINAL WHERE InvoiceId")
+    svc.actions.store = flaky  # type: ignore[assignment]
+    action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
+    assert flaky.failed and action["state"] == "pending" and not action["dead_letter"]
+    assert action["last_error"].startswith("store: ") and not invoice_postings(estate, invoice_id)
+    assert svc.actions.breakers.snapshot()["erp"]["failures"] == 0
+    deadline = time.monotonic() + 10
+    while svc.actions.get(action["action_id"])["state"] != "succeeded" and time.monotonic() < deadline:
+        svc.actions.process_due()
+        time.sleep(0.1)
+    assert svc.actions.get(action["action_id"])["state"] == "succeeded"
+    assert len(invoice_postings(estate, invoice_id)) == 1
 
 
 def test_a_cancelled_credit_memo_or_payment_application_is_not_taken_for_done(store: Store, tmp_path: Path) -> None:
