@@ -106,6 +106,29 @@ def unprotected(c: TestClient, viewer_token: str) -> list[tuple[str, str, str]]:
     return found
 
 
+def unguarded_reads(c: TestClient) -> list[tuple[str, str]]:
+    """Reads under /api/ that answer anything but 401 without a token or with a bad one (README: every /api/
+    read needs a viewer token): business keys, amounts and the server's paths are not for anonymous callers."""
+    found = []
+    for path, r in walk(c.app.routes):
+        if not path.startswith("/api/") or "GET" not in r.methods:
+            continue
+        for who, headers in (("anonymous", {}), ("bad token", auth("twr_not-a-token"))):
+            got = c.get(concrete(path), headers=headers).status_code
+            if got != 401:
+                found.append((path, f"{who}: {got}"))
+    return found
+
+
+def test_every_api_read_needs_a_token(api: dict[str, Any]) -> None:
+    c = api["c"]
+    reads = [p for p, r in walk(c.app.routes) if p.startswith("/api/") and "GET" in r.methods]
+    assert {"/api/drift", "/api/sla/definitions", "/api/sla/breaches", "/api/transactions"} <= set(reads)
+    unguarded = unguarded_reads(c)
+    assert unguarded == [], "\n".join(map(str, unguarded))
+    assert c.get("/api/sla/definitions", headers=auth(api["viewer"])).status_code == 200
+
+
 def run(c: TestClient, token: str) -> dict[str, Any]:
     started = c.post("/api/runs", json={"full": True}, headers=auth(token))
     assert started.status_code == 202, started.text

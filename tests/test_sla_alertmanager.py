@@ -173,12 +173,16 @@ def test_eu_invoice_delay_fires_one_alert_group_and_resolves(tmp_path: Path, ale
         assert set(ours["alerts"][0]) == set(note["alerts"][0])
 
         # the API and /metrics tell the same story
-        firing = httpx.get(f"{srv.url}/api/sla/breaches", params={"status": "firing"}).json()["breaches"]
+        firing = httpx.get(f"{srv.url}/api/sla/breaches", headers=srv.auth, params={"status": "firing"}).json()[
+            "breaches"
+        ]
         assert {(b_["region"], b_["severity"]) for b_ in firing} == {("EU", "page"), ("EU", "ticket")}
         page = next(b_ for b_ in firing if b_["severity"] == "page")
         assert page["value"] == pytest.approx(100.0)  # every EU item decided in the last hour was late
         stuck = httpx.get(
-            f"{srv.url}/api/sla/stuck", params={"sla": "invoice_posted", "region": "EU", "at": iso(t1)}
+            f"{srv.url}/api/sla/stuck",
+            headers=srv.auth,
+            params={"sla": "invoice_posted", "region": "EU", "at": iso(t1)},
         ).json()["items"]
         # started 4h22..4h44 (every 2 minutes), past 15 minutes and not posted by 5h00 (4h20's posting starts at 5h00)
         assert len(stuck) == 12
@@ -207,10 +211,14 @@ def test_eu_invoice_delay_fires_one_alert_group_and_resolves(tmp_path: Path, ale
         notes = alertmanager.receiver.wait(2)
         assert [n["status"] for n in notes] == ["firing", "resolved"]
         assert notes[1]["groupLabels"] == EU_GROUP
-        past = httpx.get(f"{srv.url}/api/sla/breaches", params={"status": "resolved", "region": "EU"}).json()
+        past = httpx.get(
+            f"{srv.url}/api/sla/breaches", headers=srv.auth, params={"status": "resolved", "region": "EU"}
+        ).json()
         assert past["firing"] == 0 and len(past["breaches"]) == 2
         assert all(b_["ends_at"].startswith(iso(t2)[:19]) for b_ in past["breaches"])
-        assert httpx.get(f"{srv.url}/api/sla/breaches", params={"region": "NA"}).json()["breaches"] == []
+        assert (
+            httpx.get(f"{srv.url}/api/sla/breaches", headers=srv.auth, params={"region": "NA"}).json()["breaches"] == []
+        )
 
 
 def test_clean_estate_fires_nothing(tmp_path: Path, alertmanager: Alertmanager) -> None:
@@ -233,8 +241,8 @@ def test_clean_estate_fires_nothing(tmp_path: Path, alertmanager: Alertmanager) 
         time.sleep(2.5)  # > Alertmanager's group_wait
         assert alertmanager.groups() == []
         assert alertmanager.receiver.messages == [] and hook.messages == []
-        assert httpx.get(f"{srv.url}/api/sla/breaches").json()["breaches"] == []
-        compliance = httpx.get(f"{srv.url}/api/sla/compliance").json()["objectives"]
+        assert httpx.get(f"{srv.url}/api/sla/breaches", headers=srv.auth).json()["breaches"] == []
+        compliance = httpx.get(f"{srv.url}/api/sla/compliance", headers=srv.auth).json()["objectives"]
         assert {(c["region"], c["compliance"], c["stuck"]) for c in compliance} == {
             ("NA", 1.0, 0),
             ("EU", 1.0, 0),

@@ -39,7 +39,7 @@ def auth(token: str) -> dict[str, str]:
 
 def test_definitions_and_empty_state(client: tuple[TestClient, Store]) -> None:
     c, _ = client
-    defs = c.get("/api/sla/definitions").json()
+    defs = c.get("/api/sla/definitions", headers=auth(ADMIN)).json()
     assert [o["name"] for o in defs["objectives"]] == [
         "customer_synced",
         "invoice_posted",
@@ -47,9 +47,12 @@ def test_definitions_and_empty_state(client: tuple[TestClient, Store]) -> None:
         "refund_posted",
     ]
     assert defs["burn_rate_windows"][0] == {"severity": "page", "long": "1h", "short": "5m", "burn_rate": 14.4}
-    assert c.get("/api/sla/breaches").json() == {"breaches": [], "firing": 0}
-    assert c.get("/api/sla/compliance").json()["objectives"] == []
-    assert c.get("/api/sla/stuck", params={"sla": "invoice_posted"}).json() == {"sla": "invoice_posted", "items": []}
+    assert c.get("/api/sla/breaches", headers=auth(ADMIN)).json() == {"breaches": [], "firing": 0}
+    assert c.get("/api/sla/compliance", headers=auth(ADMIN)).json()["objectives"] == []
+    assert c.get("/api/sla/stuck", params={"sla": "invoice_posted"}, headers=auth(ADMIN)).json() == {
+        "sla": "invoice_posted",
+        "items": [],
+    }
 
 
 def test_evaluate_needs_an_operator_and_is_audited(client: tuple[TestClient, Store]) -> None:
@@ -77,13 +80,18 @@ def test_evaluate_needs_an_operator_and_is_audited(client: tuple[TestClient, Sto
     assert [(r_["Actor"], r_["Action"], r_["ObjectType"]) for r_ in rows] == [("otto", "sla.evaluate", "sla")]
     assert '"firing":4' in rows[0]["After"]
     # reads reflect the recorded evaluation
-    comp = c.get("/api/sla/compliance", params={"region": "EU", "sla": "invoice_posted"}).json()
+    comp = c.get("/api/sla/compliance", params={"region": "EU", "sla": "invoice_posted"}, headers=auth(ADMIN)).json()
     (eu,) = comp["objectives"]
     assert (eu["region"], eu["stuck"], eu["decided"], eu["bad"]) == ("EU", 3, 6, 4)
     assert sorted(eu["firing"]) == ["page", "ticket"]
-    assert c.get("/api/sla/breaches", params={"status": "firing", "region": "EU"}).json()["firing"] == 2
-    assert c.get("/api/sla/breaches", params={"status": "resolved"}).json()["breaches"] == []
-    stuck = c.get("/api/sla/stuck", params={"sla": "invoice_posted", "at": at["now"]}).json()["items"]
+    assert (
+        c.get("/api/sla/breaches", params={"status": "firing", "region": "EU"}, headers=auth(ADMIN)).json()["firing"]
+        == 2
+    )
+    assert c.get("/api/sla/breaches", params={"status": "resolved"}, headers=auth(ADMIN)).json()["breaches"] == []
+    stuck = c.get("/api/sla/stuck", params={"sla": "invoice_posted", "at": at["now"]}, headers=auth(ADMIN)).json()[
+        "items"
+    ]
     assert [i["key"] for i in stuck] == ["in_f", "in_i2", "in_c"]
 
 

@@ -62,7 +62,7 @@ def test_webhook_fire_repeat_restart_resolve_without_duplicates(tmp_path: Path) 
             for at in (t2 + MIN, t2 + 10 * MIN):
                 doc = evaluate(srv.url, TOKEN, at)
                 assert doc["firing"] == [] and doc["delivery"]["webhook"]["sent"] == []
-            history = httpx.get(f"{srv.url}/api/sla/breaches").json()["breaches"]
+            history = httpx.get(f"{srv.url}/api/sla/breaches", headers=srv.auth).json()["breaches"]
             assert sorted((h["severity"], h["status"]) for h in history) == [
                 ("page", "resolved"),
                 ("ticket", "resolved"),

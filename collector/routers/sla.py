@@ -29,15 +29,18 @@ def get_sla(request: Request) -> SlaService:
 
 
 SlaDep = Annotated[SlaService, Depends(get_sla)]
+Viewer = Annotated[Principal, Depends(require("viewer"))]
 
 
 @router.get("/definitions", summary="The SLA definitions in force")
-def definitions(service: SlaDep) -> dict[str, Any]:
+def definitions(service: SlaDep, viewer: Viewer) -> dict[str, Any]:
     return service.definitions.to_json()
 
 
 @router.get("/compliance", summary="Compliance, burn rates, latency percentiles and stuck items per region/step")
-async def compliance(service: SlaDep, name: SlaName = None, step: Name = None, region: Name = None) -> dict[str, Any]:
+async def compliance(
+    service: SlaDep, viewer: Viewer, name: SlaName = None, step: Name = None, region: Name = None
+) -> dict[str, Any]:
     result = await run_in_threadpool(service.compliance)
     rows = [
         s.to_json()
@@ -60,6 +63,7 @@ async def compliance(service: SlaDep, name: SlaName = None, step: Name = None, r
 @router.get("/breaches", summary="Current (firing) and past (resolved) breaches, newest first")
 async def breaches(
     store: Annotated[Store, Depends(get_store)],
+    viewer: Viewer,
     status: Literal["firing", "resolved", "all"] = "all",
     name: SlaName = None,
     step: Name = None,
@@ -84,6 +88,7 @@ async def breaches(
 @router.get("/stuck", summary="Items of an objective in flight past their threshold, oldest first")
 async def stuck(
     service: SlaDep,
+    viewer: Viewer,
     name: Annotated[str, Query(alias="sla", min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")],
     region: Name = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
