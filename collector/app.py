@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exception_handlers import request_validation_exception_handler
@@ -47,6 +49,18 @@ from tower_core.settings import Settings
 from tower_core.store import Store
 
 log = logging.getLogger("tower.api")
+
+
+def _finite(value: Any) -> Any:
+    """A validation error's values with NaN and infinities as text: Python's JSON reader accepts them in a body,
+    the JSON answer that echoes the rejected input cannot hold them (it was a 500 instead of the 422)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def create_app(settings: Settings, store: Store) -> FastAPI:
@@ -93,7 +107,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
                 require(role)(principal)
             except HTTPException as refused:
                 return JSONResponse({"detail": refused.detail}, refused.status_code, refused.headers)
-        return await request_validation_exception_handler(request, exc)
+        return await request_validation_exception_handler(request, RequestValidationError(_finite(exc.errors())))
 
     @app.exception_handler(StoreError)
     async def store_unavailable(request: Request, exc: StoreError) -> JSONResponse:

@@ -200,3 +200,21 @@ def test_times_and_numbers_the_store_cannot_hold_are_422(
     r = httpx.request(method, f"{secured['url']}{path}", json=body, headers=bearer(ADMIN))
     assert r.status_code == 422, r.text
     assert httpx.get(f"{secured['url']}/api/runs", headers=bearer(ADMIN)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/drift/x0/acknowledge", b'{"note": NaN}'),
+        ("/api/runs", b'{"as_of": Infinity}'),
+        ("/api/sla/evaluate", b'{"now": NaN}'),
+        ("/api/drift/bulk", b'{"action": "acknowledge", "expected_count": 1e400, "note": "n", "filter": {}}'),
+        ("/api/tokens", b'{"name": NaN, "role": "viewer"}'),
+        ("/api/sources/skipped/dismiss", b'{"stream": "invoices", "ref": -Infinity, "note": "n"}'),
+    ],
+)
+def test_non_finite_numbers_in_a_body_are_a_422_not_a_500(secured: dict[str, Any], path: str, body: bytes) -> None:
+    """Python's JSON reader takes NaN and Infinity; the 422 that echoes them back could not be written as JSON."""
+    r = httpx.post(f"{secured['url']}{path}", content=body, headers={**JS, **bearer(ADMIN)})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] and any(isinstance(e.get("input"), str) for e in r.json()["detail"])
