@@ -114,10 +114,16 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _cancelled(action: dict[str, Any]) -> bool:
+    """Ended without a write because its drift item was resolved or ignored before it ran (not a fault)."""
+    return action["State"] == FAILED and action["Result"].startswith('{"cancelled"')
+
+
 def _redetected(action: dict[str, Any], item: dict[str, Any]) -> bool:
-    """A succeeded action whose drift a run found again after it: the target is to be checked and written anew
-    (an automatic correction stands otherwise: a failed one waits for a person's replay)."""
-    return action["State"] == SUCCEEDED and c.aware(item["UpdatedAt"]) > c.aware(action["UpdatedAt"])
+    """A succeeded (or cancelled) action whose drift a run found again after it: the target is to be checked and
+    written anew (an automatic correction stands otherwise: a failed one waits for a person's replay)."""
+    done = action["State"] == SUCCEEDED or _cancelled(action)
+    return done and c.aware(item["UpdatedAt"]) > c.aware(action["UpdatedAt"])
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -167,6 +173,18 @@ class ActionService:
         self.auto_enabled = auto_enabled
         self._locks_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+
+    def _moot(self, row: dict[str, Any]) -> str:
+        """Why a queued correction must not write any more: its drift item was resolved (billing voided the
+        invoice, someone posted it by hand) or ignored since it was requested. Empty if it still applies."""
+        if not row["DriftId"]:
+            return ""
+        item = q.get_drift(self.store, row["DriftId"])
+        if item is None:
+            return f"drift item {row['DriftId']} no longer exists"
+        if item["State"] in (c.RESOLVED, c.IGNORED):
+            return f"drift item {row['DriftId']} was {item['State']} before the action ran"
+        return ""
 
     # --- locking
     def _lock(self, key: str) -> threading.Lock:
@@ -227,8 +245,8 @@ class ActionService:
             raise ActionError(
                 422, f"{cls} has no corrective operation; work it in the queue (acknowledge or ignore once fixed)"
             )
-        if item["State"] == c.RESOLVED:
-            raise ActionError(409, f"drift item {drift_id} is resolved; nothing to correct")
+        if item["State"] in (c.RESOLVED, c.IGNORED):
+            raise ActionError(409, f"drift item {drift_id} is {item['State']}; nothing to correct")
         why = policy.NOT_CORRECTED.get((cls, item["ReasonCode"]))
         if why:
             raise ActionError(422, f"{cls} ({item['ReasonCode']}) is not corrected by the tower: {why}")
@@ -358,6 +376,14 @@ class ActionService:
             return _public(row)
         if not row["ApprovedBy"]:
             return _public(row)  # waits for a person's approval
+        moot = self._moot(row)
+        if moot:
+            before = dict(row)
+            row["State"], row["DeadLetter"] = FAILED, 0
+            row["LastError"] = f"cancelled: {moot}; nothing written"
+            row["Result"] = json.dumps({"cancelled": moot})
+            self._save(row, "reconciler", "action.cancel", before, moot)
+            return _public(row)
         system = row["TargetSystem"]
         if self.erp is None:
             return self._defer(row, "no ERP connector is configured", 60.0)
@@ -406,7 +432,13 @@ class ActionService:
         try:
             outcome = retrying(attempt)
         except BreakerOpen:
+            # the attempts made before the breaker opened failed transiently: they count against the budget
             row["Attempts"] = int(row["Attempts"]) + attempts_here
+            if attempts_here and policy.after_transient_failure(int(row["Attempts"]), self.retry) == "dead_letter":
+                row["State"], row["DeadLetter"] = FAILED, 1
+                row["LastError"] = f"transient: {system} kept failing; its circuit breaker opened"
+                self._save(row, "reconciler", "action.fail", before, "retries exhausted")
+                return _public(row)
             return self._defer(row, f"circuit breaker for {system} opened", self.breakers.retry_in(system), before)
         except TransientError as exc:
             row["Attempts"] = int(row["Attempts"]) + attempts_here
@@ -441,7 +473,18 @@ class ActionService:
             {"target_ref": outcome.target_ref, "already_done": outcome.already_done, "detail": outcome.detail}
         )
         self._save(row, "reconciler", "action.succeed", before, outcome.detail)
+        self._settle_dead_letters(row)
         return _public(row)
+
+    def _settle_dead_letters(self, done: dict[str, Any]) -> None:
+        """Failures of the same correction (its original, earlier replays, an earlier request) leave the
+        dead-letter list once it succeeded: replaying one of them would only run the correction again."""
+        base = done["IdempotencyKey"].split(_REPLAY, 1)[0]
+        for other in q.actions_by_key(self.store, base):
+            if other["ActionId"] != done["ActionId"] and other["State"] == FAILED and other["DeadLetter"]:
+                before = dict(other)
+                other["DeadLetter"] = 0
+                self._save(other, "reconciler", "action.settled", before, f"superseded by {done['ActionId']}")
 
     def _fail(
         self, row: dict[str, Any], before: dict[str, Any], attempts: int, error: str, note: str

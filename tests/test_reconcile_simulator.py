@@ -766,3 +766,76 @@ def test_an_incremental_run_follows_a_profile_re_pointed_to_another_customer(sto
     run = rec.run(as_of=as_of, pull_sources=False)
     assert run.mode == "incremental" and run.resolved == 1
     assert open_keys(store, c.CUSTOMER_UNSYNCED) == []
+
+
+def test_a_queued_correction_of_an_item_ignored_meanwhile_is_cancelled_and_ignored_items_are_refused(
+    store: Store, tmp_path: Path
+) -> None:
+    """An operator's "ignore: must not be booked" wins over an action waiting behind the breaker; nothing is
+    written, the cancellation is not a dead letter, and a new sync of an ignored item is a 409."""
+    estate = missing_estate(seed=19, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path, reconcile_breaker_failures=1, reconcile_breaker_reset_s=0.3)
+    svc.run(full=True, as_of=estate.config.as_of)
+    a_inv, b_inv = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[:2]
+    estate.erp.begin_outage()
+    queued = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, a_inv), "alice")
+    assert queued["state"] == "pending"
+    svc.transition(c.drift_id(c.MISSING_IN_ERP, a_inv), c.IGNORED, "test invoice: must not be booked", "alice")
+    estate.erp.end_outage()
+    time.sleep(0.5)
+    svc.actions.process_due()
+    done = svc.actions.get(queued["action_id"])
+    assert done["state"] == "failed" and not done["dead_letter"] and done["last_error"].startswith("cancelled: ")
+    assert not invoice_postings(estate, a_inv)
+    svc.transition(c.drift_id(c.MISSING_IN_ERP, b_inv), c.IGNORED, "voided by finance", "alice")
+    with pytest.raises(ActionError) as refused:
+        svc.actions.request(c.drift_id(c.MISSING_IN_ERP, b_inv), "bob")
+    assert refused.value.status == 409 and not invoice_postings(estate, b_inv)
+
+
+def test_the_retry_budget_holds_while_the_breaker_keeps_opening(store: Store, tmp_path: Path) -> None:
+    """During a long outage every half-open trial failed and deferred the action again: it never reached the
+    dead-letter list however many attempts it made."""
+    estate = missing_estate(seed=19, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(
+        store,
+        estate,
+        tmp_path,
+        reconcile_action_max_attempts=3,
+        reconcile_action_attempts=2,
+        reconcile_breaker_failures=2,
+        reconcile_breaker_reset_s=0.1,
+    )
+    svc.run(full=True, as_of=estate.config.as_of)
+    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    estate.erp.begin_outage()
+    action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
+    for _ in range(15):
+        time.sleep(0.15)
+        svc.actions.process_due()
+    row = svc.actions.get(action["action_id"])
+    assert row["state"] == "failed" and row["dead_letter"] and 3 <= row["attempts"] <= 4
+
+
+def test_a_success_settles_the_dead_letters_of_its_correction_and_auto_correct_resumes_after_a_replay(
+    store: Store, tmp_path: Path
+) -> None:
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=16)
+    drift = c.drift_id(c.MISSING_IN_ERP, invoice_id)
+    svc.actions.erp = OddErp(estate.erp)  # type: ignore[assignment]
+    svc.actions.auto_enabled = True
+    first = svc.actions.request(drift, "reconciler", automatic=True)  # the path a run's auto-correct takes
+    assert first["state"] == "failed" and first["dead_letter"]
+    replay = svc.actions.replay(first["action_id"], "bob")
+    assert replay["state"] == "succeeded" and len(invoice_postings(estate, invoice_id)) == 1
+    assert [a["action_id"] for a in q.list_actions(store, dead_letter=True, limit=100)[0]] == []
+    svc.run(full=True, as_of=estate.config.as_of)
+    assert (c.MISSING_IN_ERP, invoice_id) not in open_items(store)
+    # finance cancels the posting; a run finds the drift again and the automatic correction runs again
+    for e in invoice_postings(estate, invoice_id):
+        estate.erp.cancel_entry(e.entry_id, "booked in the wrong period")
+    assert not [e for e in invoice_postings(estate, invoice_id) if e.live]
+    svc.run(full=True, as_of=estate.config.as_of)
+    assert len([e for e in invoice_postings(estate, invoice_id) if e.live]) == 1
+    latest = q.list_actions(store, drift_id=drift, limit=10)[0][0]
+    assert latest["ActionId"] not in (first["action_id"], replay["action_id"]) and latest["State"] == "succeeded"

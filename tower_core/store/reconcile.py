@@ -1635,9 +1635,11 @@ def get_action(store: Store, action_id: str) -> dict[str, Any] | None:
 
 
 def actions_by_key(store: Store, idempotency_key: str) -> list[dict[str, Any]]:
+    """The actions of one idempotency key and their replays, oldest first."""
     return store.query_rows(
         _compose(
-            "SELECT /*cols*/ FROM $db.actions FINAL WHERE IdempotencyKey = {k:String} ORDER BY CreatedAt",
+            "SELECT /*cols*/ FROM $db.actions FINAL WHERE IdempotencyKey = {k:String} "
+            "OR startsWith(IdempotencyKey, concat({k:String}, ':replay:')) ORDER BY CreatedAt",
             cols=_ACTION_COLS,
         ),
         {"k": idempotency_key},
