@@ -165,9 +165,14 @@ class ActionService:
         retry: policy.RetryPolicy | None = None,
         breakers: Breakers | None = None,
         auto_enabled: bool = False,
+        executes: bool = True,
     ) -> None:
         self.store = store
         self.erp = erp
+        # Only the process that runs the actions job writes to the ERP: two processes (the API and `tower
+        # reconciler` on one ClickHouse server) share no locks, and an ERP's look-up-then-create is not atomic,
+        # so both could find the target empty and post twice. Elsewhere an approved action is queued (due now).
+        self.executes = executes
         self.retry = retry or policy.RetryPolicy()
         self.breakers = breakers or Breakers(5, 30.0)
         self.auto_enabled = auto_enabled
@@ -376,6 +381,8 @@ class ActionService:
             return _public(row)
         if not row["ApprovedBy"]:
             return _public(row)  # waits for a person's approval
+        if not self.executes:
+            return _public(row)  # queued: the actions job of the process that runs the jobs executes it
         moot = self._moot(row)
         if moot:
             before = dict(row)

@@ -117,6 +117,9 @@ def run_reconciler(settings: Settings, stop: threading.Event | None = None) -> i
     from reconciler.service import ReconcilerService
     from tower_core.store import migrate, open_store
 
+    # the jobs are this process's reason to be: TOWER_RECONCILE_SCHEDULER=false, set for the API beside it (and
+    # often shared with it), must not turn them off here
+    settings = settings.model_copy(update={"reconcile_scheduler": True})
     store = open_store(settings)
     migrate(store)
     service = ReconcilerService(settings, store)

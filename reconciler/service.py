@@ -64,6 +64,8 @@ class ReconcilerService:
             ),
             breakers=Breakers(settings.reconcile_breaker_failures, settings.reconcile_breaker_reset_s),
             auto_enabled=settings.reconcile_auto_correct,
+            # on the embedded store no other process can open the data: this one is the only executor
+            executes=settings.reconcile_scheduler or not settings.clickhouse_url,
         )
         self.set_connectors(self.connectors)
 
@@ -103,7 +105,7 @@ class ReconcilerService:
                 "Error": "interrupted (the process stopped during the run)",
             }
             q.write_run(self.store, run_record)
-        if self.actions.erp is not None:
+        if self.actions.erp is not None and self.actions.executes:  # another process's actions are its own
             try:
                 self.actions.recover()
             except Exception:

@@ -294,3 +294,29 @@ def test_tower_reconciler_needs_a_clickhouse_server(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "TOWER_CLICKHOUSE_URL" in proc.stderr
     proc = tower(["reconcile"], tmp_path, TOWER_API_URL=f"http://127.0.0.1:{free_port()}", TOWER_API_TOKEN="x")
     assert proc.returncode == 2 and "cannot reach the API" in proc.stderr
+
+
+def test_tower_reconciler_runs_its_jobs_and_owns_the_actions_even_with_the_api_scheduler_setting_off(
+    clickhouse_http: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: beside a server the API runs with TOWER_RECONCILE_SCHEDULER=false, an environment often shared
+    with `tower reconciler`; the jobs' process must still schedule them and execute the actions."""
+    import reconciler.jobs
+    from reconciler.cli import run_reconciler
+
+    scheduled: list[Any] = []
+    stop = threading.Event()
+
+    def record(service: Any, scheduler: Any, settings: Settings) -> None:
+        scheduled.append((service.actions.executes, settings.reconcile_scheduler))
+        stop.set()
+
+    monkeypatch.setattr(reconciler.jobs, "schedule", record)
+    db = f"jobs_{os.getpid()}"
+    shared = Settings(clickhouse_url=f"{clickhouse_http}/{db}", database=db, reconcile_scheduler=False)
+    worker = threading.Thread(target=run_reconciler, args=(shared, stop))
+    worker.start()
+    worker.join(timeout=30)
+    stop.set()  # ends it either way
+    worker.join(timeout=30)
+    assert scheduled == [(True, True)]

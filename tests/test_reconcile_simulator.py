@@ -839,3 +839,25 @@ def test_a_success_settles_the_dead_letters_of_its_correction_and_auto_correct_r
     assert len([e for e in invoice_postings(estate, invoice_id) if e.live]) == 1
     latest = q.list_actions(store, drift_id=drift, limit=10)[0][0]
     assert latest["ActionId"] not in (first["action_id"], replay["action_id"]) and latest["State"] == "succeeded"
+
+
+def test_beside_a_clickhouse_server_only_the_process_running_the_jobs_writes_to_the_erp(
+    store: Store, tmp_path: Path
+) -> None:
+    """The API and `tower reconciler` share no locks and an ERP's look-up-then-create is not atomic: an action
+    the API accepts is queued for the jobs' process, which executes it once; the API does not recover actions
+    in progress (they are the other process's)."""
+    estate = missing_estate(seed=20, invoices=400, erp_posting_missing=0.02)
+    jobs = service_for(store, estate, tmp_path)
+    jobs.run(full=True, as_of=estate.config.as_of)
+    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    beside = settings(tmp_path, clickhouse_url="http://127.0.0.1:8123/tower", database="tower")
+    api = ReconcilerService(beside, store, Connectors(estate.billing, estate.erp, estate.cdp))
+    assert jobs.actions.executes and not api.actions.executes
+    queued = api.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
+    assert queued["state"] == "pending" and queued["approved_by"] == "alice"
+    assert api.actions.execute(queued["action_id"])["state"] == "pending"  # the bulk route's direct call too
+    assert not invoice_postings(estate, invoice_id)
+    assert jobs.actions.process_due() == 1
+    assert jobs.actions.get(queued["action_id"])["state"] == "succeeded"
+    assert len(invoice_postings(estate, invoice_id)) == 1
