@@ -218,3 +218,11 @@ def test_non_finite_numbers_in_a_body_are_a_422_not_a_500(secured: dict[str, Any
     r = httpx.post(f"{secured['url']}{path}", content=body, headers={**JS, **bearer(ADMIN)})
     assert r.status_code == 422, r.text
     assert r.json()["detail"] and any(isinstance(e.get("input"), str) for e in r.json()["detail"])
+
+
+@pytest.mark.parametrize("name", ["   ", " alice", "alice ", "al  ice", "al\tice"])
+def test_a_token_name_that_would_blur_the_audit_trail_is_refused(secured: dict[str, Any], name: str) -> None:
+    r = httpx.post(f"{secured['url']}/api/tokens", json={"name": name, "role": "operator"}, headers=bearer(ADMIN))
+    assert r.status_code == 422, r.text
+    ok = httpx.post(f"{secured['url']}/api/tokens", json={"name": "Ann Lee", "role": "viewer"}, headers=bearer(ADMIN))
+    assert ok.status_code == 201

@@ -18,7 +18,9 @@ router = APIRouter(prefix="/api/tokens", tags=["tokens"])
 
 
 class TokenRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[\w.@ -]+$")
+    # words joined by single spaces: a name of spaces only (or padded with them) would make the audit trail's
+    # "who" blank or ambiguous
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[\w.@-]+( [\w.@-]+)*$")
     role: str = Field(pattern="^(" + "|".join(ROLES) + ")$")
 
 
