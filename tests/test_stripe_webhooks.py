@@ -3,6 +3,7 @@ localstripe's own signed deliveries, bad signatures and redeliveries."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -308,3 +309,33 @@ def test_redelivery_after_a_restart_is_still_recognized(tmp_path: Path) -> None:
         r = _post(server, body, _header(body, [SECRET], int(time.time())))
         assert r.status_code == 200 and r.json()["duplicate"] is True
         assert _stored_rows(server, "evt_across_restart") == 1
+
+
+@pytest.mark.parametrize(
+    ("etype", "change", "reason"),
+    [
+        ("invoice.finalized", {"data": ["x"]}, "data.object"),
+        ("invoice.finalized", {"data": "x"}, "data.object"),
+        ("invoice.finalized", {"obj": {"metadata": ["EU"]}}, "unexpected shape"),
+        ("invoice.finalized", {"obj": {"total": "12.50"}}, "total is not an amount"),
+        ("invoice.finalized", {"obj": {"total": 12.5}}, "total is not an amount"),
+        ("invoice.finalized", {"obj": {"total": 10**20}}, "total is not an amount"),  # JSON readers make it a float
+        ("invoice.finalized", {"obj": {"total": "99999999999999999999"}}, "does not fit"),
+        ("charge.refunded", {"obj": {"refunds": {"data": [{"id": "re_1", "created": "x"}]}}}, "unexpected shape"),
+        ("invoice.finalized", {"created": 10**12}, "Unix time in seconds"),
+    ],
+)
+def test_a_signed_delivery_of_an_unexpected_shape_is_a_400_and_nothing_is_stored(
+    tower: TowerServer, etype: str, change: dict, reason: str
+) -> None:
+    """Stripe retries a 500 for days; a shape the tower cannot read must say which field, and an amount beyond
+    Int64 must not be stored as 0."""
+    eid = f"evt_shape_{abs(hash((etype, repr(change)))) % 10**9}"
+    doc = _event(
+        etype, {"id": "in_shape", "customer": "cus_1", "total": 100, "currency": "usd", **change.get("obj", {})}
+    )
+    doc.update({"id": eid, "created": int(time.time())}, **{k: v for k, v in change.items() if k != "obj"})
+    body = json.dumps(doc).encode()  # orjson refuses integers beyond 64 bits; Stripe's sender would not
+    r = _post(tower, body, _header(body, [SECRET], int(time.time())))
+    assert r.status_code == 400 and reason in r.json()["error"], r.text
+    assert _stored_rows(tower, eid, timeout=0.5) == 0

@@ -43,6 +43,22 @@ class MappingError(ValueError):
     """The payload is not a Stripe event we can read; the message says which field."""
 
 
+_INT64 = 2**63
+
+
+def _minor(value: Any, field: str) -> str:
+    """An amount in minor units as Stripe sends it (an integer); anything else would be stored as 0 or wrap."""
+    if isinstance(value, float) or isinstance(value, bool):
+        raise MappingError(f"{field} is not an amount in minor units: {value!r}")
+    try:
+        n = int(value or 0)
+    except (TypeError, ValueError):
+        raise MappingError(f"{field} is not an amount in minor units: {str(value)[:40]!r}") from None
+    if not -_INT64 <= n < _INT64:
+        raise MappingError(f"{field} does not fit a 64-bit amount in minor units")
+    return str(n)
+
+
 def _id(value: Any) -> str:
     """Stripe references are ids, or whole objects when expanded."""
     if isinstance(value, Mapping):
@@ -92,7 +108,9 @@ def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) ->
         attrs["revops.invoice.id"] = _id(obj.get("id"))
         attrs["revops.customer.id"] = _id(obj.get("customer"))
         paid = etype in ("invoice.paid", "invoice.payment_succeeded")
-        attrs["revops.amount_minor"] = str(int(obj.get("amount_paid" if paid else "total") or 0))
+        attrs["revops.amount_minor"] = _minor(
+            obj.get("amount_paid" if paid else "total"), "amount_paid" if paid else "total"
+        )
         attrs["stripe.invoice.status"] = str(obj.get("status") or "")
         pi = _id(obj.get("payment_intent"))
         if pi and paid:
@@ -100,7 +118,7 @@ def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) ->
     elif kind == "payment_intent":
         attrs["revops.payment.id"] = _id(obj.get("id"))
         attrs["revops.customer.id"] = _id(obj.get("customer"))
-        attrs["revops.amount_minor"] = str(int(obj.get("amount_received") or obj.get("amount") or 0))
+        attrs["revops.amount_minor"] = _minor(obj.get("amount_received") or obj.get("amount"), "amount")
         inv = _pi_invoice(obj)
         if inv:
             attrs["revops.invoice.id"] = inv
@@ -109,7 +127,9 @@ def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) ->
         latest = max(refunds, key=lambda r: (int(r.get("created") or 0), str(r.get("id")))) if refunds else None
         attrs["revops.payment.id"] = _id(latest.get("id")) if latest else _id(obj.get("id"))
         attrs["revops.customer.id"] = _id(obj.get("customer"))
-        attrs["revops.amount_minor"] = str(int((latest or {}).get("amount") or obj.get("amount_refunded") or 0))
+        attrs["revops.amount_minor"] = _minor(
+            (latest or {}).get("amount") or obj.get("amount_refunded"), "amount_refunded"
+        )
         related = _id(obj.get("payment_intent")) or _id(obj.get("id"))
         attrs["revops.related_payment.id"] = related
         inv = _id(obj.get("invoice"))
@@ -119,7 +139,7 @@ def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) ->
         attrs["revops.payment.id"] = _id(obj.get("id"))
         attrs["revops.customer.id"] = _id(obj.get("customer"))
         attrs["revops.invoice.id"] = _id(obj.get("invoice"))
-        attrs["revops.amount_minor"] = str(int(obj.get("total") or obj.get("amount") or 0))
+        attrs["revops.amount_minor"] = _minor(obj.get("total") or obj.get("amount"), "total")
     currency = str(obj.get("currency") or "").upper()
     if currency and kind != "customer":
         attrs["revops.currency"] = currency
@@ -133,17 +153,25 @@ def to_business_event(event: Mapping[str, Any], default_region: str) -> Business
     event_id, etype, created = event.get("id"), event.get("type"), event.get("created")
     if not isinstance(event_id, str) or not event_id:
         raise MappingError("the event has no id")
-    if not isinstance(etype, str) or not isinstance(created, int):
+    if not isinstance(etype, str) or not isinstance(created, int) or isinstance(created, bool):
         raise MappingError("the event has no type or created time")
-    obj = (event.get("data") or {}).get("object")
+    if not 0 < created < 10**10:  # seconds; beyond year 2286 the nanosecond time does not fit
+        raise MappingError(f"created {created} is not a Unix time in seconds")
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, Mapping) else None
     if not isinstance(obj, Mapping):
         raise MappingError("the event has no data.object")
     if etype not in EVENT_TYPES:
         return None
     canonical, step = EVENT_TYPES[etype]
-    attrs = event_attributes(etype, obj, default_region)
+    try:
+        attrs = event_attributes(etype, obj, default_region)
+        trace_id, span_id = _trace(obj)
+    except MappingError:
+        raise
+    except (AttributeError, TypeError, ValueError) as exc:  # a field of another shape than Stripe's (a list for a map)
+        raise MappingError(f"{etype}: data.object has a field of an unexpected shape ({exc})") from None
     attrs["revops.step"] = step
-    trace_id, span_id = _trace(obj)
     data = {
         "stripe_event": etype,
         "object": str(obj.get("object") or ""),
