@@ -133,6 +133,15 @@ def test_run_then_list_filter_sort_paginate_and_statement(api: dict[str, Any]) -
     r = c.post("/api/runs", json={"as_of": future}, headers=auth(op))
     assert r.status_code == 422 and "future" in r.text
     assert c.get("/api/runs", params={"offset": 2**64}, headers=auth(op)).status_code == 422
+    # a run back in time would resolve what is still wrong and re-age the queue; a time without a zone is refused
+    # like every other time the API takes
+    earlier = (estate.config.as_of - dt.timedelta(days=1)).isoformat()
+    back = c.post("/api/runs", json={"full": True, "as_of": earlier}, headers=auth(op))
+    assert back.status_code == 422 and "runs go forward in time" in back.text
+    naive = c.post("/api/runs", json={"as_of": "2026-01-01T00:00:00"}, headers=auth(op))
+    assert naive.status_code == 422 and "timezone" in naive.text
+    assert c.get("/api/runs", headers=auth(op)).json()["total"] == 1
+    assert c.get("/api/drift/summary", headers=auth(op)).json()["open"] == len(expected)
 
 
 def test_item_detail_diff_history_transaction_and_audited_transitions(api: dict[str, Any]) -> None:

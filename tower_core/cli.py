@@ -111,7 +111,9 @@ def demo(
 def reconcile(
     region: Annotated[str, typer.Option(help="Only this region, e.g. EU.")] = "",
     full: Annotated[bool, typer.Option("--full", help="Compare everything, not only what changed.")] = False,
-    as_of: Annotated[str | None, typer.Option(help="Reconcile as of this ISO time (default now).")] = None,
+    as_of: Annotated[
+        str | None, typer.Option(help="Reconcile as of this ISO time, UTC unless it names a zone (default now).")
+    ] = None,
 ) -> None:
     """Start a reconciliation run through the API (TOWER_API_URL, TOWER_API_TOKEN) and follow its progress."""
     import datetime as dt
@@ -124,6 +126,7 @@ def reconcile(
             when = dt.datetime.fromisoformat(as_of)
         except ValueError:
             raise ConfigError(f"--as-of {as_of!r} is not an ISO date-time") from None
+        when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)  # the API wants a zone; the option says UTC
     raise typer.Exit(reconcile_via_api(load_settings(), region=region, full=full, as_of=when, console=out))
 
 

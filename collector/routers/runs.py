@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from collector.auth import Principal, require
-from collector.deps import get_store, in_store_range
+from collector.deps import StoreTime, get_store
 from collector.routers.drift import get_service
 from reconciler.service import ReconcilerService, RunBusy
 from tower_core.store import Store
@@ -22,7 +22,9 @@ router = APIRouter(prefix="/api/runs", tags=["runs"])
 class RunRequest(BaseModel):
     full: bool = Field(False, description="Compare everything (default: keys changed since the last run).")
     region: str = Field("", pattern=r"^[A-Za-z0-9_-]{0,16}$", description="Only this region (e.g. EU).")
-    as_of: dt.datetime | None = Field(None, description="Reconcile as of this time (default now); grace and aging.")
+    as_of: StoreTime | None = Field(
+        None, description="Reconcile as of this time (default now; not before the last run's); grace and aging."
+    )
 
     @field_validator("as_of")
     @classmethod
@@ -30,7 +32,6 @@ class RunRequest(BaseModel):
         """Items first seen in the future would hide from the queue (negative age) until that date."""
         if value is None:
             return None
-        value = in_store_range(value)
         if value > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5):
             raise ValueError("as_of is in the future; a run reconciles as of now or an earlier time")
         return value
@@ -44,6 +45,13 @@ async def start(
     operator: Annotated[Principal, Depends(require("operator"))],
 ) -> dict[str, Any]:
     as_of = body.as_of
+    latest = await run_in_threadpool(q.latest_as_of, store)
+    if as_of is not None and latest is not None and as_of < latest:
+        # the queue already reflects that later time: going back would resolve what is still wrong, open stale
+        # items dated then, and re-age acknowledged ones (their notes lost when the next run re-opens them)
+        raise HTTPException(
+            422, f"as_of {as_of.isoformat()} is before the last run's ({latest.isoformat()}); runs go forward in time"
+        )
     try:
         run_id = service.start_run(
             full=body.full, region=body.region, as_of=as_of, trigger="api", requested_by=operator.name

@@ -331,6 +331,14 @@ def last_watermark(store: Store, region: str) -> dt.datetime | None:
     return _aware(rows[0]["w"])
 
 
+def latest_as_of(store: Store) -> dt.datetime | None:
+    """The latest instant a succeeded run reconciled as of (the time the queue reflects)."""
+    rows = store.query_rows(
+        "SELECT max(AsOf) AS a, count() AS n FROM $db.reconcile_runs FINAL WHERE State = 'succeeded'"
+    )
+    return _aware(rows[0]["a"]) if rows and rows[0]["n"] else None
+
+
 def interrupted_runs(store: Store) -> list[dict[str, Any]]:
     rows = store.query_rows(
         _compose("SELECT /*cols*/ FROM $db.reconcile_runs FINAL WHERE State = 'running'", cols=_RUN_COLUMNS)
