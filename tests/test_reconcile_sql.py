@@ -447,3 +447,19 @@ def test_list_filters_sorting_and_pagination(store: Store) -> None:
     assert q.list_drift(store, min_age_days=2, max_age_days=7, now=now)[1] == len(EXPECTED)
     assert q.list_drift(store, key="in_amt", now=now)[1] == 1
     assert q.list_drift(store, region="NA", now=now)[1] == 0
+
+
+def test_a_region_run_keeps_the_explanation_of_a_key_billed_in_another_region(store: Store) -> None:
+    """Billed in NA, posted (for another amount) in EU: an EU run does not compare the key, so it must not clear
+    its explanation; the statement of the runs after it stays explained (residual 0)."""
+    q.write_invoices(store, [inv("in_a", 1_000, region="NA"), inv("in_ok", 500)])
+    q.write_ledger(store, [led("le_a", "invoice", "in_a", 1_500), led("le_ok", "invoice", "in_ok", 500)])
+    ingested_long_ago(store)
+    r = Reconciler(store, RULES)
+    assert r.run(full=True, as_of=AS_OF).residual_minor == 0
+    assert set(items(store)) == {(c.AMOUNT_MISMATCH, "in_a")}
+    assert r.run(full=True, region="EU", as_of=AS_OF).residual_minor == 0
+    after = r.run(as_of=AS_OF)  # incremental, nothing changed
+    assert after.residual_minor == 0
+    rows, _ = q.list_statements(store, run_id=after.run_id)
+    assert {row["region"]: row["residual_minor"] for row in rows} == {"EU": 0, "NA": 0}
