@@ -463,3 +463,20 @@ def test_a_region_run_keeps_the_explanation_of_a_key_billed_in_another_region(st
     assert after.residual_minor == 0
     rows, _ = q.list_statements(store, run_id=after.run_id)
     assert {row["region"]: row["residual_minor"] for row in rows} == {"EU": 0, "NA": 0}
+
+
+@pytest.mark.parametrize("hours", [23, 26, 47, 49, 191, 193])
+def test_every_aging_view_counts_whole_days_elapsed_like_the_item_view(store: Store, hours: int) -> None:
+    """26 hours after first seen (noon, then 14:00 two calendar days on) is 0-1d everywhere: the list's filter,
+    the queue summary and the overview used to count calendar-day boundaries and said 2-7d."""
+    from tower_core.store import audit as overview
+
+    q.write_invoices(store, [inv("in_x")])
+    Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    now = AS_OF + dt.timedelta(hours=hours)
+    want = c.age_bucket(AS_OF, now)
+    assert [s["age_bucket"] for s in q.drift_summary(store, now=now)] == [want]
+    assert [a["age_bucket"] for a in overview.drift_aging(store, now)] == [want]
+    lo, hi = c.age_bucket_bounds(want)
+    listed, total = q.list_drift(store, min_age_days=lo, max_age_days=-1 if hi is None else hi, now=now)
+    assert total == 1 and listed[0]["invoice_id"] == "in_x"

@@ -1253,8 +1253,8 @@ WHERE ({region:String} = '' OR Region = {region:String})
     AND ({key:String} = '' OR {key:String} IN (InvoiceId, PaymentId, CustomerId, LedgerEntryId, DriftId))
     AND abs(AmountMinor) >= {min_amount:Int64}
     AND ({max_amount:Int64} < 0 OR abs(AmountMinor) <= {max_amount:Int64})
-    AND dateDiff('day', FirstSeen, {now:DateTime64(3)}) >= {min_age:Int32}
-    AND ({max_age:Int32} < 0 OR dateDiff('day', FirstSeen, {now:DateTime64(3)}) <= {max_age:Int32})
+    AND intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) >= {min_age:Int32}
+    AND ({max_age:Int32} < 0 OR intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) <= {max_age:Int32})
 """
 _DRIFT_LIST = (
     "SELECT DriftId AS drift_id, Class AS class, ReasonCode AS reason_code, State AS state, System AS system, "
@@ -1262,7 +1262,7 @@ _DRIFT_LIST = (
     "PaymentId AS payment_id, LedgerEntryId AS ledger_entry_id, PrimaryKey AS primary_key, KeyType AS key_type, "
     "AmountMinor AS amount_minor, DiffFields AS diff_fields, FirstSeen AS first_seen, LastSeen AS last_seen, "
     "UpdatedAt AS updated_at, ResolvedAt AS resolved_at, StateNote AS state_note, RunId AS run_id, Day AS day, "
-    "dateDiff('day', FirstSeen, {now:DateTime64(3)}) AS age_days "
+    "intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) AS age_days "
     "FROM $db.drift_items FINAL /*where*/ ORDER BY /*sort*/ /*dir*/, DriftId "
     "LIMIT {limit:UInt32} OFFSET {offset:UInt64}"
 )
@@ -1317,9 +1317,9 @@ def drift_summary(store: Store, now: dt.datetime | None = None) -> list[dict[str
     return store.query_rows(
         "SELECT Class AS class, Region AS region, State AS state, count() AS items, "
         "sum(abs(AmountMinor)) AS amount_minor, "
-        "multiIf(dateDiff('day', FirstSeen, {now:DateTime64(3)}) <= 1, '0-1d', "
-        "dateDiff('day', FirstSeen, {now:DateTime64(3)}) <= 7, '2-7d', "
-        "dateDiff('day', FirstSeen, {now:DateTime64(3)}) <= 30, '8-30d', '>30d') AS age_bucket "
+        "multiIf(intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) <= 1, '0-1d', "
+        "intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) <= 7, '2-7d', "
+        "intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) <= 30, '8-30d', '>30d') AS age_bucket "
         "FROM $db.drift_items FINAL WHERE State != 'resolved' "
         "GROUP BY class, region, state, age_bucket ORDER BY class, region, state, age_bucket",
         {"now": now or _now()},
