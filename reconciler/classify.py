@@ -66,6 +66,7 @@ REASONS: dict[str, str] = {
     "paid_but_open": "billing says paid, the ERP invoice is still open",
     "open_but_paid": "billing says open, the ERP invoice is paid",
     "voided_but_posted": "billing voided the invoice, the ERP posting is still live",
+    "draft_but_posted": "billing has not finalized the invoice (a draft), the ERP posted it",
     "posted_twice": "the same billing invoice is posted more than once in the ERP",
     "not_applied": "payment succeeded in billing, no ERP application after the grace period",
     "no_invoice": "payment allocated to no invoice, and no open invoices of the customer sum to it",
@@ -334,12 +335,12 @@ def classify_invoice(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
             erp={"status": erp["status"], "total_minor": _s(f["e_sum"]), "currency": erp["currency"]},
             **base,
         )
-    if status not in INVOICE_FINAL_STATUSES:  # void (or draft): nothing should be live in the ERP
-        if e_n > 0 and status == "void":
+    if status not in INVOICE_FINAL_STATUSES:  # void or draft: nothing should be live in the ERP
+        if e_n > 0:
+            reason = "voided_but_posted" if status == "void" else "draft_but_posted"
             return Finding(
-                STATUS_MISMATCH, "voided_but_posted", "erp", amount_minor=-int(f["e_sum"] or 0), billing=billing,
-                erp=erp, **base,
-            )  # fmt: skip
+                STATUS_MISMATCH, reason, "erp", amount_minor=-int(f["e_sum"] or 0), billing=billing, erp=erp, **base
+            )
         return None
     if e_n == 0:
         erp = {"status": "", "currency": "", "total_minor": "", "customer_id": ""}

@@ -101,6 +101,7 @@ def test_clean_invoice_is_no_drift() -> None:
         ({"b_alloc": 5_000, "e_applied": 6_000}, c.OVER_APPLIED, "applied_more"),
         ({"b_status": "paid", "b_alloc": 12_000, "e_applied": 12_000}, c.STATUS_MISMATCH, "paid_but_open"),
         ({"b_status": "void"}, c.STATUS_MISMATCH, "voided_but_posted"),
+        ({"b_status": "draft"}, c.STATUS_MISMATCH, "draft_but_posted"),
     ],
 )
 def test_invoice_classes(over: dict[str, Any], cls: str, reason: str) -> None:

@@ -480,3 +480,16 @@ def test_every_aging_view_counts_whole_days_elapsed_like_the_item_view(store: St
     lo, hi = c.age_bucket_bounds(want)
     listed, total = q.list_drift(store, min_age_days=lo, max_age_days=-1 if hi is None else hi, now=now)
     assert total == 1 and listed[0]["invoice_id"] == "in_x"
+
+
+def test_a_draft_invoice_the_erp_posted_is_a_status_mismatch_not_a_tolerated_difference(store: Store) -> None:
+    """It was no drift item, and the statement called the whole posting within_tolerance (residual 0)."""
+    q.write_invoices(store, [inv("in_draft", 1_234_500, status="draft"), inv("in_ok", 500)])
+    q.write_ledger(store, [led("le_d", "invoice", "in_draft", 1_234_500), led("le_ok", "invoice", "in_ok", 500)])
+    run = Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    found = items(store)
+    assert set(found) == {(c.STATUS_MISMATCH, "in_draft")}
+    assert found[(c.STATUS_MISMATCH, "in_draft")]["reason_code"] == "draft_but_posted"
+    rows, _ = q.list_statements(store, run_id=run.run_id)
+    assert run.residual_minor == 0
+    assert [r["explained"] for r in rows] == [{c.STATUS_MISMATCH: -1_234_500}]

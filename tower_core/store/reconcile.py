@@ -775,7 +775,7 @@ SELECT *,
     (b_alloc_unposted = 0 AND b_credit_unposted = 0) AS payments_posted,
     multiIf(
         NOT in_billing, if(e_n = 0, '', 'missing_in_billing'),
-        NOT final, if(e_n > 0 AND b_status = 'void', 'status_mismatch', ''),
+        NOT final, if(e_n > 0, 'status_mismatch', ''),
         e_n = 0, if(rejected = '' AND in_grace, 'stale_sync', 'missing_in_erp'),
         e_n > 1, 'duplicate_posting',
         e_currency != b_currency, 'currency_mismatch',
@@ -787,7 +787,8 @@ SELECT *,
     multiIf(
         cls = 'missing_in_billing', 'not_in_billing',
         cls = 'status_mismatch',
-            multiIf(NOT final, 'voided_but_posted', b_status = 'paid', 'paid_but_open', 'open_but_paid'),
+            multiIf(NOT final, if(b_status = 'void', 'voided_but_posted', 'draft_but_posted'),
+                b_status = 'paid', 'paid_but_open', 'open_but_paid'),
         cls = 'stale_sync', 'posting_pending',
         cls = 'missing_in_erp', if(rejected != '', 'erp_rejected', 'not_posted'),
         cls = 'duplicate_posting', 'posted_twice',
@@ -1366,7 +1367,8 @@ INSERT INTO $db.reconcile_facts (Key, BillingRegion, BillingCurrency, ErpRegion,
     BillingMinor, ErpMinor, Class, RunId, Version, ErpCells)
 SELECT key, b_cell_r, b_cell_c, e_cell_r, e_cell_c, bd, ed, bmin, emin,
     if(cls != '', cls, multiIf(
-        bmin != emin, 'within_tolerance',
+        -- only a difference the tolerance allows: any other unclassified one stays in the residual, to be seen
+        bmin != emin AND amt_ok, 'within_tolerance',
         b_cell_r = e_cell_r AND b_cell_c = e_cell_c AND bd != ed AND bmin != 0, 'timing',
         '')),
     {run:String}, {v:UInt64}, if(e_n > 1, cells.c, [])
