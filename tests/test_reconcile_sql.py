@@ -299,6 +299,31 @@ def test_incremental_rematches_an_unallocated_payment_when_its_customer_gets_an_
     assert actions.auto_correct("run") == 0 and q.list_actions(store)[1] == 0
 
 
+def test_incremental_finds_the_orphan_left_when_the_invoice_that_matched_a_payment_is_paid_otherwise(
+    store: Store,
+) -> None:
+    """py_1 (unallocated, recorded but not applied by the ERP) is clean while the customer's open in_2 has its
+    amount; once another payment pays in_2, py_1 matches nothing: the incremental run must see it as the full
+    run does, though py_1 itself did not change and had no open item."""
+    q.write_invoices(store, [inv("in_2", 700)])
+    q.write_ledger(store, [led("le_2", "invoice", "in_2", 700), led("le_p1", "payment", "py_1", 700, "posted")])
+    q.write_payments(store, [pay("py_1", 700, {})])
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    assert items(store) == {}
+    ingested_long_ago(store)
+    q.write_invoices(store, [later(inv("in_2", 700, status="paid", amount_paid_minor=700))])  # type: ignore[list-item]
+    q.write_ledger(
+        store,
+        [later(led("le_2", "invoice", "in_2", 700, "paid")), led("le_p9", "payment", "py_9", 700, "posted", "in_2")],
+    )  # type: ignore[list-item]
+    q.write_payments(store, [pay("py_9", 700, {"in_2": 700})])
+    r.run(as_of=AS_OF)
+    assert set(items(store)) == {(c.ORPHAN_PAYMENT, "py_1")}
+    r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.ORPHAN_PAYMENT, "py_1")}
+
+
 def test_a_duplicate_posted_on_another_day_is_explained_in_each_day_of_the_statement(store: Store) -> None:
     q.write_invoices(store, [inv("in_dup")])
     next_day = dataclasses.replace(

@@ -375,14 +375,16 @@ SELECT {run:String}, 'invoice', k FROM (
 WHERE k != ''
 GROUP BY k
 """
-# Payment keys likewise, and the open unallocated-payment items of customers whose invoices changed: the N:1
-# match that decides orphan_payment or payment_unapplied (the customer's open invoices summing to the amount)
-# depends on those invoices. An unallocated payment without an open item was applied by the ERP: no match
-# changes that.
+# Payment keys likewise, and the unallocated payments of customers whose invoices changed: the N:1 match that
+# decides orphan_payment or payment_unapplied (the customer's open invoices summing to the amount) depends on
+# those invoices, whether the payment has an open item or was clean because an open invoice matched it.
 _SCOPE_PAYMENTS = """
 INSERT INTO $db.reconcile_scope (RunId, KeyType, Key)
 SELECT {run:String}, 'payment', k FROM (
     SELECT PaymentId AS k FROM $db.billing_payments WHERE IngestedAt >= {wm:DateTime64(6)}
+    UNION ALL SELECT PaymentId FROM $db.billing_payments
+        WHERE Kind = 'payment' AND empty(Allocations)
+            AND CustomerId IN (SELECT CustomerId FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)})
     UNION ALL SELECT ExternalRef FROM $db.erp_ledger_entries
         WHERE EntryId IN /*changed_entries*/ AND EntryType IN ('payment', 'credit_memo')
     UNION ALL SELECT PaymentId FROM $db.drift_items FINAL
