@@ -8,6 +8,7 @@ the set — a customer has many invoices — except to bring in that customer's 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,7 @@ class SpanView:
     status: str
     attributes: dict[str, str] = field(default_factory=dict)
     links: list[str] = field(default_factory=list)
+    resource: dict[str, str] = field(default_factory=dict)  # the span's resource attributes (revops.* ones)
 
     @property
     def end_ns(self) -> int:
@@ -144,11 +146,17 @@ class SpanView:
 
     @property
     def system(self) -> str:
-        return self.attributes.get("revops.system", "")
+        """The span's own revops.system, else its resource's (a service names its system once, as the key-link
+        and SLA views read it)."""
+        return self.attributes.get("revops.system") or self.resource.get("revops.system", "")
 
     @property
     def step(self) -> str:
-        return self.attributes.get("revops.step", "")
+        return self.attributes.get("revops.step") or self.resource.get("revops.step", "")
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "Error"
 
 
 @dataclass
@@ -161,6 +169,15 @@ class EventView:
     trace_id: str
     keys: dict[str, str]
 
+    @property
+    def failed(self) -> bool:
+        return FAILED_EVENT.search(self.type) is not None
+
+
+# A failed attempt (an error span, an event whose type says fail/reject/error) neither starts nor ends a step,
+# as in the SLA views (migration 0015): a rejected posting is not a posting.
+FAILED_EVENT = re.compile(r"(?i)(fail|reject|error)")
+
 
 @dataclass(frozen=True)
 class StepTiming:
@@ -169,6 +186,7 @@ class StepTiming:
     end_ns: int | None
     systems_seen: tuple[str, ...]
     missing_systems: tuple[str, ...]
+    failed_systems: tuple[str, ...] = ()
 
     @property
     def latency_ms(self) -> float | None:
@@ -183,24 +201,26 @@ class StepTiming:
 
 def step_timings(spans: Iterable[SpanView], events: Iterable[EventView] = ()) -> list[StepTiming]:
     """Start = first activity of the step in its source system; end = last activity in its target system."""
-    points: dict[str, list[tuple[str, int, int]]] = {}
+    points: dict[str, list[tuple[str, int, int, bool]]] = {}
     for s in spans:
         if s.step in STEPS:
-            points.setdefault(s.step, []).append((s.system, s.start_ns, s.end_ns))
+            points.setdefault(s.step, []).append((s.system, s.start_ns, s.end_ns, s.failed))
     for e in events:
         if e.step in STEPS:
-            points.setdefault(e.step, []).append((e.system, e.time_ns, e.time_ns))
+            points.setdefault(e.step, []).append((e.system, e.time_ns, e.time_ns, e.failed))
     out = []
     for step in STEPS:
         if step not in points:
             continue
         source, target = STEPS[step]
         pts = points[step]
-        starts = [s for system, s, _ in pts if system == source]
-        ends = [e for system, _, e in pts if system == target]
-        seen = tuple(sorted({system for system, _, _ in pts if system}))
+        starts = [s for system, s, _, failed in pts if system == source and not failed]
+        ends = [e for system, _, e, failed in pts if system == target and not failed]
+        seen = tuple(sorted({system for system, _, _, _ in pts if system}))
         missing = tuple(s for s in (source, target) if s not in seen)
-        out.append(StepTiming(step, min(starts) if starts else None, max(ends) if ends else None, seen, missing))
+        failed = tuple(sorted({system for system, _, _, f in pts if system and f}))
+        first, last = (min(starts) if starts else None), (max(ends) if ends else None)
+        out.append(StepTiming(step, first, last, seen, missing, failed))
     return out
 
 
@@ -298,6 +318,7 @@ def assemble(
                 "complete": st.complete,
                 "systems_seen": list(st.systems_seen),
                 "missing_systems": list(st.missing_systems),
+                "failed_systems": list(st.failed_systems),
             }
             for st in steps
         ],

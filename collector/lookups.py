@@ -27,6 +27,7 @@ def _span_view(row: dict[str, Any]) -> corr.SpanView:
         status=row["status"],
         attributes=dict(row["attributes"]),
         links=list(row["link_trace_ids"]),
+        resource=dict(row.get("resource") or {}),
     )
 
 

@@ -93,3 +93,33 @@ def test_step_timing_from_three_traces_and_missing_systems() -> None:
     assert doc["missing_systems"] == []
     only_billing = corr.assemble(("invoice", "in_1"), [], spans[1:3])
     assert only_billing["missing_systems"] == ["cdp", "erp"]
+
+
+def step_span(trace: str, system: str, start: int, *, status: str = "Ok", on_resource: bool = False) -> corr.SpanView:
+    attrs = {"revops.step": "invoice_to_ledger", "revops.invoice.id": "in_1"}
+    resource = {"revops.system": system} if on_resource else {}
+    if not on_resource:
+        attrs["revops.system"] = system
+    return corr.SpanView(trace, f"s{start}", "", "x", system, start, 1_000, status, attrs, [], resource)
+
+
+def test_a_system_named_on_the_resource_counts_as_the_spans_system() -> None:
+    """How the simulator's services (and most SDK users) name their system: once, on the Resource."""
+    spans = [step_span("t_b", "billing", 0, on_resource=True), step_span("t_e", "erp", 5_000, on_resource=True)]
+    [timing] = corr.step_timings(spans)
+    assert timing.complete and timing.latency_ms == pytest.approx(0.006)
+    doc = corr.assemble(("invoice", "in_1"), [], spans)
+    assert doc["systems_seen"] == ["billing", "erp"] and [s["system"] for s in doc["spans"]] == ["billing", "erp"]
+
+
+def test_a_failed_posting_does_not_complete_its_step() -> None:
+    """An error span or a *failed/rejected* event is an attempt, not the posting (the SLA views agree)."""
+    spans = [step_span("t_b", "billing", 0), step_span("t_e", "erp", 5_000, status="Error")]
+    [timing] = corr.step_timings(spans)
+    assert not timing.complete and timing.end_ns is None and timing.failed_systems == ("erp",)
+    event = corr.EventView("ev1", "invoice.posting_failed", 9_000, "erp", "invoice_to_ledger", "", {})
+    [timing] = corr.step_timings(spans[:1], [event])
+    assert not timing.complete and timing.failed_systems == ("erp",)
+    ok = corr.EventView("ev2", "invoice.posted", 9_000, "erp", "invoice_to_ledger", "", {})
+    [timing] = corr.step_timings(spans[:1], [event, ok])
+    assert timing.complete and timing.end_ns == 9_000
