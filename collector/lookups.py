@@ -13,6 +13,8 @@ from tower_core.store import traces as q
 
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_TRACES = 200
+MAX_SPANS = 20_000  # per answer (a 100k-span trace was a 38 MB body and ~900 MB of server memory)
+MAX_EVENTS = 1_000
 
 
 def _span_view(row: dict[str, Any]) -> corr.SpanView:
@@ -41,12 +43,14 @@ def get_trace(store: Store, trace_id: str) -> dict[str, Any] | None:
     rng = q.trace_range(store, trace_id)
     if rng is None:
         return None
-    spans = [_span_view(r) for r in q.spans_of_traces(store, {trace_id: rng})]
+    rows = q.spans_of_traces(store, {trace_id: rng}, limit=MAX_SPANS + 1)
+    spans = [_span_view(r) for r in rows[:MAX_SPANS]]
     doc = corr.assemble(("trace", trace_id), [], spans)
     return {
         "trace_id": trace_id,
         "spans": doc["spans"],
         "span_count": len(doc["spans"]),
+        "truncated": len(rows) > MAX_SPANS,  # the earliest MAX_SPANS spans are shown
         "start": doc["traces"][0]["start"] if doc["traces"] else None,
         "end": doc["traces"][0]["end"] if doc["traces"] else None,
     }
@@ -58,10 +62,13 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     Reads: the seed's traces; their keys; one hop through identifying keys plus the customers' CDP traces;
     then the new traces' keys and all time ranges side by side; then spans and events side by side."""
     key_type, value = seed
+    cut = {"traces": False, "spans": False, "events": False}
     if key_type == "trace":
         traces = {value}
     else:
-        traces = {ln.trace_id for ln in map(_link, q.links_for_keys(store, [seed], limit=MAX_TRACES))}
+        seed_rows = q.links_for_keys(store, [seed], limit=MAX_TRACES)
+        cut["traces"] = any(int(r["total"]) > len(seed_rows) for r in seed_rows)
+        traces = {ln.trace_id for ln in map(_link, seed_rows)}
     links = [_link(r) for r in q.links_for_traces(store, traces)]
     if key_type != "customer":
         customers = corr.customers_of(links)
@@ -86,8 +93,12 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     # events without trace context (a batch job, a CDP call) are found by their business keys alone
     customers = [value] if key_type == "customer" else []
     span_rows, event_rows = _both(
-        lambda: q.spans_of_traces(store, ranges), lambda: q.events_for(store, key_set, ranges, customers=customers)
+        lambda: q.spans_of_traces(store, ranges, limit=MAX_SPANS + 1),
+        lambda: q.events_for(store, key_set, ranges, limit=MAX_EVENTS, customers=customers),
     )
+    cut["spans"] = len(span_rows) > MAX_SPANS
+    cut["events"] = any(int(r["total"]) > len(event_rows) for r in event_rows)
+    span_rows = span_rows[:MAX_SPANS]
     if not span_rows and not event_rows and not links:
         return None
     events = [
@@ -102,7 +113,11 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
         )
         for r in event_rows
     ]
-    return corr.assemble(seed, links, [_span_view(r) for r in span_rows], events)
+    doc = corr.assemble(seed, links, [_span_view(r) for r in span_rows], events)
+    # what the answer leaves out: the earliest and the latest traces and events of a key carried by more than
+    # MAX_TRACES / MAX_EVENTS are shown, the earliest MAX_SPANS spans
+    doc["truncated"] = cut
+    return doc
 
 
 _READS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tower-lookup")

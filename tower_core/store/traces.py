@@ -16,7 +16,7 @@ _SPANS_OF_TRACES = (
     "mapFilter((k, v) -> startsWith(k, 'revops.'), ResourceAttributes) AS resource FROM $db.otel_traces "
     "WHERE TraceId IN {ids:Array(String)} "
     "AND Timestamp >= fromUnixTimestamp64Nano({lo:Int64}) AND Timestamp <= fromUnixTimestamp64Nano({hi:Int64}) "
-    "ORDER BY Timestamp, SpanId LIMIT 1 BY TraceId, SpanId"
+    "ORDER BY Timestamp, SpanId LIMIT 1 BY TraceId, SpanId LIMIT {limit:UInt32}"
 )
 
 
@@ -62,25 +62,30 @@ def trace_ranges(store: Store, trace_ids: Iterable[str]) -> dict[str, tuple[int,
     return {r["t"]: (int(r["s"]), int(r["e"])) for r in rows}
 
 
-def spans_of_traces(store: Store, ranges: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
-    """Spans of the given traces, reading only the time range the lookup table gives for each."""
+def spans_of_traces(store: Store, ranges: dict[str, tuple[int, int]], limit: int = 1_000_000) -> list[dict[str, Any]]:
+    """Spans of the given traces (the earliest ``limit``), reading only the time range the lookup table gives."""
     if not ranges:
         return []
     lo = min(r[0] for r in ranges.values())
     hi = max(r[1] for r in ranges.values())
-    return store.query_rows(_SPANS_OF_TRACES, {"ids": sorted(ranges), "lo": lo, "hi": hi})
+    return store.query_rows(_SPANS_OF_TRACES, {"ids": sorted(ranges), "lo": lo, "hi": hi, "limit": limit})
 
 
 def links_for_keys(store: Store, keys: Iterable[tuple[str, str]], limit: int = 1000) -> list[dict[str, Any]]:
-    """key -> trace links for the given (key_type, value) pairs."""
+    """key -> trace links for the given (key_type, value) pairs. Past ``limit``: the earliest half and the latest
+    half, each row with the total (so the caller can say the answer is cut). The earliest define a transaction
+    (the invoice's finalization, its posting), the latest are what happens now; the newest alone lost the first."""
     keys = sorted(set(keys))
     if not keys:
         return []
     return store.query_rows(
+        "SELECT key_type, key_value, trace_id, system, first_ns, last_ns, total FROM ("
         "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
-        "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns "
+        "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns, "
+        "row_number() OVER (ORDER BY first_ns, trace_id, key_type, key_value, system) AS n, count() OVER () AS total "
         "FROM $db.business_key_links WHERE (KeyType, KeyValue) IN {keys:Array(Tuple(String, String))} "
-        "GROUP BY KeyType, KeyValue, TraceId, System ORDER BY first_ns DESC LIMIT {limit:UInt32}",
+        "GROUP BY KeyType, KeyValue, TraceId, System) "
+        "WHERE n <= intDiv({limit:UInt32} + 1, 2) OR n > total - intDiv({limit:UInt32}, 2) ORDER BY first_ns DESC",
         {"keys": keys, "limit": limit},
     )
 
@@ -125,19 +130,21 @@ def events_for(
     customers: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
     """Business events carrying one of the identifying keys, one of the traces, or (a customer's transaction)
-    one of ``customers``."""
+    one of ``customers``; past ``limit`` the earliest and the latest halves, each row with the total."""
     by_type: dict[str, list[str]] = {"invoice": [], "payment": [], "ledger_entry": []}
     for key_type, value in keys:
         if key_type in by_type:
             by_type[key_type].append(value)
     return store.query_rows(
+        "SELECT * FROM ("
         "SELECT EventId AS event_id, Type AS type, toUnixTimestamp64Nano(Time) AS time_ns, System AS system, "
         "Step AS step, TraceId AS trace_id, CustomerId AS customer, InvoiceId AS invoice, PaymentId AS payment, "
-        "LedgerEntryId AS ledger_entry FROM $db.business_events FINAL "
+        "LedgerEntryId AS ledger_entry, row_number() OVER (ORDER BY time_ns, event_id) AS n, "
+        "count() OVER () AS total FROM $db.business_events FINAL "
         "WHERE InvoiceId IN {inv:Array(String)} OR PaymentId IN {pay:Array(String)} "
         "OR LedgerEntryId IN {led:Array(String)} OR TraceId IN {tr:Array(String)} "
-        "OR CustomerId IN {cus:Array(String)} "
-        "ORDER BY Time LIMIT {limit:UInt32}",
+        "OR CustomerId IN {cus:Array(String)}) "
+        "WHERE n <= intDiv({limit:UInt32} + 1, 2) OR n > total - intDiv({limit:UInt32}, 2) ORDER BY time_ns",
         {
             "cus": sorted(set(customers) - {""}),
             "inv": by_type["invoice"],
