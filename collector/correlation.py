@@ -74,7 +74,7 @@ def seed_key(query: Mapping[str, str | None]) -> tuple[str, str]:
     """The (key_type, value) a transactions query starts from; exactly one must be given."""
     given = [(k, v) for k, v in query.items() if v]
     if len(given) != 1:
-        raise ValueError("give exactly one of invoice_id, customer_id, payment_id, trace_id")
+        raise ValueError("give exactly one of invoice_id, customer_id, payment_id, ledger_entry_id, trace_id")
     param, value = given[0]
     key_type = {
         "invoice_id": "invoice",

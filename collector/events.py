@@ -21,7 +21,9 @@ from tower_core.store.arrow_schemas import BUSINESS_EVENTS, BUSINESS_KEY_LINKS
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+# W3C Trace Context: version 00 is exactly four fields; a later version is read for its first four fields and
+# may carry more after a dash (a receiver "must parse" those it knows); version ff is invalid
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
 _REQUIRED = ("id", "source", "type", "specversion")
 MAX_FIELD = 1024
 MAX_EVENTS_PER_BATCH = 10_000
@@ -60,8 +62,10 @@ def parse_time(value: Any) -> int:
     m = re.match(r"^(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:\d{2})$", value)
     if not m:
         raise EventError(f"time {value[:40]!r} is not RFC 3339")
+    stamp = m.group(1).replace("t", "T").replace(" ", "T")
+    leap = stamp.endswith(":60")  # RFC 3339 allows a leap second: read as the first instant of the next minute
     try:  # the pattern admits 2024-02-30, 25:00 or +25:00; the calendar does not
-        base = dt.datetime.fromisoformat(m.group(1).replace("t", "T").replace(" ", "T"))
+        base = dt.datetime.fromisoformat(stamp[:-2] + "59" if leap else stamp) + dt.timedelta(seconds=int(leap))
         tz = dt.UTC if m.group(3) in ("Z", "z") else dt.datetime.strptime(m.group(3), "%z").tzinfo
         seconds = int(base.replace(tzinfo=tz).timestamp())
     except (ValueError, OverflowError):
@@ -122,10 +126,16 @@ def parse_event(doc: Any, received_ns: int, key_names: Collection[str] = ()) -> 
         raise EventError(f"specversion {doc['specversion']!r} is not supported (1.0 is)")
     trace_id = span_id = ""
     if "traceparent" in doc:
-        m = _TRACEPARENT.match(str(doc["traceparent"]).strip().lower())
-        if not m or m.group(1) == "0" * 32 or m.group(2) == "0" * 16:
+        m = _TRACEPARENT.fullmatch(str(doc["traceparent"]).strip().lower())
+        if (
+            not m
+            or m.group(1) == "ff"
+            or (m.group(1) == "00" and m.group(4) is not None)
+            or m.group(2) == "0" * 32
+            or m.group(3) == "0" * 16
+        ):
             raise EventError("traceparent is not a valid W3C traceparent")
-        trace_id, span_id = m.group(1), m.group(2)
+        trace_id, span_id = m.group(2), m.group(3)
     time_ns = parse_time(doc["time"]) if "time" in doc else received_ns
     attrs: dict[str, str] = {}
     data = doc.get("data")

@@ -11,7 +11,7 @@ from collector import correlation as corr
 from tower_core.store import Store
 from tower_core.store import traces as q
 
-TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+TRACE_ID = re.compile(r"[0-9a-f]{32}")  # used with fullmatch: "$" let a trailing newline through
 MAX_TRACES = 200
 MAX_SPANS = 20_000  # per answer (a 100k-span trace was a 38 MB body and ~900 MB of server memory)
 MAX_EVENTS = 1_000

@@ -338,6 +338,7 @@ def test_a_transaction_seen_only_in_events_without_trace_context_is_found_by_its
                 "revops.customer.id": cus,
                 "revops.system": system,
                 "revops.step": "invoice_to_ledger",
+                **({"revops.ledger.entry.id": f"je_{inv}"} if system == "erp" else {}),
             },
         }
         for system, kind, at in (
@@ -361,6 +362,11 @@ def test_a_transaction_seen_only_in_events_without_trace_context_is_found_by_its
     step = next(s for s in doc["steps"] if s["step"] == "invoice_to_ledger")
     assert step["complete"] and step["latency_ms"] == 300_000
     assert txn({"customer_id": cus}) is not None
+    by_entry = httpx.get(f"{server.url}/api/transactions", headers=server.auth, params={"ledger_entry_id": f"je_{inv}"})
+    assert by_entry.status_code == 200  # the key of a missing_in_billing item
+    assert f"erp-{inv}" in [e["id"] for e in by_entry.json()["events"]]
+    newline = httpx.get(f"{server.url}/api/traces/{'ab' * 16}%0A", headers=server.auth)
+    assert newline.status_code == 400 and "32 hex" in newline.json()["detail"]
     assert (
         httpx.get(
             f"{server.url}/api/transactions", headers=server.auth, params={"invoice_id": "in_never_seen"}

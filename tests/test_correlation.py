@@ -123,3 +123,15 @@ def test_a_failed_posting_does_not_complete_its_step() -> None:
     ok = corr.EventView("ev2", "invoice.posted", 9_000, "erp", "invoice_to_ledger", "", {})
     [timing] = corr.step_timings(spans[:1], [event, ok])
     assert timing.complete and timing.end_ns == 9_000
+
+
+def test_event_times_take_a_leap_second_and_traceparents_of_later_versions() -> None:
+    assert events.parse_time("2016-12-31T23:59:60Z") == events.parse_time("2017-01-01T00:00:00Z")
+    assert events.parse_time("2016-12-31T23:59:60.5Z") == events.parse_time("2017-01-01T00:00:00.5Z")
+    doc = {"specversion": "1.0", "id": "e1", "source": "s", "type": "t"}
+    tid, sid = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    later = events.parse_event({**doc, "traceparent": f"01-{tid}-{sid}-01-what-comes-next"}, 0)
+    assert (later.trace_id, later.span_id) == (tid, sid)
+    for bad in (f"00-{tid}-{sid}-01-extra", f"ff-{tid}-{sid}-01", f"0-{tid}-{sid}-01"):
+        with pytest.raises(events.EventError, match="traceparent"):
+            events.parse_event({**doc, "traceparent": bad}, 0)

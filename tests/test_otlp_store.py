@@ -105,3 +105,17 @@ def test_key_attribute_names_follow_the_settings(store: Store) -> None:
     insert_otlp_spans(store, [make_request()], "t_2")
     keys = store.query_rows("SELECT DISTINCT KeyValue AS v FROM $db.business_key_links WHERE KeyType = 'invoice'")
     assert [k["v"] for k in keys] == ["in_1"]
+
+
+def test_enum_values_the_specification_does_not_define_render_empty(store: Store) -> None:
+    """kind -2 was stored as Consumer and status -2 as Error (ClickHouse counts negative indexes from the end)."""
+    migrate(store)
+    req = ExportTraceServiceRequest()
+    spans = req.resource_spans.add().scope_spans.add().spans
+    for i, (kind, code) in enumerate([(-2, -2), (9, 7), (2, 2), (0, 0)]):
+        sp = spans.add(trace_id=bytes([i + 1]) * 16, span_id=bytes([i + 1]) * 8, name=f"s{i}", kind=kind)
+        sp.start_time_unix_nano, sp.end_time_unix_nano = 1_767_225_600_000_000_000, 1_767_225_600_100_000_000
+        sp.status.code = code
+    insert_otlp_spans(store, [req.SerializeToString()], "t_enum")
+    rows = store.query_rows("SELECT SpanName AS n, SpanKind AS k, StatusCode AS c FROM $db.otel_traces ORDER BY n")
+    assert [(r["k"], r["c"]) for r in rows] == [("", ""), ("", ""), ("Server", "Error"), ("Unspecified", "Unset")]

@@ -24,7 +24,7 @@ async def trace(
     viewer: Annotated[Principal, Depends(require("viewer"))],
 ) -> dict[str, Any]:
     tid = trace_id.lower()
-    if not TRACE_ID.match(tid):
+    if not TRACE_ID.fullmatch(tid):
         raise HTTPException(400, "trace_id must be 32 hex characters")
     doc = await run_in_threadpool(get_trace, store, tid)
     if doc is None:
@@ -32,7 +32,7 @@ async def trace(
     return doc
 
 
-@router.get("/transactions", summary="The business transaction of an invoice, customer, payment or trace")
+@router.get("/transactions", summary="The business transaction of an invoice, customer, payment, ledger entry or trace")
 async def transaction(
     store: Annotated[Store, Depends(get_store)],
     viewer: Annotated[Principal, Depends(require("viewer"))],
@@ -40,16 +40,23 @@ async def transaction(
     customer_id: KeyParam = None,
     payment_id: KeyParam = None,
     trace_id: KeyParam = None,
+    ledger_entry_id: KeyParam = None,
 ) -> dict[str, Any]:
     try:
         seed = corr.seed_key(
-            {"invoice_id": invoice_id, "customer_id": customer_id, "payment_id": payment_id, "trace_id": trace_id}
+            {
+                "invoice_id": invoice_id,
+                "customer_id": customer_id,
+                "payment_id": payment_id,
+                "trace_id": trace_id,
+                "ledger_entry_id": ledger_entry_id,  # the key of missing_in_billing items
+            }
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
     if seed[0] == "trace":
         seed = ("trace", seed[1].lower())
-        if not TRACE_ID.match(seed[1]):
+        if not TRACE_ID.fullmatch(seed[1]):
             raise HTTPException(400, "trace_id must be 32 hex characters")
     doc = await run_in_threadpool(get_transaction, store, seed)
     if doc is None:

@@ -96,13 +96,16 @@ INSERT_SPANS = (
     "fromUnixTimestamp64Nano(toInt64(sp.start_time_unix_nano)) AS Timestamp, "
     "lower(hex(sp.trace_id)) AS TraceId, lower(hex(sp.span_id)) AS SpanId, "
     "lower(hex(sp.parent_span_id)) AS ParentSpanId, sp.trace_state AS TraceState, sp.name AS SpanName, "
-    "['Unspecified', 'Internal', 'Server', 'Client', 'Producer', 'Consumer'][sp.kind + 1] AS SpanKind, "
+    # an enum value the specification does not define renders as '' (a negative index counts from the end)
+    "if(sp.kind BETWEEN 0 AND 5, ['Unspecified', 'Internal', 'Server', 'Client', 'Producer', 'Consumer'][sp.kind + 1], "
+    "'') AS SpanKind, "
     "ResourceAttributes['service.name'] AS ServiceName, "
     + _attrs("rs.resource.attributes")
     + " AS ResourceAttributes, "
     "ss.scope.name AS ScopeName, ss.scope.version AS ScopeVersion, " + _attrs("sp.attributes") + " AS SpanAttributes, "
     "if(sp.end_time_unix_nano > sp.start_time_unix_nano, sp.end_time_unix_nano - sp.start_time_unix_nano, 0) "
-    "AS Duration, ['Unset', 'Ok', 'Error'][sp.status.code + 1] AS StatusCode, sp.status.message AS StatusMessage, "
+    "AS Duration, if(sp.status.code BETWEEN 0 AND 2, ['Unset', 'Ok', 'Error'][sp.status.code + 1], '') AS StatusCode, "
+    "sp.status.message AS StatusMessage, "
     "arrayMap(e -> fromUnixTimestamp64Nano(toInt64(e.time_unix_nano)), sp.events) AS `Events.Timestamp`, "
     "arrayMap(e -> e.name, sp.events) AS `Events.Name`, "
     "arrayMap(e -> " + _attrs("e.attributes") + ", sp.events) AS `Events.Attributes`, "
