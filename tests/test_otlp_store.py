@@ -119,3 +119,37 @@ def test_enum_values_the_specification_does_not_define_render_empty(store: Store
     insert_otlp_spans(store, [req.SerializeToString()], "t_enum")
     rows = store.query_rows("SELECT SpanName AS n, SpanKind AS k, StatusCode AS c FROM $db.otel_traces ORDER BY n")
     assert [(r["k"], r["c"]) for r in rows] == [("", ""), ("", ""), ("Server", "Error"), ("Unspecified", "Unset")]
+
+
+def test_zero_values_are_values_not_absence(store: Store) -> None:
+    """int 0, false, 0.0 and "" are set on the wire (proto3 oneof): they were stored as empty strings, so a
+    zero-amount invoice lost its amount; bytes after them must not read as "false"."""
+    migrate(store)
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.add(key="replicas").value.int_value = 0
+    sp = rs.scope_spans.add().spans.add(trace_id=b"\x05" * 16, span_id=b"\x05" * 8, name="zero")
+    sp.start_time_unix_nano, sp.end_time_unix_nano = 1_767_225_600_000_000_000, 1_767_225_600_100_000_000
+    a = sp.attributes
+    a.add(key="revops.amount_minor").value.int_value = 0
+    a.add(key="paid").value.bool_value = False
+    a.add(key="ok").value.bool_value = True
+    a.add(key="ratio").value.double_value = 0.0
+    a.add(key="note").value.string_value = ""
+    a.add(key="raw").value.bytes_value = b"\x00\x01"
+    a.add(key="unset")  # an AnyValue with no member set
+    arr = a.add(key="flags").value.array_value.values
+    arr.add().int_value, arr.add().bool_value = 0, False
+    insert_otlp_spans(store, [req.SerializeToString()], "t_zero")
+    [row] = store.query_rows("SELECT SpanAttributes AS a, ResourceAttributes AS r FROM $db.otel_traces")
+    assert dict(row["a"]) == {
+        "revops.amount_minor": "0",
+        "paid": "false",
+        "ok": "true",
+        "ratio": "0",
+        "note": "",
+        "raw": "AAE=",
+        "unset": "",
+        "flags": '["0","false"]',
+    }
+    assert dict(row["r"]) == {"replicas": "0"}

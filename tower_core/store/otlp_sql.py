@@ -44,7 +44,12 @@ message ExportTraceServiceRequest { repeated ResourceSpans resource_spans = 1; }
 """.split()
 )
 
-_SCALAR = "string_value String, bool_value Bool, int_value Int64, double_value Float64, bytes_value String"
+# Nullable: a field absent on the wire reads as NULL, so the oneof member that was set is known (an int 0, a false,
+# a 0.0 or an empty string are values, not absence)
+_SCALAR = (
+    "string_value Nullable(String), bool_value Nullable(Bool), int_value Nullable(Int64), "
+    "double_value Nullable(Float64), bytes_value Nullable(String)"
+)
 _KV = f"Array(Tuple(key String, value Tuple({_SCALAR}, array_value Tuple(values Array(Tuple({_SCALAR}))))))"
 STRUCTURE = (
     f"resource_spans Array(Tuple(resource Tuple(attributes {_KV}), scope_spans Array(Tuple(scope Tuple("
@@ -55,15 +60,13 @@ STRUCTURE = (
     f"status Tuple(message String, code Int32)))))))"
 )
 
-# AnyValue -> text as the clickhouseexporter renders scalars (proto3 oneof presence is not kept by the
-# reader, so an int 0 / false / empty bytes value renders as an empty string).
+# AnyValue -> text as the clickhouseexporter renders scalars: the member that is set, zero values included.
 
 
 def _scalar(v: str) -> str:
     return (
-        f"multiIf({v}.string_value != '', {v}.string_value, {v}.int_value != 0, toString({v}.int_value), "
-        f"{v}.double_value != 0, toString({v}.double_value), {v}.bool_value, 'true', {v}.bytes_value != '', "
-        f"base64Encode({v}.bytes_value), '')"
+        f"ifNull(coalesce({v}.string_value, toString({v}.int_value), toString({v}.double_value), "
+        f"if(isNull({v}.bool_value), NULL, if({v}.bool_value, 'true', 'false')), base64Encode({v}.bytes_value)), '')"
     )
 
 
