@@ -153,3 +153,31 @@ def test_zero_values_are_values_not_absence(store: Store) -> None:
         "flags": '["0","false"]',
     }
     assert dict(row["r"]) == {"replicas": "0"}
+
+
+def test_span_key_values_are_read_as_events_read_them(store: Store) -> None:
+    """'[EU]-INV-7' is an id, not an empty JSON list; a 200-character Cyrillic id (400 bytes) is within the
+    256-character limit. Both were never indexed from spans while events carrying them were (migration 0018)."""
+    from collector.correlation import extract_keys
+
+    migrate(store)
+    names = key_attribute_names({})
+    sync_key_attributes(store, names)
+    odd, long = "[EU]-INV-7", "и" * 200
+    req = ExportTraceServiceRequest()
+    spans = req.resource_spans.add().scope_spans.add().spans
+    for i, value in enumerate((odd, long, '["in_a","in_b"]')):
+        sp = spans.add(trace_id=bytes([0x30 + i]) * 16, span_id=bytes([0x30 + i]) * 8, name="post")
+        sp.start_time_unix_nano, sp.end_time_unix_nano = 1_767_225_600_000_000_000, 1_767_225_600_100_000_000
+        sp.attributes.add(key="revops.invoice.id").value.string_value = value
+        sp.attributes.add(key="revops.step").value.string_value = "invoice_to_ledger"
+        sp.attributes.add(key="revops.system").value.string_value = "erp"
+    insert_otlp_spans(store, [req.SerializeToString()], "t_keys")
+    linked = {r["v"] for r in store.query_rows("SELECT KeyValue AS v FROM $db.business_key_links")}
+    active = {r["v"] for r in store.query_rows("SELECT KeyValue AS v FROM $db.step_activity")}
+    expected = {odd, long, "in_a", "in_b"}
+    assert linked == expected and active == expected
+    python_side = {
+        v for raw in (odd, long, '["in_a","in_b"]') for _, v in extract_keys({"revops.invoice.id": raw}, names)
+    }
+    assert python_side == expected
