@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -87,16 +88,18 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
 _ID_FIELDS = {"traceId": 16, "spanId": 8, "parentSpanId": 8}
 
 
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
+
+
 def _hex_ids_to_base64(node: Any) -> Any:
     """OTLP/JSON carries ids as hex; protobuf's JSON mapping expects base64 for bytes fields."""
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
             if key in _ID_FIELDS and isinstance(value, str):
-                try:
-                    raw = bytes.fromhex(value)
-                except ValueError:
-                    raise OtlpError(400, f"{key} {value[:40]!r} is not hex") from None
+                # an id that is not hex (odd length, spaces, other letters) becomes one of the wrong length, so its
+                # span is rejected alone (partial success) like an id of the wrong length, not the whole request
+                raw = bytes.fromhex(value) if _HEX.fullmatch(value) else b"\x00"
                 out[key] = base64.b64encode(raw).decode()
             else:
                 out[key] = _hex_ids_to_base64(value)

@@ -84,7 +84,6 @@ def test_malformed_protobuf_is_400(body: bytes) -> None:
     [
         b"{",
         b"[1,2]",
-        b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
         b'{"resourceSpans": "nope"}',
     ],
 )
@@ -121,3 +120,21 @@ def test_media_type() -> None:
     with pytest.raises(otlp.OtlpError) as err:
         otlp.media_type("text/plain")
     assert err.value.status == 415
+
+
+def test_an_id_that_is_not_hex_rejects_its_span_alone() -> None:
+    """Odd length, spaces (bytes.fromhex skips them) or other letters: the span is rejected with partial success,
+    as an id of the wrong length is, instead of the whole request (and the valid span with it) being a 400."""
+    good = {
+        "traceId": "5b8efff798038103d269b633813fc60c",
+        "spanId": "eee19b7ec3c1b174",
+        "name": "ok",
+        "startTimeUnixNano": "1767225600000000000",
+        "endTimeUnixNano": "1767225601000000000",
+    }
+    bad_ids = ["zz" * 16, "5b8efff798038103d269b633813fc60", "5b8efff7 98038103d269b633813fc60c"]
+    spans = [good] + [{**good, "traceId": t, "name": f"bad{i}"} for i, t in enumerate(bad_ids)]
+    body = orjson.dumps({"resourceSpans": [{"scopeSpans": [{"spans": spans}]}]})
+    checked = otlp.validate(otlp.decode(body, otlp.JSON))
+    assert (checked.accepted, checked.rejected) == (1, 3) and "trace_id" in checked.error_message
+    assert [s.name for s in checked.request.resource_spans[0].scope_spans[0].spans] == ["ok"]
