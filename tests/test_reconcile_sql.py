@@ -518,3 +518,24 @@ def test_a_draft_invoice_the_erp_posted_is_a_status_mismatch_not_a_tolerated_dif
     rows, _ = q.list_statements(store, run_id=run.run_id)
     assert run.residual_minor == 0
     assert [r["explained"] for r in rows] == [{c.STATUS_MISMATCH: -1_234_500}]
+
+
+def test_an_unallocated_payment_matches_open_invoices_of_its_currency_and_their_latest_customer(store: Store) -> None:
+    """A 1,000 JPY payment "matched" a 1,000-minor-unit USD invoice; and an invoice moved to another customer
+    still matched its former customer's payment until a merge folded the old version away."""
+    jpy = Payment("py_jpy", "payment", "cus_1", "EU", "JPY", 1_000, "succeeded", T, T)
+    moved_from = Payment("py_mv", "payment", "cus_9", "EU", "USD", 700, "succeeded", T, T)
+    q.write_invoices(store, [inv("in_usd", 1_000), dataclasses.replace(inv("in_mv", 700), customer_id="cus_9")])
+    q.write_invoices(store, [later(dataclasses.replace(inv("in_mv", 700), customer_id="cus_2"))])  # type: ignore[list-item]
+    q.write_ledger(store, [led("le_u", "invoice", "in_usd", 1_000), led("le_m", "invoice", "in_mv", 700)])
+    q.write_payments(store, [jpy, moved_from])
+    r = Reconciler(store, RULES)
+    for merged in (False, True):
+        if merged:
+            store.command("OPTIMIZE TABLE $db.billing_invoices FINAL")
+        r.run(full=True, as_of=AS_OF)
+        found = items(store)
+        assert {(cls, key) for cls, key in found if key.startswith("py_")} == {
+            (c.ORPHAN_PAYMENT, "py_jpy"),
+            (c.ORPHAN_PAYMENT, "py_mv"),
+        }, merged

@@ -884,20 +884,26 @@ SELECT p.key FROM (
         AND e_applied_n = 0
 ) AS p
 INNER JOIN (
-    SELECT cust AS CustomerId, st.1 AS status, st.2 AS outstanding, st.3 AS FinalizedAt, st.4 AS deleted
+    -- the latest version of every invoice any version of which belongs to one of these customers (an invoice moved
+    -- to another customer is that customer's now), in the payment's currency
+    SELECT st.1 AS CustomerId, st.2 AS status, st.3 AS outstanding, st.4 AS FinalizedAt, st.5 AS deleted,
+        st.6 AS currency
     FROM (
-        SELECT InvoiceId, any(CustomerId) AS cust,
-            argMax((Status, TotalMinor - AmountPaidMinor - AmountCreditedMinor, FinalizedAt, IsDeleted), Version) AS st
+        SELECT InvoiceId,
+            argMax((CustomerId, Status, TotalMinor - AmountPaidMinor - AmountCreditedMinor, FinalizedAt, IsDeleted,
+                Currency), Version) AS st
         FROM $db.billing_invoices
-        PREWHERE CustomerId IN (
-            SELECT p_customer FROM $db.reconcile_payment_facts WHERE RunId = {run:String} AND p_alloc_n = 0)
+        WHERE InvoiceId IN (
+            SELECT InvoiceId FROM $db.billing_invoices
+            PREWHERE CustomerId IN (
+                SELECT p_customer FROM $db.reconcile_payment_facts WHERE RunId = {run:String} AND p_alloc_n = 0))
         GROUP BY InvoiceId
     )
     WHERE status = 'open' AND deleted = 0
 ) AS i ON i.CustomerId = p.p_customer
 WHERE i.FinalizedAt BETWEEN p.p_occurred - toIntervalDay({window:UInt32})
         AND p.p_occurred + toIntervalDay({window:UInt32})
-    AND i.outstanding > 0
+    AND i.outstanding > 0 AND i.currency = p.cur
 GROUP BY p.key, p.p_amount, p.t_abs, p.t_rel
 HAVING abs(sum(i.outstanding) - p.p_amount) <= greatest(p.t_abs, intDiv(p.t_rel * abs(p.p_amount), 10000))
     OR countIf(abs(i.outstanding - p.p_amount) <= greatest(p.t_abs, intDiv(p.t_rel * abs(p.p_amount), 10000))) = 1
