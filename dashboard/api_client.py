@@ -105,7 +105,7 @@ class TowerApi:
     def aging(self, region: str = "") -> dict[str, Any]:
         return self.get("/api/overview/aging", region=region)
 
-    def acknowledge(self, drift_id: str, note: str = "") -> dict[str, Any]:
+    def acknowledge(self, drift_id: str, note: str) -> dict[str, Any]:
         return self.post(f"/api/drift/{_seg(drift_id)}/acknowledge", {"note": note})
 
     def ignore(self, drift_id: str, note: str) -> dict[str, Any]:

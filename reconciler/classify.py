@@ -148,15 +148,16 @@ class TransitionError(ValueError):
 
 
 def manual_transition(current: str, target: str, note: str) -> str:
-    """Acknowledge or ignore an item; ignoring needs a note (the why of the audit record)."""
+    """Acknowledge or ignore an item; either needs a note (the why of the audit record)."""
     if target not in (ACKNOWLEDGED, IGNORED):
         raise TransitionError(f"an item can be acknowledged or ignored, not set to {target!r}")
     if current == RESOLVED:
         raise TransitionError("the item is resolved; there is nothing to acknowledge or ignore")
     if current == target:
         raise TransitionError(f"the item is already {target}")
-    if target == IGNORED and not note.strip():
-        raise TransitionError("ignoring an item needs a note saying why")
+    if not note.strip():
+        verb = "ignoring" if target == IGNORED else "acknowledging"
+        raise TransitionError(f"{verb} an item needs a note saying why")
     if current == IGNORED and target == ACKNOWLEDGED:
         raise TransitionError("an ignored item cannot be acknowledged")
     return target

@@ -249,6 +249,9 @@ def test_ignore_needs_a_note_and_both_transitions_are_confirmed_and_audited(
     assert (doc["state"], doc["state_note"]) == ("ignored", "profile merged by hand in billing")
 
     at.selectbox(key="ur_item").set_value(second["drift_id"]).run()
+    at.text_area(key="ur_note").input("").run()
+    assert at.button(key="ur_ack").disabled  # acknowledging says why too
+    at.text_area(key="ur_note").input("FX rate checked with treasury").run()
     at.button(key="ur_ack").click().run()
     at.button(key="cancel_item").click().run()
     assert tower.call("GET", f"/api/drift/{second['drift_id']}").json()["state"] == second["state"]
@@ -290,6 +293,8 @@ def test_actions_page_bulk_shows_the_count_asks_again_and_replays_failed_actions
     n = len(targets)
     assert n >= 1
     assert metric(at, "Open items matching the bulk filter") == str(n)
+    assert at.button(key="bulk_apply").disabled  # no note yet
+    at.text_input(key="bulk_note").input("paid in the ERP by the lockbox run").run()
     apply = at.button(key="bulk_apply")
     assert apply.label == f"Acknowledge {n} items…"
     apply.click().run()
@@ -402,6 +407,7 @@ def test_a_pending_question_stays_with_its_item_and_its_person(tower: Tower, das
     sign_in(at, tower.tokens["operator"])  # olga
     at.switch_page("screens/unreconciled.py").run()
     open_item(at, a)
+    at.text_area(key="ur_note").input("checking with billing").run()
     at.button(key="ur_ack").click().run()
     assert any(a["primary_key"] in w.value for w in at.warning) and "confirm_item" in buttons(at)
     open_item(at, b)
@@ -409,6 +415,7 @@ def test_a_pending_question_stays_with_its_item_and_its_person(tower: Tower, das
     open_item(at, a)
     assert "confirm_item" not in buttons(at)  # dropped, not just hidden
 
+    at.text_area(key="ur_note").input("checking with billing").run()
     at.button(key="ur_ack").click().run()  # asked again, then olga leaves
     at.switch_page("screens/overview.py").run()
     at.button(key="sign_out").click().run()

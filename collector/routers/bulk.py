@@ -79,13 +79,13 @@ class BulkRequest(BaseModel):
     action: Literal["acknowledge", "ignore", "sync"]
     filter: DriftFilter = Field(default_factory=DriftFilter)
     expected_count: int = Field(ge=1, le=MAX_BULK, description="How many items the caller saw for the filter.")
-    note: str = Field("", max_length=2000, description="Why (required to ignore).")
+    note: str = Field("", max_length=2000, description="Why (required to acknowledge or ignore).")
     approve: bool = Field(False, description="Approve business-rule corrections (sync only).")
 
     @model_validator(mode="after")
     def _note_to_ignore(self) -> BulkRequest:
-        if self.action == "ignore" and not self.note.strip():
-            raise ValueError("ignoring items needs a note saying why")
+        if self.action in ("acknowledge", "ignore") and not self.note.strip():
+            raise ValueError(f"{self.action.removesuffix('e')}ing items needs a note saying why")
         return self
 
 

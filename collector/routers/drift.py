@@ -176,7 +176,7 @@ async def one(
 
 
 class NoteBody(BaseModel):
-    note: str = Field("", max_length=2000, description="Why (required to ignore).")
+    note: str = Field("", max_length=2000, description="Why (required: the audit record says it).")
 
 
 class SyncBody(BaseModel):
@@ -191,7 +191,7 @@ async def _transition(service: ReconcilerService, drift_id: str, target: str, no
     return {"drift_id": drift_id, "state": item["State"], "note": item["StateNote"]}
 
 
-@router.post("/{drift_id}/acknowledge", summary="Acknowledge an item (someone is on it)")
+@router.post("/{drift_id}/acknowledge", summary="Acknowledge an item (someone is on it; a note says why)")
 async def acknowledge(
     drift_id: str,
     body: NoteBody,

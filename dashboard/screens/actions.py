@@ -157,8 +157,8 @@ if operator:
     matching = (data.get("matching") or {}).get("total", 0)
     st.metric("Open items matching the bulk filter", f"{matching:,}")
     kind = st.selectbox("Action", list(BULK_ACTIONS), format_func=BULK_ACTIONS.get, key="bulk_action")
-    note = st.text_input("Note (required to ignore)", key="bulk_note")
-    ready = matching > 0 and (kind != "ignore" or bool(note.strip()))
+    note = st.text_input("Note (required to acknowledge or ignore)", key="bulk_note")
+    ready = matching > 0 and (kind == "sync" or bool(note.strip()))
 
     def _ask_bulk() -> None:
         count = matching

@@ -213,7 +213,7 @@ def _item(api: TowerApi, drift_id: str) -> None:
 
     def _ask_ack() -> None:
         note = st.session_state.get("ur_note", "")
-        prompt = f"Acknowledge {item['class']} {key}?"
+        prompt = f"Acknowledge {item['class']} {key}? Note: “{note}”"
         session.ask("item", "acknowledge", prompt, lambda: api.acknowledge(drift_id, note), drift_id)
 
     def _ask_ignore() -> None:
@@ -228,8 +228,14 @@ def _item(api: TowerApi, drift_id: str) -> None:
         disabled=not can_sync,
         help=None if can_sync else "this class has no corrective operation; acknowledge or ignore it",
     )
-    c2.button("Acknowledge…", key="ur_ack", on_click=_ask_ack, disabled=resolved or item["state"] == "acknowledged")
-    note = st.text_area("Note (required to ignore)", key="ur_note", max_chars=2000)
+    note = st.text_area("Note (required to acknowledge or ignore)", key="ur_note", max_chars=2000)
+    c2.button(
+        "Acknowledge…",
+        key="ur_ack",
+        on_click=_ask_ack,
+        disabled=resolved or item["state"] == "acknowledged" or not note.strip(),
+        help="write a note first: the audit record says why",
+    )
     c3.button(
         "Ignore…",
         key="ur_ignore",
