@@ -539,3 +539,25 @@ def test_an_unallocated_payment_matches_open_invoices_of_its_currency_and_their_
             (c.ORPHAN_PAYMENT, "py_jpy"),
             (c.ORPHAN_PAYMENT, "py_mv"),
         }, merged
+
+
+def test_a_region_run_does_not_resolve_an_item_whose_invoice_moved_to_another_region(store: Store) -> None:
+    """The EU run no longer compares an invoice billing moved to NA: it resolved its open item ("drift gone"), the
+    next run opened it again as new, and the acknowledgement, its note and its age were lost."""
+    q.write_invoices(store, [inv("in_mv", 1_000)])
+    q.write_ledger(store, [led("le_mv", "invoice", "in_mv", 1_500)])
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    drift = c.drift_id(c.AMOUNT_MISMATCH, "in_mv")
+    store.command(
+        "INSERT INTO $db.drift_items SELECT * REPLACE ('acknowledged' AS State, 'FX, FIN-7' AS StateNote, "
+        "Version + 1 AS Version) FROM $db.drift_items FINAL WHERE DriftId = {d:String}",
+        {"d": drift},
+    )
+    q.write_invoices(store, [later(inv("in_mv", 1_000, region="NA"))])  # type: ignore[list-item]
+    q.write_ledger(store, [later(led("le_mv", "invoice", "in_mv", 1_500, region="NA"))])  # type: ignore[list-item]
+    r.run(full=True, region="EU", as_of=AS_OF)
+    item = q.get_drift(store, drift)
+    assert item is not None and (item["State"], item["StateNote"]) == ("acknowledged", "FX, FIN-7")
+    r.run(full=True, region="NA", as_of=AS_OF)
+    assert items(store)[(c.AMOUNT_MISMATCH, "in_mv")]["state"] == "acknowledged"

@@ -1150,6 +1150,19 @@ FROM $db.drift_items AS i FINAL
 WHERE State != 'resolved'
     AND ({region:String} = '' OR Region = {region:String})
     AND DriftId NOT IN (SELECT DriftId FROM $db.reconcile_findings WHERE RunId = {run:String})
+    -- a region run compared the keys billed in its region now: an item whose invoice or payment billing moved to
+    -- another region since was not compared by it, so it is not resolved by it either
+    AND ({region:String} = '' OR NOT (
+        (KeyType = 'invoice' AND InvoiceId IN (
+            SELECT InvoiceId FROM $db.billing_invoices FINAL
+            WHERE InvoiceId IN (SELECT InvoiceId FROM $db.drift_items FINAL
+                WHERE State != 'resolved' AND Region = {region:String} AND KeyType = 'invoice')
+                AND NOT IsDeleted AND Region != {region:String}))
+        OR (KeyType = 'payment' AND PaymentId IN (
+            SELECT PaymentId FROM $db.billing_payments FINAL
+            WHERE PaymentId IN (SELECT PaymentId FROM $db.drift_items FINAL
+                WHERE State != 'resolved' AND Region = {region:String} AND KeyType = 'payment')
+                AND NOT IsDeleted AND Region != {region:String}))))
     /*scope*/
 """
 # Incremental runs resolve only items whose key they compared. A customer_unmatched item stands for all the
