@@ -561,3 +561,21 @@ def test_a_region_run_does_not_resolve_an_item_whose_invoice_moved_to_another_re
     assert item is not None and (item["State"], item["StateNote"]) == ("acknowledged", "FX, FIN-7")
     r.run(full=True, region="NA", as_of=AS_OF)
     assert items(store)[(c.AMOUNT_MISMATCH, "in_mv")]["state"] == "acknowledged"
+
+
+def test_an_unallocated_payment_the_erp_applied_is_not_an_over_application(store: Store) -> None:
+    """Billing marked in_1 paid by py_1, which it allocated nowhere; the ERP applied py_1 to in_1. The payment's
+    comparison accepts that (the ERP holds the match); the invoice's saw 1,000 applied and 0 allocated."""
+    q.write_invoices(store, [inv("in_1", 1_000, status="paid", amount_paid_minor=1_000)])
+    q.write_ledger(
+        store, [led("le_1", "invoice", "in_1", 1_000, "paid"), led("le_p1", "payment", "py_1", 1_000, "posted", "in_1")]
+    )
+    q.write_payments(store, [pay("py_1", 1_000, {})])
+    Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    assert items(store) == {}
+    # an application of a payment billing allocated to another invoice stays a finding
+    q.write_invoices(store, [inv("in_2", 500)])
+    q.write_ledger(store, [led("le_2", "invoice", "in_2", 500), led("le_p2", "payment", "py_2", 500, "posted", "in_1")])
+    q.write_payments(store, [pay("py_2", 500, {"in_2": 500})])
+    Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    assert (c.OVER_APPLIED, "in_1") in items(store)

@@ -536,7 +536,8 @@ def find_candidates(store: Store, run_id: str, region: str = "") -> dict[str, in
 # --- comparison: stage B, both sides' facts of the candidate keys (exact string keys) ----------------------
 # Invoice keys. src: 0 billing invoice, 1 ERP invoice posting, 2 ERP payment application (keyed by the invoice
 # it applies to), 3 ERP draft = rejected posting, 4 billing payment allocation, 5 billing refund / credit-note
-# allocation, 6 ERP credit memo (keyed by the invoice it applies to).
+# allocation, 6 ERP credit memo (keyed by the invoice it applies to), 7 ERP application of a payment billing
+# allocated nowhere.
 _INVOICE_FACTS = """
 INSERT INTO $db.reconcile_invoice_facts (RunId, key, b_n, b_customer, b_region, b_currency, b_total, b_tax,
     b_subtotal, b_status, b_issued, b_finalized, b_day, e_n, e_currency, e_amount, e_sum, e_status, e_entry,
@@ -577,7 +578,15 @@ FROM (
     FROM $db.billing_invoices FINAL /*inv_filter*/ WHERE NOT IsDeleted
     UNION ALL
     SELECT if(EntryType = 'invoice', ExternalRef, AppliedToRef) AS lk,
-        multiIf(EntryType = 'invoice', if(Status = 'draft', 3, 1), EntryType = 'payment', 2, 6), PartyRef, Region,
+        multiIf(EntryType = 'invoice', if(Status = 'draft', 3, 1),
+            -- the ERP's application of a payment billing allocated nowhere: cash applied in the ERP, which the
+            -- payment's comparison accepts; not an application beyond what billing allocated (src 7, not summed)
+            EntryType = 'payment', if(ExternalRef IN (
+                SELECT PaymentId FROM $db.billing_payments FINAL
+                WHERE PaymentId IN (SELECT ExternalRef FROM $db.reconcile_ledger_rows
+                        WHERE RunId = {run:String} AND EntryType = 'payment' AND AppliedToRef != '')
+                    AND NOT IsDeleted AND Kind = 'payment' AND Status = 'succeeded' AND empty(Allocations)), 7, 2),
+            6), PartyRef, Region,
         Currency, AmountMinor, 0, 0, Status, PostedAt, PostedAt, PeriodDate,
         if(EntryType = 'invoice', EntryId, ExternalRef), Rejection
     FROM $db.reconcile_ledger_rows
