@@ -152,7 +152,7 @@ class SpanView:
 
     @property
     def step(self) -> str:
-        return self.attributes.get("revops.step") or self.resource.get("revops.step", "")
+        return self.attributes.get("revops.step", "")  # a span's own, as the SLA's activity view reads it
 
     @property
     def failed(self) -> bool:

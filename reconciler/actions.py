@@ -467,6 +467,10 @@ class ActionService:
             # the tower's store failed around the call (a read before it, the check after): nothing says whether
             # the target was written, so the action waits and its next attempt looks at the target first
             row["Attempts"] = int(row["Attempts"]) + attempts_here
+            if policy.after_transient_failure(int(row["Attempts"]), self.retry) == "dead_letter":
+                row["State"], row["DeadLetter"], row["LastError"] = FAILED, 1, f"store: {exc}"
+                self._save(row, "reconciler", "action.fail", before, "retries exhausted (the tower's store)")
+                return _public(row)
             return self._defer(row, f"store: {exc}", self.retry.initial_s, before)
         except UnexpectedError as exc:
             log.exception("action %s failed unexpectedly", row["ActionId"])

@@ -135,3 +135,11 @@ def test_event_times_take_a_leap_second_and_traceparents_of_later_versions() -> 
     for bad in (f"00-{tid}-{sid}-01-extra", f"ff-{tid}-{sid}-01", f"0-{tid}-{sid}-01"):
         with pytest.raises(events.EventError, match="traceparent"):
             events.parse_event({**doc, "traceparent": bad}, 0)
+
+
+def test_a_step_is_read_from_the_span_as_the_sla_reads_it() -> None:
+    """The SLA's activity view reads revops.step from the span only; the transaction view agrees."""
+    only_resource = corr.SpanView(
+        "t", "s1", "", "x", "erp", 0, 1_000, "Ok", {}, [], {"revops.step": "invoice_to_ledger"}
+    )
+    assert only_resource.step == "" and corr.step_timings([only_resource]) == []

@@ -181,3 +181,37 @@ def test_span_key_values_are_read_as_events_read_them(store: Store) -> None:
         v for raw in (odd, long, '["in_a","in_b"]') for _, v in extract_keys({"revops.invoice.id": raw}, names)
     }
     assert python_side == expected
+
+
+def test_migration_0018_reads_again_the_spans_stored_before_it_and_can_run_twice(store: Store) -> None:
+    from tower_core.store.migrate import available
+
+    for m in available():
+        if m.version < 18:
+            for statement in m.statements():
+                store.command(statement)
+    names = key_attribute_names({})
+    sync_key_attributes(store, names)
+    odd, long = "[EU]-INV-7", "и" * 200
+    req = ExportTraceServiceRequest()
+    spans = req.resource_spans.add().scope_spans.add().spans
+    for i, value in enumerate((odd, long, "in_plain")):
+        sp = spans.add(trace_id=bytes([0x40 + i]) * 16, span_id=bytes([0x40 + i]) * 8, name="post")
+        sp.start_time_unix_nano, sp.end_time_unix_nano = 1_767_225_600_000_000_000, 1_767_225_600_100_000_000
+        sp.attributes.add(key="revops.invoice.id").value.string_value = value
+        sp.attributes.add(key="revops.step").value.string_value = "invoice_to_ledger"
+        sp.attributes.add(key="revops.system").value.string_value = "erp"
+    insert_otlp_spans(store, [req.SerializeToString()], "t_before_0018")
+
+    def links() -> list[tuple[str, str]]:
+        rows = store.query_rows("SELECT KeyValue AS v, TraceId AS t FROM $db.business_key_links FINAL ORDER BY v")
+        return [(r["v"], r["t"]) for r in rows]
+
+    assert [v for v, _ in links()] == ["in_plain"]  # the old view: the list misread, the length in bytes
+    (m18,) = [m for m in available() if m.version == 18]
+    for _ in range(2):
+        for statement in m18.statements():
+            store.command(statement)
+    assert sorted(v for v, _ in links()) == sorted([odd, long, "in_plain"])
+    counts = store.query_rows("SELECT KeyValue AS v, count() AS n FROM $db.step_activity FINAL GROUP BY v")
+    assert {r["v"]: r["n"] for r in counts} == {odd: 1, long: 1, "in_plain": 1}

@@ -861,3 +861,25 @@ def test_beside_a_clickhouse_server_only_the_process_running_the_jobs_writes_to_
     assert jobs.actions.process_due() == 1
     assert jobs.actions.get(queued["action_id"])["state"] == "succeeded"
     assert len(invoice_postings(estate, invoice_id)) == 1
+
+
+def test_a_store_error_that_persists_spends_the_retry_budget(store: Store, tmp_path: Path) -> None:
+    """Deferred for ever every 0.2 s, never failed nor listed, while the same error once went to the dead letters."""
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=18, reconcile_action_max_attempts=3)
+    always = StoreFailingOnce(store, "FROM $db.billing_invoices FINAL WHERE InvoiceId")
+    always.failed = False
+
+    def failing(sql: str, *args: Any, **kwargs: Any) -> Any:
+        if always.fragment in sql:
+            raise StoreError("Code: 210. DB::NetException: Connection refused")
+        return store.query_rows(sql, *args, **kwargs)
+
+    always.query_rows = failing  # type: ignore[method-assign]
+    svc.actions.store = always  # type: ignore[assignment]
+    action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
+    for _ in range(10):
+        time.sleep(0.05)
+        svc.actions.process_due()
+    row = svc.actions.get(action["action_id"])
+    assert row["state"] == "failed" and row["dead_letter"] and row["attempts"] == 3
+    assert row["last_error"].startswith("store: ") and svc.actions.breakers.snapshot()["erp"]["failures"] == 0

@@ -490,16 +490,18 @@ def test_a_region_run_keeps_the_explanation_of_a_key_billed_in_another_region(st
     assert {row["region"]: row["residual_minor"] for row in rows} == {"EU": 0, "NA": 0}
 
 
-@pytest.mark.parametrize("hours", [23, 26, 47, 49, 191, 193])
-def test_every_aging_view_counts_whole_days_elapsed_like_the_item_view(store: Store, hours: int) -> None:
+@pytest.mark.parametrize("hours", [23, 26, 47, 48 - 1 / 7200, 49, 191, 193])
+def test_every_aging_view_counts_whole_days_elapsed_like_the_item_view(store: Store, hours: float) -> None:
     """26 hours after first seen (noon, then 14:00 two calendar days on) is 0-1d everywhere: the list's filter,
-    the queue summary and the overview used to count calendar-day boundaries and said 2-7d."""
+    the queue summary and the overview used to count calendar-day boundaries and said 2-7d (and half a second
+    short of two days, counting second boundaries, said 2 days)."""
     from tower_core.store import audit as overview
 
+    first = AS_OF + dt.timedelta(milliseconds=900)  # first seen at 12:00:00.900
     q.write_invoices(store, [inv("in_x")])
-    Reconciler(store, RULES).run(full=True, as_of=AS_OF)
-    now = AS_OF + dt.timedelta(hours=hours)
-    want = c.age_bucket(AS_OF, now)
+    Reconciler(store, RULES).run(full=True, as_of=first)
+    now = first + dt.timedelta(hours=hours)
+    want = c.age_bucket(first, now)
     assert [s["age_bucket"] for s in q.drift_summary(store, now=now)] == [want]
     assert [a["age_bucket"] for a in overview.drift_aging(store, now)] == [want]
     lo, hi = c.age_bucket_bounds(want)
@@ -579,3 +581,18 @@ def test_an_unallocated_payment_the_erp_applied_is_not_an_over_application(store
     q.write_payments(store, [pay("py_2", 500, {"in_2": 500})])
     Reconciler(store, RULES).run(full=True, as_of=AS_OF)
     assert (c.OVER_APPLIED, "in_1") in items(store)
+
+
+def test_incremental_finds_the_orphan_an_invoice_moved_to_another_customer_leaves(store: Store) -> None:
+    """py_mv was clean while its customer's open in_mv had its amount; in_mv moved to cus_2. The run's scope held
+    the payments of the changed rows' (new) customer only, so the orphan waited for the next full run."""
+    q.write_invoices(store, [dataclasses.replace(inv("in_mv", 700), customer_id="cus_9")])
+    q.write_ledger(store, [led("le_mv", "invoice", "in_mv", 700), led("le_p", "payment", "py_mv", 700, "posted")])
+    q.write_payments(store, [Payment("py_mv", "payment", "cus_9", "EU", "USD", 700, "succeeded", T, T)])
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    assert not [k for k in items(store) if k[1] == "py_mv"]
+    ingested_long_ago(store)
+    q.write_invoices(store, [later(dataclasses.replace(inv("in_mv", 700), customer_id="cus_2"))])  # type: ignore[list-item]
+    r.run(as_of=AS_OF)
+    assert (c.ORPHAN_PAYMENT, "py_mv") in items(store)

@@ -157,16 +157,16 @@ def objective_status(defs: Definitions, obj: Objective, stats: StepStats) -> Obj
 
 @dataclass(frozen=True)
 class Links:
-    """Where alerts point people: the dashboard and the API's breach list."""
+    """Where alerts point people: the dashboard's SLA page, for the annotation and Alertmanager's generatorURL alike
+    (the API's breach list needs a bearer token, which a link in a chat or an e-mail cannot carry)."""
 
     dashboard_url: str
-    api_url: str
 
     def dashboard(self, **query: str) -> str:
         return f"{self.dashboard_url.rstrip('/')}/slas?{urlencode(query)}"
 
     def generator(self, **query: str) -> str:
-        return f"{self.api_url.rstrip('/')}/api/sla/breaches?{urlencode(query)}"
+        return self.dashboard(**query)
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class SlaService:
         self.store = store
         self.definitions = definitions or load_definitions(settings.sla_config)
         dashboard = settings.sla_dashboard_url or f"http://{settings.dashboard_host}:{settings.dashboard_port}"
-        self.links = ev.Links(dashboard, settings.api_url)
+        self.links = ev.Links(dashboard)
         self.alertmanager = (
             AlertmanagerClient(
                 settings.alertmanager_url,

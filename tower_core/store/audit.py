@@ -88,7 +88,7 @@ def drift_aging(store: Store, now: dt.datetime, region: str = "") -> list[dict[s
         "multiIf(age <= 1, '0-1d', age <= 7, '2-7d', age <= 30, '8-30d', '>30d') AS age_bucket, "
         "count() AS items, sum(abs(AmountMinor)) AS amount_minor "
         "FROM (SELECT Class, Region, Currency, AmountMinor, "
-        "intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) AS age "
+        "intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000) AS age "
         "FROM $db.drift_items FINAL WHERE State != 'resolved' AND ({region:String} = '' OR Region = {region:String})) "
         "GROUP BY class, region, currency, age_bucket ORDER BY class, region, currency, age_bucket",
         {"now": now, "region": region},

@@ -384,7 +384,9 @@ SELECT {run:String}, 'payment', k FROM (
     SELECT PaymentId AS k FROM $db.billing_payments WHERE IngestedAt >= {wm:DateTime64(6)}
     UNION ALL SELECT PaymentId FROM $db.billing_payments
         WHERE Kind = 'payment' AND empty(Allocations)
-            AND CustomerId IN (SELECT CustomerId FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)})
+            -- every version's customer: an invoice moved to another customer leaves its former one's payments
+            AND CustomerId IN (SELECT CustomerId FROM $db.billing_invoices WHERE InvoiceId IN (
+                SELECT InvoiceId FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)}))
     UNION ALL SELECT ExternalRef FROM $db.erp_ledger_entries
         WHERE EntryId IN /*changed_entries*/ AND EntryType IN ('payment', 'credit_memo')
     UNION ALL SELECT PaymentId FROM $db.drift_items FINAL
@@ -1284,8 +1286,9 @@ WHERE ({region:String} = '' OR Region = {region:String})
     AND ({key:String} = '' OR {key:String} IN (InvoiceId, PaymentId, CustomerId, LedgerEntryId, DriftId))
     AND abs(AmountMinor) >= {min_amount:Int64}
     AND ({max_amount:Int64} < 0 OR abs(AmountMinor) <= {max_amount:Int64})
-    AND intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) >= {min_age:Int32}
-    AND ({max_age:Int32} < 0 OR intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) <= {max_age:Int32})
+    AND intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000) >= {min_age:Int32}
+    AND ({max_age:Int32} < 0
+        OR intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000) <= {max_age:Int32})
 """
 _DRIFT_LIST = (
     "SELECT DriftId AS drift_id, Class AS class, ReasonCode AS reason_code, State AS state, System AS system, "
@@ -1293,7 +1296,7 @@ _DRIFT_LIST = (
     "PaymentId AS payment_id, LedgerEntryId AS ledger_entry_id, PrimaryKey AS primary_key, KeyType AS key_type, "
     "AmountMinor AS amount_minor, DiffFields AS diff_fields, FirstSeen AS first_seen, LastSeen AS last_seen, "
     "UpdatedAt AS updated_at, ResolvedAt AS resolved_at, StateNote AS state_note, RunId AS run_id, Day AS day, "
-    "intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) AS age_days "
+    "intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000) AS age_days "
     "FROM $db.drift_items FINAL /*where*/ ORDER BY /*sort*/ /*dir*/, DriftId "
     "LIMIT {limit:UInt32} OFFSET {offset:UInt64}"
 )
@@ -1348,10 +1351,9 @@ def drift_summary(store: Store, now: dt.datetime | None = None) -> list[dict[str
     return store.query_rows(
         "SELECT Class AS class, Region AS region, State AS state, count() AS items, "
         "sum(abs(AmountMinor)) AS amount_minor, "
-        "multiIf(intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) <= 1, '0-1d', "
-        "intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) <= 7, '2-7d', "
-        "intDiv(dateDiff('second', FirstSeen, {now:DateTime64(3)}), 86400) <= 30, '8-30d', '>30d') AS age_bucket "
-        "FROM $db.drift_items FINAL WHERE State != 'resolved' "
+        "multiIf(age <= 1, '0-1d', age <= 7, '2-7d', age <= 30, '8-30d', '>30d') AS age_bucket "
+        "FROM (SELECT *, intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000) AS age "
+        "FROM $db.drift_items FINAL WHERE State != 'resolved') "
         "GROUP BY class, region, state, age_bucket ORDER BY class, region, state, age_bucket",
         {"now": now or _now()},
     )
