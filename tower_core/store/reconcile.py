@@ -583,11 +583,16 @@ FROM (
         multiIf(EntryType = 'invoice', if(Status = 'draft', 3, 1),
             -- the ERP's application of a payment billing allocated nowhere: cash applied in the ERP, which the
             -- payment's comparison accepts; not an application beyond what billing allocated (src 7, not summed)
+            -- (narrowly first: the applications of payments with an unallocated version, then their latest one)
             EntryType = 'payment', if(ExternalRef IN (
-                SELECT PaymentId FROM $db.billing_payments FINAL
-                WHERE PaymentId IN (SELECT ExternalRef FROM $db.reconcile_ledger_rows
-                        WHERE RunId = {run:String} AND EntryType = 'payment' AND AppliedToRef != '')
-                    AND NOT IsDeleted AND Kind = 'payment' AND Status = 'succeeded' AND empty(Allocations)), 7, 2),
+                SELECT PaymentId FROM $db.billing_payments
+                PREWHERE PaymentId IN (SELECT ExternalRef FROM $db.reconcile_ledger_rows
+                    WHERE RunId = {run:String} AND EntryType = 'payment' AND AppliedToRef != ''
+                        AND RefHash IN (SELECT KeyHash FROM $db.billing_payments
+                            WHERE empty(AllocHashes) AND Kind = 'payment'))
+                GROUP BY PaymentId
+                HAVING argMax(NOT IsDeleted AND Kind = 'payment' AND Status = 'succeeded' AND empty(Allocations),
+                    Version)), 7, 2),
             6), PartyRef, Region,
         Currency, AmountMinor, 0, 0, Status, PostedAt, PostedAt, PeriodDate,
         if(EntryType = 'invoice', EntryId, ExternalRef), Rejection
@@ -904,8 +909,8 @@ INNER JOIN (
             argMax((CustomerId, Status, TotalMinor - AmountPaidMinor - AmountCreditedMinor, FinalizedAt, IsDeleted,
                 Currency), Version) AS st
         FROM $db.billing_invoices
-        WHERE InvoiceId IN (
-            SELECT InvoiceId FROM $db.billing_invoices
+        PREWHERE KeyHash IN (
+            SELECT KeyHash FROM $db.billing_invoices
             PREWHERE CustomerId IN (
                 SELECT p_customer FROM $db.reconcile_payment_facts WHERE RunId = {run:String} AND p_alloc_n = 0))
         GROUP BY InvoiceId
@@ -1161,9 +1166,13 @@ FROM $db.drift_items AS i FINAL
 WHERE State != 'resolved'
     AND ({region:String} = '' OR Region = {region:String})
     AND DriftId NOT IN (SELECT DriftId FROM $db.reconcile_findings WHERE RunId = {run:String})
-    -- a region run compared the keys billed in its region now: an item whose invoice or payment billing moved to
-    -- another region since was not compared by it, so it is not resolved by it either
-    AND ({region:String} = '' OR NOT (
+    /*moved*/
+    /*scope*/
+"""
+# A region run compared the keys billed in its region now: an item whose invoice or payment billing moved to another
+# region since was not compared by it, so it is not resolved by it either.
+_RESOLVE_MOVED = """
+    AND NOT (
         (KeyType = 'invoice' AND InvoiceId IN (
             SELECT InvoiceId FROM $db.billing_invoices FINAL
             WHERE InvoiceId IN (SELECT InvoiceId FROM $db.drift_items FINAL
@@ -1173,8 +1182,7 @@ WHERE State != 'resolved'
             SELECT PaymentId FROM $db.billing_payments FINAL
             WHERE PaymentId IN (SELECT PaymentId FROM $db.drift_items FINAL
                 WHERE State != 'resolved' AND Region = {region:String} AND KeyType = 'payment')
-                AND NOT IsDeleted AND Region != {region:String}))))
-    /*scope*/
+                AND NOT IsDeleted AND Region != {region:String})))
 """
 # Incremental runs resolve only items whose key they compared. A customer_unmatched item stands for all the
 # customer's invoices and an incremental run sees only the changed ones: it can raise one, only a full run
@@ -1226,7 +1234,10 @@ def merge_queue(
     else:
         scope = _RESOLVE_SCOPE
     resolve_from = _compose(
-        _compose(_RESOLVE_FROM, scope=scope), scope_inv=_IN_SCOPE_INV, scope_pay=_IN_SCOPE_PAY, scope_cus=_IN_SCOPE_CUS
+        _compose(_RESOLVE_FROM, scope=scope, moved=_RESOLVE_MOVED if region else ""),
+        scope_inv=_IN_SCOPE_INV,
+        scope_pay=_IN_SCOPE_PAY,
+        scope_cus=_IN_SCOPE_CUS,
     )
     resolved = store.query_rows("SELECT count() AS n " + resolve_from, params)[0]["n"]
     if resolved:
