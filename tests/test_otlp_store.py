@@ -155,6 +155,19 @@ def test_zero_values_are_values_not_absence(store: Store) -> None:
     assert dict(row["r"]) == {"replicas": "0"}
 
 
+def postings(invoice_ids: tuple[str, ...], first_id: int) -> bytes:
+    """One ERP posting span per invoice id value, each its own trace."""
+    req = ExportTraceServiceRequest()
+    spans = req.resource_spans.add().scope_spans.add().spans
+    for i, value in enumerate(invoice_ids):
+        sp = spans.add(trace_id=bytes([first_id + i]) * 16, span_id=bytes([first_id + i]) * 8, name="post")
+        sp.start_time_unix_nano, sp.end_time_unix_nano = 1_767_225_600_000_000_000, 1_767_225_600_100_000_000
+        sp.attributes.add(key="revops.invoice.id").value.string_value = value
+        sp.attributes.add(key="revops.step").value.string_value = "invoice_to_ledger"
+        sp.attributes.add(key="revops.system").value.string_value = "erp"
+    return req.SerializeToString()
+
+
 def test_span_key_values_are_read_as_events_read_them(store: Store) -> None:
     """'[EU]-INV-7' is an id, not an empty JSON list; a 200-character Cyrillic id (400 bytes) is within the
     256-character limit. Both were never indexed from spans while events carrying them were (migration 0018)."""
@@ -164,15 +177,7 @@ def test_span_key_values_are_read_as_events_read_them(store: Store) -> None:
     names = key_attribute_names({})
     sync_key_attributes(store, names)
     odd, long = "[EU]-INV-7", "и" * 200
-    req = ExportTraceServiceRequest()
-    spans = req.resource_spans.add().scope_spans.add().spans
-    for i, value in enumerate((odd, long, '["in_a","in_b"]')):
-        sp = spans.add(trace_id=bytes([0x30 + i]) * 16, span_id=bytes([0x30 + i]) * 8, name="post")
-        sp.start_time_unix_nano, sp.end_time_unix_nano = 1_767_225_600_000_000_000, 1_767_225_600_100_000_000
-        sp.attributes.add(key="revops.invoice.id").value.string_value = value
-        sp.attributes.add(key="revops.step").value.string_value = "invoice_to_ledger"
-        sp.attributes.add(key="revops.system").value.string_value = "erp"
-    insert_otlp_spans(store, [req.SerializeToString()], "t_keys")
+    insert_otlp_spans(store, [postings((odd, long, '["in_a","in_b"]'), first_id=0x30)], "t_keys")
     linked = {r["v"] for r in store.query_rows("SELECT KeyValue AS v FROM $db.business_key_links")}
     active = {r["v"] for r in store.query_rows("SELECT KeyValue AS v FROM $db.step_activity")}
     expected = {odd, long, "in_a", "in_b"}
@@ -193,15 +198,7 @@ def test_migration_0018_reads_again_the_spans_stored_before_it_and_can_run_twice
     names = key_attribute_names({})
     sync_key_attributes(store, names)
     odd, long = "[EU]-INV-7", "и" * 200
-    req = ExportTraceServiceRequest()
-    spans = req.resource_spans.add().scope_spans.add().spans
-    for i, value in enumerate((odd, long, "in_plain")):
-        sp = spans.add(trace_id=bytes([0x40 + i]) * 16, span_id=bytes([0x40 + i]) * 8, name="post")
-        sp.start_time_unix_nano, sp.end_time_unix_nano = 1_767_225_600_000_000_000, 1_767_225_600_100_000_000
-        sp.attributes.add(key="revops.invoice.id").value.string_value = value
-        sp.attributes.add(key="revops.step").value.string_value = "invoice_to_ledger"
-        sp.attributes.add(key="revops.system").value.string_value = "erp"
-    insert_otlp_spans(store, [req.SerializeToString()], "t_before_0018")
+    insert_otlp_spans(store, [postings((odd, long, "in_plain"), first_id=0x40)], "t_before_0018")
 
     def links() -> list[tuple[str, str]]:
         rows = store.query_rows("SELECT KeyValue AS v, TraceId AS t FROM $db.business_key_links FINAL ORDER BY v")
