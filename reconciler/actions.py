@@ -184,7 +184,10 @@ class ActionService:
         invoice, someone posted it by hand) or ignored since it was requested. Empty if it still applies."""
         if not row["DriftId"]:
             return ""
-        item = q.get_drift(self.store, row["DriftId"])
+        try:
+            item = q.get_drift(self.store, row["DriftId"])
+        except StoreError:
+            return ""  # cannot tell now: the attempt's own reads meet the same store and defer the action
         if item is None:
             return f"drift item {row['DriftId']} no longer exists"
         if item["State"] in (c.RESOLVED, c.IGNORED):
