@@ -883,3 +883,18 @@ def test_a_store_error_that_persists_spends_the_retry_budget(store: Store, tmp_p
     row = svc.actions.get(action["action_id"])
     assert row["state"] == "failed" and row["dead_letter"] and row["attempts"] == 3
     assert row["last_error"].startswith("store: ") and svc.actions.breakers.snapshot()["erp"]["failures"] == 0
+
+
+def test_a_store_error_reading_the_drift_item_before_a_correction_does_not_abort_it(
+    store: Store, tmp_path: Path
+) -> None:
+    """The look at the item (resolved or ignored meanwhile?) meets the store first: its failure must leave the
+    decision to the attempt, which writes once, rather than raise out of the actions job."""
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=21)
+    drift = c.drift_id(c.MISSING_IN_ERP, invoice_id)
+    queued = svc.actions.request(drift, "alice", execute=False)  # the request reads the item once, unharmed
+    flaky = StoreFailingOnce(store, "FROM $db.drift_items FINAL WHERE DriftId")
+    svc.actions.store = flaky  # type: ignore[assignment]
+    action = svc.actions.execute(queued["action_id"])
+    assert flaky.failed and action["state"] == "succeeded"
+    assert len(invoice_postings(estate, invoice_id)) == 1
