@@ -443,23 +443,12 @@ class ActionService:
             outcome = retrying(attempt)
         except BreakerOpen:
             # the attempts made before the breaker opened failed transiently: they count against the budget
-            row["Attempts"] = int(row["Attempts"]) + attempts_here
-            if attempts_here and policy.after_transient_failure(int(row["Attempts"]), self.retry) == "dead_letter":
-                row["State"], row["DeadLetter"] = FAILED, 1
-                row["LastError"] = f"transient: {system} kept failing; its circuit breaker opened"
-                self._save(row, "reconciler", "action.fail", before, "retries exhausted")
-                return _public(row)
-            return self._defer(row, f"circuit breaker for {system} opened", self.breakers.retry_in(system), before)
+            exhausted = f"transient: {system} kept failing; its circuit breaker opened"
+            reason = f"circuit breaker for {system} opened"
+            return self._retry_later(row, before, attempts_here, reason, self.breakers.retry_in(system), exhausted)
         except TransientError as exc:
-            row["Attempts"] = int(row["Attempts"]) + attempts_here
-            row["LastError"] = f"transient: {exc}"
-            if policy.after_transient_failure(int(row["Attempts"]), self.retry) == "dead_letter":
-                row["State"] = FAILED
-                row["DeadLetter"] = 1
-                self._save(row, "reconciler", "action.fail", before, "retries exhausted")
-                return _public(row)
             wait = max(self.breakers.retry_in(system), self.retry.initial_s)
-            return self._defer(row, row["LastError"], wait, before)
+            return self._retry_later(row, before, attempts_here, f"transient: {exc}", wait)
         except BusinessRuleError as exc:
             return self._fail(
                 row, before, attempts_here, f"business rule: {exc}", "rejected by the target; not retried"
@@ -469,12 +458,8 @@ class ActionService:
         except StoreError as exc:
             # the tower's store failed around the call (a read before it, the check after): nothing says whether
             # the target was written, so the action waits and its next attempt looks at the target first
-            row["Attempts"] = int(row["Attempts"]) + attempts_here
-            if policy.after_transient_failure(int(row["Attempts"]), self.retry) == "dead_letter":
-                row["State"], row["DeadLetter"], row["LastError"] = FAILED, 1, f"store: {exc}"
-                self._save(row, "reconciler", "action.fail", before, "retries exhausted (the tower's store)")
-                return _public(row)
-            return self._defer(row, f"store: {exc}", self.retry.initial_s, before)
+            note = "retries exhausted (the tower's store)"
+            return self._retry_later(row, before, attempts_here, f"store: {exc}", self.retry.initial_s, note=note)
         except UnexpectedError as exc:
             log.exception("action %s failed unexpectedly", row["ActionId"])
             return self._fail(
@@ -510,6 +495,24 @@ class ActionService:
         row["LastError"] = error
         self._save(row, "reconciler", "action.fail", before, note)
         return _public(row)
+
+    def _retry_later(
+        self,
+        row: dict[str, Any],
+        before: dict[str, Any],
+        attempts: int,
+        reason: str,
+        wait_s: float,
+        exhausted: str = "",
+        note: str = "retries exhausted",
+    ) -> dict[str, Any]:
+        """A transient end: the action waits for its next attempt, or fails into the dead letters once the attempts
+        so far spend its budget (an execution an open breaker refused made none and spends nothing)."""
+        total = int(row["Attempts"]) + attempts
+        if attempts and policy.after_transient_failure(total, self.retry) == "dead_letter":
+            return self._fail(row, before, attempts, exhausted or reason, note)
+        row["Attempts"] = total
+        return self._defer(row, reason, wait_s, before)
 
     def _defer(
         self, row: dict[str, Any], reason: str, wait_s: float, before: dict[str, Any] | None = None
