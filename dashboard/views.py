@@ -23,6 +23,12 @@ STEP_LABELS = {
 }
 SYSTEM_ORDER = ("cdp", "billing", "erp")
 AGE_BUCKETS = ("0-1d", "2-7d", "8-30d", ">30d")
+# the API's drift classes (reconciler/classify.py CLASSES; a test checks they agree: the dashboard imports only the API)
+DRIFT_CLASSES = (
+    "missing_in_erp", "missing_in_billing", "amount_mismatch", "currency_mismatch", "status_mismatch",
+    "duplicate_posting", "payment_unapplied", "orphan_payment", "under_applied", "over_applied",
+    "customer_unsynced", "customer_unmatched", "refund_unposted", "region_mismatch", "stale_sync",
+)  # fmt: skip
 FINAL_ACTION_STATES = frozenset({"succeeded", "failed"})
 SORT_KEYS = {
     "first seen": "first_seen",

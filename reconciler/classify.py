@@ -29,6 +29,7 @@ OVER_APPLIED = "over_applied"
 CUSTOMER_UNSYNCED = "customer_unsynced"
 CUSTOMER_UNMATCHED = "customer_unmatched"
 REFUND_UNPOSTED = "refund_unposted"
+REGION_MISMATCH = "region_mismatch"
 STALE_SYNC = "stale_sync"
 
 CLASSES: tuple[str, ...] = (
@@ -45,10 +46,14 @@ CLASSES: tuple[str, ...] = (
     CUSTOMER_UNSYNCED,
     CUSTOMER_UNMATCHED,
     REFUND_UNPOSTED,
+    REGION_MISMATCH,
     STALE_SYNC,
 )
-# Statement bucket for amount differences inside the tolerance: explained, but not drift.
+# Statement buckets that explain a difference without being drift: amounts inside the tolerance, a posting on
+# another day than the invoice's, and a side that records no region (its amount is in the blank region's row).
 TOLERANCE = "within_tolerance"
+TIMING = "timing"
+REGION_UNRECORDED = "region_unrecorded"
 
 # Reason codes: class -> the codes it may carry, with what each means.
 REASONS: dict[str, str] = {
@@ -63,6 +68,7 @@ REASONS: dict[str, str] = {
     "amount_tax": "the difference equals the invoice tax (tax missing or added on one side)",
     "amount_differs": "amounts differ beyond the tolerance (FX or a changed invoice)",
     "currency_differs": "the ERP posted the invoice in another currency",
+    "posted_in_other_region": "the ERP booked the invoice in another region (entity) than billing's",
     "paid_but_open": "billing says paid, the ERP invoice is still open",
     "open_but_paid": "billing says open, the ERP invoice is paid",
     "voided_but_posted": "billing voided the invoice, the ERP posting is still live",
@@ -74,6 +80,9 @@ REASONS: dict[str, str] = {
     "applied_less": "the ERP applied less to the invoice than billing allocated",
     "applied_more": "the ERP applied more to the invoice than billing allocated",
     "credit_memo_missing": "refund / credit note in billing, no ERP credit memo after the grace period",
+    "credit_memo_differs": "the ERP credit memo's amount differs from the refund / credit note beyond the tolerance",
+    "credit_memo_currency": "the ERP booked the refund's / credit note's credit memo in another currency",
+    "application_currency": "the ERP applied the payment in another currency than billing collected it",
     "profile_not_in_billing": "CDP profile changed, billing customer missing or older after the grace period",
     "no_erp_party": "ERP postings of a billing customer carry no or another party reference",
 }
@@ -98,6 +107,7 @@ PRIMARY_KEY: dict[str, str] = {
     CUSTOMER_UNSYNCED: "customer_id",
     CUSTOMER_UNMATCHED: "customer_id",
     REFUND_UNPOSTED: "payment_id",
+    REGION_MISMATCH: "invoice_id",
 }
 
 # --- queue states -----------------------------------------------------------------------------------------
@@ -290,7 +300,7 @@ def classify_invoice(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
     """One invoice key's facts (columns of the store's invoice facts query) -> at most one finding.
 
     Priority: ERP-only posting, void-but-posted, missing posting (or inside grace), duplicate, currency,
-    amount, payment application, status.
+    amount, region, payment application, status.
     """
     from tower_core.models import CURRENCY_EXPONENT
 
@@ -374,6 +384,13 @@ def classify_invoice(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
         return Finding(
             AMOUNT_MISMATCH, reason, "erp", amount_minor=b_total - e_amount, billing=billing, erp=erp, **base
         )
+    # an ERP that records no region (one entity) books in billing's; one that records another booked elsewhere
+    b_region, e_region = f["b_region"] or "", f["e_region"] or ""
+    if b_region and e_region and b_region != e_region:
+        return Finding(
+            REGION_MISMATCH, "posted_in_other_region", "erp", amount_minor=b_total,
+            billing={**billing, "region": b_region}, erp={**erp, "region": e_region}, **base,
+        )  # fmt: skip
     # payment side: allocations of payments the ERP knows, against what the ERP applied to this invoice
     alloc = int(f["b_alloc"] or 0) - int(f["b_alloc_unposted"] or 0)
     applied = int(f["e_applied"] or 0)
@@ -406,7 +423,7 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
         "kind": f["e_type"] or "",
         "status": f["e_status"] or "",
         "amount_minor": _s(f["e_sum"]) if int(f["e_n"]) else "",
-        "currency": f["e_currency"] or "",
+        "currency": f["e_currencies"] or "",
         "allocated_to": f["e_applied_refs"] or "",
     }
     base = {
@@ -428,7 +445,14 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
     if (f["p_status"] or "") != "succeeded":
         return None
     amount = int(f["p_amount"] or 0)
+    # every ERP row of the key in the billing currency: "EUR,USD" or "EUR" against "USD" differs
+    currency_differs = (f["e_currencies"] or "") != (f["p_currency"] or "")
     if kind == "payment":
+        if int(f["e_n"]) > 0 and currency_differs:
+            amount -= int(f["e_sum"] or 0)
+            return Finding(
+                CURRENCY_MISMATCH, "application_currency", "erp", amount_minor=amount, billing=billing, erp=erp, **base
+            )
         n_alloc = int(f["p_alloc_n"] or 0)
         reason = "not_applied"
         if n_alloc == 0:
@@ -455,6 +479,15 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
             return Finding(
                 REFUND_UNPOSTED, "credit_memo_missing", "erp", amount_minor=amount, billing=billing, erp=erp, **base
             )
+        # credit memos are compared unsigned: ERPs book them positive or negative
+        refunded, memo = abs(amount), int(f["e_memo_sum"] or 0)
+        if currency_differs:
+            cls, reason = CURRENCY_MISMATCH, "credit_memo_currency"
+        elif not rules.tolerance(base["currency"]).within(refunded, memo):
+            cls, reason = AMOUNT_MISMATCH, "credit_memo_differs"
+        else:
+            return None
+        return Finding(cls, reason, "erp", amount_minor=refunded - memo, billing=billing, erp=erp, **base)
     return None
 
 

@@ -38,6 +38,17 @@ NOT_CORRECTED: dict[tuple[str, str], str] = {
         "the payment has no allocation in billing (it matched the customer's open invoices by amount only); "
         "allocate it in billing, and the next run applies or flags it"
     ),
+    # the repost corrections rewrite invoice postings; a wrong credit memo or application is fixed in the ERP
+    (c.AMOUNT_MISMATCH, "credit_memo_differs"): (
+        "the tower reposts invoices, not credit memos; cancel and re-enter the credit memo in the ERP, and the "
+        "next run checks it"
+    ),
+    (c.CURRENCY_MISMATCH, "credit_memo_currency"): (
+        "the tower reposts invoices, not credit memos; re-enter the credit memo in the refund's currency in the ERP"
+    ),
+    (c.CURRENCY_MISMATCH, "application_currency"): (
+        "the tower does not reverse payment applications; re-apply the payment in its billing currency in the ERP"
+    ),
 }
 # Actions stored under an operation's former name run as the operation that replaced it.
 ALIASES = {"adjust_invoice": "repost_invoice"}

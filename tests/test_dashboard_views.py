@@ -219,3 +219,9 @@ def test_intake_rows_show_the_reason_and_when_a_skip_was_cleared() -> None:
     assert [r["source"] for r in rows] == ["tryton ledger_entries"] * 2
     assert [r["record"] for r in rows] == ["tryton:invoice:4", "(no id)"]
     assert [r["cleared"] for r in rows] == ["", "2026-11-27 05:01:00 UTC"]
+
+
+def test_the_class_filters_offer_every_class_the_reconciler_raises() -> None:
+    from reconciler.classify import CLASSES
+
+    assert sorted(views.DRIFT_CLASSES) == sorted(CLASSES)

@@ -64,7 +64,7 @@ def invoice_row(rnd: random.Random, i: int) -> dict[str, Any]:
         "e_sum": (e_amount * e_n) if e_n else 0,
         "e_status": pick(rnd, "open", "paid") if e_n else "",
         "e_entry": f"le_{i:06d}" if e_n else pick(rnd, "", f"le_d{i}"),
-        "e_region": pick(rnd, "EU", "NA") if e_n else "",
+        "e_region": pick(rnd, "EU", "NA", "") if e_n else "",  # "": an ERP that records no region
         "e_party": pick(rnd, "cus_1", "cus_2", ""),
         "e_day": issued.date(),
         "rejected": pick(rnd, "", "", "", "period 2025-12 is closed"),
@@ -77,14 +77,16 @@ def invoice_row(rnd: random.Random, i: int) -> dict[str, Any]:
 
 def payment_row(rnd: random.Random, i: int) -> dict[str, Any]:
     e_n = pick(rnd, 0, 0, 1, 2)
+    amount = pick(rnd, 0, 500, 12_000, -500)
+    currency = pick(rnd, *CURRENCIES)
     return {
         "RunId": "eq",
         "key": f"py_{i:06d}",
         "p_n": pick(rnd, 1, 1, 1, 0),
         "p_kind": pick(rnd, "payment", "payment", "refund", "credit_note"),
         "p_status": pick(rnd, "succeeded", "succeeded", "failed", "pending"),
-        "p_amount": pick(rnd, 0, 500, 12_000),
-        "p_currency": pick(rnd, *CURRENCIES),
+        "p_amount": amount,
+        "p_currency": currency,
         "p_region": pick(rnd, "EU", "APAC", ""),
         "p_customer": pick(rnd, "cus_1", ""),
         "p_occurred": moment(rnd),
@@ -94,9 +96,12 @@ def payment_row(rnd: random.Random, i: int) -> dict[str, Any]:
         "e_memo_n": pick(rnd, 0, e_n),
         "e_applied_n": pick(rnd, 0, e_n),
         "e_sum": pick(rnd, 0, 500, 12_000) if e_n else 0,
+        # a credit memo of the refund's amount (either sign), off by a tolerated cent, or another amount
+        "e_memo_sum": pick(rnd, abs(amount), abs(amount) + 1, abs(amount) + 3, 12_000) if e_n else 0,
         "e_type": pick(rnd, "payment", "credit_memo") if e_n else "",
         "e_status": "posted" if e_n else "",
         "e_currency": pick(rnd, "USD", "") if e_n else "",
+        "e_currencies": pick(rnd, currency, currency, currency, "USD", f"{currency},USD", "") if e_n else "",
         "e_region": pick(rnd, "EU", "NA", ""),
         "e_party": pick(rnd, "cus_1", ""),
         "e_entry": f"le_p{i:06d}" if e_n else "",
@@ -151,6 +156,7 @@ def test_invoice_classification_sql_matches_the_pure_rules(store: Store) -> None
         c.UNDER_APPLIED,
         c.OVER_APPLIED,
         c.STATUS_MISMATCH,
+        c.REGION_MISMATCH,
         "",
     }, "the generated facts exercise every invoice class"
     assert 0 < flagged < len(facts)
@@ -188,5 +194,8 @@ def test_payment_classification_sql_matches_the_pure_rules(store: Store) -> None
         c.REFUND_UNPOSTED,
         c.STALE_SYNC,
         c.MISSING_IN_BILLING,
+        c.CURRENCY_MISMATCH,
+        c.AMOUNT_MISMATCH,
         "",
     }
+    assert {r["reason"] for r in rows} >= {"application_currency", "credit_memo_currency", "credit_memo_differs"}

@@ -70,9 +70,11 @@ def payment_facts(**over: Any) -> dict[str, Any]:
         "e_memo_n": 0,
         "e_applied_n": 1,
         "e_sum": 12_000,
+        "e_memo_sum": 0,
         "e_type": "payment",
         "e_status": "posted",
         "e_currency": "USD",
+        "e_currencies": "USD",
         "e_region": "EU",
         "e_party": "cus_1",
         "e_entry": "le_2",
@@ -85,6 +87,15 @@ def payment_facts(**over: Any) -> dict[str, Any]:
 
 def test_clean_invoice_is_no_drift() -> None:
     assert c.classify_invoice(invoice_facts(), RULES, AS_OF) is None
+
+
+def test_a_posting_in_another_region_is_a_region_mismatch_unless_the_erp_records_none() -> None:
+    f = c.classify_invoice(invoice_facts(e_region="NA"), RULES, AS_OF)
+    assert f is not None and (f.cls, f.reason, f.region) == (c.REGION_MISMATCH, "posted_in_other_region", "EU")
+    assert f.diff_fields == ["region"] and f.amount_minor == int(invoice_facts()["b_total"])
+    assert c.classify_invoice(invoice_facts(e_region=""), RULES, AS_OF) is None
+    f = c.classify_invoice(invoice_facts(e_region="NA", e_amount=1), RULES, AS_OF)  # the amount comes first
+    assert f is not None and f.cls == c.AMOUNT_MISMATCH
 
 
 @pytest.mark.parametrize(
@@ -161,7 +172,18 @@ def test_payment_classes() -> None:
     refund = payment_facts(key="re_1", p_kind="refund", e_n=0, e_memo_n=0, e_applied_n=0)
     f = c.classify_payment(refund, RULES, AS_OF)
     assert f is not None and (f.cls, f.primary_key) == (c.REFUND_UNPOSTED, "re_1")
-    assert c.classify_payment({**refund, "e_n": 1, "e_memo_n": 1}, RULES, AS_OF) is None
+    posted = {**refund, "e_n": 1, "e_memo_n": 1, "e_type": "credit_memo", "e_sum": 12_000, "e_memo_sum": 12_000}
+    assert c.classify_payment(posted, RULES, AS_OF) is None
+    assert c.classify_payment({**posted, "p_amount": -12_000, "e_sum": -12_000}, RULES, AS_OF) is None  # either sign
+    assert c.classify_payment({**posted, "e_memo_sum": 12_001}, RULES, AS_OF) is None  # inside the USD tolerance
+    f = c.classify_payment({**posted, "e_sum": 11_000, "e_memo_sum": 11_000}, RULES, AS_OF)
+    assert f is not None and (f.cls, f.reason, f.primary_key) == (c.AMOUNT_MISMATCH, "credit_memo_differs", "re_1")
+    assert f.amount_minor == 1_000 and f.erp["amount_minor"] == "11000"
+    f = c.classify_payment({**posted, "e_currencies": "EUR", "e_currency": "EUR"}, RULES, AS_OF)
+    assert f is not None and (f.cls, f.reason) == (c.CURRENCY_MISMATCH, "credit_memo_currency")
+    f = c.classify_payment(payment_facts(e_n=2, e_currencies="EUR,USD"), RULES, AS_OF)  # one application of two
+    assert f is not None and (f.cls, f.reason, f.primary_key) == (c.CURRENCY_MISMATCH, "application_currency", "py_1")
+    assert f.erp["currency"] == "EUR,USD" and "currency" in f.diff_fields
     assert c.classify_payment(payment_facts(p_status="failed", e_n=0), RULES, AS_OF) is None
 
 

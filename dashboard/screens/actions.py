@@ -9,11 +9,6 @@ from dashboard import session, views
 from dashboard.api_client import ApiError, ApiUnavailable, TowerApi, load_actions
 
 ACTION_STATES = ("pending", "in_progress", "succeeded", "failed")
-CLASSES = (
-    "missing_in_erp", "missing_in_billing", "amount_mismatch", "currency_mismatch", "status_mismatch",
-    "duplicate_posting", "payment_unapplied", "orphan_payment", "under_applied", "over_applied",
-    "customer_unsynced", "customer_unmatched", "refund_unposted", "stale_sync",
-)  # fmt: skip
 BULK_ACTIONS = {"acknowledge": "Acknowledge", "ignore": "Ignore (note required)", "sync": "Corrective sync"}
 
 st.title("Actions")
@@ -35,7 +30,7 @@ if operator:
         b_region = views.unset_all(
             b[0].selectbox("Region", views.options_with_all(("NA", "EU", "APAC")), key="bulk_region")
         )
-        b_classes = b[1].multiselect("Class", CLASSES, key="bulk_class")
+        b_classes = b[1].multiselect("Class", views.DRIFT_CLASSES, key="bulk_class")
         b_age = views.unset_all(b[2].selectbox("Age", views.options_with_all(views.AGE_BUCKETS), key="bulk_age"))
         b_states = b[3].multiselect(
             "State (default: open)", ("new", "persisting", "acknowledged", "ignored"), key="bulk_state"

@@ -13,11 +13,6 @@ import streamlit as st
 from dashboard import session, views
 from dashboard.api_client import ApiError, ApiUnavailable, TowerApi, load_item, load_unreconciled
 
-CLASSES = (
-    "missing_in_erp", "missing_in_billing", "amount_mismatch", "currency_mismatch", "status_mismatch",
-    "duplicate_posting", "payment_unapplied", "orphan_payment", "under_applied", "over_applied",
-    "customer_unsynced", "customer_unmatched", "refund_unposted", "stale_sync",
-)  # fmt: skip
 STATES = ("new", "persisting", "acknowledged", "ignored", "resolved")
 REGIONS = ("NA", "EU", "APAC")
 
@@ -28,7 +23,7 @@ cfg = session.settings()
 with st.container(border=True):
     r1 = st.columns([1, 2, 2, 1, 1])
     region = views.unset_all(r1[0].selectbox("Region", views.options_with_all(REGIONS), key="ur_region"))
-    classes = r1[1].multiselect("Class", CLASSES, key="ur_class")
+    classes = r1[1].multiselect("Class", views.DRIFT_CLASSES, key="ur_class")
     states = r1[2].multiselect("State (default: open)", STATES, key="ur_state")
     age = views.unset_all(r1[3].selectbox("Age", views.options_with_all(views.AGE_BUCKETS), key="ur_age"))
     system = views.unset_all(

@@ -490,22 +490,23 @@ _STAGE_A_REGION = {
 }
 # Payment keys, the same way: per key one packed sum of 0/1 flags (16 bits: billing payments; 4 bits each:
 # not succeeded, succeeded payment with allocations, succeeded refund or credit note; 18 bits each: ERP
-# applications and credit memos, of them credit memos) and the sums of a second hash of the key over each side,
-# so rows of two keys whose cityHash64 collide never look clean together (the ERP side must sum to e_n times
-# the billing side's).
+# applications and credit memos, of them credit memos) and the sums of a second hash of each side's rows
+# (PaySig, migration 0019: the key and currency, and a refund's or credit memo's unsigned amount), so rows of two
+# keys whose cityHash64 collide never look clean together, and neither does a credit memo of another amount or
+# an application in another currency (the ERP side must sum to e_n times the billing side's).
 _STAGE_A_PAYMENTS = """
 INSERT INTO $db.reconcile_hashes (RunId, KeyType, Hash)
 SELECT {run:String}, 'payment', hk FROM (
     SELECT hk, sum(cnt) AS packed, sumIf(k2, side = 1) AS sb, sumIf(k2, side = 2) AS se /*region_aggs*/,
         bitAnd(bitShiftRight(packed, 28), 0x3FFFF) AS e_n
     FROM (
-        SELECT KeyHash AS hk, toUInt8(1) AS side, KeySig AS k2, cityHash64(Region) AS rh,
+        SELECT KeyHash AS hk, toUInt8(1) AS side, PaySig AS k2, cityHash64(Region) AS rh,
             1 + multiIf(Status != 'succeeded', 0x10000,
                 Kind = 'payment', if(empty(Allocations), 0, 0x100000),
                 Kind IN ('refund', 'credit_note'), 0x1000000, 0) AS cnt
         FROM $db.billing_payments FINAL WHERE NOT IsDeleted
         UNION ALL
-        SELECT RefHash, toUInt8(2), RefSig, cityHash64(Region),
+        SELECT RefHash, toUInt8(2), PaySig, cityHash64(Region),
             if(EntryType = 'credit_memo', toUInt64(0x400010000000), toUInt64(0x10000000))
         FROM $db.erp_ledger_entries FINAL
         WHERE NOT IsDeleted AND EntryType IN ('payment', 'credit_memo') AND Status NOT IN ('cancelled', 'draft')
@@ -649,8 +650,8 @@ _HASH_PAY = "(SELECT Hash FROM $db.reconcile_hashes WHERE RunId = {run:String} A
 # Payment keys. src: 0 billing payment / refund / credit note, 1 ERP payment application or credit memo.
 _PAYMENT_FACTS = """
 INSERT INTO $db.reconcile_payment_facts (RunId, key, p_n, p_kind, p_status, p_amount, p_currency, p_region,
-    p_customer, p_occurred, p_alloc_n, p_alloc_refs, e_n, e_memo_n, e_applied_n, e_sum, e_type, e_status,
-    e_currency, e_region, e_party, e_entry, e_day, e_applied_refs)
+    p_customer, p_occurred, p_alloc_n, p_alloc_refs, e_n, e_memo_n, e_applied_n, e_sum, e_memo_sum, e_type,
+    e_status, e_currency, e_currencies, e_region, e_party, e_entry, e_day, e_applied_refs)
 SELECT
     {run:String},
     k AS key,
@@ -668,9 +669,11 @@ SELECT
     countIf(src = 1 AND kind = 'credit_memo') AS e_memo_n,
     countIf(src = 1 AND refs != '') AS e_applied_n,
     sumIf(amt, src = 1) AS e_sum,
+    sumIf(abs(amt), src = 1 AND kind = 'credit_memo') AS e_memo_sum,
     anyIf(kind, src = 1) AS e_type,
     anyIf(status, src = 1) AS e_status,
     anyIf(cur, src = 1) AS e_currency,
+    arrayStringConcat(arraySort(groupUniqArrayIf(cur, src = 1)), ',') AS e_currencies,
     anyIf(region, src = 1) AS e_region,
     anyIf(cust, src = 1) AS e_party,
     minIf(id, src = 1) AS e_entry,
@@ -693,8 +696,9 @@ HAVING ({region:String} = '' OR p_region = {region:String} OR (p_n = 0 AND e_reg
     AND NOT (
         p_n = 1 AND (
             (p_status != 'succeeded' AND e_n = 0)
-            OR (p_status = 'succeeded' AND p_kind = 'payment' AND p_alloc_n > 0 AND e_n > 0)
-            OR (p_status = 'succeeded' AND p_kind IN ('refund', 'credit_note') AND e_memo_n > 0)
+            OR (p_status = 'succeeded' AND e_currencies = p_currency AND (
+                (p_kind = 'payment' AND p_alloc_n > 0 AND e_n > 0)
+                OR (p_kind IN ('refund', 'credit_note') AND e_memo_n > 0 AND e_memo_sum = abs(p_amount))))
         )
     )
 """
@@ -798,6 +802,7 @@ SELECT *,
         e_n > 1, 'duplicate_posting',
         e_currency != b_currency, 'currency_mismatch',
         b_total != e_amount AND NOT amt_ok, 'amount_mismatch',
+        b_region != '' AND e_region != '' AND b_region != e_region, 'region_mismatch',
         alloc != e_applied AND NOT app_ok, if(e_applied < alloc, 'under_applied', 'over_applied'),
         payments_posted AND b_status = 'paid' AND e_status = 'open', 'status_mismatch',
         payments_posted AND b_status = 'open' AND e_status = 'paid', 'status_mismatch',
@@ -811,6 +816,7 @@ SELECT *,
         cls = 'missing_in_erp', if(rejected != '', 'erp_rejected', 'not_posted'),
         cls = 'duplicate_posting', 'posted_twice',
         cls = 'currency_mismatch', 'currency_differs',
+        cls = 'region_mismatch', 'posted_in_other_region',
         cls = 'amount_mismatch', multiIf(
             b_tax != 0 AND (d_amt = abs(b_tax) OR e_amount = b_subtotal), 'amount_tax',
             d_amt < intExp10(if(mapContains({exp:Map(String, Int64)}, cur), {exp:Map(String, Int64)}[cur], 2))
@@ -822,7 +828,7 @@ SELECT *,
         '') AS reason,
     multiIf(
         cls = 'missing_in_billing' OR (cls = 'status_mismatch' AND NOT final), -e_sum,
-        cls IN ('stale_sync', 'missing_in_erp'), b_total,
+        cls IN ('stale_sync', 'missing_in_erp', 'region_mismatch'), b_total,
         cls = 'duplicate_posting', b_total - e_sum,
         cls IN ('currency_mismatch', 'amount_mismatch'), b_total - e_amount,
         cls IN ('under_applied', 'over_applied'), alloc - e_applied,
@@ -834,6 +840,7 @@ SELECT *,
         cls = 'missing_in_billing', map('status', '', 'total_minor', '', 'currency', ''),
         cls = 'duplicate_posting', mapUpdate(bm, map('postings', '1')),
         cls IN ('under_applied', 'over_applied'), mapUpdate(bm, map('allocated_minor', toString(alloc))),
+        cls = 'region_mismatch', mapUpdate(bm, map('region', b_region)),
         bm) AS bv,
     multiIf(
         cls = 'missing_in_billing', map('status', e_status, 'total_minor', toString(e_sum), 'currency', e_currency),
@@ -841,6 +848,7 @@ SELECT *,
         cls = 'missing_in_erp', if(rejected != '', mapUpdate(blank, map('error', rejected)), blank),
         cls = 'duplicate_posting', mapUpdate(em, map('total_minor', toString(e_sum), 'postings', toString(e_n))),
         cls IN ('under_applied', 'over_applied'), mapUpdate(em, map('applied_minor', toString(e_applied))),
+        cls = 'region_mismatch', mapUpdate(em, map('region', e_region)),
         em) AS ev,
     if(cls = 'missing_in_billing', e_entry, key) AS pk,
     /*drift_id*/ AS drift_id,
@@ -859,15 +867,24 @@ SELECT *,
     (toYear(p_occurred) > 1971
         AND dateDiff('millisecond', p_occurred, {as_of:DateTime64(3)}) <= /*grace_refund*/ * 1000) AS grace_refund,
     (sum_match = 1 OR key IN (/*sum_match*/)) AS matched,
+    /*tol*/
+    toInt64(abs(p_amount)) AS refunded,
+    abs(refunded - e_memo_sum) AS d_memo,
+    (d_memo <= t_abs OR d_memo * 10000 <= t_rel * refunded) AS memo_ok,
     multiIf(
         NOT in_billing, if(e_n = 0, '', 'missing_in_billing'),
         p_status != 'succeeded', '',
         p_kind = 'payment', multiIf(
+            e_n > 0 AND e_currencies != p_currency, 'currency_mismatch',
             p_alloc_n = 0 AND e_applied_n > 0, '',
             p_alloc_n = 0 AND NOT matched, 'orphan_payment',
             e_n = 0, if(grace_pay, 'stale_sync', 'payment_unapplied'),
             ''),
-        p_kind IN ('refund', 'credit_note'), if(e_memo_n = 0, if(grace_refund, 'stale_sync', 'refund_unposted'), ''),
+        p_kind IN ('refund', 'credit_note'), multiIf(
+            e_memo_n = 0, if(grace_refund, 'stale_sync', 'refund_unposted'),
+            e_currencies != p_currency, 'currency_mismatch',
+            NOT memo_ok, 'amount_mismatch',
+            ''),
         '') AS cls,
     multiIf(
         cls = 'missing_in_billing', 'not_in_billing',
@@ -875,12 +892,18 @@ SELECT *,
         cls = 'stale_sync', if(p_kind = 'payment', 'application_pending', 'credit_memo_pending'),
         cls = 'payment_unapplied', if(p_alloc_n = 0, 'matched_not_applied', 'not_applied'),
         cls = 'refund_unposted', 'credit_memo_missing',
+        cls = 'currency_mismatch', if(p_kind = 'payment', 'application_currency', 'credit_memo_currency'),
+        cls = 'amount_mismatch', 'credit_memo_differs',
         '') AS reason,
-    if(cls = 'missing_in_billing', -e_sum, p_amount) AS amount,
+    multiIf(
+        cls = 'missing_in_billing', -e_sum,
+        cls = 'currency_mismatch' AND p_kind = 'payment', p_amount - e_sum,
+        cls IN ('currency_mismatch', 'amount_mismatch'), refunded - e_memo_sum,
+        p_amount) AS amount,
     map('kind', p_kind, 'status', p_status, 'amount_minor', toString(p_amount), 'currency', p_currency,
         'allocated_to', p_alloc_refs) AS bv,
-    map('kind', e_type, 'status', e_status, 'amount_minor', if(e_n > 0, toString(e_sum), ''), 'currency', e_currency,
-        'allocated_to', e_applied_refs) AS ev,
+    map('kind', e_type, 'status', e_status, 'amount_minor', if(e_n > 0, toString(e_sum), ''),
+        'currency', e_currencies, 'allocated_to', e_applied_refs) AS ev,
     if(cls = 'missing_in_billing', e_entry, key) AS pk,
     /*drift_id*/ AS drift_id,
     /*diff*/ AS diff,
@@ -1413,13 +1436,18 @@ SELECT key, b_cell_r, b_cell_c, e_cell_r, e_cell_c, bd, ed, bmin, emin,
         -- only a difference the tolerance allows: any other unclassified one stays in the residual, to be seen
         bmin != emin AND amt_ok, 'within_tolerance',
         b_cell_r = e_cell_r AND b_cell_c = e_cell_c AND bd != ed AND bmin != 0, 'timing',
+        -- one side records no region (an ERP of one entity): its amount is in the statement's blank region
+        b_cell_c = e_cell_c AND b_cell_r != e_cell_r AND (b_cell_r = '' OR e_cell_r = '') AND bmin != 0,
+        'region_unrecorded',
         '')),
     {run:String}, {v:UInt64}, if(e_n > 1, cells.c, [])
 FROM (
     SELECT *,
         if(in_billing AND final, b_total, 0) AS bmin, if(e_n > 0, e_sum, 0) AS emin,
-        if(b_region != '', b_region, e_region) AS b_cell_r, if(b_currency != '', b_currency, e_currency) AS b_cell_c,
-        if(e_region != '', e_region, b_region) AS e_cell_r, if(e_currency != '', e_currency, b_currency) AS e_cell_c,
+        -- each side's cell is where the statement's totals count it (its own region and currency, blank or
+        -- not); a side the key lacks contributes nothing, and takes the other's cell
+        if(in_billing, b_region, e_region) AS b_cell_r, if(in_billing, b_currency, e_currency) AS b_cell_c,
+        if(e_n > 0, e_region, b_region) AS e_cell_r, if(e_n > 0, e_currency, b_currency) AS e_cell_c,
         if(in_billing, b_day, e_day) AS bd, if(e_n > 0, e_day, b_day) AS ed
     FROM (/*classified*/)
 ) AS f
