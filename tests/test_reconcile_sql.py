@@ -719,3 +719,45 @@ def test_a_posting_booked_in_another_region_is_a_region_mismatch_explained_in_bo
     with pytest.raises(ActionError) as refused:  # moving a posting between entities is the ERP team's call
         ActionService(store, None, auto_enabled=True).request(item["DriftId"], "ops")
     assert refused.value.status == 422 and "no corrective operation" in str(refused.value)
+
+
+def test_several_unallocated_payments_that_together_pay_an_open_invoice_are_matched_not_orphans(store: Store) -> None:
+    """Instalments without a reference: 600 + 400 for an open invoice of 1,000 were two orphan payments, since
+    the match looked at one payment at a time. A third payment of the customer that would not fit keeps all of
+    them unmatched (no subset is guessed); an incremental run re-matches when another instalment arrives."""
+    other = "cus_2"
+    q.write_invoices(store, [inv("in_i", 1_000), dataclasses.replace(inv("in_j", 1_000), customer_id=other)])
+    q.write_ledger(
+        store,
+        [
+            led("le_i", "invoice", "in_i", 1_000),
+            dataclasses.replace(led("le_j", "invoice", "in_j", 1_000), party_ref=other),
+        ],
+    )
+    q.write_payments(
+        store,
+        [pay("py_600", 600, {}), dataclasses.replace(pay("py_j1", 600, {}), customer_id=other)],
+    )
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.ORPHAN_PAYMENT, "py_600"), (c.ORPHAN_PAYMENT, "py_j1")}
+    ingested_long_ago(store)
+    q.write_payments(
+        store,
+        [
+            pay("py_400", 400, {}),
+            dataclasses.replace(pay("py_j2", 300, {}), customer_id=other),  # 900 of 1,000: not this invoice
+        ],
+    )
+    inc = r.run(as_of=AS_OF)
+    assert inc.mode == "incremental"
+    found = items(store)
+    assert set(found) == {
+        (c.PAYMENT_UNAPPLIED, "py_600"),
+        (c.PAYMENT_UNAPPLIED, "py_400"),
+        (c.ORPHAN_PAYMENT, "py_j1"),
+        (c.ORPHAN_PAYMENT, "py_j2"),
+    }
+    assert {found[(c.PAYMENT_UNAPPLIED, k)]["reason_code"] for k in ("py_600", "py_400")} == {"matched_not_applied"}
+    full = r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == set(found) and full.new == 0 and full.resolved == 0

@@ -375,29 +375,32 @@ SELECT {run:String}, 'invoice', k FROM (
 WHERE k != ''
 GROUP BY k
 """
-# Payment keys likewise, and the unallocated payments of customers whose invoices changed: the N:1 match that
-# decides orphan_payment or payment_unapplied (the customer's open invoices summing to the amount) depends on
-# those invoices, whether the payment has an open item or was clean because an open invoice matched it.
+# Payment keys likewise, and the unallocated payments of customers whose invoices or payments changed: the
+# matches that decide orphan_payment or payment_unapplied (the customer's open invoices summing to a payment, or
+# its payments summing to an invoice) depend on them, whether the payment has an open item or was clean because
+# it matched.
 _SCOPE_PAYMENTS = """
 INSERT INTO $db.reconcile_scope (RunId, KeyType, Key)
 SELECT {run:String}, 'payment', k FROM (
     SELECT PaymentId AS k FROM $db.billing_payments WHERE IngestedAt >= {wm:DateTime64(6)}
     UNION ALL SELECT PaymentId FROM $db.billing_payments
-        WHERE Kind = 'payment' AND empty(Allocations)
-            -- every version's customer: an invoice moved to another customer leaves its former one's payments
-            AND CustomerId IN (SELECT CustomerId FROM $db.billing_invoices WHERE InvoiceId IN (
-                SELECT InvoiceId FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)}))
+        WHERE Kind = 'payment' AND empty(Allocations) AND CustomerId IN /*changed_customers*/
     UNION ALL SELECT ExternalRef FROM $db.erp_ledger_entries
         WHERE EntryId IN /*changed_entries*/ AND EntryType IN ('payment', 'credit_memo')
     UNION ALL SELECT PaymentId FROM $db.drift_items FINAL
         WHERE KeyType = 'payment' AND State != 'resolved' AND PaymentId != ''
             AND (Class = 'stale_sync' OR LedgerEntryId IN /*changed_entries*/
-                OR (Class IN ('orphan_payment', 'payment_unapplied') AND CustomerId IN (
-                    SELECT CustomerId FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)})))
+                OR (Class IN ('orphan_payment', 'payment_unapplied') AND CustomerId IN /*changed_customers*/))
 )
 WHERE k != ''
 GROUP BY k
 """
+# Every version's customer of a changed invoice or payment: one moved to another customer leaves its former
+# one's payments to match again.
+_CHANGED_CUSTOMERS = """(
+    SELECT CustomerId FROM $db.billing_invoices WHERE InvoiceId IN (
+        SELECT InvoiceId FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)})
+    UNION ALL SELECT CustomerId FROM $db.billing_payments WHERE PaymentId IN /*changed_payments*/)"""
 _SCOPE_CUSTOMERS = """
 INSERT INTO $db.reconcile_scope (RunId, KeyType, Key)
 SELECT {run:String}, 'customer', k FROM (
@@ -421,7 +424,7 @@ def build_scope(store: Store, run_id: str, watermark: dt.datetime, customers: bo
     params = {"run": run_id, "wm": watermark}
     changed = {"changed_entries": _CHANGED_ENTRIES, "changed_payments": _CHANGED_PAYMENTS}
     store.command(_compose(_SCOPE_INVOICES, **changed), params)
-    store.command(_compose(_SCOPE_PAYMENTS, **changed), params)
+    store.command(_compose(_SCOPE_PAYMENTS, changed_customers=_CHANGED_CUSTOMERS, **changed), params)
     if customers:
         store.command(_SCOPE_CUSTOMERS, params)
     rows = store.query_rows(
@@ -914,19 +917,19 @@ SELECT *,
 FROM $db.reconcile_payment_facts WHERE RunId = {run:String}
 """
 # N:1 matching of unallocated payments: the customer's open invoices inside the date window sum to the amount
-# (or exactly one of them equals it) within the currency's tolerance.
-_SUM_MATCH = """
-SELECT p.key FROM (
+# (or exactly one of them equals it) within the currency's tolerance; and 1:N the other way, several unallocated
+# payments of one customer inside the window of an open invoice that together pay it (instalments without a
+# reference). The payments: the run's unallocated ones the ERP did not apply.
+_MATCH_PAYMENTS = """
     SELECT key, p_customer, p_amount, p_occurred, p_currency AS cur, /*tol*/ 1 AS one
     FROM $db.reconcile_payment_facts
     WHERE RunId = {run:String} AND p_n > 0 AND p_kind = 'payment' AND p_status = 'succeeded' AND p_alloc_n = 0
-        AND e_applied_n = 0
-) AS p
-INNER JOIN (
-    -- the latest version of every invoice any version of which belongs to one of these customers (an invoice moved
-    -- to another customer is that customer's now), in the payment's currency
-    SELECT st.1 AS CustomerId, st.2 AS status, st.3 AS outstanding, st.4 AS FinalizedAt, st.5 AS deleted,
-        st.6 AS currency
+        AND e_applied_n = 0 /*customers*/
+"""
+# The latest version of every invoice any version of which belongs to one of these customers (an invoice moved to
+# another customer is that customer's now), open with something outstanding.
+_MATCH_INVOICES = """
+    SELECT InvoiceId, st.1 AS CustomerId, st.3 AS outstanding, st.4 AS FinalizedAt, st.6 AS currency
     FROM (
         SELECT InvoiceId,
             argMax((CustomerId, Status, TotalMinor - AmountPaidMinor - AmountCreditedMinor, FinalizedAt, IsDeleted,
@@ -935,17 +938,37 @@ INNER JOIN (
         PREWHERE KeyHash IN (
             SELECT KeyHash FROM $db.billing_invoices
             PREWHERE CustomerId IN (
-                SELECT p_customer FROM $db.reconcile_payment_facts WHERE RunId = {run:String} AND p_alloc_n = 0))
+                SELECT p_customer FROM $db.reconcile_payment_facts
+                WHERE RunId = {run:String} AND p_alloc_n = 0 /*customers*/))
         GROUP BY InvoiceId
     )
-    WHERE status = 'open' AND deleted = 0
-) AS i ON i.CustomerId = p.p_customer
-WHERE i.FinalizedAt BETWEEN p.p_occurred - toIntervalDay({window:UInt32})
-        AND p.p_occurred + toIntervalDay({window:UInt32})
-    AND i.outstanding > 0 AND i.currency = p.cur
+    WHERE st.2 = 'open' AND st.5 = 0 AND outstanding > 0
+"""
+# Customers with more than one such payment: the only ones the payments-to-one-invoice match can apply to.
+_SEVERAL = """AND p_customer IN (
+        SELECT p_customer FROM $db.reconcile_payment_facts
+        WHERE RunId = {run:String} AND p_n > 0 AND p_kind = 'payment' AND p_status = 'succeeded' AND p_alloc_n = 0
+            AND e_applied_n = 0
+        GROUP BY p_customer HAVING count() > 1)"""
+_MATCH_JOIN = """
+    INNER JOIN (/*invoices*/) AS i ON i.CustomerId = p.p_customer
+    WHERE i.FinalizedAt BETWEEN p.p_occurred - toIntervalDay({window:UInt32})
+            AND p.p_occurred + toIntervalDay({window:UInt32})
+        AND i.currency = p.cur
+"""
+_SUM_MATCH = """
+SELECT p.key FROM (/*payments*/) AS p /*join*/
 GROUP BY p.key, p.p_amount, p.t_abs, p.t_rel
 HAVING abs(sum(i.outstanding) - p.p_amount) <= greatest(p.t_abs, intDiv(p.t_rel * abs(p.p_amount), 10000))
     OR countIf(abs(i.outstanding - p.p_amount) <= greatest(p.t_abs, intDiv(p.t_rel * abs(p.p_amount), 10000))) = 1
+UNION ALL
+SELECT arrayJoin(keys) FROM (
+    SELECT groupArray(p.key) AS keys, sum(p.p_amount) AS paid, any(i.outstanding) AS due, any(p.t_abs) AS t_abs,
+        any(p.t_rel) AS t_rel
+    FROM (/*several_payments*/) AS p /*several_join*/
+    GROUP BY i.InvoiceId
+    HAVING count() > 1 AND abs(paid - due) <= greatest(t_abs, intDiv(t_rel * abs(due), 10000))
+)
 """
 _CUSTOMER_CLASSIFIED = """
 SELECT *,
@@ -1010,6 +1033,19 @@ _CLASSIFIED = {
 }
 
 
+def _sum_match() -> str:
+    """The keys of the run's unallocated payments that match open invoices by amount (see _SUM_MATCH)."""
+    several_invoices = _compose(_MATCH_INVOICES, customers=_SEVERAL)
+    return _compose(
+        _SUM_MATCH,
+        payments=_compose(_MATCH_PAYMENTS, customers=""),
+        join=_compose(_MATCH_JOIN, invoices=_compose(_MATCH_INVOICES, customers="")),
+        several_payments=_compose(_MATCH_PAYMENTS, customers=_SEVERAL),
+        several_join=_compose(_MATCH_JOIN, invoices=several_invoices),
+        tol=_TOL,
+    )
+
+
 def _classified(kind: str, sum_match: bool = True) -> str:
     """The classification SELECT of one kind; ``sum_match=False`` leaves out the N:1 matching subquery (used
     when the run has no unallocated payment to match)."""
@@ -1018,7 +1054,7 @@ def _classified(kind: str, sum_match: bool = True) -> str:
         tol=_TOL,
         drift_id=_DRIFT_ID,
         diff=_DIFF,
-        sum_match=_compose(_SUM_MATCH, tol=_TOL) if sum_match else "SELECT ''",
+        sum_match=_sum_match() if sum_match else "SELECT ''",
     )
     return _compose(
         sql,
