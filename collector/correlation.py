@@ -105,6 +105,12 @@ def keys_to_follow(links: Iterable[Link], known: set[tuple[str, str]]) -> set[tu
     }
 
 
+def event_seeds(rows: Iterable[Mapping[str, str]]) -> set[tuple[str, str]]:
+    """The identifying keys of events found by a key no span carries (events without trace context): the keys a
+    lookup seeds from besides its own."""
+    return {(t, r[t]) for r in rows for t in ("invoice", "payment", "ledger_entry") if r.get(t)}
+
+
 def customers_of(links: Iterable[Link]) -> set[str]:
     return {ln.key_value for ln in links if ln.key_type == "customer"}
 

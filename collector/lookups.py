@@ -59,20 +59,28 @@ def get_trace(store: Store, trace_id: str) -> dict[str, Any] | None:
 def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | None:
     """Traces reachable from the seed key (rules in collector.correlation), with their spans and events.
 
-    Reads: the seed's traces; their keys; one hop through identifying keys plus the customers' CDP traces;
-    then the new traces' keys and all time ranges side by side; then spans and events side by side."""
+    Reads: the seed's traces (for a key no span carries, also those of the keys its events carry); their keys;
+    one hop through identifying keys plus the customers' CDP traces; then the new traces' keys and all time
+    ranges side by side; then spans and events side by side."""
     key_type, value = seed
     cut = {"traces": False, "spans": False, "events": False}
+    seeds = {seed}
     if key_type == "trace":
         traces = {value}
     else:
         seed_rows = q.links_for_keys(store, [seed], limit=MAX_TRACES)
+        if not seed_rows and key_type != "customer":
+            # no span carries the key: events without trace context may (a batch job's ledger entry), and the
+            # other keys they carry make the transaction
+            seeds |= corr.event_seeds(q.event_keys(store, seed))
+            if len(seeds) > 1:
+                seed_rows = q.links_for_keys(store, sorted(seeds), limit=MAX_TRACES)
         cut["traces"] = any(int(r["total"]) > len(seed_rows) for r in seed_rows)
         traces = {ln.trace_id for ln in map(_link, seed_rows)}
     links = [_link(r) for r in q.links_for_traces(store, traces)]
     if key_type != "customer":
         customers = corr.customers_of(links)
-        follow = corr.keys_to_follow(links, {seed}) | {("trace", t) for t in traces}
+        follow = corr.keys_to_follow(links, seeds) | {("trace", t) for t in traces}
         hop = [_link(r) for r in q.expansion_links(store, follow, customers, limit=MAX_TRACES)]
         found = {ln.trace_id for ln in hop if ln.key_type != "customer"}
         found |= {ln.key_value for ln in links if ln.key_type == "trace"}
@@ -89,7 +97,7 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
         ranges = q.trace_ranges(store, traces)
     else:
         ranges = q.trace_ranges(store, traces)
-    key_set = {(ln.key_type, ln.key_value) for ln in links} | {seed}
+    key_set = {(ln.key_type, ln.key_value) for ln in links} | seeds
     # events without trace context (a batch job, a CDP call) are found by their business keys alone
     customers = [value] if key_type == "customer" else []
     span_rows, event_rows = _both(

@@ -143,3 +143,12 @@ def test_a_step_is_read_from_the_span_as_the_sla_reads_it() -> None:
         "t", "s1", "", "x", "erp", 0, 1_000, "Ok", {}, [], {"revops.step": "invoice_to_ledger"}
     )
     assert only_resource.step == "" and corr.step_timings([only_resource]) == []
+
+
+def test_the_events_of_a_key_no_span_carries_seed_the_lookup_with_their_other_keys() -> None:
+    rows = [
+        {"invoice": "in_1", "payment": "", "ledger_entry": "je_1"},
+        {"invoice": "in_1", "payment": "py_1", "ledger_entry": ""},
+    ]
+    assert corr.event_seeds(rows) == {("invoice", "in_1"), ("ledger_entry", "je_1"), ("payment", "py_1")}
+    assert corr.event_seeds([]) == set()

@@ -154,3 +154,16 @@ def events_for(
             "limit": limit,
         },
     )
+
+
+def event_keys(store: Store, key: tuple[str, str], limit: int = 100) -> list[dict[str, str]]:
+    """The identifying keys of (at most ``limit``) business events that carry ``key``: what an event without trace
+    context (a batch job) connects the key to."""
+    return store.query_rows(
+        "SELECT DISTINCT InvoiceId AS invoice, PaymentId AS payment, LedgerEntryId AS ledger_entry "
+        "FROM $db.business_events FINAL "
+        "WHERE ({t:String} = 'invoice' AND InvoiceId = {v:String}) "
+        "OR ({t:String} = 'payment' AND PaymentId = {v:String}) "
+        "OR ({t:String} = 'ledger_entry' AND LedgerEntryId = {v:String}) LIMIT {limit:UInt32}",
+        {"t": key[0], "v": key[1], "limit": limit},
+    )
