@@ -624,13 +624,20 @@ def test_credit_memo_amounts_and_currencies_and_application_currencies_are_compa
             led("le_m3", "credit_memo", "re_tol", 301, "posted", "in_c"),
             led("le_m4", "credit_memo", "re_amt", 250, "posted", "in_d"),
             led("le_m5", "credit_memo", "re_cur", 300, "posted", "in_d", cur="EUR"),
+            # booked twice: 600 credited for 300 refunded (two memos like the refund looked clean in stage A)
+            led("le_m6", "credit_memo", "re_dup", 300, "posted", "in_d"),
+            led("le_m7", "credit_memo", "re_dup", 300, "posted", "in_d"),
+            # booked 350, reversed, booked again at 300: the net matches
+            led("le_m8", "credit_memo", "re_storno", 350, "posted", "in_c"),
+            led("le_m9", "credit_memo", "re_storno", -350, "posted", "in_c"),
+            led("le_mA", "credit_memo", "re_storno", 300, "posted", "in_c"),
         ],
     )
     q.write_payments(
         store,
         [pay("py_ok", 1_100, {"in_a": 1_100}), pay("py_cur", 1_100, {"in_b": 1_100})]
-        + [pay(r, 300, {"in_c": 300}, kind="refund") for r in ("re_ok", "re_neg", "re_tol")]
-        + [pay(r, 300, {"in_d": 300}, kind="refund") for r in ("re_amt", "re_cur")],
+        + [pay(r, 300, {"in_c": 300}, kind="refund") for r in ("re_ok", "re_neg", "re_tol", "re_storno")]
+        + [pay(r, 300, {"in_d": 300}, kind="refund") for r in ("re_amt", "re_cur", "re_dup")],
     )
     r = Reconciler(store, RULES)
     r.run(full=True, as_of=AS_OF)
@@ -639,7 +646,9 @@ def test_credit_memo_amounts_and_currencies_and_application_currencies_are_compa
         (c.CURRENCY_MISMATCH, "py_cur"),
         (c.AMOUNT_MISMATCH, "re_amt"),
         (c.CURRENCY_MISMATCH, "re_cur"),
+        (c.AMOUNT_MISMATCH, "re_dup"),
     }
+    assert q.get_drift(store, found[(c.AMOUNT_MISMATCH, "re_dup")]["drift_id"])["AmountMinor"] == -300  # type: ignore[index]
     amt = q.get_drift(store, found[(c.AMOUNT_MISMATCH, "re_amt")]["drift_id"])
     assert amt is not None and amt["ReasonCode"] == "credit_memo_differs" and amt["AmountMinor"] == 50
     assert amt["PaymentId"] == "re_amt" and "amount_minor" in amt["DiffFields"] and "currency" not in amt["DiffFields"]
@@ -665,6 +674,7 @@ def test_credit_memo_amounts_and_currencies_and_application_currencies_are_compa
         (c.CURRENCY_MISMATCH, "py_cur"),
         (c.AMOUNT_MISMATCH, "re_ok"),
         (c.CURRENCY_MISMATCH, "re_cur"),
+        (c.AMOUNT_MISMATCH, "re_dup"),
     }
     full = r.run(full=True, as_of=AS_OF)
     assert full.new == 0 and full.resolved == 0 and full.residual_minor == 0
@@ -761,3 +771,42 @@ def test_several_unallocated_payments_that_together_pay_an_open_invoice_are_matc
     assert {found[(c.PAYMENT_UNAPPLIED, k)]["reason_code"] for k in ("py_600", "py_400")} == {"matched_not_applied"}
     full = r.run(full=True, as_of=AS_OF)
     assert set(items(store)) == set(found) and full.new == 0 and full.resolved == 0
+
+
+def test_the_payments_matched_together_change_with_the_erp_applications_and_exclude_non_positive_ones(
+    store: Store,
+) -> None:
+    """The match pool holds the payments the ERP did not apply: when the ERP reverses an application, an
+    incremental run must re-match the customer's other payments as a full run does (it kept the orphan and raised
+    a second one). A zero payment beside one that pays the invoice does not make up the invoice with it."""
+    q.write_invoices(store, [inv("in_i", 1_000), dataclasses.replace(inv("in_z", 1_000), customer_id="cus_3")])
+    app = led("le_p400", "payment", "py_400", 400, "posted", "in_i")
+    q.write_ledger(
+        store,
+        [
+            led("le_i", "invoice", "in_i", 1_000),
+            app,
+            dataclasses.replace(led("le_z", "invoice", "in_z", 1_000), party_ref="cus_3"),
+        ],
+    )
+    zero = [dataclasses.replace(pay(p, a, {}), customer_id="cus_3") for p, a in (("py_z1000", 1_000), ("py_z0", 0))]
+    q.write_payments(store, [pay("py_600", 600, {}), pay("py_400", 400, {}), *zero])
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {
+        (c.ORPHAN_PAYMENT, "py_600"),
+        (c.PAYMENT_UNAPPLIED, "py_z1000"),  # one payment equal to the invoice
+        (c.ORPHAN_PAYMENT, "py_z0"),
+    }
+    ingested_long_ago(store)
+    q.write_ledger(store, [later(dataclasses.replace(app, status="cancelled"))])  # the ERP reverses it
+    r.run(as_of=AS_OF)
+    expected = {
+        (c.PAYMENT_UNAPPLIED, "py_600"),
+        (c.PAYMENT_UNAPPLIED, "py_400"),
+        (c.PAYMENT_UNAPPLIED, "py_z1000"),
+        (c.ORPHAN_PAYMENT, "py_z0"),
+    }
+    assert set(items(store)) == expected
+    full = r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == expected and full.new == 0 and full.resolved == 0

@@ -395,12 +395,16 @@ SELECT {run:String}, 'payment', k FROM (
 WHERE k != ''
 GROUP BY k
 """
-# Every version's customer of a changed invoice or payment: one moved to another customer leaves its former
-# one's payments to match again.
+# Every version's customer of a changed invoice or payment (one moved to another customer leaves its former
+# one's payments to match again), and of a payment whose ERP application changed.
 _CHANGED_CUSTOMERS = """(
     SELECT CustomerId FROM $db.billing_invoices WHERE InvoiceId IN (
         SELECT InvoiceId FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)})
-    UNION ALL SELECT CustomerId FROM $db.billing_payments WHERE PaymentId IN /*changed_payments*/)"""
+    UNION ALL SELECT CustomerId FROM $db.billing_payments WHERE PaymentId IN /*changed_payments*/
+    -- a payment the ERP applied (or stopped applying) leaves or joins the pool its siblings are matched in
+    UNION ALL SELECT CustomerId FROM $db.billing_payments WHERE PaymentId IN (
+        SELECT ExternalRef FROM $db.erp_ledger_entries
+        WHERE EntryId IN /*changed_entries*/ AND EntryType = 'payment'))"""
 _SCOPE_CUSTOMERS = """
 INSERT INTO $db.reconcile_scope (RunId, KeyType, Key)
 SELECT {run:String}, 'customer', k FROM (
@@ -424,7 +428,7 @@ def build_scope(store: Store, run_id: str, watermark: dt.datetime, customers: bo
     params = {"run": run_id, "wm": watermark}
     changed = {"changed_entries": _CHANGED_ENTRIES, "changed_payments": _CHANGED_PAYMENTS}
     store.command(_compose(_SCOPE_INVOICES, **changed), params)
-    store.command(_compose(_SCOPE_PAYMENTS, changed_customers=_CHANGED_CUSTOMERS, **changed), params)
+    store.command(_compose(_compose(_SCOPE_PAYMENTS, changed_customers=_CHANGED_CUSTOMERS), **changed), params)
     if customers:
         store.command(_SCOPE_CUSTOMERS, params)
     rows = store.query_rows(
@@ -519,7 +523,7 @@ SELECT {run:String}, 'payment', hk FROM (
         bitAnd(packed, 0xFFFF) = 1 AND se = e_n * sb AND (
             (bitAnd(packed, 0xF0000) != 0 AND e_n = 0)
             OR (bitAnd(packed, 0xF00000) != 0 AND e_n > 0)
-            OR (bitAnd(packed, 0xF000000) != 0 AND bitShiftRight(packed, 46) > 0)
+            OR (bitAnd(packed, 0xF000000) != 0 AND bitShiftRight(packed, 46) = 1 AND e_n = 1)
         )
     )
 )
@@ -672,7 +676,7 @@ SELECT
     countIf(src = 1 AND kind = 'credit_memo') AS e_memo_n,
     countIf(src = 1 AND refs != '') AS e_applied_n,
     sumIf(amt, src = 1) AS e_sum,
-    sumIf(abs(amt), src = 1 AND kind = 'credit_memo') AS e_memo_sum,
+    abs(sumIf(amt, src = 1 AND kind = 'credit_memo')) AS e_memo_sum,
     anyIf(kind, src = 1) AS e_type,
     anyIf(status, src = 1) AS e_status,
     anyIf(cur, src = 1) AS e_currency,
@@ -963,7 +967,8 @@ GROUP BY side, if(side = 1, pkey, ik)
 HAVING if(side = 1,
     abs(sum(due) - any(amt)) <= greatest(any(t_abs), intDiv(any(t_rel) * abs(any(amt)), 10000))
         OR countIf(abs(due - amt) <= greatest(t_abs, intDiv(t_rel * abs(amt), 10000))) = 1,
-    count() > 1 AND abs(sum(amt) - any(due)) <= greatest(any(t_abs), intDiv(any(t_rel) * abs(any(due)), 10000)))
+    count() > 1 AND min(amt) > 0
+        AND abs(sum(amt) - any(due)) <= greatest(any(t_abs), intDiv(any(t_rel) * abs(any(due)), 10000)))
 """
 _CUSTOMER_CLASSIFIED = """
 SELECT *,

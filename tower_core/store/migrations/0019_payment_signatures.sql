@@ -14,6 +14,6 @@ ALTER TABLE $db.billing_payments MATERIALIZE COLUMN PaySig;
 ALTER TABLE $db.erp_ledger_entries MATERIALIZE COLUMN PaySig;
 ALTER TABLE $db.billing_payments DROP COLUMN IF EXISTS KeySig;
 ALTER TABLE $db.erp_ledger_entries DROP COLUMN IF EXISTS RefSig;
--- the wide pass's facts of a payment key: the credit memos' unsigned sum, and every currency of its ERP rows
+-- the wide pass's facts of a payment key: the credit memos' net sum, unsigned, and every currency of its ERP rows
 ALTER TABLE $db.reconcile_payment_facts ADD COLUMN IF NOT EXISTS e_memo_sum Int64 DEFAULT 0 AFTER e_sum;
 ALTER TABLE $db.reconcile_payment_facts ADD COLUMN IF NOT EXISTS e_currencies String DEFAULT '' AFTER e_currency;
