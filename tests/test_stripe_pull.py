@@ -19,6 +19,7 @@ from connectors.stripe.connector import StripeBilling
 from connectors.stripe.mapping import Change, Cursor, select_changes
 from tests.fixtures.external import Localstripe
 from tests.fixtures.fault_proxy import FaultProxy
+from tests.fixtures.stripe_newer_api import NewerStripeApi
 from tests.test_stripe_webhooks import paid_subscription_invoice, stripe_client
 
 T = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
@@ -76,6 +77,84 @@ def test_invoice_and_payment_mapping_minor_units() -> None:
     cn = mapping.payment_from_credit_note({"id": "cn_1", "invoice": "in_1", "total": 300, "currency": "eur",
                                            "status": "void"}, T, "")  # fmt: skip
     assert (cn.kind, cn.status, cn.allocations) == ("credit_note", "failed", {"in_1": 300})
+
+
+# Shapes of the pinned API version (stripe 16.1.0 sends 2026-10-28.endive; these changed in 2025-03-31.basil),
+# abbreviated from docs.stripe.com/api: the invoice's tax is total_taxes, its payment is in payments
+# (InvoicePayments), and PaymentIntents and Charges no longer name their invoice.
+T0 = 1_790_000_000
+
+
+def basil_invoice(inv_id: str = "in_1", total: int = 12000, tax: int = 2000, payments: bool = True) -> dict:
+    obj = {
+        "id": inv_id, "object": "invoice", "customer": "cus_1", "currency": "usd", "status": "paid",
+        "subtotal": total - tax, "total": total, "total_excluding_tax": total - tax, "amount_due": total,
+        "amount_paid": total, "amount_remaining": 0, "created": T0, "metadata": {},
+        "status_transitions": {"finalized_at": T0 + 10, "paid_at": T0 + 20},
+        "post_payment_credit_notes_amount": 0, "pre_payment_credit_notes_amount": 0,
+        "total_taxes": [{"amount": tax, "tax_behavior": "exclusive", "taxable_amount": total - tax,
+                         "taxability_reason": "standard_rated", "type": "tax_rate_details",
+                         "tax_rate_details": {"tax_rate": "txr_1"}}],
+    }  # fmt: skip
+    if payments:
+        obj["payments"] = {"object": "list", "data": [invoice_payment("inpay_1", inv_id, "pi_1", total)]}
+    return obj
+
+
+def invoice_payment(ip_id: str, inv_id: str, pi_id: str, amount: int, status: str = "paid") -> dict:
+    return {"id": ip_id, "object": "invoice_payment", "amount_paid": amount if status == "paid" else None,
+            "amount_requested": amount, "currency": "usd", "invoice": inv_id, "is_default": True,
+            "livemode": False, "status": status, "created": T0 + 20,
+            "payment": {"type": "payment_intent", "payment_intent": pi_id},
+            "status_transitions": {"paid_at": T0 + 20 if status == "paid" else None, "canceled_at": None}}  # fmt: skip
+
+
+def basil_intent(pi_id: str, amount: int) -> dict:
+    return {"id": pi_id, "object": "payment_intent", "customer": "cus_1", "currency": "usd", "amount": amount,
+            "amount_received": amount, "status": "succeeded", "created": T0 + 20, "latest_charge": "ch_1",
+            "payment_method_types": ["card"], "metadata": {}}  # fmt: skip
+
+
+def test_invoice_mapping_reads_the_tax_and_payment_of_the_pinned_api_version() -> None:
+    inv = mapping.to_invoice(basil_invoice(), T, "NA")
+    assert (inv.subtotal_minor, inv.tax_minor, inv.total_minor) == (10000, 2000, 12000)
+    assert inv.attributes == {"stripe.payment_intent": "pi_1"}
+    # a paid payment wins over an earlier canceled attempt, whatever the order
+    two = basil_invoice()
+    two["payments"]["data"].insert(0, invoice_payment("inpay_0", "in_1", "pi_0", 12000, status="canceled"))
+    assert mapping.to_invoice(two, T, "NA").attributes == {"stripe.payment_intent": "pi_1"}
+    # the shape before basil (localstripe's) still reads
+    old = {"id": "in_2", "total": 1100, "subtotal": 1000, "total_tax_amounts": [{"amount": 60}, {"amount": 40}],
+           "payment_intent": "pi_9", "currency": "usd"}  # fmt: skip
+    inv = mapping.to_invoice(old, T, "NA")
+    assert (inv.tax_minor, inv.attributes) == (100, {"stripe.payment_intent": "pi_9"})
+
+
+def test_payments_are_allocated_from_invoice_payments_when_the_intent_names_no_invoice() -> None:
+    rows = [invoice_payment("inpay_1", "in_1", "pi_1", 7000), invoice_payment("inpay_2", "in_2", "pi_1", 5000),
+            invoice_payment("inpay_3", "in_3", "pi_1", 900, status="canceled")]  # fmt: skip
+    paid = mapping.invoice_allocations(rows)
+    assert paid == {"in_1": 7000, "in_2": 5000}  # only paid InvoicePayments count
+    pi = basil_intent("pi_1", 12000)
+    assert mapping.payment_from_intent(pi, T, "NA").allocations == {}  # nothing to go by without the lookup
+    assert mapping.payment_from_intent(pi, T, "NA", paid).allocations == {"in_1": 7000, "in_2": 5000}
+    refund = {"id": "re_1", "object": "refund", "amount": 3000, "currency": "usd", "status": "succeeded",
+              "payment_intent": "pi_1", "charge": "ch_1", "created": T0 + 30}  # fmt: skip
+    one = mapping.payment_from_refund(refund, pi, T, "NA", {"in_1": 12000})
+    assert (one.allocations, one.related_payment_id, one.customer_id) == ({"in_1": 3000}, "pi_1", "cus_1")
+    # a refund of a payment spread over two invoices is not split by guess
+    assert mapping.payment_from_refund(refund, pi, T, "NA", paid).allocations == {}
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [("pending", "pending"), ("requires_action", "pending"), ("succeeded", "succeeded"), ("failed", "failed"),
+     ("canceled", "failed"), ("some_new_state", "pending")],
+)  # fmt: skip
+def test_refund_status_only_failed_and_canceled_are_failed(status: str, expected: str) -> None:
+    """A refund waiting for the customer (requires_action) is in progress, not a failure."""
+    refund = {"id": "re_1", "amount": 500, "currency": "usd", "status": status, "payment_intent": "pi_1"}
+    assert mapping.payment_from_refund(refund, {"id": "pi_1", "invoice": "in_1"}, T, "NA").status == expected
 
 
 # ------------------------------------------------------------------ localstripe
@@ -191,3 +270,94 @@ def test_client_errors_are_business_rule_errors_not_retried(localstripe: Localst
         billing._retrieve("invoice", "in_does_not_exist")
     with pytest.raises(stripe.StripeError):  # the raw SDK agrees it is a 404
         stripe_client(localstripe).v1.invoices.retrieve("in_does_not_exist")
+
+
+# ------------------------------------------------------------------ Stripe's newer API (a loopback fake)
+
+
+def newer_api_account() -> NewerStripeApi:
+    """in_1 paid by pi_1 (12000, then 3000 refunded as re_1 on ch_1); pi_2 pays in_2 and in_3 together."""
+    charge = {"id": "ch_1", "object": "charge", "amount": 12000, "amount_captured": 12000, "amount_refunded": 3000,
+              "currency": "usd", "customer": "cus_1", "payment_intent": "pi_1", "refunded": False,
+              "status": "succeeded", "created": T0 + 20, "metadata": {}}  # fmt: skip
+    refund = {"id": "re_1", "object": "refund", "amount": 3000, "currency": "usd", "status": "succeeded",
+              "payment_intent": "pi_1", "charge": "ch_1", "created": T0 + 40, "metadata": {}}  # fmt: skip
+    objects = {
+        "in_1": basil_invoice(payments=False),  # a plain retrieve leaves payments out
+        "pi_1": basil_intent("pi_1", 12000),
+        "pi_2": basil_intent("pi_2", 12000),
+        "ch_1": charge,
+        "re_1": refund,
+        "cus_1": {"id": "cus_1", "object": "customer", "metadata": {"region": "EU"}},
+    }
+
+    def event(eid: str, etype: str, obj: dict, t: int) -> dict:
+        return {"id": eid, "object": "event", "type": etype, "created": t, "data": {"object": obj}}
+
+    events = [
+        event("evt_6", "refund.created", refund, T0 + 40),
+        event("evt_5", "charge.refunded", charge, T0 + 40),  # no refunds list since 2022-11-15
+        event("evt_3", "payment_intent.succeeded", objects["pi_2"], T0 + 20),
+        event("evt_2", "payment_intent.succeeded", objects["pi_1"], T0 + 20),
+        event("evt_1", "invoice.paid", objects["in_1"], T0 + 20),
+    ]
+    payments = [invoice_payment("inpay_1", "in_1", "pi_1", 12000), invoice_payment("inpay_2", "in_2", "pi_2", 7000),
+                invoice_payment("inpay_3", "in_3", "pi_2", 5000)]  # fmt: skip
+    return NewerStripeApi(objects, events, payments)
+
+
+def test_pulls_read_the_newer_api_through_invoice_payments() -> None:
+    with newer_api_account() as api:
+        billing = StripeBilling("sk_test_tower", api.url, default_region="NA", backoff_s=0.01)
+        (inv,) = billing.pull_invoices(None).items
+        assert (inv.invoice_id, inv.tax_minor, inv.total_minor, inv.region) == ("in_1", 2000, 12000, "EU")
+        assert inv.attributes == {"stripe.payment_intent": "pi_1"}
+        page = billing.pull_payments(None)
+        by_id = {p.payment_id: p for p in page.items}
+        assert set(by_id) == {"pi_1", "pi_2", "re_1"}  # the charge id is no refund
+        assert by_id["pi_1"].allocations == {"in_1": 12000}
+        assert by_id["pi_2"].allocations == {"in_2": 7000, "in_3": 5000}
+        ref = by_id["re_1"]
+        assert (ref.kind, ref.amount_minor, ref.status, ref.allocations) == (
+            "refund",
+            3000,
+            "succeeded",
+            {"in_1": 3000},
+        )
+        assert (ref.related_payment_id, ref.customer_id, ref.region) == ("pi_1", "cus_1", "EU")
+        asked = [r for r in api.requests if r.startswith("/v1/invoice_payments") and "pi_1" in r]
+        assert len(asked) == 1  # the refund reuses what its payment's lookup found
+
+
+def test_localstripe_without_invoice_payments_falls_back_and_is_asked_once(
+    localstripe: Localstripe, spans: InMemorySpanExporter
+) -> None:
+    """localstripe has no /v1/invoice_payments (404): PaymentIntents without an invoice stay unallocated, and
+    the endpoint is not asked again for every payment."""
+    billing = StripeBilling("sk_test_tower", localstripe.url, default_region="NA", backoff_s=0.01)
+    cursor = None
+    while True:
+        page = billing.pull_payments(cursor)
+        cursor = page.next_cursor
+        if page.done:
+            break
+    client = stripe_client(localstripe)
+    cus = client.v1.customers.create(params={"email": "walk-in@example.com"})
+    pm = client.v1.payment_methods.create(
+        params={"type": "card", "card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}
+    )
+    client.v1.payment_methods.attach(pm.id, params={"customer": cus.id})
+    intents = [
+        client.v1.payment_intents.create(
+            params={"amount": amount, "currency": "usd", "customer": cus.id, "payment_method": pm.id, "confirm": True}
+        )
+        for amount in (2500, 3500)
+    ]
+    inv = paid_subscription_invoice(client, amount=4000)  # its intent names the invoice: no lookup needed
+    spans.clear()
+    by_id = {p.payment_id: p for p in billing.pull_payments(cursor).items}
+    for pi in intents:
+        assert (by_id[pi.id].status, by_id[pi.id].allocations) == ("succeeded", {})
+    assert by_id[inv.payment_intent].allocations == {inv.id: 4000}
+    asked = [s for s in spans.get_finished_spans() if s.name == "stripe.invoice_payments.list"]
+    assert len(asked) == 1 and billing._invoice_payments_api is False

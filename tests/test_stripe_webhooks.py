@@ -162,6 +162,55 @@ def test_payment_refund_and_credit_note_mapping() -> None:
     assert (ev.attributes["revops.payment.id"], ev.attributes["revops.currency"]) == ("cn_1", "GBP")
 
 
+def test_invoice_paid_of_the_pinned_api_version_names_its_payment_from_payments() -> None:
+    """Since 2025-03-31.basil an invoice has no payment_intent; its InvoicePayments name the PaymentIntent."""
+    obj = {"id": "in_1", "object": "invoice", "customer": "cus_1", "total": 500, "amount_paid": 500,
+           "currency": "usd", "status": "paid", "total_taxes": [],
+           "payments": {"object": "list", "data": [{"id": "inpay_1", "object": "invoice_payment", "invoice": "in_1",
+                        "amount_paid": 500, "status": "paid", "is_default": True,
+                        "payment": {"type": "payment_intent", "payment_intent": "pi_1"}}]}}  # fmt: skip
+    ev = mapping.to_business_event(_event("invoice.paid", obj), "NA")
+    assert ev is not None and ev.attributes["revops.payment.id"] == "pi_1"
+
+
+def test_charge_refunded_without_its_refunds_list_invents_no_refund() -> None:
+    """Since API 2022-11-15 a Charge does not embed its refunds: two partial refunds (1500, then 1000) arrive as
+    charge.refunded with the running total only. No refund id or per-refund amount is made up from it."""
+    seen = []
+    for eid, refunded in [("evt_a", 1500), ("evt_b", 2500)]:
+        charge = {"id": "ch_1", "object": "charge", "amount": 10000, "amount_captured": 10000,
+                  "amount_refunded": refunded, "currency": "usd", "customer": "cus_1", "payment_intent": "pi_1",
+                  "refunded": False, "status": "succeeded", "created": NOW - 100, "metadata": {}}  # fmt: skip
+        ev = mapping.to_business_event(_event("charge.refunded", charge, eid), "NA")
+        assert ev is not None and ev.type == "billing.refund.created"
+        a = ev.attributes
+        assert "revops.payment.id" not in a and "revops.amount_minor" not in a
+        assert (a["revops.related_payment.id"], a["revops.customer.id"], a["stripe.charge.id"]) == (
+            "pi_1",
+            "cus_1",
+            "ch_1",
+        )
+        seen.append(a["stripe.charge.amount_refunded"])
+    assert seen == ["1500", "2500"]  # the charge's cumulative figure, named as such
+
+
+@pytest.mark.parametrize(
+    ("etype", "canonical"), [("refund.created", "billing.refund.created"), ("refund.updated", "billing.refund.updated")]
+)
+def test_refund_events_carry_the_refunds_own_id_and_amount(etype: str, canonical: str) -> None:
+    refund = {"id": "re_2", "object": "refund", "amount": 1000, "currency": "usd", "status": "succeeded",
+              "payment_intent": "pi_1", "charge": "ch_1", "created": NOW, "metadata": {}}  # fmt: skip
+    ev = mapping.to_business_event(_event(etype, refund), "NA")
+    assert ev is not None and ev.type == canonical and ev.subject == "re_2"
+    a = ev.attributes
+    assert (a["revops.payment.id"], a["revops.amount_minor"], a["revops.currency"]) == ("re_2", "1000", "USD")
+    assert (a["revops.related_payment.id"], a["revops.step"], a["stripe.refund.status"]) == (
+        "pi_1",
+        "refund_to_ledger",
+        "succeeded",
+    )
+
+
 def test_customer_events_keep_ids_not_pii_and_untracked_types_are_none() -> None:
     cus = {"id": "cus_1", "email": "jane@example.com", "name": "Jane", "metadata": {"cdp_user_id": "u-1"}}
     ev = mapping.to_business_event(_event("customer.updated", cus), "EU")

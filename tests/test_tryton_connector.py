@@ -102,6 +102,20 @@ def test_credit_note_record_maps_to_a_credit_memo_entry() -> None:
     )
 
 
+def test_a_payment_line_in_a_second_currency_is_read_in_the_invoice_currency() -> None:
+    """Debit/credit are in the company currency (USD); Tryton keeps the invoice-currency amount in
+    amount_second_currency, signed like debit - credit (negative on a customer's payment)."""
+    invoice = {"id": 3, "reference": "in_1", "currency.": {"code": "JPY"}, "party.": {"name": "cus_1"}}
+    line = {"id": 9, "credit": Decimal("33.33"), "debit": Decimal(0), "amount_second_currency": Decimal("-5000"),
+            "second_currency.": {"code": "JPY"}, "currency.": {"code": "USD"}, "date": dt.date(2026, 11, 2),
+            "write_date": None, "create_date": NOW, "move.": {"description": "pi_1"}}  # fmt: skip
+    e = m.payment_entry(line, invoice)
+    assert (e.amount_minor, e.currency, e.external_ref, e.applied_to_ref) == (5000, "JPY", "pi_1", "in_1")
+    # a line without a second currency is in the company currency, and says so
+    plain = {**line, "second_currency.": None, "amount_second_currency": None}
+    assert (m.payment_entry(plain, invoice).amount_minor, m.payment_entry(plain, invoice).currency) == (3333, "USD")
+
+
 # ------------------------------------------------------------------ real trytond
 
 
@@ -458,3 +472,47 @@ def test_wrong_password_is_a_business_rule_error(trytond_server: Trytond) -> Non
     erp = TrytonErp(rpc)
     health = erp.health()
     assert not health.ok and "refused" in health.detail
+
+
+def foreign_currency(erp: TrytonErp, code: str, digits: int, rate: Decimal) -> None:
+    """A currency the USD company invoices in, with ``rate`` units per USD (created through Tryton's RPC)."""
+    if erp.rpc.search_read("currency.currency", [["code", "=", code]], ["id"]):
+        return
+    values = {"name": code, "code": code, "symbol": code, "digits": digits, "rounding": Decimal(1).scaleb(-digits),
+              "rates": [["create", [{"date": dt.date(2000, 1, 1), "rate": rate}]]]}  # fmt: skip
+    erp.rpc.model("currency.currency", "create", [values])
+
+
+@pytest.mark.parametrize(("currency", "digits", "rate", "total", "paid"), [
+    ("EUR", 2, Decimal("0.9"), 10000, 4000),  # 40.00 EUR is 44.44 USD in the company's books
+    ("JPY", 0, Decimal("150"), 15000, 5000),  # 5000 JPY is 33.33 USD: not even a JPY amount
+])  # fmt: skip
+def test_payments_of_a_foreign_currency_invoice_are_read_in_its_currency(
+    erp: TrytonErp, currency: str, digits: int, rate: Decimal, total: int, paid: int
+) -> None:
+    """A payment on an invoice in another currency than the company's (USD) is read in the invoice's currency,
+    and the invoice stays readable, so the next payment is applied."""
+    foreign_currency(erp, currency, digits, rate)
+    inv = dataclasses.replace(billing_invoice(total), currency=currency)
+    erp.post_invoice(inv)
+    p1 = Payment(f"pi_{uuid.uuid4().hex[:10]}", "payment", inv.customer_id, "NA", currency, paid, "succeeded", NOW,
+                 NOW)  # fmt: skip
+    erp.apply_payment(p1, inv.invoice_id, paid)
+    (line,) = erp.rpc.search_read(
+        "account.move.line", [["move.description", "=", p1.payment_id], ["credit", ">", 0]], ["credit"]
+    )
+    assert m.to_minor(line["credit"], "USD") != paid  # the books hold the company-currency amount
+    (pay,) = erp.find_by_external_ref(p1.payment_id)
+    assert (pay.entry_type, pay.amount_minor, pay.currency, pay.applied_to_ref) == (
+        "payment",
+        paid,
+        currency,
+        inv.invoice_id,
+    )
+    (entry,) = erp.find_by_external_ref(inv.invoice_id)
+    assert (entry.amount_minor, entry.currency) == (total, currency)
+    p2 = dataclasses.replace(p1, payment_id=f"pi_{uuid.uuid4().hex[:10]}", amount_minor=total - paid)
+    assert not erp.apply_payment(p2, inv.invoice_id, total - paid).already_done
+    assert tryton_invoices(erp, inv.invoice_id)[0]["state"] == "paid"
+    (rest,) = erp.find_by_external_ref(p2.payment_id)
+    assert (rest.amount_minor, rest.currency) == (total - paid, currency)

@@ -40,6 +40,18 @@ def _retryable(exc: BaseException) -> bool:
     return status == 429 or status >= 500
 
 
+def _unknown_endpoint(exc: BusinessRuleError) -> bool:
+    """Stripe's answer to an endpoint or parameter the server does not know: 404 (localstripe: a plain-text
+    404; Stripe: "Unrecognized request URL"), or a 400 naming an unknown parameter."""
+    cause = exc.__cause__
+    if not isinstance(cause, stripe.StripeError):
+        return False
+    if cause.http_status == 404:
+        return True
+    text = str(cause.user_message or cause).lower()
+    return cause.http_status == 400 and ("unrecognized request url" in text or "unknown parameter" in text)
+
+
 def _plain(obj: Any) -> dict[str, Any]:
     """SDK objects -> plain dicts (the mapping is pure and SDK-free)."""
     return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
@@ -75,6 +87,9 @@ class StripeBilling:
         self.default_region = default_region
         self.attempts, self.backoff_s = attempts, backoff_s
         self._regions: dict[str, str] = {}
+        # Whether the server has the InvoicePayments API (Stripe since 2025-03-31.basil; localstripe has not):
+        # None until first asked, False once it answered "unknown", so it is not asked for every payment.
+        self._invoice_payments_api: bool | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StripeBilling:
@@ -187,7 +202,7 @@ class StripeBilling:
             page, cur, done = mapping.select_changes(changes, cur, limit)
             for c in page:
                 try:
-                    obj = self._retrieve("invoice", c.key)
+                    obj = self._with_payments(self._retrieve("invoice", c.key))
                 except NotFoundError:  # Stripe deletes only drafts: never an invoice, nothing to reconcile
                     continue
                 items.append(mapping.to_invoice(obj, _when(c.t), self._region_of(obj)))
@@ -201,20 +216,67 @@ class StripeBilling:
         changes += [Change(int(r["created"]), str(r["id"]), "refund", str(r["id"])) for r in self._refunds_since(since)]
         page, nxt, done = mapping.select_changes(changes, cur, limit)
         intents: dict[str, dict[str, Any]] = {}
+        paid_invoices: dict[str, dict[str, int] | None] = {}
         items: list[Payment] = []
         for c in page:
             when = _when(c.t)
             if c.kind == "payment_intent":
                 pi = intents[c.key] = self._retrieve("payment_intent", c.key)
-                items.append(mapping.payment_from_intent(pi, when, self._region_of(pi)))
+                invoices = self._invoices_paid_by(pi, paid_invoices) if pi.get("status") == "succeeded" else None
+                items.append(mapping.payment_from_intent(pi, when, self._region_of(pi), invoices))
             elif c.kind == "credit_note":
                 cn = self._retrieve("credit_note", c.key)
                 items.append(mapping.payment_from_credit_note(cn, when, self._region_of(cn)))
             else:
                 refund = self._retrieve("refund", c.key)
                 paid = self._paid_by(refund, intents)
-                items.append(mapping.payment_from_refund(refund, paid, when, self._region_of(paid or {})))
+                invoices = self._invoices_paid_by(paid, paid_invoices) if paid else None
+                items.append(mapping.payment_from_refund(refund, paid, when, self._region_of(paid or {}), invoices))
         return Page(items, nxt.encode(), done)
+
+    def _invoices_paid_by(self, pi: dict[str, Any], cache: dict[str, dict[str, int] | None]) -> dict[str, int] | None:
+        """Invoice id -> amount paid by a PaymentIntent that does not name its invoice (API basil and later),
+        from the InvoicePayments API; None when the PaymentIntent names it, or the server lacks that API."""
+        pi_id = mapping._id(pi.get("id"))
+        if not pi_id or pi.get("object", "payment_intent") != "payment_intent" or mapping._pi_invoice(pi):
+            return None
+        if pi_id not in cache:
+            cache[pi_id] = self._invoice_payments(pi_id)
+        return cache[pi_id]
+
+    def _invoice_payments(self, pi_id: str) -> dict[str, int] | None:
+        rows = self._invoice_payment_rows(
+            {"payment": {"type": "payment_intent", "payment_intent": pi_id}}, {"revops.payment.id": pi_id}
+        )
+        return None if rows is None else mapping.invoice_allocations(rows)
+
+    def _invoice_payment_rows(self, params: dict[str, Any], attrs: dict[str, str]) -> list[dict[str, Any]] | None:
+        """InvoicePayments matching ``params``; None when the server has no such API (asked once)."""
+        if self._invoice_payments_api is False:
+            return None
+
+        def fetch() -> list[dict[str, Any]]:
+            listing = self.client.v1.invoice_payments.list(params={"limit": PAGE, **params})
+            return [_plain(p) for p in listing.auto_paging_iter()]
+
+        try:
+            rows = self._call("invoice_payments.list", fetch, attrs)
+        except BusinessRuleError as exc:
+            if not _unknown_endpoint(exc):
+                raise
+            self._invoice_payments_api = False  # older servers (localstripe): keep the pre-basil behaviour
+            return None
+        self._invoice_payments_api = True
+        return rows
+
+    def _with_payments(self, invoice: dict[str, Any]) -> dict[str, Any]:
+        """A paid invoice of API basil and later names its PaymentIntent only in ``payments``, which a plain
+        retrieve leaves out: list its InvoicePayments then."""
+        if invoice.get("payment_intent") or invoice.get("payments") or not invoice.get("amount_paid"):
+            return invoice
+        inv_id = mapping._id(invoice.get("id"))
+        rows = self._invoice_payment_rows({"invoice": inv_id}, {"revops.invoice.id": inv_id})
+        return invoice if rows is None else {**invoice, "payments": {"object": "list", "data": rows}}
 
     def _payment_changes(self, events: Iterable[dict[str, Any]]) -> Iterable[Change]:
         for e in events:
@@ -229,10 +291,16 @@ class StripeBilling:
                 yield Change(t, eid, "credit_note", mapping._id(obj.get("id")))
             elif etype.startswith("refund."):
                 yield Change(t, eid, "refund", mapping._id(obj.get("id")))
-            else:  # charge.refunded / charge.refund.updated: the charge lists its refunds
-                data = obj.get("refunds", {}).get("data", []) if obj.get("object") == "charge" else [obj]
-                for r in data:
-                    yield Change(t, f"{eid}:{r.get('id')}", "refund", mapping._id(r.get("id")))
+            elif obj.get("object") == "charge":
+                # charge.refunded: API versions before 2022-11-15 embed the refunds; later ones do not, and the
+                # refunds listing (and refund.* events) bring them instead.
+                refunds = obj.get("refunds")
+                data = refunds.get("data") if isinstance(refunds, dict) else None
+                for r in data or []:
+                    if isinstance(r, dict) and mapping._id(r.get("id")):
+                        yield Change(t, f"{eid}:{r.get('id')}", "refund", mapping._id(r.get("id")))
+            elif mapping._id(obj.get("id")):  # charge.refund.updated: the object is the refund
+                yield Change(t, eid, "refund", mapping._id(obj.get("id")))
 
     def _paid_by(self, refund: dict[str, Any], intents: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         """The payment intent a refund gives back (for its invoice and customer)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,10 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     "invoice.voided": ("billing.invoice.voided", "invoice_to_ledger"),
     "payment_intent.succeeded": ("billing.payment.succeeded", "payment_to_cash"),
     "charge.refunded": ("billing.refund.created", "refund_to_ledger"),
+    # The Refund object itself (since API 2022-11-15 a Charge no longer embeds its refunds).
+    "refund.created": ("billing.refund.created", "refund_to_ledger"),
+    "refund.updated": ("billing.refund.updated", "refund_to_ledger"),
+    "charge.refund.updated": ("billing.refund.updated", "refund_to_ledger"),
     "credit_note.created": ("billing.credit_note.created", "refund_to_ledger"),
 }
 
@@ -83,18 +87,51 @@ def _ts(seconds: Any) -> dt.datetime | None:
 
 
 def _invoice_tax(obj: Mapping[str, Any]) -> int:
+    """``tax`` (old API), ``total_tax_amounts`` (until 2025-03-31.basil), ``total_taxes`` (basil and later)."""
     if isinstance(obj.get("tax"), int):
         return int(obj["tax"])
-    return sum(int(t.get("amount", 0)) for t in obj.get("total_tax_amounts") or [] if isinstance(t, Mapping))
+    taxes = obj.get("total_taxes")
+    if taxes is None:
+        taxes = obj.get("total_tax_amounts")
+    return sum(int(t.get("amount") or 0) for t in taxes or [] if isinstance(t, Mapping))
 
 
 def _pi_invoice(pi: Mapping[str, Any]) -> str:
+    """The invoice a PaymentIntent pays, where it still says so (before basil; localstripe): newer API versions
+    drop ``invoice`` from it (the connector then asks the InvoicePayments API)."""
     return _id(pi.get("invoice")) or str((pi.get("metadata") or {}).get("invoice") or "")
+
+
+def invoice_payment_intent(obj: Mapping[str, Any]) -> str:
+    """The PaymentIntent that paid an invoice: ``payment_intent`` before basil, else its ``payments`` list
+    (InvoicePayments): a paid one first, the default one among equals."""
+    if obj.get("payment_intent"):
+        return _id(obj.get("payment_intent"))
+    payments = obj.get("payments")
+    data = payments.get("data") if isinstance(payments, Mapping) else None
+    rows = [p for p in data or [] if isinstance(p, Mapping) and isinstance(p.get("payment"), Mapping)]
+    rows.sort(key=lambda p: (p.get("status") != "paid", not p.get("is_default")))
+    for p in rows:
+        pi = _id(p["payment"].get("payment_intent"))
+        if pi:
+            return pi
+    return ""
+
+
+def invoice_allocations(invoice_payments: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Invoice id -> amount paid, from the InvoicePayments of one PaymentIntent (basil+): only paid ones count,
+    and a PaymentIntent may pay several invoices."""
+    out: dict[str, int] = {}
+    for p in invoice_payments:
+        inv = _id(p.get("invoice"))
+        if inv and p.get("status") == "paid":
+            out[inv] = out.get(inv, 0) + int(_minor(p.get("amount_paid"), "amount_paid"))
+    return out
 
 
 def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) -> dict[str, str]:
     """DOMAIN.md §2 attributes of one Stripe event's object."""
-    kind = etype.split(".", 1)[0]
+    kind = "refund" if etype.startswith(("refund.", "charge.refund.")) else etype.split(".", 1)[0]
     attrs: dict[str, str] = {"revops.system": SYSTEM, "stripe.event_type": etype}
     region = _region(obj, default_region)
     if region:
@@ -112,7 +149,7 @@ def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) ->
             obj.get("amount_paid" if paid else "total"), "amount_paid" if paid else "total"
         )
         attrs["stripe.invoice.status"] = str(obj.get("status") or "")
-        pi = _id(obj.get("payment_intent"))
+        pi = invoice_payment_intent(obj)
         if pi and paid:
             attrs["revops.payment.id"] = pi
     elif kind == "payment_intent":
@@ -122,16 +159,27 @@ def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) ->
         inv = _pi_invoice(obj)
         if inv:
             attrs["revops.invoice.id"] = inv
+    elif kind == "refund":  # a Refund object: its own id and amount
+        attrs["revops.payment.id"] = _id(obj.get("id"))
+        attrs["revops.amount_minor"] = _minor(obj.get("amount"), "amount")
+        attrs["revops.related_payment.id"] = _id(obj.get("payment_intent")) or _id(obj.get("charge"))
+        attrs["stripe.charge.id"] = _id(obj.get("charge"))
+        attrs["stripe.refund.status"] = str(obj.get("status") or "")
     elif kind == "charge":
-        refunds = [r for r in (obj.get("refunds") or {}).get("data") or [] if isinstance(r, Mapping)]
-        latest = max(refunds, key=lambda r: (int(r.get("created") or 0), str(r.get("id")))) if refunds else None
-        attrs["revops.payment.id"] = _id(latest.get("id")) if latest else _id(obj.get("id"))
+        refunds = obj.get("refunds")
+        data = refunds.get("data") if isinstance(refunds, Mapping) else None
+        listed = [r for r in data or [] if isinstance(r, Mapping) and r.get("id")]
+        latest = max(listed, key=lambda r: (int(r.get("created") or 0), str(r.get("id")))) if listed else None
+        if latest is not None:  # API versions before 2022-11-15 embed the refunds: the newest is this one
+            attrs["revops.payment.id"] = _id(latest.get("id"))
+            if latest.get("amount") is not None:
+                attrs["revops.amount_minor"] = _minor(latest.get("amount"), "amount")
+        # Without the list no refund id or per-refund amount can be known (refund.* events carry them):
+        # only the charge's running total, named as such.
+        attrs["stripe.charge.id"] = _id(obj.get("id"))
+        attrs["stripe.charge.amount_refunded"] = _minor(obj.get("amount_refunded"), "amount_refunded")
         attrs["revops.customer.id"] = _id(obj.get("customer"))
-        attrs["revops.amount_minor"] = _minor(
-            (latest or {}).get("amount") or obj.get("amount_refunded"), "amount_refunded"
-        )
-        related = _id(obj.get("payment_intent")) or _id(obj.get("id"))
-        attrs["revops.related_payment.id"] = related
+        attrs["revops.related_payment.id"] = _id(obj.get("payment_intent")) or _id(obj.get("id"))
         inv = _id(obj.get("invoice"))
         if inv:
             attrs["revops.invoice.id"] = inv
@@ -204,7 +252,8 @@ def to_invoice(obj: Mapping[str, Any], updated_at: dt.datetime, default_region: 
     status = str(obj.get("status") or "draft")
     if status not in ("draft", "open", "paid", "void", "uncollectible"):
         status = "open"
-    attrs = {"stripe.payment_intent": _id(obj.get("payment_intent"))} if obj.get("payment_intent") else {}
+    pi = invoice_payment_intent(obj)
+    attrs = {"stripe.payment_intent": pi} if pi else {}
     return Invoice(
         invoice_id=_id(obj.get("id")),
         customer_id=_id(obj.get("customer")),
@@ -234,11 +283,29 @@ def _payment_status(status: str) -> str:
     return "pending"
 
 
-def payment_from_intent(pi: Mapping[str, Any], updated_at: dt.datetime, default_region: str) -> Payment:
+def _refund_status(status: str) -> str:
+    """Stripe refund states: only ``failed`` and ``canceled`` are final failures; ``pending`` and
+    ``requires_action`` (and any state Stripe adds) are still in progress."""
+    if status == "succeeded":
+        return "succeeded"
+    if status in ("failed", "canceled"):
+        return "failed"
+    return "pending"
+
+
+def payment_from_intent(
+    pi: Mapping[str, Any],
+    updated_at: dt.datetime,
+    default_region: str,
+    paid_invoices: Mapping[str, int] | None = None,
+) -> Payment:
+    """A payment; ``paid_invoices`` (invoice id -> amount, from the InvoicePayments API) allocates it when the
+    PaymentIntent itself names no invoice (API 2025-03-31.basil and later)."""
     status = _payment_status(str(pi.get("status") or ""))
     amount = int(pi.get("amount_received") or 0) if status == "succeeded" else int(pi.get("amount") or 0)
     amount = amount or int(pi.get("amount") or 0)
     inv = _pi_invoice(pi)
+    allocations = {inv: amount} if inv else dict(paid_invoices or {})
     methods = pi.get("payment_method_types") or []
     return Payment(
         payment_id=_id(pi.get("id")),
@@ -251,19 +318,24 @@ def payment_from_intent(pi: Mapping[str, Any], updated_at: dt.datetime, default_
         occurred_at=_ts(pi.get("created")) or updated_at,
         updated_at=updated_at,
         method=str(methods[0]) if methods else "card",
-        allocations={inv: amount} if inv and status == "succeeded" else {},
+        allocations=allocations if status == "succeeded" else {},
         source_system=SOURCE,
     )
 
 
 def payment_from_refund(
-    refund: Mapping[str, Any], paid: Mapping[str, Any] | None, updated_at: dt.datetime, default_region: str
+    refund: Mapping[str, Any],
+    paid: Mapping[str, Any] | None,
+    updated_at: dt.datetime,
+    default_region: str,
+    paid_invoices: Mapping[str, int] | None = None,
 ) -> Payment:
-    """A refund; ``paid`` is the payment intent it refunds (for customer, invoice and region), if known."""
+    """A refund; ``paid`` is the payment intent it refunds (for customer, invoice and region), if known, and
+    ``paid_invoices`` the invoices it paid (InvoicePayments API) when it names none itself. A refund of a
+    payment that paid several invoices is not split among them by guess: it stays unallocated."""
     paid = paid or {}
     amount = int(refund.get("amount") or 0)
-    inv = _pi_invoice(paid)
-    status = str(refund.get("status") or "succeeded")
+    inv = _pi_invoice(paid) or (next(iter(paid_invoices)) if paid_invoices and len(paid_invoices) == 1 else "")
     return Payment(
         payment_id=_id(refund.get("id")),
         kind="refund",
@@ -271,7 +343,7 @@ def payment_from_refund(
         region=_region(refund, "") or _region(paid, default_region),
         currency=str(refund.get("currency") or paid.get("currency") or "").upper(),
         amount_minor=amount,
-        status="succeeded" if status == "succeeded" else ("pending" if status == "pending" else "failed"),
+        status=_refund_status(str(refund.get("status") or "succeeded")),
         occurred_at=_ts(refund.get("created")) or updated_at,
         updated_at=updated_at,
         allocations={inv: amount} if inv else {},

@@ -22,7 +22,10 @@ INVOICE_FIELDS = [
     "reference", "number", "state", "type", "total_amount", "invoice_date", "comment", "description",
     "write_date", "create_date", "currency.code", "party.name", "payment_lines", "move",
 ]  # fmt: skip
-LINE_FIELDS = ["credit", "debit", "date", "move.description", "move.post_date", "write_date", "create_date", "state"]
+LINE_FIELDS = [
+    "credit", "debit", "date", "move.description", "move.post_date", "write_date", "create_date", "state",
+    "currency.code", "second_currency.code", "amount_second_currency",
+]  # fmt: skip
 STATUS = {"draft": "draft", "validated": "draft", "posted": "open", "paid": "paid", "cancelled": "cancelled"}
 
 
@@ -94,9 +97,18 @@ def invoice_entry(rec: dict[str, Any], region: str = "") -> LedgerEntry:
     )
 
 
-def payment_entry(line: dict[str, Any], invoice: dict[str, Any], region: str = "") -> LedgerEntry:
-    currency = _rel(invoice, "currency", "code")
+def _line_amount(line: dict[str, Any], invoice_currency: str) -> tuple[Decimal, str]:
+    """A payment line's amount and currency. Debit and credit are in the company currency; a payment of an
+    invoice in another currency carries that amount in ``amount_second_currency``, signed like debit - credit
+    (negative for a customer's payment, which credits the receivable)."""
+    if _rel(line, "second_currency", "code") == invoice_currency and line.get("amount_second_currency") is not None:
+        return -line["amount_second_currency"], invoice_currency
     amount = (line.get("credit") or Decimal(0)) - (line.get("debit") or Decimal(0))
+    return amount, _rel(line, "currency", "code") or invoice_currency
+
+
+def payment_entry(line: dict[str, Any], invoice: dict[str, Any], region: str = "") -> LedgerEntry:
+    amount, currency = _line_amount(line, _rel(invoice, "currency", "code"))
     day = line.get("date")
     when = _changed(line)
     return LedgerEntry(
