@@ -10,6 +10,7 @@ import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from tower_core.models import format_money
 
@@ -42,6 +43,16 @@ SORT_KEYS = {
 
 
 # --- roles ----------------------------------------------------------------------------------------------------
+def link_without_credentials(url: str) -> str:
+    """A URL to show or open in the browser, without the ``user:password@`` the server uses (a link on the page
+    would show it to every viewer)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
 def can_act(role: str | None) -> bool:
     """Operators and admins see action buttons; viewers (and an unknown role) do not."""
     return role in ROLES and ROLES.index(role) >= ROLES.index("operator")

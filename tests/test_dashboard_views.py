@@ -225,3 +225,11 @@ def test_the_class_filters_offer_every_class_the_reconciler_raises() -> None:
     from reconciler.classify import CLASSES
 
     assert sorted(views.DRIFT_CLASSES) == sorted(CLASSES)
+
+
+def test_the_alertmanager_link_carries_no_credentials() -> None:
+    assert (
+        views.link_without_credentials("https://am:s3cret@am.example:9093/#/alerts")
+        == "https://am.example:9093/#/alerts"
+    )
+    assert views.link_without_credentials("http://127.0.0.1:9093") == "http://127.0.0.1:9093"

@@ -3,8 +3,12 @@ evaluation, and clear 4xx answers to bad input."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import logging
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from collector.app import create_app
 from collector.auth import create_token
+from tests.conftest import free_port
 from tests.test_sla_store import M, T, scenario
 from tower_core.settings import Settings
 from tower_core.store import Store, migrate
@@ -137,3 +142,72 @@ def test_metrics_expose_sla_series_after_an_evaluation(client: tuple[TestClient,
     assert f'tower_sla_burn_rate{{{labels},window="1h"}}' in text
     assert "tower_sla_evaluations_total 1.0" in text
     assert 'tower_sla_alert_firing{alertname="TowerSLABurnRate",region="EU"' in text
+
+
+class _Receivers:
+    """One local server for a webhook (answers 200) and an Alertmanager (answers 401, remembering the auth)."""
+
+    def __init__(self) -> None:
+        self.auth: list[str] = []
+        seen = self.auth
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.path.startswith("/api/v2/alerts"):
+                    seen.append(self.headers.get("Authorization", ""))
+                self.send_response(401 if self.path.startswith("/api/v2/alerts") else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_receiver_urls_are_redacted_in_answers_and_logs(
+    embedded_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Slack-style webhook URL's path is a bearer credential, and so is user:password in the Alertmanager
+    URL: neither may appear in the evaluate answer or in any log line (the tower's nor httpx's)."""
+    migrate(embedded_store)
+    scenario(embedded_store)
+    rx = _Receivers()
+    hook = f"http://127.0.0.1:{rx.port}/services/T0001/B0001/HOOKSECRET1"
+    dead = f"http://127.0.0.1:{free_port()}/services/T9/B9/HOOKSECRET2"  # nobody listens: a delivery failure
+    settings = Settings(
+        database=embedded_store.database,
+        wal_dir=tmp_path / "wal",
+        admin_token=ADMIN,
+        sla_eval_interval_s=0,
+        sla_webhook_urls=[hook, dead],
+        alertmanager_url=f"http://amuser:AMPASSWORD@127.0.0.1:{rx.port}",
+    )
+    at = {"now": dt.datetime.fromtimestamp((T + 60 * M) / 1e9, dt.UTC).isoformat()}
+    try:
+        with caplog.at_level(logging.DEBUG), TestClient(create_app(settings, embedded_store)) as c:
+            r = c.post("/api/sla/evaluate", json=at, headers=auth(ADMIN))
+    finally:
+        rx.close()
+    assert r.status_code == 200, r.text
+    delivery = r.json()["delivery"]
+    assert delivery["alertmanager"] == {"error": f"HTTP 401 Unauthorized from http://127.0.0.1:{rx.port}/***"}
+    assert [(s["receiver"], s["url"]) for s in delivery["webhook"]["sent"]] == [
+        (0, f"http://127.0.0.1:{rx.port}/***")
+    ] * len(delivery["webhook"]["sent"])
+    assert delivery["webhook"]["sent"] and delivery["webhook"]["failures"] > 0
+    # the credentials still reach Alertmanager, as basic auth
+    assert rx.auth and set(rx.auth) == {"Basic " + base64.b64encode(b"amuser:AMPASSWORD").decode()}
+    logs = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "Alertmanager delivery failed" in logs and "webhook 1 (http://127.0.0.1:" in logs
+    assert f"HTTP Request: POST http://127.0.0.1:{rx.port}/*** " in logs  # httpx's own request log
+    for secret in ("HOOKSECRET1", "HOOKSECRET2", "AMPASSWORD", "amuser", "/services/"):
+        assert secret not in r.text, secret
+        assert secret not in logs, secret

@@ -72,6 +72,22 @@ def test_custom_burn_windows_replace_the_defaults() -> None:
     assert defs.rules == (br.WindowRule("page", 7200, 600, 10.0),)
 
 
+def test_limits_that_are_still_accepted() -> None:
+    """The bounds refuse only what can never work: a factor just below the fastest burn, 10 years, every
+    drift state, and a low target with windows it can exceed."""
+    defs = parse_definitions(
+        "burn_rate_windows:\n  - {severity: page, long: 1h, short: 5m, burn_rate: 99.9}\n"
+        "  - {severity: ticket, long: 1h, short: 5m, burn_rate: 1}\n"
+        "objectives:\n  - {name: x, step: invoice_to_ledger, target: 99%, threshold: 15m, period: 3650d}\n"
+        "  - {name: y, step: invoice_to_ledger, target: 99.9%, threshold: 15m}\n"
+        "thresholds:\n  - {name: z, kind: unreconciled_age, max_age: 2d, exclude_states: [], classes: all}\n"
+    )
+    assert [r.factor for r in defs.rules] == [99.9, 1.0] and defs.objectives[0].period == 3650 * 86400
+    assert (defs.thresholds[0].exclude_states, defs.thresholds[0].classes) == ((), ())
+    low = "burn_rate_windows:\n  - {severity: page, long: 1h, short: 5m, burn_rate: 4}\n"
+    assert parse_definitions(low + "objectives:\n  - {name: x, step: invoice_to_ledger, target: 80%, threshold: 1m}\n")
+
+
 BAD = [
     (
         "objectives:\n  - name: x\n    step: invoice_to_ledger\n    target: 1.5\n    threshold: 15m\n",
@@ -118,6 +134,62 @@ BAD = [
         "f.yaml:5: thresholds[0].regions: invalid region 'bad region': letters, digits, '_' or '-', at most 32",
     ),
     ("version: 2\n", "f.yaml:1: version: Input should be 1"),
+    # a misspelt drift class or state would silently match nothing
+    (
+        "thresholds:\n  - name: y\n    kind: unreconciled_age\n    max_age: 2d\n    classes: [mising_in_erp]\n",
+        "f.yaml:5: thresholds[0].classes: unknown drift class 'mising_in_erp'; one of missing_in_erp, ",
+    ),
+    (
+        "thresholds:\n  - name: y\n    kind: unreconciled_age\n    max_age: 2d\n    classes: []\n",
+        "f.yaml:5: thresholds[0].classes: must be a non-empty list of drift class names, e.g. [missing_in_erp]",
+    ),
+    (
+        "thresholds:\n  - name: y\n    kind: unreconciled_age\n    max_age: 2d\n"
+        "    exclude_states: [resolvd, acknowledged]\n",
+        "f.yaml:5: thresholds[0].exclude_states: unknown drift state 'resolvd'; one of new, persisting, resolved, ",
+    ),
+    # burn-rate windows that can never page
+    ("burn_rate_windows: []\n", "f.yaml:1: burn_rate_windows: needs at least one window (omit it for the defaults)"),
+    (
+        "burn_rate_windows:\n  - {severity: page, long: 1h, short: 5m, burn_rate: .inf}\n",
+        "f.yaml:2: burn_rate_windows[0].burn_rate: Input should be a finite number",
+    ),
+    (
+        "burn_rate_windows:\n  - {severity: page, long: 1h, short: 5m, burn_rate: .nan}\n",
+        "f.yaml:2: burn_rate_windows[0].burn_rate: Input should be a finite number",
+    ),
+    (
+        "burn_rate_windows:\n  - {severity: page, long: 1h, short: 5m, burn_rate: 14.4}\n"
+        "  - {severity: ticket, long: 3d, short: 6h, burn_rate: 1}\n"
+        "  - {severity: page, long: 1h, short: 5m, burn_rate: 10}\n",
+        "f.yaml:4: burn_rate_windows[2]: duplicate page window 1h/5m (first on line 2)",
+    ),
+    (
+        "burn_rate_windows:\n  - {severity: page, long: 1h, short: 5m, burn_rate: 14.4}\n"
+        "  - {severity: page, long: 6h, short: 30m, burn_rate: 100}\n"
+        "objectives:\n  - {name: x, step: invoice_to_ledger, target: 99%, threshold: 15m}\n",
+        "f.yaml:3: burn_rate_windows[1].burn_rate: burn rate 100 of the page window 6h/30m can never be exceeded "
+        "by objective 'x' (target 99% burns at most 100)",
+    ),
+    (
+        "objectives:\n  - name: x\n    step: invoice_to_ledger\n    target: 90%\n    threshold: 15m\n",
+        "f.yaml:4: objectives[0].target: the default burn rate 14.4 of the page window 1h/5m can never be exceeded "
+        "by objective 'x' (target 90% burns at most 10)",
+    ),
+    # durations beyond 10 years overflow the nanosecond bounds of the evaluation
+    (
+        "objectives:\n  - name: x\n    step: invoice_to_ledger\n    target: 99%\n    threshold: 15m\n"
+        "    period: 20000w\n",
+        "f.yaml:6: objectives[0].period: duration '20000w' is too long: at most 3650d (10 years)",
+    ),
+    (
+        "burn_rate_windows:\n  - {severity: ticket, long: 3651d, short: 6h, burn_rate: 1}\n",
+        "f.yaml:2: burn_rate_windows[0].long: duration '3651d' is too long: at most 3650d (10 years)",
+    ),
+    (
+        "thresholds:\n  - {name: y, kind: unreconciled_age, max_age: 100000d}\n",
+        "f.yaml:2: thresholds[0].max_age: duration '100000d' is too long: at most 3650d (10 years)",
+    ),
 ]
 
 
@@ -136,7 +208,9 @@ def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["15", "15 min", "-5m", "0s", True, None, "m", float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "text", ["15", "15 min", "-5m", "0s", True, None, "m", float("nan"), float("inf"), "20000w", "3651d", 1e300]
+)
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)

@@ -7,6 +7,7 @@ import pytest
 from reconciler.sla import evaluate as ev
 from reconciler.sla.definitions import parse_definitions
 from reconciler.sla.payloads import fingerprint, group_key, rfc3339, webhook_alert, webhook_message
+from reconciler.sla.redact import redact_url, scrub
 from reconciler.sla.webhook import plan_messages
 
 DEFS = parse_definitions(
@@ -208,3 +209,13 @@ def test_webhook_plan_dedups_by_fingerprint_and_announces_resolutions_once() -> 
     assert plan_messages([page], res, told) == []
     # a resolution whose firing was never told to this receiver is not announced
     assert plan_messages([], res, set()) == []
+
+
+def test_receiver_urls_are_redacted_to_scheme_host_and_port() -> None:
+    assert redact_url("https://hooks.slack.com/services/T0/B0/XYZ") == "https://hooks.slack.com/***"
+    assert redact_url("http://u:p@am.example:9093") == "http://***@am.example:9093"
+    assert redact_url("http://am.example:9093/") == "http://am.example:9093"
+    assert redact_url("https://relay.example/?token=abc") == "https://relay.example/***"
+    assert redact_url("not a url") == "***"
+    text = "POST http://u:s3cret@am:9093/x failed; password s3cret"
+    assert "s3cret" not in scrub(text, "http://u:s3cret@am:9093/x")

@@ -279,6 +279,29 @@ def test_service_records_breaches_and_remembers_them_across_a_restart(db: Store)
     assert q.list_breaches(db, region="NA") == []
 
 
+def test_a_backfill_after_a_restart_reopens_nothing_and_sends_nothing(db: Store) -> None:
+    """The last recorded evaluation instant comes from the store, so a restarted tower still answers an
+    evaluation at an earlier instant with "recorded": false instead of reopening resolved breaches."""
+    scenario(db)
+    with Receiver() as rx:
+        settings = Settings(database=db.database, sla_eval_interval_s=0, sla_webhook_urls=[rx.url])
+        first = SlaService(settings, db, DEFS)
+        assert len(first.evaluate(T + 60 * M).transitions.started) == 2
+        assert len(first.evaluate(T + 24 * 60 * M).transitions.resolved) == 2
+        first.close()
+        told = len(rx.messages)
+        assert told == 2  # the group's firing message, then its resolution
+        restarted = SlaService(settings, db, DEFS)  # a new process: nothing open, no evaluation in memory
+        past = restarted.evaluate(T + 61 * M)
+        assert not past.recorded and past.delivery == {}
+        assert q.open_breaches(db) == [] and {h["status"] for h in q.list_breaches(db)} == {"resolved"}
+        assert len(q.list_breaches(db)) == 2 and len(rx.messages) == told
+        live = restarted.evaluate(T + 24 * 60 * M + M)
+        assert live.recorded and live.transitions.rows() == []
+        restarted.close()
+    assert q.last_evaluated_ms(db) == (T + 24 * 60 * M) // 1_000_000
+
+
 def test_webhook_notifier_dedups_through_the_stored_log(db: Store) -> None:
     scenario(db)
     settings = Settings(database=db.database, sla_eval_interval_s=0)

@@ -76,15 +76,15 @@ class Settings(BaseSettings):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"{value!r} is not an http(s) URL")
+            raise ValueError("not an http(s) URL")  # not echoed: a receiver URL may hold credentials
         return value
 
     @field_validator("sla_webhook_urls")
     @classmethod
     def _http_urls(cls, value: list[str]) -> list[str]:
-        for url in value:
+        for i, url in enumerate(value):
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"{url!r} is not an http(s) URL")
+                raise ValueError(f"entry {i} is not an http(s) URL")  # not echoed: its path may be a token
         return value
 
     # --- reconciler (issue 5)

@@ -18,7 +18,7 @@ except ApiUnavailable as exc:
 session.show_errors(data.errors)
 
 if cfg.alertmanager_url:
-    st.link_button("Open Alertmanager", cfg.alertmanager_url, key="sla_alertmanager")
+    st.link_button("Open Alertmanager", views.link_without_credentials(cfg.alertmanager_url), key="sla_alertmanager")
 else:
     st.caption("No Alertmanager configured (TOWER_ALERTMANAGER_URL); breaches are listed below.")
 

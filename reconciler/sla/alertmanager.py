@@ -19,6 +19,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from reconciler.sla.evaluate import Breach
 from reconciler.sla.payloads import am_alert
+from reconciler.sla.redact import describe_error
 
 log = logging.getLogger("tower.sla.alertmanager")
 
@@ -33,16 +34,25 @@ class AlertmanagerClient:
     def __init__(
         self, url: str, resend_s: float, eval_interval_s: float = 0.0, timeout_s: float = 5.0, attempts: int = 3
     ) -> None:
-        self.url = url.rstrip("/") + "/api/v2/alerts"
+        # user:password in the URL becomes the client's basic auth, so no request URL (in httpx's log and error
+        # messages) carries it
+        parsed = httpx.URL(url.rstrip("/") + "/api/v2/alerts")
+        auth = httpx.BasicAuth(parsed.username, parsed.password) if parsed.username or parsed.password else None
+        self.url = str(parsed.copy_with(username=None, password=None))
+        self._secret_url = url
         self.resend_s = resend_s
         self.hold_s = 4 * max(eval_interval_s, resend_s)
         self._unsent_resolved: dict[str, Breach] = {}  # fingerprint -> a resolution Alertmanager did not take
         self.attempts = attempts
-        self._http = httpx.Client(timeout=timeout_s)
+        self._http = httpx.Client(timeout=timeout_s, auth=auth)
         self._last_sent: dict[str, float] = {}  # fingerprint -> monotonic time of the last send
 
     def close(self) -> None:
         self._http.close()
+
+    def describe(self, exc: httpx.HTTPError) -> str:
+        """The failure as text fit for API answers and logs (no credentials)."""
+        return describe_error(exc, self._secret_url)
 
     def post(self, alerts: Sequence[dict[str, Any]]) -> None:
         """POST a batch of alerts, retrying transient failures briefly (the next evaluation re-sends anyway)."""

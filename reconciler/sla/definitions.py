@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from importlib import resources
@@ -19,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from collector.correlation import STEPS
-from reconciler.sla.burnrate import DEFAULT_RULES, WindowRule
+from reconciler.classify import CLASSES, STATES
+from reconciler.sla.burnrate import DEFAULT_RULES, WindowRule, error_budget
 from tower_core.errors import ConfigError
 
 # The business key that identifies an item of each step (what step_activity.KeyType holds; migrations 0005, 0015).
@@ -34,6 +36,9 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _NAME = r"^[a-z][a-z0-9_]{0,62}$"
 _REGION = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+# Longest duration accepted (10 years): times are Int64 nanoseconds (about 292 years), and an evaluation reads
+# now - (period + threshold) and older; far beyond this the bounds overflow and an objective silently reads nothing.
+MAX_DURATION_S = 3650 * 86400
 
 
 def parse_duration(value: Any) -> float:
@@ -48,6 +53,8 @@ def parse_duration(value: Any) -> float:
         raise ValueError(f"invalid duration {value!r}: use a number with s, m, h, d or w, e.g. 15m")
     if not math.isfinite(seconds) or seconds <= 0:  # YAML's .nan and .inf are floats too
         raise ValueError(f"duration {value!r} must be a positive, finite number of seconds")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"duration {value!r} is too long: at most {format_duration(MAX_DURATION_S)} (10 years)")
     return seconds
 
 
@@ -74,13 +81,16 @@ def _regions(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _names(value: Any) -> tuple[str, ...]:
-    if value is None or value == "all":
-        return ()
+def _names(value: Any, known: Sequence[str], what: str, *, empty: bool) -> tuple[str, ...]:
+    """A list of names from ``known`` (``what``: 'drift class'); a misspelt one would silently match nothing."""
     if isinstance(value, tuple):
         value = list(value)
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError("must be 'all' or a list of names")
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) or not (value or empty):
+        kind = "a list" if empty else "a non-empty list"
+        raise ValueError(f"must be {kind} of {what} names, e.g. [{known[0]}]")
+    for v in value:
+        if v not in known:
+            raise ValueError(f"unknown {what} {v!r}; one of {', '.join(known)}")
     return tuple(value)
 
 
@@ -106,7 +116,7 @@ class BurnWindow(_Strict):
     severity: Literal["page", "ticket"]
     long: float
     short: float
-    burn_rate: float = Field(gt=0)
+    burn_rate: float = Field(gt=0, allow_inf_nan=False)
 
     @field_validator("long", "short", mode="before")
     @classmethod
@@ -196,8 +206,15 @@ class ThresholdRule(_Strict):
 
     @field_validator("classes", mode="before")
     @classmethod
-    def _check_names(cls, value: Any) -> tuple[str, ...]:
-        return _names(value)
+    def _check_classes(cls, value: Any) -> tuple[str, ...]:
+        if value is None or value == "all":
+            return ()
+        return _names(value, CLASSES, "drift class", empty=False)  # [] is no class, not every class
+
+    @field_validator("exclude_states", mode="before")
+    @classmethod
+    def _check_states(cls, value: Any) -> tuple[str, ...]:
+        return _names(value, STATES, "drift state", empty=True)  # [] counts items in every state
 
     @field_validator("max_age", mode="before")
     @classmethod
@@ -374,7 +391,49 @@ def parse_definitions(text: str, source: str = "<sla>") -> Definitions:
                 f"{source}:{_line_of(lines, path)}: {_where(path)}: threshold must be shorter than period"
             )
     rules = DEFAULT_RULES if parsed.burn_rate_windows is None else tuple(w.rule() for w in parsed.burn_rate_windows)
+    _check_rules(parsed, rules, lines, source)
     return Definitions(source, rules, parsed.objectives, parsed.thresholds)
+
+
+def _check_rules(
+    parsed: SlaFile, rules: tuple[WindowRule, ...], lines: dict[tuple[Any, ...], int], source: str
+) -> None:
+    """Refuse burn-rate windows that can never page: none at all, a repeated one, or a factor an objective's
+    burn rate cannot exceed (a rule fires when both windows burn strictly faster than its factor, and the
+    fastest burn, every item bad, is 1 / (1 - target))."""
+
+    def fail(path: tuple[Any, ...], reason: str) -> ConfigError:
+        return ConfigError(f"{source}:{_line_of(lines, path)}: {_where(path)}: {reason}")
+
+    if parsed.burn_rate_windows is not None and not rules:
+        raise fail(("burn_rate_windows",), "needs at least one window (omit it for the defaults)")
+    seen: dict[tuple[str, float, float], int] = {}
+    for i, r in enumerate(rules):
+        key = (r.severity, r.long_s, r.short_s)
+        if key in seen:
+            first = _line_of(lines, ("burn_rate_windows", seen[key]))
+            raise fail(
+                ("burn_rate_windows", i),
+                f"duplicate {r.severity} window {format_duration(r.long_s)}/{format_duration(r.short_s)} "
+                f"(first on line {first})",
+            )
+        seen[key] = i
+    for j, o in enumerate(parsed.objectives):
+        most = 1.0 / error_budget(o.target)  # burnrate.burn_rate of an all-bad window, same arithmetic
+        for i, r in enumerate(rules):
+            if r.factor < most:
+                continue
+            window = f"{r.severity} window {format_duration(r.long_s)}/{format_duration(r.short_s)}"
+            reason = (
+                f"burn rate {r.factor:g} of the {window} can never be exceeded by objective {o.name!r} "
+                f"(target {o.target * 100:g}% burns at most {most:.4g}); use a burn_rate below that"
+            )
+            if parsed.burn_rate_windows is None:
+                raise fail(
+                    ("objectives", j, "target"),
+                    f"the default {reason}, or set burn_rate_windows",
+                )
+            raise fail(("burn_rate_windows", i, "burn_rate"), reason)
 
 
 def default_path() -> Path:

@@ -160,8 +160,11 @@ class SlaService:
             statuses, thresholds, alerts = self._assess(now_ns)
             open_breaches = [ev.Breach.from_row(r) for r in sla_store.open_breaches(self.store)]
             # an instant before the last recorded evaluation (a back-fill) is assessed, never recorded: it would
-            # close alerts that still fire now and announce that to Alertmanager
-            latest_ms = max((b.evaluated_ms for b in open_breaches), default=0)
+            # close alerts that still fire now, or reopen resolved ones, and announce that to Alertmanager. The
+            # stored history knows that instant across a restart (resolved breaches included)
+            latest_ms = max(
+                sla_store.last_evaluated_ms(self.store), max((b.evaluated_ms for b in open_breaches), default=0)
+            )
             if self.last is not None and self.last.recorded:
                 latest_ms = max(latest_ms, self.last.now_ns // 1_000_000)
             record = record and now_ms >= latest_ms
@@ -193,8 +196,9 @@ class SlaService:
                 out["alertmanager"] = {"sent": n}
                 self.counters.notified("alertmanager", "sent", n)
             except httpx.HTTPError as exc:
-                log.warning("Alertmanager delivery failed: %s", exc)
-                out["alertmanager"] = {"error": str(exc)}
+                error = self.alertmanager.describe(exc)
+                log.warning("Alertmanager delivery failed: %s", error)
+                out["alertmanager"] = {"error": error}
                 self.counters.notified("alertmanager", "failed")
         if self.webhook is not None:
             recent = [
@@ -207,7 +211,14 @@ class SlaService:
             sent, failures = self.webhook.deliver(trans.firing, list(resolved.values()), version)
             out["webhook"] = {
                 "sent": [
-                    {"url": s.url, "group_key": s.group_key, "status": s.status, "alerts": s.alerts} for s in sent
+                    {
+                        "receiver": s.receiver,
+                        "url": s.url,
+                        "group_key": s.group_key,
+                        "status": s.status,
+                        "alerts": s.alerts,
+                    }
+                    for s in sent
                 ],
                 "failures": failures,
             }

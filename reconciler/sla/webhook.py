@@ -20,6 +20,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from reconciler.sla.alertmanager import _retryable
 from reconciler.sla.evaluate import Breach
 from reconciler.sla.payloads import group_key, webhook_alert, webhook_message
+from reconciler.sla.redact import describe_error, hide_from_httpx_log, redact_url
 from tower_core.store import Store
 from tower_core.store import sla as sla_store
 
@@ -29,6 +30,10 @@ RECEIVER = "tower-webhook"
 
 @dataclass(frozen=True)
 class Sent:
+    """One message sent; the receiver is named by its index in the settings and its redacted URL (the URL is
+    a credential)."""
+
+    receiver: int
     url: str
     group_key: str
     status: str
@@ -59,6 +64,8 @@ class WebhookNotifier:
     ) -> None:
         self.store = store
         self.urls = list(urls)
+        for url in self.urls:
+            hide_from_httpx_log(url)
         self.external_url = external_url
         self.attempts = attempts
         self._http = httpx.Client(timeout=timeout_s)
@@ -83,7 +90,7 @@ class WebhookNotifier:
         """Notify every receiver of what it has not been told yet. Returns (messages sent, failures)."""
         sent: list[Sent] = []
         failures = 0
-        for url in self.urls:
+        for index, url in enumerate(self.urls):
             told = sla_store.notified(self.store, url)
             for key, fire, res in plan_messages(firing, resolved, told):
                 alerts = [
@@ -97,10 +104,16 @@ class WebhookNotifier:
                     code = self._post(url, doc)
                 except httpx.HTTPError as exc:
                     failures += 1
-                    log.warning("webhook %s failed for %s: %s (retried next evaluation)", url, key, exc)
+                    log.warning(
+                        "webhook %d (%s) failed for %s: %s (retried next evaluation)",
+                        index,
+                        redact_url(url),
+                        key,
+                        describe_error(exc, url),
+                    )
                     continue
                 entries = [(b.fingerprint, b.starts_ms, "firing") for b in fire]
                 entries += [(b.fingerprint, b.starts_ms, "resolved") for b in res]
                 sla_store.record_notifications(self.store, url, key, entries, code, version)
-                sent.append(Sent(url, key, doc["status"], len(alerts)))
+                sent.append(Sent(index, redact_url(url), key, doc["status"], len(alerts)))
         return sent, failures

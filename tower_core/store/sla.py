@@ -238,6 +238,13 @@ def open_breaches(store: Store) -> list[dict[str, Any]]:
     )
 
 
+def last_evaluated_ms(store: Store) -> int:
+    """The latest evaluation instant (ms) a recorded evaluation wrote to the breach history, 0 when none: every
+    recorded evaluation rewrites the breaches it finds firing and those it resolves."""
+    rows = store.query_rows("SELECT toUnixTimestamp64Milli(max(EvaluatedAt)) AS ms, count() AS n FROM $db.sla_breaches")
+    return int(rows[0]["ms"]) if rows and int(rows[0]["n"]) else 0
+
+
 def list_breaches(
     store: Store,
     *,
