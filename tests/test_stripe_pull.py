@@ -225,14 +225,19 @@ def test_a_deleted_draft_invoice_is_skipped_not_a_blocked_pull(localstripe: Loca
         cursor = page.next_cursor
 
 
-def test_pull_payments_and_refunds(localstripe: Localstripe) -> None:
-    billing = StripeBilling("sk_test_tower", localstripe.url, default_region="NA", backoff_s=0.01)
+def drained_payments_cursor(billing: StripeBilling) -> str | None:
+    """The payments cursor after everything already in the server was pulled."""
     cursor = None
     while True:
         page = billing.pull_payments(cursor)
         cursor = page.next_cursor
         if page.done:
-            break
+            return cursor
+
+
+def test_pull_payments_and_refunds(localstripe: Localstripe) -> None:
+    billing = StripeBilling("sk_test_tower", localstripe.url, default_region="NA", backoff_s=0.01)
+    cursor = drained_payments_cursor(billing)
     client = stripe_client(localstripe)
     inv = paid_subscription_invoice(client, amount=5000)
     refund = client.v1.refunds.create(params={"payment_intent": inv.payment_intent, "amount": 1500})
@@ -335,12 +340,7 @@ def test_localstripe_without_invoice_payments_falls_back_and_is_asked_once(
     """localstripe has no /v1/invoice_payments (404): PaymentIntents without an invoice stay unallocated, and
     the endpoint is not asked again for every payment."""
     billing = StripeBilling("sk_test_tower", localstripe.url, default_region="NA", backoff_s=0.01)
-    cursor = None
-    while True:
-        page = billing.pull_payments(cursor)
-        cursor = page.next_cursor
-        if page.done:
-            break
+    cursor = drained_payments_cursor(billing)
     client = stripe_client(localstripe)
     cus = client.v1.customers.create(params={"email": "walk-in@example.com"})
     pm = client.v1.payment_methods.create(
