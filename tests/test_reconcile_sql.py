@@ -810,3 +810,25 @@ def test_the_payments_matched_together_change_with_the_erp_applications_and_excl
     assert set(items(store)) == expected
     full = r.run(full=True, as_of=AS_OF)
     assert set(items(store)) == expected and full.new == 0 and full.resolved == 0
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "incremental"])
+def test_a_region_run_clears_the_explanation_of_a_key_billing_moved_into_its_region(store: Store, full: bool) -> None:
+    """Billed EU, posted NA (region_mismatch); billing then corrects the invoice to NA. An NA run compares the key
+    and finds it clean, but kept its old explanation (billed EU): the NA statement showed a residual of 1,100."""
+    q.write_invoices(store, [inv("in_moved"), inv("in_na", region="NA")])
+    q.write_ledger(
+        store,
+        [led("le_m", "invoice", "in_moved", 1_100, region="NA"), led("le_na", "invoice", "in_na", 1_100, region="NA")],
+    )
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.REGION_MISMATCH, "in_moved")}
+    ingested_long_ago(store)
+    q.write_invoices(store, [later(inv("in_moved", region="NA"))])  # type: ignore[list-item]
+    run = r.run(full=full, region="NA", as_of=AS_OF)
+    assert run.residual_minor == 0
+    cells = {(row["region"], row["currency"]): row for row in q.statement_totals(store, run.run_id)}
+    assert cells[("NA", "USD")]["explained"] == {} and cells[("NA", "USD")]["residual_minor"] == 0
+    # the item is EU's: only a run of the whole estate resolves it (a region run never resolves another's)
+    assert r.run(full=True, as_of=AS_OF).residual_minor == 0 and items(store) == {}

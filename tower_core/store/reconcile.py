@@ -1516,8 +1516,14 @@ SELECT Key, BillingRegion, BillingCurrency, ErpRegion, ErpCurrency, BillingDay, 
 FROM $db.reconcile_facts FINAL
 WHERE (BillingMinor != 0 OR ErpMinor != 0 OR Class != '')
     -- a region run compares the keys billed in its region (the ERP's region for keys billing lacks: the facts'
-    -- BillingRegion either way); a key billed elsewhere and posted here was not compared, its explanation stays
-    AND ({region:String} = '' OR BillingRegion = {region:String})
+    -- BillingRegion either way); a key billed elsewhere and posted here was not compared, its explanation stays,
+    -- unless billing moved it here since (then this run compared it: posted here, billed here now)
+    AND ({region:String} = '' OR BillingRegion = {region:String}
+        OR (ErpRegion = {region:String} AND Key IN (
+            SELECT InvoiceId FROM $db.billing_invoices FINAL
+            WHERE InvoiceId IN (SELECT Key FROM $db.reconcile_facts FINAL
+                    WHERE ErpRegion = {region:String} AND BillingRegion != {region:String})
+                AND NOT IsDeleted AND Region = {region:String})))
     AND Key NOT IN (SELECT Key FROM $db.reconcile_facts WHERE RunId = {run:String})
     /*scope*/
 """
