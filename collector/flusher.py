@@ -143,12 +143,13 @@ class Flusher:
             self._progress.pop(segment.id, None)
             self.metrics.buffer_bytes.set(self.wal.pending_bytes)
 
-    def _still_to_write(self, requests: list[bytes], token: str) -> tuple[list[bytes], str]:
+    def _still_to_write(self, requests: list[bytes], token: str) -> tuple[list[bytes], str, int | None]:
         """A replayed chunk's spans that otel_traces does not hold, under a token of this process's life (the
-        old one may name a part that a crash kept from landing; see collector/replay.py)."""
+        old one may name a part that a crash kept from landing; see collector/replay.py), and how many spans
+        that leaves (None: all of them)."""
         spans = replay.index(requests)
         if spans is None:
-            return [], token
+            return [], token, 0
         stored = stored_span_keys(self.store, spans.keys, spans.first_day, spans.last_day)
         if stored:
             # the crash may have kept a view's part of the same insert from landing: derive those rows again
@@ -167,10 +168,11 @@ class Flusher:
                 views or "none",
             )
         if len(stored) == len(spans.keys):
-            return [], token
+            return [], token, 0
         # a fresh token per set of stored spans (it only grows): a token names its content, and a retry writing
         # fewer spans under the token of a landed attempt would be dropped as that attempt's duplicate
-        return replay.without(requests, stored), f"{token}_r{self.wal.epoch}_{len(stored)}"
+        left = len(spans.keys) - len(stored) if stored else None
+        return replay.without(requests, stored), f"{token}_r{self.wal.epoch}_{len(stored)}", left
 
     def _on_retry(self, state: Any) -> None:
         self.metrics.flush_errors.inc()
@@ -201,12 +203,13 @@ class Flusher:
 
     def _write(self, chunk: Chunk, token: str, replayed: bool) -> None:
         span_requests = [r.payload for r in chunk.records if r.kind == KIND_SPANS]
+        left: int | None = None
         if span_requests and replayed:
-            span_requests, token = self._still_to_write(span_requests, token)
+            span_requests, token, left = self._still_to_write(span_requests, token)
         if span_requests:
             insert_otlp_spans(self.store, span_requests, token)
-            rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
-            self.metrics.rows_flushed.labels(table="otel_traces").inc(rows)
+            rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS) if left is None else left
+            self.metrics.rows_flushed.labels(table="otel_traces").inc(rows)  # what this insert wrote
         # no token: business_events replaces on the event id and the link and step tables aggregate,
         # so a retry cannot duplicate anything, and a token could only hide a part lost in a crash
         for table, data in event_tables(chunk, self.key_names).items():

@@ -6,6 +6,7 @@ event loop: the fsync'd append runs in a worker thread.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from collector.wal import KIND_EVENTS, KIND_SPANS, BufferFull, BufferWriteError,
 from tower_core.settings import Settings
 from tower_core.store import Store
 from tower_core.store.otlp_sql import sync_key_attributes
+
+log = logging.getLogger("tower.collector.ingest")
 
 RETRY_AFTER_S = 1
 
@@ -61,6 +64,20 @@ class IngestService:
             flush_interval_s=settings.flush_interval_s,
         )
         self.metrics.buffer_bytes.set(self.wal.pending_bytes)
+        for d in self.wal.damage:
+            cause = "torn_tail" if d.torn_tail else "checksum"
+            self.metrics.wal_damaged_bytes.labels(cause=cause).inc(d.length)
+            if d.torn_tail:  # a crash while writing the last record: never acknowledged
+                log.info("write-ahead buffer %s: %d bytes of an unfinished last record skipped", d.segment, d.length)
+            else:
+                log.error(
+                    "write-ahead buffer %s: %d bytes at offset %d fail their checksum; skipped, the records after "
+                    "them are kept, and a copy of the segment is in %s",
+                    d.segment,
+                    d.length,
+                    d.offset,
+                    self.wal.dir / "corrupt",
+                )
         self.dead_letters = self.flusher.dead_letters  # the records the store refused (the flusher fills it)
         self._requeue_lock = threading.Lock()
 
@@ -97,6 +114,20 @@ class IngestService:
             raise Refused("disk", str(exc)) from None
         self.metrics.rows_buffered.inc(rows)
         self.metrics.buffer_bytes.set(self.wal.pending_bytes)
+        for d in self.wal.damage:
+            cause = "torn_tail" if d.torn_tail else "checksum"
+            self.metrics.wal_damaged_bytes.labels(cause=cause).inc(d.length)
+            if d.torn_tail:  # a crash while writing the last record: never acknowledged
+                log.info("write-ahead buffer %s: %d bytes of an unfinished last record skipped", d.segment, d.length)
+            else:
+                log.error(
+                    "write-ahead buffer %s: %d bytes at offset %d fail their checksum; skipped, the records after "
+                    "them are kept, and a copy of the segment is in %s",
+                    d.segment,
+                    d.length,
+                    d.offset,
+                    self.wal.dir / "corrupt",
+                )
         self.flusher.notify()
 
     def traces(self, body: bytes, content_type: str | None, encoding: str | None) -> Reply:

@@ -26,6 +26,13 @@ class CollectorMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.flush_errors = Counter("tower_flush_errors", "Failed flush attempts (retried).", registry=r)
+        self.wal_damaged_bytes = Counter(
+            "tower_wal_damaged_bytes",
+            "Bytes of the write-ahead buffer found at start failing their checksum (skipped; a copy of a damaged "
+            "segment is kept under <wal dir>/corrupt/), by cause.",
+            ["cause"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "tower_dead_letter_rows", "Rows set aside in the dead-letter box: the store refuses them.", registry=r
         )

@@ -66,22 +66,56 @@ class Segment:
         return f"{self.epoch}_{self.seq}"
 
 
-def _scan(path: Path) -> tuple[int, int]:
-    """Valid length and row count of a segment; a torn or corrupt tail is cut off (it was never acked)."""
-    good = rows = 0
-    with open(path, "r+b") as f:
-        data = f.read()
-        while good + _HEADER.size <= len(data):
-            length, crc, kind, n = _HEADER.unpack_from(data, good)
-            end = good + _HEADER.size + length
-            if end > len(data) or zlib.crc32(data[good + 4 + 4 : end]) != crc:
-                break
-            good, rows = end, rows + n
-        if good != len(data):
-            f.truncate(good)
-            f.flush()
-            os.fsync(f.fileno())
-    return good, rows
+@dataclass(frozen=True)
+class Damage:
+    """Bytes of a segment whose records fail their checksum, skipped by readers (the file keeps them)."""
+
+    segment: str
+    offset: int
+    length: int
+    torn_tail: bool  # the last record, cut short by a crash while it was written (never acknowledged)
+
+
+def _valid_at(data: bytes, pos: int) -> int:
+    """The end of a whole record with a good checksum at ``pos``, or 0."""
+    if pos + _HEADER.size > len(data):
+        return 0
+    length, crc, kind, _n = _HEADER.unpack_from(data, pos)
+    end = pos + _HEADER.size + length
+    if kind not in (KIND_SPANS, KIND_EVENTS) or end > len(data) or zlib.crc32(data[pos + 8 : end]) != crc:
+        return 0
+    return end
+
+
+def _walk(data: bytes) -> Iterator[tuple[int, int] | tuple[int, int, bool]]:
+    """(start, end) of each good record, and (start, end, torn_tail) of each damaged range between them: after
+    a bad record the walk resumes at the next offset where a whole record checks out, so one damaged record does
+    not take the acknowledged records behind it along."""
+    pos = 0
+    while pos < len(data):
+        end = _valid_at(data, pos)
+        if end:
+            yield pos, end
+            pos = end
+            continue
+        nxt = next((o for o in range(pos + 1, len(data) - _HEADER.size + 1) if _valid_at(data, o)), len(data))
+        torn = nxt == len(data) and (
+            pos + _HEADER.size > len(data) or pos + _HEADER.size + _HEADER.unpack_from(data, pos)[0] > len(data)
+        )
+        yield pos, nxt, torn
+        pos = nxt
+
+
+def _scan(path: Path) -> tuple[int, list[Damage]]:
+    """Rows of a segment's good records, and its damaged ranges."""
+    data = path.read_bytes()
+    rows, damage = 0, []
+    for part in _walk(data):
+        if len(part) == 3:
+            damage.append(Damage(path.name, part[0], part[1] - part[0], bool(part[2])))
+        else:
+            rows += _HEADER.unpack_from(data, part[0])[3]
+    return rows, damage
 
 
 def write_synced(fd: int, data: bytes) -> None:
@@ -121,16 +155,31 @@ class WriteAheadBuffer:
 
             raise ConfigError(f"write-ahead buffer dir {directory} is not usable: {exc.strerror or exc}") from None
         self._sealed: list[Segment] = []
+        self.damage: list[Damage] = []  # found at start: logged and counted by the collector
         for p in sorted(directory.iterdir()):
             m = _NAME.match(p.name)
             if m:
-                size, rows = _scan(p)
+                rows, damage = _scan(p)
+                self.damage += damage
+                size = p.stat().st_size
                 if size == 0:
                     p.unlink()
                     continue
+                if damage and not all(d.torn_tail for d in damage):
+                    self._keep_evidence(p, damage)
                 self._sealed.append(Segment(m.group(1), int(m.group(2)), p, size, rows))
         self._epoch = f"{max(time.time_ns(), _last_epoch(self._sealed) + 1):016x}"
         self._active = self._open_segment(1)
+
+    def _keep_evidence(self, path: Path, damage: list[Damage]) -> None:
+        """A copy of a damaged segment under ``corrupt/``: the segment itself is removed once its good records
+        are flushed, and the damaged bytes may be an operator's to inspect (or to recover by hand)."""
+        target = self.dir / "corrupt" / path.name
+        if target.exists():
+            return
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(path.read_bytes())
+        fsync_dir(target.parent)
 
     def _segment(self, seq: int) -> Segment:
         return Segment(self._epoch, seq, self.dir / f"seg-{self._epoch}-{seq:012d}.wal")
@@ -249,14 +298,13 @@ class WriteAheadBuffer:
 
     @staticmethod
     def read(segment: Segment) -> Iterator[Record]:
+        """The segment's good records in order (damaged ranges are skipped, see _walk)."""
         with open(segment.path, "rb") as f:
             data = f.read(segment.size)
-        pos = 0
-        while pos + _HEADER.size <= len(data):
-            length, _crc, kind, rows = _HEADER.unpack_from(data, pos)
-            start = pos + _HEADER.size
-            yield Record(kind, rows, data[start : start + length])
-            pos = start + length
+        for part in _walk(data):
+            if len(part) == 2:
+                _length, _crc, kind, rows = _HEADER.unpack_from(data, part[0])
+                yield Record(kind, rows, data[part[0] + _HEADER.size : part[1]])
 
     def remove(self, segment: Segment) -> None:
         """Forget a segment once its rows are in the store."""
