@@ -776,9 +776,10 @@ def test_several_unallocated_payments_that_together_pay_an_open_invoice_are_matc
 def test_the_payments_matched_together_change_with_the_erp_applications_and_exclude_non_positive_ones(
     store: Store,
 ) -> None:
-    """The match pool holds the payments the ERP did not apply: when the ERP reverses an application, an
-    incremental run must re-match the customer's other payments as a full run does (it kept the orphan and raised
-    a second one). A zero payment beside one that pays the invoice does not make up the invoice with it."""
+    """An instalment the ERP applied to the invoice still counts for it: the other one is the invoice's remainder
+    (it was an orphan). When the ERP reverses the application, an incremental run re-matches both as a full run
+    does (it raised an orphan before the scope followed ERP changes). A zero payment beside one that pays the
+    invoice does not make up the invoice with it."""
     q.write_invoices(store, [inv("in_i", 1_000), dataclasses.replace(inv("in_z", 1_000), customer_id="cus_3")])
     app = led("le_p400", "payment", "py_400", 400, "posted", "in_i")
     q.write_ledger(
@@ -794,7 +795,7 @@ def test_the_payments_matched_together_change_with_the_erp_applications_and_excl
     r = Reconciler(store, RULES)
     r.run(full=True, as_of=AS_OF)
     assert set(items(store)) == {
-        (c.ORPHAN_PAYMENT, "py_600"),
+        (c.PAYMENT_UNAPPLIED, "py_600"),  # the rest of in_i, whose 400 the ERP applied: not applied in the ERP
         (c.PAYMENT_UNAPPLIED, "py_z1000"),  # one payment equal to the invoice
         (c.ORPHAN_PAYMENT, "py_z0"),
     }

@@ -925,10 +925,9 @@ FROM $db.reconcile_payment_facts WHERE RunId = {run:String}
 # payments of one customer inside the window of an open invoice that together pay it (instalments without a
 # reference). The payments: the run's unallocated ones the ERP did not apply.
 _MATCH_PAYMENTS = """
-    SELECT key, p_customer, p_amount, p_occurred, p_currency AS cur, /*tol*/ 1 AS one
+    SELECT key, p_customer, p_amount, p_occurred, p_currency AS cur, e_applied_n, e_applied_refs, /*tol*/ 1 AS one
     FROM $db.reconcile_payment_facts
     WHERE RunId = {run:String} AND p_n > 0 AND p_kind = 'payment' AND p_status = 'succeeded' AND p_alloc_n = 0
-        AND e_applied_n = 0
 """
 # The latest version of every invoice any version of which belongs to one of these customers (an invoice moved to
 # another customer is that customer's now), open with something outstanding.
@@ -956,13 +955,16 @@ _MATCH_JOIN = """
 """
 # One read of the invoices for both directions: each (payment, invoice) pair counts once per payment (side 1: its
 # invoices sum to it, or exactly one equals it) and once per invoice (side 2: its payments, more than one, sum to
+# it). A payment the ERP applied needs no match of its own, but counts for the invoice the ERP applied it to (the
+# other instalments of that invoice are matched with it); any other pair of it is left out.
 # it); a matched group's payment keys are the result.
 _SUM_MATCH = """
 SELECT arrayJoin(if(side = 1, [any(pkey)], groupArray(pkey))) AS k FROM (
     SELECT p.key AS pkey, p.p_amount AS amt, p.t_abs AS t_abs, p.t_rel AS t_rel, i.InvoiceId AS ik,
-        i.outstanding AS due
+        i.outstanding AS due, p.e_applied_n = 0 AS unapplied, has(splitByChar(',', p.e_applied_refs), ik) AS here
     FROM (/*payments*/) AS p /*join*/
 ) ARRAY JOIN [1, 2] AS side
+WHERE unapplied OR (side = 2 AND here)
 GROUP BY side, if(side = 1, pkey, ik)
 HAVING if(side = 1,
     abs(sum(due) - any(amt)) <= greatest(any(t_abs), intDiv(any(t_rel) * abs(any(amt)), 10000))
