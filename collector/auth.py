@@ -24,6 +24,10 @@ from tower_core.store import Store
 from tower_core.store import tokens as token_store
 
 ROLES = ("viewer", "operator", "admin")
+# A token's name: words joined by single spaces. A name of spaces only (or padded with them) would make the audit
+# trail's "who" blank or ambiguous; brackets and other markup would be rendered by terminals and pages.
+TOKEN_NAME = r"^[\w.@-]+( [\w.@-]+)*$"
+TOKEN_NAME_MAX = 100
 _CACHE_TTL_S = 5.0
 _CACHE_MAX = 10_000  # tokens remembered (a hit or a miss) for _CACHE_TTL_S
 

@@ -17,7 +17,7 @@ from collector.token_cli import ViaApi, api_is_up
 from tower_core.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="The collector's dead-letter box: records the store refuses.")
-out = Console(soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, highlight=False, markup=False)  # names and ids are data, not markup
 PATH = "/api/ingest/dead-letters"
 PURPOSE = "an operator token to reach the dead-letter box through it"
 
@@ -34,8 +34,8 @@ def dead_letters(limit: Annotated[int, typer.Option(min=1, max=1000, help="At mo
     settings = _settings()
     if api_is_up(settings):
         doc = ViaApi(settings, PURPOSE).call("GET", PATH, params={"limit": limit})
-        items: list[dict[str, Any]] = doc["items"]
-        total, where = int(doc["total"]), f"through the API at {settings.api_url}"
+        items: list[dict[str, Any]] = [e for e in doc.get("items") or [] if isinstance(e, dict) and "name" in e]
+        total, where = int(doc.get("total") or len(items)), f"through the API at {settings.api_url}"
     else:
         everything = DeadLetterBox(settings.wal_dir / "dead-letter").entries()
         items, total, where = everything[:limit], len(everything), f"in {settings.wal_dir / 'dead-letter'}"
@@ -58,4 +58,4 @@ def requeue(name: Annotated[str, typer.Argument(help="A name from `tower ingest 
     if not api_is_up(settings):
         raise ConfigError(f"no API answers at {settings.api_url}: a requeue appends to its buffer; start `tower serve`")
     doc = ViaApi(settings, PURPOSE).call("POST", f"{PATH}/{name}/requeue")
-    out.print(f"requeued {doc['name']}: {doc['rows']} {doc['kind']} back in the buffer")
+    out.print(f"requeued {doc.get('name', name)}: {doc.get('rows')} {doc.get('kind')} back in the buffer")

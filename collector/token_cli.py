@@ -20,7 +20,7 @@ from tower_core.errors import ConfigError
 from tower_core.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, help="API tokens with roles viewer < operator < admin.")
-out = Console(soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, highlight=False, markup=False)  # names and ids are data, not markup
 
 
 def _settings() -> Settings:
@@ -50,24 +50,29 @@ class ViaApi:
         self.headers = {"Authorization": f"Bearer {secret.get_secret_value()}"}
         self.where = f"through the API at {self.url}"
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def call(self, method: str, path: str, expect: type = dict, **kwargs: Any) -> Any:
+        """The answer's JSON, of the ``expect``ed type; anything else (an error, a proxy's HTML page) is one
+        line saying so."""
         try:
             r = httpx.request(method, f"{self.url}{path}", headers=self.headers, timeout=30, **kwargs)
         except httpx.HTTPError as exc:
             raise ConfigError(f"the API at {self.url} did not answer: {type(exc).__name__}") from None
+        try:
+            doc = r.json()
+        except ValueError:
+            doc = None
         if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
+            detail = doc.get("detail", doc) if isinstance(doc, dict) else (doc or r.text[:200])
             raise ConfigError(f"the API refused ({r.status_code}): {detail}")
-        return r.json()
+        if not isinstance(doc, expect):
+            raise ConfigError(f"the API at {self.url} answered {method} {path} with something unexpected")
+        return doc
 
     def create(self, name: str, role: str) -> dict[str, str]:
         return self.call("POST", "/api/tokens", json={"name": name, "role": role})
 
     def list(self) -> list[dict[str, Any]]:
-        return self.call("GET", "/api/tokens")
+        return self.call("GET", "/api/tokens", expect=list)
 
     def revoke(self, token_id: str) -> None:
         self.call("DELETE", f"/api/tokens/{token_id}")
@@ -119,17 +124,24 @@ def create(
     role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
 ) -> None:
     """Create a token and print it once (only its hash is stored)."""
-    from collector.auth import ROLES
+    import re
+
+    from collector.auth import ROLES, TOKEN_NAME, TOKEN_NAME_MAX
 
     if role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
-    if not name.strip() or len(name) > 100:
-        raise ConfigError("--name must be 1 to 100 characters")
+    if len(name) > TOKEN_NAME_MAX or not re.fullmatch(TOKEN_NAME, name):
+        raise ConfigError(
+            f"--name must be words (letters, digits, . @ _ -) joined by single spaces, at most {TOKEN_NAME_MAX} "
+            "characters"
+        )
     b = backend(_settings())
-    doc = b.create(name.strip(), role)
-    out.print(f"created token {doc['token_id']} for {doc['name']} ({doc['role']}) {b.where}")
+    doc = b.create(name, role)
+    if not doc.get("token"):
+        raise ConfigError(f"the token was not created: the answer {b.where} carries no token")
+    out.print(f"created token {doc.get('token_id')} for {doc.get('name')} ({doc.get('role')}) {b.where}")
     out.print("the token is shown once; store it now:")
-    out.print(doc["token"], markup=False)
+    out.print(doc["token"])
 
 
 @app.command("list")
@@ -137,8 +149,9 @@ def list_tokens() -> None:
     """Tokens with their names and roles (never the secrets)."""
     rows = backend(_settings()).list()
     table = Table("id", "name", "role", "created", "revoked")
-    for r in rows:
-        table.add_row(r["token_id"], r["name"], r["role"], str(r["created_at"])[:19], "yes" if r["revoked"] else "")
+    for r in (r for r in rows if isinstance(r, dict)):
+        when, revoked = str(r.get("created_at", ""))[:19], "yes" if r.get("revoked") else ""
+        table.add_row(*(str(r.get(k, "")) for k in ("token_id", "name", "role")), when, revoked)
     out.print(table)
 
 

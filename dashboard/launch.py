@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,5 +62,15 @@ def demo_token(settings: Settings, admin_token: str, name: str = "demo-operator"
     return r.json()["token"]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Streamlit reports a port in use and exits 0: ask first, so the command fails as it should."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def run_dashboard(settings: Settings) -> int:
+    check_port_free(settings.dashboard_host, settings.dashboard_port)
     return subprocess.call(dashboard_command(settings), env=dashboard_env(settings))

@@ -8,11 +8,11 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import streamlit as st
-from pydantic import ValidationError
 
 from dashboard import views
 from dashboard.api_client import ApiError, ApiUnavailable, TowerApi
-from tower_core.settings import Settings
+from tower_core.errors import ConfigError
+from tower_core.settings import Settings, load_settings
 
 TOKEN = "session_token"  # a token typed in this session (when settings hold none)
 PRINCIPAL = "principal"
@@ -23,11 +23,9 @@ RESULT = "last_result"
 def settings() -> Settings:
     """The dashboard's settings (environment / .env); bad ones stop the page with one clear message."""
     try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        st.error(f"Invalid setting TOWER_{where.upper()}: {first.get('msg')}")
+        return load_settings()
+    except ConfigError as exc:
+        st.error(str(exc)[0].upper() + str(exc)[1:])
         st.stop()
         raise  # unreachable: st.stop() ends the run
 

@@ -45,6 +45,19 @@ def _detail(response: httpx.Response) -> str:
     return str(doc.get("detail", doc)) if isinstance(doc, dict) else str(doc)
 
 
+def _doc(response: httpx.Response, what: str) -> dict[str, Any]:
+    """A 2xx answer's JSON object, or one line saying what came instead (an error, a proxy's HTML page)."""
+    if response.status_code >= 400:
+        raise ConfigError(f"{what}: the API answered {response.status_code}: {_detail(response)}")
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{what}: the API answered {response.status_code} with something other than a JSON object")
+    return doc
+
+
 def reconcile_via_api(
     settings: Settings,
     *,
@@ -64,15 +77,15 @@ def reconcile_via_api(
         started = _call(client, "POST", "/api/runs", json=body)
         if started.status_code == 409:
             raise ConfigError(_detail(started))
-        if started.status_code >= 400:
-            raise ConfigError(f"the API did not start the run ({started.status_code}): {_detail(started)}")
-        run_id = started.json()["run_id"]
+        run_id = str(_doc(started, "the run was not started").get("run_id") or "")
+        if not run_id:
+            raise ConfigError("the run was not started: the API's answer names no run")
         deadline = time.monotonic() + timeout_s
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=out, transient=False) as bar:
             task = bar.add_task(f"run {run_id}: starting", total=7)
             while True:
-                doc = _call(client, "GET", f"/api/runs/{run_id}").json()
+                doc = _doc(_call(client, "GET", f"/api/runs/{run_id}"), f"run {run_id}")
                 progress = doc.get("progress") or {}
                 bar.update(
                     task,
@@ -89,9 +102,9 @@ def reconcile_via_api(
         out.print(f"tower: error: run {run_id} failed: {doc.get('error')}", markup=False, highlight=False)
         return 1
     out.print(
-        f"run {run_id} ({doc['mode']}{', region ' + doc['region'] if doc.get('region') else ''}) succeeded: "
-        f"{doc['drift_new']} new, {doc['drift_resolved']} resolved, {doc['drift_open']} open drift items; "
-        f"unexplained residual {doc['residual_minor']}",
+        f"run {run_id} ({doc.get('mode')}{', region ' + doc['region'] if doc.get('region') else ''}) succeeded: "
+        f"{doc.get('drift_new')} new, {doc.get('drift_resolved')} resolved, {doc.get('drift_open')} open drift "
+        f"items; unexplained residual {doc.get('residual_minor')}",
         markup=False,
         highlight=False,
     )

@@ -105,3 +105,110 @@ def test_help(cmd: list[str], tmp_path: Path) -> None:
 def test_usage_errors_are_one_line_and_exit_2(args: list[str], says: str, tmp_path: Path) -> None:
     """typer >= 0.29 raises its own copy of click's usage errors: they printed a traceback (exit 1)."""
     assert says in one_error_line(run(args, tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"TOWER_CORS_ORIGINS": "[oops"}, "TOWER_CORS_ORIGINS"),
+        ({"TOWER_INGEST_TOKENS": "secret123"}, "TOWER_INGEST_TOKENS"),
+        ({"TOWER_RECONCILE_TOLERANCE_ABS_MINOR": '{"*":'}, "TOWER_RECONCILE_TOLERANCE_ABS_MINOR"),
+        ({"TOWER_PORT": "70000"}, "TOWER_PORT"),
+    ],
+)
+def test_a_malformed_json_setting_or_port_is_one_line(env: dict[str, str], says: str, tmp_path: Path) -> None:
+    """A typo in a JSON-typed variable failed before validation: a 138-line traceback, exit 1."""
+    line = one_error_line(run(["status"], tmp_path, TOWER_DATA_DIR=str(tmp_path / "d"), **env))
+    assert says in line and "secret123" not in line
+
+
+def test_ports_out_of_range_or_taken_fail_with_one_line(tmp_path: Path) -> None:
+    """`tower dashboard` on a taken port printed Streamlit's complaint and exited 0; --port -5 was a traceback."""
+    import socket
+
+    assert "TOWER_PORT" in one_error_line(run(["serve", "--port", "-5"], tmp_path))
+    assert "TOWER_DASHBOARD_PORT" in one_error_line(run(["dashboard", "--port", "-1"], tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_error_line(run(["dashboard", "--port", str(port)], tmp_path, TOWER_DASHBOARD_HOST="127.0.0.1"))
+    assert f"127.0.0.1:{port}" in line
+
+
+def test_a_token_name_with_markup_is_refused_before_anything_is_created(tmp_path: Path) -> None:
+    """The offline path accepted '[/x] alice', stored the token, then crashed printing it (rich markup): the
+    secret was never shown and `token list` failed from then on."""
+    env = {"TOWER_DATA_DIR": str(tmp_path / "d"), "TOWER_API_URL": f"http://127.0.0.1:{free_port()}"}
+    assert "--name" in one_error_line(run(["token", "create", "--name", "[/x] alice"], tmp_path, **env))
+    listed = run(["token", "list"], tmp_path, **env)
+    assert listed.returncode == 0 and "alice" not in listed.stdout, listed.stderr
+
+
+def test_no_command_prints_the_help_without_an_empty_error(tmp_path: Path) -> None:
+    proc = run([], tmp_path)
+    assert proc.returncode == 2 and "Usage" in proc.stdout and "error" not in proc.stderr
+
+
+class MisbehavingApi:
+    """A loopback stand-in for an API behind a broken proxy (no real API answers HTML or a list like this):
+    POST /api/runs starts run r1; GET /api/runs/r1 answers ``run_answer``; other GETs answer an HTML page."""
+
+    def __init__(self, run_answer: tuple[int, str, str]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        answer = run_answer
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, code: int, ctype: str, body: str) -> None:
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                self._send(202, "application/json", '{"run_id": "r1"}')
+
+            def do_GET(self) -> None:
+                if self.path == "/readyz":
+                    self._send(200, "application/json", "{}")
+                elif self.path.startswith("/api/runs/r1"):
+                    self._send(*answer)
+                else:
+                    self._send(200, "text/html", "<html>maintenance</html>")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        ((502, "text/html", "<html>Bad Gateway</html>"), "502"),
+        ((404, "application/json", '{"detail": "run r1 not found"}'), "not found"),  # it spun for an hour
+        ((200, "text/html", "<html>ok</html>"), "JSON object"),
+    ],
+)
+def test_the_cli_reports_an_api_answer_it_cannot_read_in_one_line(
+    answer: tuple[int, str, str], says: str, tmp_path: Path
+) -> None:
+    api = MisbehavingApi(answer)
+    try:
+        env = {"TOWER_API_URL": api.url, "TOWER_API_TOKEN": "twr_x", "TOWER_ADMIN_TOKEN": "adm"}
+        assert says in one_error_line(run(["reconcile"], tmp_path, **env))
+        # the token and dead-letter commands through the same proxy: an HTML page is not a list of tokens
+        assert "unexpected" in one_error_line(run(["token", "list"], tmp_path, **env))
+        assert "unexpected" in one_error_line(run(["ingest", "dead-letters"], tmp_path, **env))
+    finally:
+        api.close()

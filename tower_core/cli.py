@@ -6,25 +6,20 @@ import sys
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from tower_core.errors import ConfigError, StoreError
 from tower_core.settings import Settings
+from tower_core.settings import load_settings as _load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Revenue Control Tower.")
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, markup=False)  # messages quote input: never markup
+out = Console(markup=False)
 
 
 def load_settings(**overrides: object) -> Settings:
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        raise ConfigError(f"invalid setting TOWER_{where.upper()}: {first.get('msg')}") from None
+    return _load_settings(**overrides)
 
 
 def _open(settings: Settings):
@@ -183,7 +178,8 @@ def main() -> None:
             ctx = getattr(exc, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             message = " ".join(str(exc.format_message()).split())
-            err.print(f"tower: error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+            if message:  # none: a group called without a command, whose help is already printed
+                err.print(f"tower: error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
             sys.exit(getattr(exc, "exit_code", 2) or 2)
         raise
 

@@ -9,8 +9,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -31,12 +31,12 @@ class Settings(BaseSettings):
 
     # --- API server
     host: str = Field("127.0.0.1", description="Address `tower serve` binds to.")
-    port: int = Field(8000, description="Port `tower serve` listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `tower serve` listens on.")
     api_url: str = Field(
         "http://127.0.0.1:8000", description="Where the CLI, dashboard and other processes reach the API."
     )
     dashboard_host: str = Field("127.0.0.1", description="Address the Streamlit dashboard binds to.")
-    dashboard_port: int = Field(8501, description="Port of the Streamlit dashboard.")
+    dashboard_port: int = Field(8501, ge=1, le=65535, description="Port of the Streamlit dashboard.")
     dashboard_token: SecretStr | None = Field(
         None,
         description="Bearer token the dashboard sends to the API (else TOWER_API_TOKEN, else it asks once per "
@@ -205,7 +205,9 @@ class Settings(BaseSettings):
     simulator_url: str = Field(
         "http://127.0.0.1:8600", description="Where the tower reaches the simulated estate's billing/ERP/CDP API."
     )
-    simulator_port: int = Field(8600, description="Port the demo-pace estate serves its loopback API on.")
+    simulator_port: int = Field(
+        8600, ge=0, le=65535, description="Port the demo-pace estate serves its loopback API on."
+    )
     simulator_timeout_s: float = Field(10.0, description="Timeout of one call to the simulated estate (seconds).")
     simulator_seed: int = Field(7, description="Seed of the demo-pace estate.")
     simulator_rate_per_min: int = Field(60, description="Invoices per minute the demo-pace estate emits.")
@@ -239,3 +241,23 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Process-wide settings (FastAPI dependency and CLI default)."""
     return Settings()
+
+
+_FIELD = re.compile(r'field "([a-z0-9_]+)"')
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and ``overrides``), or a ConfigError saying in one line which variable is
+    wrong and why: a typo in a JSON-typed variable (a list, a map) fails before validation, as a SettingsError."""
+    from tower_core.errors import ConfigError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        raise ConfigError(f"invalid setting TOWER_{where.upper()}: {first.get('msg')}") from None
+    except SettingsError as exc:
+        m = _FIELD.search(str(exc))
+        where = f"TOWER_{m.group(1).upper()}" if m else "a TOWER_ variable"
+        raise ConfigError(f"invalid setting {where}: not valid JSON (a list or a map is expected)") from None

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from collector.auth import ROLES, Principal, create_token, require
+from collector.auth import ROLES, TOKEN_NAME, TOKEN_NAME_MAX, Principal, create_token, require
 from collector.deps import get_store
 from tower_core.store import Store
 from tower_core.store import reconcile as audit_log
@@ -18,9 +18,7 @@ router = APIRouter(prefix="/api/tokens", tags=["tokens"])
 
 
 class TokenRequest(BaseModel):
-    # words joined by single spaces: a name of spaces only (or padded with them) would make the audit trail's
-    # "who" blank or ambiguous
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[\w.@-]+( [\w.@-]+)*$")
+    name: str = Field(min_length=1, max_length=TOKEN_NAME_MAX, pattern=TOKEN_NAME)
     role: str = Field(pattern="^(" + "|".join(ROLES) + ")$")
 
 
