@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import session
+from dashboard import session, views
 from dashboard.api_client import ApiError, ApiUnavailable, TowerApi
 
 st.set_page_config(page_title="Revenue Control Tower", page_icon="🗼", layout="wide")
@@ -33,9 +33,9 @@ def _login(message: str = "") -> None:
             st.session_state[session.TOKEN] = typed.strip()
             st.rerun()
         except ApiError as exc:
-            st.error(f"The API refused this token: {exc.detail}")
+            st.error(f"The API refused this token: {views.md_escape(exc.detail)}")
         except ApiUnavailable as exc:
-            st.error(f"The API is unavailable, so the token cannot be checked now: {exc}")
+            st.error(f"The API is unavailable, so the token cannot be checked now: {views.md_escape(exc)}")
         finally:
             probe.close()
     st.stop()
@@ -50,8 +50,8 @@ if session.principal() is None:
     except ApiError as exc:
         if session.configured_token(cfg) is None:
             st.session_state.pop(session.TOKEN, None)
-            _login(f"The API refused the token: {exc.detail}")
-        st.error(f"The API refused the configured token (TOWER_DASHBOARD_TOKEN): {exc.detail}")
+            _login(f"The API refused the token: {views.md_escape(exc.detail)}")
+        st.error(f"The API refused the configured token (TOWER_DASHBOARD_TOKEN): {views.md_escape(exc.detail)}")
         st.stop()
     except ApiUnavailable:
         pass  # each page shows the banner; no role known means no action buttons
@@ -71,12 +71,12 @@ nav = st.navigation(pages)
 with st.sidebar:
     who = session.principal()
     if who:
-        st.caption(f"Signed in as **{who['name']}** ({who['role']})")
+        st.caption(f"Signed in as **{views.md_escape(who['name'])}** ({views.md_escape(who['role'])})")
         if not session.can_act():
             st.caption("Read-only: viewers see no action buttons.")
     else:
         st.caption("Identity unknown while the API is unavailable (read-only).")
-    st.caption(f"API: {cfg.api_url}")
+    st.caption(f"API: {views.md_escape(views.link_without_credentials(cfg.api_url))}")
     if session.configured_token(cfg) is None and st.button("Sign out", key="sign_out"):
         session.sign_out()
         st.rerun()

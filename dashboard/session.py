@@ -71,8 +71,9 @@ def banner(exc: Exception, where: str) -> None:
     """The API-down banner with a retry button; the page stops drawing after it."""
     cfg = settings()
     st.error(
-        f"**The tower's API is unavailable** — {exc}. The data on this page cannot be loaded; nothing was "
-        f"changed. Start it with `tower serve` (API at {cfg.api_url}) and retry.",
+        f"**The tower's API is unavailable** — {views.md_escape(str(exc))}. The data on this page cannot be "
+        f"loaded; nothing was changed. Start it with `tower serve` (API at "
+        f"{views.md_escape(views.link_without_credentials(cfg.api_url))}) and retry.",
         icon=":material/cloud_off:",
     )
     st.button("Retry", key=f"retry_{where}")
@@ -146,7 +147,7 @@ def confirmation(where: str, target: str = "") -> None:
         if result["ok"]:
             st.success(f"{result['op']}: done", icon=":material/check_circle:")
         else:
-            st.error(f"{result['op']} refused (HTTP {result['status']}): {result['message']}")
+            st.error(f"{result['op']} refused (HTTP {result['status']}): {views.md_escape(str(result['message']))}")
 
 
 def choice_among(key: str, options: Collection[str]) -> None:
@@ -164,7 +165,8 @@ def outcome_if_gone(where: str, listed: Collection[str], done: Callable[[dict[st
     if result["ok"]:
         st.success(done(result))
     else:
-        st.error(f"{what} of {result['target']} refused (HTTP {result['status']}): {result['message']}")
+        target, message = views.md_escape(str(result["target"])), views.md_escape(str(result["message"]))
+        st.error(f"{what} of {target} refused (HTTP {result['status']}): {message}")
 
 
 def clear_result() -> None:

@@ -7,6 +7,7 @@ module only reshapes, formats and orders them, so it is tested as plain function
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,25 @@ SORT_KEYS = {
     "state": "state",
     "updated": "updated_at",
 }
+
+
+# --- text from outside, shown by Markdown-rendering elements ------------------------------------------------
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-!|<>~$&])")
+_MD_LIST_START = re.compile(r"^(\d+)\.")
+
+
+def md_escape(text: object) -> str:
+    """Text from the URL, the API or a user, made literal for an element that renders Markdown (st.warning,
+    st.caption, st.header, a metric's value, a confirmation prompt...): a shared link or a stored note must not
+    draw a link, emphasis or a heading on someone else's screen. Each Markdown character gets a backslash; line
+    breaks become spaces (a new line could start a list or a code block; these are one-line messages)."""
+    one_line = " ".join(str(text).splitlines()).strip()
+    return _MD_LIST_START.sub(r"\1\\.", _MD_SPECIAL.sub(r"\\\1", one_line))
+
+
+def md_escape_values(messages: Mapping[str, str]) -> dict[str, str]:
+    """The same for each message of a mapping (a page's load errors: the API's own words)."""
+    return {name: md_escape(message) for name, message in messages.items()}
 
 
 # --- roles ----------------------------------------------------------------------------------------------------
@@ -451,11 +471,14 @@ def action_rows(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def bulk_prompt(action: str, count: int, filters: DriftFilters) -> str:
-    """The second question of a bulk action: what will happen to how many items."""
+def bulk_prompt(action: str, count: int, filters: DriftFilters, note: str = "") -> str:
+    """The second question of a bulk action (Markdown): what will happen to how many items, with the note that
+    will be sent, so what is confirmed is what is stored."""
     what = {"acknowledge": "acknowledge", "ignore": "ignore", "sync": "start a corrective sync for"}[action]
-    scope = ", ".join(f"{k}={v}" for k, v in filters.params().items()) or "no filter: every open item"
-    return f"This will {what} {count} item{'s' if count != 1 else ''} ({scope}). Confirm?"
+    scope = ", ".join(f"{k}={v}" for k, v in filters.params().items())
+    scope = md_escape(scope) if scope else "no filter: every open item"
+    said = f" with the note “{md_escape(note)}”" if note.strip() else ""
+    return f"This will {what} {count} item{'s' if count != 1 else ''} ({scope}){said}. Confirm?"
 
 
 # --- audit ----------------------------------------------------------------------------------------------------

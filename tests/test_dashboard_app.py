@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -113,6 +114,11 @@ def chart(at: AppTest, key: str) -> dict[str, Any]:
     return found[0]
 
 
+def shown(markdown: str) -> str:
+    """The text a Markdown body shows: ids, notes and API messages are escaped (views.md_escape) before it."""
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
 def buttons(at: AppTest) -> set[str]:
     return {b.key for b in at.button} | {b.key for b in at.get("link_button") if getattr(b, "key", None)}
 
@@ -190,7 +196,7 @@ def test_one_item_shows_its_diff_transaction_waterfall_and_history(tower: Tower,
     at.text_input(key="ur_customer").input(item["invoice_id"]).run()
     at.selectbox(key="ur_item").select(item["drift_id"]).run()
     assert not at.exception
-    assert at.header[0].value == f"missing_in_erp · {item['invoice_id']}"
+    assert shown(at.header[0].value) == f"missing_in_erp · {item['invoice_id']}"
     assert metric(at, "Amount") == views.fmt_money(item["amount_minor"], item["currency"])
     diff = frame(at, "ur_diff")
     total_row = diff[diff["field"] == "total_minor"].iloc[0]
@@ -213,7 +219,7 @@ def test_operator_corrective_sync_asks_first_calls_the_api_and_the_next_run_reso
     at.text_input(key="ur_customer").input(item["invoice_id"]).run()
     at.selectbox(key="ur_item").select(item["drift_id"]).run()
     at.button(key="ur_sync").click().run()
-    assert any("corrective sync of missing_in_erp" in w.value for w in at.warning)
+    assert any("corrective sync of missing_in_erp" in shown(w.value) for w in at.warning)
     assert tower.call("GET", "/api/actions", params={"drift_id": item["drift_id"]}).json()["total"] == 0
     at.button(key="confirm_item").click().run()
     assert any("corrective sync: done" in s.value for s in at.success), [e.value for e in at.error]
@@ -409,9 +415,9 @@ def test_a_pending_question_stays_with_its_item_and_its_person(tower: Tower, das
     open_item(at, a)
     at.text_area(key="ur_note").input("checking with billing").run()
     at.button(key="ur_ack").click().run()
-    assert any(a["primary_key"] in w.value for w in at.warning) and "confirm_item" in buttons(at)
+    assert any(a["primary_key"] in shown(w.value) for w in at.warning) and "confirm_item" in buttons(at)
     open_item(at, b)
-    assert "confirm_item" not in buttons(at) and not any(a["primary_key"] in w.value for w in at.warning)
+    assert "confirm_item" not in buttons(at) and not any(a["primary_key"] in shown(w.value) for w in at.warning)
     open_item(at, a)
     assert "confirm_item" not in buttons(at)  # dropped, not just hidden
 
@@ -511,7 +517,7 @@ def test_intake_lists_skipped_source_records_and_requeues_dead_letters(
     assert name in list(frame(at, "in_letters")["name"])
     at.selectbox(key="in_letter").set_value(name).run()
     at.button(key="in_requeue").click().run()
-    assert any(f"Send {name} back" in w.value for w in at.warning)
+    assert any(f"Send {name} back" in shown(w.value) for w in at.warning)
     assert name in [d["name"] for d in tower.call("GET", "/api/ingest/dead-letters").json()["items"]]  # asked only
     at.button(key="confirm_dead_letter").click().run()
     assert not at.exception, [e.value for e in at.exception]
@@ -535,7 +541,7 @@ def test_intake_lists_skipped_source_records_and_requeues_dead_letters(
     assert at.button(key="in_dismiss").disabled  # no note yet
     at.text_input(key="in_skip_note").input("a first thought").run()
     at.button(key="in_dismiss").click().run()
-    assert any(f"Dismiss {first}" in w.value for w in at.warning)
+    assert any(f"Dismiss {first}" in shown(w.value) for w in at.warning)
     at.selectbox(key="in_skip").set_value(second).run()  # moved on: the question about the first is dropped
     assert "confirm_skip" not in buttons(at)
     at.selectbox(key="in_skip").set_value(first).run()
@@ -544,9 +550,62 @@ def test_intake_lists_skipped_source_records_and_requeues_dead_letters(
     assert any("deleted in the ERP by its owner" in w.value for w in at.warning)  # the note that will be sent
     at.button(key="confirm_skip").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    assert any(f"{first} dismissed" in s.value for s in at.success), [e.value for e in at.error]
+    assert any(f"{first} dismissed" in shown(s.value) for s in at.success), [e.value for e in at.error]
     assert metric(at, "Skipped source records (open)") == "1"
     audit = tower.call("GET", "/api/audit", params={"action": "source.dismiss"}).json()["items"]
     assert [(a["actor"], a["object_id"], a["note"]) for a in audit] == [
         ("olga", "sim-erp/ledger_entries/erp_malformed_1", "deleted in the ERP by its owner")
     ]
+
+
+def test_a_bulk_note_typed_and_clicked_at_once_is_the_one_shown_and_stored(
+    tower: Tower, dash: Callable[..., AppTest]
+) -> None:
+    """The browser sends the corrected note with the click (one rerun): the question showed no note and the items
+    were stored with the previous one."""
+    counts = Counter(i["class"] for i in open_items(tower) if i["state"] in ("new", "persisting"))
+    used = {"missing_in_erp", "payment_unapplied", "status_mismatch"}  # the other tests' classes
+    cls = min((c for c in counts if c not in used), key=lambda c: (counts[c], c))
+    at = dash("actions")
+    at.multiselect(key="bulk_class").select(cls).run()
+    at.text_input(key="bulk_note").input("draft - do not use").run()
+    final = "ERP outage INC-42, reposting tonight"
+    at.text_input(key="bulk_note").input(final)  # corrected, then clicked straight away
+    at.button(key="bulk_apply").click().run()
+    asked = [w.value for w in at.warning if "This will acknowledge" in w.value]
+    assert len(asked) == 1 and f"the note “{final}”" in shown(asked[0]), asked
+    at.button(key="confirm_bulk").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    stored = tower.items(**{"class": cls, "state": ["acknowledged"]})
+    assert len(stored) == counts[cls] and {i["state_note"] for i in stored} == {final}
+
+
+def test_markdown_in_a_shared_link_or_a_stored_note_shows_as_text(tower: Tower, dash: Callable[..., AppTest]) -> None:
+    """A ?drift= link and a note are shown by Markdown-rendering elements: escaped, they show their literal text,
+    never a link or bold text drawn inside the dashboard."""
+
+    def literal(body: str, text: str) -> bool:
+        return text in shown(body) and "](" not in body and not re.search(r"(?<!\\)\*\*", body)
+
+    dash("unreconciled")  # the operator's environment
+    link = "[x](http://evil.example/login) [**Session expired — click here**](http://evil.example)"
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["drift"] = link  # a fresh session opened from a shared link
+    at.run()
+    at.switch_page("screens/unreconciled.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    warned = [w.value for w in at.warning if "Cannot open item" in w.value]
+    assert len(warned) == 1 and literal(warned[0], link), warned
+
+    note = "fixed per [ticket](http://evil.example) **URGENT** <b>x</b> `code`"
+    item = next(i for i in open_items(tower) if i["state"] in ("new", "persisting"))
+    assert tower.call("POST", f"/api/drift/{item['drift_id']}/acknowledge", json={"note": note}).status_code == 200
+    at = dash("unreconciled")
+    open_item(at, item)
+    noted = [c.value for c in at.caption if "note:" in c.value]
+    assert len(noted) == 1 and literal(noted[0], f"note: {note}"), noted
+    assert literal(at.header[0].value, item["primary_key"])
+    at.text_area(key="ur_note").input(note).run()
+    at.button(key="ur_ignore").click().run()
+    asked = [w.value for w in at.warning if w.value.startswith("Ignore ")]
+    assert len(asked) == 1 and literal(asked[0], f"Note: “{note}”"), asked

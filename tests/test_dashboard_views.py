@@ -233,3 +233,52 @@ def test_the_alertmanager_link_carries_no_credentials() -> None:
         == "https://am.example:9093/#/alerts"
     )
     assert views.link_without_credentials("http://127.0.0.1:9093") == "http://127.0.0.1:9093"
+
+
+MARKDOWN_ATTACKS = [
+    "[x](http://evil.example/login) [**Session expired — click here**](http://evil.example)",
+    "fixed per [ticket](http://evil.example) **URGENT** <b>x</b> `code` 日本語",
+    "![logo](http://evil.example/a.png) <http://evil.example> _em_ *em* ~~gone~~ $x^2$ a | b",
+    "# heading",
+    "> quoted",
+    "- listed",
+    "+ listed",
+    "1. numbered",
+    "2) numbered",
+    r"back\slash \*kept\* &lt; &#91;",
+    "{braces} [ref][1] ref_name_with_underscores",
+]
+MARKUP = ("<a", "<img", "<em", "<strong", "<code", "<s>", "<del", "<h1", "<ol", "<ul", "<blockquote", "<table", "<p>")
+
+
+@pytest.mark.parametrize("text", MARKDOWN_ATTACKS)
+def test_escaped_text_renders_as_itself_with_no_link_or_emphasis(text: str) -> None:
+    """Ids, notes and API messages go into st.warning/st.caption/st.header, which render Markdown: escaped, a shared
+    link or a stored note shows its literal text, never a link, an image, emphasis, code, a heading or a list."""
+    import html
+
+    import markdown_it  # rich's dependency, so always installed with the dashboard
+
+    md = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    rendered = md.render(f"Note: {views.md_escape(text)}")  # as the pages embed it, and on its own
+    alone = md.render(views.md_escape(text))
+    for out, prefix in ((rendered, "Note: "), (alone, "")):
+        assert out.startswith("<p>") and out.endswith("</p>\n"), out
+        assert html.unescape(out[3:-5]) == prefix + text
+        assert not [tag for tag in MARKUP if tag in out[3:]], out
+    assert "](" not in views.md_escape(text)
+
+
+def test_escaping_keeps_plain_text_and_makes_a_note_one_line() -> None:
+    assert views.md_escape("ERP outage, reposting tonight 12.50") == "ERP outage, reposting tonight 12.50"
+    assert views.md_escape("  line one\nline two\r\n") == "line one line two"
+    assert views.md_escape(42) == "42"
+    assert views.md_escape_values({"drift": "[a](b)"}) == {"drift": r"\[a\]\(b\)"}
+
+
+def test_the_bulk_question_shows_the_note_that_will_be_sent() -> None:
+    filters = views.DriftFilters(classes=["missing_in_erp"])
+    prompt = views.bulk_prompt("acknowledge", 3, filters, "ERP outage INC-42, see [ticket](http://evil.example)")
+    assert prompt.startswith("This will acknowledge 3 items (class=") and prompt.endswith(". Confirm?")
+    assert r"with the note “ERP outage INC\-42, see \[ticket\]\(http://evil.example\)”" in prompt
+    assert "with the note" not in views.bulk_prompt("sync", 1, views.DriftFilters(), "  ")

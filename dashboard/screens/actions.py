@@ -44,7 +44,7 @@ try:
     data = load_actions(api, params, bulk_filters.params())
 except ApiUnavailable as exc:
     session.banner(exc, "actions")
-session.show_errors(data.errors)
+session.show_errors(views.md_escape_values(data.errors))
 
 listing = data.get("actions") or {"items": [], "total": 0}
 dead = data.get("dead_letters") or {"items": [], "total": 0}
@@ -55,7 +55,9 @@ breakers = (data.get("breakers") or {}).get("breakers", {})
 m[2].metric("Open breakers", sum(1 for b in breakers.values() if b.get("state") == "open"))
 st.dataframe(views.action_rows(listing["items"]), key="ac_table", hide_index=True, width="stretch")
 if breakers:
-    st.caption(" · ".join(f"{sys}: {b['state']} ({b['failures']} failures)" for sys, b in breakers.items()))
+    st.caption(
+        " · ".join(views.md_escape(f"{sys}: {b['state']} ({b['failures']} failures)") for sys, b in breakers.items())
+    )
 
 
 @st.fragment(run_every=cfg.dashboard_refresh_s)
@@ -66,7 +68,7 @@ def _follow(api: TowerApi, action_ids: list[str]) -> None:
         try:
             rows.append(api.action(action_id))
         except (ApiError, ApiUnavailable) as exc:
-            st.warning(f"Cannot follow action {action_id}: {exc}")
+            st.warning(f"Cannot follow action {views.md_escape(action_id)}: {views.md_escape(exc)}")
             return
     done = sum(1 for a in rows if views.action_finished(a))
     st.progress(done / max(1, len(rows)), text=f"{done} of {len(rows)} actions ended")
@@ -125,8 +127,9 @@ if chosen:
                 st.session_state["ac_following"] = [doc["action_id"]]
                 return doc
 
-            what = f"{action['operation']} {action['target_ref']}"
-            session.ask("action", "replay", f"Replay failed action {chosen} ({what})?", run, chosen)
+            what = views.md_escape(f"{action['operation']} {action['target_ref']}")
+            prompt = f"Replay failed action {views.md_escape(chosen)} ({what})?"
+            session.ask("action", "replay", prompt, run, chosen)
 
         def _ask_approve() -> None:
 
@@ -135,7 +138,7 @@ if chosen:
                 st.session_state["ac_following"] = [doc["action_id"]]
                 return doc
 
-            what = f"{action['operation']} of {action['target_ref']}"
+            what = views.md_escape(f"{action['operation']} of {action['target_ref']}")
             session.ask("action", "approve", f"Approve and run {what}?", run, chosen)
 
         c1, c2 = st.columns(2)
@@ -156,23 +159,30 @@ if operator:
     ready = matching > 0 and (kind == "sync" or bool(note.strip()))
 
     def _ask_bulk() -> None:
+        # read at click time: a note typed and clicked at once is the one that is sent (and shown in the question)
         count = matching
+        chosen_kind = st.session_state.get("bulk_action") or kind
+        said = (st.session_state.get("bulk_note") or "").strip()
+        if chosen_kind != "sync" and not said:
+            return
 
         def run() -> dict:
-            doc = api.bulk(kind, bulk_filters.body(), count, note)
+            doc = api.bulk(chosen_kind, bulk_filters.body(), count, said)
             started = [i["action_id"] for i in doc.get("items", []) if i.get("action_id")]
             if started:
                 st.session_state["ac_following"] = started
             return doc
 
-        session.ask("bulk", f"bulk {kind}", views.bulk_prompt(kind, count, bulk_filters), run)
+        prompt = views.bulk_prompt(chosen_kind, count, bulk_filters, said)
+        session.ask("bulk", f"bulk {chosen_kind}", prompt, run)
 
     st.button(f"{BULK_ACTIONS[kind]} {matching:,} items…", key="bulk_apply", on_click=_ask_bulk, disabled=not ready)
     session.confirmation("bulk")
     result = st.session_state.get(session.RESULT)
     if result and result.get("ok") and result["where"] == "bulk":
         doc = result["doc"]
-        st.info(f"{doc['done']} of {doc['matched']} items done, {doc['failed']} refused.")
+        done, matched, failed = (views.md_escape(doc[k]) for k in ("done", "matched", "failed"))
+        st.info(f"{done} of {matched} items done, {failed} refused.")
         if doc.get("errors"):
             st.dataframe(doc["errors"], key="bulk_errors", hide_index=True)
 else:

@@ -16,7 +16,7 @@ try:
     data = load_intake(api, include_cleared=include_cleared, operator=operator)
 except ApiUnavailable as exc:
     session.banner(exc, "intake")
-session.show_errors(data.errors)
+session.show_errors(views.md_escape_values(data.errors))
 
 skipped = data.get("skipped") or {"items": [], "open": 0}
 letters = data.get("dead_letters") or {"items": [], "total": 0}
@@ -35,7 +35,7 @@ else:
     st.info("No source record is skipped.")
 open_skips = {views.skip_label(s): s for s in skipped["items"] if not s.get("cleared")}
 session.choice_among("in_skip", open_skips)  # dismissed (or mapped) since it was chosen
-session.outcome_if_gone("skip", open_skips, lambda r: f"{r['target']} dismissed.", "dismissal")
+session.outcome_if_gone("skip", open_skips, lambda r: f"{views.md_escape(r['target'])} dismissed.", "dismissal")
 if operator and open_skips:
     with st.expander("Dismiss a record no pull will map (cancelled or deleted at its source)"):
         label = st.selectbox("Record", ["", *open_skips], format_func=lambda k: k or "—", key="in_skip")
@@ -52,7 +52,8 @@ if operator and open_skips:
                 session.ask(
                     "skip",
                     "dismiss",
-                    f"Dismiss {chosen} with the note “{said}”? It leaves the open list; the audit log keeps the note.",
+                    f"Dismiss {views.md_escape(chosen)} with the note “{views.md_escape(said)}”? It leaves the open "
+                    "list; the audit log keeps the note.",
                     lambda: api.dismiss_skipped(record["connector"], record["stream"], record["ref"], said),
                     chosen,
                 )
@@ -73,7 +74,10 @@ else:
     session.outcome_if_gone(
         "dead_letter",
         names,
-        lambda r: f"{r['target']} is back in the write-ahead buffer ({r['doc'].get('rows', '')} rows).",
+        lambda r: (
+            f"{views.md_escape(r['target'])} is back in the write-ahead buffer "
+            f"({views.md_escape(r['doc'].get('rows', ''))} rows)."
+        ),
         "requeue",
     )
     if names:
@@ -85,7 +89,7 @@ else:
                 session.ask(
                     "dead_letter",
                     "requeue",
-                    f"Send {chosen} back into the write-ahead buffer?",
+                    f"Send {views.md_escape(chosen)} back into the write-ahead buffer?",
                     lambda: api.requeue_dead_letter(chosen),
                     chosen,
                 )

@@ -18,7 +18,7 @@ try:
     data = load_overview(api, now)
 except ApiUnavailable as exc:
     session.banner(exc, "overview")
-session.show_errors(data.errors)
+session.show_errors(views.md_escape_values(data.errors))
 
 aging_doc = data.get("aging") or {"groups": [], "open": 0}
 regions = sorted({g["region"] for g in aging_doc["groups"] if g.get("region")})
@@ -34,12 +34,12 @@ aging_known, firing_known = "aging" not in data.errors, "firing" not in data.err
 c1, c2, c3 = st.columns(3)
 c1.metric("Unreconciled items", f"{aging.total:,}" if aging_known else "unknown")
 c2.metric("Firing alerts", len(firing_here) if firing_known else "unknown")
-c3.metric("Last run", run["state"], help=f"started {run.get('started', '—')}")
+c3.metric("Last run", views.md_escape(run["state"]), help=f"started {run.get('started', '—')}")
 totals = aging.currency_totals()
 if totals:
     st.caption("Unreconciled amount per currency (|amount| of the open items)")
     for col, (cur, minor) in zip(st.columns(max(4, len(totals))), totals.items(), strict=False):
-        col.metric(f"Unreconciled {cur}", views.fmt_money(minor, cur))
+        col.metric(views.md_escape(f"Unreconciled {cur}"), views.md_escape(views.fmt_money(minor, cur)))
 
 left, right = st.columns(2)
 with left:

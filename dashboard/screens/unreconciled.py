@@ -57,7 +57,7 @@ try:
     data = load_unreconciled(api, {**filters.params(), **views.page_params(page, page_size, sort, descending)})
 except ApiUnavailable as exc:
     session.banner(exc, "unreconciled")
-session.show_errors(data.errors)
+session.show_errors(views.md_escape_values(data.errors))
 doc = data.get("drift") or {"items": [], "total": 0}
 pages = views.page_count(doc["total"], page_size)
 st.metric("Matching items", f"{doc['total']:,}")
@@ -135,7 +135,7 @@ def _follow(api: TowerApi, action_ids: list[str]) -> None:
         try:
             rows.append(api.action(action_id))
         except (ApiError, ApiUnavailable) as exc:
-            st.warning(f"Cannot follow action {action_id}: {exc}")
+            st.warning(f"Cannot follow action {views.md_escape(action_id)}: {views.md_escape(exc)}")
             return
     st.dataframe(views.action_rows(rows), key="ur_follow_table", hide_index=True)
     if all(views.action_finished(a) for a in rows):
@@ -149,20 +149,21 @@ def _item(api: TowerApi, drift_id: str) -> None:
     except ApiUnavailable as exc:
         session.banner(exc, "item")
     if "item" not in loaded:
-        st.warning(f"Cannot open item {drift_id}: {loaded.errors.get('item', 'not found')}")
+        reason = loaded.errors.get("item", "not found")
+        st.warning(f"Cannot open item {views.md_escape(drift_id)}: {views.md_escape(reason)}")
         return
     item = loaded["item"]
-    st.header(f"{item['class']} · {item['primary_key']}")
-    st.caption(f"{item['reason_code']}: {item['reason']}")
+    st.header(views.md_escape(f"{item['class']} · {item['primary_key']}"))
+    st.caption(views.md_escape(f"{item['reason_code']}: {item['reason']}"))
     m = st.columns(5)
-    m[0].metric("Amount", views.fmt_money(item["amount_minor"], item["currency"]))
-    m[1].metric("State", item["state"])
-    m[2].metric("Age", item["age_bucket"])
-    m[3].metric("Region", item["region"] or "—")
-    m[4].metric("Seen in", item["system"] or "—")
+    m[0].metric("Amount", views.md_escape(views.fmt_money(item["amount_minor"], item["currency"])))
+    m[1].metric("State", views.md_escape(item["state"]))
+    m[2].metric("Age", views.md_escape(item["age_bucket"]))
+    m[3].metric("Region", views.md_escape(item["region"] or "—"))
+    m[4].metric("Seen in", views.md_escape(item["system"] or "—"))
     st.caption(
         f"First seen {views.fmt_time(item['first_seen'])} · last seen {views.fmt_time(item['last_seen'])}"
-        + (f" · note: {item['state_note']}" if item.get("state_note") else "")
+        + (f" · note: {views.md_escape(item['state_note'])}" if item.get("state_note") else "")
     )
 
     tabs = st.tabs(["Difference", "Transaction", "History", "Actions"])
@@ -191,29 +192,29 @@ def _item(api: TowerApi, drift_id: str) -> None:
     st.subheader("Act on this item")
     session.confirmation("item", drift_id)
     resolved = item["state"] == "resolved"
-    key = item["primary_key"]
+    what = views.md_escape(f"{item['class']} {item['primary_key']}")  # shown in the questions below
     c1, c2, c3 = st.columns(3)
     can_sync = item["policy"] != "manual" and not resolved
     approve = item["policy"] == "approval"
 
     def _ask_sync() -> None:
-        what = "approve and run a corrective sync" if approve else "run a corrective sync"
+        verb = "approve and run a corrective sync" if approve else "run a corrective sync"
         session.ask(
             "item",
             "corrective sync",
-            f"{what.capitalize()} of {item['class']} {key} against the ERP?",
+            f"{verb.capitalize()} of {what} against the ERP?",
             lambda: api.sync(drift_id, approve=approve),
             drift_id,
         )
 
     def _ask_ack() -> None:
         note = st.session_state.get("ur_note", "")
-        prompt = f"Acknowledge {item['class']} {key}? Note: “{note}”"
+        prompt = f"Acknowledge {what}? Note: “{views.md_escape(note)}”"
         session.ask("item", "acknowledge", prompt, lambda: api.acknowledge(drift_id, note), drift_id)
 
     def _ask_ignore() -> None:
         note = st.session_state.get("ur_note", "")
-        prompt = f"Ignore {item['class']} {key}? Note: “{note}”"
+        prompt = f"Ignore {what}? Note: “{views.md_escape(note)}”"
         session.ask("item", "ignore", prompt, lambda: api.ignore(drift_id, note), drift_id)
 
     c1.button(
