@@ -7,6 +7,7 @@ module only reshapes, formats and orders them, so it is tested as plain function
 from __future__ import annotations
 
 import datetime as dt
+import html
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -369,6 +370,13 @@ class Bar:
     threshold_ms: float | None
     within: bool | None  # step latency within its SLA threshold (None: no threshold or incomplete)
     detail: str
+
+
+def bar_hover(bar: Bar) -> str:
+    """The waterfall bar's hover text. Plotly renders a subset of HTML there (links included), and span names and
+    trace details are whatever a client sent: they are escaped, only the line breaks are ours."""
+    parts = (bar.label, fmt_time(bar.start), bar_verdict(bar), bar.detail)
+    return "<br>".join(html.escape(p, quote=False) for p in parts)
 
 
 def transaction_bars(

@@ -282,3 +282,19 @@ def test_the_bulk_question_shows_the_note_that_will_be_sent() -> None:
     assert prompt.startswith("This will acknowledge 3 items (class=") and prompt.endswith(". Confirm?")
     assert r"with the note “ERP outage INC\-42, see \[ticket\]\(http://evil.example\)”" in prompt
     assert "with the note" not in views.bulk_prompt("sync", 1, views.DriftFilters(), "  ")
+
+
+def test_a_span_name_with_markup_shows_as_text_in_the_waterfall_hover() -> None:
+    """Plotly renders a subset of HTML in hover text, links included; span names are whatever a client sent."""
+    txn = {
+        "spans": [
+            {"system": "billing", "name": "<a href='http://evil.example'>sign in</a>", "start": _iso(T0),
+             "end": _iso(T0 + dt.timedelta(seconds=1)), "start_ns": 1, "duration_ms": 1000.0, "trace_id": "a" * 32,
+             "status": "<b>OK</b>"},
+        ],
+        "steps": [],
+    }  # fmt: skip
+    (bar,) = [b for b in views.transaction_bars(txn, {}, now=T0) if b.kind == "span"]
+    hover = views.bar_hover(bar)
+    assert "<a " not in hover and "<b>" not in hover and "&lt;a href=" in hover
+    assert hover.count("<br>") == 3  # only the layout's own line breaks stay markup

@@ -5,6 +5,7 @@ history, and its actions (corrective sync, acknowledge, ignore — each confirme
 from __future__ import annotations
 
 import datetime as dt
+import html
 from typing import Any
 
 import plotly.graph_objects as go
@@ -96,7 +97,7 @@ def _waterfall(txn: dict[str, Any] | None, thresholds: dict[str, float]) -> None
         )
         fig.add_trace(
             go.Bar(
-                y=[b.label],
+                y=[html.escape(b.label, quote=False)],  # a client's span name: no markup on the axis
                 x=[width_ms],
                 base=[b.start.isoformat()],
                 orientation="h",
@@ -104,7 +105,7 @@ def _waterfall(txn: dict[str, Any] | None, thresholds: dict[str, float]) -> None
                 text=[views.bar_verdict(b)],
                 textposition="auto",
                 showlegend=False,
-                hovertext=[f"{b.label}<br>{views.fmt_time(b.start)}<br>{views.bar_verdict(b)}<br>{b.detail}"],
+                hovertext=[views.bar_hover(b)],
                 hoverinfo="text",
             )
         )
@@ -112,7 +113,7 @@ def _waterfall(txn: dict[str, Any] | None, thresholds: dict[str, float]) -> None
             deadline = b.start.timestamp() * 1000 + b.threshold_ms
             fig.add_trace(
                 go.Scatter(
-                    y=[b.label],
+                    y=[html.escape(b.label, quote=False)],
                     x=[deadline],
                     mode="markers",
                     showlegend=False,
