@@ -64,6 +64,12 @@ class IngestService:
             flush_interval_s=settings.flush_interval_s,
         )
         self.metrics.buffer_bytes.set(self.wal.pending_bytes)
+        self._report_damage()
+        self.dead_letters = self.flusher.dead_letters  # the records the store refused (the flusher fills it)
+        self._requeue_lock = threading.Lock()
+
+    def _report_damage(self) -> None:
+        """What the write-ahead buffer found damaged at start: logged and counted once."""
         for d in self.wal.damage:
             cause = "torn_tail" if d.torn_tail else "checksum"
             self.metrics.wal_damaged_bytes.labels(cause=cause).inc(d.length)
@@ -78,8 +84,6 @@ class IngestService:
                     d.offset,
                     self.wal.dir / "corrupt",
                 )
-        self.dead_letters = self.flusher.dead_letters  # the records the store refused (the flusher fills it)
-        self._requeue_lock = threading.Lock()
 
     def refusal(self, authorization: str | None, peer: str | None) -> str:
         """Why an ingest request may not go on, '' if it may (collector.auth.ingest_refusal); refusals are
@@ -114,20 +118,6 @@ class IngestService:
             raise Refused("disk", str(exc)) from None
         self.metrics.rows_buffered.inc(rows)
         self.metrics.buffer_bytes.set(self.wal.pending_bytes)
-        for d in self.wal.damage:
-            cause = "torn_tail" if d.torn_tail else "checksum"
-            self.metrics.wal_damaged_bytes.labels(cause=cause).inc(d.length)
-            if d.torn_tail:  # a crash while writing the last record: never acknowledged
-                log.info("write-ahead buffer %s: %d bytes of an unfinished last record skipped", d.segment, d.length)
-            else:
-                log.error(
-                    "write-ahead buffer %s: %d bytes at offset %d fail their checksum; skipped, the records after "
-                    "them are kept, and a copy of the segment is in %s",
-                    d.segment,
-                    d.length,
-                    d.offset,
-                    self.wal.dir / "corrupt",
-                )
         self.flusher.notify()
 
     def traces(self, body: bytes, content_type: str | None, encoding: str | None) -> Reply:

@@ -352,7 +352,12 @@ def test_damage_found_at_start_is_logged_and_counted(
     segment.path.write_bytes(bytes(data))
     with caplog.at_level("ERROR", logger="tower.collector.ingest"):
         service = IngestService(Settings(wal_dir=tmp_path / "wal", clickhouse_url=None), embedded_store)
-    assert any("fail their checksum" in r.getMessage() and segment.path.name in r.getMessage() for r in caplog.records)
-    text = generate_latest(service.metrics.registry).decode()
-    assert 'tower_wal_damaged_bytes_total{cause="checksum"}' in text
+    damaged = sum(d.length for d in service.wal.damage)
+    counted = service.metrics.wal_damaged_bytes.labels(cause="checksum")
+    assert damaged > 0 and counted._value.get() == damaged
     assert service.wal.pending_rows == 20
+    service._append(KIND_SPANS, 10, request(10, seed=9))  # later appends report nothing again
+    assert counted._value.get() == damaged
+    reports = [r for r in caplog.records if "fail their checksum" in r.getMessage()]
+    assert len(reports) == 1 and segment.path.name in reports[0].getMessage()
+    assert 'tower_wal_damaged_bytes_total{cause="checksum"}' in generate_latest(service.metrics.registry).decode()
