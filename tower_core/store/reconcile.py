@@ -923,7 +923,7 @@ FROM $db.reconcile_payment_facts WHERE RunId = {run:String}
 # N:1 matching of unallocated payments: the customer's open invoices inside the date window sum to the amount
 # (or exactly one of them equals it) within the currency's tolerance; and 1:N the other way, several unallocated
 # payments of one customer inside the window of an open invoice that together pay it (instalments without a
-# reference). The payments: the run's unallocated ones the ERP did not apply.
+# reference). The payments: the run's unallocated ones.
 _MATCH_PAYMENTS = """
     SELECT key, p_customer, p_amount, p_occurred, p_currency AS cur, e_applied_n, e_applied_refs, /*tol*/ 1 AS one
     FROM $db.reconcile_payment_facts
@@ -956,8 +956,8 @@ _MATCH_JOIN = """
 # One read of the invoices for both directions: each (payment, invoice) pair counts once per payment (side 1: its
 # invoices sum to it, or exactly one equals it) and once per invoice (side 2: its payments, more than one, sum to
 # it). A payment the ERP applied needs no match of its own, but counts for the invoice the ERP applied it to (the
-# other instalments of that invoice are matched with it); any other pair of it is left out.
-# it); a matched group's payment keys are the result.
+# other instalments of that invoice are matched with it); any other pair of it is left out. The result: the
+# payment keys of every matched group.
 _SUM_MATCH = """
 SELECT arrayJoin(if(side = 1, [any(pkey)], groupArray(pkey))) AS k FROM (
     SELECT p.key AS pkey, p.p_amount AS amt, p.t_abs AS t_abs, p.t_rel AS t_rel, i.InvoiceId AS ik,
