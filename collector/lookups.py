@@ -15,6 +15,7 @@ TRACE_ID = re.compile(r"[0-9a-f]{32}")  # used with fullmatch: "$" let a trailin
 MAX_TRACES = 200
 MAX_SPANS = 20_000  # per answer (a 100k-span trace was a 38 MB body and ~900 MB of server memory)
 MAX_EVENTS = 1_000
+MAX_EVENT_SEEDS = 100  # events read for the other keys of a key no span carries
 
 
 def _span_view(row: dict[str, Any]) -> corr.SpanView:
@@ -72,7 +73,7 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
         if not seed_rows and key_type != "customer":
             # no span carries the key: events without trace context may (a batch job's ledger entry), and the
             # other keys they carry make the transaction
-            seeds |= corr.event_seeds(q.event_keys(store, seed))
+            seeds |= corr.event_seeds(q.events_for(store, [seed], (), limit=MAX_EVENT_SEEDS))
             if len(seeds) > 1:
                 seed_rows = q.links_for_keys(store, sorted(seeds), limit=MAX_TRACES)
         cut["traces"] = any(int(r["total"]) > len(seed_rows) for r in seed_rows)

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tower_core.api_answers import json_answer
 from tower_core.errors import ConfigError
 from tower_core.settings import Settings
 
@@ -57,16 +58,7 @@ class ViaApi:
             r = httpx.request(method, f"{self.url}{path}", headers=self.headers, timeout=30, **kwargs)
         except httpx.HTTPError as exc:
             raise ConfigError(f"the API at {self.url} did not answer: {type(exc).__name__}") from None
-        try:
-            doc = r.json()
-        except ValueError:
-            doc = None
-        if r.status_code >= 400:
-            detail = doc.get("detail", doc) if isinstance(doc, dict) else (doc or r.text[:200])
-            raise ConfigError(f"the API refused ({r.status_code}): {detail}")
-        if not isinstance(doc, expect):
-            raise ConfigError(f"the API at {self.url} answered {method} {path} with something unexpected")
-        return doc
+        return json_answer(r, f"{method} {path}", expect)
 
     def create(self, name: str, role: str) -> dict[str, str]:
         return self.call("POST", "/api/tokens", json={"name": name, "role": role})

@@ -52,8 +52,7 @@ CLASSES: tuple[str, ...] = (
 # Statement buckets that explain a difference without being drift: amounts inside the tolerance, a posting on
 # another day than the invoice's, and a side that records no region (its amount is in the blank region's row).
 TOLERANCE = "within_tolerance"
-TIMING = "timing"
-REGION_UNRECORDED = "region_unrecorded"
+REGION_UNRECORDED = "region_unrecorded"  # ('timing' is the third, the statement SQL's alone)
 
 # Reason codes: class -> the codes it may carry, with what each means.
 REASONS: dict[str, str] = {

@@ -14,6 +14,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from tower_core.api_answers import detail, json_answer
 from tower_core.errors import ConfigError
 from tower_core.settings import Settings
 
@@ -33,29 +34,8 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.
     except httpx.HTTPError as exc:
         raise ConfigError(f"cannot reach the API at {client.base_url}: {exc}") from None
     if response.status_code in (401, 403):
-        raise ConfigError(f"the API refused the token ({response.status_code}): {_detail(response)}")
+        raise ConfigError(f"the API refused the token ({response.status_code}): {detail(response)}")
     return response
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        doc = response.json()
-    except ValueError:
-        return response.text[:300]
-    return str(doc.get("detail", doc)) if isinstance(doc, dict) else str(doc)
-
-
-def _doc(response: httpx.Response, what: str) -> dict[str, Any]:
-    """A 2xx answer's JSON object, or one line saying what came instead (an error, a proxy's HTML page)."""
-    if response.status_code >= 400:
-        raise ConfigError(f"{what}: the API answered {response.status_code}: {_detail(response)}")
-    try:
-        doc = response.json()
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{what}: the API answered {response.status_code} with something other than a JSON object")
-    return doc
 
 
 def reconcile_via_api(
@@ -76,8 +56,8 @@ def reconcile_via_api(
     with httpx.Client(base_url=settings.api_url, headers=headers, timeout=30.0) as client:
         started = _call(client, "POST", "/api/runs", json=body)
         if started.status_code == 409:
-            raise ConfigError(_detail(started))
-        run_id = str(_doc(started, "the run was not started").get("run_id") or "")
+            raise ConfigError(detail(started))
+        run_id = str(json_answer(started, "the run was not started").get("run_id") or "")
         if not run_id:
             raise ConfigError("the run was not started: the API's answer names no run")
         deadline = time.monotonic() + timeout_s
@@ -85,7 +65,7 @@ def reconcile_via_api(
         with Progress(*columns, console=out, transient=False) as bar:
             task = bar.add_task(f"run {run_id}: starting", total=7)
             while True:
-                doc = _doc(_call(client, "GET", f"/api/runs/{run_id}"), f"run {run_id}")
+                doc = json_answer(_call(client, "GET", f"/api/runs/{run_id}"), f"run {run_id}")
                 progress = doc.get("progress") or {}
                 bar.update(
                     task,

@@ -162,9 +162,7 @@ class SlaService:
             # an instant before the last recorded evaluation (a back-fill) is assessed, never recorded: it would
             # close alerts that still fire now, or reopen resolved ones, and announce that to Alertmanager. The
             # stored history knows that instant across a restart (resolved breaches included)
-            latest_ms = max(
-                sla_store.last_evaluated_ms(self.store), max((b.evaluated_ms for b in open_breaches), default=0)
-            )
+            latest_ms = sla_store.last_evaluated_ms(self.store)  # open breaches are rows of it too
             if self.last is not None and self.last.recorded:
                 latest_ms = max(latest_ms, self.last.now_ns // 1_000_000)
             record = record and now_ms >= latest_ms

@@ -20,6 +20,31 @@ _SPANS_OF_TRACES = (
 )
 
 
+# Past {limit} rows numbered n of total: the earliest half and the latest half (the first define a transaction,
+# the last are what happens now).
+_EARLIEST_AND_LATEST = "WHERE n <= intDiv({limit:UInt32} + 1, 2) OR n > total - intDiv({limit:UInt32}, 2) "
+
+_LINKS_FOR_KEYS = (
+    "SELECT key_type, key_value, trace_id, system, first_ns, last_ns, total FROM ("  # noqa: S608 (constant parts)
+    "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
+    "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns, "
+    "row_number() OVER (ORDER BY first_ns, trace_id, key_type, key_value, system) AS n, count() OVER () AS total "
+    "FROM $db.business_key_links WHERE (KeyType, KeyValue) IN {keys:Array(Tuple(String, String))} "
+    "GROUP BY KeyType, KeyValue, TraceId, System) " + _EARLIEST_AND_LATEST + "ORDER BY first_ns DESC"
+)
+
+_EVENTS_FOR = (
+    "SELECT * FROM ("  # noqa: S608 (constant parts)
+    "SELECT EventId AS event_id, Type AS type, toUnixTimestamp64Nano(Time) AS time_ns, System AS system, "
+    "Step AS step, TraceId AS trace_id, CustomerId AS customer, InvoiceId AS invoice, PaymentId AS payment, "
+    "LedgerEntryId AS ledger_entry, row_number() OVER (ORDER BY time_ns, event_id) AS n, "
+    "count() OVER () AS total FROM $db.business_events FINAL "
+    "WHERE InvoiceId IN {inv:Array(String)} OR PaymentId IN {pay:Array(String)} "
+    "OR LedgerEntryId IN {led:Array(String)} OR TraceId IN {tr:Array(String)} "
+    "OR CustomerId IN {cus:Array(String)}) " + _EARLIEST_AND_LATEST + "ORDER BY time_ns"
+)
+
+
 def stored_span_keys(
     store: Store, keys: Collection[tuple[str, str]], first_day: dt.date, last_day: dt.date
 ) -> set[tuple[str, str]]:
@@ -79,13 +104,7 @@ def links_for_keys(store: Store, keys: Iterable[tuple[str, str]], limit: int = 1
     if not keys:
         return []
     return store.query_rows(
-        "SELECT key_type, key_value, trace_id, system, first_ns, last_ns, total FROM ("
-        "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
-        "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns, "
-        "row_number() OVER (ORDER BY first_ns, trace_id, key_type, key_value, system) AS n, count() OVER () AS total "
-        "FROM $db.business_key_links WHERE (KeyType, KeyValue) IN {keys:Array(Tuple(String, String))} "
-        "GROUP BY KeyType, KeyValue, TraceId, System) "
-        "WHERE n <= intDiv({limit:UInt32} + 1, 2) OR n > total - intDiv({limit:UInt32}, 2) ORDER BY first_ns DESC",
+        _LINKS_FOR_KEYS,
         {"keys": keys, "limit": limit},
     )
 
@@ -136,15 +155,7 @@ def events_for(
         if key_type in by_type:
             by_type[key_type].append(value)
     return store.query_rows(
-        "SELECT * FROM ("
-        "SELECT EventId AS event_id, Type AS type, toUnixTimestamp64Nano(Time) AS time_ns, System AS system, "
-        "Step AS step, TraceId AS trace_id, CustomerId AS customer, InvoiceId AS invoice, PaymentId AS payment, "
-        "LedgerEntryId AS ledger_entry, row_number() OVER (ORDER BY time_ns, event_id) AS n, "
-        "count() OVER () AS total FROM $db.business_events FINAL "
-        "WHERE InvoiceId IN {inv:Array(String)} OR PaymentId IN {pay:Array(String)} "
-        "OR LedgerEntryId IN {led:Array(String)} OR TraceId IN {tr:Array(String)} "
-        "OR CustomerId IN {cus:Array(String)}) "
-        "WHERE n <= intDiv({limit:UInt32} + 1, 2) OR n > total - intDiv({limit:UInt32}, 2) ORDER BY time_ns",
+        _EVENTS_FOR,
         {
             "cus": sorted(set(customers) - {""}),
             "inv": by_type["invoice"],
@@ -153,17 +164,4 @@ def events_for(
             "tr": sorted(set(trace_ids) - {""}),
             "limit": limit,
         },
-    )
-
-
-def event_keys(store: Store, key: tuple[str, str], limit: int = 100) -> list[dict[str, str]]:
-    """The identifying keys of (at most ``limit``) business events that carry ``key``: what an event without trace
-    context (a batch job) connects the key to."""
-    return store.query_rows(
-        "SELECT DISTINCT InvoiceId AS invoice, PaymentId AS payment, LedgerEntryId AS ledger_entry "
-        "FROM $db.business_events FINAL "
-        "WHERE ({t:String} = 'invoice' AND InvoiceId = {v:String}) "
-        "OR ({t:String} = 'payment' AND PaymentId = {v:String}) "
-        "OR ({t:String} = 'ledger_entry' AND LedgerEntryId = {v:String}) LIMIT {limit:UInt32}",
-        {"t": key[0], "v": key[1], "limit": limit},
     )

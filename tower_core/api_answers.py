@@ -1,0 +1,34 @@
+"""Reading the API's answers in the CLI commands that go through it: one line for whatever comes instead of the
+expected JSON (an error, a proxy's HTML page, another shape), never a traceback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from tower_core.errors import ConfigError
+
+
+def detail(response: httpx.Response) -> str:
+    """The API's reason (FastAPI's ``detail``), or the start of whatever else the body holds."""
+    try:
+        doc = response.json()
+    except ValueError:
+        return response.text[:300]
+    return str(doc.get("detail", doc)) if isinstance(doc, dict) else str(doc)[:300]
+
+
+def json_answer(response: httpx.Response, what: str, expect: type = dict) -> Any:
+    """A 2xx answer's JSON of the ``expect``ed type (an object or a list), else a ConfigError naming ``what``."""
+    if response.status_code >= 400:
+        raise ConfigError(f"{what}: the API answered {response.status_code}: {detail(response)}")
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = None
+    if not isinstance(doc, expect):
+        kind = "object" if expect is dict else "list"
+        got = response.status_code
+        raise ConfigError(f"{what}: the API answered {got} with something unexpected, not a JSON {kind}")
+    return doc
