@@ -81,8 +81,9 @@ def banner(exc: Exception, where: str) -> None:
 
 
 def show_errors(errors: dict[str, str]) -> None:
+    """A page's load errors: the API's own words, shown as text (st.warning renders Markdown)."""
     for name, message in errors.items():
-        st.warning(f"Could not load {name.replace('_', ' ')}: {message}")
+        st.warning(f"Could not load {name.replace('_', ' ')}: {views.md_escape(message)}")
 
 
 # --- two-step confirmation -----------------------------------------------------------------------------------

@@ -58,11 +58,6 @@ def md_escape(text: object) -> str:
     return _MD_LIST_START.sub(r"\1\\.", _MD_SPECIAL.sub(r"\\\1", one_line))
 
 
-def md_escape_values(messages: Mapping[str, str]) -> dict[str, str]:
-    """The same for each message of a mapping (a page's load errors: the API's own words)."""
-    return {name: md_escape(message) for name, message in messages.items()}
-
-
 # --- roles ----------------------------------------------------------------------------------------------------
 def link_without_credentials(url: str) -> str:
     """A URL to show or open in the browser, without the ``user:password@`` the server uses (a link on the page

@@ -273,7 +273,7 @@ def test_escaping_keeps_plain_text_and_makes_a_note_one_line() -> None:
     assert views.md_escape("ERP outage, reposting tonight 12.50") == "ERP outage, reposting tonight 12.50"
     assert views.md_escape("  line one\nline two\r\n") == "line one line two"
     assert views.md_escape(42) == "42"
-    assert views.md_escape_values({"drift": "[a](b)"}) == {"drift": r"\[a\]\(b\)"}
+    assert views.md_escape("[a](b)") == r"\[a\]\(b\)"  # what show_errors does to a load error
 
 
 def test_the_bulk_question_shows_the_note_that_will_be_sent() -> None:

@@ -44,7 +44,7 @@ try:
     data = load_actions(api, params, bulk_filters.params())
 except ApiUnavailable as exc:
     session.banner(exc, "actions")
-session.show_errors(views.md_escape_values(data.errors))
+session.show_errors(data.errors)
 
 listing = data.get("actions") or {"items": [], "total": 0}
 dead = data.get("dead_letters") or {"items": [], "total": 0}

@@ -51,7 +51,7 @@ try:
     data = load_audit(api, params)
 except ApiUnavailable as exc:
     session.banner(exc, "audit")
-session.show_errors(views.md_escape_values(data.errors))
+session.show_errors(data.errors)
 doc = data.get("audit") or {"items": [], "total": 0}
 st.metric("Records", f"{doc['total']:,}")
 st.caption(f"Page {page} of {views.page_count(doc['total'], page_size)}")

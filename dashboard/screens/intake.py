@@ -16,7 +16,7 @@ try:
     data = load_intake(api, include_cleared=include_cleared, operator=operator)
 except ApiUnavailable as exc:
     session.banner(exc, "intake")
-session.show_errors(views.md_escape_values(data.errors))
+session.show_errors(data.errors)
 
 skipped = data.get("skipped") or {"items": [], "open": 0}
 letters = data.get("dead_letters") or {"items": [], "total": 0}

@@ -18,7 +18,7 @@ try:
     data = load_overview(api, now)
 except ApiUnavailable as exc:
     session.banner(exc, "overview")
-session.show_errors(views.md_escape_values(data.errors))
+session.show_errors(data.errors)
 
 aging_doc = data.get("aging") or {"groups": [], "open": 0}
 regions = sorted({g["region"] for g in aging_doc["groups"] if g.get("region")})

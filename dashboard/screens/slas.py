@@ -15,7 +15,7 @@ try:
     data = load_slas(api)
 except ApiUnavailable as exc:
     session.banner(exc, "slas")
-session.show_errors(views.md_escape_values(data.errors))
+session.show_errors(data.errors)
 
 if cfg.alertmanager_url:
     st.link_button("Open Alertmanager", views.link_without_credentials(cfg.alertmanager_url), key="sla_alertmanager")

@@ -58,7 +58,7 @@ try:
     data = load_unreconciled(api, {**filters.params(), **views.page_params(page, page_size, sort, descending)})
 except ApiUnavailable as exc:
     session.banner(exc, "unreconciled")
-session.show_errors(views.md_escape_values(data.errors))
+session.show_errors(data.errors)
 doc = data.get("drift") or {"items": [], "total": 0}
 pages = views.page_count(doc["total"], page_size)
 st.metric("Matching items", f"{doc['total']:,}")
