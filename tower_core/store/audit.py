@@ -83,13 +83,15 @@ def drift_aging(store: Store, now: dt.datetime, region: str = "") -> list[dict[s
 
     Amounts are summed per currency only (never across currencies). Buckets as the drift list's age filter.
     """
-    return store.query_rows(
-        "SELECT Class AS class, Region AS region, Currency AS currency, "
-        "multiIf(age <= 1, '0-1d', age <= 7, '2-7d', age <= 30, '8-30d', '>30d') AS age_bucket, "
+    from tower_core.store.reconcile import AGE_BUCKET, AGE_DAYS, _compose
+
+    sql = _compose(
+        "SELECT Class AS class, Region AS region, Currency AS currency, /*age_bucket*/ AS age_bucket, "
         "count() AS items, sum(abs(AmountMinor)) AS amount_minor "
-        "FROM (SELECT Class, Region, Currency, AmountMinor, "
-        "intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000) AS age "
+        "FROM (SELECT Class, Region, Currency, AmountMinor, /*age_days*/ AS age "
         "FROM $db.drift_items FINAL WHERE State != 'resolved' AND ({region:String} = '' OR Region = {region:String})) "
         "GROUP BY class, region, currency, age_bucket ORDER BY class, region, currency, age_bucket",
-        {"now": now, "region": region},
+        age_bucket=AGE_BUCKET,
+        age_days=AGE_DAYS,
     )
+    return store.query_rows(sql, {"now": now, "region": region})

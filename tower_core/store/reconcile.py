@@ -1352,6 +1352,9 @@ DRIFT_SORT = {
     "age": "FirstSeen",
     "updated_at": "UpdatedAt",
 }
+# An item's age in whole days elapsed (as classify.age_bucket counts it), and its aging bucket from that ``age``.
+AGE_DAYS = "intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000)"
+AGE_BUCKET = "multiIf(age <= 1, '0-1d', age <= 7, '2-7d', age <= 30, '8-30d', '>30d')"
 _DRIFT_WHERE = """
 WHERE ({region:String} = '' OR Region = {region:String})
     AND (empty({classes:Array(String)}) OR Class IN {classes:Array(String)})
@@ -1362,9 +1365,9 @@ WHERE ({region:String} = '' OR Region = {region:String})
     AND ({key:String} = '' OR {key:String} IN (InvoiceId, PaymentId, CustomerId, LedgerEntryId, DriftId))
     AND abs(AmountMinor) >= {min_amount:Int64}
     AND ({max_amount:Int64} < 0 OR abs(AmountMinor) <= {max_amount:Int64})
-    AND intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000) >= {min_age:Int32}
+    AND /*age_days*/ >= {min_age:Int32}
     AND ({max_age:Int32} < 0
-        OR intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000) <= {max_age:Int32})
+        OR /*age_days*/ <= {max_age:Int32})
 """
 _DRIFT_LIST = (
     "SELECT DriftId AS drift_id, Class AS class, ReasonCode AS reason_code, State AS state, System AS system, "
@@ -1372,7 +1375,7 @@ _DRIFT_LIST = (
     "PaymentId AS payment_id, LedgerEntryId AS ledger_entry_id, PrimaryKey AS primary_key, KeyType AS key_type, "
     "AmountMinor AS amount_minor, DiffFields AS diff_fields, FirstSeen AS first_seen, LastSeen AS last_seen, "
     "UpdatedAt AS updated_at, ResolvedAt AS resolved_at, StateNote AS state_note, RunId AS run_id, Day AS day, "
-    "intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000) AS age_days "
+    "/*age_days*/ AS age_days "
     "FROM $db.drift_items FINAL /*where*/ ORDER BY /*sort*/ /*dir*/, DriftId "
     "LIMIT {limit:UInt32} OFFSET {offset:UInt64}"
 )
@@ -1414,25 +1417,27 @@ def list_drift(
         "limit": limit,
         "offset": offset,
     }
-    sql = _compose(_DRIFT_LIST, where=_DRIFT_WHERE, sort=DRIFT_SORT[sort], dir="DESC" if descending else "ASC")
+    where = _compose(_DRIFT_WHERE, age_days=AGE_DAYS)
+    sql = _compose(
+        _DRIFT_LIST, where=where, sort=DRIFT_SORT[sort], dir="DESC" if descending else "ASC", age_days=AGE_DAYS
+    )
     rows = store.query_rows(sql, params)
-    total = store.query_rows(
-        _compose("SELECT count() AS n FROM $db.drift_items FINAL /*where*/", where=_DRIFT_WHERE), params
-    )[0]["n"]
+    count = _compose("SELECT count() AS n FROM $db.drift_items FINAL /*where*/", where=where)
+    total = store.query_rows(count, params)[0]["n"]
     return rows, int(total)
 
 
 def drift_summary(store: Store, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     """Open items per class, region and state, with their amounts (the dashboard's overview)."""
-    return store.query_rows(
+    sql = _compose(
         "SELECT Class AS class, Region AS region, State AS state, count() AS items, "
-        "sum(abs(AmountMinor)) AS amount_minor, "
-        "multiIf(age <= 1, '0-1d', age <= 7, '2-7d', age <= 30, '8-30d', '>30d') AS age_bucket "
-        "FROM (SELECT *, intDiv(dateDiff('millisecond', FirstSeen, {now:DateTime64(3)}), 86400000) AS age "
-        "FROM $db.drift_items FINAL WHERE State != 'resolved') "
+        "sum(abs(AmountMinor)) AS amount_minor, /*age_bucket*/ AS age_bucket "
+        "FROM (SELECT *, /*age_days*/ AS age FROM $db.drift_items FINAL WHERE State != 'resolved') "
         "GROUP BY class, region, state, age_bucket ORDER BY class, region, state, age_bucket",
-        {"now": now or _now()},
+        age_bucket=AGE_BUCKET,
+        age_days=AGE_DAYS,
     )
+    return store.query_rows(sql, {"now": now or _now()})
 
 
 def get_drift(store: Store, drift_id: str) -> dict[str, Any] | None:
