@@ -87,15 +87,15 @@ def _valid_at(data: bytes, pos: int) -> int:
     return end
 
 
-def _walk(data: bytes) -> Iterator[tuple[int, int] | tuple[int, int, bool]]:
-    """(start, end) of each good record, and (start, end, torn_tail) of each damaged range between them: after
-    a bad record the walk resumes at the next offset where a whole record checks out, so one damaged record does
-    not take the acknowledged records behind it along."""
+def _walk(data: bytes) -> Iterator[tuple[int, int, bool | None]]:
+    """(start, end, torn) of each good record (torn None) and of each damaged range between them (torn: whether
+    it is an unfinished last record): after a bad record the walk resumes at the next offset where a whole record
+    checks out, so one damaged record does not take the acknowledged records behind it along."""
     pos = 0
     while pos < len(data):
         end = _valid_at(data, pos)
         if end:
-            yield pos, end
+            yield pos, end, None
             pos = end
             continue
         nxt = next((o for o in range(pos + 1, len(data) - _HEADER.size + 1) if _valid_at(data, o)), len(data))
@@ -110,11 +110,11 @@ def _scan(path: Path) -> tuple[int, list[Damage]]:
     """Rows of a segment's good records, and its damaged ranges."""
     data = path.read_bytes()
     rows, damage = 0, []
-    for part in _walk(data):
-        if len(part) == 3:
-            damage.append(Damage(path.name, part[0], part[1] - part[0], bool(part[2])))
+    for start, end, torn in _walk(data):
+        if torn is None:
+            rows += _HEADER.unpack_from(data, start)[3]
         else:
-            rows += _HEADER.unpack_from(data, part[0])[3]
+            damage.append(Damage(path.name, start, end - start, torn))
     return rows, damage
 
 
@@ -301,10 +301,10 @@ class WriteAheadBuffer:
         """The segment's good records in order (damaged ranges are skipped, see _walk)."""
         with open(segment.path, "rb") as f:
             data = f.read(segment.size)
-        for part in _walk(data):
-            if len(part) == 2:
-                _length, _crc, kind, rows = _HEADER.unpack_from(data, part[0])
-                yield Record(kind, rows, data[part[0] + _HEADER.size : part[1]])
+        for start, end, torn in _walk(data):
+            if torn is None:
+                _length, _crc, kind, rows = _HEADER.unpack_from(data, start)
+                yield Record(kind, rows, data[start + _HEADER.size : end])
 
     def remove(self, segment: Segment) -> None:
         """Forget a segment once its rows are in the store."""
