@@ -199,3 +199,28 @@ def test_payment_classification_sql_matches_the_pure_rules(store: Store) -> None
         "",
     }
     assert {r["reason"] for r in rows} >= {"application_currency", "credit_memo_currency", "credit_memo_differs"}
+
+
+def test_amounts_near_the_int64_limit_classify_as_the_pure_rules_do(store: Store) -> None:
+    """The relative tolerance multiplies a difference by 10,000 basis points: the SQL does it in Int128, so an
+    amount past ~9.2e14 minor units (where Int64 wraps) is judged as the pure rules judge it."""
+    rnd = random.Random(8)
+    invoices, payments = [], []
+    for i in range(600):
+        big = pick(rnd, 10**15, 3 * 10**17, 4 * 10**18)
+        row = invoice_row(rnd, i)
+        row.update(b_currency="EUR", b_total=big, b_tax=0, b_subtotal=big, e_n=1, e_currency="EUR")
+        # 50 bp of tolerance: 0.4% off is within it, 0.6% is not
+        row["e_amount"] = row["e_sum"] = pick(rnd, big, big - big // 250, big + big // 250, big - big // 160)
+        row["b_alloc"] = row["e_applied"] = 0
+        invoices.append(row)
+        pay = payment_row(rnd, i)
+        pay.update(p_kind="refund", p_status="succeeded", p_amount=-big, p_currency="EUR", e_n=1, e_memo_n=1)
+        pay.update(e_type="credit_memo", e_currencies="EUR", e_memo_sum=pick(rnd, big, big + big // 250, big // 2))
+        payments.append(pay)
+    q.insert_facts_rows(store, "invoice", invoices)
+    q.insert_facts_rows(store, "payment", payments)
+    params = Reconciler(store, RULES).rule_params(AS_OF)
+    compare(q.classified_rows(store, "eq", "invoice", params), invoices, c.classify_invoice)
+    flagged = compare(q.classified_rows(store, "eq", "payment", params), payments, c.classify_payment)
+    assert 0 < flagged < len(payments)

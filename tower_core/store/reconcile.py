@@ -797,10 +797,10 @@ SELECT *,
     (toYear(since) > 1971
         AND dateDiff('millisecond', since, {as_of:DateTime64(3)}) <= /*grace_missing*/ * 1000) AS in_grace,
     abs(b_total - e_amount) AS d_amt,
-    (d_amt <= t_abs OR d_amt * 10000 <= t_rel * abs(b_total)) AS amt_ok,
+    (d_amt <= t_abs OR toInt128(d_amt) * 10000 <= toInt128(t_rel) * abs(toInt128(b_total))) AS amt_ok,
     b_alloc - b_alloc_unposted AS alloc,
     abs(alloc - e_applied) AS d_app,
-    (d_app <= t_abs OR d_app * 10000 <= t_rel * abs(alloc)) AS app_ok,
+    (d_app <= t_abs OR toInt128(d_app) * 10000 <= toInt128(t_rel) * abs(toInt128(alloc))) AS app_ok,
     (b_alloc_unposted = 0 AND b_credit_unposted = 0) AS payments_posted,
     multiIf(
         NOT in_billing, if(e_n = 0, '', 'missing_in_billing'),
@@ -877,7 +877,7 @@ SELECT *,
     /*tol*/
     toInt64(abs(p_amount)) AS refunded,
     abs(refunded - e_memo_sum) AS d_memo,
-    (d_memo <= t_abs OR d_memo * 10000 <= t_rel * refunded) AS memo_ok,
+    (d_memo <= t_abs OR toInt128(d_memo) * 10000 <= toInt128(t_rel) * refunded) AS memo_ok,
     multiIf(
         NOT in_billing, if(e_n = 0, '', 'missing_in_billing'),
         p_status != 'succeeded', '',
@@ -967,10 +967,10 @@ SELECT arrayJoin(if(side = 1, [any(pkey)], groupArray(pkey))) AS k FROM (
 WHERE unapplied OR (side = 2 AND here)
 GROUP BY side, if(side = 1, pkey, ik)
 HAVING if(side = 1,
-    abs(sum(due) - any(amt)) <= greatest(any(t_abs), intDiv(any(t_rel) * abs(any(amt)), 10000))
-        OR countIf(abs(due - amt) <= greatest(t_abs, intDiv(t_rel * abs(amt), 10000))) = 1,
+    abs(sum(due) - any(amt)) <= greatest(any(t_abs), intDiv(toInt128(any(t_rel)) * abs(any(amt)), 10000))
+        OR countIf(abs(due - amt) <= greatest(t_abs, intDiv(toInt128(t_rel) * abs(amt), 10000))) = 1,
     count() > 1 AND min(amt) > 0
-        AND abs(sum(amt) - any(due)) <= greatest(any(t_abs), intDiv(any(t_rel) * abs(any(due)), 10000)))
+        AND abs(sum(amt) - any(due)) <= greatest(any(t_abs), intDiv(toInt128(any(t_rel)) * abs(any(due)), 10000)))
 """
 _CUSTOMER_CLASSIFIED = """
 SELECT *,
