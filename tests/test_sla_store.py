@@ -327,6 +327,42 @@ def test_notification_log_keeps_every_group_of_one_delivery(db: Store) -> None:
     assert db.query_rows("SELECT count() AS n FROM $db.sla_notifications FINAL")[0]["n"] == 2
 
 
+def test_the_notification_log_names_receivers_by_hash_never_by_url(db: Store) -> None:
+    """A receiver URL often carries a secret (a token in its path, basic-auth credentials): the log keeps its hash."""
+    url = "https://ops:s3cret@hooks.example/T000/B000/XXXXtoken"
+    q.record_notifications(db, url, "g1", [("fp1", 1000, "firing")], 200, version=1)
+    assert q.notified(db, url) == {("fp1", 1000, "firing")}
+    assert q.notified(db, "https://hooks.example/other") == set()
+    stored = db.query_rows("SELECT Receiver AS r, GroupKey AS g FROM $db.sla_notifications")
+    assert [r["r"] for r in stored] == [q.receiver_key(url)] and "s3cret" not in str(stored)
+
+
+def test_migration_0020_hashes_the_receivers_logged_before_it_and_can_run_twice(store: Store) -> None:
+    """A store at version 19 whose log names a receiver by its URL: after 0020 (run twice, as two starting
+    processes would) the URL is gone and what that receiver was told is still known, so nothing is sent again."""
+    for m in available():
+        if m.version < 20:
+            for statement in m.statements():
+                store.command(statement)
+    url = "https://hooks.example/services/T0/B0/secret-token"
+    store.command(
+        "INSERT INTO $db.sla_notifications VALUES ({u:String}, 'fp1', 1000, 'firing', 'g1', 2000, 200, 1), "
+        "({u:String}, 'fp1', 1000, 'resolved', 'g1', 3000, 200, 2), ('http://other', 'fp2', 1000, 'firing', 'g2', 0, "
+        "200, 1)",
+        {"u": url},
+    )
+    (m20,) = [m for m in available() if m.version == 20]
+    for _ in range(2):
+        for statement in m20.statements():
+            store.command(statement)
+    # StartsAt 1000 above is seconds: 1,000,000 ms
+    assert q.notified(store, url) == {("fp1", 1_000_000, "firing"), ("fp1", 1_000_000, "resolved")}
+    assert q.notified(store, "http://other") == {("fp2", 1_000_000, "firing")}
+    receivers = store.query_rows("SELECT DISTINCT Receiver AS r FROM $db.sla_notifications FINAL ORDER BY r")
+    assert sorted(r["r"] for r in receivers) == sorted([q.receiver_key(url), q.receiver_key("http://other")])
+    assert store.query_rows("SELECT count() AS n FROM $db.sla_notifications FINAL")[0]["n"] == 3
+
+
 def test_an_item_ends_at_its_first_target_activity_after_its_start(db: Store) -> None:
     """A customer's later profile changes and an invoice's duplicate posting do not stretch the latency, and
     evaluating between two activities of one day-row still sees the first one."""

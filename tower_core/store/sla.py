@@ -283,12 +283,17 @@ def list_breaches(
 # --- webhook notification log
 
 
+def receiver_key(url: str) -> str:
+    """How the log names a receiver: its URL's SHA-256, as a URL often carries a secret (migration 0020)."""
+    return "sha256:" + hashlib.sha256(url.encode()).hexdigest()
+
+
 def notified(store: Store, receiver: str) -> set[tuple[str, int, str]]:
-    """(fingerprint, startsAt ms, status) already delivered to ``receiver``."""
+    """(fingerprint, startsAt ms, status) already delivered to the receiver at URL ``receiver``."""
     rows = store.query_rows(
         "SELECT DISTINCT Fingerprint AS fp, toUnixTimestamp64Milli(StartsAt) AS starts_ms, Status AS status "
         "FROM $db.sla_notifications WHERE Receiver = {r:String}",
-        {"r": receiver},
+        {"r": receiver_key(receiver)},
     )
     return {(r["fp"], int(r["starts_ms"]), r["status"]) for r in rows}
 
@@ -296,11 +301,12 @@ def notified(store: Store, receiver: str) -> set[tuple[str, int, str]]:
 def record_notifications(
     store: Store, receiver: str, group_key: str, entries: Iterable[tuple[str, int, str]], http_status: int, version: int
 ) -> None:
-    """Remember that ``receiver`` was told each (fingerprint, startsAt ms, status)."""
+    """Remember that the receiver at URL ``receiver`` was told each (fingerprint, startsAt ms, status)."""
     entries = sorted(set(entries))
     if not entries:
         return
     now = dt.datetime.now(dt.UTC)
+    receiver = receiver_key(receiver)
     table = pa.Table.from_pydict(
         {
             "Receiver": [receiver] * len(entries),
