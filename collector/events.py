@@ -26,6 +26,13 @@ BATCH = "application/cloudevents-batch+json"
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
 _REQUIRED = ("id", "source", "type", "specversion")
 MAX_FIELD = 1024
+# Sources only the tower's own signed receivers write (connectors.stripe.mapping.SOURCE, connectors.segment.tracking
+# .SOURCE): an unsigned CloudEvent under one of them could plant an id first, so the genuine signed delivery is
+# dropped as a repeat, or replace one later. Matched trimmed and case-insensitively.
+RESERVED_SOURCES = {
+    "stripe": "Stripe's events go to /webhooks/stripe, where their signature is checked",
+    "cdp": "CDP messages go to /v1/batch, /v1/identify, /v1/track or /v1/group with a write key",
+}
 MAX_EVENTS_PER_BATCH = 10_000
 # JSON nesting an event may hold: orjson reads 1024 levels but writes only 254, and no business event needs more
 MAX_DEPTH = 64
@@ -124,6 +131,8 @@ def parse_event(doc: Any, received_ns: int, key_names: Collection[str] = ()) -> 
             raise EventError(f"attribute {attr!r} is longer than {MAX_FIELD} characters")
     if doc["specversion"] != "1.0":
         raise EventError(f"specversion {doc['specversion']!r} is not supported (1.0 is)")
+    if (where := RESERVED_SOURCES.get(doc["source"].strip().lower())) is not None:
+        raise EventError(f"source {doc['source']!r} is reserved for the tower's own receiver: {where}")
     trace_id = span_id = ""
     if "traceparent" in doc:
         m = _TRACEPARENT.fullmatch(str(doc["traceparent"]).strip().lower())

@@ -25,7 +25,13 @@ def test_extract_keys_reads_conventions_mappings_and_arrays() -> None:
 def test_a_mapped_key_name_in_a_cloudevents_data_is_a_key() -> None:
     """CloudEvents extension names cannot hold a dot, so a mapped name (stripe.invoice_id) arrives in ``data``."""
     names = corr.key_attribute_names({"stripe.invoice_id": "revops.invoice.id"})
-    doc = {"specversion": "1.0", "id": "e1", "source": "stripe", "type": "invoice.paid", "time": "2026-01-01T00:00:00Z"}
+    doc = {
+        "specversion": "1.0",
+        "id": "e1",
+        "source": "billing",
+        "type": "invoice.paid",
+        "time": "2026-01-01T00:00:00Z",
+    }
     mapped = events.parse_event({**doc, "data": {"stripe.invoice_id": "in_9", "other": "x"}}, 0, names)
     conventional = events.parse_event({**doc, "id": "e2", "data": {"revops.invoice.id": "in_8"}}, 0, names)
     not_an_object = events.parse_event({**doc, "id": "e3", "data": ["stripe.invoice_id"]}, 0, names)

@@ -58,6 +58,46 @@ def test_drop_mode_removes_pii() -> None:
     assert out == {"plan": "pro", "nested": {}}
 
 
+def test_pii_names_match_whatever_their_spelling_and_email_values_under_any_name() -> None:
+    traits = {
+        "Phone Number": "+33 6 12 34 56 78",
+        "customerEmail": "erin.secret@example.com",
+        "shipping_address": {"line1": "1 Rue Secrete"},
+        "cc": ["carol.secret@example.com", "not an address"],  # not a PII name: each value is judged
+        "contact": "Bob <bob.secret@example.com>",
+        "billing_customer_id": EMAIL,
+        "product_name": "Pro plan",  # "name" is short: it matches only as a whole name
+        "seats": 3,
+    }
+    out = HASH.scrub(traits)
+    text = orjson.dumps(out).decode()
+    assert "secret" not in text and EMAIL not in text and "12 34" not in text
+    assert out["product_name"] == "Pro plan" and out["seats"] == 3 and out["cc"][1] == "not an address"
+    assert out["billing_customer_id"] == expected_hash(EMAIL) == HASH.identifier(EMAIL)  # one pseudonym
+    dropped = DROP.scrub(traits)
+    assert dropped == {"cc": ["not an address"], "product_name": "Pro plan", "seats": 3}
+
+
+def test_an_email_customer_id_trait_is_hashed_in_the_data_as_in_the_key() -> None:
+    msg = {"type": "identify", "userId": "u-9", "traits": {"billing_customer_id": EMAIL}}
+    ev = tr.to_event(msg, NOW_NS, HASH, CUSTOMER_TRAITS, "NA")
+    assert ev is not None and ev.attributes["revops.customer.id"] == expected_hash(EMAIL)
+    assert EMAIL not in ev.data and orjson.loads(ev.data)["traits"]["billing_customer_id"] == expected_hash(EMAIL)
+
+
+def test_drop_mode_content_ids_are_keyed_so_a_guessed_email_cannot_be_tested() -> None:
+    """Without a configured key each process draws one: the id of a message sent without messageId is not a
+    plain hash of it (which anyone reading the events could recompute for guessed addresses)."""
+    msg = {"type": "identify", "anonymousId": "a-1", "traits": {"email": EMAIL}}
+    one = tr.to_event(msg, NOW_NS, DROP, CUSTOMER_TRAITS, "NA")
+    other = tr.to_event(msg, NOW_NS, tr.PiiPolicy.build("drop", None, ["email"]), CUSTOMER_TRAITS, "NA")
+    again = tr.to_event(msg, NOW_NS, DROP, CUSTOMER_TRAITS, "NA")
+    assert one is not None and other is not None and again is not None
+    assert one.event_id == again.event_id != other.event_id  # a retry keeps its id within the process
+    unkeyed = hmac.new(b"", orjson.dumps(msg, option=orjson.OPT_SORT_KEYS), hashlib.sha256).hexdigest()[:32]
+    assert one.event_id.replace("-", "") != unkeyed
+
+
 def test_identify_becomes_a_profile_change_event() -> None:
     msg = {
         "type": "identify",
@@ -234,6 +274,19 @@ def test_rudderstack_sdk_gzip_batches(tower: TowerServer) -> None:
     events = _events_of(tower, "rud-user-1", 2)
     assert {e["customer_id"] for e in events} == {"cus_rud1", "acct_rud1"}
     assert EMAIL not in orjson.dumps(events).decode() and "555 0100" not in orjson.dumps(events).decode()
+
+
+def test_a_user_whose_id_is_an_email_is_found_by_that_address(tower: TowerServer) -> None:
+    """The id was stored as its pseudonym; asking with the address as typed (any case, padded) finds it."""
+    user = "frank.lookup@example.com"
+    r = httpx.post(
+        f"{tower.url}/v1/identify", json={"userId": user, "traits": {"plan": "pro"}}, auth=(WRITE_KEYS[0], "")
+    )
+    assert r.status_code == 200, r.text
+    for asked in (user, f" {user.upper()} "):
+        events = _events_of(tower, asked, 1)
+        assert len(events) == 1 and events[0]["type"] == "cdp.profile.identified"
+        assert user not in orjson.dumps(events).decode()
 
 
 def test_unknown_write_key_is_401_with_either_sdk_or_plain_http(tower: TowerServer) -> None:

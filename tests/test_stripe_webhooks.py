@@ -342,6 +342,38 @@ def test_a_redelivered_event_is_reported_and_stored_once(tower: TowerServer, tmp
     assert _stored_rows(tower, "evt_redelivered") == 1
 
 
+def test_an_unsigned_cloudevent_cannot_pose_as_stripe_or_the_cdp(tower: TowerServer) -> None:
+    """/v1/events is unsigned: an event under the sources the signed receivers own would make the genuine Stripe
+    delivery look like a repeat (or replace it). Refused, with where such events go; other events are kept."""
+    forged = {"specversion": "1.0", "id": "evt_planted", "type": "invoice.paid", "time": "2026-01-01T00:00:00Z"}
+    batch = [
+        {**forged, "source": "stripe"},
+        {**forged, "source": " Stripe "},
+        {**forged, "source": "cdp", "id": "m-planted"},
+        {**forged, "source": "billing-bus", "id": "evt_other"},
+    ]
+    r = httpx.post(
+        f"{tower.url}/v1/events",
+        content=orjson.dumps(batch),
+        headers={"Content-Type": "application/cloudevents-batch+json"},
+    )
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+    rejected = r.json()["rejected"]
+    assert [x["index"] for x in rejected] == [0, 1, 2] and "/webhooks/stripe" in rejected[0]["error"]
+    alone = httpx.post(
+        f"{tower.url}/v1/events",
+        content=orjson.dumps(batch[0]),
+        headers={"Content-Type": "application/cloudevents+json"},
+    )
+    assert alone.status_code == 400 and "reserved" in alone.text
+    doc = _event("invoice.paid", {"id": "in_pl", "customer": "cus_1", "total": 7, "currency": "usd"}, eid="evt_planted")
+    doc["created"] = int(time.time())
+    body = orjson.dumps(doc)
+    genuine = _post(tower, body, _header(body, [SECRET], int(time.time())))
+    assert genuine.status_code == 200 and genuine.json()["duplicate"] is False
+    assert _stored_rows(tower, "evt_planted") == 1
+
+
 def test_redelivery_after_a_restart_is_still_recognized(tmp_path: Path) -> None:
     server = TowerServer(tmp_path, TOWER_ADMIN_TOKEN=ADMIN, TOWER_STRIPE_WEBHOOK_SECRETS=f'["{SECRET}"]')
     doc = _event(

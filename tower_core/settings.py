@@ -185,9 +185,16 @@ class Settings(BaseSettings):
             "first_name",
             "last_name",
             "address",
+            "street",
+            "postal_code",
             "birthday",
+            "mobile",
+            "ip",
+            "username",
         ],
-        description="Trait/property names treated as PII (case-insensitive), JSON list.",
+        description="Trait/property names treated as PII, JSON list. Case and separators do not matter, and a name"
+        " of 5 letters or more also matches inside longer ones (`email` in `billing_email`); values holding an"
+        " e-mail address are PII under any name.",
     )
     cdp_customer_id_traits: list[str] = Field(
         default_factory=lambda: ["billing_customer_id", "stripe_customer_id", "customer_id"],

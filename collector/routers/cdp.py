@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from collector import otlp
 from collector.auth import Principal, require
-from collector.deps import get_ingest, get_store, read_body
+from collector.deps import get_ingest, get_settings, get_store, read_body
 from collector.ingest import RETRY_AFTER_S, IngestService, Refused
 from connectors.segment import tracking as tr
 from tower_core.settings import Settings
@@ -117,11 +117,14 @@ async def group(request: Request, ingest: Ingest, authorization: Auth = None, en
 @router.get("/api/cdp/events", summary="The CDP events the tower kept for a user (PII already hashed)")
 async def cdp_events(
     store: Annotated[Store, Depends(get_store)],
+    settings: Annotated[Settings, Depends(get_settings)],
     _: Annotated[Principal, Depends(require("viewer"))],
     user_id: Annotated[str, Query(min_length=1, max_length=tr.MAX_ID)],
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
-    rows = await run_in_threadpool(q.events_for_user, store, user_id, limit)
+    """A user id that is an e-mail address was stored as its pseudonym: it is looked up (and answered) as such."""
+    stored_as = pii_policy(settings).identifier(user_id.strip())
+    rows = await run_in_threadpool(q.events_for_user, store, stored_as, limit) if stored_as else []
     if not rows:
-        raise HTTPException(404, f"no CDP event for user {user_id}")
-    return {"user_id": user_id, "events": rows}
+        raise HTTPException(404, f"no CDP event for user {stored_as or '(an e-mail address, dropped)'}")
+    return {"user_id": stored_as, "events": rows}

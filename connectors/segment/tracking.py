@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
+import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,16 @@ STORED_TYPES = ("identify", "group", "track")
 MAX_MESSAGES = 10_000
 MAX_ID = 512
 HASH_PREFIX = "hmac-sha256:"
+# A value holding an e-mail address is PII under any name (``customerEmail``, ``contact``, a list of them).
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+# Configured names at least this long also match inside a longer name (``email`` in ``billing_email``, ``phone``
+# in ``Phone Number``); shorter ones (``name``, ``ip``) only match whole, so ``product_name`` stays readable.
+_STEM_MIN = 5
+
+
+def _norm(name: str) -> str:
+    """``Phone Number``, ``phone_number`` and ``phoneNumber`` are one name."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 class TrackingError(ValueError):
@@ -43,11 +55,19 @@ class PiiPolicy:
 
     @classmethod
     def build(cls, mode: str, key: str | None, fields: Sequence[str]) -> PiiPolicy:
+        """In drop mode without a key, a random one per process: message ids made from a message's content
+        (``_content_id``) must not be a plain hash anyone could test guessed e-mail addresses against."""
         if mode not in ("hash", "drop"):
             raise ValueError("PII mode must be hash or drop")
         if mode == "hash" and not key:
             raise ValueError("hashing PII needs a key")
-        return cls(mode, (key or "").encode(), frozenset(f.lower() for f in fields))
+        secret = key.encode() if key else secrets.token_bytes(32)
+        return cls(mode, secret, frozenset(_norm(f) for f in fields if _norm(f)))
+
+    def is_field(self, name: str) -> bool:
+        """A configured name, whatever its case and separators, or one containing a long enough one."""
+        n = _norm(name)
+        return n in self.fields or any(len(f) >= _STEM_MIN and f in n for f in self.fields)
 
     def digest(self, value: Any) -> str:
         """Normalized (trimmed, lower-case) so the same e-mail always gives the same pseudonym."""
@@ -56,22 +76,27 @@ class PiiPolicy:
         return HASH_PREFIX + mac
 
     def scrub(self, value: Any) -> Any:
-        """A copy of ``value`` with every PII field hashed or dropped, at any depth."""
+        """A copy of ``value`` with every PII field and every e-mail address hashed or dropped, at any depth."""
         if isinstance(value, Mapping):
             out: dict[str, Any] = {}
             for k, v in value.items():
-                if str(k).lower() in self.fields:
+                if self.is_field(str(k)):
                     if self.mode == "hash" and v not in (None, ""):
                         out[str(k)] = self.digest(v)
                     continue
-                out[str(k)] = self.scrub(v)
+                kept = self.scrub(v)
+                if kept is not None or v is None:
+                    out[str(k)] = kept
             return out
         if isinstance(value, list):
-            return [self.scrub(v) for v in value]
+            return [kept for v in value if (kept := self.scrub(v)) is not None or v is None]
+        if isinstance(value, str) and _EMAIL.search(value):
+            return self.digest(value) if self.mode == "hash" else None
         return value
 
     def identifier(self, value: str) -> str:
-        """User ids are kept (they are the join key) unless they are e-mail addresses."""
+        """User ids are kept (they are the join key) unless they may be an e-mail address (hashed exactly as
+        ``scrub`` hashes the same value found in the traits, so both name one pseudonym)."""
         if "@" in value:
             return self.digest(value) if self.mode == "hash" else ""
         return value
