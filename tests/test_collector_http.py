@@ -198,6 +198,24 @@ def test_a_span_field_sent_twice_is_stored_as_validated(server: TowerServer) -> 
     assert httpx.get(f"{server.url}/api/traces/{'aa' * 16}", headers=server.auth).status_code == 404
 
 
+def test_fields_of_an_unexpected_wire_type_are_dropped_not_stored(server: TowerServer) -> None:
+    """Python's reader keeps a known field sent with another wire type (Span.name as a varint) and a group field as
+    unknown fields; re-encoded as they were, ClickHouse's reader refused the record after the 200 (dead letter)."""
+
+    def ld(tag: int, body: bytes) -> bytes:
+        return bytes([tag, len(body)]) + body
+
+    for n, extra in enumerate((b"\x28\x2a", b"\x9b\x06\x08\x01\x9c\x06")):  # name = varint 42; group field 99
+        tid = f"4{n}" * 16
+        span = _span_request(tid, "odd").resource_spans[0].scope_spans[0].spans[0].SerializeToString() + extra
+        r = httpx.post(f"{server.url}/v1/traces", content=ld(0x0A, ld(0x12, ld(0x12, span))), headers=PB)
+        assert r.status_code == 200, r.content
+        assert wait_for(lambda t=tid: httpx.get(f"{server.url}/api/traces/{t}", headers=server.auth).status_code == 200)
+        assert [
+            s["name"] for s in httpx.get(f"{server.url}/api/traces/{tid}", headers=server.auth).json()["spans"]
+        ] == ["odd"]
+
+
 def test_deeply_nested_events_get_a_400_not_a_500(server: TowerServer) -> None:
     deep: object = "x"
     for _ in range(300):
