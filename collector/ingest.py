@@ -148,11 +148,13 @@ class IngestService:
             self.metrics.spans_received.inc(checked.accepted)
         return Reply(200, otlp.response(mt, checked.rejected, checked.error_message), mt)
 
-    def events(self, body: bytes, content_type: str | None) -> Reply:
+    def events(self, body: bytes, content_type: str | None, encoding: str | None = None) -> Reply:
         """CloudEvents ingest: valid events are kept, invalid ones reported (partial success)."""
         received_ns = time.time_ns()
-        if len(body) > self.settings.max_body_bytes:
-            return _json(413, {"error": f"request body exceeds {self.settings.max_body_bytes} bytes"})
+        try:
+            body = otlp.decompress(body, encoding, self.settings.max_body_bytes)  # the same caps as OTLP's
+        except otlp.OtlpError as exc:
+            return _json(exc.status, {"error": exc.message})
         try:
             good, bad = ev.parse_body(body, content_type, received_ns, self.key_names)
         except ev.EventError as exc:

@@ -20,6 +20,7 @@ async def post_events(
     request: Request,
     ingest: Annotated[IngestService, Depends(get_ingest)],
     content_type: Annotated[str | None, Header()] = None,
+    content_encoding: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     if refused := ingest.refusal(authorization, request.client.host if request.client else None):
@@ -29,6 +30,6 @@ async def post_events(
     try:
         body = await read_body(request, ingest.settings.max_body_bytes)
     except otlp.OtlpError as exc:
-        return Response(f'{{"error": "{exc.message}"}}', exc.status, media_type="application/json")
-    reply = await run_in_threadpool(ingest.events, body, content_type)
+        return Response(orjson.dumps({"error": exc.message}), exc.status, media_type="application/json")
+    reply = await run_in_threadpool(ingest.events, body, content_type, content_encoding)
     return Response(reply.body, reply.status, reply.headers, media_type=reply.media_type)
