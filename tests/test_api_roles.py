@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from collector import auth as auth_module
 from collector.app import create_app
 from collector.auth import TokenVerifier, create_token
+from collector.routers import bulk as bulk_router
 from connectors.simulator import Estate, EstateConfig, FaultRates
 from reconciler.connectors import Connectors
 from tests.server import TowerServer
@@ -248,6 +249,11 @@ def test_bulk_needs_the_confirmed_count_and_a_note_to_ignore(api: dict[str, Any]
         assert no_note.status_code == 422 and "note" in no_note.text
     bad_class = c.post("/api/drift/bulk", json={**body, "filter": {"class": ["nope"]}}, headers=auth(operator))
     assert bad_class.status_code == 422 and "unknown class" in bad_class.text
+    # more items than one bulk action takes: no count could be confirmed, so the answer says to narrow the filter
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bulk_router, "MAX_BULK", total - 1)
+        too_many = c.post("/api/drift/bulk", json={**body, "expected_count": total}, headers=auth(operator))
+    assert too_many.status_code == 409 and f"at most {total - 1}; narrow the filter" in too_many.json()["detail"]
     done = c.post("/api/drift/bulk", json={**body, "expected_count": total}, headers=auth(operator))
     assert done.status_code == 200, done.text
     assert done.json()["done"] == total and done.json()["failed"] == 0

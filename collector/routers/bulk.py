@@ -101,6 +101,10 @@ def _apply(
         offset=0,
         now=dt.datetime.now(dt.UTC),
     )
+    if total > MAX_BULK:  # no count the caller could confirm would do: say what would
+        raise ActionError(
+            409, f"{total} items match the filter: a bulk action takes at most {MAX_BULK}; narrow the filter"
+        )
     if total != body.expected_count:
         raise ActionError(
             409, f"{total} items match the filter now, not {body.expected_count}: review the set and confirm again"
