@@ -114,6 +114,9 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], says: str, tmp_pa
         ({"TOWER_INGEST_TOKENS": "secret123"}, "TOWER_INGEST_TOKENS"),
         ({"TOWER_RECONCILE_TOLERANCE_ABS_MINOR": '{"*":'}, "TOWER_RECONCILE_TOLERANCE_ABS_MINOR"),
         ({"TOWER_PORT": "70000"}, "TOWER_PORT"),
+        ({"TOWER_STRIPE_WEBHOOK_TOLERANCE_S": "-1"}, "TOWER_STRIPE_WEBHOOK_TOLERANCE_S"),  # no replay window at all
+        # a '/' in the password ends the host part: urlparse's own error quoted the URL, password and all
+        ({"TOWER_CLICKHOUSE_URL": "http://default:secret123/x@127.0.0.1:1/tower"}, "percent-encode"),
     ],
 )
 def test_a_malformed_json_setting_or_port_is_one_line(env: dict[str, str], says: str, tmp_path: Path) -> None:

@@ -154,7 +154,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description='Stripe webhook endpoint secrets, JSON list; several during rotation: ["whsec_new","whsec_old"].',
     )
-    stripe_webhook_tolerance_s: int = Field(300, description="Max age of a Stripe-Signature timestamp (seconds).")
+    stripe_webhook_tolerance_s: int = Field(
+        300, gt=0, description="Max age of a Stripe-Signature timestamp (seconds); replays older are refused."
+    )
     stripe_default_region: str = Field(
         "", description="revops.region for Stripe objects whose metadata carries no `region`."
     )

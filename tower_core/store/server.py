@@ -21,9 +21,15 @@ def parse_url(url: str) -> dict[str, Any]:
     u = urlparse(url)
     if u.scheme not in ("http", "https") or not u.hostname:
         raise ConfigError(f"TOWER_CLICKHOUSE_URL must look like http://user:pass@host:8123/db, got scheme {u.scheme!r}")
+    try:
+        port = u.port
+    except ValueError:  # its message quotes the URL, which may hold the password: not repeated
+        raise ConfigError(
+            "TOWER_CLICKHOUSE_URL has no valid port; percent-encode '/', '?', '#' and '@' in the user and password"
+        ) from None
     return {
         "host": u.hostname,
-        "port": u.port or (8443 if u.scheme == "https" else 8123),
+        "port": port or (8443 if u.scheme == "https" else 8123),
         "username": unquote(u.username or "default"),
         "password": unquote(u.password or ""),
         "secure": u.scheme == "https",
