@@ -16,6 +16,7 @@ MAX_TRACES = 200
 MAX_SPANS = 20_000  # per answer (a 100k-span trace was a 38 MB body and ~900 MB of server memory)
 MAX_EVENTS = 1_000
 MAX_EVENT_SEEDS = 100  # events read for the other keys of a key no span carries
+MAX_HOPS = 4  # invoice -> payment -> ERP application -> ... : a real flow needs two, a loop of ids stops here
 
 
 def _span_view(row: dict[str, Any]) -> corr.SpanView:
@@ -61,8 +62,8 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     """Traces reachable from the seed key (rules in collector.correlation), with their spans and events.
 
     Reads: the seed's traces (for a key no span carries, also those of the keys its events carry); their keys;
-    one hop through identifying keys plus the customers' CDP traces; then the new traces' keys and all time
-    ranges side by side; then spans and events side by side."""
+    hops through identifying keys and the customers' CDP traces (``_expand``); the time ranges; then spans and
+    events side by side."""
     key_type, value = seed
     cut = {"traces": False, "spans": False, "events": False}
     seeds = {seed}
@@ -80,24 +81,8 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
         traces = {ln.trace_id for ln in map(_link, seed_rows)}
     links = [_link(r) for r in q.links_for_traces(store, traces)]
     if key_type != "customer":
-        customers = corr.customers_of(links)
-        follow = corr.keys_to_follow(links, seeds) | {("trace", t) for t in traces}
-        hop = [_link(r) for r in q.expansion_links(store, follow, customers, limit=MAX_TRACES)]
-        found = {ln.trace_id for ln in hop if ln.key_type != "customer"}
-        found |= {ln.key_value for ln in links if ln.key_type == "trace"}
-        new = set(sorted(found - traces)[: max(0, MAX_TRACES - len(traces))])
-        links += [_link(r) for r in q.links_for_traces(store, new)]
-        traces |= new
-        late = corr.customers_of(links) - customers  # e.g. seeded from the ERP side: customer seen on billing
-        if late:
-            hop += [_link(r) for r in q.expansion_links(store, [], late, limit=MAX_TRACES)]
-        start = min((ln.first_seen_ns for ln in links if ln.system != "cdp"), default=0)
-        cdp = corr.pick_cdp_traces(hop, start) - traces
-        links += [ln for ln in hop if ln.trace_id in cdp]
-        traces |= cdp
-        ranges = q.trace_ranges(store, traces)
-    else:
-        ranges = q.trace_ranges(store, traces)
+        cut["traces"] |= _expand(store, seeds, traces, links)
+    ranges = q.trace_ranges(store, traces)
     key_set = {(ln.key_type, ln.key_value) for ln in links} | seeds
     # events without trace context (a batch job, a CDP call) are found by their business keys alone
     customers = [value] if key_type == "customer" else []
@@ -127,6 +112,42 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     # MAX_TRACES / MAX_EVENTS are shown, the earliest MAX_SPANS spans
     doc["truncated"] = cut
     return doc
+
+
+def _expand(store: Store, seeds: set[tuple[str, str]], traces: set[str], links: list[corr.Link]) -> bool:
+    """Grow ``traces`` and ``links`` in place: hop through the identifying keys (and span links) of the traces
+    found so far until a hop finds no new trace, so the answer is the same whichever key it starts from (a
+    payment's ERP application is two hops from its invoice's billing trace); then each customer's CDP trace.
+    One read per hop for keys and CDP candidates, one for the new traces' keys. True when MAX_TRACES cut it."""
+    known = set(seeds)
+    follow = corr.keys_to_follow(links, known) | {("trace", t) for t in traces}
+    asked: set[str] = set()
+    candidates: list[corr.Link] = []
+    cut = False
+    for _ in range(MAX_HOPS):
+        customers = corr.customers_of(links) - asked
+        if not follow and not customers:
+            break
+        hop = [_link(r) for r in q.expansion_links(store, follow, customers, limit=MAX_TRACES)]
+        known |= follow
+        asked |= customers
+        candidates += hop
+        found = {ln.trace_id for ln in hop if ln.key_type != "customer"}  # CDP traces: only the one picked below
+        found |= {ln.key_value for ln in links if ln.key_type == "trace"}  # span links
+        room = max(0, MAX_TRACES - len(traces))
+        new = set(sorted(found - traces)[:room])
+        cut |= len(found - traces) > room
+        if not new:
+            break
+        added = [_link(r) for r in q.links_for_traces(store, new)]
+        links += added
+        traces |= new
+        follow = corr.keys_to_follow(added, known) | {("trace", t) for t in new}
+    start = min((ln.first_seen_ns for ln in links if ln.system != "cdp"), default=0)
+    cdp = corr.pick_cdp_traces(candidates, start) - traces
+    links += [ln for ln in candidates if ln.trace_id in cdp]
+    traces |= cdp
+    return cut
 
 
 _READS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tower-lookup")

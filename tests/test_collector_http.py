@@ -114,6 +114,56 @@ def test_three_systems_three_trace_ids_one_transaction(server: TowerServer) -> N
     assert one["span_count"] == 3 and {s["trace_id"] for s in one["spans"]} == {tids["billing"]}
 
 
+def test_a_transaction_is_the_same_from_every_key_however_many_hops_apart(server: TowerServer) -> None:
+    """CDP, invoice, payment and ERP-application traces: the application is two hops from the billing trace (via
+    the invoice, then the payment). One hop made the payment look unapplied when looked up by the billing trace."""
+    tag = f"h{time.time_ns()}"
+    cus, inv, pay, le = f"cus_{tag}", f"in_{tag}", f"pi_{tag}", f"le_{tag}"
+    t0 = time.time_ns() - 3_600 * 10**9
+    tids = {name: f"{n + 5:x}{tag[-6:]}".ljust(32, "0") for n, name in enumerate(("cdp", "bill", "pay", "erp"))}
+
+    def span(trace: str, n: int, system: str, step: str, **keys: str) -> dict:
+        attrs = {"revops.system": system, "revops.step": step, "revops.region": "EU", **keys}
+        return {
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": system}}]},
+            "scopeSpans": [
+                {
+                    "spans": [
+                        {
+                            "traceId": tids[trace],
+                            "spanId": f"{n + 1:016x}",
+                            "name": f"{system} {step}",
+                            "startTimeUnixNano": str(t0 + n * 10**9),
+                            "endTimeUnixNano": str(t0 + n * 10**9 + 10**6),
+                            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()],
+                        }
+                    ]
+                }
+            ],
+        }
+
+    keys = {"revops.customer.id": cus}
+    doc = {
+        "resourceSpans": [
+            span("cdp", 0, "cdp", "cdp_to_billing", **keys),
+            span("bill", 1, "billing", "invoice_to_ledger", **keys, **{"revops.invoice.id": inv}),
+            span(
+                "pay", 2, "billing", "payment_to_cash", **keys, **{"revops.invoice.id": inv, "revops.payment.id": pay}
+            ),
+            span("erp", 3, "erp", "payment_to_cash", **{"revops.payment.id": pay, "revops.ledger.entry.id": le}),
+        ]
+    }
+    assert httpx.post(f"{server.url}/v1/traces", content=orjson.dumps(doc), headers=JS).status_code == 200
+
+    def traces_from(**params: str) -> set[str]:
+        r = httpx.get(f"{server.url}/api/transactions", headers=server.auth, params=params)
+        return {t["trace_id"] for t in r.json()["traces"]} if r.status_code == 200 else set()
+
+    assert wait_for(lambda: traces_from(invoice_id=inv) == set(tids.values())), traces_from(invoice_id=inv)
+    for params in ({"trace_id": tids["bill"]}, {"payment_id": pay}, {"ledger_entry_id": le}, {"trace_id": tids["erp"]}):
+        assert traces_from(**params) == set(tids.values()), params
+
+
 def test_span_links_join_traces(server: TowerServer) -> None:
     provider, tr = tracer(server, "billing-svc", "billing")
     with tr.start_as_current_span("batch producer") as producer:
