@@ -87,6 +87,20 @@ def test_default_fault_mix_recall_and_precision_are_100_percent(store: Store, tm
     assert set(open_items(store)) == expected
 
 
+def test_orphan_payments_are_found_as_orphans_where_one_used_to_equal_an_open_invoice(
+    store: Store, tmp_path: Path
+) -> None:
+    """Seed 22 drew an orphan whose amount equalled what one open invoice of its customer owed: the N:1 match
+    called it payment_unapplied, against the manifest (tests/test_simulator.py checks more seeds in memory)."""
+    estate = Estate.generate(
+        EstateConfig(seed=22, customers=50, invoices=3000, fault_rates=FaultRates.only(orphan_payment=0.2))
+    )
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    found, expected = set(open_items(store)), estate.manifest.expected()
+    assert found == expected, f"missed {sorted(expected - found)[:5]}, extra {sorted(found - expected)[:5]}"
+
+
 def test_clean_estate_has_zero_drift_and_zero_residual(store: Store, tmp_path: Path) -> None:
     estate = Estate.generate(EstateConfig(seed=3, customers=200, invoices=4000, fault_rates=FaultRates.clean()))
     svc = service_for(store, estate, tmp_path)

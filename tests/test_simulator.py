@@ -74,6 +74,23 @@ def test_every_fault_leaves_exactly_its_footprint(seed: int) -> None:
     assert reference_drift(e) == e.manifest.expected()
 
 
+@pytest.mark.parametrize("seed", [22, 26, 37])
+def test_an_orphan_payment_matches_no_open_invoice_of_its_customer(seed: int) -> None:
+    """Seeds where an orphan's amount used to equal what exactly one open invoice of its customer owed, within
+    the match window: the reconciler's N:1 match then (rightly) reported payment_unapplied, not the manifest's
+    orphan_payment. Orphans are now in a currency their customer is never billed in."""
+    e = Estate.generate(
+        EstateConfig(seed=seed, customers=50, invoices=3000, fault_rates=FaultRates.only(orphan_payment=0.2))
+    )
+    currencies: dict[str, set[str]] = {}
+    for i in e.billing.invoices.values():
+        currencies.setdefault(i.customer_id, set()).add(i.currency)
+    orphans = [e.billing.payments.get(f.keys["payment_id"]) for f in e.manifest.of("orphan_payment")]
+    assert len(orphans) > 50 and None not in orphans
+    assert all(p.currency not in currencies.get(p.customer_id, set()) for p in orphans if p is not None)
+    assert reference_drift(e) == e.manifest.expected()
+
+
 def estate_for(seed: int) -> Estate:
     return Estate.generate(config(seed=seed))
 

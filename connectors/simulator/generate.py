@@ -613,7 +613,10 @@ def generate_chunk(cfg: EstateConfig, cust: Customers, outages: Outages, k: int)
     o_slot = np.sort(rng.choice(eligible, size=min(no, len(eligible)), replace=False)).astype(np.int64)
     o_cust = rng.integers(0, cust.n_billing, len(o_slot))
     o_time = issued[o_slot] + rng.integers(0, t.finalize_lag[1] + 1, len(o_slot))
-    o_amount = cust.price_minor[o_cust] + rng.integers(0, 100, len(o_slot)) * SCALE[cust.currency[o_cust]]
+    # in a currency the customer is never billed in: in its own, the amount could equal what one of its open
+    # invoices owes, and the reconciler's N:1 match would rightly call it that invoice's unapplied payment
+    o_currency = (cust.currency[o_cust] + rng.integers(1, len(CURRENCIES), len(o_slot))) % len(CURRENCIES)
+    o_amount = np.round(rng.integers(20, 2_000, len(o_slot)) * FX[o_currency]).astype(np.int64) * SCALE[o_currency]
 
     chunk = Chunk(
         k,
@@ -656,7 +659,7 @@ def generate_chunk(cfg: EstateConfig, cust: Customers, outages: Outages, k: int)
         o_time,
         o_amount,
         cust.region[o_cust],
-        cust.currency[o_cust],
+        o_currency,
     )
     chunk.unmapped = cust.unmapped[c]
     chunk.faults = _chunk_faults(chunk, targets, unposted, variant, rejected, cn_variant)
