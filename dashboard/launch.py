@@ -63,8 +63,10 @@ def demo_token(settings: Settings, admin_token: str, name: str = "demo-operator"
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Streamlit reports a port in use and exits 0: ask first, so the command fails as it should."""
+    """Streamlit reports a port in use and exits 0: ask first, so the command fails as it should. SO_REUSEADDR
+    as servers set it: a port whose last connections linger in TIME_WAIT is free, one something listens on not."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

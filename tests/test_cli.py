@@ -139,6 +139,23 @@ def test_ports_out_of_range_or_taken_fail_with_one_line(tmp_path: Path) -> None:
     assert f"127.0.0.1:{port}" in line
 
 
+@pytest.mark.parametrize("which", ["TOWER_PORT", "TOWER_SIMULATOR_PORT", "TOWER_DASHBOARD_PORT"])
+def test_the_demo_with_a_port_taken_starts_nothing(which: str, tmp_path: Path) -> None:
+    """With its API port taken by another tower, the demo's API child failed while the other answered the
+    readiness check: the estate then sent its simulated telemetry there. Now it stops before starting anything."""
+    import socket
+
+    ports = {"TOWER_PORT": free_port(), "TOWER_SIMULATOR_PORT": free_port(), "TOWER_DASHBOARD_PORT": free_port()}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports[which] = taken.getsockname()[1]
+        env = {k: str(v) for k, v in ports.items()}
+        line = one_error_line(run(["demo"], tmp_path, TOWER_DATA_DIR=str(tmp_path / ".tower" / "data"), **env))
+    assert f"127.0.0.1:{ports[which]}" in line
+    assert not (tmp_path / ".tower").exists()  # not even the run counter
+
+
 def test_a_token_name_with_markup_is_refused_before_anything_is_created(tmp_path: Path) -> None:
     """The offline path accepted '[/x] alice', stored the token, then crashed printing it (rich markup): the
     secret was never shown and `token list` failed from then on."""

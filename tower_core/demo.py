@@ -118,10 +118,18 @@ def api_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[s
 
 
 def run_demo(settings: Settings, *, reset: bool = False) -> int:
-    from dashboard.launch import dashboard_command, dashboard_env, demo_token
+    from dashboard.launch import check_port_free, dashboard_command, dashboard_env, demo_token
 
     if settings.clickhouse_url:
         raise ConfigError("tower demo runs on the embedded store; unset TOWER_CLICKHOUSE_URL")
+    # before anything starts: with its port taken, the API child fails while another tower there answers the
+    # readiness check, and the estate would send its simulated telemetry to that one
+    for host, port in (
+        (settings.host, settings.port),
+        ("127.0.0.1", settings.simulator_port),
+        (settings.dashboard_host, settings.dashboard_port),
+    ):
+        check_port_free(host, port)
     run = prepare_run(settings, reset=reset)
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C stops the demo even when a script started it in the background: POSIX shells start background
