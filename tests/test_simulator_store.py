@@ -99,6 +99,29 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> sub
     return subprocess.run(TOWER + args, cwd=cwd, env={**clean, **env}, capture_output=True, text=True, timeout=timeout)
 
 
+def test_after_a_fresh_load_the_next_run_compares_the_new_estate_whole(stores: list[Store]) -> None:
+    """A fresh load over a reconciled estate, then the default run: it was incremental, compared only the keys
+    changed since, and left the replaced estate's open items open for good."""
+    from reconciler.classify import Rules
+    from reconciler.runner import Reconciler
+    from tower_core.store import reconcile as q
+
+    store = stores[0]
+    rec = Reconciler(store, Rules.from_settings(Settings(reconcile_grace_s={"*": 7200})))
+
+    def open_items() -> set[tuple[str, str]]:
+        return {(i["class"], i["primary_key"]) for i in q.all_open_items(store)}
+
+    first = bulk_load(store, config(1, invoices=3_000))
+    assert rec.run(full=True, as_of=AS_OF, pull_sources=False).mode == "full"
+    assert open_items() == first.manifest.expected()
+    assert rec.run(as_of=AS_OF, pull_sources=False).mode == "incremental"  # nothing replaced since
+    second = bulk_load(store, config(2, invoices=3_000))
+    run = rec.run(as_of=AS_OF, pull_sources=False)
+    assert run.mode == "full" and open_items() == second.manifest.expected() != first.manifest.expected()
+    assert rec.run(as_of=AS_OF, pull_sources=False).mode == "incremental"
+
+
 def test_bulk_cli_refuses_a_path_the_api_owns(tmp_path: Path) -> None:
     with TowerServer(tmp_path / "api") as server:
         assert server.proc is not None

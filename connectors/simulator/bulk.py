@@ -22,6 +22,7 @@ from connectors.simulator.estate import Generated, generate_tables
 from connectors.simulator.faults import Manifest
 from connectors.simulator.generate import generate_customers, generate_outages
 from tower_core.store import Store
+from tower_core.store import reconcile as reconcile_store
 from tower_core.store import simulator as sim_store
 
 Progress = Callable[[str, int, int], None]  # (table, rows just written, invoices done)
@@ -137,6 +138,7 @@ def bulk_load(
     cpu0 = time.process_time()
     if fresh:
         sim_store.truncate(store)
+        reconcile_store.mark_state_replaced(store)  # the next reconcile run compares the new estate whole
     gen = Generated(config, generate_customers(config), generate_outages(config))
     pipeline = _Pipeline(store, progress)
     done: list[Manifest] = []

@@ -316,8 +316,19 @@ def list_runs(store: Store, limit: int = 50, offset: int = 0, state: str = "") -
     return [_run_row(r) for r in rows], int(total)
 
 
+# A marker in connector_cursors: when the state tables were last replaced wholesale (a fresh bulk load).
+STATE_REPLACED = ("tower", "state_replaced")
+
+
+def mark_state_replaced(store: Store) -> None:
+    """The state tables were emptied and refilled: the next run compares everything (see last_watermark)."""
+    set_cursor(store, *STATE_REPLACED, _now().isoformat())
+
+
 def last_watermark(store: Store, region: str) -> dt.datetime | None:
-    """Where the next incremental run starts: the start of the last succeeded run covering this region.
+    """Where the next incremental run starts: the start of the last succeeded run covering this region, or None
+    (a full run) when there is none since the state tables were last replaced: an incremental run compares the
+    keys changed since, and the keys of the replaced estate would keep their open items forever.
 
     A run with a region filter compared only that region, so it moves only that region's watermark.
     """
@@ -328,7 +339,11 @@ def last_watermark(store: Store, region: str) -> dt.datetime | None:
     )
     if not rows or not rows[0]["n"]:
         return None
-    return _aware(rows[0]["w"])
+    watermark = _aware(rows[0]["w"])
+    replaced = get_cursor(store, *STATE_REPLACED)
+    if replaced and dt.datetime.fromisoformat(replaced) >= watermark:
+        return None
+    return watermark
 
 
 def latest_as_of(store: Store) -> dt.datetime | None:
