@@ -274,6 +274,9 @@ def test_rates_and_config_are_validated() -> None:
         EstateConfig(start=AS_OF - dt.timedelta(days=5), as_of=AS_OF)
     with pytest.raises(ValueError, match="timezone"):
         EstateConfig(start=dt.datetime(2026, 1, 1), as_of=dt.datetime(2026, 3, 1))
+    # the tower reads 1970-71 as "never set": an estate of 1960 drifted otherwise than its manifest said
+    with pytest.raises(ValueError, match="on or after 1972-01-01"):
+        EstateConfig(start=dt.datetime(1960, 1, 1, tzinfo=dt.UTC), as_of=dt.datetime(1960, 3, 1, tzinfo=dt.UTC))
     f = InjectedFault("erp_posting_missing", "missing_in_erp", {"invoice_id": "in_1"}, ("erp",), "EU", AS_OF)
     assert f.primary_key == "in_1"
 

@@ -12,6 +12,7 @@ from tower_core.models import CURRENCY_EXPONENT, REGIONS
 
 # A fixed default window, so that ``EstateConfig()`` alone is deterministic.
 DEFAULT_AS_OF = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+EARLIEST_START = dt.datetime(1972, 1, 1, tzinfo=dt.UTC)
 MIN = 60_000  # ms
 HOUR = 60 * MIN
 DAY = 24 * HOUR
@@ -112,6 +113,10 @@ class EstateConfig:
                 raise ValueError("start and as_of must be timezone-aware (UTC)")
         if self.as_of <= self.start:
             raise ValueError("as_of must be after start")
+        if self.start < EARLIEST_START:
+            # the tower reads a time in 1970-71 as "never set" (a zero DateTime64): an estate there would drift
+            # differently from its manifest
+            raise ValueError(f"the estate must start on or after {EARLIEST_START.date()}")
         if not 0.0 <= self.context_loss_share <= 1.0:
             raise ValueError("context_loss_share must be within [0, 1]")
         need = self.timing.fault_age + self.timing.fault_lead + 2 * DAY if self.timing.fault_age else 0
