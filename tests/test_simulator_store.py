@@ -134,6 +134,18 @@ def test_bulk_cli_refuses_a_path_the_api_owns(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "tower: error: --faults" in bad.stderr
 
 
+def test_simulate_manifest_is_the_manifest_bulk_writes_with_the_same_options(tmp_path: Path) -> None:
+    """`manifest` used other defaults (200 customers against bulk's invoices/20) and had no window options."""
+    opts = ["--invoices", "5000", "--seed", "9", "--days", "45", "--as-of", "2025-06-01"]
+    written = tmp_path / "bulk.json"
+    bulk = run_cli(["simulate", "bulk", *opts, "--manifest", str(written)], tmp_path)
+    assert bulk.returncode == 0, bulk.stderr[-2000:]
+    printed = run_cli(["simulate", "manifest", *opts], tmp_path)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    doc = json.loads(printed.stdout)
+    assert doc == json.loads(written.read_text()) and doc["config"]["customers"] == 250 and doc["faults"]
+
+
 @pytest.mark.slow
 def test_bulk_one_million_invoices_through_the_cli(tmp_path: Path) -> None:
     manifest = tmp_path / "m.json"

@@ -25,6 +25,11 @@ simulate_app = typer.Typer(no_args_is_help=True, help="The synthetic revenue est
 MAX_SEED = 2**63 - 1  # numpy's generators take non-negative 64-bit seeds
 out = Console()
 FaultsOpt = Annotated[str, typer.Option("--faults", help="Fault mix: default or clean.")]
+# the options that decide a historical estate, shared by `bulk` and `manifest` (same values, same estate)
+CustomersOpt = Annotated[int | None, typer.Option(min=1, help="Customers (default invoices/20, at least 200).")]
+SeedOpt = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed: same seed, same estate.")]
+DaysOpt = Annotated[int, typer.Option(min=20, max=36_500, help="Length of the window, ending at --as-of.")]
+AsOfOpt = Annotated[str, typer.Option(help="End of the window (UTC date or datetime).")]
 
 
 def _rates(name: str) -> FaultRates:
@@ -46,13 +51,31 @@ def _config(**kwargs: object) -> EstateConfig:
         raise ConfigError(str(exc)) from None
 
 
+def _historical(invoices: int, customers: int | None, seed: int, days: int, as_of: str, faults: str) -> EstateConfig:
+    """The estate `bulk` writes and `manifest` describes, from the same options."""
+    try:
+        end = dt.datetime.fromisoformat(as_of)
+        end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
+        start = end - dt.timedelta(days=days)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"--as-of {as_of!r} is not an ISO date with {days} days before it") from None
+    return _config(
+        seed=seed,
+        customers=customers or max(200, invoices // 20),
+        invoices=invoices,
+        start=start,
+        as_of=end,
+        fault_rates=_rates(faults),
+    )
+
+
 @simulate_app.command()
 def bulk(
     invoices: Annotated[int, typer.Option(min=1, help="Invoices to generate.")] = 1_000_000,
-    customers: Annotated[int | None, typer.Option(min=1, help="Customers (default invoices/20, at least 200).")] = None,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed: same seed, same estate.")] = 7,
-    days: Annotated[int, typer.Option(min=20, max=36_500, help="Length of the window, ending at --as-of.")] = 60,
-    as_of: Annotated[str, typer.Option(help="End of the window (UTC date or datetime).")] = "2026-03-01",
+    customers: CustomersOpt = None,
+    seed: SeedOpt = 7,
+    days: DaysOpt = 60,
+    as_of: AsOfOpt = "2026-03-01",
     faults: FaultsOpt = "default",
     manifest: Annotated[
         Path | None, typer.Option(help="Manifest JSON path (default .tower/manifest-<seed>.json).")
@@ -68,20 +91,7 @@ def bulk(
     from tower_core.cli import load_settings
     from tower_core.store import migrate, open_store
 
-    try:
-        end = dt.datetime.fromisoformat(as_of)
-        end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
-        start = end - dt.timedelta(days=days)
-    except (ValueError, OverflowError):
-        raise ConfigError(f"--as-of {as_of!r} is not an ISO date with {days} days before it") from None
-    config = _config(
-        seed=seed,
-        customers=customers or max(200, invoices // 20),
-        invoices=invoices,
-        start=start,
-        as_of=end,
-        fault_rates=_rates(faults),
-    )
+    config = _historical(invoices, customers, seed, days, as_of, faults)
     settings = load_settings()
     store = open_store(settings)
     migrate(store)
@@ -171,13 +181,16 @@ def run(
 
 @simulate_app.command("manifest")
 def manifest_cmd(
-    invoices: Annotated[int, typer.Option(min=1)] = 2000,
-    customers: Annotated[int, typer.Option(min=1)] = 200,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 7,
+    invoices: Annotated[int, typer.Option(min=1, help="Invoices (generated in memory: keep it modest).")] = 2000,
+    customers: CustomersOpt = None,
+    seed: SeedOpt = 7,
+    days: DaysOpt = 60,
+    as_of: AsOfOpt = "2026-03-01",
     faults: FaultsOpt = "default",
 ) -> None:
-    """Print the manifest of the in-memory estate of this seed (no store involved)."""
+    """Print the manifest of a seed's estate, built in memory (no store involved): with the same options, the
+    manifest `bulk` writes."""
     from connectors.simulator import Estate
 
-    estate = Estate.generate(_config(seed=seed, customers=customers, invoices=invoices, fault_rates=_rates(faults)))
+    estate = Estate.generate(_historical(invoices, customers, seed, days, as_of, faults))
     print(estate.manifest.to_json())
