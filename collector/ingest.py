@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from collector import events as ev
-from collector import otlp
+from collector import otlp, span_pii
 from collector.auth import ingest_refusal
 from collector.correlation import key_attribute_names
 from collector.dead_letter import KIND_NAMES
@@ -53,6 +53,7 @@ class IngestService:
         self.ingest_tokens = [t.get_secret_value() for t in settings.ingest_tokens]
         self.metrics = CollectorMetrics()
         self.key_names = key_attribute_names(settings.key_attribute_map)
+        self.span_pii = span_pii.policy_for(settings)
         sync_key_attributes(store, self.key_names)  # read by the span -> key-link materialized view
         self.wal = WriteAheadBuffer(settings.wal_dir, settings.wal_max_bytes)
         self.flusher = Flusher(
@@ -136,6 +137,7 @@ class IngestService:
         if checked.rejected and not checked.accepted:  # nothing usable: the request as a whole is bad
             return Reply(400, otlp.status_body(mt, 400, checked.error_message), mt)
         if checked.accepted:
+            span_pii.scrub_cdp_spans(req, self.span_pii)
             # what was validated, canonically encoded: a client's bytes may repeat a field, which protobuf
             # reads as its last value and ClickHouse's reader does not (a span stored without its trace id)
             payload = req.SerializeToString()

@@ -32,7 +32,7 @@ MAX_MESSAGES = 10_000
 MAX_ID = 512
 HASH_PREFIX = "hmac-sha256:"
 # A value holding an e-mail address is PII under any name (``customerEmail``, ``contact``, a list of them).
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 # Configured names at least this long also match inside a longer name (``email`` in ``billing_email``, ``phone``
 # in ``Phone Number``); shorter ones (``name``, ``ip``) only match whole, so ``product_name`` stays readable.
 _STEM_MIN = 5
@@ -90,7 +90,7 @@ class PiiPolicy:
             return out
         if isinstance(value, list):
             return [kept for v in value if (kept := self.scrub(v)) is not None or v is None]
-        if isinstance(value, str) and _EMAIL.search(value):
+        if isinstance(value, str) and EMAIL.search(value):
             return self.digest(value) if self.mode == "hash" else None
         return value
 

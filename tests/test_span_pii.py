@@ -1,0 +1,117 @@
+"""PII in the CDP's spans: the pure scrubber, then the real OTel SDK exporter against a running `tower serve`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from collector.span_pii import scrub_cdp_spans
+from connectors.segment.tracking import PiiPolicy
+from tests.server import TowerServer
+
+KEY = "span-pii-key"
+HASH = PiiPolicy.build("hash", KEY, ["email", "phone", "name", "address"])
+DROP = PiiPolicy.build("drop", None, ["email", "phone", "name", "address"])
+EMAIL = "heidi.secret@example.com"
+
+
+def kv(key: str, value: object) -> KeyValue:
+    if isinstance(value, list):
+        return KeyValue(key=key, value=AnyValue(array_value={"values": [AnyValue(string_value=v) for v in value]}))
+    if isinstance(value, int):
+        return KeyValue(key=key, value=AnyValue(int_value=value))
+    return KeyValue(key=key, value=AnyValue(string_value=str(value)))
+
+
+def request(system: str) -> ExportTraceServiceRequest:
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.extend([kv("revops.system", system), kv("service.name", f"{system}-svc")])
+    span = rs.scope_spans.add().spans.add(name="identify", trace_id=b"\x01" * 16, span_id=b"\x02" * 8)
+    span.attributes.extend(
+        [
+            kv("revops.customer.id", EMAIL),
+            kv("revops.invoice.id", "in_1"),
+            kv("enduser.id", EMAIL),
+            kv("Phone Number", "+1 555 0199"),
+            kv("client.address", "203.0.113.9"),
+            kv("cc", [EMAIL, "none"]),
+            kv("seats", 3),
+            kv("product_name", "Pro"),
+        ]
+    )
+    span.events.add(name="traits").attributes.extend([kv("email", EMAIL)])
+    return req
+
+
+def attrs(req: ExportTraceServiceRequest) -> dict[str, object]:
+    span = req.resource_spans[0].scope_spans[0].spans[0]
+    out: dict[str, object] = {}
+    for a in span.attributes:
+        kind = a.value.WhichOneof("value")
+        out[a.key] = (
+            [v.string_value for v in a.value.array_value.values] if kind == "array_value" else getattr(a.value, kind)
+        )
+    return out
+
+
+def test_cdp_spans_are_hashed_and_other_systems_left_alone() -> None:
+    req = request("cdp")
+    assert scrub_cdp_spans(req, HASH) == 6
+    got = attrs(req)
+    assert got["revops.customer.id"] == HASH.identifier(EMAIL) == got["enduser.id"]  # one pseudonym, as in events
+    assert got["revops.invoice.id"] == "in_1" and got["seats"] == 3 and got["product_name"] == "Pro"
+    assert got["cc"] == [HASH.digest(EMAIL), "none"]
+    assert str(got["Phone Number"]).startswith("hmac-sha256:") and str(got["client.address"]).startswith("hmac")
+    assert "secret" not in str(req) and "555" not in str(req) and "203.0.113" not in str(req)
+    billing = request("billing")
+    assert scrub_cdp_spans(billing, HASH) == 0 and attrs(billing)["enduser.id"] == EMAIL
+
+
+def test_drop_mode_removes_what_it_would_hash() -> None:
+    req = request("cdp")
+    scrub_cdp_spans(req, DROP)
+    got = attrs(req)
+    assert set(got) == {"revops.invoice.id", "cc", "seats", "product_name"} and got["cc"] == ["", "none"]
+    assert "secret" not in str(req)
+
+
+def test_a_served_tower_stores_the_cdps_spans_without_pii(tmp_path: Path) -> None:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    with TowerServer(tmp_path, TOWER_CDP_PII_HMAC_KEY=KEY) as server:
+        tids = {}
+        for system in ("cdp", "billing"):
+            provider = TracerProvider(resource=Resource.create({"service.name": system, "revops.system": system}))
+            provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{server.url}/v1/traces")))
+            with provider.get_tracer("t").start_as_current_span(
+                "identify", attributes={"revops.customer.id": EMAIL, "email": EMAIL, "plan": "pro"}
+            ) as span:
+                tids[system] = format(span.get_span_context().trace_id, "032x")
+            provider.shutdown()
+
+        def spans(tid: str) -> list[dict]:
+            r = httpx.get(f"{server.url}/api/traces/{tid}", headers=server.auth)
+            return r.json()["spans"] if r.status_code == 200 else []
+
+        deadline = time.monotonic() + 15
+        while not (spans(tids["cdp"]) and spans(tids["billing"])) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cdp, billing = spans(tids["cdp"]), spans(tids["billing"])
+        assert cdp and billing
+        assert EMAIL not in orjson.dumps(cdp).decode() and cdp[0]["attributes"]["plan"] == "pro"
+        assert cdp[0]["attributes"]["revops.customer.id"] == HASH.identifier(EMAIL)
+        assert billing[0]["attributes"]["email"] == EMAIL  # only the CDP's spans are the CDP's data
+        # the pseudonym is a key like any other: the CDP trace is found by it
+        r = httpx.get(
+            f"{server.url}/api/transactions", headers=server.auth, params={"customer_id": HASH.identifier(EMAIL)}
+        )
+        assert r.status_code == 200 and tids["cdp"] in {t["trace_id"] for t in r.json()["traces"]}
