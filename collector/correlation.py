@@ -108,7 +108,13 @@ def keys_to_follow(links: Iterable[Link], known: set[tuple[str, str]]) -> set[tu
 def event_seeds(rows: Iterable[Mapping[str, str]]) -> set[tuple[str, str]]:
     """The identifying keys of events found by a key no span carries (events without trace context): the keys a
     lookup seeds from besides its own."""
-    return {(t, r[t]) for r in rows for t in ("invoice", "payment", "ledger_entry") if r.get(t)}
+    seeds = {(t, r[t]) for r in rows for t in ("invoice", "payment", "ledger_entry") if r.get(t)}
+    for r in rows:  # every key of an event naming several of one type ('type:value', migration 0021)
+        for ref in r.get("key_refs") or ():
+            key_type, _, value = ref.partition(":")
+            if key_type in ("invoice", "payment", "ledger_entry") and value:
+                seeds.add((key_type, value))
+    return seeds
 
 
 def customers_of(links: Iterable[Link]) -> set[str]:

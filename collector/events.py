@@ -223,6 +223,11 @@ def parse_body(
     return good, bad
 
 
+def key_ref(key_type: str, value: str) -> str:
+    """How business_events.KeyRefs names a key (migration 0021)."""
+    return f"{key_type}:{value}"
+
+
 def to_tables(
     events: list[BusinessEvent], received_ns: list[int], key_names: Mapping[str, str]
 ) -> tuple[pa.Table, pa.Table]:
@@ -231,7 +236,8 @@ def to_tables(
     links: dict[tuple[str, str, str, str], list[Any]] = {}
     for ev, recv in zip(events, received_ns, strict=True):
         a = ev.attributes
-        keys = dict(extract_keys(a, key_names))
+        carried = extract_keys(a, key_names)
+        keys = dict(carried)  # one per type for the key columns; KeyRefs has them all
         amount = a.get("revops.amount_minor", "0")
         row = {
             "EventId": ev.event_id,
@@ -249,6 +255,7 @@ def to_tables(
             "InvoiceId": keys.get("invoice", ""),
             "PaymentId": keys.get("payment", ""),
             "LedgerEntryId": keys.get("ledger_entry", ""),
+            "KeyRefs": [key_ref(t, v) for t, v in carried],
             "AmountMinor": amount_minor(amount) or 0,
             "Currency": a.get("revops.currency", ""),
             "Attributes": list(a.items()),
@@ -257,7 +264,7 @@ def to_tables(
         for k, v in row.items():
             cols[k].append(v)
         if ev.trace_id:
-            for key_type, value in extract_keys(a, key_names):
+            for key_type, value in carried:
                 k = (key_type, value, ev.trace_id, row["System"])
                 cur = links.get(k)
                 if cur is None:

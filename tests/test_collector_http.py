@@ -454,6 +454,32 @@ def test_a_transaction_seen_only_in_events_without_trace_context_is_found_by_its
     )
 
 
+def test_an_event_naming_several_invoices_is_found_by_each_of_them(server: TowerServer) -> None:
+    """An ERP payment applied to two invoices, sent by a batch job without trace context: it was found by the
+    last invoice id only (the event row holds one id per key type)."""
+    tag = time.time_ns()
+    first, second, pay = f"in_a_{tag}", f"in_b_{tag}", f"py_{tag}"
+    event = {
+        "specversion": "1.0",
+        "id": f"apply-{tag}",
+        "source": "erp/batch",
+        "type": "erp.payment.applied",
+        "time": "2026-01-02T09:00:00Z",
+        "data": {"revops.invoice.id": [first, second], "revops.payment.id": pay, "revops.system": "erp"},
+    }
+    r = httpx.post(
+        f"{server.url}/v1/events", content=orjson.dumps(event), headers={"Content-Type": "application/cloudevents+json"}
+    )
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+
+    def ids(params: dict[str, str]) -> list[str]:
+        r = httpx.get(f"{server.url}/api/transactions", headers=server.auth, params=params)
+        return [e["id"] for e in r.json()["events"]] if r.status_code == 200 else []
+
+    assert wait_for(lambda: ids({"invoice_id": second})) == [f"apply-{tag}"]
+    assert ids({"invoice_id": first}) == [f"apply-{tag}"] == ids({"payment_id": pay})
+
+
 def test_metrics_count_what_happened(server: TowerServer) -> None:
     def metrics() -> dict[str, float]:
         text = httpx.get(f"{server.url}/metrics").text

@@ -67,6 +67,7 @@ BUSINESS_EVENTS = pa.schema(
         ("InvoiceId", pa.string()),
         ("PaymentId", pa.string()),
         ("LedgerEntryId", pa.string()),
+        ("KeyRefs", pa.list_(pa.string())),
         ("AmountMinor", pa.int64()),
         ("Currency", pa.string()),
         ("Attributes", ATTRS),

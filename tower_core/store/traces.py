@@ -37,11 +37,13 @@ _EVENTS_FOR = (
     "SELECT * FROM ("  # noqa: S608 (constant parts)
     "SELECT EventId AS event_id, Type AS type, toUnixTimestamp64Nano(Time) AS time_ns, System AS system, "
     "Step AS step, TraceId AS trace_id, CustomerId AS customer, InvoiceId AS invoice, PaymentId AS payment, "
-    "LedgerEntryId AS ledger_entry, row_number() OVER (ORDER BY time_ns, event_id) AS n, "
+    "LedgerEntryId AS ledger_entry, KeyRefs AS key_refs, row_number() OVER (ORDER BY time_ns, event_id) AS n, "
     "count() OVER () AS total FROM $db.business_events FINAL "
     "WHERE InvoiceId IN {inv:Array(String)} OR PaymentId IN {pay:Array(String)} "
-    "OR LedgerEntryId IN {led:Array(String)} OR TraceId IN {tr:Array(String)} "
-    "OR CustomerId IN {cus:Array(String)}) " + _EARLIEST_AND_LATEST + "ORDER BY time_ns"
+    "OR LedgerEntryId IN {led:Array(String)} OR hasAny(KeyRefs, {refs:Array(String)}) "
+    "OR TraceId IN {tr:Array(String)} OR CustomerId IN {cus:Array(String)}) "
+    + _EARLIEST_AND_LATEST
+    + "ORDER BY time_ns"
 )
 
 
@@ -161,6 +163,8 @@ def events_for(
             "inv": by_type["invoice"],
             "pay": by_type["payment"],
             "led": by_type["ledger_entry"],
+            # the same keys in KeyRefs' form (collector.events.key_ref): an event naming several of one type
+            "refs": [f"{t}:{v}" for t, values in by_type.items() for v in values],
             "tr": sorted(set(trace_ids) - {""}),
             "limit": limit,
         },
