@@ -60,6 +60,12 @@ class BreakerOpen(Exception):
     """The target system's breaker refused the call."""
 
 
+class NotYet(Exception):
+    """What the action writes needs something the target does not hold yet (a payment applied to an invoice the
+    ERP has not posted, whose own correction may be queued or running): retried later within the action's
+    budget, like a transient error, without counting against the target's breaker."""
+
+
 @dataclass
 class Breakers:
     """One breaker per target system, shared by every execution thread."""
@@ -192,7 +198,24 @@ class ActionService:
             return f"drift item {row['DriftId']} no longer exists"
         if item["State"] in (c.RESOLVED, c.IGNORED):
             return f"drift item {row['DriftId']} was {item['State']} before the action ran"
-        return ""
+        return self._source_moved_on(row)
+
+    def _source_moved_on(self, row: dict[str, Any]) -> str:
+        """Billing's state now, not the item's (which only the next run's queue merge updates, and the actions
+        job may fire between a run's pull and that merge): a void since the request must stop a posting."""
+        op = policy.operation(row["Operation"])
+        params = json.loads(row["Params"] or "{}")
+        invoice = payment = None
+        try:
+            if op in ("apply_payment", "post_credit_memo") and params.get("payment_id"):
+                found = q.load_payment(self.store, params["payment_id"])
+                payment = (params["payment_id"], found.status if found else None)
+            elif params.get("invoice_id"):
+                found_invoice = q.load_invoice(self.store, params["invoice_id"])
+                invoice = (params["invoice_id"], found_invoice.status if found_invoice else None)
+        except StoreError:
+            return ""  # cannot tell now: the attempt's own reads meet the same store and defer the action
+        return policy.source_moved_on(op, invoice, payment)
 
     # --- locking
     def _lock(self, key: str) -> threading.Lock:
@@ -423,7 +446,7 @@ class ActionService:
             except BusinessRuleError:
                 self.breakers.success(system)  # the system answered: it is up
                 raise
-            except (ActionError, StoreError):
+            except (ActionError, StoreError, NotYet):
                 self.breakers.release(system)  # decided here, or the tower's own store failed: not the system
                 raise
             except Exception as exc:  # an unexpected answer or a bug: a failed attempt, never a stuck action
@@ -453,6 +476,9 @@ class ActionService:
             return self._fail(
                 row, before, attempts_here, f"business rule: {exc}", "rejected by the target; not retried"
             )
+        except NotYet as exc:
+            wait = max(self.retry.initial_s, 1.0)
+            return self._retry_later(row, before, attempts_here, f"waiting: {exc}", wait)
         except ActionError as exc:
             return self._fail(row, before, attempts_here, str(exc), "cannot be performed")
         except StoreError as exc:
@@ -574,6 +600,8 @@ class ActionService:
                     if applied.get(invoice_id, 0) >= amount:
                         outcomes.append(ActionOutcome(pid, True, f"{pid}->{invoice_id} already applied"))
                         continue
+                    if not self._live_postings(invoice_id):
+                        raise NotYet(f"invoice {invoice_id} is not posted in the ERP yet (its own correction first)")
                     outcomes.append(self.erp.apply_payment(payment, invoice_id, amount))
             if not outcomes:
                 raise ActionError(422, "nothing to apply: the payment has no allocations in billing")
@@ -678,6 +706,8 @@ class ActionService:
             return 0
         started = 0
         items, _ = q.list_drift(self.store, classes=sorted(c.TECHNICAL), states=[c.NEW, c.PERSISTING], limit=1000)
+        # invoices first: a payment or refund is applied to an invoice the ERP must already hold
+        items.sort(key=lambda i: policy.AUTO_ORDER.index(i["class"]) if i["class"] in policy.AUTO_ORDER else 99)
         for item in items:
             try:
                 self.request(item["drift_id"], "reconciler (auto)", automatic=True)

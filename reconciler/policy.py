@@ -32,6 +32,8 @@ OPERATIONS: dict[str, str] = {
 }
 # Business-rule operations planned by ``correction``: they cancel postings and may post again.
 CORRECTIONS = frozenset({"repost_invoice", "reverse_duplicate"})
+# the order automatic corrections start in: what the others build on first (an application needs its invoice)
+AUTO_ORDER = (c.MISSING_IN_ERP, c.PAYMENT_UNAPPLIED, c.REFUND_UNPOSTED)
 # (class, reason) whose correction is a choice the tower does not make: why, for the operator
 NOT_CORRECTED: dict[tuple[str, str], str] = {
     (c.PAYMENT_UNAPPLIED, "matched_not_applied"): (
@@ -90,6 +92,27 @@ class Correction:
     cancel: tuple[str, ...]
     post: bool
     keep: str  # the posting that stays ('' if none)
+
+
+def source_moved_on(op: str, invoice: tuple[str, str | None] | None, payment: tuple[str, str | None] | None) -> str:
+    """Why ``op`` must not write any more because billing, the source of truth, moved on since it was requested:
+    an invoice no longer open, paid or uncollectible (voided, back to draft, deleted), a payment or refund no longer
+    succeeded. ``invoice`` / ``payment``: (id, billing status now, None when billing no longer has it), or None
+    when the action does not write from it. Empty when it still applies. Reversing a duplicate writes nothing
+    new from the invoice, so a void does not stop it."""
+    if invoice is not None and op != "reverse_duplicate":
+        invoice_id, status = invoice
+        if status is None:
+            return f"billing no longer has invoice {invoice_id}"
+        if status not in c.INVOICE_FINAL_STATUSES:
+            return f"billing now has invoice {invoice_id} as {status}"
+    if payment is not None:
+        payment_id, status = payment
+        if status is None:
+            return f"billing no longer has payment {payment_id}"
+        if status != "succeeded":
+            return f"billing now has payment {payment_id} as {status}"
+    return ""
 
 
 def correction(op: str, live: Sequence[LedgerEntry], invoice: Invoice) -> Correction:

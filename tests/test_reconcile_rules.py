@@ -259,6 +259,20 @@ def test_policy() -> None:
     assert policy.decision(c.ORPHAN_PAYMENT, auto_enabled=True) == "manual"
     assert policy.target_ref(c.PAYMENT_UNAPPLIED, {"invoice_id": "", "payment_id": "py_1"}) == "py_1"
     assert policy.target_ref(c.MISSING_IN_ERP, {"invoice_id": "in_1", "payment_id": ""}) == "in_1"
+    assert set(policy.AUTO_ORDER) == c.TECHNICAL and policy.AUTO_ORDER[0] == c.MISSING_IN_ERP
+
+
+def test_a_correction_stops_once_billing_moved_on() -> None:
+    gone = policy.source_moved_on
+    for status in ("open", "paid", "uncollectible"):
+        assert gone("post_invoice", ("in_1", status), None) == ""
+    assert gone("post_invoice", ("in_1", "void"), None) == "billing now has invoice in_1 as void"
+    assert gone("repost_invoice", ("in_1", "draft"), None) == "billing now has invoice in_1 as draft"
+    assert gone("post_invoice", ("in_1", None), None) == "billing no longer has invoice in_1"
+    assert gone("reverse_duplicate", ("in_1", "void"), None) == ""  # cancelling a twin writes nothing new
+    assert gone("apply_payment", None, ("py_1", "succeeded")) == ""
+    assert gone("apply_payment", None, ("py_1", "failed")) == "billing now has payment py_1 as failed"
+    assert gone("post_credit_memo", None, ("re_1", None)) == "billing no longer has payment re_1"
 
 
 def _posting(entry_id: str, amount: int, currency: str = "USD", minute: int = 0) -> LedgerEntry:

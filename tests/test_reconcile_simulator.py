@@ -24,7 +24,7 @@ from reconciler.policy import RetryPolicy
 from reconciler.runner import WATERMARK_OVERLAP, Reconciler
 from reconciler.service import ReconcilerService
 from tower_core.errors import StoreError
-from tower_core.models import CdpProfile, Customer
+from tower_core.models import CdpProfile, Customer, Payment
 from tower_core.settings import Settings
 from tower_core.store import Store, migrate
 from tower_core.store import reconcile as q
@@ -287,6 +287,37 @@ def test_a_correction_runs_again_when_the_drift_comes_back_after_it_succeeded(st
     assert svc.actions.request(drift_id, "bob")["action_id"] == again["action_id"]  # no new run: it stands
 
 
+def test_a_queued_sync_of_an_invoice_billing_voided_since_is_cancelled_not_posted(store: Store, tmp_path: Path) -> None:
+    """Deferred by an ERP outage, then billing voids the invoice. The actions job can fire after a run pulled the
+    void and before its queue merge resolves the item: it posted the voided invoice (a new drift, made by the
+    tower). It now reads billing's state before writing."""
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=5)
+    drift_id = c.drift_id(c.MISSING_IN_ERP, invoice_id)
+    estate.erp.begin_outage()
+    queued = svc.actions.request(drift_id, "otto")
+    assert queued["state"] == "pending"
+    invoice = estate.billing.invoices.get(invoice_id)
+    assert invoice is not None
+    estate.billing.invoices.put(
+        dataclasses.replace(invoice, status="void", updated_at=invoice.updated_at + dt.timedelta(seconds=1))
+    )
+    estate.erp.end_outage()
+    fired: list[int] = []
+
+    def actions_job_between_pull_and_merge(stage: str, done: int, total: int) -> None:
+        if stage == "candidates":  # billing_invoices holds the void; the item is not resolved yet
+            fired.append(svc.actions.process_due())
+
+    svc.reconciler.run(as_of=estate.config.as_of, progress=actions_job_between_pull_and_merge)
+    assert fired == [1]
+    action = svc.actions.get(queued["action_id"])
+    assert action["state"] == "failed" and not action["dead_letter"]
+    assert f"billing now has invoice {invoice_id} as void" in action["last_error"]
+    assert invoice_postings(estate, invoice_id) == []  # nothing written to the ERP
+    svc.run(as_of=estate.config.as_of)
+    assert not [k for k in open_items(store) if k[1] == invoice_id]  # and no drift the tower made itself
+
+
 def test_erp_outage_opens_the_breaker_and_actions_succeed_after_recovery(store: Store, tmp_path: Path) -> None:
     estate = missing_estate(seed=8, invoices=600, erp_posting_missing=0.02)
     svc = service_for(store, estate, tmp_path, reconcile_breaker_reset_s=2.0)
@@ -409,16 +440,19 @@ def test_an_unexpected_erp_error_fails_the_action_instead_of_leaving_it_in_progr
 
 
 class StoreFailingOnce:
-    """The real chDB store failing the first query that contains ``fragment`` (a test wrapper, named as such: chDB
-    cannot be made to drop one query on cue)."""
+    """The real chDB store failing one query that contains ``fragment``, the first after ``skip`` such (a test
+    wrapper, named as such: chDB cannot be made to drop one query on cue)."""
 
-    def __init__(self, store: Store, fragment: str) -> None:
-        self._store, self.fragment, self.failed = store, fragment, False
+    def __init__(self, store: Store, fragment: str, skip: int = 0) -> None:
+        self._store, self.fragment, self.failed, self.skip = store, fragment, False, skip
 
     def query_rows(self, sql: str, *args: Any, **kwargs: Any) -> Any:
         if not self.failed and self.fragment in sql:
-            self.failed = True
-            raise StoreError("Code: 210. DB::NetException: Connection refused")
+            if self.skip:
+                self.skip -= 1
+            else:
+                self.failed = True
+                raise StoreError("Code: 210. DB::NetException: Connection refused")
         return self._store.query_rows(sql, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -431,7 +465,8 @@ def test_a_store_error_around_the_erp_call_defers_the_action_without_blaming_the
     """The tower's own store failing the read before the write is not the ERP's fault: the breaker counts
     nothing, the action is not failed for good, and its next attempt writes once."""
     estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=18)
-    flaky = StoreFailingOnce(store, "FROM $db.billing_invoices FINAL WHERE InvoiceId")
+    # the first read of the invoice is the check that billing still has it final; the second is _perform's
+    flaky = StoreFailingOnce(store, "FROM $db.billing_invoices FINAL WHERE InvoiceId", skip=1)
     svc.actions.store = flaky  # type: ignore[assignment]
     action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
     assert flaky.failed and action["state"] == "pending" and not action["dead_letter"]
@@ -501,6 +536,80 @@ def test_auto_correct_repairs_technical_classes_only(store: Store, tmp_path: Pat
     assert len(failed) == rejected
     svc.run(as_of=estate.config.as_of)  # failed automatic corrections are not retried run after run
     assert q.list_actions(store, states=["failed"], limit=1000)[1] == rejected
+
+
+def test_auto_correct_posts_invoices_before_applying_payments_to_them(store: Store, tmp_path: Path) -> None:
+    """Invoices the ERP never got, each paid by card since: two technical items per invoice. In queue order a
+    payment's application could run first, be refused (the invoice is not posted) and sit in the dead letters,
+    never retried, while the same pass posted the invoice. Invoices go first now, and an application whose
+    invoice is not posted yet waits instead of failing."""
+    estate = missing_estate(seed=5, invoices=600, erp_posting_missing=0.05)
+    missing = sorted(
+        i.invoice_id
+        for i in estate.billing.invoices.values()
+        if i.status == "open" and not estate.erp.refs(i.invoice_id) and i.issued_at.date() >= estate.erp.closed_before
+    )[:8]
+    assert len(missing) == 8
+    at = estate.config.as_of - dt.timedelta(days=1)
+    for n, invoice_id in enumerate(missing):
+        inv = estate.billing.invoices.get(invoice_id)
+        assert inv is not None
+        estate.billing.payments.put(
+            Payment(
+                f"py_card{n}",
+                "payment",
+                inv.customer_id,
+                inv.region,
+                inv.currency,
+                inv.total_minor,
+                "succeeded",
+                at,
+                at,
+                "card",
+                {invoice_id: inv.total_minor},
+            )  # fmt: skip
+        )
+    svc = service_for(store, estate, tmp_path, reconcile_auto_correct=True)
+    svc.run(full=True, as_of=estate.config.as_of)
+    actions = q.list_actions(store, limit=1000)[0]
+    applied = [a for a in actions if a["Class"] == c.PAYMENT_UNAPPLIED]
+    assert len(applied) == 8 and {a["State"] for a in applied} == {"succeeded"}, [a["LastError"] for a in applied]
+    svc.run(full=True, as_of=estate.config.as_of)
+    assert not [k for cls, k in open_items(store) if cls == c.PAYMENT_UNAPPLIED and k.startswith("py_card")]
+
+
+def test_an_application_waits_for_its_invoice_instead_of_failing(store: Store, tmp_path: Path) -> None:
+    """Requested by hand before the invoice's own correction: it waits (pending, within its retry budget) and
+    succeeds once the invoice is posted."""
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, reconcile_action_backoff_s=0.01)
+    inv = estate.billing.invoices.get(invoice_id)
+    assert inv is not None
+    at = estate.config.as_of - dt.timedelta(days=1)
+    estate.billing.payments.put(
+        Payment(
+            "py_early",
+            "payment",
+            inv.customer_id,
+            inv.region,
+            inv.currency,
+            inv.total_minor,
+            "succeeded",
+            at,
+            at,
+            "card",
+            {invoice_id: inv.total_minor},
+        )  # fmt: skip
+    )
+    svc.run(as_of=estate.config.as_of)
+    early = svc.actions.request(c.drift_id(c.PAYMENT_UNAPPLIED, "py_early"), "otto")
+    assert early["state"] == "pending" and f"invoice {invoice_id} is not posted" in early["last_error"]
+    assert not early["dead_letter"] and estate.erp.find_by_external_ref("py_early") == []
+    assert svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "otto")["state"] == "succeeded"
+    deadline = time.monotonic() + 10
+    while svc.actions.get(early["action_id"])["state"] == "pending" and time.monotonic() < deadline:
+        svc.actions.process_due()
+        time.sleep(0.2)
+    assert svc.actions.get(early["action_id"])["state"] == "succeeded"
 
 
 def test_transient_errors_are_retried_with_backoff(store: Store, tmp_path: Path) -> None:
