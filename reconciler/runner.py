@@ -22,6 +22,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from connectors.base import BillingConnector, ErpConnector, TransientError
 from connectors.segment.tracking import PiiPolicy
 from reconciler import classify as c
+from reconciler import run_owner
 from tower_core.models import CURRENCY_EXPONENT, record_ref
 from tower_core.store import Store
 from tower_core.store import reconcile as q
@@ -219,6 +220,7 @@ class Reconciler:
             "DriftResolved": 0,
             "ResidualMinor": 0,
             "Error": "",
+            "Owner": run_owner.this_process(),
         }
         q.write_run(store, record)
 

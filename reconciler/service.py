@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 import threading
 import uuid
 from typing import Any
 
 from connectors.segment.tracking import PiiPolicy
 from reconciler import classify as c
+from reconciler import run_owner
 from reconciler.actions import ActionError, ActionService, Breakers
 from reconciler.connectors import Connectors
 from reconciler.connectors import build as build_connectors
@@ -79,11 +81,15 @@ class ReconcilerService:
 
     # --- lifecycle
     def start(self, scheduler: Any = None) -> None:
-        """Close runs a crash interrupted, recover in-progress actions, schedule the jobs.
+        """Close runs a crash interrupted (not those another live process is running), recover in-progress
+        actions, schedule the jobs.
 
         ``scheduler``: an APScheduler scheduler to add the jobs to (the app's); None = no jobs here.
         """
+        host, now = socket.gethostname(), dt.datetime.now(dt.UTC)
         for run in q.interrupted_runs(self.store):
+            if not run_owner.abandoned(run["owner"], now - c.aware(run["started_at"]), host):
+                continue  # another process is running it right now
             run_record = {
                 "RunId": run["run_id"],
                 "Mode": run["mode"],
@@ -103,6 +109,7 @@ class ReconcilerService:
                 "DriftResolved": run["drift_resolved"],
                 "ResidualMinor": run["residual_minor"],
                 "Error": "interrupted (the process stopped during the run)",
+                "Owner": run["owner"],
             }
             q.write_run(self.store, run_record)
         if self.actions.erp is not None and self.actions.executes:  # another process's actions are its own

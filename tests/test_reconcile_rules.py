@@ -4,12 +4,13 @@ policy, idempotency keys and the circuit breaker state machine."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 from typing import Any
 
 import pytest
 
 from reconciler import classify as c
-from reconciler import policy
+from reconciler import policy, run_owner
 from reconciler.breaker import Breaker
 from tower_core.models import Invoice, LedgerEntry
 from tower_core.settings import Settings
@@ -273,6 +274,25 @@ def test_a_correction_stops_once_billing_moved_on() -> None:
     assert gone("apply_payment", None, ("py_1", "succeeded")) == ""
     assert gone("apply_payment", None, ("py_1", "failed")) == "billing now has payment py_1 as failed"
     assert gone("post_credit_memo", None, ("re_1", None)) == "billing no longer has payment re_1"
+
+
+def test_a_run_is_abandoned_only_when_its_process_is_gone() -> None:
+    alive = {4242: "9001"}.get
+
+    def ticks(pid: int) -> str:
+        return alive(pid) or ""
+
+    minute, day = dt.timedelta(minutes=1), dt.timedelta(days=1)
+    assert not run_owner.abandoned("h1/4242/9001", minute, "h1", ticks)  # running here, right now
+    assert run_owner.abandoned("h1/4242/8000", minute, "h1", ticks)  # the pid names another process now
+    assert run_owner.abandoned("h1/5555/9001", minute, "h1", ticks)  # gone
+    assert not run_owner.abandoned("h2/5555/1", minute, "h1", ticks)  # another host: cannot tell yet
+    assert run_owner.abandoned("h2/5555/1", day, "h1", ticks)  # ... until it is far too old to be running
+    assert run_owner.abandoned("", minute, "h1", ticks)  # written before migration 0022
+    me = run_owner.this_process()
+    host, pid, start = me.rsplit("/", 2)
+    assert pid == str(os.getpid()) and start == run_owner.start_ticks(os.getpid()) != ""
+    assert not run_owner.abandoned(me, minute, host)
 
 
 def _posting(entry_id: str, amount: int, currency: str = "USD", minute: int = 0) -> LedgerEntry:

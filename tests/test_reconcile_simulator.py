@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import socket
 import threading
 import time
 from collections import Counter
@@ -610,6 +611,33 @@ def test_an_application_waits_for_its_invoice_instead_of_failing(store: Store, t
         svc.actions.process_due()
         time.sleep(0.2)
     assert svc.actions.get(early["action_id"])["state"] == "succeeded"
+
+
+def test_a_starting_process_closes_only_the_runs_of_a_process_that_is_gone(store: Store, tmp_path: Path) -> None:
+    """Beside a ClickHouse server an API and `tower reconciler` share the store: one starting while the other ran
+    marked that live run failed ('interrupted'), and `tower reconcile` polling it reported a failure."""
+    estate = missing_estate(seed=5, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    gone = {**q.get_run(store, svc.run(full=True, as_of=estate.config.as_of).run_id)}  # type: ignore[dict-item]
+    left_over = dict(
+        RunId="left-over", Mode="full", Region="", Trigger="schedule", RequestedBy="", State="running", Stage="facts",
+        AsOf=gone["as_of"], Watermark=gone["watermark"], StartedAt=gone["started_at"], FinishedAt=q.EPOCH, Pulled={},
+        KeysCompared=0, DriftOpen=0, DriftNew=0, DriftResolved=0, ResidualMinor=0, Error="",
+        Owner=f"{socket.gethostname()}/999999999/1",  # a process long gone
+    )  # fmt: skip
+    q.write_run(store, left_over)
+    seen: list[str] = []
+
+    def another_process_starts(stage: str, done: int, total: int) -> None:
+        if stage == "facts":
+            service_for(store, estate, tmp_path)  # its start() closes interrupted runs
+            seen.extend(r["state"] for r in q.interrupted_runs(store))
+            seen.append(q.get_run(store, "left-over")["state"])  # type: ignore[index]
+
+    result = svc.reconciler.run(as_of=estate.config.as_of, progress=another_process_starts)
+    assert seen == ["running", "failed"]  # this live run untouched; the left-over one closed
+    assert q.get_run(store, result.run_id)["state"] == "succeeded"  # type: ignore[index]
+    assert "interrupted" in q.get_run(store, "left-over")["error"]  # type: ignore[index]
 
 
 def test_transient_errors_are_retried_with_backoff(store: Store, tmp_path: Path) -> None:

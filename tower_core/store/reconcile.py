@@ -241,6 +241,7 @@ RUN_FIELDS = (
     "DriftResolved",
     "ResidualMinor",
     "Error",
+    "Owner",
 )
 RUNS = pa.schema(
     [
@@ -262,6 +263,7 @@ RUNS = pa.schema(
         ("DriftResolved", pa.uint64()),
         ("ResidualMinor", pa.int64()),
         ("Error", pa.string()),
+        ("Owner", pa.string()),
         ("Version", pa.uint64()),
     ]
 )
@@ -280,7 +282,8 @@ _RUN_COLUMNS = (
     "RunId AS run_id, Mode AS mode, Region AS region, Trigger AS trigger, RequestedBy AS requested_by, "
     "State AS state, Stage AS stage, AsOf AS as_of, Watermark AS watermark, StartedAt AS started_at, "
     "FinishedAt AS finished_at, Pulled AS pulled, KeysCompared AS keys_compared, DriftOpen AS drift_open, "
-    "DriftNew AS drift_new, DriftResolved AS drift_resolved, ResidualMinor AS residual_minor, Error AS error"
+    "DriftNew AS drift_new, DriftResolved AS drift_resolved, ResidualMinor AS residual_minor, Error AS error, "
+    "Owner AS owner"
 )
 
 
