@@ -64,7 +64,10 @@ def operation(stored: str) -> str:
 TARGET_SYSTEM = "erp"
 
 
-def decision(cls: str, auto_enabled: bool) -> Decision:
+def decision(cls: str, auto_enabled: bool, reason: str = "") -> Decision:
+    """Who corrects an item of this class (and reason code): "manual" when the tower does not (NOT_CORRECTED)."""
+    if (cls, reason) in NOT_CORRECTED:
+        return "manual"
     if cls in c.TECHNICAL:
         return "auto" if auto_enabled else "operator"
     if cls in c.BUSINESS or cls in OPERATIONS:

@@ -25,6 +25,7 @@ from connectors.simulator.server import create_sim_app
 from reconciler.connectors import Connectors
 from tests.conftest import free_port, wait_for_port
 from tests.server import TowerServer
+from tower_core.models import Payment
 from tower_core.settings import Settings
 from tower_core.store import Store, migrate
 
@@ -142,6 +143,40 @@ def test_run_then_list_filter_sort_paginate_and_statement(api: dict[str, Any]) -
     assert naive.status_code == 422 and "timezone" in naive.text
     assert c.get("/api/runs", headers=auth(op)).json()["total"] == 1
     assert c.get("/api/drift/summary", headers=auth(op)).json()["open"] == len(expected)
+
+
+def test_an_item_the_tower_does_not_correct_says_so_in_its_policy(api: dict[str, Any]) -> None:
+    """A payment billing allocated nowhere that matches an open invoice by amount: the tower answers a sync with
+    422 (allocate it in billing); the item's policy said "operator", and the dashboard offered the sync."""
+    cl, op, estate = api["c"], api["operator"], api["estate"]
+    inv = next(
+        i
+        for i in sorted(estate.billing.invoices.values(), key=lambda i: i.invoice_id)
+        if i.status == "open" and estate.erp.refs(i.invoice_id) and i.amount_paid_minor == 0
+        and estate.config.as_of - i.issued_at < dt.timedelta(days=20)
+    )  # fmt: skip
+    at = inv.issued_at + dt.timedelta(days=2)
+    estate.billing.payments.put(
+        Payment(
+            "py_unalloc",
+            "payment",
+            inv.customer_id,
+            inv.region,
+            inv.currency,
+            inv.total_minor,
+            "succeeded",
+            at,
+            at,
+            "bank_transfer",
+            {},
+        )  # fmt: skip
+    )
+    run_and_wait(cl, op, {"full": True, "as_of": as_of(api)})
+    item = cl.get("/api/drift", params={"key": "py_unalloc"}, headers=auth(op)).json()["items"][0]
+    detail = cl.get(f"/api/drift/{item['drift_id']}", headers=auth(op)).json()
+    assert (detail["reason_code"], detail["policy"]) == ("matched_not_applied", "manual")
+    assert "allocate it in billing" in detail["policy_note"]
+    assert cl.post(f"/api/drift/{item['drift_id']}/sync", json={}, headers=auth(op)).status_code == 422
 
 
 def test_item_detail_diff_history_transaction_and_audited_transitions(api: dict[str, Any]) -> None:

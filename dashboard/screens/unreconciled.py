@@ -192,6 +192,8 @@ def _item(api: TowerApi, drift_id: str) -> None:
         return
     st.subheader("Act on this item")
     session.confirmation("item", drift_id)
+    if item.get("policy_note"):  # a class and reason the tower leaves to a person: say what to do instead
+        st.info(f"The tower does not correct this item: {views.md_escape(item['policy_note'])}")
     resolved = item["state"] == "resolved"
     what = views.md_escape(f"{item['class']} {item['primary_key']}")  # shown in the questions below
     c1, c2, c3 = st.columns(3)
