@@ -125,6 +125,11 @@ def test_run_then_list_filter_sort_paginate_and_statement(api: dict[str, Any]) -
     assert statement["items"] and all(row["residual_minor"] == 0 for row in statement["items"])
     explained = {k for t in statement["totals"] for k in t["explained"]}
     assert {"missing_in_erp", "amount_mismatch"} <= explained
+    by_id = c.get("/api/statements", params={"run_id": run["run_id"]}, headers=auth(op)).json()
+    assert by_id["totals"] == statement["totals"]
+    # no such run: a 404, not an empty statement with a zero residual that reads as a clean reconciliation
+    unknown = c.get("/api/statements", params={"run_id": "nope"}, headers=auth(op))
+    assert unknown.status_code == 404 and "no reconciliation run nope" in unknown.json()["detail"]
     summary = c.get("/api/drift/summary", headers=auth(op)).json()
     assert summary["open"] == len(expected)
     runs = c.get("/api/runs", headers=auth(op)).json()

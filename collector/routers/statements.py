@@ -18,6 +18,12 @@ router = APIRouter(prefix="/api/statements", tags=["statements"])
 
 
 def _statement(store: Store, run_id: str | None, **kwargs: Any) -> dict[str, Any] | None:
+    if run_id:  # an empty answer would read as a clean reconciliation: only a finished run has a statement
+        run = q.get_run(store, run_id)
+        if run is None:
+            raise HTTPException(404, f"no reconciliation run {run_id}")
+        if run["state"] != "succeeded":
+            raise HTTPException(404, f"run {run_id} is {run['state']}: it has no statement")
     run_id = run_id or q.latest_statement_run(store)
     if run_id is None:
         return None
