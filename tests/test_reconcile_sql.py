@@ -158,6 +158,30 @@ def test_every_class_with_its_diff_and_a_zero_residual(store: Store) -> None:
     assert cells[("EU", "EUR")]["explained"] == {c.CURRENCY_MISMATCH: -1_100}
 
 
+def test_a_long_audit_trail_keeps_how_it_began_and_how_it_ended(store: Store) -> None:
+    """An action deferred through a long outage gathers hundreds of records: the first 200 hid its end."""
+    store.command(
+        "INSERT INTO $db.audit_log (AuditId, EventTime, Actor, Action, ObjectType, ObjectId, Before, After, Note, "
+        "Outcome) SELECT concat('a', toString(number)), toDateTime64('2026-01-01 00:00:00', 3) + toIntervalSecond("
+        "number), if(number = 0, 'otto', 'reconciler'), multiIf(number = 0, 'action.request', number = 299, "
+        "'action.succeed', 'action.defer'), 'action', 'act_1', '', '', '', 'ok' FROM numbers(300)"
+    )
+    trail = q.audit_for(store, "action", "act_1")
+    assert len(trail) == 200 and set(trail[0]) == {
+        "audit_id",
+        "at",
+        "actor",
+        "action",
+        "before",
+        "after",
+        "note",
+        "outcome",
+    }
+    assert (trail[0]["actor"], trail[0]["action"]) == ("otto", "action.request")
+    assert trail[-1]["action"] == "action.succeed" and [t["at"] for t in trail] == sorted(t["at"] for t in trail)
+    assert len(q.audit_for(store, "action", "act_1", limit=1000)) == 300
+
+
 def test_unclassified_difference_leaves_a_residual(store: Store) -> None:
     """A difference nothing explains shows up as residual, not as 0: here a posting in EU of an invoice billed in
     NA, which an EU run does not compare (the key is NA's) and no run has classified yet."""

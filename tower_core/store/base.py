@@ -55,6 +55,11 @@ def input_from_file(sql: str, path: str, fmt: str) -> str:
     return _INPUT.sub(file_source(path, fmt)[:-1] + ", ", sql)
 
 
+# Past {limit} rows numbered n of total: the earliest half and the latest half (the first say how something
+# began, the last what happens now).
+EARLIEST_AND_LATEST = "WHERE n <= intDiv({limit:UInt32} + 1, 2) OR n > total - intDiv({limit:UInt32}, 2) "
+
+
 def rows_of(table: pa.Table) -> list[dict[str, Any]]:
     """Rows as dicts; a stored value Python cannot hold (a date before year 1 in UTC) is a store error."""
     try:

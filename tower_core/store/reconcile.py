@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from tower_core.models import Invoice, LedgerEntry, Payment
 from tower_core.store.arrow_schemas import BILLING_INVOICES, BILLING_PAYMENTS, ERP_LEDGER_ENTRIES
-from tower_core.store.base import Store
+from tower_core.store.base import EARLIEST_AND_LATEST, Store
 
 TS_MS = pa.timestamp("ms", tz="UTC")
 TS_US = pa.timestamp("us", tz="UTC")
@@ -1729,15 +1729,22 @@ def write_audit(store: Store, records: Sequence[Mapping[str, Any]]) -> int:
     return store.insert_arrow("audit_log", _table(AUDIT, records), dedup_token=f"audit_{records[0]['AuditId']}")
 
 
+_AUDIT_FOR = (
+    "SELECT * FROM (SELECT *, row_number() OVER (ORDER BY at, audit_id) AS n, count() OVER () AS total FROM ("  # noqa: S608 (constant parts)
+    "SELECT AuditId AS audit_id, EventTime AS at, Actor AS actor, Action AS action, Before AS before, "
+    "After AS after, Note AS note, Outcome AS outcome FROM $db.audit_log "
+    "WHERE ObjectType = {t:String} AND ObjectId = {id:String} ORDER BY EventTime, AuditId LIMIT 1 BY AuditId)) "
+    + EARLIEST_AND_LATEST
+    + "ORDER BY n"
+)
+
+
 def audit_for(store: Store, object_type: str, object_id: str, limit: int = 200) -> list[dict[str, Any]]:
-    rows = store.query_rows(
-        "SELECT AuditId AS audit_id, EventTime AS at, Actor AS actor, Action AS action, Before AS before, "
-        "After AS after, Note AS note, Outcome AS outcome FROM $db.audit_log "
-        "WHERE ObjectType = {t:String} AND ObjectId = {id:String} ORDER BY EventTime, AuditId LIMIT 1 BY AuditId "
-        "LIMIT {limit:UInt32}",
-        {"t": object_type, "id": object_id, "limit": limit},
-    )
+    """One object's audit trail in time order; past ``limit`` records its first and its last halves, so a long
+    one (an action deferred through a long outage) still shows who started it and how it ended."""
+    rows = store.query_rows(_AUDIT_FOR, {"t": object_type, "id": object_id, "limit": limit})
     for r in rows:
+        del r["n"], r["total"]
         for k in ("before", "after"):
             r[k] = json.loads(r[k]) if r[k] else None
     return rows

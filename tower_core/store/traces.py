@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from tower_core.store.base import Store
+from tower_core.store.base import EARLIEST_AND_LATEST, Store
 
 _SPANS_OF_TRACES = (
     "SELECT toUnixTimestamp64Nano(Timestamp) AS start_ns, TraceId AS trace_id, SpanId AS span_id, "
@@ -20,17 +20,13 @@ _SPANS_OF_TRACES = (
 )
 
 
-# Past {limit} rows numbered n of total: the earliest half and the latest half (the first define a transaction,
-# the last are what happens now).
-_EARLIEST_AND_LATEST = "WHERE n <= intDiv({limit:UInt32} + 1, 2) OR n > total - intDiv({limit:UInt32}, 2) "
-
 _LINKS_FOR_KEYS = (
     "SELECT key_type, key_value, trace_id, system, first_ns, last_ns, total FROM ("  # noqa: S608 (constant parts)
     "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
     "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns, "
     "row_number() OVER (ORDER BY first_ns, trace_id, key_type, key_value, system) AS n, count() OVER () AS total "
     "FROM $db.business_key_links WHERE (KeyType, KeyValue) IN {keys:Array(Tuple(String, String))} "
-    "GROUP BY KeyType, KeyValue, TraceId, System) " + _EARLIEST_AND_LATEST + "ORDER BY first_ns DESC"
+    "GROUP BY KeyType, KeyValue, TraceId, System) " + EARLIEST_AND_LATEST + "ORDER BY first_ns DESC"
 )
 
 _EVENTS_FOR = (
@@ -41,9 +37,7 @@ _EVENTS_FOR = (
     "count() OVER () AS total FROM $db.business_events FINAL "
     "WHERE InvoiceId IN {inv:Array(String)} OR PaymentId IN {pay:Array(String)} "
     "OR LedgerEntryId IN {led:Array(String)} OR hasAny(KeyRefs, {refs:Array(String)}) "
-    "OR TraceId IN {tr:Array(String)} OR CustomerId IN {cus:Array(String)}) "
-    + _EARLIEST_AND_LATEST
-    + "ORDER BY time_ns"
+    "OR TraceId IN {tr:Array(String)} OR CustomerId IN {cus:Array(String)}) " + EARLIEST_AND_LATEST + "ORDER BY time_ns"
 )
 
 
