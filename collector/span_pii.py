@@ -13,12 +13,14 @@ In drop mode, or when no PII key is configured, those attributes are removed ins
 
 from __future__ import annotations
 
+import re
 from collections.abc import MutableSequence
+from functools import lru_cache
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from connectors.segment.tracking import EMAIL, PiiPolicy
+from connectors.segment.tracking import EMAIL, NOT_PII_KEYS, STEM_MIN, PiiPolicy
 from tower_core.settings import Settings
 
 CDP = "cdp"
@@ -31,6 +33,50 @@ def policy_for(settings: Settings) -> PiiPolicy:
     return PiiPolicy.build(mode, key, settings.cdp_pii_fields)
 
 
+_DOMAIN_AFTER_AT = re.compile(rb"@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_LOCAL_PART = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
+
+
+_NOT_ALNUM = bytes(b for b in range(128) if not chr(b).isalnum()) + bytes(range(128, 256))
+
+
+@lru_cache(maxsize=8)
+def _markers(fields: frozenset[str]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """Where a PII key would show in lower-cased protobuf bytes: a short field as a whole key (KeyValue.key: tag
+    0x0a, its length, the name); a long one anywhere once the bytes are squeezed to ASCII letters and digits, as
+    PiiPolicy.is_field squeezes names (``first_name`` holds ``firstname``)."""
+    short = tuple(b"\x0a" + bytes([len(f)]) + f.encode() for f in fields if len(f) < STEM_MIN)
+    return short, tuple(f.encode() for f in fields if len(f) >= STEM_MIN)
+
+
+def _has_address(blob: bytes) -> bool:
+    """An e-mail address at one of the '@' (a bare '@' is common in binary fields: ids, timestamps): a local-part
+    character before it and a domain after it, as tracking.EMAIL reads them."""
+    at = blob.find(b"@")
+    while at != -1:
+        if at and blob[at - 1] in _LOCAL_PART and _DOMAIN_AFTER_AT.match(blob, at):
+            return True
+        at = blob.find(b"@", at + 1)
+    return False
+
+
+def may_hold_pii(blob: bytes, policy: PiiPolicy) -> bool:
+    """False only when no attribute in these protobuf bytes (a CDP's resource spans) can need scrubbing: no e-mail
+    address and no PII key. A look at the bytes first, since walking spans in Python costs ~6 ms per 1,000."""
+    if _has_address(blob):
+        return True
+    if not all(f.isascii() for f in policy.fields):
+        return True  # a field this look cannot spell in bytes: walk the spans
+    low = blob.lower()
+    for key in NOT_PII_KEYS:
+        low = low.replace(key.encode(), b"")
+    short, long = _markers(policy.fields)
+    if any(m in low for m in short):
+        return True
+    squeezed = low.translate(None, _NOT_ALNUM)
+    return any(m in squeezed for m in long)
+
+
 def _is_cdp(attributes: Any) -> bool:
     return any(kv.key == "revops.system" and kv.value.string_value == CDP for kv in attributes)
 
@@ -40,27 +86,39 @@ def _text(value: Any) -> str:
     return "" if kind is None else str(getattr(value, kind))
 
 
-def _scrub(attributes: MutableSequence[Any], policy: PiiPolicy) -> int:
-    """Scrub one attribute list in place; returns how many attributes were hashed or removed."""
+# what an attribute key is to the scrubber, decided once per key (keys repeat across a CDP's spans)
+_KEY, _FIELD, _OTHER = 0, 1, 2
+
+
+def _scrub(attributes: MutableSequence[Any], policy: PiiPolicy, kinds: dict[str, int]) -> int:
+    """Scrub one attribute list in place; returns how many attributes were hashed or removed. The common case,
+    a string holding no '@' under a key that is no PII field, costs a dict look-up and a substring test."""
     changed = 0
     for i in reversed(range(len(attributes))):
         kv = attributes[i]
+        key = kv.key
+        kind = kinds.get(key)
+        if kind is None:
+            kind = kinds[key] = _KEY if key.startswith("revops.") else _FIELD if policy.is_field(key) else _OTHER
         value = kv.value
-        kind = value.WhichOneof("value")
-        if kv.key.startswith("revops."):
-            if kind != "string_value" or "@" not in value.string_value:
+        text = value.string_value
+        if kind != _FIELD and "@" not in text:
+            if text or value.WhichOneof("value") != "array_value":
                 continue
-            pseudonym = policy.identifier(value.string_value)
-        elif policy.is_field(kv.key):
-            pseudonym = policy.digest(_text(value)) if policy.mode == "hash" and _text(value) else ""
-        elif kind == "string_value" and EMAIL.search(value.string_value):
-            pseudonym = policy.digest(value.string_value) if policy.mode == "hash" else ""
-        elif kind == "array_value" and any(EMAIL.search(v.string_value) for v in value.array_value.values):
-            for v in value.array_value.values:
-                if EMAIL.search(v.string_value):
-                    v.string_value = policy.digest(v.string_value) if policy.mode == "hash" else ""
-            changed += 1
+            found = [v for v in value.array_value.values if EMAIL.search(v.string_value)]
+            for v in found:
+                v.string_value = policy.digest(v.string_value) if policy.mode == "hash" else ""
+            changed += bool(found)
             continue
+        if kind == _KEY:
+            pseudonym = policy.identifier(text)
+        elif kind == _FIELD:
+            shown = _text(value)
+            if not shown:
+                continue
+            pseudonym = policy.digest(shown) if policy.mode == "hash" else ""
+        elif EMAIL.search(text):
+            pseudonym = policy.digest(text) if policy.mode == "hash" else ""
         else:
             continue
         changed += 1
@@ -75,15 +133,16 @@ def _scrub(attributes: MutableSequence[Any], policy: PiiPolicy) -> int:
 def scrub_cdp_spans(req: ExportTraceServiceRequest, policy: PiiPolicy) -> int:
     """Hash or drop the PII of the CDP's spans in ``req``; returns how many attributes changed."""
     changed = 0
+    kinds: dict[str, int] = {}
     for rs in req.resource_spans:
-        if not _is_cdp(rs.resource.attributes):
+        if not _is_cdp(rs.resource.attributes) or not may_hold_pii(rs.SerializeToString(), policy):
             continue
-        changed += _scrub(rs.resource.attributes, policy)
+        changed += _scrub(rs.resource.attributes, policy, kinds)
         for ss in rs.scope_spans:
             for span in ss.spans:
-                changed += _scrub(span.attributes, policy)
+                changed += _scrub(span.attributes, policy, kinds)
                 for event in span.events:
-                    changed += _scrub(event.attributes, policy)
+                    changed += _scrub(event.attributes, policy, kinds)
                 for link in span.links:
-                    changed += _scrub(link.attributes, policy)
+                    changed += _scrub(link.attributes, policy, kinds)
     return changed

@@ -10,7 +10,7 @@ import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from collector.span_pii import scrub_cdp_spans
+from collector.span_pii import may_hold_pii, scrub_cdp_spans
 from connectors.segment.tracking import PiiPolicy
 from tests.server import TowerServer
 
@@ -71,6 +71,29 @@ def test_cdp_spans_are_hashed_and_other_systems_left_alone() -> None:
     assert "secret" not in str(req) and "555" not in str(req) and "203.0.113" not in str(req)
     billing = request("billing")
     assert scrub_cdp_spans(billing, HASH) == 0 and attrs(billing)["enduser.id"] == EMAIL
+
+
+def test_the_look_at_the_bytes_never_passes_over_what_the_walk_would_scrub() -> None:
+    """Blocks whose bytes hold no e-mail address and no PII key are not walked (the walk costs ~6 ms per 1,000
+    spans in Python): every attribute the walk scrubs must make the look say yes."""
+    policy = PiiPolicy.build("hash", KEY, ["email", "phone", "name", "ip", "first_name", "address"])
+    clean = [kv("server.address", "api.internal"), kv("service.name", "cdp"), kv("seats", 3), kv("id", "a@b")]
+    for odd in (
+        kv("Phone Number", "1"), kv("FIRST NAME", "x"), kv("first__name", "x"), kv("Name", "x"), kv("IP", "1.2.3.4"),
+        kv("billing_email", "x"), kv("client.address", "1.2.3.4"), kv("note", f"write to {EMAIL}"), kv("cc", [EMAIL]),
+    ):  # fmt: skip
+        req = ExportTraceServiceRequest()
+        rs = req.resource_spans.add()
+        rs.resource.attributes.extend([kv("revops.system", "cdp")])
+        span = rs.scope_spans.add().spans.add(name="s", trace_id=b"@" * 16, span_id=b"@a.bc@@@")  # '@' in binary
+        span.attributes.extend([*clean, odd])
+        assert may_hold_pii(rs.SerializeToString(), policy), odd.key
+        assert scrub_cdp_spans(req, policy) == 1, odd.key
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.extend([kv("revops.system", "cdp")])
+    rs.scope_spans.add().spans.add(name="s", trace_id=b"@" * 16, span_id=b"\x01" * 8).attributes.extend(clean)
+    assert not may_hold_pii(rs.SerializeToString(), policy) and scrub_cdp_spans(req, policy) == 0
 
 
 def test_drop_mode_removes_what_it_would_hash() -> None:

@@ -32,10 +32,12 @@ MAX_MESSAGES = 10_000
 MAX_ID = 512
 HASH_PREFIX = "hmac-sha256:"
 # A value holding an e-mail address is PII under any name (``customerEmail``, ``contact``, a list of them).
-EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# OpenTelemetry keys that contain a PII stem (``address``) but name the service's own side, never a person.
+NOT_PII_KEYS = frozenset({"server.address", "network.local.address"})
 # Configured names at least this long also match inside a longer name (``email`` in ``billing_email``, ``phone``
 # in ``Phone Number``); shorter ones (``name``, ``ip``) only match whole, so ``product_name`` stays readable.
-_STEM_MIN = 5
+STEM_MIN = 5
 
 
 def _norm(name: str) -> str:
@@ -65,9 +67,12 @@ class PiiPolicy:
         return cls(mode, secret, frozenset(_norm(f) for f in fields if _norm(f)))
 
     def is_field(self, name: str) -> bool:
-        """A configured name, whatever its case and separators, or one containing a long enough one."""
+        """A configured name of STEM_MIN letters or more inside the name, whatever its case and separators; a
+        shorter one (``name``, ``ip``) only as the whole name, in any case."""
+        if name.lower() in NOT_PII_KEYS:
+            return False
         n = _norm(name)
-        return n in self.fields or any(len(f) >= _STEM_MIN and f in n for f in self.fields)
+        return any(f in n if len(f) >= STEM_MIN else f == name.lower() for f in self.fields)
 
     def digest(self, value: Any) -> str:
         """Normalized (trimmed, lower-case) so the same e-mail always gives the same pseudonym."""
