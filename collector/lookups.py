@@ -143,6 +143,9 @@ def _expand(store: Store, seeds: set[tuple[str, str]], traces: set[str], links: 
         links += added
         traces |= new
         follow = corr.keys_to_follow(added, known) | {("trace", t) for t in new}
+    late = corr.customers_of(links) - asked  # first seen on the traces of the last hop the cap allowed
+    if late:
+        candidates += [_link(r) for r in q.expansion_links(store, [], late, limit=MAX_TRACES)]
     start = min((ln.first_seen_ns for ln in links if ln.system != "cdp"), default=0)
     cdp = corr.pick_cdp_traces(candidates, start) - traces
     links += [ln for ln in candidates if ln.trace_id in cdp]

@@ -33,7 +33,9 @@ def policy_for(settings: Settings) -> PiiPolicy:
     return PiiPolicy.build(mode, key, settings.cdp_pii_fields)
 
 
-_DOMAIN_AFTER_AT = re.compile(rb"@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_DOMAIN_AFTER_AT = re.compile(rb"@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
+# bytes whose lower-casing differs between str.lower() (is_field) and bytes.lower() (this look): walk instead
+_UNICODE_CASE = (b"\xc4\xb0", b"\xe2\x84\xaa")  # 'İ' (U+0130), the Kelvin sign (U+212A)
 _LOCAL_PART = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
 
 
@@ -67,9 +69,11 @@ def may_hold_pii(blob: bytes, policy: PiiPolicy) -> bool:
         return True
     if not all(f.isascii() for f in policy.fields):
         return True  # a field this look cannot spell in bytes: walk the spans
+    if any(m in blob for m in _UNICODE_CASE):
+        return True
     low = blob.lower()
-    for key in NOT_PII_KEYS:
-        low = low.replace(key.encode(), b"")
+    for key in NOT_PII_KEYS:  # as whole keys only (KeyValue.key: tag 0x0a, its length, the name)
+        low = low.replace(b"\x0a" + bytes([len(key)]) + key.encode(), b"")
     short, long = _markers(policy.fields)
     if any(m in low for m in short):
         return True
@@ -99,7 +103,7 @@ def _scrub(attributes: MutableSequence[Any], policy: PiiPolicy, kinds: dict[str,
         key = kv.key
         kind = kinds.get(key)
         if kind is None:
-            kind = kinds[key] = _KEY if key.startswith("revops.") else _FIELD if policy.is_field(key) else _OTHER
+            kind = kinds[key] = _FIELD if policy.is_field(key) else _KEY if key.startswith("revops.") else _OTHER
         value = kv.value
         text = value.string_value
         if kind != _FIELD and "@" not in text:

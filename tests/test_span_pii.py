@@ -81,6 +81,9 @@ def test_the_look_at_the_bytes_never_passes_over_what_the_walk_would_scrub() -> 
     for odd in (
         kv("Phone Number", "1"), kv("FIRST NAME", "x"), kv("first__name", "x"), kv("Name", "x"), kv("IP", "1.2.3.4"),
         kv("billing_email", "x"), kv("client.address", "1.2.3.4"), kv("note", f"write to {EMAIL}"), kv("cc", [EMAIL]),
+        kv("revops.customer.phone", "+1 555 0100"),  # a revops name is a PII field too, not only a business key
+        kv("billing.server.address", "x"),  # not server.address itself: only whole keys are passed over
+        kv("EMA\u0130L_secondary", "1"),  # 'İ' lower-cases differently in str and bytes
     ):  # fmt: skip
         req = ExportTraceServiceRequest()
         rs = req.resource_spans.add()

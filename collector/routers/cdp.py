@@ -123,10 +123,10 @@ async def cdp_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """A user id that is an e-mail address was stored as its pseudonym: it is looked up (and answered) as such."""
-    try:
-        stored_as = pii_policy(settings).identifier(user_id.strip())
+    try:  # an address is pseudonymized trimmed and lower-cased (PiiPolicy.digest); other ids are kept as sent
+        stored_as = pii_policy(settings).identifier(user_id) if "@" in user_id else user_id
     except ValueError:  # hashing without a key: no CDP ingest is configured (write keys need one), nothing was hashed
-        stored_as = user_id.strip()
+        stored_as = user_id
     rows = await run_in_threadpool(q.events_for_user, store, stored_as, limit) if stored_as else []
     if not rows:
         raise HTTPException(404, f"no CDP event for user {stored_as or '(an e-mail address, dropped)'}")
