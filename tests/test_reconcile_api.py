@@ -25,7 +25,7 @@ from connectors.simulator.server import create_sim_app
 from reconciler.connectors import Connectors
 from tests.conftest import free_port, wait_for_port
 from tests.server import TowerServer
-from tower_core.models import Payment
+from tests.test_reconcile_simulator import paying
 from tower_core.settings import Settings
 from tower_core.store import Store, migrate
 
@@ -161,21 +161,7 @@ def test_an_item_the_tower_does_not_correct_says_so_in_its_policy(api: dict[str,
         and estate.config.as_of - i.issued_at < dt.timedelta(days=20)
     )  # fmt: skip
     at = inv.issued_at + dt.timedelta(days=2)
-    estate.billing.payments.put(
-        Payment(
-            "py_unalloc",
-            "payment",
-            inv.customer_id,
-            inv.region,
-            inv.currency,
-            inv.total_minor,
-            "succeeded",
-            at,
-            at,
-            "bank_transfer",
-            {},
-        )  # fmt: skip
-    )
+    estate.billing.payments.put(paying(inv, "py_unalloc", at, "bank_transfer", allocate=False))
     run_and_wait(cl, op, {"full": True, "as_of": as_of(api)})
     item = cl.get("/api/drift", params={"key": "py_unalloc"}, headers=auth(op)).json()["items"][0]
     detail = cl.get(f"/api/drift/{item['drift_id']}", headers=auth(op)).json()

@@ -61,6 +61,13 @@ def open_items(store: Store) -> dict[tuple[str, str], dict[str, Any]]:
     return {(i["class"], i["primary_key"]): i for i in q.all_open_items(store)}
 
 
+def paying(inv: Any, payment_id: str, at: dt.datetime, method: str = "card", allocate: bool = True) -> Payment:
+    """A succeeded payment of ``inv``'s whole total by its customer, allocated to it in billing (or to nothing)."""
+    allocations = {inv.invoice_id: inv.total_minor} if allocate else {}
+    return Payment(payment_id, "payment", inv.customer_id, inv.region, inv.currency, inv.total_minor, "succeeded",
+                   at, at, method, allocations)  # fmt: skip
+
+
 def invoice_postings(estate: Estate, invoice_id: str) -> list[Any]:
     found = estate.erp.find_by_external_ref(invoice_id)
     return [e for e in found if e.entry_type == "invoice" and e.status != "draft"]
@@ -555,21 +562,7 @@ def test_auto_correct_posts_invoices_before_applying_payments_to_them(store: Sto
     for n, invoice_id in enumerate(missing):
         inv = estate.billing.invoices.get(invoice_id)
         assert inv is not None
-        estate.billing.payments.put(
-            Payment(
-                f"py_card{n}",
-                "payment",
-                inv.customer_id,
-                inv.region,
-                inv.currency,
-                inv.total_minor,
-                "succeeded",
-                at,
-                at,
-                "card",
-                {invoice_id: inv.total_minor},
-            )  # fmt: skip
-        )
+        estate.billing.payments.put(paying(inv, f"py_card{n}", at))
     svc = service_for(store, estate, tmp_path, reconcile_auto_correct=True)
     svc.run(full=True, as_of=estate.config.as_of)
     actions = q.list_actions(store, limit=1000)[0]
@@ -586,21 +579,7 @@ def test_an_application_waits_for_its_invoice_instead_of_failing(store: Store, t
     inv = estate.billing.invoices.get(invoice_id)
     assert inv is not None
     at = estate.config.as_of - dt.timedelta(days=1)
-    estate.billing.payments.put(
-        Payment(
-            "py_early",
-            "payment",
-            inv.customer_id,
-            inv.region,
-            inv.currency,
-            inv.total_minor,
-            "succeeded",
-            at,
-            at,
-            "card",
-            {invoice_id: inv.total_minor},
-        )  # fmt: skip
-    )
+    estate.billing.payments.put(paying(inv, "py_early", at))
     svc.run(as_of=estate.config.as_of)
     early = svc.actions.request(c.drift_id(c.PAYMENT_UNAPPLIED, "py_early"), "otto")
     assert early["state"] == "pending" and f"invoice {invoice_id} is not posted" in early["last_error"]
