@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from tower_core.models import split_key_ref
+
 # DOMAIN.md §2 attribute conventions -> key types stored in business_key_links.
 KEY_ATTRIBUTES: dict[str, str] = {
     "revops.customer.id": "customer",
@@ -111,7 +113,7 @@ def event_seeds(rows: Iterable[Mapping[str, str]]) -> set[tuple[str, str]]:
     seeds = {(t, r[t]) for r in rows for t in ("invoice", "payment", "ledger_entry") if r.get(t)}
     for r in rows:  # every key of an event naming several of one type ('type:value', migration 0021)
         for ref in r.get("key_refs") or ():
-            key_type, _, value = ref.partition(":")
+            key_type, value = split_key_ref(ref)
             if key_type in ("invoice", "payment", "ledger_entry") and value:
                 seeds.add((key_type, value))
     return seeds

@@ -17,6 +17,7 @@ import orjson
 import pyarrow as pa
 
 from collector.correlation import extract_keys
+from tower_core.models import key_ref
 from tower_core.store.arrow_schemas import BUSINESS_EVENTS, BUSINESS_KEY_LINKS
 
 STRUCTURED = "application/cloudevents+json"
@@ -221,11 +222,6 @@ def parse_body(
             given = d.get("id") if isinstance(d, dict) else None  # echoed only when it is an id (text)
             bad.append({"index": i, "id": given if isinstance(given, str) else None, "error": str(exc)})
     return good, bad
-
-
-def key_ref(key_type: str, value: str) -> str:
-    """How business_events.KeyRefs names a key (migration 0021)."""
-    return f"{key_type}:{value}"
 
 
 def to_tables(

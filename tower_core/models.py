@@ -187,3 +187,14 @@ def record_ref(cls: type, record: Any) -> str:
     name = REF_FIELD.get(cls, "")
     value = record.get(name) if isinstance(record, dict) else getattr(record, name, "")
     return value if isinstance(value, str) else ""
+
+
+def key_ref(key_type: str, value: str) -> str:
+    """How an event names each business key it carries (business_events.KeyRefs, migration 0021)."""
+    return f"{key_type}:{value}"
+
+
+def split_key_ref(ref: str) -> tuple[str, str]:
+    """``key_ref``'s inverse: (key type, value)."""
+    key_type, _, value = ref.partition(":")
+    return key_type, value

@@ -6,6 +6,7 @@ import datetime as dt
 from collections.abc import Collection, Iterable
 from typing import Any
 
+from tower_core.models import key_ref
 from tower_core.store.base import EARLIEST_AND_LATEST, Store
 
 _SPANS_OF_TRACES = (
@@ -157,8 +158,8 @@ def events_for(
             "inv": by_type["invoice"],
             "pay": by_type["payment"],
             "led": by_type["ledger_entry"],
-            # the same keys in KeyRefs' form (collector.events.key_ref): an event naming several of one type
-            "refs": [f"{t}:{v}" for t, values in by_type.items() for v in values],
+            # the same keys in KeyRefs' form: an event naming several of one type
+            "refs": [key_ref(t, v) for t, values in by_type.items() for v in values],
             "tr": sorted(set(trace_ids) - {""}),
             "limit": limit,
         },
