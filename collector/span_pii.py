@@ -20,7 +20,7 @@ from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from connectors.segment.tracking import EMAIL, NOT_PII_KEYS, STEM_MIN, PiiPolicy
+from connectors.segment.tracking import EMAIL, NOT_PII_KEYS, STEM_MIN, PiiPolicy, policy_from_settings
 from tower_core.settings import Settings
 
 CDP = "cdp"
@@ -28,9 +28,7 @@ CDP = "cdp"
 
 def policy_for(settings: Settings) -> PiiPolicy:
     """The CDP's policy; without a key nothing can be pseudonymized consistently, so PII is dropped."""
-    key = settings.cdp_pii_hmac_key.get_secret_value() if settings.cdp_pii_hmac_key else None
-    mode = settings.cdp_pii_mode if key else "drop"
-    return PiiPolicy.build(mode, key, settings.cdp_pii_fields)
+    return policy_from_settings(settings) or PiiPolicy.build("drop", None, settings.cdp_pii_fields)
 
 
 _DOMAIN_AFTER_AT = re.compile(rb"@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")

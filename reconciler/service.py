@@ -13,7 +13,7 @@ import threading
 import uuid
 from typing import Any
 
-from connectors.segment.tracking import PiiPolicy
+from connectors.segment.tracking import policy_from_settings
 from reconciler import classify as c
 from reconciler import run_owner
 from reconciler.actions import ActionError, ActionService, Breakers
@@ -36,14 +36,6 @@ class RunBusy(Exception):
         self.run_id = run_id
 
 
-def _pii_policy(settings: Settings) -> PiiPolicy | None:
-    """The CDP PII policy for pulled profiles; without an HMAC key PII is dropped, never stored raw."""
-    key = settings.cdp_pii_hmac_key.get_secret_value() if settings.cdp_pii_hmac_key else ""
-    if settings.cdp_pii_mode == "hash" and not key:
-        return None
-    return PiiPolicy.build(settings.cdp_pii_mode, key or None, settings.cdp_pii_fields)
-
-
 class ReconcilerService:
     def __init__(self, settings: Settings, store: Store, connectors: Connectors | None = None) -> None:
         self.settings = settings
@@ -54,7 +46,9 @@ class ReconcilerService:
         self._progress: dict[str, dict[str, Any]] = {}
         self._current: str | None = None
         self.connectors = connectors if connectors is not None else build_connectors(settings)
-        self.reconciler = Reconciler(store, self.rules, queue_lock=self.queue_lock, pii=_pii_policy(settings))
+        self.reconciler = Reconciler(
+            store, self.rules, queue_lock=self.queue_lock, pii=policy_from_settings(settings)
+        )  # None: PII dropped
         self.actions = ActionService(
             store,
             None,

@@ -8,7 +8,6 @@ key is a 401. PII is hashed or dropped by the pure parser before anything reache
 from __future__ import annotations
 
 import time
-from functools import lru_cache
 from typing import Annotated, Any
 
 import orjson
@@ -28,14 +27,11 @@ from tower_core.store import cdp as q
 router = APIRouter(tags=["cdp"])
 
 
-@lru_cache(maxsize=4)
-def _policy(mode: str, key: str, fields: tuple[str, ...]) -> tr.PiiPolicy:
-    return tr.PiiPolicy.build(mode, key or None, fields)
-
-
 def pii_policy(settings: Settings) -> tr.PiiPolicy:
-    key = settings.cdp_pii_hmac_key.get_secret_value() if settings.cdp_pii_hmac_key else ""
-    return _policy(settings.cdp_pii_mode, key, tuple(settings.cdp_pii_fields))
+    """The policy of CDP ingest, which needs a write key: settings then require the PII key in hash mode."""
+    policy = tr.policy_from_settings(settings)
+    assert policy is not None, "settings require TOWER_CDP_PII_HMAC_KEY once write keys are set"
+    return policy
 
 
 async def _ingest(
@@ -123,10 +119,10 @@ async def cdp_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """A user id that is an e-mail address was stored as its pseudonym: it is looked up (and answered) as such."""
-    try:  # an address is pseudonymized trimmed and lower-cased (PiiPolicy.digest); other ids are kept as sent
-        stored_as = pii_policy(settings).identifier(user_id) if "@" in user_id else user_id
-    except ValueError:  # hashing without a key: no CDP ingest is configured (write keys need one), nothing was hashed
-        stored_as = user_id
+    # an address is pseudonymized trimmed and lower-cased (PiiPolicy.digest); other ids are kept as sent, and
+    # without a policy (no key: no CDP ingest is configured) nothing was pseudonymized
+    policy = tr.policy_from_settings(settings)
+    stored_as = policy.identifier(user_id) if policy is not None and "@" in user_id else user_id
     rows = await run_in_threadpool(q.events_for_user, store, stored_as, limit) if stored_as else []
     if not rows:
         raise HTTPException(404, f"no CDP event for user {stored_as or '(an e-mail address, dropped)'}")

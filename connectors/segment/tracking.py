@@ -18,11 +18,13 @@ import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
 
 from collector.events import BusinessEvent, EventError, parse_time
+from tower_core.settings import Settings
 
 SOURCE = "cdp"
 SYSTEM = "cdp"
@@ -106,6 +108,20 @@ class PiiPolicy:
         if "@" in value:
             return self.digest(value) if self.mode == "hash" else ""
         return value
+
+
+@lru_cache(maxsize=4)
+def _policy(mode: str, key: str, fields: tuple[str, ...]) -> PiiPolicy:
+    return PiiPolicy.build(mode, key or None, fields)  # once per process: drop mode draws its key here
+
+
+def policy_from_settings(settings: Settings) -> PiiPolicy | None:
+    """The CDP's PII policy; None when PII is to be hashed but no key is configured (nothing can be pseudonymized:
+    each caller drops instead). Settings require the key once CDP write keys are set."""
+    key = settings.cdp_pii_hmac_key.get_secret_value() if settings.cdp_pii_hmac_key else ""
+    if settings.cdp_pii_mode == "hash" and not key:
+        return None
+    return _policy(settings.cdp_pii_mode, key, tuple(settings.cdp_pii_fields))
 
 
 def write_key_from_basic(authorization: str | None) -> str | None:
