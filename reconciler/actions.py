@@ -707,7 +707,7 @@ class ActionService:
         started = 0
         items, _ = q.list_drift(self.store, classes=sorted(c.TECHNICAL), states=[c.NEW, c.PERSISTING], limit=1000)
         # invoices first: a payment or refund is applied to an invoice the ERP must already hold
-        items.sort(key=lambda i: policy.AUTO_ORDER.index(i["class"]) if i["class"] in policy.AUTO_ORDER else 99)
+        items.sort(key=lambda i: policy.auto_rank(i["class"]))
         for item in items:
             try:
                 self.request(item["drift_id"], "reconciler (auto)", automatic=True)

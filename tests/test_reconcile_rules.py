@@ -261,6 +261,7 @@ def test_policy() -> None:
     assert policy.target_ref(c.PAYMENT_UNAPPLIED, {"invoice_id": "", "payment_id": "py_1"}) == "py_1"
     assert policy.target_ref(c.MISSING_IN_ERP, {"invoice_id": "in_1", "payment_id": ""}) == "in_1"
     assert set(policy.AUTO_ORDER) == c.TECHNICAL and policy.AUTO_ORDER[0] == c.MISSING_IN_ERP
+    assert policy.auto_rank(c.MISSING_IN_ERP) < policy.auto_rank(c.PAYMENT_UNAPPLIED) < policy.auto_rank("other")
 
 
 def test_a_correction_stops_once_billing_moved_on() -> None:
