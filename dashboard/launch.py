@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from tower_core.errors import ConfigError
+from tower_core.ports import check_port_free
 from tower_core.settings import Settings
 
 APP = Path(__file__).with_name("app.py")
@@ -60,17 +60,6 @@ def demo_token(settings: Settings, admin_token: str, name: str = "demo-operator"
     if r.status_code != 201:
         raise ConfigError(f"the API refused to create the dashboard's token ({r.status_code}): {r.text[:200]}")
     return r.json()["token"]
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Streamlit reports a port in use and exits 0: ask first, so the command fails as it should. SO_REUSEADDR
-    as servers set it: a port whose last connections linger in TIME_WAIT is free, one something listens on not."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def run_dashboard(settings: Settings) -> int:

@@ -118,7 +118,8 @@ def api_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[s
 
 
 def run_demo(settings: Settings, *, reset: bool = False) -> int:
-    from dashboard.launch import check_port_free, dashboard_command, dashboard_env, demo_token
+    from dashboard.launch import dashboard_command, dashboard_env, demo_token
+    from tower_core.ports import check_port_free
 
     if settings.clickhouse_url:
         raise ConfigError("tower demo runs on the embedded store; unset TOWER_CLICKHOUSE_URL")
