@@ -39,6 +39,8 @@ AUTO_ORDER = (c.MISSING_IN_ERP, c.PAYMENT_UNAPPLIED, c.REFUND_UNPOSTED)
 def auto_rank(cls: str) -> int:
     """Where an item of ``cls`` comes in AUTO_ORDER (other classes last)."""
     return AUTO_ORDER.index(cls) if cls in AUTO_ORDER else len(AUTO_ORDER)
+
+
 # (class, reason) whose correction is a choice the tower does not make: why, for the operator
 NOT_CORRECTED: dict[tuple[str, str], str] = {
     (c.PAYMENT_UNAPPLIED, "matched_not_applied"): (
