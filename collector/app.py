@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from collector import access_log
 from collector.audit import AuditRefusals
 from collector.auth import TokenVerifier, get_principal, require, route_role
 from collector.ingest import IngestService
@@ -73,6 +74,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        access_log.install()  # here: uvicorn configures its loggers after the app is built
         provider = setup_telemetry(settings)
         ingest.start()
         reconciler.start(scheduler)  # closes interrupted runs, recovers in-progress actions, adds its jobs

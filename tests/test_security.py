@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import orjson
 
+from collector.access_log import REDACTED, redact_query
 from connectors.stripe.signature import sign
 from tests.server import ROOT, TowerServer
 from tower_core.store import Store
@@ -220,3 +221,11 @@ def test_migration_0017_blanks_billing_pii_stored_before_the_pull_pseudonymized_
         ("cus_raw", "", ""),
     ]
     run_migrations(store)  # the rest of the chain records it and applies nothing twice
+
+
+def test_query_values_holding_an_address_are_redacted_from_access_log_lines() -> None:
+    for sent in ("alice@example.com", "alice%40example.com", "Alice%40Example.COM", "a+b%40x.io"):
+        assert redact_query(f"/api/cdp/events?user_id={sent}&limit=5") == f"/api/cdp/events?user_id={REDACTED}&limit=5"
+    assert redact_query("/api/x?a%40b.com=1&k=v") == f"/api/x?{REDACTED}=&k=v"  # an address as a name
+    for kept in ("/api/cdp/events?user_id=seg-user-1", "/api/drift?limit=50", "/healthz", "/api/x?q=%4"):
+        assert redact_query(kept) == kept

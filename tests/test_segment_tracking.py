@@ -295,6 +295,9 @@ def test_a_user_whose_id_is_an_email_is_found_by_that_address(tower: TowerServer
         events = _events_of(tower, asked, 1)
         assert len(events) == 1 and events[0]["type"] == "cdp.profile.identified"
         assert user not in orjson.dumps(events).decode()
+    log = tower.log.read_text().lower()  # the access log names the route, not the address asked for
+    assert "get /api/cdp/events?user_id=[redacted]" in log
+    assert "frank.lookup" not in log and "frank%2elookup" not in log
 
 
 def test_unknown_write_key_is_401_with_either_sdk_or_plain_http(tower: TowerServer) -> None:
