@@ -137,10 +137,9 @@ class IngestService:
         if checked.rejected and not checked.accepted:  # nothing usable: the request as a whole is bad
             return Reply(400, otlp.status_body(mt, 400, checked.error_message), mt)
         if checked.accepted:
-            span_pii.scrub_cdp_spans(req, self.span_pii)
-            # what was validated, canonically encoded: a client's bytes may repeat a field, which protobuf
-            # reads as its last value and ClickHouse's reader does not (a span stored without its trace id)
-            payload = req.SerializeToString()
+            # what was validated, scrubbed and canonically encoded: a client's bytes may repeat a field, which
+            # protobuf reads as its last value and ClickHouse's reader does not (a span stored without its trace id)
+            payload, _ = span_pii.scrubbed_payload(req, self.span_pii)
             if (too_big := self._never_fits(payload)) is not None:
                 return Reply(413, otlp.status_body(mt, 413, too_big), mt)
             try:

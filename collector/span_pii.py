@@ -1,9 +1,10 @@
 """PII in the CDP's spans, hashed or dropped before a request is buffered, as the CDP's events are
 (connectors/segment/tracking.py). Pure, no IO.
 
-A span is the CDP's when its resource says so (``revops.system = cdp``: how a service names itself in OTel); a
-span-level attribute alone is not looked at, since reading every span's attributes in Python would cost the
-ingest path about as much as decoding it. Within those spans, and their events and links:
+A span is the CDP's when it says so (``revops.system = cdp``), or its resource does (how a service names itself in
+OTel), as the store reads a span's system. Reading every span's attributes in Python would cost the ingest path
+about as much as decoding it, so a block of another system's spans is walked only when its bytes hold that
+attribute. Within the CDP's spans, and their events and links:
 - a ``revops.*`` business key holding an e-mail address becomes its pseudonym (the one the CDP's events use for
   the same address, so correlation still joins them); other business keys are kept;
 - an attribute whose name is a PII field (TOWER_CDP_PII_FIELDS) is hashed whatever its value type;
@@ -132,19 +133,61 @@ def _scrub(attributes: MutableSequence[Any], policy: PiiPolicy, kinds: dict[str,
     return changed
 
 
-def scrub_cdp_spans(req: ExportTraceServiceRequest, policy: PiiPolicy) -> int:
-    """Hash or drop the PII of the CDP's spans in ``req``; returns how many attributes changed."""
-    changed = 0
-    kinds: dict[str, int] = {}
-    for rs in req.resource_spans:
-        if not _is_cdp(rs.resource.attributes) or not may_hold_pii(rs.SerializeToString(), policy):
-            continue
-        changed += _scrub(rs.resource.attributes, policy, kinds)
+def _scrub_span(span: Any, policy: PiiPolicy, kinds: dict[str, int]) -> int:
+    changed = _scrub(span.attributes, policy, kinds)
+    for event in span.events:
+        changed += _scrub(event.attributes, policy, kinds)
+    for link in span.links:
+        changed += _scrub(link.attributes, policy, kinds)
+    return changed
+
+
+# the attribute revops.system = "cdp" as protobuf encodes a KeyValue (key: field 1; value: field 2, an AnyValue
+# whose string_value is field 1), which is how this process itself encodes it (scrubbed_payload)
+_CDP_ATTRIBUTE = b"\x0a\x0drevops.system\x12\x05\x0a\x03cdp"
+
+
+def _scrub_block(rs: Any, policy: PiiPolicy, kinds: dict[str, int], blob: bytes) -> int:
+    """One ResourceSpans (``blob``: its bytes); how many attributes changed."""
+    if _is_cdp(rs.resource.attributes):
+        if not may_hold_pii(blob, policy):
+            return 0
+        changed = _scrub(rs.resource.attributes, policy, kinds)
         for ss in rs.scope_spans:
             for span in ss.spans:
-                changed += _scrub(span.attributes, policy, kinds)
-                for event in span.events:
-                    changed += _scrub(event.attributes, policy, kinds)
-                for link in span.links:
-                    changed += _scrub(link.attributes, policy, kinds)
-    return changed
+                changed += _scrub_span(span, policy, kinds)
+        return changed
+    if _CDP_ATTRIBUTE not in blob:
+        return 0
+    return sum(
+        _scrub_span(span, policy, kinds) for ss in rs.scope_spans for span in ss.spans if _is_cdp(span.attributes)
+    )
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def scrubbed_payload(req: ExportTraceServiceRequest, policy: PiiPolicy) -> tuple[bytes, int]:
+    """``req`` with the PII of the CDP's spans hashed or dropped, and its protobuf bytes (each block encoded once:
+    the look at the bytes reads the same bytes the payload is made of); returns (bytes, attributes changed)."""
+    changed = 0
+    kinds: dict[str, int] = {}
+    parts: list[bytes] = []
+    for rs in req.resource_spans:  # the request's one field: resource_spans = 1, length-delimited
+        blob = rs.SerializeToString()
+        if n := _scrub_block(rs, policy, kinds, blob):
+            changed += n
+            blob = rs.SerializeToString()
+        parts += (b"\x0a", _varint(len(blob)), blob)
+    return b"".join(parts), changed
+
+
+def scrub_cdp_spans(req: ExportTraceServiceRequest, policy: PiiPolicy) -> int:
+    """Hash or drop the PII of the CDP's spans in ``req``; returns how many attributes changed."""
+    return scrubbed_payload(req, policy)[1]

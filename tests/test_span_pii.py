@@ -10,7 +10,7 @@ import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from collector.span_pii import may_hold_pii, scrub_cdp_spans
+from collector.span_pii import may_hold_pii, scrub_cdp_spans, scrubbed_payload
 from connectors.segment.tracking import PiiPolicy
 from tests.server import TowerServer
 
@@ -73,6 +73,21 @@ def test_cdp_spans_are_hashed_and_other_systems_left_alone() -> None:
     assert scrub_cdp_spans(billing, HASH) == 0 and attrs(billing)["enduser.id"] == EMAIL
 
 
+def test_a_span_that_names_itself_the_cdps_is_scrubbed_in_another_systems_block() -> None:
+    """The store reads a span's own revops.system before its resource's, and so does the scrubber."""
+    req = request("billing")
+    spans = req.resource_spans[0].scope_spans[0].spans
+    spans[0].attributes.append(kv("revops.system", "cdp"))
+    spans.add(name="charge", trace_id=b"\x03" * 16, span_id=b"\x04" * 8).attributes.extend([kv("email", EMAIL)])
+    payload, changed = scrubbed_payload(req, HASH)
+    assert changed == 6 and payload == req.SerializeToString()  # the payload is the scrubbed request's bytes
+    got = attrs(ExportTraceServiceRequest.FromString(payload))
+    assert got["enduser.id"] == HASH.identifier(EMAIL) and got["revops.system"] == "cdp"
+    assert spans[1].attributes[0].value.string_value == EMAIL  # billing's own span is billing's data
+    untouched = request("billing")
+    assert scrubbed_payload(untouched, HASH) == (untouched.SerializeToString(), 0)
+
+
 def test_the_look_at_the_bytes_never_passes_over_what_the_walk_would_scrub() -> None:
     """Blocks whose bytes hold no e-mail address and no PII key are not walked (the walk costs ~6 ms per 1,000
     spans in Python): every attribute the walk scrubs must make the look say yes."""
@@ -123,16 +138,25 @@ def test_a_served_tower_stores_the_cdps_spans_without_pii(tmp_path: Path) -> Non
             ) as span:
                 tids[system] = format(span.get_span_context().trace_id, "032x")
             provider.shutdown()
+        # a billing service's span that says it is the CDP's (a relay): the CDP's data, scrubbed
+        provider = TracerProvider(resource=Resource.create({"service.name": "relay", "revops.system": "billing"}))
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{server.url}/v1/traces")))
+        with provider.get_tracer("t").start_as_current_span(
+            "relay", attributes={"revops.system": "cdp", "email": EMAIL}
+        ) as span:
+            tids["relay"] = format(span.get_span_context().trace_id, "032x")
+        provider.shutdown()
 
         def spans(tid: str) -> list[dict]:
             r = httpx.get(f"{server.url}/api/traces/{tid}", headers=server.auth)
             return r.json()["spans"] if r.status_code == 200 else []
 
         deadline = time.monotonic() + 15
-        while not (spans(tids["cdp"]) and spans(tids["billing"])) and time.monotonic() < deadline:
+        while not all(spans(tid) for tid in tids.values()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        cdp, billing = spans(tids["cdp"]), spans(tids["billing"])
-        assert cdp and billing
+        cdp, billing, relay = spans(tids["cdp"]), spans(tids["billing"]), spans(tids["relay"])
+        assert cdp and billing and relay
+        assert relay[0]["attributes"]["email"] == HASH.digest(EMAIL)
         assert EMAIL not in orjson.dumps(cdp).decode() and cdp[0]["attributes"]["plan"] == "pro"
         assert cdp[0]["attributes"]["revops.customer.id"] == HASH.identifier(EMAIL)
         assert billing[0]["attributes"]["email"] == EMAIL  # only the CDP's spans are the CDP's data
