@@ -378,8 +378,9 @@ def test_closed_period_is_a_business_rule_failure(erp: TrytonErp) -> None:
 def test_transient_faults_on_reads_are_retried(erp: TrytonErp, trytond_server: Trytond, fault_kind: str) -> None:
     inv = billing_invoice(300)
     erp.post_invoice(inv)
-    with FaultProxy(trytond_server.url, slow_s=1.0) as proxy:
-        reader = erp_for(trytond_server, proxy.url, timeout_s=0.5, backoff_s=0.05)
+    # a timeout a loaded machine's login (a password hash) still fits in; "slow" answers after it
+    with FaultProxy(trytond_server.url, slow_s=3.0) as proxy:
+        reader = erp_for(trytond_server, proxy.url, timeout_s=2.0, backoff_s=0.05)
         assert reader.health().ok  # logs in through the proxy
         proxy.plan.extend([fault_kind, fault_kind])  # the next read fails twice, then passes
         (entry,) = reader.find_by_external_ref(inv.invoice_id)
