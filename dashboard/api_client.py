@@ -16,11 +16,17 @@ from urllib.parse import quote
 
 import httpx
 
+from dashboard.views import link_without_credentials
+
 UNAVAILABLE = frozenset({502, 503, 504})
 
 
 class ApiUnavailable(Exception):
     """The API cannot answer now (down, unreachable, timed out, or its store is unavailable)."""
+
+
+class ApiTimeout(ApiUnavailable):
+    """The API did not answer in time: a change asked for may still have been made."""
 
 
 class ApiError(Exception):
@@ -55,6 +61,8 @@ class TowerApi:
         self, base_url: str, token: str | None, timeout_s: float = 10.0, transport: httpx.BaseTransport | None = None
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # what messages name: they reach every page's banner, the login page included
+        self.shown_url = link_without_credentials(self.base_url)
         if token and not token.isascii():  # it could not even be sent as a header
             raise ApiError(401, "a tower token is ASCII text; this one is not (check for typographic quotes)")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -68,11 +76,11 @@ class TowerApi:
         try:
             r = self.client.request(method, path, **kwargs)
         except httpx.TimeoutException:
-            raise ApiUnavailable(f"the API at {self.base_url} did not answer in time") from None
+            raise ApiTimeout(f"the API at {self.shown_url} did not answer in time") from None
         except httpx.TransportError as exc:
-            raise ApiUnavailable(f"the API at {self.base_url} is not reachable ({type(exc).__name__})") from None
+            raise ApiUnavailable(f"the API at {self.shown_url} is not reachable ({type(exc).__name__})") from None
         if r.status_code in UNAVAILABLE:
-            raise ApiUnavailable(f"the API at {self.base_url} is unavailable: {_detail(r)}")
+            raise ApiUnavailable(f"the API at {self.shown_url} is unavailable: {_detail(r)}")
         if r.status_code >= 400:
             raise ApiError(r.status_code, _detail(r))
         if not r.content:
@@ -80,7 +88,7 @@ class TowerApi:
         try:
             return r.json()
         except ValueError:  # a proxy's login page, another service on the port
-            raise ApiUnavailable(f"the API at {self.base_url} answered with something that is not JSON") from None
+            raise ApiUnavailable(f"the API at {self.shown_url} answered with something that is not JSON") from None
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v not in (None, "", [])})
@@ -114,8 +122,10 @@ class TowerApi:
     def sync(self, drift_id: str, approve: bool = False) -> dict[str, Any]:
         return self.post(f"/api/drift/{_seg(drift_id)}/sync", {"approve": approve})
 
-    def bulk(self, action: str, filters: Mapping[str, Any], expected: int, note: str = "") -> dict[str, Any]:
-        body = {"action": action, "filter": dict(filters), "expected_count": expected, "note": note}
+    def bulk(
+        self, action: str, filters: Mapping[str, Any], expected: int, note: str = "", approve: bool = False
+    ) -> dict[str, Any]:
+        body = {"action": action, "filter": dict(filters), "expected_count": expected, "note": note, "approve": approve}
         return self.post("/api/drift/bulk", body)
 
     # --- actions

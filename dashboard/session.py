@@ -10,7 +10,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import views
-from dashboard.api_client import ApiError, ApiUnavailable, TowerApi
+from dashboard.api_client import ApiError, ApiTimeout, ApiUnavailable, TowerApi
 from tower_core.errors import ConfigError
 from tower_core.settings import Settings, load_settings
 
@@ -118,6 +118,8 @@ def _confirmed() -> None:
         st.session_state[RESULT] = {**_head(pending), "ok": True, "doc": doc}
     except ApiError as exc:
         st.session_state[RESULT] = {**_head(pending), "ok": False, "message": exc.detail, "status": exc.status}
+    except ApiTimeout as exc:  # not a refusal: the change may have been made
+        st.session_state[RESULT] = {**_head(pending), "ok": False, "unknown": True, "message": str(exc)}
     except ApiUnavailable as exc:
         st.session_state[RESULT] = {**_head(pending), "ok": False, "message": str(exc), "status": 503}
 
@@ -146,9 +148,21 @@ def confirmation(where: str, target: str = "") -> None:
     result = st.session_state.get(RESULT)
     if result and result["where"] == where and result["target"] == target:
         if result["ok"]:
-            st.success(f"{result['op']}: done", icon=":material/check_circle:")
+            _show_outcome(result)
+        elif result.get("unknown"):
+            st.warning(views.UNKNOWN_OUTCOME.format(op=result["op"]), icon=":material/help:")
         else:
             st.error(f"{result['op']} refused (HTTP {result['status']}): {views.md_escape(str(result['message']))}")
+
+
+def _show_outcome(result: dict[str, Any], done: str = "") -> None:
+    level, message = views.action_outcome(result["op"], result.get("doc"))
+    if level == "success":
+        st.success(done or message, icon=":material/check_circle:")
+    elif level == "info":
+        st.info(message)
+    else:
+        st.error(message)
 
 
 def choice_among(key: str, options: Collection[str]) -> None:
@@ -164,7 +178,9 @@ def outcome_if_gone(where: str, listed: Collection[str], done: Callable[[dict[st
     if not result or result["where"] != where or result["target"] in listed:
         return
     if result["ok"]:
-        st.success(done(result))
+        _show_outcome(result, done(result))
+    elif result.get("unknown"):
+        st.warning(views.UNKNOWN_OUTCOME.format(op=result["op"]), icon=":material/help:")
     else:
         target, message = views.md_escape(str(result["target"])), views.md_escape(str(result["message"]))
         st.error(f"{what} of {target} refused (HTTP {result['status']}): {message}")

@@ -58,6 +58,12 @@ def md_escape(text: object) -> str:
     return _MD_LIST_START.sub(r"\1\\.", _MD_SPECIAL.sub(r"\\\1", one_line))
 
 
+def plot_label(text: object) -> str:
+    """A client-supplied name (a region, a step) as a Plotly label: Plotly renders <a>, <b> and <br> in labels,
+    so a span's attribute could otherwise draw a link on the operator's chart."""
+    return html.escape(str(text), quote=False)
+
+
 # --- roles ----------------------------------------------------------------------------------------------------
 def link_without_credentials(url: str) -> str:
     """A URL to show or open in the browser, without the ``user:password@`` the server uses (a link on the page
@@ -121,6 +127,35 @@ def fmt_time(value: Any) -> str:
     return "—" if t is None else t.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def action_outcome(op: str, doc: Any) -> tuple[str, str]:
+    """How a confirmed operation's reply reads: (level: success, info or error; message). The API answers 200
+    with the action whatever became of it, so a sync the ERP refused is a failed action, not a done one."""
+    if isinstance(doc, Mapping) and "matched" in doc:  # a bulk action: what became of each item
+        clean = not doc.get("failed") and not doc.get("awaiting_approval")
+        return ("success" if clean else "info"), bulk_outcome(doc)
+    if not (isinstance(doc, Mapping) and "action_id" in doc and "state" in doc):
+        return "success", f"{op}: done"
+    state, error = doc["state"], md_escape(doc.get("last_error") or "")
+    if state == "succeeded":
+        return "success", f"{op}: done"
+    if state == "failed":
+        listed = " It is on the dead-letter list." if doc.get("dead_letter") else ""
+        return "error", f"{op} failed: {error or 'no reason given'}.{listed}"
+    if state == "in_progress":
+        return "info", f"{op} is running; the Actions page shows how it ends."
+    if doc.get("next_attempt_at"):
+        return "info", f"{op} will be tried again at {fmt_time(doc['next_attempt_at'])} ({error or 'no reason given'})."
+    if not doc.get("approved_by"):
+        return "info", f"{op} is waiting for an operator's approval (Actions page)."
+    return "info", f"{op} is queued; the Actions page shows how it ends."
+
+
+UNKNOWN_OUTCOME = (
+    "{op}: the API did not answer in time, so whether it was carried out is not known (it may still be). "
+    "Look at the Actions page or the item's history before asking again."
+)
+
+
 # --- overview -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Heatmap:
@@ -136,7 +171,14 @@ def compliance_heatmap(objectives: Iterable[Mapping[str, Any]]) -> Heatmap:
     steps = [s for s in STEP_ORDER if any(r["step"] == s for r in rows)]
     steps += sorted({r["step"] for r in rows} - set(steps))
     regions = sorted({r["region"] for r in rows})
-    cell = {(r["region"], r["step"]): r for r in rows}
+    cells: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["region"], r["step"]), []).append(r)
+    # a region and step with several objectives (one per contract or tier) shows its worst: a firing objective is
+    # never painted over by one that is met
+    cell = {
+        k: min(v, key=lambda r: (r.get("compliance") is None, r.get("compliance") or 0.0)) for k, v in cells.items()
+    }
     z: list[list[float | None]] = []
     text: list[list[str]] = []
     for region in regions:
@@ -149,7 +191,10 @@ def compliance_heatmap(objectives: Iterable[Mapping[str, Any]]) -> Heatmap:
             if r is None:
                 tr.append("")
             else:
-                tr.append(f"{fmt_pct(comp)}<br>{r.get('bad', 0)} of {r.get('decided', 0)} late")
+                shown = f"{fmt_pct(comp)}<br>{r.get('bad', 0)} of {r.get('decided', 0)} late"
+                if len(cells[(region, step)]) > 1:
+                    shown += f"<br>{plot_label(r.get('name', ''))}, worst of {len(cells[(region, step)])}"
+                tr.append(shown)
         z.append(zr)
         text.append(tr)
     return Heatmap(regions, steps, z, text)
@@ -474,14 +519,34 @@ def action_rows(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def bulk_prompt(action: str, count: int, filters: DriftFilters, note: str = "") -> str:
+def bulk_prompt(action: str, count: int, filters: DriftFilters, note: str = "", approve: bool = False) -> str:
     """The second question of a bulk action (Markdown): what will happen to how many items, with the note that
     will be sent, so what is confirmed is what is stored."""
     what = {"acknowledge": "acknowledge", "ignore": "ignore", "sync": "start a corrective sync for"}[action]
     scope = ", ".join(f"{k}={v}" for k, v in filters.params().items())
     scope = md_escape(scope) if scope else "no filter: every open item"
     said = f" with the note “{md_escape(note)}”" if note.strip() else ""
+    if action == "sync":
+        said += (
+            ", approving the business-rule corrections among them (amount, currency, duplicate posting)"
+            if approve
+            else "; business-rule corrections among them will wait for an approval"
+        )
     return f"This will {what} {count} item{'s' if count != 1 else ''} ({scope}){said}. Confirm?"
+
+
+def bulk_outcome(doc: Mapping[str, Any]) -> str:
+    """What a bulk action did (Markdown): a correction created but waiting for an approval was not started."""
+    done, matched, failed = (int(doc.get(k, 0)) for k in ("done", "matched", "failed"))
+    if doc.get("action") != "sync":
+        return f"{done} of {matched} items done, {failed} refused."
+    started, waiting = int(doc.get("started", 0)), int(doc.get("awaiting_approval", 0))
+    said = f"{started} of {matched} corrections started"
+    if waiting:
+        said += f", {waiting} waiting for an approval (approve them here one by one, or repeat with approval ticked)"
+    if done - started - waiting > 0:
+        said += f", {done - started - waiting} already done or under way"
+    return f"{said}, {failed} refused."
 
 
 # --- audit ----------------------------------------------------------------------------------------------------

@@ -64,6 +64,56 @@ def test_compliance_heatmap_is_region_by_step_in_flow_order() -> None:
     assert heat.text[1][0] == ""  # NA has no cdp_to_billing objective row
 
 
+def test_a_cell_with_several_objectives_shows_the_worst_and_says_so() -> None:
+    """A met objective listed after a firing one for the same region and step must not paint the cell green."""
+    objectives = [
+        {"name": "invoice_posted", "region": "EU", "step": "invoice_to_ledger", "compliance": 0.5, "bad": 3,
+         "decided": 6},
+        {"name": "contract_<b>x</b>", "region": "EU", "step": "invoice_to_ledger", "compliance": 1.0, "bad": 0,
+         "decided": 6},
+        {"name": "nothing_yet", "region": "EU", "step": "invoice_to_ledger", "compliance": None, "bad": 0,
+         "decided": 0},
+    ]  # fmt: skip
+    for order in (objectives, objectives[::-1]):
+        heat = views.compliance_heatmap(order)
+        assert heat.z == [[50.0]]
+        assert heat.text[0][0] == "50.00%<br>3 of 6 late<br>invoice_posted, worst of 3"
+    met = views.compliance_heatmap(objectives[1:])
+    assert met.z == [[100.0]] and "contract_&lt;b&gt;x&lt;/b&gt;, worst of 2" in met.text[0][0]
+
+
+def test_client_supplied_names_cannot_draw_markup_on_a_chart() -> None:
+    assert (
+        views.plot_label('<a href="https://evil.example">EU</a>') == '&lt;a href="https://evil.example"&gt;EU&lt;/a&gt;'
+    )
+    assert views.plot_label("EU") == "EU" and views.plot_label("R&D") == "R&amp;D"
+
+
+def test_the_outcome_of_a_confirmed_action_says_what_became_of_it() -> None:
+    action = {"action_id": "a1", "state": "succeeded", "last_error": "", "approved_by": "olga"}
+    assert views.action_outcome("corrective sync", action) == ("success", "corrective sync: done")
+    level, said = views.action_outcome(
+        "replay", {**action, "state": "failed", "last_error": "business rule: period 2026-09 is closed"}
+    )
+    assert level == "error" and said.startswith("replay failed: business rule") and "closed" in said
+    assert views.action_outcome("approve", {**action, "state": "in_progress"})[0] == "info"
+    waiting = views.action_outcome("corrective sync", {**action, "state": "pending", "approved_by": ""})
+    assert waiting == ("info", "corrective sync is waiting for an operator's approval (Actions page).")
+    later = {"state": "pending", "next_attempt_at": "2026-11-20T12:00:00Z", "last_error": "503"}
+    retry = views.action_outcome("corrective sync", {**action, **later})
+    assert retry[0] == "info" and "2026-11-20 12:00:00 UTC" in retry[1]
+    assert views.action_outcome("acknowledge", {"drift_id": "d", "state": "acknowledged"}) == (
+        "success",
+        "acknowledge: done",
+    )
+    bulk = {"action": "sync", "matched": 8, "done": 5, "failed": 3, "started": 0, "awaiting_approval": 5}
+    level, said = views.action_outcome("bulk sync", bulk)
+    assert level == "info" and said.startswith("0 of 8 corrections started, 5 waiting for an approval")
+    assert said.endswith("3 refused.")
+    clean = {"action": "acknowledge", "matched": 4, "done": 4, "failed": 0}
+    assert views.action_outcome("bulk acknowledge", clean) == ("success", "4 of 4 items done, 0 refused.")
+
+
 def test_breach_series_counts_active_breaches_per_hour_and_region() -> None:
     now = T0 + dt.timedelta(minutes=30)
     breaches = [
@@ -298,3 +348,26 @@ def test_a_span_name_with_markup_shows_as_text_in_the_waterfall_hover() -> None:
     hover = views.bar_hover(bar)
     assert "<a " not in hover and "<b>" not in hover and "&lt;a href=" in hover
     assert hover.count("<br>") == 3  # only the layout's own line breaks stay markup
+
+
+def test_a_timeout_is_told_apart_from_a_refusal_and_no_message_names_the_urls_credentials() -> None:
+    """The transport is the client's one IO seam: here it times out, or cannot connect."""
+    import httpx
+
+    from dashboard.api_client import ApiTimeout, ApiUnavailable, TowerApi
+
+    def timing_out(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    def refusing(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    url = "http://ops:s3cretpw@127.0.0.1:9"
+    with pytest.raises(ApiTimeout) as slow:
+        TowerApi(url, "t", transport=httpx.MockTransport(timing_out)).post("/api/drift/d1/sync", {})
+    with pytest.raises(ApiUnavailable) as down:
+        TowerApi(url, "t", transport=httpx.MockTransport(refusing)).get("/api/drift")
+    assert not isinstance(down.value, ApiTimeout)
+    for said in (str(slow.value), str(down.value)):
+        assert "s3cretpw" not in said and "ops:" not in said and "http://127.0.0.1:9" in said
+    assert "not known" in views.UNKNOWN_OUTCOME.format(op="corrective sync")

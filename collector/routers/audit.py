@@ -21,7 +21,9 @@ async def list_records(
     store: Annotated[Store, Depends(get_store)],
     viewer: Annotated[Principal, Depends(require("viewer"))],
     actor: Text = "",
-    action: Annotated[str, Query(max_length=64, description="Action or its prefix, e.g. `drift.`.")] = "",
+    action: Annotated[
+        str, Query(max_length=64, description="An action, or a family by its prefix ending in a dot (`drift.`).")
+    ] = "",
     object_type: Annotated[str, Query(max_length=32, description="drift_item, action, run, sla, token, api")] = "",
     object_id: Text = "",
     outcome: Annotated[str, Query(max_length=32, description="ok, error, denied, rejected")] = "",

@@ -117,9 +117,10 @@ def _apply(
         try:
             if body.action == "sync":
                 action = service.actions.request(drift_id, who.name, approve=body.approve, execute=False)
-                done.append({"drift_id": drift_id, "action_id": action["action_id"], "state": action["state"]})
-                if action["state"] == "pending" and action["approved_by"]:
-                    to_run.append(action["action_id"])
+                action_id, state, approved = action["action_id"], action["state"], bool(action["approved_by"])
+                done.append({"drift_id": drift_id, "action_id": action_id, "state": state, "approved": approved})
+                if state == "pending" and approved:
+                    to_run.append(action_id)
             else:
                 target = c.ACKNOWLEDGED if body.action == "acknowledge" else c.IGNORED
                 item = service.transition(drift_id, target, body.note, who.name)
@@ -127,6 +128,9 @@ def _apply(
         except ActionError as exc:
             failed.append({"drift_id": drift_id, "status": exc.status, "error": str(exc)})
     summary = {"action": body.action, "matched": total, "done": len(done), "failed": len(failed)}
+    if body.action == "sync":  # of those done: corrections started now, and those left waiting for an approval
+        summary["started"] = len(to_run)
+        summary["awaiting_approval"] = sum(1 for d in done if d["state"] == "pending" and not d["approved"])
     after = {**summary, "filter": body.filter.model_dump(by_alias=True)}
     outcome = "ok" if not failed else ("error" if not done else "partial")
     record = q.audit_record(who.name, "drift.bulk", "drift_item", "(bulk)", None, after, body.note, outcome)

@@ -156,6 +156,8 @@ if operator:
     st.metric("Open items matching the bulk filter", f"{matching:,}")
     kind = st.selectbox("Action", list(BULK_ACTIONS), format_func=BULK_ACTIONS.get, key="bulk_action")
     note = st.text_input("Note (required to acknowledge or ignore)", key="bulk_note")
+    if kind == "sync":
+        st.checkbox("Approve business-rule corrections (amount, currency, duplicate posting)", key="bulk_approve")
     ready = matching > 0 and (kind == "sync" or bool(note.strip()))
 
     def _ask_bulk() -> None:
@@ -163,26 +165,26 @@ if operator:
         count = matching
         chosen_kind = st.session_state.get("bulk_action") or kind
         said = (st.session_state.get("bulk_note") or "").strip()
+        approve = chosen_kind == "sync" and bool(st.session_state.get("bulk_approve"))
         if chosen_kind != "sync" and not said:
             return
 
         def run() -> dict:
-            doc = api.bulk(chosen_kind, bulk_filters.body(), count, said)
-            started = [i["action_id"] for i in doc.get("items", []) if i.get("action_id")]
+            doc = api.bulk(chosen_kind, bulk_filters.body(), count, said, approve=approve)
+            # followed until they end: the corrections that run, not those left waiting for an approval
+            started = [i["action_id"] for i in doc.get("items", []) if i.get("action_id") and i.get("approved")]
             if started:
                 st.session_state["ac_following"] = started
             return doc
 
-        prompt = views.bulk_prompt(chosen_kind, count, bulk_filters, said)
+        prompt = views.bulk_prompt(chosen_kind, count, bulk_filters, said, approve)
         session.ask("bulk", f"bulk {chosen_kind}", prompt, run)
 
     st.button(f"{BULK_ACTIONS[kind]} {matching:,} items…", key="bulk_apply", on_click=_ask_bulk, disabled=not ready)
     session.confirmation("bulk")
     result = st.session_state.get(session.RESULT)
     if result and result.get("ok") and result["where"] == "bulk":
-        doc = result["doc"]
-        done, matched, failed = (views.md_escape(doc[k]) for k in ("done", "matched", "failed"))
-        st.info(f"{done} of {matched} items done, {failed} refused.")
+        doc = result["doc"]  # what it did is said above, in the confirmation's place
         if doc.get("errors"):
             st.dataframe(doc["errors"], key="bulk_errors", hide_index=True)
 else:

@@ -51,8 +51,8 @@ with left:
         fig = go.Figure(
             go.Heatmap(
                 z=heat.z,
-                x=[views.STEP_LABELS.get(s, s) for s in heat.steps],
-                y=heat.regions,
+                x=[views.plot_label(views.STEP_LABELS.get(s, s)) for s in heat.steps],
+                y=[views.plot_label(r) for r in heat.regions],
                 text=heat.text,
                 texttemplate="%{text}",
                 colorscale=[[0, "#c0392b"], [0.9, "#f39c12"], [1, "#27ae60"]],
@@ -75,7 +75,13 @@ with right:
         fig = go.Figure()
         for reg, points in series.items():
             fig.add_trace(
-                go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], name=reg, mode="lines", line_shape="hv")
+                go.Scatter(
+                    x=[p[0] for p in points],
+                    y=[p[1] for p in points],
+                    name=views.plot_label(reg),
+                    mode="lines",
+                    line_shape="hv",
+                )
             )
         fig.update_layout(height=300, margin={"l": 10, "r": 10, "t": 10, "b": 10}, yaxis_title="active breaches")
         st.plotly_chart(fig, key="ov_breaches", width="stretch")
@@ -117,7 +123,7 @@ with left:
         st.caption("No alert is firing.")
     am = session.settings().alertmanager_url
     if am:
-        st.link_button("Open Alertmanager", am, key="ov_alertmanager")
+        st.link_button("Open Alertmanager", views.link_without_credentials(am), key="ov_alertmanager")
 with right:
     st.subheader("Last reconciliation run")
     st.dataframe([{"": k, "value": v} for k, v in run.items() if v], key="ov_run_table", hide_index=True)

@@ -17,7 +17,9 @@ FAR = dt.datetime(2200, 1, 1, tzinfo=dt.UTC)
 _AUDIT_WHERE = """
 WHERE EventTime >= {since:DateTime64(6)} AND EventTime < {until:DateTime64(6)}
     AND ({actor:String} = '' OR Actor = {actor:String})
-    AND ({action:String} = '' OR startsWith(Action, {action:String}))
+    -- a name, or a family of names by its prefix ending in '.' ('drift.'): 'action.replay' is not 'action.replayed'
+    AND ({action:String} = '' OR Action = {action:String}
+        OR (endsWith({action:String}, '.') AND startsWith(Action, {action:String})))
     AND ({object_type:String} = '' OR ObjectType = {object_type:String})
     AND ({object_id:String} = '' OR ObjectId = {object_id:String})
     AND ({outcome:String} = '' OR Outcome = {outcome:String})
