@@ -393,6 +393,28 @@ def test_an_item_ends_at_its_first_target_activity_after_its_start(db: Store) ->
     assert (cust["stuck"], cust["completed"], cust["bads"]) == (0, 1, [0])
 
 
+def test_target_activity_in_the_start_second_ends_the_item_as_whole_second_systems_record_it(db: Store) -> None:
+    """Stripe stamps a customer update with its whole second: 0.3 s after the CDP's change it reads as before it."""
+    cus = {"revops.step": "cdp_to_billing", "revops.system": "cdp", "revops.region": "EU"}
+    ms = S // 1000
+    insert_spans(
+        db,
+        [
+            {"ts": T + 300 * ms, "attrs": {**cus, "revops.customer.id": "cus_same_second"}},
+            {"ts": T, "attrs": {"revops.step": "cdp_to_billing", "revops.system": "billing",
+                                "revops.customer.id": "cus_same_second"}},
+            {"ts": T + 300 * ms, "attrs": {**cus, "revops.customer.id": "cus_second_before"}},
+            {"ts": T - S, "attrs": {"revops.step": "cdp_to_billing", "revops.system": "billing",
+                                    "revops.customer.id": "cus_second_before"}},
+        ],
+    )  # fmt: skip
+    args = dict(step="cdp_to_billing", key_type="customer", source="cdp", target="billing", threshold_s=30)
+    (eu,) = q.step_stats(db, now_ns=T + 10 * M, windows_s=[3600], period_s=3600, bounds_s=[60], **args)  # type: ignore[arg-type]
+    assert (eu["completed"], eu["stuck"], eu["q_ns"][0]) == (1, 1, 0)
+    stuck = q.stuck_items(db, now_ns=T + 10 * M, lookback_s=3600, **args)  # type: ignore[arg-type]
+    assert [r["key"] for r in stuck] == ["cus_second_before"]  # a whole second before is history
+
+
 def test_a_latency_does_not_depend_on_background_merges(db: Store) -> None:
     """Billing touches the customer in the morning and the evening; the CDP change at 10:00 syncs at 10:05. Kept
     per day as min/max, a merge of the day's parts made the evening the end (8 h instead of 5 min)."""

@@ -28,7 +28,9 @@ NS = 1_000_000_000
 # is one activity (a span's start and end; migration 0015), so a target row counts from its start when that is
 # after the item's start, else from its end if that lies in [start, now] (a span running across the start).
 # Later target activity (a duplicate posting, a status refresh, the next profile change) and earlier history do
-# not stretch the latency, merged or not.
+# not stretch the latency, merged or not. A target row in the same whole second as the start counts as at the
+# start: Stripe times its events in whole seconds, so a customer updated 0.3 s after the CDP's change is stamped
+# before it.
 # Items whose decision can fall inside the longest window start no earlier than {lo} = now - window -
 # threshold, so rows of older days are pruned through the (Step, Day, ...) primary key. Per region, the
 # decided and bad counts of each window, and latency figures of the items completed over the period.
@@ -39,8 +41,9 @@ _ITEMS = (
     "     anyIf(Region, System = {source:String} AND Region != ''), "
     "     if(anyIf(Region, Region != '') != '', anyIf(Region, Region != ''), 'unknown')) AS region, "
     "  toUnixTimestamp64Nano(minIf(FirstSeen, System = {source:String})) AS start_ns, "
-    "  arrayFilter(x -> x > 0, arrayMap(p -> if(p.1 >= start_ns, p.1, "
-    "     if(p.2 >= start_ns AND p.2 <= {now:Int64}, p.2, 0)), groupArrayIf((toUnixTimestamp64Nano(FirstSeen), "
+    "  arrayFilter(x -> x > 0, arrayMap(p -> if(p.1 >= start_ns, p.1, if(intDiv(p.1, {ns:Int64}) = "
+    "     intDiv(start_ns, {ns:Int64}), start_ns, "
+    "     if(p.2 >= start_ns AND p.2 <= {now:Int64}, p.2, 0))), groupArrayIf((toUnixTimestamp64Nano(FirstSeen), "
     "     toUnixTimestamp64Nano(LastSeen)), System = {target:String}))) AS ends, "
     "  notEmpty(ends) AS ended, "
     "  if(ended, arrayMin(ends), 0) AS end_ns, "
@@ -103,6 +106,7 @@ def _step_params(
         "now": now_ns,
         "lo": now_ns - int(lookback_s * NS) - threshold_ns,
         "regions": list(regions),
+        "ns": NS,
     }
 
 
