@@ -146,6 +146,46 @@ def test_step_activity_come_from_spans_and_business_events(db: Store) -> None:
     assert by["unknown"]["stuck"] == 1  # pay_x: billing payment span at T+6m without region, never applied
 
 
+def _erp_batch_event(store: Store, event_id: str, ts: int, invoices: list[str]) -> None:
+    """One ERP event posting several invoices: its key column holds the last, KeyRefs all (collector/events.py)."""
+    store.command(
+        "INSERT INTO $db.business_events (EventId, Source, Type, Time, ReceivedAt, System, Region, Step, InvoiceId, "
+        "KeyRefs) VALUES ({id:String}, 'erp-batch', 'erp.invoices.posted', fromUnixTimestamp64Nano({ts:Int64}), "
+        "fromUnixTimestamp64Nano({ts:Int64}), 'erp', 'EU', 'invoice_to_ledger', {last:String}, {refs:Array(String)})",
+        {"id": event_id, "ts": ts, "last": invoices[-1], "refs": [f"invoice:{i}" for i in invoices]},
+    )
+
+
+def test_an_event_naming_several_invoices_ends_each_of_their_items(db: Store) -> None:
+    invoices = ["in_batch_a", "in_batch_b", "in_batch_c"]
+    insert_spans(db, [inv(i, "billing", T) for i in invoices])
+    _erp_batch_event(db, "ev_batch", T + M, invoices)
+    (eu,) = stats(db, T + 30 * M).values()
+    assert (eu["completed"], eu["stuck"], eu["bads"]) == (3, 0, [0, 0, 0])
+
+
+def test_migration_0023_reads_again_the_batch_events_stored_before_it_and_can_run_twice(store: Store) -> None:
+    for m in available():
+        if m.version < 23:
+            for statement in m.statements():
+                store.command(statement)
+    invoices = ["in_old_a", "in_old_b"]
+    insert_spans(store, [inv(i, "billing", T) for i in invoices])
+    _erp_batch_event(store, "ev_old", T + M, invoices)
+    assert stats(store, T + 30 * M)["EU"]["stuck"] == 1  # 0015's view saw in_old_b only
+    (m23,) = [m for m in available() if m.version == 23]
+    for _ in range(2):
+        for statement in m23.statements():
+            store.command(statement)
+    (eu,) = stats(store, T + 30 * M).values()
+    assert (eu["completed"], eu["stuck"]) == (2, 0)
+    _erp_batch_event(store, "ev_new", T + 2 * M, ["in_old_a", "in_new"])  # the new view, once
+    rows = store.query_rows(
+        "SELECT KeyValue AS k, count() AS n FROM $db.step_activity FINAL WHERE System = 'erp' GROUP BY k ORDER BY k"
+    )
+    assert {r["k"]: r["n"] for r in rows} == {"in_new": 1, "in_old_a": 2, "in_old_b": 1}
+
+
 def test_failed_activity_neither_starts_nor_completes_an_item(db: Store) -> None:
     """A declined payment does not start payment_to_cash; a rejected ERP posting does not complete an invoice."""
     pay = {"revops.step": "payment_to_cash", "revops.system": "billing", "revops.payment.id": "pay_declined"}
