@@ -67,6 +67,20 @@ def test_a_valid_file_parses_with_defaults() -> None:
     assert doc["objectives"][0]["threshold"] == "10m" and doc["thresholds"][0]["regions"] == "all"
 
 
+def test_a_yaml_merge_key_copies_an_objective_whose_own_keys_override_it() -> None:
+    text = (
+        "objectives:\n"
+        "  - &base {name: a, step: invoice_to_ledger, target: 99%, threshold: 15m}\n"
+        "  - <<: *base\n"
+        "    name: b\n"
+        "    regions: [EU]\n"
+    )
+    a, b = parse_definitions(text, "f.yaml").objectives
+    assert (a.name, b.name, b.regions, b.threshold, b.target) == ("a", "b", ("EU",), 900, 0.99)
+    with pytest.raises(ConfigError, match="f.yaml:6: duplicate key 'name' \\(first on line 4\\)"):
+        parse_definitions(text + "    name: c\n", "f.yaml")  # a key written twice is still an error
+
+
 def test_custom_burn_windows_replace_the_defaults() -> None:
     defs = parse_definitions("burn_rate_windows:\n  - {severity: page, long: 2h, short: 10m, burn_rate: 10}\n")
     assert defs.rules == (br.WindowRule("page", 7200, 600, 10.0),)

@@ -288,13 +288,6 @@ class Definitions:
 def _compose(text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """Parse YAML into plain data plus the 1-based line of every path; duplicate keys are errors."""
     loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None, {(): 1}
-        data = loader.construct_document(node)
-    finally:
-        loader.dispose()
     lines: dict[tuple[Any, ...], int] = {}
 
     def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
@@ -302,6 +295,8 @@ def _compose(text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
         if isinstance(n, yaml.MappingNode):
             seen: dict[Any, int] = {}
             for k, v in n.value:
+                if k.tag == MERGE_TAG:  # '<<: *base': its keys may be overridden here, as YAML means
+                    continue
                 key = k.value
                 if key in seen:
                     raise _LineError(k.start_mark.line + 1, f"duplicate key {key!r} (first on line {seen[key]})")
@@ -311,8 +306,18 @@ def _compose(text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
             for i, v in enumerate(n.value):
                 walk(v, (*path, i))
 
-    walk(node, ())
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {(): 1}
+        walk(node, ())  # before construction, which folds merged keys into the mapping beside its own
+        data = loader.construct_document(node)
+    finally:
+        loader.dispose()
     return data, lines
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class _LineError(Exception):
