@@ -9,6 +9,7 @@ ClickHouse drops the repeat. The total size is bounded: past ``max_bytes`` appen
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import struct
@@ -139,6 +140,35 @@ def _last_epoch(segments: list[Segment]) -> int:
     return max((int(s.epoch, 16) for s in segments), default=0)
 
 
+OWNER_FILE = "owner.lock"
+
+
+def _own(directory: Path) -> int:
+    """One process per buffer directory: a second one would take the first one's live segments for its own,
+    replay them beside it (rows stored twice) and remove the file it still appends to (acknowledged rows lost).
+    A POSIX record lock, which the kernel drops when the process ends, kill -9 included; held per process, so a
+    process may open its directory again (as tests do to act out a restart)."""
+    from tower_core.errors import ConfigError
+
+    path = directory / OWNER_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"write-ahead buffer dir {directory} is not usable: {exc.strerror or exc}") from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(
+            f"write-ahead buffer dir {directory} is in use by another tower process ({holder}); "
+            "each process needs its own TOWER_WAL_DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"PID {os.getpid()}".encode(), 0)
+    return fd
+
+
 class WriteAheadBuffer:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.dir = directory
@@ -154,6 +184,7 @@ class WriteAheadBuffer:
             from tower_core.errors import ConfigError
 
             raise ConfigError(f"write-ahead buffer dir {directory} is not usable: {exc.strerror or exc}") from None
+        self._owner_fd: int | None = _own(directory)  # before any segment is looked at
         self._sealed: list[Segment] = []
         self.damage: list[Damage] = []  # found at start: logged and counted by the collector
         for p in sorted(directory.iterdir()):
@@ -318,5 +349,8 @@ class WriteAheadBuffer:
             self._cond.wait_for(lambda: not self._io_busy)
             if self._fd is not None:
                 os.close(self._fd)
+            if self._owner_fd is not None:
+                os.close(self._owner_fd)  # releases the directory
+                self._owner_fd = None
             if self._active.size == 0:
                 self._active.path.unlink(missing_ok=True)

@@ -164,6 +164,7 @@ def test_tower_ingest_cli_lists_and_requeues_through_a_running_api(tmp_path: Pat
     left = WriteAheadBuffer(tmp_path / "wal", max_bytes=1_000_000)  # what an earlier version buffered
     left.append(KIND_SPANS, 1, UNSTORABLE_SPANS)
     left.seal()
+    left.close()  # the earlier process ended (it held the directory until then)
     with TowerServer(tmp_path, TOWER_ADMIN_TOKEN="dl-cli-admin") as srv:  # replays it at start
         online = {**data, "TOWER_API_URL": srv.url}
         refused = tower(online, "ingest", "dead-letters", cwd=tmp_path)  # no token: one clear line, exit 2

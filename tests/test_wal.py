@@ -361,3 +361,90 @@ def test_damage_found_at_start_is_logged_and_counted(
     reports = [r for r in caplog.records if "fail their checksum" in r.getMessage()]
     assert len(reports) == 1 and segment.path.name in reports[0].getMessage()
     assert 'tower_wal_damaged_bytes_total{cause="checksum"}' in generate_latest(service.metrics.registry).decode()
+
+
+def test_a_second_process_on_the_same_buffer_dir_is_refused_before_it_touches_a_segment(tmp_path: Path) -> None:
+    """A second `tower serve` started by mistake (another data dir, or a ClickHouse server both write to) would
+    take the running one's live segments for its own: replay them beside it and remove the file it appends to."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.server import TowerServer
+
+    with TowerServer(tmp_path / "first", TOWER_FLUSH_INTERVAL_S="3600") as first:  # everything stays buffered
+        r = httpx.post(
+            f"{first.url}/v1/traces", content=request(50), headers={"Content-Type": "application/x-protobuf"}
+        )
+        assert r.status_code == 200
+        wal = tmp_path / "first" / "wal"
+        before = {p.name: p.stat().st_size for p in wal.glob("seg-*.wal")}
+        assert sum(before.values()) > 0
+        env = {k: v for k, v in first.env.items() if k != "TOWER_PORT"}
+        env |= {"TOWER_DATA_DIR": str(tmp_path / "second-data"), "TOWER_PORT": "0"}
+        second = subprocess.run(
+            [sys.executable, "-m", "tower_core.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines() == [
+            f"tower: error: write-ahead buffer dir {wal} is in use by another tower process "
+            f"(PID {first.proc.pid}); each process needs its own TOWER_WAL_DIR"  # type: ignore[union-attr]
+        ]
+        assert {p.name: p.stat().st_size for p in wal.glob("seg-*.wal")} == before  # nothing replayed or removed
+        r = httpx.post(
+            f"{first.url}/v1/traces", content=request(50, seed=1), headers={"Content-Type": "application/x-protobuf"}
+        )
+        assert r.status_code == 200
+
+
+def test_a_restarted_process_owns_the_directory_again(tmp_path: Path) -> None:
+    wal = WriteAheadBuffer(tmp_path, max_bytes=1_000_000)
+    wal.append(KIND_SPANS, 1, request(1))
+    wal.close()
+    again = WriteAheadBuffer(tmp_path, max_bytes=1_000_000)  # the lock went with the first owner
+    assert [s.rows for s in again.sealed()] == [1]
+    again.close()
+
+
+def test_a_request_backfilling_more_than_100_days_is_flushed_and_nothing_waits_behind_it(tmp_path: Path) -> None:
+    """One acknowledged request of spans over 101 days (otel_traces: a partition a day) and one CloudEvents batch
+    over 101 months (business_events: a partition a month) each become one insert; ClickHouse's default limit of
+    100 partitions per insert refused them on every retry, and every request after them stayed in the buffer."""
+    import httpx
+    import orjson
+
+    from tests.server import TowerServer
+
+    day = 86_400 * 10**9
+    req = ExportTraceServiceRequest()
+    ss = req.resource_spans.add().scope_spans.add()
+    for d in range(101):
+        start = 1_767_225_600_000_000_000 - d * day
+        ss.spans.add(
+            trace_id=(d + 1).to_bytes(16, "big"), span_id=b"\x01" * 8, name="backfill",
+            start_time_unix_nano=start, end_time_unix_nano=start + 1000,
+        )  # fmt: skip
+    events = [
+        {"specversion": "1.0", "id": f"old-{m}", "source": "erp", "type": "erp.entry.posted",
+         "time": f"{2017 + m // 12}-{m % 12 + 1:02d}-01T00:00:00Z", "data": {"revops.invoice.id": f"in_{m}"}}
+        for m in range(101)
+    ]  # fmt: skip
+    with TowerServer(tmp_path) as srv:
+        pb = {"Content-Type": "application/x-protobuf"}
+        assert httpx.post(f"{srv.url}/v1/traces", content=req.SerializeToString(), headers=pb).status_code == 200
+        batch = {"Content-Type": "application/cloudevents-batch+json"}
+        assert httpx.post(f"{srv.url}/v1/events", content=orjson.dumps(events), headers=batch).status_code == 200
+        assert httpx.post(f"{srv.url}/v1/traces", content=request(10, seed=7), headers=pb).status_code == 200
+
+        def metrics() -> dict[str, float]:
+            text = httpx.get(f"{srv.url}/metrics").text
+            return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln[:1] != "#"}
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and metrics().get("tower_buffer_bytes", 1) > 0:
+            time.sleep(0.2)
+        seen = metrics()
+        assert seen['tower_rows_flushed_total{table="otel_traces"}'] == 111
+        assert seen['tower_rows_flushed_total{table="business_events"}'] == 101
+        assert seen["tower_flush_errors_total"] == 0 and seen["tower_buffer_bytes"] == 0
