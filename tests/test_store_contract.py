@@ -309,3 +309,35 @@ def test_large_parameters_bind_on_both_backends(store: Store) -> None:
     ids = [f"{i:032x}" for i in range(20_000)]
     rows = store.query_rows("SELECT length({ids:Array(String)}) AS n, {ids:Array(String)}[20000] AS last", {"ids": ids})
     assert rows == [{"n": 20_000, "last": ids[-1]}]
+
+
+def test_one_insert_may_span_more_partitions_than_clickhouses_default_limit(store: Store) -> None:
+    """otel_traces is partitioned by day: a backfill of 101 days in one acknowledged request is one insert, which
+    ClickHouse's default (100 partitions per insert) refused on every retry."""
+    migrate(store)
+    sync_key_attributes(store, key_attribute_names())
+    day = 86_400 * 10**9
+    table = pa.concat_tables([spans(1, trace=f"{d + 1:032x}", start_ns=T0 - d * day) for d in range(101)])
+    store.insert_arrow("otel_traces", table)
+    assert store.query_rows("SELECT count() AS n, uniqExact(toDate(Timestamp)) AS d FROM $db.otel_traces")[0] == {
+        "n": 101,
+        "d": 101,
+    }
+
+
+def test_spool_files_a_killed_process_left_are_removed_when_the_store_opens(tmp_path: Path) -> None:
+    """Each kill -9 during a flush left its spooled chunk (up to tens of MB) under the data dir for good."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    left = data / "input_spool" / "input-killed.bin"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"\0" * 100_000)
+    opens = (
+        "import sys; from pathlib import Path; from tower_core.settings import Settings; "
+        "from tower_core.store import open_store; "
+        "open_store(Settings(data_dir=Path(sys.argv[1]))).query_rows('SELECT 1')"
+    )
+    subprocess.run([sys.executable, "-c", opens, str(data)], check=True, timeout=120, capture_output=True)
+    assert not left.exists() and left.parent.is_dir()

@@ -57,6 +57,13 @@ def input_from_file(sql: str, path: str, fmt: str) -> str:
 
 # Past {limit} rows numbered n of total: the earliest half and the latest half (the first say how something
 # began, the last what happens now).
+# Every connection's settings, on both backends:
+# - times are bound and read as UTC, whatever the process's or server's time zone (params.py);
+# - an insert may span any number of partitions: one acknowledged OTLP request (or CloudEvents batch) backfilling
+#   more than 100 days (months) of history was refused by ClickHouse's default on every retry, and the buffer
+#   behind it never drained.
+SESSION_SETTINGS: dict[str, str | int] = {"session_timezone": "UTC", "max_partitions_per_insert_block": 0}
+
 EARLIEST_AND_LATEST = "WHERE n <= intDiv({limit:UInt32} + 1, 2) OR n > total - intDiv({limit:UInt32}, 2) "
 
 

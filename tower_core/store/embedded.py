@@ -21,7 +21,15 @@ from typing import Any
 import pyarrow as pa
 
 from tower_core.errors import ConfigError, StoreError
-from tower_core.store.base import check_column, check_identifier, file_source, input_from_file, qualify, rows_of
+from tower_core.store.base import (
+    SESSION_SETTINGS,
+    check_column,
+    check_identifier,
+    file_source,
+    input_from_file,
+    qualify,
+    rows_of,
+)
 from tower_core.store.params import escape_params
 
 # chDB's jemalloc keeps freed pages for 10 s by default, so a process that inserts steadily holds every
@@ -107,7 +115,18 @@ def open_session(path: Path) -> Any:
             hint = f" (owned by {owner})" if owner else ""
             raise ConfigError(f"cannot open chDB at {path}{hint}: {exc}") from None
         _session_path = path
+        _clear_spool(path)
         return _session
+
+
+SPOOL_DIR = "input_spool"
+
+
+def _clear_spool(path: Path) -> None:
+    """Spool files a killed process left behind (each up to a whole flush chunk; a kill -9 skips the delete on
+    close). This process now owns the path, so none of them is being read."""
+    for left in (path / SPOOL_DIR).glob("input-*.bin"):
+        left.unlink(missing_ok=True)
 
 
 class EmbeddedStore:
@@ -129,10 +148,11 @@ class EmbeddedStore:
             from chdb.state import sqlitelike
 
             conn = sqlitelike.Connection(str(_session_path))
-            try:  # times are bound and read as UTC, whatever the process's TZ (see tower_core/store/params.py)
-                conn.query("SET session_timezone = 'UTC'", "CSV")
+            try:
+                for name, value in SESSION_SETTINGS.items():
+                    conn.query(f"SET {name} = {value!r}", "CSV")
             except Exception as exc:
-                raise StoreError(f"cannot set the session time zone: {str(exc).strip()}") from None
+                raise StoreError(f"cannot set the session's settings: {str(exc).strip()}") from None
             _local.conn = conn
         return conn
 
@@ -175,7 +195,7 @@ class EmbeddedStore:
     def _spooled(self, data: bytes, statement: Callable[[str], str], params: Mapping[str, Any] | None) -> None:
         """Run the statement ``statement(path)`` reading ``data`` from a spool file under the data dir (a full or
         failing disk is a StoreError like any other failed write)."""
-        spool = self.data_dir.resolve() / "input_spool"
+        spool = self.data_dir.resolve() / SPOOL_DIR
         try:
             spool.mkdir(exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=spool, prefix="input-", suffix=".bin") as f:

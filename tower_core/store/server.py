@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 
 from tower_core.errors import ConfigError, StoreError
-from tower_core.store.base import check_identifier, qualify, rows_of
+from tower_core.store.base import SESSION_SETTINGS, check_identifier, qualify, rows_of
 from tower_core.store.params import format_params
 
 
@@ -67,8 +67,7 @@ class ServerStore:
                     **self._args,
                     connect_timeout=self._timeout,
                     autogenerate_session_id=False,
-                    # times are bound and read as UTC, whatever the server's time zone (tower_core/store/params.py)
-                    settings={"session_timezone": "UTC"},
+                    settings=dict(SESSION_SETTINGS),
                 )
             except Exception as exc:  # later, an unreachable server is transient: callers retry StoreError
                 where = f"{self._args['host']}:{self._args['port']}"
