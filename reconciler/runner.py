@@ -23,9 +23,11 @@ from connectors.base import BillingConnector, ErpConnector, TransientError
 from connectors.segment.tracking import PiiPolicy
 from reconciler import classify as c
 from reconciler import run_owner
+from reconciler.sla.ledger_activity import ERP, activity_of
 from tower_core.models import CURRENCY_EXPONENT, record_ref
 from tower_core.store import Store
 from tower_core.store import reconcile as q
+from tower_core.store import sla as sla_q
 from tower_core.store import source_skips as skips
 
 log = logging.getLogger("tower.reconciler")
@@ -117,6 +119,12 @@ def pull(
     def write_customers(st: Store, items: list[Any], token: str | None) -> int:
         return q.write_customers(st, [scrub_customer(c, pii) for c in items], token)
 
+    def write_ledger(st: Store, items: list[Any], token: str | None) -> int:
+        written = q.write_ledger(st, items, token)
+        # what the SLA learns of the ERP from its records (reconciler/sla/ledger_activity.py)
+        sla_q.write_step_activity(st, ERP, [a for a in map(activity_of, items) if a is not None])
+        return written
+
     try:
         if billing is not None:
             drain(billing.name, "invoices", billing.pull_invoices, q.write_invoices)
@@ -124,7 +132,7 @@ def pull(
             if hasattr(billing, "pull_customers") and q.table_exists(store, "billing_customers"):
                 drain(billing.name, "customers", billing.pull_customers, write_customers)
         if erp is not None:
-            drain(erp.name, "ledger_entries", erp.pull_ledger_entries, q.write_ledger)
+            drain(erp.name, "ledger_entries", erp.pull_ledger_entries, write_ledger)
     except TransientError as exc:
         raise RunFailed(f"pull failed: {exc}") from exc
     return pulled

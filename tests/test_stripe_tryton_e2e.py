@@ -147,6 +147,12 @@ def test_stripe_invoice_missing_in_tryton_is_found_corrected_once_and_stays_clea
     # 4. the next run finds no drift for this invoice or its payment
     run_reconciliation(tower)
     assert drift_for(tower, invoice.id) == [] and drift_for(tower, str(invoice.payment_intent)) == []
+    # ... and the SLA knows the ERP posted and applied them (Tryton exports no spans into the tower: the pulled
+    # records are its activity), so neither is stuck however late one looks
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 7200))
+    for sla, key in (("invoice_posted", invoice.id), ("payment_applied", str(invoice.payment_intent))):
+        r = httpx.get(f"{tower.url}/api/sla/stuck", params={"sla": sla, "at": later}, headers=H)
+        assert r.status_code == 200 and key not in {i["key"] for i in r.json()["items"]}, (sla, r.text)
 
     # 5. the same corrective sync sent again posts nothing: through the API (the item is resolved) ...
     again = sync(tower, missing[0]["drift_id"])

@@ -86,6 +86,36 @@ _STUCK = (
 ).replace("/*items*/", _ITEMS)
 
 
+STEP_ACTIVITY = pa.schema(
+    [
+        ("Step", pa.string()),
+        ("Day", pa.date32()),
+        ("KeyType", pa.string()),
+        ("KeyValue", pa.string()),
+        ("System", pa.string()),
+        ("FirstSeen", pa.timestamp("ns", tz="UTC")),
+        ("Region", pa.string()),
+        ("LastSeen", pa.timestamp("ns", tz="UTC")),
+    ]
+)
+
+
+def write_step_activity(store: Store, system: str, activity: Sequence[Any]) -> int:
+    """Activity the reconciler learned from pulled records (reconciler.sla.ledger_activity.Activity); a record
+    pulled twice writes the same row, which the table's aggregates collapse."""
+    if not activity:
+        return 0
+    rows: dict[str, list[Any]] = {name: [] for name in STEP_ACTIVITY.names}
+    for a in activity:
+        at = a.at if a.at.tzinfo else a.at.replace(tzinfo=dt.UTC)
+        for name, value in (
+            ("Step", a.step), ("Day", at.date()), ("KeyType", a.key_type), ("KeyValue", a.key), ("System", system),
+            ("FirstSeen", at), ("Region", a.region), ("LastSeen", at),
+        ):  # fmt: skip
+            rows[name].append(value)
+    return store.insert_arrow("step_activity", pa.Table.from_pydict(rows, schema=STEP_ACTIVITY))
+
+
 def _step_params(
     step: str,
     key_type: str,
