@@ -444,6 +444,49 @@ def test_customer_missing_in_billing(store: Store) -> None:
     assert set(items(store)) == {(c.CUSTOMER_UNSYNCED, "cus_2")}
 
 
+def test_which_posting_of_a_double_posted_invoice_names_the_party_does_not_change_between_runs(store: Store) -> None:
+    """One posting with the customer's party, one with none: the party compared was whichever the aggregation
+    met first, so customer_unmatched opened and resolved between runs where nothing changed for the invoice."""
+    q.write_invoices(store, [inv("in_d")])
+    q.write_ledger(
+        store,
+        [
+            led("le_d1", "invoice", "in_d", 1_100),
+            dataclasses.replace(led("le_d2", "invoice", "in_d", 1_100), party_ref=""),
+        ],
+    )
+    r = Reconciler(store, RULES)
+    for n in range(6):
+        q.write_ledger(store, [led(f"le_other{n}", "invoice", f"in_other{n}", 500)])  # unrelated rows, new parts
+        run = r.run(full=True, as_of=AS_OF)
+        assert run.resolved == 0 and (c.CUSTOMER_UNMATCHED, "cus_1") in items(store), n
+
+
+def test_a_region_run_leaves_a_customer_unmatched_item_to_the_runs_that_see_every_region(store: Store) -> None:
+    """The item stands for the customer's invoices of every region; a region run compares only its own, so an
+    EU run saw the EU posting mapped and resolved it (and the operator's acknowledgement with it) while the NA
+    posting still had no party."""
+    theirs = [
+        dataclasses.replace(inv(i, region=reg), customer_id="cus_9") for i, reg in (("in_e", "EU"), ("in_n", "NA"))
+    ]
+    q.write_invoices(store, theirs)
+    unmapped = [
+        dataclasses.replace(led("le_e", "invoice", "in_e", 1_100), party_ref=""),
+        dataclasses.replace(led("le_n", "invoice", "in_n", 1_100, region="NA"), party_ref=""),
+    ]
+    q.write_ledger(store, unmapped)
+    r = Reconciler(store, RULES)
+    assert r.run(full=True, as_of=AS_OF).new == 1
+    q.write_ledger(store, [dataclasses.replace(unmapped[0], party_ref="cus_9")])
+    eu = r.run(full=True, region="EU", as_of=AS_OF)
+    assert eu.resolved == 0 and (c.CUSTOMER_UNMATCHED, "cus_9") in items(store)
+    na = r.run(full=True, region="NA", as_of=AS_OF)
+    assert na.new == 0 and items(store)[(c.CUSTOMER_UNMATCHED, "cus_9")]["state"] == c.PERSISTING
+    q.write_ledger(store, [dataclasses.replace(unmapped[1], party_ref="cus_9")])
+    assert r.run(full=True, region="NA", as_of=AS_OF).resolved == 0  # NA alone cannot know EU is clean
+    assert r.run(full=True, as_of=AS_OF).resolved == 1 and items(store) == {}
+
+
 def test_customer_unmatched_when_the_erp_books_a_customer_to_no_party(store: Store) -> None:
     """One item per billing customer whose postings carry no or another party; its invoices raise none of
     their own; incremental runs never resolve it (they see only some of its invoices), a full run does."""

@@ -591,7 +591,7 @@ SELECT
     anyIf(status, src = 1) AS e_status,
     minIf(id, src = 1) AS e_entry,
     anyIf(region, src = 1) AS e_region,
-    anyIf(cust, src = 1) AS e_party,
+    minIf(cust, src = 1) AS e_party,  -- of several postings, one and always the same ('' first)
     anyIf(day, src = 1) AS e_day,
     anyIf(note, src = 3) AS rejected,
     sumIf(amt, src = 2) AS e_applied,
@@ -700,7 +700,7 @@ SELECT
     anyIf(cur, src = 1) AS e_currency,
     arrayStringConcat(arraySort(groupUniqArrayIf(cur, src = 1)), ',') AS e_currencies,
     anyIf(region, src = 1) AS e_region,
-    anyIf(cust, src = 1) AS e_party,
+    minIf(cust, src = 1) AS e_party,  -- of several postings, one and always the same ('' first)
     minIf(id, src = 1) AS e_entry,
     anyIf(day, src = 1) AS e_day,
     arrayStringConcat(arraySort(groupUniqArrayIf(refs, src = 1 AND refs != '')), ',') AS e_applied_refs
@@ -1314,6 +1314,8 @@ def merge_queue(
 
     if full:
         scope = "" if customers else "AND (KeyType != 'customer' OR Class = 'customer_unmatched')"
+        if region:  # it stands for the customer's invoices of every region: only a run that saw them all resolves it
+            scope += " AND Class != 'customer_unmatched'"
     else:
         scope = _RESOLVE_SCOPE
     resolve_from = _compose(
