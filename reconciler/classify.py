@@ -63,6 +63,7 @@ REASONS: dict[str, str] = {
     "credit_memo_pending": "ERP credit memo not there yet, still inside the grace period",
     "customer_pending": "billing customer not updated yet, still inside the grace period",
     "not_in_billing": "ERP posting references a billing id that billing does not know",
+    "failed_in_billing": "the ERP posted a payment, refund or credit note that failed or was voided in billing",
     "amount_rounding": "amounts differ by at most one major unit's rounding step",
     "amount_tax": "the difference equals the invoice tax (tax missing or added on one side)",
     "amount_differs": "amounts differ beyond the tolerance (FX or a changed invoice)",
@@ -442,7 +443,14 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
             MISSING_IN_BILLING, "not_in_billing", "billing", amount_minor=amount, billing=billing, erp=erp, **base
         )
     if (f["p_status"] or "") != "succeeded":
-        return None
+        if int(f["e_n"] or 0) == 0:
+            return None
+        # a refund that failed, a voided credit note, a failed payment: the ERP's live posting of it credits or
+        # settles the receivable for money that never moved
+        amount = -int(f["e_sum"] or 0)
+        return Finding(
+            MISSING_IN_BILLING, "failed_in_billing", "erp", amount_minor=amount, billing=billing, erp=erp, **base
+        )
     amount = int(f["p_amount"] or 0)
     # every ERP row of the key in the billing currency: "EUR,USD" or "EUR" against "USD" differs
     currency_differs = (f["e_currencies"] or "") != (f["p_currency"] or "")

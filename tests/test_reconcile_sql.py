@@ -444,6 +444,39 @@ def test_customer_missing_in_billing(store: Store) -> None:
     assert set(items(store)) == {(c.CUSTOMER_UNSYNCED, "cus_2")}
 
 
+def test_a_live_erp_posting_of_a_refund_that_failed_or_a_voided_credit_note_is_drift(store: Store) -> None:
+    """The ERP credited the receivable for money that was never refunded; the item names the ERP posting."""
+    q.write_invoices(store, [inv("in_r")])
+    failed = [
+        dataclasses.replace(pay("re_failed", 300, {"in_r": 300}, kind="refund"), status="failed"),
+        dataclasses.replace(pay("cn_void", 200, {"in_r": 200}, kind="credit_note"), status="failed"),
+        dataclasses.replace(pay("re_never", 100, {"in_r": 100}, kind="refund"), status="failed"),  # no memo: clean
+    ]
+    q.write_payments(store, failed)
+    q.write_ledger(
+        store,
+        [
+            led("le_r", "invoice", "in_r", 1_100),
+            led("le_m1", "credit_memo", "re_failed", -300, "posted", "in_r"),
+            led("le_m2", "credit_memo", "cn_void", -200, "posted", "in_r"),
+        ],
+    )
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    found = items(store)
+    assert set(found) == {(c.MISSING_IN_BILLING, "le_m1"), (c.MISSING_IN_BILLING, "le_m2")}, set(found)
+    memo = q.get_drift(store, found[(c.MISSING_IN_BILLING, "le_m1")]["drift_id"])
+    assert memo is not None and (memo["ReasonCode"], memo["AmountMinor"], memo["PaymentId"], memo["System"]) == (
+        "failed_in_billing",
+        300,
+        "re_failed",
+        "erp",
+    )
+    # the ERP reverses one memo: an incremental run resolves its item
+    q.write_ledger(store, [led("le_m1", "credit_memo", "re_failed", -300, "cancelled", "in_r")])
+    assert r.run(as_of=AS_OF).resolved == 1 and set(items(store)) == {(c.MISSING_IN_BILLING, "le_m2")}
+
+
 def test_which_posting_of_a_double_posted_invoice_names_the_party_does_not_change_between_runs(store: Store) -> None:
     """One posting with the customer's party, one with none: the party compared was whichever the aggregation
     met first, so customer_unmatched opened and resolved between runs where nothing changed for the invoice."""
