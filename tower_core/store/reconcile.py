@@ -376,21 +376,24 @@ _CHANGED_PAYMENTS = "(SELECT PaymentId FROM $db.billing_payments WHERE IngestedA
 _SCOPE_INVOICES = """
 INSERT INTO $db.reconcile_scope (RunId, KeyType, Key)
 SELECT {run:String}, 'invoice', k FROM (
-    SELECT InvoiceId AS k FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)}
-    UNION ALL SELECT arrayJoin([ExternalRef, AppliedToRef]) FROM $db.erp_ledger_entries
-        WHERE EntryId IN /*changed_entries*/
-    UNION ALL SELECT arrayJoin(mapKeys(Allocations)) FROM $db.billing_payments WHERE PaymentId IN /*changed_payments*/
-    UNION ALL SELECT AppliedToRef FROM $db.erp_ledger_entries
+    SELECT InvoiceId AS k, false AS manual FROM $db.billing_invoices WHERE IngestedAt >= {wm:DateTime64(6)}
+    -- an ERP invoice posted without a billing reference (a manual one) is compared under the key '', as a full
+    -- run compares it: with the others like it
+    UNION ALL SELECT arrayJoin([ExternalRef, AppliedToRef]), EntryType = 'invoice' AND ExternalRef = ''
+        FROM $db.erp_ledger_entries WHERE EntryId IN /*changed_entries*/
+    UNION ALL SELECT arrayJoin(mapKeys(Allocations)), false FROM $db.billing_payments
+        WHERE PaymentId IN /*changed_payments*/
+    UNION ALL SELECT AppliedToRef, false FROM $db.erp_ledger_entries
         WHERE RefHash IN (SELECT KeyHash FROM $db.billing_payments WHERE IngestedAt >= {wm:DateTime64(6)})
             AND AppliedToRef != ''
-    UNION ALL SELECT arrayJoin(mapKeys(Allocations)) FROM $db.billing_payments
+    UNION ALL SELECT arrayJoin(mapKeys(Allocations)), false FROM $db.billing_payments
         WHERE KeyHash IN (SELECT RefHash FROM $db.erp_ledger_entries
             WHERE IngestedAt >= {wm:DateTime64(6)} AND EntryType IN ('payment', 'credit_memo'))
-    UNION ALL SELECT InvoiceId FROM $db.drift_items FINAL
+    UNION ALL SELECT InvoiceId, false FROM $db.drift_items FINAL
         WHERE KeyType = 'invoice' AND State != 'resolved' AND InvoiceId != ''
             AND (Class = 'stale_sync' OR LedgerEntryId IN /*changed_entries*/)
 )
-WHERE k != ''
+WHERE k != '' OR manual
 GROUP BY k
 """
 # Payment keys likewise, and the unallocated payments of customers whose invoices or payments changed: the
