@@ -444,6 +444,33 @@ def test_customer_missing_in_billing(store: Store) -> None:
     assert set(items(store)) == {(c.CUSTOMER_UNSYNCED, "cus_2")}
 
 
+def test_a_payment_the_erp_applied_to_one_of_its_two_invoices_leaves_the_other_under_applied(store: Store) -> None:
+    """py_ab pays in_a and in_b (1,100 each); the ERP applied it to in_a only (a corrective sync that failed half
+    way, say). The payment is known to the ERP, so its own comparison is clean: in_b is the invoice's to report."""
+    q.write_invoices(store, [inv(i, status="paid", amount_paid_minor=1_100) for i in ("in_a", "in_b")] + [inv("in_ok")])
+    q.write_payments(store, [pay("py_ab", 2_200, {"in_a": 1_100, "in_b": 1_100})])
+    q.write_ledger(
+        store,
+        [
+            led("le_a", "invoice", "in_a", 1_100, "paid"),
+            led("le_b", "invoice", "in_b", 1_100),
+            led("le_ok", "invoice", "in_ok", 1_100),
+            led("le_pa", "payment", "py_ab", 1_100, "posted", "in_a"),
+        ],
+    )
+    r = Reconciler(store, RULES)
+    full = r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.UNDER_APPLIED, "in_b")} and full.residual_minor == 0
+    item = q.get_drift(store, items(store)[(c.UNDER_APPLIED, "in_b")]["drift_id"])
+    assert item is not None and item["AmountMinor"] == 1_100
+    # the ERP applies the rest: an incremental run resolves it
+    q.write_ledger(
+        store,
+        [led("le_pb", "payment", "py_ab", 1_100, "posted", "in_b"), led("le_b", "invoice", "in_b", 1_100, "paid")],
+    )
+    assert r.run(as_of=AS_OF).resolved == 1 and items(store) == {}
+
+
 def test_erp_invoices_posted_without_a_billing_reference_are_compared_by_incremental_runs_too(store: Store) -> None:
     """Manual ERP invoices (Tryton's without a reference) are one item under the key '' in a full run; an
     incremental run left a new one out, so the statement showed it as an unexplained residual until the next

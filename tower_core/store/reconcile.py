@@ -599,13 +599,15 @@ SELECT
     anyIf(note, src = 3) AS rejected,
     sumIf(amt, src = 2) AS e_applied,
     sumIf(amt, src = 4) AS b_alloc,
-    arraySum(arrayMap((p, a) -> if(has(groupArrayIf(id, src = 2), p), 0, a),
-        groupArrayIf(id, src = 4), groupArrayIf(amt, src = 4))) AS b_alloc_unposted,
+    -- allocations of payments the ERP applied to no invoice at all: the payment's own comparison reports them
+    -- (payment_unapplied); one the ERP applied elsewhere but not here is this invoice's (under_applied)
+    arraySum(arrayMap((p, a, w) -> if(w OR has(groupArrayIf(id, src = 2), p), 0, a),
+        groupArrayIf(id, src = 4), groupArrayIf(amt, src = 4), groupArrayIf(applied, src = 4))) AS b_alloc_unposted,
     arraySum(arrayMap(p -> if(has(groupArrayIf(id, src = 6), p), 0, 1), groupArrayIf(id, src = 5))) AS b_credit_unposted
 FROM (
     SELECT InvoiceId AS k, 0 AS src, CustomerId AS cust, Region AS region, Currency AS cur, TotalMinor AS amt,
         TaxMinor AS amt2, SubtotalMinor AS amt3, Status AS status, IssuedAt AS ts, FinalizedAt AS ts2,
-        toDate(IssuedAt) AS day, '' AS id, '' AS note
+        toDate(IssuedAt) AS day, '' AS id, '' AS note, false AS applied
     FROM $db.billing_invoices FINAL /*inv_filter*/ WHERE NOT IsDeleted
     UNION ALL
     SELECT if(EntryType = 'invoice', ExternalRef, AppliedToRef) AS lk,
@@ -624,13 +626,15 @@ FROM (
                     Version)), 7, 2),
             6), PartyRef, Region,
         Currency, AmountMinor, 0, 0, Status, PostedAt, PostedAt, PeriodDate,
-        if(EntryType = 'invoice', EntryId, ExternalRef), Rejection
+        if(EntryType = 'invoice', EntryId, ExternalRef), Rejection, false
     FROM $db.reconcile_ledger_rows
     WHERE RunId = {run:String} AND LinkHash IN /*hash_inv*/ AND (EntryType = 'invoice'
         OR (EntryType IN ('payment', 'credit_memo') AND AppliedToRef != '' AND Status != 'draft'))
     UNION ALL
     SELECT inv, if(Kind = 'payment', 4, 5), CustomerId, Region, Currency, a, 0, 0, Status, OccurredAt, OccurredAt,
-        toDate(OccurredAt), PaymentId, ''
+        toDate(OccurredAt), PaymentId, '',
+        PaymentId IN (SELECT ExternalRef FROM $db.reconcile_ledger_rows
+            WHERE RunId = {run:String} AND EntryType = 'payment' AND AppliedToRef != '' AND Status != 'draft')
     FROM $db.billing_payments FINAL
         ARRAY JOIN mapKeys(Allocations) AS inv, mapValues(Allocations) AS a, AllocHashes AS inv_hash
     /*pay_prewhere*/
@@ -670,7 +674,9 @@ INSERT INTO $db.reconcile_ledger_rows (RunId, LinkHash, RefHash, EntryId, EntryT
 SELECT {run:String}, LinkHash, RefHash, EntryId, EntryType, ExternalRef, PartyRef, Region, Currency, AmountMinor,
     Status, AppliedToRef, PostedAt, PeriodDate, if(EntryType = 'invoice', Attributes['rejection'], '')
 FROM $db.erp_ledger_entries FINAL
-WHERE NOT IsDeleted AND Status != 'cancelled' AND (LinkHash IN /*hash_inv*/ OR RefHash IN /*hash_pay*/)
+WHERE NOT IsDeleted AND Status != 'cancelled' AND (LinkHash IN /*hash_inv*/ OR RefHash IN /*hash_pay*/
+    -- the applications, wherever, of payments billing allocated to a compared invoice (see b_alloc_unposted)
+    OR RefHash IN (SELECT KeyHash FROM $db.billing_payments ARRAY JOIN AllocHashes AS h WHERE h IN /*hash_inv*/))
 """
 _HASH_INV = "(SELECT Hash FROM $db.reconcile_hashes WHERE RunId = {run:String} AND KeyType = 'invoice')"
 _HASH_PAY = "(SELECT Hash FROM $db.reconcile_hashes WHERE RunId = {run:String} AND KeyType = 'payment')"
