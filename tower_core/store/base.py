@@ -55,8 +55,6 @@ def input_from_file(sql: str, path: str, fmt: str) -> str:
     return _INPUT.sub(file_source(path, fmt)[:-1] + ", ", sql)
 
 
-# Past {limit} rows numbered n of total: the earliest half and the latest half (the first say how something
-# began, the last what happens now).
 # Every connection's settings, on both backends:
 # - times are bound and read as UTC, whatever the process's or server's time zone (params.py);
 # - an insert may span any number of partitions: one acknowledged OTLP request (or CloudEvents batch) backfilling
@@ -64,6 +62,8 @@ def input_from_file(sql: str, path: str, fmt: str) -> str:
 #   behind it never drained.
 SESSION_SETTINGS: dict[str, str | int] = {"session_timezone": "UTC", "max_partitions_per_insert_block": 0}
 
+# Past {limit} rows numbered n of total: the earliest half and the latest half (the first say how something
+# began, the last what happens now).
 EARLIEST_AND_LATEST = "WHERE n <= intDiv({limit:UInt32} + 1, 2) OR n > total - intDiv({limit:UInt32}, 2) "
 
 
