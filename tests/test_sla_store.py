@@ -186,6 +186,55 @@ def test_migration_0023_reads_again_the_batch_events_stored_before_it_and_can_ru
     assert {r["k"]: r["n"] for r in rows} == {"in_new": 1, "in_old_a": 2, "in_old_b": 1}
 
 
+def _customer_event(store: Store, event_id: str, ts: int, system: str, customer: str, cdp_user: str) -> None:
+    """A cdp_to_billing event: the CDP's identify (keyed by the CDP user until billing has an id) or billing's
+    customer record naming the CDP user it came from (Stripe's metadata.cdp_user_id)."""
+    store.command(
+        "INSERT INTO $db.business_events (EventId, Source, Type, Time, ReceivedAt, System, Region, Step, CustomerId, "
+        "KeyRefs) VALUES ({id:String}, {sys:String}, 'customer', fromUnixTimestamp64Nano({ts:Int64}), "
+        "fromUnixTimestamp64Nano({ts:Int64}), {sys:String}, 'EU', 'cdp_to_billing', {cus:String}, "
+        "{refs:Array(String)})",
+        {"id": event_id, "ts": ts, "sys": system, "cus": customer,
+         "refs": [f"customer:{customer}", f"cdp_user:{cdp_user}"]},
+    )  # fmt: skip
+
+
+def _customer_sync(store: Store, now: int) -> dict:
+    (eu,) = q.step_stats(
+        store, step="cdp_to_billing", key_type="customer", source="cdp", target="billing", threshold_s=30,
+        now_ns=now, windows_s=[3600], period_s=3600, bounds_s=[60],
+    )  # fmt: skip
+    return eu
+
+
+def test_a_new_customer_keyed_by_its_cdp_user_ends_when_billing_names_that_user(db: Store) -> None:
+    _customer_event(db, "ev_identify", T, "cdp", "user-77", "user-77")  # no billing id yet
+    _customer_event(db, "ev_created", T + 1500 * (S // 1000), "billing", "cus_77", "user-77")
+    eu = _customer_sync(db, T + 10 * M)
+    assert (eu["completed"], eu["stuck"], eu["q_ns"][0]) == (1, 0, 1500 * (S // 1000))
+
+
+def test_migration_0024_reads_again_the_billing_customer_events_stored_before_it(store: Store) -> None:
+    for m in available():
+        if m.version < 24:
+            for statement in m.statements():
+                store.command(statement)
+    _customer_event(store, "ev_identify", T, "cdp", "user-78", "user-78")
+    _customer_event(store, "ev_created", T + S, "billing", "cus_78", "user-78")
+    assert _customer_sync(store, T + 10 * M)["stuck"] == 1  # 0023's view: billing named cus_78 only
+    (m24,) = [m for m in available() if m.version == 24]
+    for _ in range(2):
+        for statement in m24.statements():
+            store.command(statement)
+    eu = _customer_sync(store, T + 10 * M)
+    assert (eu["completed"], eu["stuck"]) == (1, 0)
+    names = store.query_rows(
+        "SELECT name FROM system.tables WHERE database = {d:String} AND name LIKE 'step_activity_events%'",
+        {"d": store.database},
+    )
+    assert [n["name"] for n in names] == ["step_activity_events_v3_mv"]
+
+
 def test_failed_activity_neither_starts_nor_completes_an_item(db: Store) -> None:
     """A declined payment does not start payment_to_cash; a rejected ERP posting does not complete an invoice."""
     pay = {"revops.step": "payment_to_cash", "revops.system": "billing", "revops.payment.id": "pay_declined"}
