@@ -95,3 +95,11 @@ def _no_ambient_tower_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("TOWER_"):
             monkeypatch.delenv(key)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files holding slow tests first. `--dist loadfile` hands files to workers in this order, so the longest
+    ones (the Chromium tour, the fault runs) start at once and the short files fill in behind them: the wall time
+    is the busiest worker's. The order within a file is kept."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
