@@ -97,9 +97,20 @@ def _no_ambient_tower_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
+# The longest files (minutes each on the 2-core machine), started first.
+LONGEST_FILES = ("test_dashboard_browser.py", "test_faults.py", "test_simulator_live.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files holding slow tests first. `--dist loadfile` hands files to workers in this order, so the longest
-    ones (the Chromium tour, the fault runs) start at once and the short files fill in behind them: the wall time
-    is the busiest worker's. The order within a file is kept."""
+    """The longest files, then the other files holding slow tests, then the rest. `make test` runs xdist with
+    `--dist loadfile --no-loadscope-reorder`, which hands files to workers in this order: the longest start at
+    once and the short files fill in behind them (xdist's own order, by test count, started the one-test
+    Chromium tour last). The wall time is the busiest worker's. The order within a file is kept."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+
+    def rank(item: pytest.Item) -> int:
+        if item.path.name in LONGEST_FILES:
+            return LONGEST_FILES.index(item.path.name)
+        return len(LONGEST_FILES) + (item.path not in slow_files)
+
+    items.sort(key=rank)
