@@ -69,6 +69,11 @@ def flushed(srv: TowerServer) -> float:
     )
 
 
+def buffered(srv: TowerServer) -> float:
+    text = httpx.get(f"{srv.url}/metrics", timeout=5).text
+    return sum(float(ln.split(" ")[1]) for ln in text.splitlines() if ln.startswith("tower_buffer_bytes "))
+
+
 @pytest.mark.slow
 def test_kill_9_during_flush_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     srv = TowerServer(tmp_path, TOWER_FLUSH_INTERVAL_S="0.5", TOWER_FLUSH_ROWS="20000").start()
@@ -93,8 +98,10 @@ def test_kill_9_during_flush_loses_and_duplicates_nothing(tmp_path: Path) -> Non
     finally:
         srv.stop()
     srv.start()  # replays the buffer
-    deadline = time.monotonic() + 60
-    while flushed(srv) + seen < acked and time.monotonic() < deadline:
+    # until the replay has emptied the buffer (what is left there is kept, not lost: a stop in the middle of it
+    # failed this test on a loaded machine after a fixed 60 s)
+    deadline = time.monotonic() + 240
+    while (flushed(srv) + seen < acked or buffered(srv) > 0) and time.monotonic() < deadline:
         time.sleep(0.2)
     srv.stop()
     traces = acked // 4  # four spans per trace, one invoice per trace
