@@ -83,6 +83,7 @@ REASONS: dict[str, str] = {
     "credit_memo_differs": "the ERP credit memo's amount differs from the refund / credit note beyond the tolerance",
     "credit_memo_currency": "the ERP booked the refund's / credit note's credit memo in another currency",
     "application_currency": "the ERP applied the payment in another currency than billing collected it",
+    "application_differs": "the ERP applied a payment billing allocated nowhere for another amount than it collected",
     "profile_not_in_billing": "CDP profile changed, billing customer missing or older after the grace period",
     "no_erp_party": "ERP postings of a billing customer carry no or another party reference",
 }
@@ -464,7 +465,15 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
         reason = "not_applied"
         if n_alloc == 0:
             if int(f["e_applied_n"] or 0) > 0:
-                return None  # the ERP applied it to invoices: the ERP side holds the match
+                # the ERP applied it to invoices: the ERP side holds the match, but not for another amount (no
+                # invoice's comparison sees it: billing allocated it nowhere)
+                booked = int(f["e_sum"] or 0)
+                if rules.tolerance(base["currency"]).within(amount, booked):
+                    return None
+                return Finding(
+                    AMOUNT_MISMATCH, "application_differs", "erp", amount_minor=amount - booked, billing=billing,
+                    erp=erp, **base,
+                )  # fmt: skip
             if not f.get("sum_match"):
                 return Finding(
                     ORPHAN_PAYMENT, "no_invoice", "billing", amount_minor=amount, billing=billing, erp=erp, **base

@@ -55,6 +55,10 @@ NOT_CORRECTED: dict[tuple[str, str], str] = {
     (c.CURRENCY_MISMATCH, "credit_memo_currency"): (
         "the tower reposts invoices, not credit memos; re-enter the credit memo in the refund's currency in the ERP"
     ),
+    (c.AMOUNT_MISMATCH, "application_differs"): (
+        "the tower does not reverse payment applications; correct the payment's application in the ERP, or allocate "
+        "the payment in billing"
+    ),
     (c.CURRENCY_MISMATCH, "application_currency"): (
         "the tower does not reverse payment applications; re-apply the payment in its billing currency in the ERP"
     ),

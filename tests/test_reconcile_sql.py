@@ -730,6 +730,35 @@ def test_an_unallocated_payment_the_erp_applied_is_not_an_over_application(store
     assert (c.OVER_APPLIED, "in_1") in items(store)
 
 
+def test_an_unallocated_payment_the_erp_applied_for_another_amount_is_an_amount_mismatch(store: Store) -> None:
+    """py_3 (1,000 collected, allocated nowhere) was applied by the ERP as 4,000 to the customer's open invoices;
+    py_4's 1,000 went as 600 applied and 400 booked unapplied, which is all of it."""
+    q.write_invoices(store, [inv("in_3", 2_000), inv("in_4", 2_000), inv("in_5", 600)])
+    q.write_ledger(
+        store,
+        [
+            led("le_3", "invoice", "in_3", 2_000),
+            led("le_4", "invoice", "in_4", 2_000),
+            led("le_5", "invoice", "in_5", 600),
+            led("le_p3", "payment", "py_3", 2_000, "posted", "in_3"),
+            led("le_p4", "payment", "py_3", 2_000, "posted", "in_4"),
+            led("le_p5", "payment", "py_4", 600, "posted", "in_5"),
+            led("le_p6", "payment", "py_4", 400, "posted"),
+        ],
+    )
+    q.write_payments(store, [pay("py_3", 1_000, {}), pay("py_4", 1_000, {})])
+    Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    found = items(store)
+    assert set(found) == {(c.AMOUNT_MISMATCH, "py_3")}
+    item = q.get_drift(store, found[(c.AMOUNT_MISMATCH, "py_3")]["drift_id"])
+    assert item is not None and item["ReasonCode"] == "application_differs" and item["AmountMinor"] == -3_000
+    assert dict(item["ErpValues"])["allocated_to"] == "in_3,in_4" and item["System"] == "erp"
+    # the tower does not rewrite applications: a sync request says what to do instead
+    with pytest.raises(ActionError) as refused:
+        ActionService(store, None, auto_enabled=True).request(found[(c.AMOUNT_MISMATCH, "py_3")]["drift_id"], "ops")
+    assert refused.value.status == 422 and "in the ERP" in str(refused.value)
+
+
 def test_incremental_finds_the_orphan_an_invoice_moved_to_another_customer_leaves(store: Store) -> None:
     """py_mv was clean while its customer's open in_mv had its amount; in_mv moved to cus_2. The run's scope held
     the payments of the changed rows' (new) customer only, so the orphan waited for the next full run."""
