@@ -75,7 +75,10 @@ REASONS: dict[str, str] = {
     "draft_but_posted": "billing has not finalized the invoice (a draft), the ERP posted it",
     "posted_twice": "the same billing invoice is posted more than once in the ERP",
     "not_applied": "payment succeeded in billing, no ERP application after the grace period",
-    "no_invoice": "payment allocated to no invoice, and no open invoices of the customer sum to it",
+    "no_invoice": (
+        "payment allocated to no invoice, and the customer's open invoices do not match it unambiguously: none or "
+        "several equal it, and together they do not sum to it"
+    ),
     "matched_not_applied": "unallocated payment matched to the customer's open invoices by amount; not in the ERP",
     "applied_less": "the ERP applied less to the invoice than billing allocated",
     "applied_more": "the ERP applied more to the invoice than billing allocated",

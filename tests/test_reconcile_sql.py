@@ -410,12 +410,14 @@ def test_one_payment_for_several_invoices_and_matching_by_sums(store: Store) -> 
             pay("py_ab", 2_200, {"in_a": 1_100, "in_b": 1_100}),
             pay("py_cd", 2_200, {}),  # unallocated; the customer's open invoices c + d sum to it (N:1)
             pay("py_x", 1_234, {}),  # unallocated, matches nothing: an orphan
+            pay("py_c_or_d", 1_100, {}),  # equal to c and to d: which one it pays is not guessed
         ],
     )
     Reconciler(store, RULES).run(full=True, as_of=AS_OF)
     found = items(store)
-    assert set(found) == {(c.PAYMENT_UNAPPLIED, "py_cd"), (c.ORPHAN_PAYMENT, "py_x")}
+    assert set(found) == {(c.PAYMENT_UNAPPLIED, "py_cd"), (c.ORPHAN_PAYMENT, "py_x"), (c.ORPHAN_PAYMENT, "py_c_or_d")}
     assert found[(c.PAYMENT_UNAPPLIED, "py_cd")]["reason_code"] == "matched_not_applied"
+    assert "several equal it" in c.REASONS[found[(c.ORPHAN_PAYMENT, "py_c_or_d")]["reason_code"]]
 
 
 def test_grace_period_stale_sync_becomes_missing_in_erp(store: Store) -> None:
