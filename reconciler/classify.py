@@ -79,6 +79,8 @@ REASONS: dict[str, str] = {
         "payment allocated to no invoice, and the customer's open invoices do not match it unambiguously: none or "
         "several equal it, and together they do not sum to it"
     ),
+    "booked_unapplied": "the ERP booked the payment billing allocated, but applied it to no invoice (after the grace "
+    "period)",
     "matched_not_applied": "unallocated payment matched to the customer's open invoices by amount; not in the ERP",
     "applied_less": "the ERP applied less to the invoice than billing allocated",
     "applied_more": "the ERP applied more to the invoice than billing allocated",
@@ -482,13 +484,17 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
                     ORPHAN_PAYMENT, "no_invoice", "billing", amount_minor=amount, billing=billing, erp=erp, **base
                 )
             reason = "matched_not_applied"  # N:1 by customer and amount sum, but the ERP has nothing
-        if int(f["e_n"]) == 0:
-            if _inside_grace(f["p_occurred"], as_of, rules.grace(PAYMENT_UNAPPLIED)):
-                return Finding(
-                    STALE_SYNC, "application_pending", "erp", amount_minor=amount, billing=billing, erp=erp, **base
-                )
-            return Finding(PAYMENT_UNAPPLIED, reason, "erp", amount_minor=amount, billing=billing, erp=erp, **base)
-        return None
+        if n_alloc > 0 and int(f["e_n"]) > 0:
+            if int(f["e_applied_n"] or 0) > 0:
+                return None
+            reason = "booked_unapplied"  # the ERP holds the cash and applied it to no invoice
+        elif int(f["e_n"]) > 0:
+            return None
+        if _inside_grace(f["p_occurred"], as_of, rules.grace(PAYMENT_UNAPPLIED)):
+            return Finding(
+                STALE_SYNC, "application_pending", "erp", amount_minor=amount, billing=billing, erp=erp, **base
+            )
+        return Finding(PAYMENT_UNAPPLIED, reason, "erp", amount_minor=amount, billing=billing, erp=erp, **base)
     if kind in ("refund", "credit_note"):
         if int(f["e_memo_n"] or 0) == 0:
             if _inside_grace(f["p_occurred"], as_of, rules.grace(REFUND_UNPOSTED)):

@@ -47,6 +47,10 @@ NOT_CORRECTED: dict[tuple[str, str], str] = {
         "the payment has no allocation in billing (it matched the customer's open invoices by amount only); "
         "allocate it in billing, and the next run applies or flags it"
     ),
+    (c.PAYMENT_UNAPPLIED, "booked_unapplied"): (
+        "the ERP holds the payment's cash unapplied, and a new application would book it twice; apply the booked "
+        "payment to its invoice in the ERP, and the next run checks it"
+    ),
     # the repost corrections rewrite invoice postings; a wrong credit memo or application is fixed in the ERP
     (c.AMOUNT_MISMATCH, "credit_memo_differs"): (
         "the tower reposts invoices, not credit memos; cancel and re-enter the credit memo in the ERP, and the "

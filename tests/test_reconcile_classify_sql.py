@@ -201,6 +201,7 @@ def test_payment_classification_sql_matches_the_pure_rules(store: Store) -> None
     assert {r["reason"] for r in rows} >= {
         "application_currency",
         "application_differs",
+        "booked_unapplied",
         "credit_memo_currency",
         "credit_memo_differs",
         "failed_in_billing",

@@ -170,6 +170,17 @@ def test_payment_classes() -> None:
     assert f is not None and (f.cls, f.reason) == (c.ORPHAN_PAYMENT, "no_invoice")
     f = c.classify_payment({**orphan, "sum_match": True}, RULES, AS_OF)
     assert f is not None and (f.cls, f.reason) == (c.PAYMENT_UNAPPLIED, "matched_not_applied")
+    # the ERP booked the allocated payment's cash and applied it to no invoice
+    cash = payment_facts(e_applied_n=0, e_applied_refs="")
+    f = c.classify_payment(cash, RULES, AS_OF)
+    assert f is not None and (f.cls, f.reason, f.amount_minor) == (c.PAYMENT_UNAPPLIED, "booked_unapplied", 12_000)
+    f = c.classify_payment({**cash, "p_occurred": AS_OF - dt.timedelta(minutes=5)}, RULES, AS_OF)
+    assert f is not None and (f.cls, f.reason) == (c.STALE_SYNC, "application_pending")
+    # an unallocated payment the ERP applied: the ERP's rows must total what billing collected
+    applied = payment_facts(p_alloc_n=0, p_alloc_refs="", e_sum=12_000 + 5_000)
+    f = c.classify_payment(applied, RULES, AS_OF)
+    assert f is not None and (f.cls, f.reason, f.amount_minor) == (c.AMOUNT_MISMATCH, "application_differs", -5_000)
+    assert c.classify_payment({**applied, "e_sum": 12_001}, RULES, AS_OF) is None  # inside USD's tolerance
     refund = payment_facts(key="re_1", p_kind="refund", e_n=0, e_memo_n=0, e_applied_n=0)
     f = c.classify_payment(refund, RULES, AS_OF)
     assert f is not None and (f.cls, f.primary_key) == (c.REFUND_UNPOSTED, "re_1")

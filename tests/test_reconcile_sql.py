@@ -732,6 +732,31 @@ def test_an_unallocated_payment_the_erp_applied_is_not_an_over_application(store
     assert (c.OVER_APPLIED, "in_1") in items(store)
 
 
+def test_a_payment_the_erp_booked_but_applied_to_no_invoice_is_unapplied(store: Store) -> None:
+    """Billing allocated py_c to in_c; the ERP booked py_c's cash unapplied, so in_c is still open there. Before,
+    the cash row counted as the payment being in the ERP and nothing was flagged. Applying it in the ERP resolves
+    the item in an incremental run; a request to correct it is refused (a new application would book it twice)."""
+    q.write_invoices(store, [inv("in_c", status="paid", amount_paid_minor=1_100)])
+    q.write_ledger(store, [led("le_c", "invoice", "in_c", 1_100), led("le_pc", "payment", "py_c", 1_100, "posted")])
+    q.write_payments(store, [pay("py_c", 1_100, {"in_c": 1_100})])
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    found = items(store)
+    assert set(found) == {(c.PAYMENT_UNAPPLIED, "py_c")}  # not also in_c's open status: the payment explains it
+    item = found[(c.PAYMENT_UNAPPLIED, "py_c")]
+    assert item["reason_code"] == "booked_unapplied"
+    with pytest.raises(ActionError) as refused:
+        ActionService(store, None, auto_enabled=True).request(item["drift_id"], "ops")
+    assert refused.value.status == 422 and "book it twice" in str(refused.value)
+    ingested_long_ago(store)
+    applied = dataclasses.replace(
+        led("le_pc", "payment", "py_c", 1_100, "posted", "in_c"), updated_at=T + dt.timedelta(hours=1)
+    )
+    q.write_ledger(store, [applied, later(led("le_c", "invoice", "in_c", 1_100, "paid"))])  # type: ignore[list-item]
+    run = r.run(as_of=AS_OF)
+    assert run.resolved == 1 and items(store) == {}
+
+
 def test_an_unallocated_payment_the_erp_applied_for_another_amount_is_an_amount_mismatch(store: Store) -> None:
     """py_3 (1,000 collected, allocated nowhere) was applied by the ERP as 4,000 to the customer's open invoices;
     py_4's 1,000 went as 600 applied and 400 booked unapplied, which is all of it."""
