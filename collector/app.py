@@ -52,15 +52,20 @@ from tower_core.store import Store
 log = logging.getLogger("tower.api")
 
 
-def _finite(value: Any) -> Any:
-    """A validation error's values with NaN and infinities as text: Python's JSON reader accepts them in a body,
-    the JSON answer that echoes the rejected input cannot hold them (it was a 500 instead of the 422)."""
+def _echoable(value: Any) -> Any:
+    """A validation error's values as the JSON answer that echoes the rejected input can hold them (each was a
+    500 instead of the 422): NaN and infinities (Python's JSON reader accepts them in a body) as text, a lone
+    surrogate (``"\\ud800"`` in a body) and bytes that are not UTF-8 (a body of another content type) escaped."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {_echoable(str(k)): _echoable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [_echoable(v) for v in value]
     return value
 
 
@@ -109,7 +114,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
                 require(role)(principal)
             except HTTPException as refused:
                 return JSONResponse({"detail": refused.detail}, refused.status_code, refused.headers)
-        return await request_validation_exception_handler(request, RequestValidationError(_finite(exc.errors())))
+        return await request_validation_exception_handler(request, RequestValidationError(_echoable(exc.errors())))
 
     @app.exception_handler(StoreError)
     async def store_unavailable(request: Request, exc: StoreError) -> JSONResponse:

@@ -220,6 +220,25 @@ def test_non_finite_numbers_in_a_body_are_a_422_not_a_500(secured: dict[str, Any
     assert r.json()["detail"] and any(isinstance(e.get("input"), str) for e in r.json()["detail"])
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "content_type"),
+    [
+        ("/api/runs", b'{"region": "\\ud800"}', JS),  # a lone surrogate, as JSON escapes it
+        ("/api/drift/x0/ignore", b'{"note": "\xed\xa0\x80"}', JS),  # the same, as (invalid) UTF-8 bytes
+        ("/api/drift/x0/acknowledge", b'{"\\udfff": 1}', JS),  # in a key
+        ("/api/tokens", b"\xff", {"Content-Type": "text/plain"}),  # not JSON, not UTF-8
+        ("/api/sla/evaluate", b'{"now": "\\ud800"}', JS),
+    ],
+)
+def test_a_body_that_is_not_valid_unicode_is_a_422_not_a_500(
+    secured: dict[str, Any], path: str, body: bytes, content_type: dict[str, str]
+) -> None:
+    """The 422 echoes the rejected input, which could not be encoded as UTF-8 JSON."""
+    r = httpx.post(f"{secured['url']}{path}", content=body, headers={**content_type, **bearer(ADMIN)})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["detail"]
+
+
 @pytest.mark.parametrize("name", ["   ", " alice", "alice ", "al  ice", "al\tice"])
 def test_a_token_name_that_would_blur_the_audit_trail_is_refused(secured: dict[str, Any], name: str) -> None:
     r = httpx.post(f"{secured['url']}/api/tokens", json={"name": name, "role": "operator"}, headers=bearer(ADMIN))
