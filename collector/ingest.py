@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
+from collector import event_pii, otlp, span_pii
 from collector import events as ev
-from collector import otlp, span_pii
 from collector.auth import ingest_refusal
 from collector.correlation import key_attribute_names
 from collector.dead_letter import KIND_NAMES
@@ -162,6 +162,7 @@ class IngestService:
             status = 415 if "content type" in str(exc) else 400
             return _json(status, {"error": str(exc)})
         self.metrics.events_rejected.inc(len(bad))
+        good = [event_pii.scrubbed(e, self.span_pii) for e in good]
         if not good:
             return _json(400, {"error": "no valid event in the request", "accepted": 0, "rejected": bad})
         payload = orjson.dumps({"received_ns": received_ns, "events": [e.to_json() for e in good]})

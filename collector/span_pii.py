@@ -4,11 +4,12 @@
 A span is the CDP's when it says so (``revops.system = cdp``), or its resource does (how a service names itself in
 OTel), as the store reads a span's system. Reading every span's attributes in Python would cost the ingest path
 about as much as decoding it, so a block of another system's spans is walked only when its bytes hold that
-attribute. Within the CDP's spans, and their events and links:
+attribute. Within the CDP's spans, and their events, links and scopes:
 - a ``revops.*`` business key holding an e-mail address becomes its pseudonym (the one the CDP's events use for
   the same address, so correlation still joins them); other business keys are kept;
 - an attribute whose name is a PII field (TOWER_CDP_PII_FIELDS) is hashed whatever its value type;
-- any other string (or string in an array) holding an e-mail address is hashed.
+- any other string (or string in an array) holding an e-mail address is hashed;
+- an address inside a name or a status message is hashed where it stands (``identify <hash>``).
 In drop mode, or when no PII key is configured, those attributes are removed instead.
 """
 
@@ -133,10 +134,20 @@ def _scrub(attributes: MutableSequence[Any], policy: PiiPolicy, kinds: dict[str,
     return changed
 
 
+def _scrub_text(holder: Any, field: str, policy: PiiPolicy) -> int:
+    """A free-text field (a span's or event's name, a status message, a scope's name): its addresses hashed."""
+    text = getattr(holder, field)
+    if "@" not in text or not EMAIL.search(text):
+        return 0
+    setattr(holder, field, policy.redact_text(text))
+    return 1
+
+
 def _scrub_span(span: Any, policy: PiiPolicy, kinds: dict[str, int]) -> int:
-    changed = _scrub(span.attributes, policy, kinds)
+    changed = _scrub(span.attributes, policy, kinds) + _scrub_text(span, "name", policy)
+    changed += _scrub_text(span.status, "message", policy)
     for event in span.events:
-        changed += _scrub(event.attributes, policy, kinds)
+        changed += _scrub(event.attributes, policy, kinds) + _scrub_text(event, "name", policy)
     for link in span.links:
         changed += _scrub(link.attributes, policy, kinds)
     return changed
@@ -154,6 +165,7 @@ def _scrub_block(rs: Any, policy: PiiPolicy, kinds: dict[str, int], blob: bytes)
             return 0
         changed = _scrub(rs.resource.attributes, policy, kinds)
         for ss in rs.scope_spans:
+            changed += _scrub(ss.scope.attributes, policy, kinds) + _scrub_text(ss.scope, "name", policy)
             for span in ss.spans:
                 changed += _scrub_span(span, policy, kinds)
         return changed

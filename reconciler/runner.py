@@ -142,18 +142,28 @@ def _pseudonym(value: str, policy: PiiPolicy | None) -> str:
     return policy.digest(value) if policy is not None and policy.mode == "hash" and value else ""
 
 
+def _user_id(value: str, policy: PiiPolicy | None) -> str:
+    """A CDP user id stays (a join key) unless it may be an e-mail address: then the pseudonym the CDP's events
+    carry for it (``PiiPolicy.identifier``), or nothing without a policy."""
+    if "@" not in value:
+        return value
+    return policy.identifier(value) if policy is not None else ""
+
+
 def scrub_profile(profile: Any, policy: PiiPolicy | None) -> Any:
     """CDP PII (name, e-mail, PII traits) is hashed with the keyed HMAC, or dropped without a policy, before
     a profile reaches the store; ids stay (they are the join keys)."""
     traits = policy.scrub(profile.traits) if policy is not None else {}
     name, email = _pseudonym(profile.name, policy), _pseudonym(profile.email, policy)
-    return dataclasses.replace(profile, name=name, email=email, traits=traits)
+    user = _user_id(profile.cdp_user_id, policy)
+    return dataclasses.replace(profile, name=name, email=email, traits=traits, cdp_user_id=user)
 
 
 def scrub_customer(customer: Any, policy: PiiPolicy | None) -> Any:
     """A billing customer's name and e-mail, the same way: the reconciler compares ids, never reads them."""
     name, email = _pseudonym(customer.name, policy), _pseudonym(customer.email, policy)
-    return dataclasses.replace(customer, name=name, email=email)
+    user = _user_id(customer.cdp_user_id, policy)
+    return dataclasses.replace(customer, name=name, email=email, cdp_user_id=user)
 
 
 def pull_cdp(store: Store, cdp: Any, pii: PiiPolicy | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import subprocess
 import sys
@@ -167,6 +168,11 @@ def test_cdp_profiles_pulled_by_the_reconciler_keep_no_raw_pii() -> None:
     assert (hashed.cdp_user_id, hashed.customer_id, hashed.traits["plan"]) == ("u1", "cus_1", "pro")
     dropped = scrub_profile(profile, None)  # no key configured: dropped, never stored raw
     assert (dropped.email, dropped.name, dropped.traits) == ("", "", {})
+    # a user id that is an address: the pseudonym the CDP's events carry for it, or nothing without a key
+    addressed = dataclasses.replace(profile, cdp_user_id=EMAIL)
+    policy = PiiPolicy.build("hash", PII_KEY, ["email"])
+    assert scrub_profile(addressed, policy).cdp_user_id == policy.identifier(EMAIL)
+    assert scrub_profile(addressed, None).cdp_user_id == ""
 
 
 def test_billing_customers_pulled_by_the_reconciler_keep_no_raw_pii(embedded_store: Store) -> None:

@@ -129,9 +129,39 @@ def test_customer_id_falls_back_to_user_or_group_id_and_email_ids_are_pseudonymi
     assert ev is not None and ev.attributes["revops.customer.id"] == "cus_7" and ev.attributes["revops.region"] == "NA"
     ev = tr.to_event({"type": "group", "userId": "u-1", "groupId": "acct_9"}, NOW_NS, HASH, CUSTOMER_TRAITS, "")
     assert ev is not None and ev.type == "cdp.account.grouped" and ev.attributes["revops.customer.id"] == "acct_9"
+    # a user identified by an address: its pseudonym is the customer key until billing has an id (before, the
+    # event carried no customer key, so no SLA item measured the sync of that user's profile)
     ev = tr.to_event({"type": "identify", "userId": EMAIL}, NOW_NS, HASH, CUSTOMER_TRAITS, "")
     assert ev is not None and ev.attributes["revops.cdp.user_id"] == expected_hash(EMAIL)
-    assert "revops.customer.id" not in ev.attributes and EMAIL not in orjson.dumps(ev.to_json()).decode()
+    assert ev.attributes["revops.customer.id"] == expected_hash(EMAIL)
+    assert EMAIL not in orjson.dumps(ev.to_json()).decode()
+    ev = tr.to_event({"type": "identify", "userId": EMAIL}, NOW_NS, DROP, CUSTOMER_TRAITS, "")
+    assert ev is not None and "revops.customer.id" not in ev.attributes  # no pseudonym to key it by
+
+
+def test_addresses_in_event_names_trait_keys_and_message_ids_are_pseudonymized() -> None:
+    """Each was stored as sent: a track event named after an address, an address as a key of the traits, an
+    address as the client's messageId."""
+    msgs = [
+        {"type": "track", "userId": "u1", "event": f"Invite sent to {EMAIL}"},
+        {"type": "identify", "userId": "u2", "traits": {"contacts": {EMAIL: "primary", "office": "main"}}},
+        {"type": "identify", "userId": "u3", "messageId": EMAIL},
+    ]
+    hashed = [tr.to_event(m, NOW_NS, HASH, CUSTOMER_TRAITS, "NA") for m in msgs]
+    dropped = [tr.to_event(m, NOW_NS, DROP, CUSTOMER_TRAITS, "NA") for m in msgs]
+    for events in (hashed, dropped):
+        assert EMAIL not in orjson.dumps([e.to_json() for e in events if e is not None]).decode()
+    track, keyed, mid = hashed
+    assert track is not None and keyed is not None and mid is not None
+    named = f"Invite sent to {expected_hash(EMAIL)}"
+    assert track.attributes["cdp.event"] == named == orjson.loads(track.data)["event"]
+    assert orjson.loads(keyed.data)["traits"]["contacts"] == {expected_hash(EMAIL): "primary", "office": "main"}
+    assert mid.event_id == expected_hash(EMAIL)
+    track, keyed, mid = dropped
+    assert track is not None and keyed is not None and mid is not None
+    assert track.attributes["cdp.event"] == "Invite sent to [email]"
+    assert orjson.loads(keyed.data)["traits"]["contacts"] == {"office": "main"}
+    assert mid.event_id and mid.event_id == tr.to_event(msgs[2], NOW_NS, DROP, CUSTOMER_TRAITS, "NA").event_id  # type: ignore[union-attr]
 
 
 def test_a_group_id_that_is_an_email_is_pseudonymized_everywhere() -> None:

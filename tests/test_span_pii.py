@@ -114,6 +114,32 @@ def test_the_look_at_the_bytes_never_passes_over_what_the_walk_would_scrub() -> 
     assert not may_hold_pii(rs.SerializeToString(), policy) and scrub_cdp_spans(req, policy) == 0
 
 
+def test_addresses_in_the_names_and_status_messages_of_the_cdps_spans_are_hashed_where_they_stand() -> None:
+    """Only attribute lists were walked: a span named after a user, or a status message quoting one (exception
+    text often does), kept the address."""
+
+    def named(system: str) -> ExportTraceServiceRequest:
+        req = request(system)
+        ss = req.resource_spans[0].scope_spans[0]
+        ss.scope.name = f"scope-of {EMAIL}"
+        ss.spans[0].name = f"identify {EMAIL}"
+        ss.spans[0].status.message = f"rejected profile for {EMAIL}"
+        ss.spans[0].events[0].name = f"sent to {EMAIL}"
+        return req
+
+    for policy, shown in ((HASH, HASH.digest(EMAIL)), (DROP, "[email]")):
+        payload, _ = scrubbed_payload(named("cdp"), policy)
+        ss = ExportTraceServiceRequest.FromString(payload).resource_spans[0].scope_spans[0]
+        assert (ss.scope.name, ss.spans[0].name) == (f"scope-of {shown}", f"identify {shown}")
+        assert (ss.spans[0].status.message, ss.spans[0].events[0].name) == (
+            f"rejected profile for {shown}",
+            f"sent to {shown}",
+        )
+        assert EMAIL.encode() not in payload
+    billing = named("billing")
+    assert scrubbed_payload(billing, HASH) == (billing.SerializeToString(), 0)
+
+
 def test_drop_mode_removes_what_it_would_hash() -> None:
     req = request("cdp")
     scrub_cdp_spans(req, DROP)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -220,6 +220,19 @@ def test_customer_events_keep_ids_not_pii_and_untracked_types_are_none() -> None
     assert mapping.to_business_event(_event("plan.created", {"id": "plan_1"}), "") is None
 
 
+def test_a_cdp_user_id_that_is_an_address_becomes_the_cdps_pseudonym_or_nothing() -> None:
+    """Billing's metadata.cdp_user_id names the CDP user; an address there was stored raw (and as an SLA key)."""
+    from connectors.segment.tracking import PiiPolicy
+
+    policy = PiiPolicy.build("hash", "k", ["email"])
+    cus = {"id": "cus_1", "metadata": {"cdp_user_id": "Hank@Example.com"}}
+    ev = mapping.to_business_event(_event("customer.created", cus), "EU", policy.identifier)
+    assert ev is not None and ev.attributes["revops.cdp.user_id"] == policy.identifier("hank@example.com")
+    assert "example.com" not in orjson.dumps(ev.to_json()).decode().lower()
+    bare = mapping.to_business_event(_event("customer.created", cus), "EU")  # no policy at hand: dropped
+    assert bare is not None and "revops.cdp.user_id" not in bare.attributes
+
+
 def test_delivery_errors_are_clear() -> None:
     body = orjson.dumps({"id": "evt_1", "object": "event", "type": "invoice.paid", "created": NOW, "data": {}})
     with pytest.raises(DeliveryError, match="data.object"):
@@ -420,3 +433,44 @@ def test_a_signed_delivery_of_an_unexpected_shape_is_a_400_and_nothing_is_stored
     r = _post(tower, body, _header(body, [SECRET], int(time.time())))
     assert r.status_code == 400 and reason in r.json()["error"], r.text
     assert _stored_rows(tower, eid, timeout=0.5) == 0
+
+
+def test_a_user_identified_by_an_address_is_measured_until_billing_names_it(tmp_path: Path) -> None:
+    """customer_synced never measured a profile change of a user whose id is an address: the CDP's event carried
+    no customer key, and billing's metadata.cdp_user_id was the raw address. Both now carry its pseudonym."""
+    email, write_key = "ivy.sync@example.com", "wk_sla_source"
+    server = TowerServer(
+        tmp_path,
+        TOWER_ADMIN_TOKEN=ADMIN,
+        TOWER_STRIPE_WEBHOOK_SECRETS=orjson.dumps([SECRET]).decode(),
+        TOWER_CDP_WRITE_KEYS=orjson.dumps([write_key]).decode(),
+        TOWER_CDP_PII_HMAC_KEY="sla-pii-key",
+    )
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+
+    def stuck() -> list[dict]:
+        r = httpx.get(f"{server.url}/api/sla/stuck", params={"sla": "customer_synced", "region": "QQ"}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert email not in r.text
+        return r.json()["items"]
+
+    def wait_for(done: Callable[[list[dict]], bool]) -> list[dict]:
+        deadline = time.monotonic() + 20
+        items = stuck()
+        while not done(items) and time.monotonic() < deadline:
+            time.sleep(0.3)
+            items = stuck()
+        return items
+
+    now = time.time()
+    with server:
+        changed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 40 * 60))
+        msg = {"type": "identify", "userId": email, "timestamp": changed, "traits": {"region": "QQ"}}
+        r = httpx.post(f"{server.url}/v1/batch", auth=(write_key, ""), json={"batch": [msg]})
+        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+        items = wait_for(lambda items: len(items) == 1)
+        assert len(items) == 1 and items[0]["key"].startswith("hmac-sha256:")  # measured, under its pseudonym
+        cus = {"id": "cus_ivy", "object": "customer", "metadata": {"cdp_user_id": email, "region": "QQ"}}
+        body = orjson.dumps({**_event("customer.created", cus, "evt_ivy"), "created": int(now - 20 * 60)})
+        assert _post(server, body, _header(body, [SECRET], int(now))).status_code == 200
+        assert wait_for(lambda items: not items) == []  # billing named the user: the item ended

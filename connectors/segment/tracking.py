@@ -88,19 +88,31 @@ class PiiPolicy:
         if isinstance(value, Mapping):
             out: dict[str, Any] = {}
             for k, v in value.items():
-                if self.is_field(str(k)):
+                name = str(k)
+                if self.is_field(name):
                     if self.mode == "hash" and v not in (None, ""):
-                        out[str(k)] = self.digest(v)
+                        out[name] = self.digest(v)
                     continue
+                if EMAIL.search(name):  # an address as a key ({"carol@example.org": "primary"})
+                    if self.mode == "drop":
+                        continue
+                    name = self.digest(name)
                 kept = self.scrub(v)
                 if kept is not None or v is None:
-                    out[str(k)] = kept
+                    out[name] = kept
             return out
         if isinstance(value, list):
             return [kept for v in value if (kept := self.scrub(v)) is not None or v is None]
         if isinstance(value, str) and EMAIL.search(value):
             return self.digest(value) if self.mode == "hash" else None
         return value
+
+    def redact_text(self, text: str) -> str:
+        """Free text (an event or span name, a status message) with each e-mail address in it hashed, or replaced
+        by ``[email]`` in drop mode; the rest stays readable."""
+        if "@" not in text:
+            return text
+        return EMAIL.sub(lambda m: self.digest(m.group()) if self.mode == "hash" else "[email]", text)
 
     def identifier(self, value: str) -> str:
         """User ids are kept (they are the join key) unless they may be an e-mail address (hashed exactly as
@@ -233,6 +245,7 @@ def to_event(
     event_name = _text(msg, "event")
     if mtype == "track" and not event_name:
         raise TrackingError("a track message needs an event name")
+    event_name = policy.redact_text(event_name)  # "Invite sent to bob@example.com"
     raw_traits = msg["traits"] if msg.get("traits") is not None else {}
     raw_props = msg["properties"] if msg.get("properties") is not None else {}
     context = msg.get("context") if isinstance(msg.get("context"), Mapping) else {}
@@ -247,13 +260,15 @@ def to_event(
     if region:
         attrs["revops.region"] = region
     if mtype in ("identify", "group"):
-        fallback = group_id if mtype == "group" else (user_id if "@" not in user_id else "")
+        # without a billing id trait, the profile's own id names the customer (its pseudonym when it is an address:
+        # billing's cdp_user_id metadata gets the same pseudonym, so the SLA item closes when billing has it)
+        fallback = group_id if mtype == "group" else user_id
         # RudderStack's SDK sends identify traits as context.traits; a group's context.traits are the user's
         ctx_traits = context.get("traits") if isinstance(context.get("traits"), Mapping) else {}
         lookup = {**ctx_traits, **raw_traits} if mtype == "identify" else raw_traits
         customer = _customer_id(lookup, fallback, customer_traits)
-        if customer:
-            attrs["revops.customer.id"] = policy.identifier(customer)
+        if customer and (customer_key := policy.identifier(customer)):  # drop mode has no pseudonym to key by
+            attrs["revops.customer.id"] = customer_key
         attrs["revops.step"] = "cdp_to_billing"
     if group_id and (group := policy.identifier(group_id)):  # an e-mail as group id is PII like any other
         attrs["cdp.group_id"] = group
@@ -268,7 +283,8 @@ def to_event(
         "context_traits": policy.scrub(context.get("traits") or {}),
         "library": str(library.get("name") or ""),
     }
-    message_id = _text(msg, "messageId") or _content_id(msg, policy)
+    # a client's message id holding an address is PII like any other value (drop mode: the keyed content id)
+    message_id = policy.identifier(_text(msg, "messageId")) or _content_id(msg, policy)
     kind = {"identify": "cdp.profile.identified", "group": "cdp.account.grouped", "track": "cdp.track"}[mtype]
     return BusinessEvent(
         event_id=message_id,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,8 +129,17 @@ def invoice_allocations(invoice_payments: Iterable[Mapping[str, Any]]) -> dict[s
     return out
 
 
-def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) -> dict[str, str]:
-    """DOMAIN.md §2 attributes of one Stripe event's object."""
+def without_address(value: str) -> str:
+    """A CDP user id as kept when no PII policy is at hand: one that may be an e-mail address is dropped."""
+    return "" if "@" in value else value
+
+
+def event_attributes(
+    etype: str, obj: Mapping[str, Any], default_region: str, cdp_user: Callable[[str], str] = without_address
+) -> dict[str, str]:
+    """DOMAIN.md §2 attributes of one Stripe event's object. ``cdp_user``: the CDP's PII policy for user ids
+    (``PiiPolicy.identifier``), so an address in ``metadata.cdp_user_id`` becomes the pseudonym the CDP's own
+    events carry for it."""
     kind = "refund" if etype.startswith(("refund.", "charge.refund.")) else etype.split(".", 1)[0]
     attrs: dict[str, str] = {"revops.system": SYSTEM, "stripe.event_type": etype}
     region = _region(obj, default_region)
@@ -139,8 +148,8 @@ def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) ->
     if kind == "customer":
         attrs["revops.customer.id"] = _id(obj.get("id"))
         cdp = (obj.get("metadata") or {}).get("cdp_user_id")
-        if cdp:
-            attrs["revops.cdp.user_id"] = str(cdp)
+        if cdp and (user := cdp_user(str(cdp))):
+            attrs["revops.cdp.user_id"] = user
     elif kind == "invoice":
         attrs["revops.invoice.id"] = _id(obj.get("id"))
         attrs["revops.customer.id"] = _id(obj.get("customer"))
@@ -194,7 +203,9 @@ def event_attributes(etype: str, obj: Mapping[str, Any], default_region: str) ->
     return {k: v for k, v in attrs.items() if v != ""}
 
 
-def to_business_event(event: Mapping[str, Any], default_region: str) -> BusinessEvent | None:
+def to_business_event(
+    event: Mapping[str, Any], default_region: str, cdp_user: Callable[[str], str] = without_address
+) -> BusinessEvent | None:
     """One Stripe event -> one business event; None for event types the tower does not track."""
     if not isinstance(event, Mapping) or event.get("object") != "event":
         raise MappingError("the body is not a Stripe event object")
@@ -213,7 +224,7 @@ def to_business_event(event: Mapping[str, Any], default_region: str) -> Business
         return None
     canonical, step = EVENT_TYPES[etype]
     try:
-        attrs = event_attributes(etype, obj, default_region)
+        attrs = event_attributes(etype, obj, default_region, cdp_user)
         trace_id, span_id = _trace(obj)
     except MappingError:
         raise

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -24,7 +24,13 @@ class Delivery:
 
 
 def read_delivery(
-    body: bytes, signature: str | None, secrets: Sequence[str], tolerance_s: int, now: float, default_region: str
+    body: bytes,
+    signature: str | None,
+    secrets: Sequence[str],
+    tolerance_s: int,
+    now: float,
+    default_region: str,
+    cdp_user: Callable[[str], str] = mapping.without_address,
 ) -> Delivery:
     try:
         verify(body, signature, secrets, tolerance_s, now)
@@ -35,7 +41,7 @@ def read_delivery(
     except orjson.JSONDecodeError as exc:
         raise DeliveryError(f"malformed JSON: {exc}") from None
     try:
-        event = mapping.to_business_event(doc, default_region)
+        event = mapping.to_business_event(doc, default_region, cdp_user)
     except mapping.MappingError as exc:
         raise DeliveryError(str(exc)) from None
     return Delivery(str(doc["id"]), str(doc["type"]), event)
