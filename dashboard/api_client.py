@@ -9,7 +9,7 @@ functions, so what it measures is what a page waits for.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote
@@ -19,6 +19,7 @@ import httpx
 from dashboard.views import link_without_credentials
 
 UNAVAILABLE = frozenset({502, 503, 504})
+BULK_MAX = 500  # the most items one bulk request takes (the API's limit; it refuses more with a clear 409)
 
 
 class ApiUnavailable(Exception):
@@ -123,9 +124,22 @@ class TowerApi:
         return self.post(f"/api/drift/{_seg(drift_id)}/sync", {"approve": approve})
 
     def bulk(
-        self, action: str, filters: Mapping[str, Any], expected: int, note: str = "", approve: bool = False
+        self,
+        action: str,
+        filters: Mapping[str, Any],
+        expected_ids: Sequence[str],
+        note: str = "",
+        approve: bool = False,
     ) -> dict[str, Any]:
-        body = {"action": action, "filter": dict(filters), "expected_count": expected, "note": note, "approve": approve}
+        """``expected_ids``: the items shown for the filter; the API refuses if the filter matches others now."""
+        body = {
+            "action": action,
+            "filter": dict(filters),
+            "expected_count": len(expected_ids),
+            "expected_ids": list(expected_ids),
+            "note": note,
+            "approve": approve,
+        }
         return self.post("/api/drift/bulk", body)
 
     # --- actions
@@ -242,7 +256,8 @@ def load_actions(api: TowerApi, params: Mapping[str, Any], drift_params: Mapping
             "actions": lambda: api.actions(**params),
             "dead_letters": lambda: api.get("/api/actions/dead-letters", limit=50),
             "breakers": api.breakers,
-            "matching": lambda: api.drift(**drift_params, limit=1),
+            # every matching item's id (a bulk action takes at most 500): the bulk request names the set it saw
+            "matching": lambda: api.drift(**drift_params, limit=BULK_MAX),
         }
     )
 

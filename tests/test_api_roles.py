@@ -254,7 +254,21 @@ def test_bulk_needs_the_confirmed_count_and_a_note_to_ignore(api: dict[str, Any]
         mp.setattr(bulk_router, "MAX_BULK", total - 1)
         too_many = c.post("/api/drift/bulk", json={**body, "expected_count": total}, headers=auth(operator))
     assert too_many.status_code == 409 and f"at most {total - 1}; narrow the filter" in too_many.json()["detail"]
-    done = c.post("/api/drift/bulk", json={**body, "expected_count": total}, headers=auth(operator))
+    # the reviewed items by id: as many as reviewed, but one of them another item, is refused too (a count alone
+    # let a set that changed while its count stayed through)
+    listed = c.get("/api/drift", params={**flt, "limit": 500}, headers=auth(operator)).json()["items"]
+    ids = [i["drift_id"] for i in listed]
+    swapped = c.post("/api/drift/bulk", json={**body, "expected_count": total, "expected_ids": [*ids[1:], "0" * 32]},
+                     headers=auth(operator))  # fmt: skip
+    assert swapped.status_code == 409 and "1 of the reviewed items no longer match" in swapped.json()["detail"]
+    uneven = c.post("/api/drift/bulk", json={**body, "expected_count": total, "expected_ids": ids[1:]},
+                    headers=auth(operator))  # fmt: skip
+    assert uneven.status_code == 422 and "expected_count" in uneven.text
+    assert {i["state"] for i in c.get("/api/drift", params={**flt, "limit": 500}, headers=auth(operator)).json()[
+        "items"]} != {"acknowledged"}  # fmt: skip
+    done = c.post(
+        "/api/drift/bulk", json={**body, "expected_count": total, "expected_ids": ids}, headers=auth(operator)
+    )
     assert done.status_code == 200, done.text
     assert done.json()["done"] == total and done.json()["failed"] == 0
     states = c.get("/api/drift", params={**flt, "limit": 100}, headers=auth(operator)).json()["items"]
@@ -266,6 +280,8 @@ def test_bulk_needs_the_confirmed_count_and_a_note_to_ignore(api: dict[str, Any]
     left = c.get("/api/drift", params={"class": "missing_in_erp", "state": "new", "limit": 1},
                  headers=auth(operator)).json()["total"]  # fmt: skip
     sync_body = {"action": "sync", "filter": {"class": ["missing_in_erp"], "state": ["new"]}, "expected_count": left}
+    unseen = c.post("/api/drift/bulk", json={**sync_body, "approve": True}, headers=auth(operator))
+    assert unseen.status_code == 422 and "needs expected_ids" in unseen.text  # approving needs the reviewed ids
     synced = c.post("/api/drift/bulk", json=sync_body, headers=auth(operator)).json()
     ids = [i["action_id"] for i in synced["items"]]
     assert len(ids) == left

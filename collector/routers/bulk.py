@@ -1,7 +1,8 @@
 """Bulk actions on a filtered set of drift items (operator, audited).
 
-The caller states how many items it saw for the filter (``expected_count``); when the set has changed since
-(a run resolved or found items), the API refuses with 409 so a person confirms the new count. Each item goes
+The caller states how many items it saw for the filter (``expected_count``) and, optionally, which ones
+(``expected_ids``; required to approve business-rule corrections): when the set has changed since (a run resolved
+or found items, even as many as it resolved), the API refuses with 409 so a person reviews it again. Each item goes
 through the same per-item path as a single action (transition or corrective sync), so each is audited on
 its own, plus one ``drift.bulk`` record for the request. Corrective syncs are created at once and executed
 in the background; the response lists their action ids for the caller to follow.
@@ -81,11 +82,21 @@ class BulkRequest(BaseModel):
     expected_count: int = Field(ge=1, le=MAX_BULK, description="How many items the caller saw for the filter.")
     note: str = Field("", max_length=2000, description="Why (required to acknowledge or ignore).")
     approve: bool = Field(False, description="Approve business-rule corrections (sync only).")
+    expected_ids: list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]] | None = Field(
+        None,
+        max_length=MAX_BULK,
+        description="The drift ids the caller reviewed: the filter must still match exactly these. Required to "
+        "approve (a set that changed while its count stayed would run corrections nobody saw).",
+    )
 
     @model_validator(mode="after")
     def _note_to_ignore(self) -> BulkRequest:
         if self.action in ("acknowledge", "ignore") and not self.note.strip():
             raise ValueError(f"{self.action.removesuffix('e')}ing items needs a note saying why")
+        if self.approve and self.action == "sync" and self.expected_ids is None:
+            raise ValueError("approving corrections in bulk needs expected_ids: the drift ids that were reviewed")
+        if self.expected_ids is not None and len(set(self.expected_ids)) != self.expected_count:
+            raise ValueError(f"expected_ids names {len(set(self.expected_ids))} items, not expected_count's")
         return self
 
 
@@ -109,6 +120,11 @@ def _apply(
         raise ActionError(
             409, f"{total} items match the filter now, not {body.expected_count}: review the set and confirm again"
         )
+    if body.expected_ids is not None and (gone := set(body.expected_ids) - {r["drift_id"] for r in rows}):
+        raise ActionError(
+            409, f"{len(gone)} of the reviewed items no longer match the filter (others took their place): review "
+            "the set and confirm again",
+        )  # fmt: skip
     done: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     to_run: list[str] = []

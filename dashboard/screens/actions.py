@@ -160,9 +160,11 @@ if operator:
         st.checkbox("Approve business-rule corrections (amount, currency, duplicate posting)", key="bulk_approve")
     ready = matching > 0 and (kind == "sync" or bool(note.strip()))
 
+    shown_ids = [i["drift_id"] for i in (data.get("matching") or {}).get("items", [])]
+
     def _ask_bulk() -> None:
         # read at click time: a note typed and clicked at once is the one that is sent (and shown in the question)
-        count = matching
+        count, ids = matching, shown_ids
         chosen_kind = st.session_state.get("bulk_action") or kind
         said = (st.session_state.get("bulk_note") or "").strip()
         approve = chosen_kind == "sync" and bool(st.session_state.get("bulk_approve"))
@@ -170,7 +172,7 @@ if operator:
             return
 
         def run() -> dict:
-            doc = api.bulk(chosen_kind, bulk_filters.body(), count, said, approve=approve)
+            doc = api.bulk(chosen_kind, bulk_filters.body(), ids, said, approve=approve)
             # followed until they end: the corrections that run, not those left waiting for an approval
             started = [i["action_id"] for i in doc.get("items", []) if i.get("action_id") and i.get("approved")]
             if started:
