@@ -431,17 +431,19 @@ class ActionService:
             self.breakers.release(system)  # no call was made: a half-open trial granted above is not spent
             raise
         attempts_here = 0
+        last_transient = ""
 
         def attempt() -> ActionOutcome:
-            nonlocal attempts_here
+            nonlocal attempts_here, last_transient
             if attempts_here and not self.breakers.allow(system):
                 raise BreakerOpen(system)
             attempts_here += 1
             try:
                 with self._documents_locked(row):
                     outcome = self._perform(row)
-            except TransientError:
+            except TransientError as exc:
                 self.breakers.failure(system)
+                last_transient = str(exc)
                 raise
             except BusinessRuleError:
                 self.breakers.success(system)  # the system answered: it is up
@@ -466,7 +468,8 @@ class ActionService:
             outcome = retrying(attempt)
         except BreakerOpen:
             # the attempts made before the breaker opened failed transiently: they count against the budget
-            exhausted = f"transient: {system} kept failing; its circuit breaker opened"
+            # the system's own last words stay on a dead letter, not only in the audit trail
+            exhausted = f"transient: {system} kept failing ({last_transient}); its circuit breaker opened"
             reason = f"circuit breaker for {system} opened"
             return self._retry_later(row, before, attempts_here, reason, self.breakers.retry_in(system), exhausted)
         except TransientError as exc:

@@ -645,6 +645,22 @@ def test_exhausted_actions_go_to_the_dead_letter_list(store: Store, tmp_path: Pa
     assert len(invoice_postings(estate, invoice_id)) == 1
 
 
+def test_a_dead_letter_that_ends_on_an_open_breaker_keeps_the_systems_last_message(
+    store: Store, tmp_path: Path
+) -> None:
+    """It said only that the breaker opened: the ERP's own answer was in the audit trail alone."""
+    estate = missing_estate(seed=15, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.actions.retry = RetryPolicy(attempts_per_execution=3, initial_s=0.01, max_s=0.02, max_total_attempts=1)
+    svc.actions.breakers = Breakers(failure_threshold=1, reset_after_s=60)
+    svc.run(full=True, as_of=estate.config.as_of)
+    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
+    estate.erp.begin_outage()
+    action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
+    assert action["state"] == "failed" and action["dead_letter"]
+    assert "circuit breaker opened" in action["last_error"] and "HTTP 503 (simulated outage)" in action["last_error"]
+
+
 def test_scheduled_jobs_run_reconciliations_and_retry_due_actions(store: Store, tmp_path: Path) -> None:
     from apscheduler.schedulers.background import BackgroundScheduler
 
