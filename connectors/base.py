@@ -76,7 +76,9 @@ class ErpConnector(Protocol):
 
     def cancel_entry(self, entry_id: str, reason: str) -> ActionOutcome:
         """Cancel (reverse) one invoice posting, e.g. a duplicate or one to post again from billing; one
-        already cancelled is ``already_done``. The ERP's own rules may refuse it (BusinessRuleError)."""
+        already cancelled is ``already_done``. The ERP's own rules may refuse it (BusinessRuleError). An ERP
+        whose rules may refuse a posting it cannot foresee from the invoice alone also offers
+        ``check_postable(invoice)``, raising BusinessRuleError: a repost cancels only once it passed."""
         ...
 
     def health(self) -> Health: ...

@@ -564,6 +564,8 @@ class ActionService:
             if invoice is None:
                 raise ActionError(422, f"invoice {invoice_id} is not in the billing state")
             plan = policy.correction(op, self._live_postings(invoice_id), invoice)
+            if plan.post and plan.cancel and (check := getattr(self.erp, "check_postable", None)) is not None:
+                check(invoice)  # cancel only what can be replaced: a refused repost left no posting at all
             why = f"{row['Class']} of {invoice_id} (tower action {row['ActionId']})"
             outcomes = [self.erp.cancel_entry(entry_id, why) for entry_id in plan.cancel]
             if plan.post:

@@ -8,6 +8,7 @@ import datetime as dt
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -22,7 +23,7 @@ from connectors.tryton.rpc import AmbiguousWriteError, TrytonRpc, decode, encode
 from reconciler import classify as c
 from reconciler.actions import ActionService
 from reconciler.runner import Reconciler
-from tests.fixtures.external import Trytond
+from tests.fixtures.external import Trytond, prepared_database, start_trytond, stop_trytond
 from tests.fixtures.fault_proxy import FaultProxy
 from tower_core.models import Invoice, Payment
 from tower_core.store import Store, migrate
@@ -274,6 +275,66 @@ def test_an_approved_amount_correction_cancels_and_reposts_in_tryton(erp: Tryton
     assert reconciler.run(full=True).resolved >= 1
     item = q.get_drift(embedded_store, drift)
     assert item is not None and item["State"] == c.RESOLVED
+
+
+def test_a_posting_with_a_payment_is_not_cancelled_and_payments_apply_in_their_currency_and_remainder(
+    erp: TrytonErp,
+) -> None:
+    """Tryton cancels a partly paid invoice and detaches its payment (the customer's payment silently unapplied);
+    its pay wizard books any amount in the invoice's currency; and a second application of one payment to one
+    invoice was "already applied" whatever its amount."""
+    inv = billing_invoice(10000)
+    posted = erp.post_invoice(inv)
+    pay = Payment(f"pi_{uuid.uuid4().hex[:10]}", "payment", inv.customer_id, "NA", "USD", 10000, "succeeded", NOW, NOW)
+    erp.apply_payment(pay, inv.invoice_id, 4000)  # the ERP applied 40.00 of the 100.00 allocated
+    with pytest.raises(BusinessRuleError, match="has payments applied; unapply them first"):
+        erp.cancel_entry(posted.target_ref, "repost")
+    assert [r["state"] for r in tryton_invoices(erp, inv.invoice_id)] == ["posted"]
+    rest = erp.apply_payment(pay, inv.invoice_id, 10000)  # the allocation: what is not applied yet is added
+    assert not rest.already_done and "60.00 USD" in rest.detail
+    assert tryton_invoices(erp, inv.invoice_id)[0]["state"] == "paid"
+    assert sorted(e.amount_minor for e in erp.find_by_external_ref(pay.payment_id)) == [4000, 6000]
+    assert erp.apply_payment(pay, inv.invoice_id, 10000).already_done
+    eur = dataclasses.replace(pay, payment_id=f"pi_{uuid.uuid4().hex[:10]}", currency="EUR")
+    other = billing_invoice(5000)
+    erp.post_invoice(other)
+    with pytest.raises(BusinessRuleError, match="is in EUR, Tryton invoice .* in USD"):
+        erp.apply_payment(eur, other.invoice_id, 5000)
+    assert erp.find_by_external_ref(eur.payment_id) == []
+
+
+def test_late_postings_post_and_a_repost_tryton_would_refuse_cancels_nothing(
+    tmp_path: Path, embedded_store: Store
+) -> None:
+    """On a fresh Tryton: an invoice billed days ago posts (its payment term runs from today: from the billing
+    date Tryton stopped the post with a warning nobody could confirm); a repost of one dated before an invoice
+    Tryton numbered since is refused before anything is cancelled (it was cancelled, then the post refused)."""
+    server = start_trytond(tmp_path) if prepared_database(tmp_path) else None
+    assert server is not None
+    erp = erp_for(server)
+    try:
+        migrate(embedded_store)
+        wrong_day = NOW - dt.timedelta(days=3)
+        billing = dataclasses.replace(billing_invoice(7000, day=wrong_day), status="open")
+        erp.post_invoice(dataclasses.replace(billing, subtotal_minor=9000, total_minor=9000))  # booked wrong
+        late = billing_invoice(2500, day=NOW - dt.timedelta(days=1))
+        assert not erp.post_invoice(late).already_done
+        (rec,) = erp.rpc.search_read(
+            "account.invoice", [["reference", "=", late.invoice_id]], ["state", "invoice_date", "payment_term_date"]
+        )
+        assert (rec["state"], rec["invoice_date"]) == ("posted", late.issued_at.date())
+        q.write_invoices(embedded_store, [billing])
+        Reconciler(embedded_store, c.Rules(), erp=erp).run(full=True)
+        actions = ActionService(embedded_store, erp)
+        waiting = actions.request(c.drift_id(c.AMOUNT_MISMATCH, billing.invoice_id), "otto")
+        refused = actions.approve(waiting["action_id"], "alice")
+        assert refused["state"] == "failed" and "numbers customer invoices in date order" in refused["last_error"]
+        assert [(r["state"], r["total_amount"]) for r in tryton_invoices(erp, billing.invoice_id)] == [
+            ("posted", Decimal("90.00"))
+        ]  # the wrong posting stands: nothing was cancelled
+    finally:
+        erp.rpc.close()
+        stop_trytond(server)
 
 
 def test_pull_ledger_entries_pages_through_changes(erp: TrytonErp) -> None:

@@ -194,6 +194,12 @@ class TrytonErp:
                 receivable=refs["receivable"], revenue=refs["revenue"], journal=refs["journal"],
                 payment_term=refs["payment_term"], company=refs["company"], credit_for=credit_for,
             )  # fmt: skip
+            # a late posting (every missing_in_erp item is past its grace period) keeps billing's date, and its
+            # payment term runs from today: from the billing date, Tryton stops the post with a warning that
+            # the payment date is in the past, which nobody is there to confirm
+            today = dt.datetime.now(dt.UTC).date()
+            if values["invoice_date"] < today:
+                values["payment_term_date"] = today
             (invoice_id,) = self.rpc.model(INVOICE, "create", [values], attributes=attrs)
             created = True
         try:
@@ -234,6 +240,36 @@ class TrytonErp:
         invoice takes no free text, so the reason stays in the tower's action and audit log."""
         return self._rechecked(lambda: self._cancel_entry(entry_id))
 
+    def check_postable(self, invoice: Invoice) -> None:
+        """Would Tryton post ``invoice`` as billing has it? Asked before a repost cancels the wrong posting, so
+        a replacement Tryton refuses never leaves the invoice with no posting at all. Its rules that the date
+        decides: an open period for it, and customer invoices numbered in date order within a fiscal year."""
+        day = invoice.issued_at.astimezone(dt.UTC).date()
+        attrs = {"revops.invoice.id": invoice.invoice_id}
+        years = self.rpc.search_read(
+            "account.fiscalyear", [["start_date", "<=", day], ["end_date", ">=", day]], ["end_date"],
+            attributes=attrs,
+        )  # fmt: skip
+        if not years:
+            raise BusinessRuleError(f"Tryton has no fiscal year for {day}, the date of {invoice.invoice_id}")
+        closed = self.rpc.search_read(
+            "account.period", [["start_date", "<=", day], ["end_date", ">=", day], ["state", "!=", "open"]],
+            ["name"], attributes=attrs,
+        )  # fmt: skip
+        if closed:
+            raise BusinessRuleError(f"Tryton's period {closed[0]['name']} of {day} is closed")
+        later = self.rpc.search_read(
+            INVOICE,
+            [["type", "=", "out"], ["number", "!=", None], ["invoice_date", ">", day],
+             ["invoice_date", "<=", years[0]["end_date"]]],
+            ["number", "invoice_date"], order=[["invoice_date", "DESC"]], limit=1, attributes=attrs,
+        )  # fmt: skip
+        if later:
+            raise BusinessRuleError(
+                f"Tryton numbers customer invoices in date order and has numbered {later[0]['number']} on "
+                f"{later[0]['invoice_date']}: a posting of {invoice.invoice_id} dated {day} would be refused"
+            )
+
     def _cancel_entry(self, entry_id: str) -> ActionOutcome:
         kind, _, rid = entry_id.removeprefix("tryton:").partition(":")
         if kind != "invoice" or not rid.isdigit():
@@ -245,6 +281,8 @@ class TrytonErp:
         number = str(rec.get("number") or "")
         if rec["state"] == "cancelled":
             return ActionOutcome(entry_id, True, "already cancelled", {"number": number})
+        if rec.get("payment_lines"):  # Tryton would cancel it and detach them: the customer's payment unapplied
+            raise BusinessRuleError(f"Tryton invoice {number} has payments applied; unapply them first")
         invoice_ref = {"revops.invoice.id": str(rec.get("reference") or "")}
         self.rpc.model(INVOICE, "cancel", [int(rid)], attributes=invoice_ref)
         return ActionOutcome(entry_id, False, f"cancelled {number}", {"number": number})
@@ -256,23 +294,31 @@ class TrytonErp:
         if not invoices:
             raise BusinessRuleError(f"Tryton has no posted invoice with reference {invoice_id}")
         inv = invoices[0]
-        lines = self._payment_lines(list(inv.get("payment_lines") or []))
-        for line in lines.values():
-            if m._rel(line, "move", "description") == payment.payment_id:
-                return ActionOutcome(f"tryton:line:{line['id']}", True, "payment already applied")
+        currency = m._rel(inv, "currency", "code")
+        if currency != payment.currency:  # the pay wizard would book the amount in the invoice's currency
+            raise BusinessRuleError(
+                f"payment {payment.payment_id} is in {payment.currency}, Tryton invoice {inv['number']} "
+                f"({invoice_id}) in {currency}"
+            )
+        entries = self._readable([inv], invoice_id)  # one it cannot read must not look unpaid
+        mine = [e for e in entries if e.entry_type == "payment" and e.external_ref == payment.payment_id]
+        applied = sum(e.amount_minor for e in mine)
+        if mine and applied >= amount_minor:
+            return ActionOutcome(mine[0].entry_id, True, "payment already applied")
         if inv["state"] == "paid":
             raise BusinessRuleError(f"Tryton invoice {inv['number']} ({invoice_id}) is already paid in full")
         method = self._one(
             "account.invoice.payment.method", [["name", "=", self.payment_method]],
             f"invoice payment method named {self.payment_method}",
         )  # fmt: skip
-        amount = m.from_minor(amount_minor, payment.currency)
+        amount = m.from_minor(amount_minor - applied, payment.currency)  # what the ERP has not applied yet
         self._pay(int(inv["id"]), amount, payment, method, attrs)
         after = self._payment_lines(
             self.rpc.model(INVOICE, "read", [inv["id"]], ["payment_lines"], attributes=attrs)[0]["payment_lines"]
         )
+        known = {e.entry_id for e in mine}
         for line in after.values():
-            if m._rel(line, "move", "description") == payment.payment_id:
+            if m._rel(line, "move", "description") == payment.payment_id and f"tryton:line:{line['id']}" not in known:
                 return ActionOutcome(f"tryton:line:{line['id']}", False, f"applied {amount} {payment.currency}")
         raise ConnectorError(f"Tryton accepted the payment {payment.payment_id} but shows no payment line for it")
 
