@@ -59,21 +59,30 @@ class AuditRefusals:
         state: dict[str, Any] = scope.setdefault("state", {})
         status = 500
         body = bytearray()
+        audited = False
+
+        async def audit() -> None:
+            nonlocal audited
+            principal = state.get("principal")
+            if status >= 400 and principal is not None and not audited:
+                audited = True
+                await self._write(principal.name, scope["method"], scope["path"], status, bytes(body))
 
         async def watch(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body" and status >= 400 and len(body) < _BODY_CAP:
-                body.extend(message.get("body", b"")[: _BODY_CAP - len(body)])
+            elif message["type"] == "http.response.body" and status >= 400:
+                if len(body) < _BODY_CAP:
+                    body.extend(message.get("body", b"")[: _BODY_CAP - len(body)])
+                if not message.get("more_body", False):
+                    await audit()  # before the answer ends: a client that reads the audit next finds the refusal
             await send(message)
 
         try:
             await self.app(scope, receive, watch)
         finally:
-            principal = state.get("principal")
-            if status >= 400 and principal is not None:
-                await self._write(principal.name, scope["method"], scope["path"], status, bytes(body))
+            await audit()  # a request that ended without an answer
 
     async def _write(self, actor: str, method: str, path: str, status: int, body: bytes) -> None:
         action, outcome = outcome_of(status)
