@@ -328,7 +328,9 @@ class Reconciler:
         t = time.perf_counter()
         stage("queue")
         with self.queue_lock:
-            counts = q.merge_queue(store, run_id, as_of, full=full, region=region, customers=customers)
+            counts = q.merge_queue(
+                store, run_id, as_of, started=record["StartedAt"], full=full, region=region, customers=customers
+            )
         result.findings, result.new, result.resolved = counts["findings"], counts["new"], counts["resolved"]
         result.timings["queue"] = time.perf_counter() - t
 

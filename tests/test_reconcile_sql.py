@@ -1032,3 +1032,73 @@ def test_a_region_run_clears_the_explanation_of_a_key_billing_moved_into_its_reg
     assert cells[("NA", "USD")]["explained"] == {} and cells[("NA", "USD")]["residual_minor"] == 0
     # the item is EU's: only a run of the whole estate resolves it (a region run never resolves another's)
     assert r.run(full=True, as_of=AS_OF).residual_minor == 0 and items(store) == {}
+
+
+def test_an_instalment_rechecked_as_its_grace_ends_is_matched_with_its_siblings(store: Store) -> None:
+    """py_a and py_b (unallocated) together pay in_x. py_b was inside its grace period at the full run; the
+    incremental run after it ended compared py_b alone, found no match, and called it an orphan."""
+    q.write_invoices(store, [inv("in_x", 1_100)])
+    q.write_ledger(store, [led("le_x", "invoice", "in_x", 1_100)])
+    recent = AS_OF - dt.timedelta(hours=1)
+    q.write_payments(
+        store,
+        [pay("py_a", 500, {}), dataclasses.replace(pay("py_b", 600, {}), occurred_at=recent, updated_at=recent)],
+    )
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.PAYMENT_UNAPPLIED, "py_a"), (c.STALE_SYNC, "py_b")}
+    ingested_long_ago(store)  # nothing changes but the time
+    later = AS_OF + dt.timedelta(hours=3)
+    assert r.run(as_of=later).mode == "incremental"
+    found = items(store)
+    assert set(found) == {(c.PAYMENT_UNAPPLIED, "py_a"), (c.PAYMENT_UNAPPLIED, "py_b")}
+    assert found[(c.PAYMENT_UNAPPLIED, "py_b")]["reason_code"] == "matched_not_applied"
+
+
+def test_an_item_of_a_key_posted_twice_keeps_its_values_and_region_runs_leave_it_open(store: Store) -> None:
+    """The ERP's two postings of in_ghost (EU in USD, NA in EUR, two inserts): the item's region, currency and
+    values came from whichever posting the aggregation met first, so they changed between runs, and a region
+    run whose pass picked the other region resolved the item ("drift gone") while both postings were live."""
+    q.write_ledger(store, [led("le_1", "invoice", "in_ghost", 1_100)])
+    q.write_ledger(store, [led("le_2", "invoice", "in_ghost", 700, "paid", region="NA", cur="EUR")])
+    r = Reconciler(store, RULES)
+    seen = []
+    for region in ("", "EU", "NA", "EU", "NA", ""):
+        r.run(full=True, region=region, as_of=AS_OF)
+        item = q.get_drift(store, c.drift_id(c.MISSING_IN_BILLING, "le_1"))
+        assert item is not None and item["State"] != c.RESOLVED, region
+        seen.append((item["Region"], item["Currency"], dict(item["ErpValues"])["status"]))
+    assert set(seen) == {("EU", "USD", "open")}  # le_1's, the first posting by entry id, every time
+    trail = [a["action"] for a in q.audit_for(store, "drift_item", c.drift_id(c.MISSING_IN_BILLING, "le_1"))]
+    assert "drift.resolved" not in trail
+
+
+def test_a_full_run_that_read_older_state_leaves_what_a_later_run_found(store: Store) -> None:
+    """Two processes beside one ClickHouse server share no queue lock: a full run that read the state before a
+    change, finishing after an incremental run that saw it, resolved that run's item; the watermark had moved
+    past the change, so no incremental run compared it again until the next full run."""
+    import threading
+
+    q.write_invoices(store, [inv("in_1", 1_100)])
+    q.write_ledger(store, [led("le_1", "invoice", "in_1", 1_100)])
+    api, scheduler = Reconciler(store, RULES), Reconciler(store, RULES)  # one queue lock each
+    scheduler.run(full=True, as_of=AS_OF)
+    ingested_long_ago(store)
+    facts_read, go_on = threading.Event(), threading.Event()
+
+    def pause(stage: str, done: int, total: int) -> None:
+        if stage == "classify":  # both sides' facts are read
+            facts_read.set()
+            go_on.wait(60)
+
+    full = threading.Thread(target=lambda: api.run(full=True, as_of=AS_OF, progress=pause))
+    full.start()
+    assert facts_read.wait(60)
+    q.write_invoices(store, [later(inv("in_1", 1_500))])  # type: ignore[list-item]  # the ERP's 1,100 is wrong now
+    assert scheduler.run(as_of=AS_OF).mode == "incremental"
+    assert set(items(store)) == {(c.AMOUNT_MISMATCH, "in_1")}
+    go_on.set()
+    full.join(60)
+    assert set(items(store)) == {(c.AMOUNT_MISMATCH, "in_1")}  # the older read leaves the newer finding
+    assert scheduler.run(as_of=AS_OF).mode == "incremental"
+    assert set(items(store)) == {(c.AMOUNT_MISMATCH, "in_1")}

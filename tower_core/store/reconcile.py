@@ -425,7 +425,11 @@ _CHANGED_CUSTOMERS = """(
     -- a payment the ERP applied (or stopped applying) leaves or joins the pool its siblings are matched in
     UNION ALL SELECT CustomerId FROM $db.billing_payments WHERE PaymentId IN (
         SELECT ExternalRef FROM $db.erp_ledger_entries
-        WHERE EntryId IN /*changed_entries*/ AND EntryType = 'payment'))"""
+        WHERE EntryId IN /*changed_entries*/ AND EntryType = 'payment')
+    -- an unallocated payment re-checked as its grace period ends is matched with its customer's other ones
+    UNION ALL SELECT CustomerId FROM $db.drift_items FINAL
+        WHERE KeyType = 'payment' AND State != 'resolved' AND Class = 'stale_sync' AND CustomerId != ''
+            AND BillingValues['allocated_to'] = '')"""
 _SCOPE_CUSTOMERS = """
 INSERT INTO $db.reconcile_scope (RunId, KeyType, Key)
 SELECT {run:String}, 'customer', k FROM (
@@ -511,10 +515,11 @@ SELECT {run:String}, 'invoice', hk FROM (
     )
 )
 """
-# Region runs only: the key's region (the billing invoice's, else the ERP posting's).
+# Region runs only: the key's region (the billing invoice's, else the ERP postings': any of them, as stage B
+# decides by the first posting's, which this pass cannot tell).
 _STAGE_A_REGION = {
-    "region_aggs": ", anyIf(rh, side = 1) AS b_rh, anyIf(rh, side = 2) AS e_rh",
-    "region_having": "if(b_rh != 0, b_rh, e_rh) = cityHash64({region:String}) AND",
+    "region_aggs": ", anyIf(rh, side = 1) AS b_rh, groupUniqArrayIf(rh, side = 2) AS e_rhs",
+    "region_having": "if(b_rh != 0, b_rh = cityHash64({region:String}), has(e_rhs, cityHash64({region:String}))) AND",
 }
 # Payment keys, the same way: per key one packed sum of 0/1 flags (16 bits: billing payments; 4 bits each:
 # not succeeded, succeeded payment with allocations, succeeded refund or credit note; 18 bits each: ERP
@@ -590,15 +595,16 @@ SELECT
     anyIf(ts2, src = 0) AS b_finalized,
     anyIf(day, src = 0) AS b_day,
     countIf(src = 1) AS e_n,
-    anyIf(cur, src = 1) AS e_currency,
-    anyIf(amt, src = 1) AS e_amount,
+    -- of several postings, the values of the first by entry id (e_entry's): the same ones every run
+    argMinIf(cur, id, src = 1) AS e_currency,
+    argMinIf(amt, id, src = 1) AS e_amount,
     sumIf(amt, src = 1) AS e_sum,
-    anyIf(status, src = 1) AS e_status,
+    argMinIf(status, id, src = 1) AS e_status,
     minIf(id, src = 1) AS e_entry,
-    anyIf(region, src = 1) AS e_region,
+    argMinIf(region, id, src = 1) AS e_region,
     minIf(cust, src = 1) AS e_party,  -- of several postings, one and always the same ('' first)
-    anyIf(day, src = 1) AS e_day,
-    anyIf(note, src = 3) AS rejected,
+    argMinIf(day, id, src = 1) AS e_day,
+    argMinIf(note, id, src = 3) AS rejected,
     sumIf(amt, src = 2) AS e_applied,
     sumIf(amt, src = 4) AS b_alloc,
     -- allocations of payments the ERP applied to no invoice at all: the payment's own comparison reports them
@@ -706,14 +712,14 @@ SELECT
     countIf(src = 1 AND refs != '') AS e_applied_n,
     sumIf(amt, src = 1) AS e_sum,
     abs(sumIf(amt, src = 1 AND kind = 'credit_memo')) AS e_memo_sum,
-    anyIf(kind, src = 1) AS e_type,
-    anyIf(status, src = 1) AS e_status,
-    anyIf(cur, src = 1) AS e_currency,
+    argMinIf(kind, id, src = 1) AS e_type,
+    argMinIf(status, id, src = 1) AS e_status,
+    argMinIf(cur, id, src = 1) AS e_currency,
     arrayStringConcat(arraySort(groupUniqArrayIf(cur, src = 1)), ',') AS e_currencies,
-    anyIf(region, src = 1) AS e_region,
+    argMinIf(region, id, src = 1) AS e_region,
     minIf(cust, src = 1) AS e_party,  -- of several postings, one and always the same ('' first)
     minIf(id, src = 1) AS e_entry,
-    anyIf(day, src = 1) AS e_day,
+    argMinIf(day, id, src = 1) AS e_day,
     arrayStringConcat(arraySort(groupUniqArrayIf(refs, src = 1 AND refs != '')), ',') AS e_applied_refs
 FROM (
     SELECT PaymentId AS k, 0 AS src, Kind AS kind, Status AS status, AmountMinor AS amt, Currency AS cur,
@@ -752,9 +758,9 @@ SELECT
     anyIf(uid, src = 0) AS b_cdp_user,
     anyIf(ts, src = 0) AS b_updated,
     countIf(src = 1) AS c_n,
-    anyIf(uid, src = 1) AS c_cdp_user,
+    minIf(uid, src = 1) AS c_cdp_user,  -- of several profiles, one and always the same
     maxIf(ts, src = 1) AS c_updated,
-    anyIf(region, src = 1) AS region
+    argMinIf(region, uid, src = 1) AS region
 FROM (
     SELECT CustomerId AS k, 0 AS src, CdpUserId AS uid, UpdatedAt AS ts, Region AS region
     FROM $db.billing_customers FINAL WHERE NOT IsDeleted /*bill_filter*/
@@ -1221,12 +1227,15 @@ def _maps(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# An item another writer changed after this run started (a run in another process that read newer state, or a
+# person) is left as that writer left it: this run's findings may be older than its values.
 _MERGE_FROM = """
 FROM (SELECT * FROM $db.reconcile_findings WHERE RunId = {run:String} ORDER BY DriftId LIMIT 1 BY DriftId) AS f
 LEFT JOIN (
-    SELECT DriftId, State, StateNote, FirstSeen, Class, ReasonCode, AmountMinor FROM $db.drift_items FINAL
+    SELECT DriftId, State, StateNote, FirstSeen, Class, ReasonCode, AmountMinor, UpdatedAt FROM $db.drift_items FINAL
     WHERE DriftId IN (SELECT DriftId FROM $db.reconcile_findings WHERE RunId = {run:String})
 ) AS d ON f.DriftId = d.DriftId
+WHERE d.UpdatedAt <= {started:DateTime64(3)}
 """
 # The run transition of reconciler/classify.run_transition, set-based: new / persisting, or the operator's state.
 _NEW_STATE = "multiIf(d.State IN ('', 'resolved'), 'new', d.State IN ('new', 'persisting'), 'persisting', d.State)"
@@ -1241,7 +1250,7 @@ SELECT concat('a', replaceAll(toString(generateUUIDv4(f.DriftId)), '-', '')), no
     concat('drift.', /*new_state*/), 'drift_item', f.DriftId,
     if(d.State = '', '', /*before*/), /*after*/, concat('run ', {run:String}, ': ', f.ReasonCode), 'ok'
 /*from*/
-WHERE /*new_state*/ != d.State
+    AND /*new_state*/ != d.State
 """
 _ITEM_COLS = (
     "DriftId, Class, ReasonCode, Region, Currency, CustomerId, InvoiceId, PaymentId, LedgerEntryId, AmountMinor, "
@@ -1260,7 +1269,7 @@ SELECT f.DriftId, f.Class, f.ReasonCode, f.Region, f.Currency, f.CustomerId, f.I
 """
 _RESOLVE_FROM = """
 FROM $db.drift_items AS i FINAL
-WHERE State != 'resolved'
+WHERE State != 'resolved' AND UpdatedAt <= {started:DateTime64(3)}
     AND ({region:String} = '' OR Region = {region:String})
     AND DriftId NOT IN (SELECT DriftId FROM $db.reconcile_findings WHERE RunId = {run:String})
     /*moved*/
@@ -1304,11 +1313,20 @@ SELECT DriftId, Class, ReasonCode, Region, Currency, CustomerId, InvoiceId, Paym
 
 
 def merge_queue(
-    store: Store, run_id: str, as_of: dt.datetime, *, full: bool, region: str = "", customers: bool = True
+    store: Store,
+    run_id: str,
+    as_of: dt.datetime,
+    *,
+    started: dt.datetime,
+    full: bool,
+    region: str = "",
+    customers: bool = True,
 ) -> dict[str, int]:
     """Findings -> drift items (new / persisting, operator states kept); open items whose keys this run compared
-    and did not find -> resolved. Every state change is audited. Set-based; the caller holds the queue lock."""
-    params = {"run": run_id, "as_of": as_of, "region": region}
+    and did not find -> resolved; neither for an item changed since the run ``started`` (see _MERGE_FROM). Every
+    state change is audited. Set-based; the caller holds the queue lock (of this process: runs in two processes
+    beside one ClickHouse server share no lock)."""
+    params = {"run": run_id, "as_of": as_of, "region": region, "started": started}
     new_state = _NEW_STATE
     counts = store.query_rows(
         "SELECT count() AS findings, countIf(d.State IN ('', 'resolved')) AS new /*from*/".replace(
