@@ -53,7 +53,8 @@ class IngestService:
         self.ingest_tokens = [t.get_secret_value() for t in settings.ingest_tokens]
         self.metrics = CollectorMetrics()
         self.key_names = key_attribute_names(settings.key_attribute_map)
-        self.span_pii = span_pii.policy_for(settings)
+        # the CDP's PII policy, built once: its spans, its CloudEvents and Stripe's CDP user ids go through it
+        self.cdp_pii = span_pii.policy_for(settings)
         sync_key_attributes(store, self.key_names)  # read by the span -> key-link materialized view
         self.wal = WriteAheadBuffer(settings.wal_dir, settings.wal_max_bytes)
         self.flusher = Flusher(
@@ -139,7 +140,7 @@ class IngestService:
         if checked.accepted:
             # what was validated, scrubbed and canonically encoded: a client's bytes may repeat a field, which
             # protobuf reads as its last value and ClickHouse's reader does not (a span stored without its trace id)
-            payload, _ = span_pii.scrubbed_payload(req, self.span_pii)
+            payload, _ = span_pii.scrubbed_payload(req, self.cdp_pii)
             if (too_big := self._never_fits(payload)) is not None:
                 return Reply(413, otlp.status_body(mt, 413, too_big), mt)
             try:
@@ -162,7 +163,7 @@ class IngestService:
             status = 415 if "content type" in str(exc) else 400
             return _json(status, {"error": str(exc)})
         self.metrics.events_rejected.inc(len(bad))
-        good = [event_pii.scrubbed(e, self.span_pii) for e in good]
+        good = [event_pii.scrubbed(e, self.cdp_pii) for e in good]
         if not good:
             return _json(400, {"error": "no valid event in the request", "accepted": 0, "rejected": bad})
         payload = orjson.dumps({"received_ns": received_ns, "events": [e.to_json() for e in good]})

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from collector import otlp, span_pii
+from collector import otlp
 from collector.auth import Principal, require
 from collector.deps import get_ingest, get_store, read_body
 from collector.ingest import RETRY_AFTER_S, IngestService, Refused
@@ -92,7 +92,7 @@ async def stripe_webhook(
             settings.stripe_webhook_tolerance_s,
             received_ns / 1e9,
             settings.stripe_default_region,
-            span_pii.policy_for(settings).identifier,
+            ingest.cdp_pii.identifier,
         )
     except DeliveryError as exc:
         return JSONResponse({"error": str(exc)}, 400)
