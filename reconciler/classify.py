@@ -484,12 +484,11 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
                     ORPHAN_PAYMENT, "no_invoice", "billing", amount_minor=amount, billing=billing, erp=erp, **base
                 )
             reason = "matched_not_applied"  # N:1 by customer and amount sum, but the ERP has nothing
-        if n_alloc > 0 and int(f["e_n"]) > 0:
-            if int(f["e_applied_n"] or 0) > 0:
-                return None
-            reason = "booked_unapplied"  # the ERP holds the cash and applied it to no invoice
-        elif int(f["e_n"]) > 0:
+        # applied in the ERP, or the cash of one matched by amount only is there: nothing to say
+        if int(f["e_applied_n"] or 0) > 0 or (n_alloc == 0 and int(f["e_n"]) > 0):
             return None
+        if int(f["e_n"]) > 0:
+            reason = "booked_unapplied"  # the ERP holds the cash and applied it to no invoice
         if _inside_grace(f["p_occurred"], as_of, rules.grace(PAYMENT_UNAPPLIED)):
             return Finding(
                 STALE_SYNC, "application_pending", "erp", amount_minor=amount, billing=billing, erp=erp, **base
