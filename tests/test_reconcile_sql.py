@@ -1073,6 +1073,31 @@ def test_an_item_of_a_key_posted_twice_keeps_its_values_and_region_runs_leave_it
     assert "drift.resolved" not in trail
 
 
+def test_postings_in_two_currencies_are_not_added_into_one_amount(store: Store) -> None:
+    """An item's amount is in one currency: the ERP's postings of one key in USD and EUR made a missing_in_billing
+    item of -1,800 "USD" and a duplicate of -900 "USD" (1,100 + 700 minor units of two currencies). The statement
+    still counts each posting in its own currency's cell, so nothing stays unexplained."""
+    q.write_ledger(store, [led("le_1", "invoice", "in_ghost", 1_100), led("le_3", "invoice", "in_dup", 1_100)])
+    q.write_ledger(
+        store,
+        [led("le_2", "invoice", "in_ghost", 700, cur="EUR"), led("le_4", "invoice", "in_dup", 700, cur="EUR")],
+    )
+    q.write_invoices(store, [inv("in_dup", 1_100)])
+    run = Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    ghost = q.get_drift(store, c.drift_id(c.MISSING_IN_BILLING, "le_1"))
+    assert ghost is not None
+    assert (ghost["Currency"], ghost["AmountMinor"], dict(ghost["ErpValues"])["total_minor"]) == ("USD", -1_100, "1100")
+    dup = q.get_drift(store, c.drift_id(c.DUPLICATE_POSTING, "in_dup"))
+    assert dup is not None
+    assert (dup["Currency"], dup["AmountMinor"], dict(dup["ErpValues"])["total_minor"]) == ("USD", 0, "1100")
+    assert dict(dup["ErpValues"])["postings"] == "2"
+    cells = {(r["region"], r["currency"]): r for r in q.statement_totals(store, run.run_id)}
+    assert {k: (r["erp_total_minor"], r["residual_minor"]) for k, r in cells.items()} == {
+        ("EU", "USD"): (2_200, 0),
+        ("EU", "EUR"): (1_400, 0),
+    }
+
+
 def test_a_full_run_that_read_older_state_leaves_what_a_later_run_found(store: Store) -> None:
     """Two processes beside one ClickHouse server share no queue lock: a full run that read the state before a
     change, finishing after an incremental run that saw it, resolved that run's item; the watermark had moved

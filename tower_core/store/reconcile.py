@@ -598,7 +598,12 @@ SELECT
     -- of several postings, the values of the first by entry id (e_entry's): the same ones every run
     argMinIf(cur, id, src = 1) AS e_currency,
     argMinIf(amt, id, src = 1) AS e_amount,
-    sumIf(amt, src = 1) AS e_sum,
+    -- postings in several currencies: those in the item's currency (billing's, else the first posting's), since
+    -- minor units of two currencies never add up; the statement counts each in its own currency's cell
+    if(uniqExactIf(cur, src = 1) > 1,
+        arraySum(arrayMap((c, a) -> if(c = if(b_n > 0, b_currency, e_currency), a, 0),
+            groupArrayIf(cur, src = 1), groupArrayIf(amt, src = 1))),
+        sumIf(amt, src = 1)) AS e_sum,
     argMinIf(status, id, src = 1) AS e_status,
     minIf(id, src = 1) AS e_entry,
     argMinIf(region, id, src = 1) AS e_region,
