@@ -213,8 +213,28 @@ class StepTiming:
         return not self.missing_systems and self.latency_ms is not None
 
 
+def step_end(start_ns: int | None, targets: Iterable[tuple[int, int]]) -> int | None:
+    """The end of the target activity that ended the step: the first one (by its start) at or after the step's
+    start, as the SLA picks it (tower_core/store/sla.py), so a later duplicate posting or the next payment's
+    application does not stretch the latency. An activity (start, end) counts when it starts at or after the
+    step's start or in the same whole second (Stripe stamps whole seconds), or runs across it. The view shows
+    where that activity ended; the SLA decides at its start."""
+    if start_ns is None:
+        return None
+    sec = start_ns // 1_000_000_000
+    ended = [
+        (first, last)
+        for first, last in targets
+        if first >= start_ns or first // 1_000_000_000 == sec or last >= start_ns
+    ]
+    if not ended:
+        return None
+    return max(min(ended)[1], start_ns)
+
+
 def step_timings(spans: Iterable[SpanView], events: Iterable[EventView] = ()) -> list[StepTiming]:
-    """Start = first activity of the step in its source system; end = last activity in its target system."""
+    """Start = first activity of the step in its source system; end = its first target activity from then on
+    (``step_end``)."""
     points: dict[str, list[tuple[str, int, int, bool]]] = {}
     for s in spans:
         if s.step in STEPS:
@@ -229,12 +249,12 @@ def step_timings(spans: Iterable[SpanView], events: Iterable[EventView] = ()) ->
         source, target = STEPS[step]
         pts = points[step]
         starts = [s for system, s, _, failed in pts if system == source and not failed]
-        ends = [e for system, _, e, failed in pts if system == target and not failed]
+        first = min(starts, default=None)
+        end = step_end(first, [(s, e) for system, s, e, failed in pts if system == target and not failed])
         seen = tuple(sorted({system for system, _, _, _ in pts if system}))
         missing = tuple(s for s in (source, target) if s not in seen)
         failed = tuple(sorted({system for system, _, _, f in pts if system and f}))
-        first, last = (min(starts) if starts else None), (max(ends) if ends else None)
-        out.append(StepTiming(step, first, last, seen, missing, failed))
+        out.append(StepTiming(step, first, end, seen, missing, failed))
     return out
 
 

@@ -118,6 +118,24 @@ def test_a_system_named_on_the_resource_counts_as_the_spans_system() -> None:
     assert doc["systems_seen"] == ["billing", "erp"] and [s["system"] for s in doc["spans"]] == ["billing", "erp"]
 
 
+def test_a_later_duplicate_posting_or_payment_does_not_stretch_the_step() -> None:
+    """The step ends at the first target activity from its start, as the SLA measures it: the ERP's second
+    posting an hour later made a 2 s step read as an hour; an ERP posting before the start is history."""
+    sec = 1_000_000_000
+    spans = [
+        step_span("t_e0", "erp", 0),  # an older posting of the same key: before the start
+        step_span("t_b", "billing", 10 * sec),
+        step_span("t_e1", "erp", 12 * sec),
+        step_span("t_e2", "erp", 3_600 * sec),  # the duplicate
+    ]
+    [timing] = corr.step_timings(spans)
+    assert timing.start_ns == 10 * sec and timing.end_ns == 12 * sec + 1_000
+    assert timing.latency_ms == pytest.approx(2_000.001)
+    assert corr.step_end(10 * sec, [(0, 1_000)]) is None  # only history: not ended
+    assert corr.step_end(10 * sec, [(9 * sec, 11 * sec)]) == 11 * sec  # running across the start
+    assert corr.step_end(10 * sec + 700, [(10 * sec + 300, 10 * sec + 300)]) == 10 * sec + 700  # same second
+
+
 def test_a_failed_posting_does_not_complete_its_step() -> None:
     """An error span or a *failed/rejected* event is an attempt, not the posting (the SLA views agree)."""
     spans = [step_span("t_b", "billing", 0), step_span("t_e", "erp", 5_000, status="Error")]
