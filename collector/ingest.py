@@ -164,6 +164,8 @@ class IngestService:
             return _json(status, {"error": str(exc)})
         self.metrics.events_rejected.inc(len(bad))
         good = [event_pii.scrubbed(e, self.cdp_pii) for e in good]
+        if not good and not bad:  # an empty batch is valid (CloudEvents JSON format, 4.3), as an empty OTLP request
+            return _json(200, {"accepted": 0, "rejected": []})
         if not good:
             return _json(400, {"error": "no valid event in the request", "accepted": 0, "rejected": bad})
         payload = orjson.dumps({"received_ns": received_ns, "events": [e.to_json() for e in good]})

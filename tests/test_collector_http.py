@@ -281,6 +281,16 @@ def test_deeply_nested_events_get_a_400_not_a_500(server: TowerServer) -> None:
     assert r.json()["accepted"] == 1 and r.json()["rejected"][0]["id"] is None  # not echoed: it is not an id
 
 
+def test_an_empty_cloudevents_batch_is_a_200_and_a_batch_of_only_bad_events_a_400(server: TowerServer) -> None:
+    """The CloudEvents JSON format (4.3) makes ``[]`` a valid batch; a producer flushing one got a 400, an error
+    it cannot retry away."""
+    batch_type = {"Content-Type": "application/cloudevents-batch+json"}
+    r = httpx.post(f"{server.url}/v1/events", content=b"[]", headers=batch_type)
+    assert (r.status_code, r.json()) == (200, {"accepted": 0, "rejected": []})
+    r = httpx.post(f"{server.url}/v1/events", content=b'[{"specversion": "1.0"}]', headers=batch_type)
+    assert r.status_code == 400 and r.json()["accepted"] == 0 and len(r.json()["rejected"]) == 1
+
+
 def test_partial_success_reports_rejected_spans(server: TowerServer) -> None:
     req = ExportTraceServiceRequest()
     ss = req.resource_spans.add().scope_spans.add()
