@@ -27,6 +27,7 @@ KEY_ATTRIBUTES: dict[str, str] = {
 }
 KEY_TYPES = frozenset(KEY_ATTRIBUTES.values()) | {"trace"}
 EXPANDING_KEY_TYPES = frozenset({"invoice", "payment", "ledger_entry", "trace"})
+EVENT_KEY_TYPES = frozenset({"invoice", "payment", "ledger_entry"})  # the identifying keys events are found by
 SYSTEMS = ("cdp", "billing", "erp")
 
 # Flow steps (DOMAIN.md §1): step -> (system where it starts, system where it ends).
@@ -110,11 +111,11 @@ def keys_to_follow(links: Iterable[Link], known: set[tuple[str, str]]) -> set[tu
 def event_seeds(rows: Iterable[Mapping[str, str]]) -> set[tuple[str, str]]:
     """The identifying keys of events found by a key no span carries (events without trace context): the keys a
     lookup seeds from besides its own."""
-    seeds = {(t, r[t]) for r in rows for t in ("invoice", "payment", "ledger_entry") if r.get(t)}
+    seeds = {(t, r[t]) for r in rows for t in EVENT_KEY_TYPES if r.get(t)}
     for r in rows:  # every key of an event naming several of one type ('type:value', migration 0021)
         for ref in r.get("key_refs") or ():
             key_type, value = split_key_ref(ref)
-            if key_type in ("invoice", "payment", "ledger_entry") and value:
+            if key_type in EVENT_KEY_TYPES and value:
                 seeds.add((key_type, value))
     return seeds
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from collector import correlation as corr
@@ -67,6 +68,7 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     key_type, value = seed
     cut = {"traces": False, "spans": False, "events": False}
     seeds = {seed}
+    events_read: set[tuple[str, str]] = set()  # keys whose trace-less events were read for their other keys
     if key_type == "trace":
         traces = {value}
     else:
@@ -75,13 +77,14 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
             # no span carries the key: events without trace context may (a batch job's ledger entry), and the
             # other keys they carry make the transaction
             seeds |= corr.event_seeds(q.events_for(store, [seed], (), limit=MAX_EVENT_SEEDS))
+            events_read.add(seed)
             if len(seeds) > 1:
                 seed_rows = q.links_for_keys(store, sorted(seeds), limit=MAX_TRACES)
         cut["traces"] = any(int(r["total"]) > len(seed_rows) for r in seed_rows)
         traces = {ln.trace_id for ln in map(_link, seed_rows)}
     links = [_link(r) for r in q.links_for_traces(store, traces)]
-    if key_type != "customer":
-        cut["traces"] |= _expand(store, seeds, traces, links)
+    # a customer's transaction too: its traces name its invoices and payments, whose ERP traces may not name it
+    cut["traces"] |= _expand(store, seeds, traces, links, events_read)
     ranges = q.trace_ranges(store, traces)
     key_set = {(ln.key_type, ln.key_value) for ln in links} | seeds
     # events without trace context (a batch job, a CDP call) are found by their business keys alone
@@ -114,35 +117,51 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     return doc
 
 
-def _expand(store: Store, seeds: set[tuple[str, str]], traces: set[str], links: list[corr.Link]) -> bool:
+def _expand(
+    store: Store,
+    seeds: set[tuple[str, str]],
+    traces: set[str],
+    links: list[corr.Link],
+    events_read: set[tuple[str, str]],
+) -> bool:
     """Grow ``traces`` and ``links`` in place: hop through the identifying keys (and span links) of the traces
-    found so far until a hop finds no new trace, so the answer is the same whichever key it starts from (a
-    payment's ERP application is two hops from its invoice's billing trace); then each customer's CDP trace.
-    One read per hop for keys and CDP candidates, one for the new traces' keys. True when MAX_TRACES cut it."""
+    found so far, and the other keys of trace-less events naming them (a Stripe webhook names the invoice and
+    the payment, while the ERP's spans name one each), until a hop finds nothing new, so the answer is the same
+    whichever key it starts from (a payment's ERP application is two hops from its invoice's billing trace);
+    then each customer's CDP trace. Per hop, one read for keys and CDP candidates beside one for events, then
+    one for the new traces' keys. True when MAX_TRACES cut it."""
     known = set(seeds)
     follow = corr.keys_to_follow(links, known) | {("trace", t) for t in traces}
+    ask_events = {k for k in seeds | follow if k[0] in corr.EVENT_KEY_TYPES} - events_read
     asked: set[str] = set()
     candidates: list[corr.Link] = []
     cut = False
     for _ in range(MAX_HOPS):
         customers = corr.customers_of(links) - asked
-        if not follow and not customers:
+        if not follow and not customers and not ask_events:
             break
-        hop = [_link(r) for r in q.expansion_links(store, follow, customers, limit=MAX_TRACES)]
+        hop_rows, event_rows = _both(
+            partial(q.expansion_links, store, sorted(follow), sorted(customers), limit=MAX_TRACES),
+            partial(q.events_for, store, sorted(ask_events), (), limit=MAX_EVENT_SEEDS) if ask_events else list,
+        )
+        hop = [_link(r) for r in hop_rows]
         known |= follow
         asked |= customers
+        events_read |= ask_events
         candidates += hop
+        from_events = corr.event_seeds(event_rows) - known
         found = {ln.trace_id for ln in hop if ln.key_type != "customer"}  # CDP traces: only the one picked below
         found |= {ln.key_value for ln in links if ln.key_type == "trace"}  # span links
         room = max(0, MAX_TRACES - len(traces))
         new = set(sorted(found - traces)[:room])
         cut |= len(found - traces) > room
-        if not new:
+        if not new and not from_events:
             break
-        added = [_link(r) for r in q.links_for_traces(store, new)]
+        added = [_link(r) for r in q.links_for_traces(store, new)] if new else []
         links += added
         traces |= new
-        follow = corr.keys_to_follow(added, known) | {("trace", t) for t in new}
+        follow = corr.keys_to_follow(added, known) | {("trace", t) for t in new} | from_events
+        ask_events = {k for k in follow if k[0] in corr.EVENT_KEY_TYPES} - events_read
     late = corr.customers_of(links) - asked  # first seen on the traces of the last hop the cap allowed
     if late:
         candidates += [_link(r) for r in q.expansion_links(store, [], late, limit=MAX_TRACES)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import json
 import time
@@ -462,6 +463,80 @@ def test_a_transaction_seen_only_in_events_without_trace_context_is_found_by_its
         ).status_code
         == 404
     )
+
+
+def test_keys_only_a_trace_less_event_carries_are_followed_and_a_customer_sees_its_erp_traces(
+    server: TowerServer,
+) -> None:
+    """Billing's events without trace context (as Stripe's webhooks arrive) name the invoice and its payment; the
+    ERP's posting span names the invoice only, its application span the payment only. The event's payment was
+    read only when no span carried the seed, so the invoice's view said the ERP never applied the payment and
+    the payment's view lost the posting; a customer's view never hopped to the ERP traces of its invoices."""
+    tag = f"ev{time.time_ns()}"
+    cus, inv, pay = f"cus_{tag}", f"in_{tag}", f"pi_{tag}"
+    t0 = time.time_ns() - 3_600 * 10**9
+    tids = {name: f"{n + 7:x}{tag[-8:]}".ljust(32, "0") for n, name in enumerate(("bill", "post", "apply"))}
+
+    def span(trace: str, n: int, system: str, step: str, **keys: str) -> dict:
+        attrs = {"revops.system": system, "revops.step": step, "revops.region": "EU", **keys}
+        return {
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": system}}]},
+            "scopeSpans": [
+                {
+                    "spans": [
+                        {
+                            "traceId": tids[trace],
+                            "spanId": f"{n + 1:016x}",
+                            "name": f"{system} {step}",
+                            "startTimeUnixNano": str(t0 + n * 10**9),
+                            "endTimeUnixNano": str(t0 + n * 10**9 + 10**6),
+                            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()],
+                        }
+                    ]
+                }
+            ],
+        }
+
+    doc = {
+        "resourceSpans": [
+            span("bill", 0, "billing", "invoice_to_ledger", **{"revops.invoice.id": inv, "revops.customer.id": cus}),
+            span("post", 2, "erp", "invoice_to_ledger", **{"revops.invoice.id": inv}),
+            span("apply", 70, "erp", "payment_to_cash", **{"revops.payment.id": pay}),
+        ]
+    }
+    assert httpx.post(f"{server.url}/v1/traces", content=orjson.dumps(doc), headers=JS).status_code == 200
+    paid = {
+        "specversion": "1.0",
+        "id": f"evt_{tag}",
+        "source": "billing/batch",
+        "type": "billing.invoice.paid",
+        "time": dt.datetime.fromtimestamp((t0 + 10 * 10**9) / 1e9, dt.UTC).isoformat(),
+        "data": {
+            "revops.system": "billing",
+            "revops.step": "payment_to_cash",
+            "revops.invoice.id": inv,
+            "revops.payment.id": pay,
+            "revops.customer.id": cus,
+        },
+    }
+    r = httpx.post(
+        f"{server.url}/v1/events", content=orjson.dumps(paid), headers={"Content-Type": "application/cloudevents+json"}
+    )
+    assert r.status_code == 200, r.text
+
+    def txn(**params: str) -> dict | None:
+        r = httpx.get(f"{server.url}/api/transactions", headers=server.auth, params=params)
+        doc = r.json() if r.status_code == 200 else None
+        return doc if doc and doc["events"] and len(doc["traces"]) == 3 else None
+
+    for params in ({"invoice_id": inv}, {"payment_id": pay}, {"customer_id": cus}):
+        found = wait_for(lambda p=params: txn(**p))  # type: ignore[misc]
+        assert found, f"{params}: not all three traces"
+        assert {t["trace_id"] for t in found["traces"]} == set(tids.values()), params
+        steps = {s["step"]: s for s in found["steps"]}
+        assert steps["payment_to_cash"]["complete"], params
+        assert steps["payment_to_cash"]["latency_ms"] == pytest.approx(60_001, abs=1), params
+        assert steps["invoice_to_ledger"]["complete"], params
 
 
 def test_an_event_naming_several_invoices_is_found_by_each_of_them(server: TowerServer) -> None:
