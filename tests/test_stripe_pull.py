@@ -79,6 +79,49 @@ def test_invoice_and_payment_mapping_minor_units() -> None:
     assert (cn.kind, cn.status, cn.allocations) == ("credit_note", "failed", {"in_1": 300})
 
 
+@pytest.mark.parametrize(
+    ("currency", "stripe_amount", "iso_minor"),
+    [
+        ("isk", 50_000, 500),  # Stripe: two decimals ("100 represents 1 krona"); ISO: none
+        ("mga", 250_000, 25_000_000),  # Stripe: zero-decimal; ISO: two decimals
+        ("jpy", 5_000, 5_000),
+        ("kwd", 12_340, 12_340),
+        ("usd", 1_200, 1_200),
+        ("huf", 150_000, 150_000),  # a Stripe "special case" that is two-decimal in the API, as in ISO
+    ],
+)
+def test_stripe_amounts_become_iso_minor_units(currency: str, stripe_amount: int, iso_minor: int) -> None:
+    """A 500 ISK Stripe invoice (total 50000) was posted to the ERP as 50,000 ISK, and a correct posting was
+    flagged amount_mismatch with a repost proposed."""
+    obj = {"id": "in_1", "customer": "cus_1", "currency": currency, "subtotal": stripe_amount, "total": stripe_amount,
+           "amount_paid": stripe_amount, "status": "paid", "created": T0, "tax": 0}  # fmt: skip
+    inv = mapping.to_invoice(obj, T, "NA")
+    assert (inv.subtotal_minor, inv.total_minor, inv.amount_paid_minor) == (iso_minor,) * 3
+    pi = {"id": "pi_1", "customer": "cus_1", "currency": currency, "amount": stripe_amount,
+          "amount_received": stripe_amount, "status": "succeeded", "invoice": "in_1", "created": T0}  # fmt: skip
+    assert mapping.payment_from_intent(pi, T, "NA").allocations == {"in_1": iso_minor}
+    refund = {"id": "re_1", "amount": stripe_amount, "currency": currency, "status": "succeeded", "created": T0}
+    assert mapping.payment_from_refund(refund, pi, T, "NA").amount_minor == iso_minor
+    cn = {"id": "cn_1", "invoice": "in_1", "total": stripe_amount, "currency": currency, "status": "issued"}
+    assert mapping.payment_from_credit_note(cn, T, "NA").amount_minor == iso_minor
+    event = {"id": "evt_1", "object": "event", "type": "invoice.finalized", "created": T0, "data": {"object": obj}}
+    business = mapping.to_business_event(event, "NA")
+    assert business is not None and business.attributes["revops.amount_minor"] == str(iso_minor)
+
+
+def test_a_stripe_amount_that_is_not_whole_minor_units_is_refused_not_truncated() -> None:
+    """The pull truncated 12345.6 to 12345 where the webhook refused it; an ISK amount Stripe would never send
+    (not whole kronur) is refused rather than rounded."""
+    base = {"id": "in_1", "customer": "cus_1", "currency": "usd", "status": "open", "created": T0}
+    with pytest.raises(mapping.MappingError, match="total is not an amount"):
+        mapping.to_invoice({**base, "total": 12_345.6}, T, "NA")
+    pi = {"id": "pi_1", "currency": "usd", "amount": 999.99, "amount_received": 999.99, "status": "succeeded"}
+    with pytest.raises(mapping.MappingError, match="not an amount"):
+        mapping.payment_from_intent(pi, T, "NA")
+    with pytest.raises(mapping.MappingError, match="not a whole number of ISK"):
+        mapping.to_invoice({**base, "currency": "isk", "total": 50_050}, T, "NA")
+
+
 # Shapes of the pinned API version (stripe 16.1.0 sends 2026-10-28.endive; these changed in 2025-03-31.basil),
 # abbreviated from docs.stripe.com/api: the invoice's tax is total_taxes, its payment is in payments
 # (InvoicePayments), and PaymentIntents and Charges no longer name their invoice.
@@ -309,6 +352,26 @@ def newer_api_account() -> NewerStripeApi:
     payments = [invoice_payment("inpay_1", "in_1", "pi_1", 12000), invoice_payment("inpay_2", "in_2", "pi_2", 7000),
                 invoice_payment("inpay_3", "in_3", "pi_2", 5000)]  # fmt: skip
     return NewerStripeApi(objects, events, payments)
+
+
+def test_a_malformed_answer_fails_the_pull_with_a_line_naming_it() -> None:
+    """A Stripe-shaped answer with an event without data, or an invoice whose total is not whole minor units:
+    the run's error was a bare ``'data'``, or the amount was truncated. (The answers come from the test double
+    of Stripe's API: localstripe cannot be made to answer malformed JSON.)"""
+    no_data = {"id": "evt_1", "object": "event", "type": "invoice.finalized", "created": T0 + 5}
+    no_data_pi = {**no_data, "id": "evt_0", "type": "payment_intent.succeeded"}
+    with NewerStripeApi({}, [no_data, no_data_pi], []) as api:
+        billing = StripeBilling("sk_test_tower", api.url, default_region="NA", backoff_s=0.01)
+        with pytest.raises(BusinessRuleError, match=r"stripe invoices pull: malformed answer \(KeyError: 'data'\)"):
+            billing.pull_invoices(None)
+        with pytest.raises(BusinessRuleError, match=r"stripe payments pull: malformed answer"):
+            billing.pull_payments(None)
+    odd = {**basil_invoice(payments=False), "total": 12_000.5}
+    event = {"id": "evt_2", "object": "event", "type": "invoice.paid", "created": T0 + 5, "data": {"object": odd}}
+    with NewerStripeApi({"in_1": odd}, [event], []) as api:
+        billing = StripeBilling("sk_test_tower", api.url, default_region="NA", backoff_s=0.01)
+        with pytest.raises(BusinessRuleError, match="stripe invoices pull: total is not an amount in minor units"):
+            billing.pull_invoices(None)
 
 
 def test_pulls_read_the_newer_api_through_invoice_payments() -> None:

@@ -13,7 +13,8 @@ BusinessRuleError with Stripe's message.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import stripe
@@ -21,7 +22,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from connectors.base import BusinessRuleError, Health, TransientError
+from connectors.base import BusinessRuleError, ConnectorError, Health, TransientError
 from connectors.stripe import mapping
 from connectors.stripe.mapping import Change, Cursor
 from tower_core.models import Invoice, Page, Payment
@@ -55,6 +56,20 @@ def _unknown_endpoint(exc: BusinessRuleError) -> bool:
 def _plain(obj: Any) -> dict[str, Any]:
     """SDK objects -> plain dicts (the mapping is pure and SDK-free)."""
     return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+@contextmanager
+def _answers_of(what: str) -> Iterator[None]:
+    """An answer of another shape than Stripe's API (a proxy's, a broken mock's) fails the pull with a line that
+    names the pull and the problem: it was a bare ``'data'`` (a KeyError) in the run's record."""
+    try:
+        yield
+    except ConnectorError:
+        raise
+    except mapping.MappingError as exc:
+        raise BusinessRuleError(f"stripe {what}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BusinessRuleError(f"stripe {what}: malformed answer ({type(exc).__name__}: {exc})") from None
 
 
 def _when(t: int) -> dt.datetime:
@@ -190,6 +205,14 @@ class StripeBilling:
     # ------------------------------------------------------------ BillingConnector
 
     def pull_invoices(self, cursor: str | None, limit: int = 1000) -> Page[Invoice]:
+        with _answers_of("invoices pull"):
+            return self._pull_invoices(cursor, limit)
+
+    def pull_payments(self, cursor: str | None, limit: int = 1000) -> Page[Payment]:
+        with _answers_of("payments pull"):
+            return self._pull_payments(cursor, limit)
+
+    def _pull_invoices(self, cursor: str | None, limit: int) -> Page[Invoice]:
         cur = Cursor.decode(cursor)
         events = self._events_since(cur.t if cur else 0)
         changes = [
@@ -209,7 +232,7 @@ class StripeBilling:
             if items or done:
                 return Page(items, cur.encode(), done)
 
-    def pull_payments(self, cursor: str | None, limit: int = 1000) -> Page[Payment]:
+    def _pull_payments(self, cursor: str | None, limit: int) -> Page[Payment]:
         cur = Cursor.decode(cursor)
         since = cur.t if cur else 0
         changes = list(self._payment_changes(self._events_since(since)))

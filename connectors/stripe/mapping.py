@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from collector.events import BusinessEvent
-from tower_core.models import Invoice, Payment
+from tower_core.models import Invoice, Payment, currency_exponent
 
 SOURCE = "stripe"
 SYSTEM = "billing"
@@ -63,6 +63,39 @@ def _minor(value: Any, field: str) -> str:
     return str(n)
 
 
+# Stripe's amounts are integers in Stripe's own minor units, which are ISO 4217's except for a few currencies
+# (docs.stripe.com/currencies): its zero-decimal and three-decimal lists, and ISK, which ISO gives no decimals
+# but Stripe two ("an ISK amount of 100 represents 1 króna"; MGA is the other way round). The tower keeps ISO
+# minor units, which the ERP connectors post: read as ISO, a 500 ISK invoice posted as 50,000 ISK.
+STRIPE_ZERO_DECIMAL = frozenset("BIF CLP DJF GNF JPY KMF KRW MGA PYG RWF UGX VND VUV XAF XOF XPF".split())
+STRIPE_THREE_DECIMAL = frozenset("BHD JOD KWD OMR TND".split())
+
+
+def stripe_exponent(currency: str) -> int:
+    code = currency.upper()
+    return 0 if code in STRIPE_ZERO_DECIMAL else 3 if code in STRIPE_THREE_DECIMAL else 2
+
+
+def iso_minor(value: Any, field: str, currency: Any) -> int:
+    """A Stripe amount (an integer, as ``_minor`` checks) in the ISO 4217 minor units of its currency. A currency
+    ISO does not know keeps Stripe's figure: the ERP connectors refuse to post it anyway."""
+    n = int(_minor(value, field))
+    code = str(currency or "").upper()
+    try:
+        shift = currency_exponent(code) - stripe_exponent(code)
+    except ValueError:
+        return n
+    if shift >= 0:
+        n *= 10**shift
+    else:
+        n, rest = divmod(n, 10**-shift)
+        if rest:
+            raise MappingError(f"{field} {value} {code} is not a whole number of {code} (Stripe counts hundredths)")
+    if not -_INT64 <= n < _INT64:
+        raise MappingError(f"{field} does not fit a 64-bit amount in minor units")
+    return n
+
+
 def _id(value: Any) -> str:
     """Stripe references are ids, or whole objects when expanded."""
     if isinstance(value, Mapping):
@@ -88,12 +121,13 @@ def _ts(seconds: Any) -> dt.datetime | None:
 
 def _invoice_tax(obj: Mapping[str, Any]) -> int:
     """``tax`` (old API), ``total_tax_amounts`` (until 2025-03-31.basil), ``total_taxes`` (basil and later)."""
+    cur = obj.get("currency")
     if isinstance(obj.get("tax"), int):
-        return int(obj["tax"])
+        return iso_minor(obj["tax"], "tax", cur)
     taxes = obj.get("total_taxes")
     if taxes is None:
         taxes = obj.get("total_tax_amounts")
-    return sum(int(t.get("amount") or 0) for t in taxes or [] if isinstance(t, Mapping))
+    return sum(iso_minor(t.get("amount"), "tax amount", cur) for t in taxes or [] if isinstance(t, Mapping))
 
 
 def _pi_invoice(pi: Mapping[str, Any]) -> str:
@@ -125,7 +159,7 @@ def invoice_allocations(invoice_payments: Iterable[Mapping[str, Any]]) -> dict[s
     for p in invoice_payments:
         inv = _id(p.get("invoice"))
         if inv and p.get("status") == "paid":
-            out[inv] = out.get(inv, 0) + int(_minor(p.get("amount_paid"), "amount_paid"))
+            out[inv] = out.get(inv, 0) + iso_minor(p.get("amount_paid"), "amount_paid", p.get("currency"))
     return out
 
 
@@ -142,6 +176,11 @@ def event_attributes(
     events carry for it."""
     kind = "refund" if etype.startswith(("refund.", "charge.refund.")) else etype.split(".", 1)[0]
     attrs: dict[str, str] = {"revops.system": SYSTEM, "stripe.event_type": etype}
+    currency = str(obj.get("currency") or "").upper()
+
+    def amount(value: Any, field: str) -> str:
+        return str(iso_minor(value, field, currency))
+
     region = _region(obj, default_region)
     if region:
         attrs["revops.region"] = region
@@ -154,7 +193,7 @@ def event_attributes(
         attrs["revops.invoice.id"] = _id(obj.get("id"))
         attrs["revops.customer.id"] = _id(obj.get("customer"))
         paid = etype in ("invoice.paid", "invoice.payment_succeeded")
-        attrs["revops.amount_minor"] = _minor(
+        attrs["revops.amount_minor"] = amount(
             obj.get("amount_paid" if paid else "total"), "amount_paid" if paid else "total"
         )
         attrs["stripe.invoice.status"] = str(obj.get("status") or "")
@@ -164,13 +203,13 @@ def event_attributes(
     elif kind == "payment_intent":
         attrs["revops.payment.id"] = _id(obj.get("id"))
         attrs["revops.customer.id"] = _id(obj.get("customer"))
-        attrs["revops.amount_minor"] = _minor(obj.get("amount_received") or obj.get("amount"), "amount")
+        attrs["revops.amount_minor"] = amount(obj.get("amount_received") or obj.get("amount"), "amount")
         inv = _pi_invoice(obj)
         if inv:
             attrs["revops.invoice.id"] = inv
     elif kind == "refund":  # a Refund object: its own id and amount
         attrs["revops.payment.id"] = _id(obj.get("id"))
-        attrs["revops.amount_minor"] = _minor(obj.get("amount"), "amount")
+        attrs["revops.amount_minor"] = amount(obj.get("amount"), "amount")
         attrs["revops.related_payment.id"] = _id(obj.get("payment_intent")) or _id(obj.get("charge"))
         attrs["stripe.charge.id"] = _id(obj.get("charge"))
         attrs["stripe.refund.status"] = str(obj.get("status") or "")
@@ -182,11 +221,11 @@ def event_attributes(
         if latest is not None:  # API versions before 2022-11-15 embed the refunds: the newest is this one
             attrs["revops.payment.id"] = _id(latest.get("id"))
             if latest.get("amount") is not None:
-                attrs["revops.amount_minor"] = _minor(latest.get("amount"), "amount")
+                attrs["revops.amount_minor"] = amount(latest.get("amount"), "amount")
         # Without the list no refund id or per-refund amount can be known (refund.* events carry them):
         # only the charge's running total, named as such.
         attrs["stripe.charge.id"] = _id(obj.get("id"))
-        attrs["stripe.charge.amount_refunded"] = _minor(obj.get("amount_refunded"), "amount_refunded")
+        attrs["stripe.charge.amount_refunded"] = amount(obj.get("amount_refunded"), "amount_refunded")
         attrs["revops.customer.id"] = _id(obj.get("customer"))
         attrs["revops.related_payment.id"] = _id(obj.get("payment_intent")) or _id(obj.get("id"))
         inv = _id(obj.get("invoice"))
@@ -196,8 +235,7 @@ def event_attributes(
         attrs["revops.payment.id"] = _id(obj.get("id"))
         attrs["revops.customer.id"] = _id(obj.get("customer"))
         attrs["revops.invoice.id"] = _id(obj.get("invoice"))
-        attrs["revops.amount_minor"] = _minor(obj.get("total") or obj.get("amount"), "total")
-    currency = str(obj.get("currency") or "").upper()
+        attrs["revops.amount_minor"] = amount(obj.get("total") or obj.get("amount"), "total")
     if currency and kind != "customer":
         attrs["revops.currency"] = currency
     return {k: v for k, v in attrs.items() if v != ""}
@@ -257,9 +295,9 @@ def to_business_event(
 def to_invoice(obj: Mapping[str, Any], updated_at: dt.datetime, default_region: str) -> Invoice:
     transitions = obj.get("status_transitions") or {}
     created = _ts(obj.get("created")) or updated_at
-    credited = int(obj.get("post_payment_credit_notes_amount") or 0) + int(
-        obj.get("pre_payment_credit_notes_amount") or 0
-    )
+    cur = str(obj.get("currency") or "").upper()
+    credited = iso_minor(obj.get("post_payment_credit_notes_amount"), "post_payment_credit_notes_amount", cur)
+    credited += iso_minor(obj.get("pre_payment_credit_notes_amount"), "pre_payment_credit_notes_amount", cur)
     status = str(obj.get("status") or "draft")
     if status not in ("draft", "open", "paid", "void", "uncollectible"):
         status = "open"
@@ -269,14 +307,14 @@ def to_invoice(obj: Mapping[str, Any], updated_at: dt.datetime, default_region: 
         invoice_id=_id(obj.get("id")),
         customer_id=_id(obj.get("customer")),
         region=_region(obj, default_region),
-        currency=str(obj.get("currency") or "").upper(),
-        subtotal_minor=int(obj.get("subtotal") or 0),
+        currency=cur,
+        subtotal_minor=iso_minor(obj.get("subtotal"), "subtotal", cur),
         tax_minor=_invoice_tax(obj),
-        total_minor=int(obj.get("total") or 0),
+        total_minor=iso_minor(obj.get("total"), "total", cur),
         status=status,  # type: ignore[arg-type]
         issued_at=_ts(transitions.get("finalized_at")) or created,
         updated_at=updated_at,
-        amount_paid_minor=int(obj.get("amount_paid") or 0),
+        amount_paid_minor=iso_minor(obj.get("amount_paid"), "amount_paid", cur),
         amount_credited_minor=credited,
         due_at=_ts(obj.get("due_date")),
         finalized_at=_ts(transitions.get("finalized_at")),
@@ -313,8 +351,10 @@ def payment_from_intent(
     """A payment; ``paid_invoices`` (invoice id -> amount, from the InvoicePayments API) allocates it when the
     PaymentIntent itself names no invoice (API 2025-03-31.basil and later)."""
     status = _payment_status(str(pi.get("status") or ""))
-    amount = int(pi.get("amount_received") or 0) if status == "succeeded" else int(pi.get("amount") or 0)
-    amount = amount or int(pi.get("amount") or 0)
+    cur = str(pi.get("currency") or "").upper()
+    asked = iso_minor(pi.get("amount"), "amount", cur)
+    amount = iso_minor(pi.get("amount_received"), "amount_received", cur) if status == "succeeded" else asked
+    amount = amount or asked
     inv = _pi_invoice(pi)
     allocations = {inv: amount} if inv else dict(paid_invoices or {})
     methods = pi.get("payment_method_types") or []
@@ -323,7 +363,7 @@ def payment_from_intent(
         kind="payment",
         customer_id=_id(pi.get("customer")),
         region=_region(pi, default_region),
-        currency=str(pi.get("currency") or "").upper(),
+        currency=cur,
         amount_minor=amount,
         status=status,
         occurred_at=_ts(pi.get("created")) or updated_at,
@@ -345,14 +385,15 @@ def payment_from_refund(
     ``paid_invoices`` the invoices it paid (InvoicePayments API) when it names none itself. A refund of a
     payment that paid several invoices is not split among them by guess: it stays unallocated."""
     paid = paid or {}
-    amount = int(refund.get("amount") or 0)
+    cur = str(refund.get("currency") or paid.get("currency") or "").upper()
+    amount = iso_minor(refund.get("amount"), "amount", cur)
     inv = _pi_invoice(paid) or (next(iter(paid_invoices)) if paid_invoices and len(paid_invoices) == 1 else "")
     return Payment(
         payment_id=_id(refund.get("id")),
         kind="refund",
         customer_id=_id(paid.get("customer")),
         region=_region(refund, "") or _region(paid, default_region),
-        currency=str(refund.get("currency") or paid.get("currency") or "").upper(),
+        currency=cur,
         amount_minor=amount,
         status=_refund_status(str(refund.get("status") or "succeeded")),
         occurred_at=_ts(refund.get("created")) or updated_at,
@@ -364,14 +405,15 @@ def payment_from_refund(
 
 
 def payment_from_credit_note(cn: Mapping[str, Any], updated_at: dt.datetime, default_region: str) -> Payment:
-    amount = int(cn.get("total") or cn.get("amount") or 0)
+    cur = str(cn.get("currency") or "").upper()
+    amount = iso_minor(cn.get("total") or cn.get("amount"), "total", cur)
     inv = _id(cn.get("invoice"))
     return Payment(
         payment_id=_id(cn.get("id")),
         kind="credit_note",
         customer_id=_id(cn.get("customer")),
         region=_region(cn, default_region),
-        currency=str(cn.get("currency") or "").upper(),
+        currency=cur,
         amount_minor=amount,
         status="failed" if cn.get("status") == "void" else "succeeded",
         occurred_at=_ts(cn.get("created")) or updated_at,
