@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from connectors.base import BillingConnector, BusinessRuleError, ErpConnector, TransientError
 from connectors.simulator import FAULT_NAMES, Estate, EstateConfig, FaultRates, InjectedFault, Manifest
+from connectors.simulator.faults import POOLED_INVOICE_FAULTS
 from connectors.simulator.live import LiveEstate, demo_config
 from connectors.simulator.telemetry import Telemetry
 from tests.sim_reference import pull_all, reference_drift
@@ -270,6 +271,9 @@ def test_rates_and_config_are_validated() -> None:
         FaultRates(amount_mismatch=0.5)
     with pytest.raises(ValueError, match="unknown fault"):
         FaultRates.only(nonsense=0.1)
+    # eleven invoice faults at 0.1 each: the last got no invoice, silently (six of them at 0.2)
+    with pytest.raises(ValueError, match="add up to 1.10: each invoice carries at most one"):
+        FaultRates(**dict.fromkeys(POOLED_INVOICE_FAULTS, 0.1))
     with pytest.raises(ValueError, match="needs as_of - start"):
         EstateConfig(start=AS_OF - dt.timedelta(days=5), as_of=AS_OF)
     with pytest.raises(ValueError, match="timezone"):
@@ -279,6 +283,14 @@ def test_rates_and_config_are_validated() -> None:
         EstateConfig(start=dt.datetime(1960, 1, 1, tzinfo=dt.UTC), as_of=dt.datetime(1960, 3, 1, tzinfo=dt.UTC))
     f = InjectedFault("erp_posting_missing", "missing_in_erp", {"invoice_id": "in_1"}, ("erp",), "EU", AS_OF)
     assert f.primary_key == "in_1"
+
+
+def test_invoice_faults_whose_rates_fill_the_pool_are_each_injected() -> None:
+    """Rates that add up to exactly 1 (the most allowed): every named fault is in the estate and the manifest."""
+    five = ("erp_posting_missing", "amount_mismatch", "status_mismatch", "refund_not_posted", "erp_business_rejection")
+    rates = FaultRates.only(**dict.fromkeys(five, 0.2))
+    counts = Estate.generate(EstateConfig(seed=1, customers=50, invoices=3_000, fault_rates=rates)).manifest.counts()
+    assert all(counts.get(name, 0) > 0 for name in five), counts
 
 
 def live(rates: FaultRates, telemetry: Telemetry | None = None, seed: int = 3) -> LiveEstate:

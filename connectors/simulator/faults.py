@@ -49,6 +49,22 @@ FAULTS: dict[str, FaultSpec] = {
 FAULT_NAMES: tuple[str, ...] = tuple(FAULTS)
 
 
+# The invoice faults drawn from one pool of eligible invoices, one fault each (connectors/simulator/generate.py).
+POOLED_INVOICE_FAULTS = (
+    "erp_posting_delayed",
+    "erp_posting_missing",
+    "amount_mismatch",
+    "currency_mismatch",
+    "duplicate_erp_posting",
+    "payment_not_applied",
+    "status_mismatch",
+    "partial_payment_under_applied",
+    "refund_not_posted",
+    "duplicate_webhook",
+    "erp_business_rejection",
+)
+
+
 @dataclass(frozen=True)
 class FaultRates:
     """One rate per fault (0 = off). Invoice faults are a share of invoices, ``customer_missing_in_billing``
@@ -75,6 +91,12 @@ class FaultRates:
         for name, value in self.as_dict().items():
             if not 0.0 <= value <= 0.2:
                 raise ValueError(f"fault rate {name}={value} must be within [0, 0.2]")
+        pooled = {name: getattr(self, name) for name in POOLED_INVOICE_FAULTS if getattr(self, name)}
+        if sum(pooled.values()) > 1.0 + 1e-9:  # else the later faults got no invoice, and the manifest still said
+            raise ValueError(
+                f"the rates of {', '.join(pooled)} add up to {sum(pooled.values()):.2f}: each invoice carries at "
+                "most one of these faults, so their rates must add up to 1 or less"
+            )
 
     @classmethod
     def clean(cls) -> FaultRates:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from connectors.simulator.config import CURRENCIES, CURRENCIES_BY_REGION, DAY, EstateConfig, Timing
-from connectors.simulator.faults import FAULTS, InjectedFault
+from connectors.simulator.faults import FAULTS, POOLED_INVOICE_FAULTS, InjectedFault
 from tower_core.models import CURRENCY_EXPONENT, REGIONS
 
 REGION_WEIGHTS = {"NA": 0.45, "EU": 0.35, "APAC": 0.20}
@@ -48,19 +48,14 @@ CLEAN_P = CLEAN_P / CLEAN_P.sum()
 F_DELAYED, F_MISSING, F_AMOUNT, F_CURRENCY, F_DUP, F_UNAPPLIED, F_STATUS = 10, 11, 12, 13, 14, 15, 16
 F_UNDER, F_REFUND_UNPOSTED, F_CN_UNPOSTED, F_DUP_WEBHOOK, F_REJECT = 17, 18, 19, 20, 21
 # invoice-level faults in manifest order -> role (refund_not_posted splits into two roles below)
-INVOICE_FAULT_ROLES: dict[str, int] = {
-    "erp_posting_delayed": F_DELAYED,
-    "erp_posting_missing": F_MISSING,
-    "amount_mismatch": F_AMOUNT,
-    "currency_mismatch": F_CURRENCY,
-    "duplicate_erp_posting": F_DUP,
-    "payment_not_applied": F_UNAPPLIED,
-    "status_mismatch": F_STATUS,
-    "partial_payment_under_applied": F_UNDER,
-    "refund_not_posted": F_REFUND_UNPOSTED,
-    "duplicate_webhook": F_DUP_WEBHOOK,
-    "erp_business_rejection": F_REJECT,
-}
+INVOICE_FAULT_ROLES: dict[str, int] = dict(
+    zip(
+        POOLED_INVOICE_FAULTS,  # whose rates FaultRates keeps within one pool
+        (F_DELAYED, F_MISSING, F_AMOUNT, F_CURRENCY, F_DUP, F_UNAPPLIED, F_STATUS, F_UNDER, F_REFUND_UNPOSTED,
+         F_DUP_WEBHOOK, F_REJECT),
+        strict=True,
+    )
+)  # fmt: skip
 METHODS = ("card", "bank_transfer")
 AMOUNT_VARIANTS = ("rounding", "fx", "tax")
 
