@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 
@@ -194,6 +196,28 @@ def test_a_draft_left_by_a_crash_is_posted_not_duplicated(erp: TrytonErp) -> Non
     out = erp.post_invoice(inv)
     assert not out.already_done
     assert [r["state"] for r in tryton_invoices(erp, inv.invoice_id)] == ["posted"]
+
+
+def test_corrective_syncs_of_one_new_customer_side_by_side_make_one_party(erp: TrytonErp) -> None:
+    """Three syncs of one new customer's invoices at once (API and dashboard requests run side by side): each
+    looked for the party, found none and created one, or failed on Tryton's unique party code."""
+    invoices = [billing_invoice(1_000 + n) for n in range(4)]
+    customer = f"cus_{uuid.uuid4().hex[:10]}"
+    invoices = [dataclasses.replace(inv, customer_id=customer) for inv in invoices]
+    start = threading.Barrier(len(invoices))
+
+    def post(inv: Invoice) -> str:
+        start.wait(10)
+        return erp.post_invoice(inv).target_ref
+
+    with ThreadPoolExecutor(len(invoices)) as pool:
+        refs = list(pool.map(post, invoices))
+    assert len(set(refs)) == len(invoices)
+    parties = erp.rpc.search_read("party.party", [["name", "=", customer]], ["id"])
+    assert len(parties) == 1, parties
+    for inv in invoices:
+        (entry,) = erp.find_by_external_ref(inv.invoice_id)
+        assert entry.party_ref == customer
 
 
 def test_apply_payment_partial_then_rest_idempotent(erp: TrytonErp) -> None:

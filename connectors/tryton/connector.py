@@ -9,6 +9,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -22,6 +23,9 @@ from tower_core.settings import Settings
 
 INVOICE = "account.invoice"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+_PARTY_LOCK = threading.Lock()  # one per process: every connector of it writes the same Tryton parties
 
 
 class TrytonErp:
@@ -86,7 +90,14 @@ class TrytonErp:
         return self._one("currency.currency", [["code", "=", code]], f"currency {code}")
 
     def _party(self, name: str) -> tuple[int, int]:
-        """The party named after the billing customer id (created on first use) and its address."""
+        """The party named after the billing customer id (created on first use) and its address. Looked up and
+        created under a lock: corrective syncs run side by side (the API's, the dashboard's, the retry job's),
+        and two of one new customer's invoices each created a party, splitting its receivables, or failed on
+        Tryton's unique party code."""
+        with _PARTY_LOCK:
+            return self._find_or_create_party(name)
+
+    def _find_or_create_party(self, name: str) -> tuple[int, int]:
         rows = self.rpc.search_read("party.party", [["name", "=", name]], ["addresses"], limit=1, order=[["id", "ASC"]])
         if not rows:
             (party,) = self.rpc.model(
