@@ -19,11 +19,12 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from connectors.base import BillingConnector, ErpConnector, TransientError
+from connectors.base import BillingConnector, ConnectorError, ErpConnector, TransientError
 from connectors.segment.tracking import PiiPolicy
 from reconciler import classify as c
 from reconciler import run_owner
 from reconciler.sla.ledger_activity import ERP, activity_of
+from tower_core.errors import StoreError
 from tower_core.models import CURRENCY_EXPONENT, record_ref
 from tower_core.store import Store
 from tower_core.store import reconcile as q
@@ -140,6 +141,15 @@ def pull(
 
 def _pseudonym(value: str, policy: PiiPolicy | None) -> str:
     return policy.digest(value) if policy is not None and policy.mode == "hash" and value else ""
+
+
+def _error_line(exc: Exception) -> str:
+    """The run's recorded error. The tower's own errors say what failed; anything else (a bug, a remote's answer
+    no connector expected) was a bare ``'data'``: it is named by its type, and its traceback is logged."""
+    if isinstance(exc, (RunFailed, ConnectorError, StoreError)):
+        return str(exc)
+    log.error("reconcile run failed on an unexpected error", exc_info=exc)
+    return f"unexpected {type(exc).__name__}: {exc}"
 
 
 def _user_id(value: str, policy: PiiPolicy | None) -> str:
@@ -261,7 +271,7 @@ class Reconciler:
             record["State"] = "succeeded"
         except Exception as exc:
             record["State"] = "failed"
-            record["Error"] = str(exc)[:2000]
+            record["Error"] = _error_line(exc)[:2000]
             record["FinishedAt"] = _now()
             q.write_run(store, record)
             if isinstance(exc, RunFailed):

@@ -1127,3 +1127,33 @@ def test_a_full_run_that_read_older_state_leaves_what_a_later_run_found(store: S
     assert set(items(store)) == {(c.AMOUNT_MISMATCH, "in_1")}  # the older read leaves the newer finding
     assert scheduler.run(as_of=AS_OF).mode == "incremental"
     assert set(items(store)) == {(c.AMOUNT_MISMATCH, "in_1")}
+
+
+class _BillingThatFails:
+    """A fake billing connector whose pull raises ``exc`` (a bug's bare KeyError, or a connector's own error)."""
+
+    name = "failing-billing"
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def pull_invoices(self, cursor: str | None, limit: int = 1000) -> object:
+        raise self.exc
+
+    def pull_payments(self, cursor: str | None, limit: int = 1000) -> object:
+        raise self.exc
+
+
+def test_a_run_failed_by_an_unexpected_error_names_it(store: Store) -> None:
+    """The run's recorded error was a bare ``'data'`` (str of a KeyError): nothing said what kind of failure."""
+    from connectors.base import BusinessRuleError
+    from reconciler.runner import RunFailed
+
+    for exc, expected in (
+        (KeyError("data"), "unexpected KeyError: 'data'"),
+        (BusinessRuleError("stripe invoices pull: malformed answer"), "stripe invoices pull: malformed answer"),
+    ):
+        with pytest.raises(RunFailed):
+            Reconciler(store, RULES, billing=_BillingThatFails(exc)).run(full=True, as_of=AS_OF)  # type: ignore[arg-type]
+        runs, _ = q.list_runs(store, limit=1, state="failed")
+        assert runs[0]["error"] == expected
