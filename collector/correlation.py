@@ -124,20 +124,50 @@ def customers_of(links: Iterable[Link]) -> set[str]:
     return {ln.key_value for ln in links if ln.key_type == "customer"}
 
 
-def pick_cdp_traces(candidates: Iterable[Link], txn_start_ns: int) -> set[str]:
-    """Per customer, the CDP profile trace that led to this transaction: the latest one that started no later
-    than the transaction's first billing/ERP span, else the earliest one after it."""
-    by_customer: dict[str, list[Link]] = {}
-    for ln in candidates:
-        if ln.system == "cdp" and ln.key_type == "customer":
-            by_customer.setdefault(ln.key_value, []).append(ln)
-    chosen = set()
-    for links in by_customer.values():
-        before = [ln for ln in links if ln.first_seen_ns <= txn_start_ns]
-        if before:
-            chosen.add(max(before, key=lambda ln: ln.first_seen_ns).trace_id)
-        else:
-            chosen.add(min(links, key=lambda ln: ln.first_seen_ns).trace_id)
+@dataclass(frozen=True)
+class SyncActivity:
+    """A candidate activity of a customer's CDP -> billing sync: a trace, by its customer-key link (billing's
+    only when the trace names no invoice, payment or ledger entry: a customer update), or a trace-less event."""
+
+    customer: str
+    system: str
+    at_ns: int
+    ref: tuple[str, str]  # ("trace", trace id) or ("event", event id)
+
+
+def sync_activities(links: Iterable[Link], events: Iterable[Mapping[str, Any]] = ()) -> list[SyncActivity]:
+    out = [
+        SyncActivity(ln.key_value, ln.system, ln.first_seen_ns, ("trace", ln.trace_id))
+        for ln in links
+        if ln.key_type == "customer" and ln.system in ("cdp", "billing")
+    ]
+    out += [
+        SyncActivity(str(r["customer"]), str(r["system"]), int(r["time_ns"]), ("event", str(r["event_id"])))
+        for r in events
+        if r.get("customer") and r.get("system") in ("cdp", "billing")
+    ]
+    return out
+
+
+def pick_customer_sync(activities: Iterable[SyncActivity], txn_start_ns: int) -> set[tuple[str, str]]:
+    """Per customer, the CDP profile change that led to this transaction (the latest no later than its first
+    billing/ERP activity, else the earliest after it), and billing's first customer update from then on (the
+    same whole second counts: Stripe stamps whole seconds), so the transaction times its cdp_to_billing step."""
+    by_customer: dict[str, list[SyncActivity]] = {}
+    for a in activities:
+        by_customer.setdefault(a.customer, []).append(a)
+    chosen: set[tuple[str, str]] = set()
+    for acts in by_customer.values():
+        cdp = sorted((a for a in acts if a.system == "cdp"), key=lambda a: (a.at_ns, a.ref))
+        if not cdp:
+            continue
+        before = [a for a in cdp if a.at_ns <= txn_start_ns]
+        change = before[-1] if before else cdp[0]
+        chosen.add(change.ref)
+        sec = change.at_ns // 1_000_000_000
+        updates = [a for a in acts if a.system == "billing" and a.at_ns // 1_000_000_000 >= sec]
+        if updates:
+            chosen.add(min(updates, key=lambda a: (a.at_ns, a.ref)).ref)
     return chosen
 
 

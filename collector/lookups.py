@@ -84,7 +84,9 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
         traces = {ln.trace_id for ln in map(_link, seed_rows)}
     links = [_link(r) for r in q.links_for_traces(store, traces)]
     # a customer's transaction too: its traces name its invoices and payments, whose ERP traces may not name it
-    cut["traces"] |= _expand(store, seeds, traces, links, events_read)
+    expanded, candidates = _expand(store, seeds, traces, links, events_read)
+    cut["traces"] |= expanded
+    sync_rows = _customer_sync(store, links, candidates, traces, with_events=key_type != "customer")
     ranges = q.trace_ranges(store, traces)
     key_set = {(ln.key_type, ln.key_value) for ln in links} | seeds
     # events without trace context (a batch job, a CDP call) are found by their business keys alone
@@ -95,6 +97,8 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     )
     cut["spans"] = len(span_rows) > MAX_SPANS
     cut["events"] = any(int(r["total"]) > len(event_rows) for r in event_rows)
+    have = {r["event_id"] for r in event_rows}
+    event_rows = event_rows + [r for r in sync_rows if r["event_id"] not in have]
     span_rows = span_rows[:MAX_SPANS]
     if not span_rows and not event_rows and not links:
         return None
@@ -123,13 +127,14 @@ def _expand(
     traces: set[str],
     links: list[corr.Link],
     events_read: set[tuple[str, str]],
-) -> bool:
+) -> tuple[bool, list[corr.Link]]:
     """Grow ``traces`` and ``links`` in place: hop through the identifying keys (and span links) of the traces
     found so far, and the other keys of trace-less events naming them (a Stripe webhook names the invoice and
     the payment, while the ERP's spans name one each), until a hop finds nothing new, so the answer is the same
     whichever key it starts from (a payment's ERP application is two hops from its invoice's billing trace);
     then each customer's CDP trace. Per hop, one read for keys and CDP candidates beside one for events, then
-    one for the new traces' keys. True when MAX_TRACES cut it."""
+    one for the new traces' keys. Returns whether MAX_TRACES cut it, and the customers' sync candidates (links
+    of their CDP traces and billing's customer updates) for ``_customer_sync``."""
     known = set(seeds)
     follow = corr.keys_to_follow(links, known) | {("trace", t) for t in traces}
     ask_events = {k for k in seeds | follow if k[0] in corr.EVENT_KEY_TYPES} - events_read
@@ -165,11 +170,25 @@ def _expand(
     late = corr.customers_of(links) - asked  # first seen on the traces of the last hop the cap allowed
     if late:
         candidates += [_link(r) for r in q.expansion_links(store, [], late, limit=MAX_TRACES)]
+    return cut, [ln for ln in candidates if ln.key_type == "customer"]
+
+
+def _customer_sync(
+    store: Store, links: list[corr.Link], candidates: list[corr.Link], traces: set[str], *, with_events: bool
+) -> list[dict[str, Any]]:
+    """Add each customer's CDP -> billing sync to the transaction (``corr.pick_customer_sync``): its traces into
+    ``traces`` and ``links`` in place; its trace-less events (the Segment receiver's profile changes, billing's
+    customer events) are returned. A customer's own transaction reads all its events anyway (``with_events``
+    false)."""
+    customers = corr.customers_of(links)
+    rows = q.sync_events(store, customers, limit=MAX_EVENT_SEEDS) if with_events and customers else []
     start = min((ln.first_seen_ns for ln in links if ln.system != "cdp"), default=0)
-    cdp = corr.pick_cdp_traces(candidates, start) - traces
-    links += [ln for ln in candidates if ln.trace_id in cdp]
-    traces |= cdp
-    return cut
+    picked = corr.pick_customer_sync(corr.sync_activities(candidates, rows), start)
+    new = {ref for kind, ref in picked if kind == "trace"} - traces
+    links += [ln for ln in candidates if ln.trace_id in new]
+    traces |= new
+    events = {ref for kind, ref in picked if kind == "event"}
+    return [r for r in rows if r["event_id"] in events]
 
 
 _READS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tower-lookup")

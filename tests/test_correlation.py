@@ -64,14 +64,41 @@ def test_customer_keys_do_not_expand_but_identifying_keys_do() -> None:
 
 
 def test_pick_cdp_trace_is_latest_before_transaction_start() -> None:
+    sec = 1_000_000_000
     cands = [
-        L("customer", "cus_1", "cdp_old", "cdp", 100),
-        L("customer", "cus_1", "cdp_new", "cdp", 900),
-        L("customer", "cus_1", "cdp_after", "cdp", 2000),
-        L("customer", "cus_2", "cdp_c2", "cdp", 5000),
-        L("customer", "cus_1", "billing_t", "billing", 50),
+        L("customer", "cus_1", "cdp_old", "cdp", 100 * sec),
+        L("customer", "cus_1", "cdp_new", "cdp", 900 * sec),
+        L("customer", "cus_1", "cdp_after", "cdp", 2000 * sec),
+        L("customer", "cus_2", "cdp_c2", "cdp", 5000 * sec),
+        L("customer", "cus_1", "billing_t", "billing", 50 * sec),
     ]
-    assert corr.pick_cdp_traces(cands, txn_start_ns=1000) == {"cdp_new", "cdp_c2"}
+    picked = corr.pick_customer_sync(corr.sync_activities(cands), txn_start_ns=1000 * sec)
+    assert picked == {("trace", "cdp_new"), ("trace", "cdp_c2")}  # billing_t is older than the change
+
+
+def test_the_customer_sync_is_the_cdp_change_and_billings_first_update_from_then_on() -> None:
+    """CDP changes and billing's customer updates, as traces or trace-less events (the Segment receiver's)."""
+    sec = 1_000_000_000
+    cands = [
+        L("customer", "cus_1", "cdp_t", "cdp", 10 * sec),
+        L("customer", "cus_1", "bill_old", "billing", 5 * sec),  # an update before the change
+        L("customer", "cus_1", "bill_t", "billing", 40 * sec),
+    ]
+    events = [
+        {"event_id": "ev_cdp", "customer": "cus_1", "system": "cdp", "time_ns": 20 * sec},
+        {"event_id": "ev_bill", "customer": "cus_1", "system": "billing", "time_ns": 20 * sec + 3},
+        {"event_id": "ev_erp", "customer": "cus_1", "system": "erp", "time_ns": 21 * sec},
+        {"event_id": "ev_late", "customer": "cus_2", "system": "cdp", "time_ns": 90 * sec},
+    ]
+    acts = corr.sync_activities(cands, events)
+    assert corr.pick_customer_sync(acts, txn_start_ns=30 * sec) == {
+        ("event", "ev_cdp"),  # the latest change no later than the start
+        ("event", "ev_bill"),  # billing's first update from then on
+        ("event", "ev_late"),  # cus_2 changed only after: the earliest
+    }
+    # stamped in whole seconds: an update 0.3 s after the change reads as before it, and still counts
+    same_second = [L("customer", "c", "cdp", "cdp", 7 * sec + 300), L("customer", "c", "bill", "billing", 7 * sec)]
+    assert corr.pick_customer_sync(corr.sync_activities(same_second), 9 * sec) == {("trace", "cdp"), ("trace", "bill")}
 
 
 def span(trace: str, system: str, step: str, start: int, dur: int) -> corr.SpanView:

@@ -394,3 +394,64 @@ def test_no_raw_email_reaches_the_buffer_or_the_store(tmp_path: Path) -> None:
         assert len(events) == 1 and events[0]["data"].count(expected_hash(EMAIL)) == 1
     on_disk = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "server.log")
     assert EMAIL.encode() not in on_disk
+
+
+def test_an_invoices_transaction_shows_its_customers_sync_from_the_cdp_to_billing(tower: TowerServer) -> None:
+    """An identify through the Segment SDK (a trace-less event), billing's customer update in a trace of its own,
+    then the invoice's billing and ERP traces: the invoice's view said cdp was never seen (events were matched by
+    customer only in a customer's view, and only CDP traces were brought in through the customer key)."""
+    from segment.analytics import Client
+
+    tag = time.time_ns()
+    cus, inv = f"cus_sync{tag}", f"in_sync{tag}"
+    errors: list[Exception] = []
+    client = Client(WRITE_KEYS[0], host=tower.url, on_error=lambda e, batch: errors.append(e), max_retries=1)
+    client.identify(f"user-sync{tag}", {"billing_customer_id": cus, "plan": "pro"})
+    client.flush()
+    client.shutdown()
+    assert errors == []
+    t0 = time.time_ns() + 2 * 10**9  # after the identify's own timestamp
+
+    def trace(n: int, system: str, step: str, at_s: int, **keys: str) -> dict:
+        attrs = {"revops.system": system, "revops.step": step, "revops.region": "EU", **keys}
+        return {
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": system}}]},
+            "scopeSpans": [
+                {
+                    "spans": [
+                        {
+                            "traceId": f"{n:x}{tag:x}".ljust(32, "0")[:32],
+                            "spanId": f"{n + 1:016x}",
+                            "name": f"{system} {step}",
+                            "startTimeUnixNano": str(t0 + at_s * 10**9),
+                            "endTimeUnixNano": str(t0 + at_s * 10**9 + 10**6),
+                            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()],
+                        }
+                    ]
+                }
+            ],
+        }
+
+    doc = {
+        "resourceSpans": [
+            trace(1, "billing", "cdp_to_billing", 0, **{"revops.customer.id": cus}),  # the customer update
+            trace(2, "billing", "invoice_to_ledger", 60, **{"revops.customer.id": cus, "revops.invoice.id": inv}),
+            trace(3, "erp", "invoice_to_ledger", 65, **{"revops.invoice.id": inv}),
+        ]
+    }
+    r = httpx.post(f"{tower.url}/v1/traces", content=orjson.dumps(doc), headers={"Content-Type": "application/json"})
+    assert r.status_code == 200
+    deadline, found = time.monotonic() + 15, {}
+    while time.monotonic() < deadline:
+        r = httpx.get(
+            f"{tower.url}/api/transactions", params={"invoice_id": inv}, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        found = r.json() if r.status_code == 200 else {}
+        if found and len(found["traces"]) == 3 and found["events"]:
+            break
+        time.sleep(0.2)
+    assert found and len(found["traces"]) == 3, found
+    assert [e["type"] for e in found["events"]] == ["cdp.profile.identified"]
+    assert found["missing_systems"] == []
+    sync = next(s for s in found["steps"] if s["step"] == "cdp_to_billing")
+    assert sync["complete"] and sync["missing_systems"] == [] and 0 < sync["latency_ms"] < 60_000

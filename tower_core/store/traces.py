@@ -106,21 +106,47 @@ def links_for_keys(store: Store, keys: Iterable[tuple[str, str]], limit: int = 1
     )
 
 
+# A customer's sync candidates: its CDP traces, and billing's traces of it that name no invoice, payment or
+# ledger entry (customer updates; the others are its invoices, which are other transactions).
+_SYNC_CANDIDATES = (
+    "(KeyType = 'customer' AND KeyValue IN {c:Array(String)} AND (System = 'cdp' OR (System = 'billing' "
+    "AND TraceId NOT IN (SELECT TraceId FROM $db.trace_key_links WHERE TraceId IN ("
+    "SELECT TraceId FROM $db.business_key_links WHERE KeyType = 'customer' AND KeyValue IN {c:Array(String)} "
+    "AND System = 'billing') AND KeyType IN ('invoice', 'payment', 'ledger_entry')))))"
+)
+_EXPANSION_LINKS = (
+    "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
+    "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns "
+    "FROM $db.business_key_links WHERE (KeyType, KeyValue) IN {keys:Array(Tuple(String, String))} "
+    "OR " + _SYNC_CANDIDATES + " GROUP BY KeyType, KeyValue, TraceId, System ORDER BY first_ns DESC "
+    "LIMIT {limit:UInt32}"
+)
+
+
 def expansion_links(
     store: Store, keys: Iterable[tuple[str, str]], cdp_customers: Iterable[str], limit: int = 1000
 ) -> list[dict[str, Any]]:
-    """One read for a transaction's second hop: traces carrying the identifying keys, and the CDP traces
-    of its customers."""
+    """One read for a transaction's next hop: traces carrying the identifying keys, and the customer-sync
+    candidates of its customers (their CDP traces and billing's customer updates)."""
     keys, customers = sorted(set(keys)), sorted(set(cdp_customers))
     if not keys and not customers:
         return []
+    return store.query_rows(_EXPANSION_LINKS, {"keys": keys, "c": customers, "limit": limit})
+
+
+def sync_events(store: Store, customers: Iterable[str], limit: int = 100) -> list[dict[str, Any]]:
+    """The customers' trace-less events of the CDP -> billing sync (the Segment receiver's profile changes,
+    billing's customer events), the latest ``limit``: a transaction picks its customer's sync among them."""
+    customers = sorted(set(customers) - {""})
+    if not customers:
+        return []
     return store.query_rows(
-        "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
-        "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns "
-        "FROM $db.business_key_links WHERE (KeyType, KeyValue) IN {keys:Array(Tuple(String, String))} "
-        "OR (KeyType = 'customer' AND KeyValue IN {c:Array(String)} AND System = 'cdp') "
-        "GROUP BY KeyType, KeyValue, TraceId, System ORDER BY first_ns DESC LIMIT {limit:UInt32}",
-        {"keys": keys, "c": customers, "limit": limit},
+        "SELECT EventId AS event_id, Type AS type, toUnixTimestamp64Nano(Time) AS time_ns, System AS system, "
+        "Step AS step, TraceId AS trace_id, CustomerId AS customer, InvoiceId AS invoice, PaymentId AS payment, "
+        "LedgerEntryId AS ledger_entry, KeyRefs AS key_refs FROM $db.business_events FINAL "
+        "WHERE CustomerId IN {c:Array(String)} AND Step = 'cdp_to_billing' AND System IN ('cdp', 'billing') "
+        "AND TraceId = '' ORDER BY time_ns DESC, event_id LIMIT {limit:UInt32}",
+        {"c": customers, "limit": limit},
     )
 
 
