@@ -107,12 +107,8 @@ def _scrub(attributes: MutableSequence[Any], policy: PiiPolicy, kinds: dict[str,
         value = kv.value
         text = value.string_value
         if kind != _FIELD and "@" not in text:
-            if text or value.WhichOneof("value") != "array_value":
-                continue
-            found = [v for v in value.array_value.values if EMAIL.search(v.string_value)]
-            for v in found:
-                v.string_value = policy.digest(v.string_value) if policy.mode == "hash" else ""
-            changed += bool(found)
+            if not text and value.WhichOneof("value") in _NESTED:
+                changed += _scrub_nested(value, policy)
             continue
         if kind == _KEY:
             pseudonym = policy.identifier(text)
@@ -131,6 +127,34 @@ def _scrub(attributes: MutableSequence[Any], policy: PiiPolicy, kinds: dict[str,
             value.string_value = pseudonym
         else:
             del attributes[i]
+    return changed
+
+
+_NESTED = ("array_value", "kvlist_value")
+
+
+def _scrub_nested(value: Any, policy: PiiPolicy) -> bool:
+    """An array's or a map's members at any depth (the store keeps two levels as JSON): a string holding an
+    address, and a map member named as a PII field whatever its value, are hashed (cleared in drop mode)."""
+    kind = value.WhichOneof("value")
+    members = (
+        [(False, v) for v in value.array_value.values]
+        if kind == "array_value"
+        else [(policy.is_field(m.key), m.value) for m in value.kvlist_value.values]
+    )
+    changed = False
+    for field, v in members:
+        inner = v.WhichOneof("value")
+        if not field and inner in _NESTED:
+            changed |= _scrub_nested(v, policy)
+            continue
+        shown = _text(v) if field else v.string_value
+        if not shown or (not field and not EMAIL.search(shown)):
+            continue
+        v.Clear()
+        if policy.mode == "hash":
+            v.string_value = policy.digest(shown)
+        changed = True
     return changed
 
 

@@ -292,6 +292,63 @@ def test_an_empty_cloudevents_batch_is_a_200_and_a_batch_of_only_bad_events_a_40
     assert r.status_code == 400 and r.json()["accepted"] == 0 and len(r.json()["rejected"]) == 1
 
 
+def test_map_and_nested_array_attribute_values_are_stored_as_json(server: TowerServer) -> None:
+    """OTLP allows kvlist (map) values; they were acknowledged and stored as '' (the store's Protobuf schema
+    lacked them). A map of scalars is JSON text like the clickhouseexporter's; an array or a map inside an array
+    or a map is an empty member (one level is read)."""
+
+    def s(v: str) -> dict:
+        return {"stringValue": v}
+
+    def kvlist(**values: dict) -> dict:
+        return {"kvlistValue": {"values": [{"key": k, "value": v} for k, v in values.items()]}}
+
+    def array(*values: dict) -> dict:
+        return {"arrayValue": {"values": list(values)}}
+
+    attrs = {
+        "kv": kvlist(a=s("b"), n={"intValue": "3"}, f={"doubleValue": 1.5}, t={"boolValue": True}, q=s('say "hi"')),
+        "kv_nested": kvlist(k=array(s("p"), s("q")), o=kvlist(i=s("j")), deep=kvlist(x=kvlist(y=s("z")))),
+        "arr_nested": array(array(s("x")), s("y"), kvlist(m=s("n"))),
+        "arr": array(s("in_1"), s("in_2")),
+        "empty_kv": {"kvlistValue": {}},
+    }
+    tid = f"{time.time_ns():032x}"[-32:]
+    doc = {
+        "resourceSpans": [
+            {
+                "scopeSpans": [
+                    {
+                        "spans": [
+                            {
+                                "traceId": tid,
+                                "spanId": "00000000000000aa",
+                                "name": "values",
+                                "startTimeUnixNano": str(time.time_ns()),
+                                "endTimeUnixNano": str(time.time_ns() + 1000),
+                                "attributes": [{"key": k, "value": v} for k, v in attrs.items()],
+                            }
+                        ]
+                    }
+                ]
+            }
+        ]
+    }
+    r = httpx.post(f"{server.url}/v1/traces", content=orjson.dumps(doc), headers=JS)
+    assert r.status_code == 200 and r.content in (b"{}", b"")
+
+    def stored() -> dict | None:
+        r = httpx.get(f"{server.url}/api/traces/{tid}", headers=server.auth)
+        return r.json()["spans"][0]["attributes"] if r.status_code == 200 else None
+
+    got = wait_for(stored)
+    assert got is not None
+    assert orjson.loads(got["kv"]) == {"a": "b", "n": 3, "f": 1.5, "t": True, "q": 'say "hi"'}
+    assert orjson.loads(got["kv_nested"]) == {"k": None, "o": None, "deep": None}
+    assert orjson.loads(got["arr_nested"]) == ["", "y", ""]
+    assert got["arr"] == '["in_1","in_2"]' and got["empty_kv"] == ""
+
+
 def test_partial_success_reports_rejected_spans(server: TowerServer) -> None:
     req = ExportTraceServiceRequest()
     ss = req.resource_spans.add().scope_spans.add()

@@ -140,6 +140,35 @@ def test_addresses_in_the_names_and_status_messages_of_the_cdps_spans_are_hashed
     assert scrubbed_payload(billing, HASH) == (billing.SerializeToString(), 0)
 
 
+def nested(value: object) -> AnyValue:
+    if isinstance(value, dict):
+        return AnyValue(kvlist_value={"values": [KeyValue(key=k, value=nested(v)) for k, v in value.items()]})
+    if isinstance(value, list):
+        return AnyValue(array_value={"values": [nested(v) for v in value]})
+    return AnyValue(string_value=str(value))
+
+
+def test_addresses_and_pii_fields_inside_maps_and_nested_arrays_are_hashed() -> None:
+    """Map (kvlist) values and arrays of arrays are stored as JSON now; the scrubber looked one array deep."""
+    traits = {"email": EMAIL, "note": f"reach {EMAIL}", "plan": "pro", "more": [[EMAIL, "x"], {"Phone": "+1 555 0199"}]}
+    for policy in (HASH, DROP):
+        req = request("cdp")
+        span = req.resource_spans[0].scope_spans[0].spans[0]
+        span.attributes.append(KeyValue(key="traits", value=nested(traits)))
+        span.attributes.append(KeyValue(key="lists", value=nested([[EMAIL], "ok"])))
+        scrub_cdp_spans(req, policy)
+        text = str(req)
+        assert "secret" not in text and "555" not in text, policy.mode
+        (got,) = [a.value for a in span.attributes if a.key == "traits"]
+        members = {m.key: m.value for m in got.kvlist_value.values}
+        assert members["plan"].string_value == "pro"
+        if policy.mode == "hash":
+            assert members["email"].string_value == HASH.digest(EMAIL)
+            assert members["more"].array_value.values[0].array_value.values[0].string_value == HASH.digest(EMAIL)
+        else:
+            assert members["email"].WhichOneof("value") is None
+
+
 def test_drop_mode_removes_what_it_would_hash() -> None:
     req = request("cdp")
     scrub_cdp_spans(req, DROP)
