@@ -9,7 +9,7 @@ the set — a customer has many invoices — except to bring in that customer's 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,8 +126,9 @@ def customers_of(links: Iterable[Link]) -> set[str]:
 
 @dataclass(frozen=True)
 class SyncActivity:
-    """A candidate activity of a customer's CDP -> billing sync: a trace, by its customer-key link (billing's
-    only when the trace names no invoice, payment or ledger entry: a customer update), or a trace-less event."""
+    """A candidate activity of a customer's CDP -> billing sync: a trace, by its customer-key link, or a trace-less
+    event. A billing trace counts as a customer update only once it is known to name no invoice, payment or
+    ledger entry (``update_candidates`` says which to ask about): the others are the customer's invoices."""
 
     customer: str
     system: str
@@ -149,25 +150,50 @@ def sync_activities(links: Iterable[Link], events: Iterable[Mapping[str, Any]] =
     return out
 
 
-def pick_customer_sync(activities: Iterable[SyncActivity], txn_start_ns: int) -> set[tuple[str, str]]:
-    """Per customer, the CDP profile change that led to this transaction (the latest no later than its first
-    billing/ERP activity, else the earliest after it), and billing's first customer update from then on (the
-    same whole second counts: Stripe stamps whole seconds), so the transaction times its cdp_to_billing step."""
+def _changes_and_after(
+    activities: Iterable[SyncActivity], txn_start_ns: int
+) -> list[tuple[SyncActivity, list[SyncActivity]]]:
+    """Per customer with a CDP change: the change that led to the transaction (the latest no later than its first
+    billing/ERP activity, else the earliest after it) and billing's activities from then on, in time order (the
+    same whole second counts: Stripe stamps whole seconds)."""
     by_customer: dict[str, list[SyncActivity]] = {}
     for a in activities:
         by_customer.setdefault(a.customer, []).append(a)
-    chosen: set[tuple[str, str]] = set()
+    out = []
     for acts in by_customer.values():
         cdp = sorted((a for a in acts if a.system == "cdp"), key=lambda a: (a.at_ns, a.ref))
         if not cdp:
             continue
         before = [a for a in cdp if a.at_ns <= txn_start_ns]
         change = before[-1] if before else cdp[0]
-        chosen.add(change.ref)
         sec = change.at_ns // 1_000_000_000
-        updates = [a for a in acts if a.system == "billing" and a.at_ns // 1_000_000_000 >= sec]
-        if updates:
-            chosen.add(min(updates, key=lambda a: (a.at_ns, a.ref)).ref)
+        after = [a for a in acts if a.system == "billing" and a.at_ns // 1_000_000_000 >= sec]
+        out.append((change, sorted(after, key=lambda a: (a.at_ns, a.ref))))
+    return out
+
+
+def update_candidates(activities: Iterable[SyncActivity], txn_start_ns: int, per_customer: int = 5) -> set[str]:
+    """The billing traces to ask about (do they name an invoice, a payment or a ledger entry?): per customer, the
+    first ``per_customer`` after its CDP change."""
+    return {
+        a.ref[1]
+        for _, after in _changes_and_after(activities, txn_start_ns)
+        for a in [a for a in after if a.ref[0] == "trace"][:per_customer]
+    }
+
+
+def pick_customer_sync(
+    activities: Iterable[SyncActivity], txn_start_ns: int, updates: Collection[str] = ()
+) -> set[tuple[str, str]]:
+    """Per customer, the CDP profile change that led to this transaction and billing's first customer update
+    from then on, so the transaction times its cdp_to_billing step. ``updates``: the billing traces known to be
+    customer updates (no other billing trace is one); billing's trace-less events of the step are updates."""
+    chosen: set[tuple[str, str]] = set()
+    for change, after in _changes_and_after(activities, txn_start_ns):
+        chosen.add(change.ref)
+        first = next((a for a in after if a.ref[0] == "event" or a.ref[1] in updates), None)
+        if first is not None:
+            chosen.add(first.ref)
     return chosen
 
 

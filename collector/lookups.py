@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -83,11 +84,11 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
         cut["traces"] = any(int(r["total"]) > len(seed_rows) for r in seed_rows)
         traces = {ln.trace_id for ln in map(_link, seed_rows)}
     links = [_link(r) for r in q.links_for_traces(store, traces)]
+    # a customer's own view reads all its events below; the others read the customers' sync events
+    sync = _Sync(with_events=key_type != "customer")
     # a customer's transaction too: its traces name its invoices and payments, whose ERP traces may not name it
-    expanded, candidates = _expand(store, seeds, traces, links, events_read)
-    cut["traces"] |= expanded
-    sync_rows = _customer_sync(store, links, candidates, traces, with_events=key_type != "customer")
-    ranges = q.trace_ranges(store, traces)
+    cut["traces"] |= _expand(store, seeds, traces, links, events_read, sync)
+    ranges = _customer_sync(store, links, traces, sync)
     key_set = {(ln.key_type, ln.key_value) for ln in links} | seeds
     # events without trace context (a batch job, a CDP call) are found by their business keys alone
     customers = [value] if key_type == "customer" else []
@@ -98,7 +99,7 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     cut["spans"] = len(span_rows) > MAX_SPANS
     cut["events"] = any(int(r["total"]) > len(event_rows) for r in event_rows)
     have = {r["event_id"] for r in event_rows}
-    event_rows = event_rows + [r for r in sync_rows if r["event_id"] not in have]
+    event_rows = event_rows + [r for r in sync.picked_events if r["event_id"] not in have]
     span_rows = span_rows[:MAX_SPANS]
     if not span_rows and not event_rows and not links:
         return None
@@ -121,41 +122,63 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     return doc
 
 
+@dataclass
+class _Sync:
+    """The customers' CDP -> billing sync candidates read while expanding (their CDP traces and billing's traces
+    naming them; their trace-less sync events when ``with_events``), then the events picked among them."""
+
+    with_events: bool
+    links: list[corr.Link] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    asked: set[str] = field(default_factory=set)
+    picked_events: list[dict[str, Any]] = field(default_factory=list)
+
+    def reads(self, store: Store, customers: set[str]) -> list[Callable[[], list[dict[str, Any]]]]:
+        new = sorted(customers - self.asked)
+        self.asked |= customers
+        if not new:
+            return [list, list]
+        events = partial(q.sync_events, store, new, limit=MAX_EVENT_SEEDS) if self.with_events else list
+        return [partial(q.customer_sync_links, store, new, limit=MAX_TRACES), events]
+
+    def add(self, link_rows: list[dict[str, Any]], event_rows: list[dict[str, Any]]) -> None:
+        self.links += [_link(r) for r in link_rows]
+        self.events += event_rows
+
+
 def _expand(
     store: Store,
     seeds: set[tuple[str, str]],
     traces: set[str],
     links: list[corr.Link],
     events_read: set[tuple[str, str]],
-) -> tuple[bool, list[corr.Link]]:
+    sync: _Sync,
+) -> bool:
     """Grow ``traces`` and ``links`` in place: hop through the identifying keys (and span links) of the traces
     found so far, and the other keys of trace-less events naming them (a Stripe webhook names the invoice and
     the payment, while the ERP's spans name one each), until a hop finds nothing new, so the answer is the same
-    whichever key it starts from (a payment's ERP application is two hops from its invoice's billing trace);
-    then each customer's CDP trace. Per hop, one read for keys and CDP candidates beside one for events, then
-    one for the new traces' keys. Returns whether MAX_TRACES cut it, and the customers' sync candidates (links
-    of their CDP traces and billing's customer updates) for ``_customer_sync``."""
+    whichever key it starts from (a payment's ERP application is two hops from its invoice's billing trace).
+    Per hop, side by side: the keys' traces, their events, and the sync candidates of customers first seen; then
+    the new traces' keys. True when MAX_TRACES cut it."""
     known = set(seeds)
     follow = corr.keys_to_follow(links, known) | {("trace", t) for t in traces}
     ask_events = {k for k in seeds | follow if k[0] in corr.EVENT_KEY_TYPES} - events_read
-    asked: set[str] = set()
-    candidates: list[corr.Link] = []
     cut = False
     for _ in range(MAX_HOPS):
-        customers = corr.customers_of(links) - asked
+        customers = corr.customers_of(links) - sync.asked
         if not follow and not customers and not ask_events:
             break
-        hop_rows, event_rows = _both(
-            partial(q.expansion_links, store, sorted(follow), sorted(customers), limit=MAX_TRACES),
+        hop_rows, event_rows, *sync_rows = _all(
+            partial(q.expansion_links, store, sorted(follow), limit=MAX_TRACES) if follow else list,
             partial(q.events_for, store, sorted(ask_events), (), limit=MAX_EVENT_SEEDS) if ask_events else list,
+            *sync.reads(store, customers),
         )
+        sync.add(*sync_rows)
         hop = [_link(r) for r in hop_rows]
         known |= follow
-        asked |= customers
         events_read |= ask_events
-        candidates += hop
         from_events = corr.event_seeds(event_rows) - known
-        found = {ln.trace_id for ln in hop if ln.key_type != "customer"}  # CDP traces: only the one picked below
+        found = {ln.trace_id for ln in hop}
         found |= {ln.key_value for ln in links if ln.key_type == "trace"}  # span links
         room = max(0, MAX_TRACES - len(traces))
         new = set(sorted(found - traces)[:room])
@@ -167,28 +190,32 @@ def _expand(
         traces |= new
         follow = corr.keys_to_follow(added, known) | {("trace", t) for t in new} | from_events
         ask_events = {k for k in follow if k[0] in corr.EVENT_KEY_TYPES} - events_read
-    late = corr.customers_of(links) - asked  # first seen on the traces of the last hop the cap allowed
+    late = corr.customers_of(links) - sync.asked  # first seen on the traces of the last hop the cap allowed
     if late:
-        candidates += [_link(r) for r in q.expansion_links(store, [], late, limit=MAX_TRACES)]
-    return cut, [ln for ln in candidates if ln.key_type == "customer"]
+        sync.add(*_all(*sync.reads(store, late)))
+    return cut
 
 
-def _customer_sync(
-    store: Store, links: list[corr.Link], candidates: list[corr.Link], traces: set[str], *, with_events: bool
-) -> list[dict[str, Any]]:
-    """Add each customer's CDP -> billing sync to the transaction (``corr.pick_customer_sync``): its traces into
-    ``traces`` and ``links`` in place; its trace-less events (the Segment receiver's profile changes, billing's
-    customer events) are returned. A customer's own transaction reads all its events anyway (``with_events``
-    false)."""
-    customers = corr.customers_of(links)
-    rows = q.sync_events(store, customers, limit=MAX_EVENT_SEEDS) if with_events and customers else []
+def _customer_sync(store: Store, links: list[corr.Link], traces: set[str], sync: _Sync) -> dict[str, tuple[int, int]]:
+    """Add each customer's CDP -> billing sync (``corr.pick_customer_sync``): its traces into ``traces`` and
+    ``links`` in place, its trace-less events into ``sync.picked_events``. Asks which billing traces after the
+    change name an invoice (so are no customer update) beside reading the time ranges, which it returns."""
     start = min((ln.first_seen_ns for ln in links if ln.system != "cdp"), default=0)
-    picked = corr.pick_customer_sync(corr.sync_activities(candidates, rows), start)
+    acts = corr.sync_activities(sync.links, sync.events)
+    check = corr.update_candidates(acts, start)
+    maybe = {ref for kind, ref in corr.pick_customer_sync(acts, start, updates=check) if kind == "trace"}
+    keyed, ranges = _all(
+        partial(q.links_for_traces, store, check) if check else list,
+        partial(q.trace_ranges, store, traces | maybe | check),
+    )
+    invoices = {r["trace_id"] for r in keyed if r["key_type"] in corr.EVENT_KEY_TYPES}
+    picked = corr.pick_customer_sync(acts, start, updates=check - invoices)
     new = {ref for kind, ref in picked if kind == "trace"} - traces
-    links += [ln for ln in candidates if ln.trace_id in new]
+    links += [ln for ln in sync.links if ln.trace_id in new]
     traces |= new
     events = {ref for kind, ref in picked if kind == "event"}
-    return [r for r in rows if r["event_id"] in events]
+    sync.picked_events = [r for r in sync.events if r["event_id"] in events]
+    return {t: r for t, r in ranges.items() if t in traces}
 
 
 _READS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tower-lookup")
@@ -198,3 +225,11 @@ def _both(a: Callable[[], Any], b: Callable[[], Any]) -> tuple[Any, Any]:
     """Two independent reads at once (ClickHouse releases the GIL while it works)."""
     fb = _READS.submit(b)
     return a(), fb.result()
+
+
+def _all(*reads: Callable[[], Any]) -> list[Any]:
+    """Independent reads at once, this thread doing the first; a read that is ``list`` (nothing to ask) costs
+    nothing."""
+    futures = [_READS.submit(r) if r is not list else None for r in reads[1:]]
+    first = reads[0]()
+    return [first, *(f.result() if f is not None else [] for f in futures)]

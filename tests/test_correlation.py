@@ -91,6 +91,7 @@ def test_the_customer_sync_is_the_cdp_change_and_billings_first_update_from_then
         {"event_id": "ev_late", "customer": "cus_2", "system": "cdp", "time_ns": 90 * sec},
     ]
     acts = corr.sync_activities(cands, events)
+    assert corr.update_candidates(acts, txn_start_ns=30 * sec) == {"bill_t"}  # the one after the change
     assert corr.pick_customer_sync(acts, txn_start_ns=30 * sec) == {
         ("event", "ev_cdp"),  # the latest change no later than the start
         ("event", "ev_bill"),  # billing's first update from then on
@@ -98,7 +99,14 @@ def test_the_customer_sync_is_the_cdp_change_and_billings_first_update_from_then
     }
     # stamped in whole seconds: an update 0.3 s after the change reads as before it, and still counts
     same_second = [L("customer", "c", "cdp", "cdp", 7 * sec + 300), L("customer", "c", "bill", "billing", 7 * sec)]
-    assert corr.pick_customer_sync(corr.sync_activities(same_second), 9 * sec) == {("trace", "cdp"), ("trace", "bill")}
+    picked = corr.pick_customer_sync(corr.sync_activities(same_second), 9 * sec, updates={"bill"})
+    assert picked == {("trace", "cdp"), ("trace", "bill")}
+    # a billing trace is an update only when known to name no invoice: the customer's invoice trace is not one
+    invoices = [*same_second, L("customer", "c", "inv_t", "billing", 8 * sec)]
+    acts = corr.sync_activities(invoices)
+    assert corr.update_candidates(acts, 9 * sec) == {"bill", "inv_t"}
+    assert corr.pick_customer_sync(acts, 9 * sec, updates={"inv_t"}) == {("trace", "cdp"), ("trace", "inv_t")}
+    assert corr.pick_customer_sync(acts, 9 * sec) == {("trace", "cdp")}
 
 
 def span(trace: str, system: str, step: str, start: int, dur: int) -> corr.SpanView:

@@ -106,32 +106,33 @@ def links_for_keys(store: Store, keys: Iterable[tuple[str, str]], limit: int = 1
     )
 
 
-# A customer's sync candidates: its CDP traces, and billing's traces of it that name no invoice, payment or
-# ledger entry (customer updates; the others are its invoices, which are other transactions).
-_SYNC_CANDIDATES = (
-    "(KeyType = 'customer' AND KeyValue IN {c:Array(String)} AND (System = 'cdp' OR (System = 'billing' "
-    "AND TraceId NOT IN (SELECT TraceId FROM $db.trace_key_links WHERE TraceId IN ("
-    "SELECT TraceId FROM $db.business_key_links WHERE KeyType = 'customer' AND KeyValue IN {c:Array(String)} "
-    "AND System = 'billing') AND KeyType IN ('invoice', 'payment', 'ledger_entry')))))"
-)
-_EXPANSION_LINKS = (
+_LINK_COLUMNS = (
     "SELECT KeyType AS key_type, KeyValue AS key_value, TraceId AS trace_id, System AS system, "
     "toUnixTimestamp64Nano(min(FirstSeen)) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns "
-    "FROM $db.business_key_links WHERE (KeyType, KeyValue) IN {keys:Array(Tuple(String, String))} "
-    "OR " + _SYNC_CANDIDATES + " GROUP BY KeyType, KeyValue, TraceId, System ORDER BY first_ns DESC "
-    "LIMIT {limit:UInt32}"
+    "FROM $db.business_key_links WHERE "
+)
+_GROUPED = " GROUP BY KeyType, KeyValue, TraceId, System ORDER BY first_ns DESC LIMIT {limit:UInt32}"
+_EXPANSION_LINKS = _LINK_COLUMNS + "(KeyType, KeyValue) IN {keys:Array(Tuple(String, String))}" + _GROUPED
+_CUSTOMER_SYNC_LINKS = (
+    _LINK_COLUMNS + "KeyType = 'customer' AND KeyValue IN {c:Array(String)} AND System IN ('cdp', 'billing')" + _GROUPED
 )
 
 
-def expansion_links(
-    store: Store, keys: Iterable[tuple[str, str]], cdp_customers: Iterable[str], limit: int = 1000
-) -> list[dict[str, Any]]:
-    """One read for a transaction's next hop: traces carrying the identifying keys, and the customer-sync
-    candidates of its customers (their CDP traces and billing's customer updates)."""
-    keys, customers = sorted(set(keys)), sorted(set(cdp_customers))
-    if not keys and not customers:
+def expansion_links(store: Store, keys: Iterable[tuple[str, str]], limit: int = 1000) -> list[dict[str, Any]]:
+    """One read for a transaction's next hop: the traces carrying these identifying keys (the latest ``limit``)."""
+    keys = sorted(set(keys))
+    if not keys:
         return []
-    return store.query_rows(_EXPANSION_LINKS, {"keys": keys, "c": customers, "limit": limit})
+    return store.query_rows(_EXPANSION_LINKS, {"keys": keys, "limit": limit})
+
+
+def customer_sync_links(store: Store, customers: Iterable[str], limit: int = 1000) -> list[dict[str, Any]]:
+    """The customers' CDP traces and billing's traces naming them (the latest ``limit``): a transaction picks its
+    customer's sync among them (``correlation.pick_customer_sync``)."""
+    customers = sorted(set(customers) - {""})
+    if not customers:
+        return []
+    return store.query_rows(_CUSTOMER_SYNC_LINKS, {"c": customers, "limit": limit})
 
 
 def sync_events(store: Store, customers: Iterable[str], limit: int = 100) -> list[dict[str, Any]]:
