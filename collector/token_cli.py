@@ -9,6 +9,7 @@ token is printed once, on the last line of ``create``'s output, and never stored
 from __future__ import annotations
 
 import getpass
+import re
 from typing import Annotated, Any
 
 import httpx
@@ -150,6 +151,8 @@ def list_tokens() -> None:
 @app.command()
 def revoke(token_id: Annotated[str, typer.Argument(help="The token's id (from `tower token list`).")]) -> None:
     """Revoke a token: the API refuses it from then on."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", token_id):  # an empty one reached the API as /api/tokens/ (307)
+        raise ConfigError("not a token id: give the id `tower token list` shows")
     b = backend(_settings())
     b.revoke(token_id)
     out.print(f"revoked token {token_id} {b.where}")

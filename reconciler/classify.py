@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tower_core.settings import DEFAULT_GRACE_S, DEFAULT_TOLERANCE_ABS_MINOR
+
 # --- classes ----------------------------------------------------------------------------------------------
 MISSING_IN_ERP = "missing_in_erp"
 MISSING_IN_BILLING = "missing_in_billing"
@@ -212,7 +214,9 @@ class Rules:
     def from_settings(cls, settings: Any) -> Rules:
         abs_map = dict(settings.reconcile_tolerance_abs_minor)
         rel_map = dict(settings.reconcile_tolerance_rel_bp)
-        default = Tolerance(int(abs_map.pop("*", 0)), int(rel_map.pop("*", 0)))
+        # a map naming some currencies or classes only keeps the documented default for the rest (a grace for
+        # one class made every other class's 24 h, hiding unposted invoices as stale_sync for 22 h more)
+        default = Tolerance(int(abs_map.pop("*", DEFAULT_TOLERANCE_ABS_MINOR)), int(rel_map.pop("*", 0)))
         currencies = set(abs_map) | set(rel_map)
         tolerances = {
             c: Tolerance(int(abs_map.get(c, default.abs_minor)), int(rel_map.get(c, default.rel_bp)))
@@ -223,7 +227,7 @@ class Rules:
             tolerances=tolerances,
             default_tolerance=default,
             grace_s=grace,
-            default_grace_s=int(grace.get("*", 86_400)),
+            default_grace_s=int(grace.get("*", DEFAULT_GRACE_S)),
             match_window_days=int(settings.reconcile_match_window_days),
         )
 

@@ -115,6 +115,15 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], says: str, tmp_pa
         ({"TOWER_RECONCILE_TOLERANCE_ABS_MINOR": '{"*":'}, "TOWER_RECONCILE_TOLERANCE_ABS_MINOR"),
         ({"TOWER_PORT": "70000"}, "TOWER_PORT"),
         ({"TOWER_STRIPE_WEBHOOK_TOLERANCE_S": "-1"}, "TOWER_STRIPE_WEBHOOK_TOLERANCE_S"),  # no replay window at all
+        # each started and then broke the server: a busy loop, every request 413 (/readyz too)
+        ({"TOWER_FLUSH_INTERVAL_S": "0"}, "TOWER_FLUSH_INTERVAL_S"),
+        ({"TOWER_WAL_MAX_BYTES": "-5"}, "TOWER_WAL_MAX_BYTES"),
+        ({"TOWER_API_MAX_BODY_BYTES": "-1"}, "TOWER_API_MAX_BODY_BYTES"),
+        ({"TOWER_RECONCILE_GRACE_S": '{"*": -1}'}, "TOWER_RECONCILE_GRACE_S"),
+        # a typo in a mapping's target dropped it without a word: its spans' invoices were never found
+        ({"TOWER_KEY_ATTRIBUTE_MAP": '{"stripe.invoice_id": "revops.invoice_id"}'}, "revops.invoice.id"),
+        # sent in a header: a 116-line traceback from the HTTP client (the token itself must not be echoed)
+        ({"TOWER_API_TOKEN": "secret123-\u00e9"}, "TOWER_API_TOKEN"),
         # a '/' in the password ends the host part: urlparse's own error quoted the URL, password and all
         ({"TOWER_CLICKHOUSE_URL": "http://default:secret123/x@127.0.0.1:1/tower"}, "percent-encode"),
     ],
@@ -156,6 +165,35 @@ def test_the_demo_with_a_port_taken_starts_nothing(which: str, tmp_path: Path) -
     assert not (tmp_path / ".tower").exists()  # not even the run counter
 
 
+def test_the_demo_refuses_an_api_url_that_is_not_its_own_api(tmp_path: Path) -> None:
+    """TOWER_API_URL naming another tower: the demo's API started on TOWER_PORT while the estate sent its
+    simulated telemetry to the other one. With only TOWER_PORT changed it waited 90 s on port 8000."""
+    from tower_core.demo import demo_api_url
+    from tower_core.settings import Settings
+
+    api, other = free_port(), free_port()
+    env = {"TOWER_PORT": str(api), "TOWER_SIMULATOR_PORT": str(free_port()), "TOWER_DASHBOARD_PORT": str(free_port())}
+    env["TOWER_API_URL"] = f"http://127.0.0.1:{other}"
+    line = one_error_line(run(["demo"], tmp_path, TOWER_DATA_DIR=str(tmp_path / ".tower" / "data"), **env))
+    assert "TOWER_API_URL" in line and f"127.0.0.1:{api}" in line
+    assert not (tmp_path / ".tower").exists()
+    assert demo_api_url(Settings(port=api)) == f"http://127.0.0.1:{api}"  # only the port set: it follows
+    assert demo_api_url(Settings(host="0.0.0.0", port=api, api_url=f"http://localhost:{api}/")) == (
+        f"http://localhost:{api}"
+    )
+
+
+def test_serve_on_a_taken_port_is_one_line_before_the_store_is_opened(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_error_line(run(["serve", "--port", str(port)], tmp_path, TOWER_DATA_DIR=str(tmp_path / "d")))
+    assert f"127.0.0.1:{port}" in line and not (tmp_path / "d").exists()
+
+
 def test_a_token_name_with_markup_is_refused_before_anything_is_created(tmp_path: Path) -> None:
     """The offline path accepted '[/x] alice', stored the token, then crashed printing it (rich markup): the
     secret was never shown and `token list` failed from then on."""
@@ -163,6 +201,13 @@ def test_a_token_name_with_markup_is_refused_before_anything_is_created(tmp_path
     assert "--name" in one_error_line(run(["token", "create", "--name", "[/x] alice"], tmp_path, **env))
     listed = run(["token", "list"], tmp_path, **env)
     assert listed.returncode == 0 and "alice" not in listed.stdout, listed.stderr
+
+
+def test_revoking_an_empty_or_odd_token_id_is_one_line(tmp_path: Path) -> None:
+    """An empty id reached the API as /api/tokens/ and came back as "the API answered 307"."""
+    env = {"TOWER_DATA_DIR": str(tmp_path / "d"), "TOWER_API_URL": f"http://127.0.0.1:{free_port()}"}
+    for token_id in ("", "../runs"):
+        assert "not a token id" in one_error_line(run(["token", "revoke", token_id], tmp_path, **env))
 
 
 def test_no_command_prints_the_help_without_an_empty_error(tmp_path: Path) -> None:

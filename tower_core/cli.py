@@ -72,10 +72,14 @@ def serve(
 
     from collector.app import create_app
     from reconciler.sla.definitions import load_definitions
+    from tower_core.ports import check_port_free
     from tower_core.store import migrate as run_migrations
 
     settings = load_settings(host=host, port=port)
     load_definitions(settings.sla_config)  # an invalid SLA file stops here: one line with its line number
+    # uvicorn's own complaint about a taken port or a bad address was six log lines and exit 3, after the store
+    # was opened and migrated
+    check_port_free(settings.host, settings.port)
     store = _open(settings)
     run_migrations(store)
     uvicorn.run(create_app(settings, store), host=settings.host, port=settings.port, log_level="info")

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -117,12 +117,38 @@ def api_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[s
     return env
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_ANY = ("0.0.0.0", "::", "")
+
+
+def demo_api_url(settings: Settings) -> str:
+    """Where the demo's own API answers: TOWER_HOST:TOWER_PORT. TOWER_API_URL, when set, must name it: the demo
+    waited on TOWER_API_URL and sent the estate's telemetry there, into another tower when the two differed."""
+    host = "127.0.0.1" if settings.host in _ANY else settings.host
+    own = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    if "api_url" not in settings.model_fields_set:
+        return own
+    url = urlsplit(settings.api_url)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        port = -1
+    same_host = url.hostname == host or (url.hostname in _LOOPBACK and (host in _LOOPBACK or settings.host in _ANY))
+    if url.scheme == "http" and same_host and port == settings.port:
+        return settings.api_url.rstrip("/")
+    raise ConfigError(
+        f"TOWER_API_URL does not name the demo's own API at {own} (TOWER_HOST, TOWER_PORT): unset it or make "
+        "them agree, or the demo would send its simulated estate to another tower"
+    )
+
+
 def run_demo(settings: Settings, *, reset: bool = False) -> int:
     from dashboard.launch import dashboard_command, dashboard_env, demo_token
     from tower_core.ports import check_port_free
 
     if settings.clickhouse_url:
         raise ConfigError("tower demo runs on the embedded store; unset TOWER_CLICKHOUSE_URL")
+    settings = settings.model_copy(update={"api_url": demo_api_url(settings)})
     # before anything starts: with its port taken, the API child fails while another tower there answers the
     # readiness check, and the estate would send its simulated telemetry to that one
     for host, port in (

@@ -13,6 +13,19 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# what the reconciler's maps fall back to without a `*` entry, as without the setting at all
+DEFAULT_GRACE_S = 7200
+DEFAULT_TOLERANCE_ABS_MINOR = 1
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+# DOMAIN.md section 2's business-key attributes: what TOWER_KEY_ATTRIBUTE_MAP may map other names onto
+# (collector/correlation.py reads the same ones; a test checks they agree)
+KEY_ATTRIBUTE_TARGETS = (
+    "revops.customer.id",
+    "revops.cdp.user_id",
+    "revops.invoice.id",
+    "revops.payment.id",
+    "revops.ledger.entry.id",
+)
 
 
 class Settings(BaseSettings):
@@ -27,7 +40,7 @@ class Settings(BaseSettings):
         None,
         description="ClickHouse server URL, e.g. http://user:pass@host:8123/tower; unset = embedded chDB.",
     )
-    clickhouse_connect_timeout_s: float = Field(5.0, description="Connect timeout for the server backend.")
+    clickhouse_connect_timeout_s: float = Field(5.0, gt=0, description="Connect timeout for the server backend.")
 
     # --- API server
     host: str = Field("127.0.0.1", description="Address `tower serve` binds to.")
@@ -94,10 +107,14 @@ class Settings(BaseSettings):
     reconcile_scheduler: bool = Field(
         True, description="Run the reconciler's scheduled jobs (runs, action retries) inside `tower serve`."
     )
-    reconcile_interval_s: float = Field(300.0, description="Incremental reconciliation every N seconds (0 = off).")
-    reconcile_full_interval_s: float = Field(86400.0, description="Full reconciliation every N seconds (0 = off).")
+    reconcile_interval_s: float = Field(
+        300.0, ge=0, description="Incremental reconciliation every N seconds (0 = off)."
+    )
+    reconcile_full_interval_s: float = Field(
+        86400.0, ge=0, description="Full reconciliation every N seconds (0 = off)."
+    )
     reconcile_actions_interval_s: float = Field(
-        15.0, description="Retry due corrective actions every N seconds (0 = off)."
+        15.0, ge=0, description="Retry due corrective actions every N seconds (0 = off)."
     )
     reconcile_connectors: str = Field(
         "none",
@@ -108,7 +125,7 @@ class Settings(BaseSettings):
         description="Correct technical classes (missing_in_erp, payment_unapplied, refund_unposted) automatically.",
     )
     reconcile_tolerance_abs_minor: dict[str, int] = Field(
-        default_factory=lambda: {"*": 1},
+        default_factory=lambda: {"*": DEFAULT_TOLERANCE_ABS_MINOR},
         description='Absolute amount tolerance in minor units per currency, JSON; `*` = default: {"*": 1, "JPY": 0}.',
     )
     reconcile_tolerance_rel_bp: dict[str, int] = Field(
@@ -116,32 +133,40 @@ class Settings(BaseSettings):
         description='Relative amount tolerance in basis points per currency, JSON; `*` = default: {"*": 0}.',
     )
     reconcile_grace_s: dict[str, int] = Field(
-        default_factory=lambda: {"*": 7200},
+        default_factory=lambda: {"*": DEFAULT_GRACE_S},
         description="Grace period per drift class in seconds (inside it a gap is stale_sync), JSON; `*` = default.",
     )
-    reconcile_match_window_days: int = Field(31, description="Date window of 1:N / N:1 matching by customer and sum.")
+    reconcile_match_window_days: int = Field(
+        31, ge=0, description="Date window of 1:N / N:1 matching by customer and sum."
+    )
     reconcile_action_attempts: int = Field(
-        4, description="Attempts per execution of a corrective action (transient errors)."
+        4, ge=1, description="Attempts per execution of a corrective action (transient errors)."
     )
-    reconcile_action_backoff_s: float = Field(0.5, description="First backoff between attempts; doubles up to the max.")
-    reconcile_action_backoff_max_s: float = Field(30.0, description="Longest backoff between attempts (seconds).")
+    reconcile_action_backoff_s: float = Field(
+        0.5, ge=0, description="First backoff between attempts; doubles up to the max."
+    )
+    reconcile_action_backoff_max_s: float = Field(30.0, ge=0, description="Longest backoff between attempts (seconds).")
     reconcile_action_max_attempts: int = Field(
-        20, description="Attempts across executions before an action goes to the dead-letter list."
+        20, ge=1, description="Attempts across executions before an action goes to the dead-letter list."
     )
-    reconcile_breaker_failures: int = Field(5, description="Consecutive failures that open a target system's breaker.")
-    reconcile_breaker_reset_s: float = Field(30.0, description="Seconds an open breaker waits before a trial call.")
+    reconcile_breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failures that open a target system's breaker."
+    )
+    reconcile_breaker_reset_s: float = Field(
+        30.0, gt=0, description="Seconds an open breaker waits before a trial call."
+    )
 
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed cross-origin API access, JSON list; empty = none."
     )
-    api_max_body_bytes: int = Field(1024 * 1024, description="Body cap of JSON API requests (413 beyond).")
+    api_max_body_bytes: int = Field(1024 * 1024, gt=0, description="Body cap of JSON API requests (413 beyond).")
 
     # --- collector
     wal_dir: Path = Field(Path(".tower/wal"), description="Directory of the collector's write-ahead buffer.")
-    wal_max_bytes: int = Field(256 * 1024 * 1024, description="Write-ahead buffer bound; full => 503.")
-    flush_rows: int = Field(5000, description="Flush the buffer to the store once this many rows wait.")
-    flush_interval_s: float = Field(1.0, description="Flush the buffer at least this often (seconds).")
-    max_body_bytes: int = Field(20 * 1024 * 1024, description="Request body cap after decompression (413).")
+    wal_max_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Write-ahead buffer bound; full => 503.")
+    flush_rows: int = Field(5000, ge=1, description="Flush the buffer to the store once this many rows wait.")
+    flush_interval_s: float = Field(1.0, gt=0, description="Flush the buffer at least this often (seconds).")
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Request body cap after decompression (413).")
     key_attribute_map: dict[str, str] = Field(
         default_factory=dict,
         description='Extra attribute names mapped onto revops keys, JSON: {"stripe.invoice_id": "revops.invoice.id"}.',
@@ -207,7 +232,7 @@ class Settings(BaseSettings):
     tryton_database: str = Field("tower", description="Tryton database name.")
     tryton_user: str = Field("admin", description="Tryton login.")
     tryton_password: SecretStr | None = Field(None, description="Tryton password; never logged.")
-    tryton_timeout_s: float = Field(10.0, description="Timeout of one Tryton JSON-RPC call (seconds).")
+    tryton_timeout_s: float = Field(10.0, gt=0, description="Timeout of one Tryton JSON-RPC call (seconds).")
     tryton_payment_method: str = Field("Cash", description="Tryton invoice payment method used to apply payments.")
 
     # --- simulated estate (connectors/simulator; `tower simulate`, `tower demo`)
@@ -217,15 +242,41 @@ class Settings(BaseSettings):
     simulator_port: int = Field(
         8600, ge=0, le=65535, description="Port the demo-pace estate serves its loopback API on."
     )
-    simulator_timeout_s: float = Field(10.0, description="Timeout of one call to the simulated estate (seconds).")
+    simulator_timeout_s: float = Field(10.0, gt=0, description="Timeout of one call to the simulated estate (seconds).")
     simulator_seed: int = Field(7, description="Seed of the demo-pace estate.")
-    simulator_rate_per_min: int = Field(60, description="Invoices per minute the demo-pace estate emits.")
+    simulator_rate_per_min: int = Field(60, ge=1, description="Invoices per minute the demo-pace estate emits.")
 
     @field_validator("database")
     @classmethod
     def _database_is_identifier(cls, value: str) -> str:
         if not _IDENT.fullmatch(value):  # not match: ``$`` lets a final newline through (a Secret's value)
             raise ValueError(f"database name {value!r} must match {_IDENT.pattern}")
+        return value
+
+    @field_validator("key_attribute_map")
+    @classmethod
+    def _key_targets_known(cls, value: dict[str, str]) -> dict[str, str]:
+        # a typo in a target ("revops.invoice_id") dropped the mapping without a word: spans were acknowledged
+        # and their invoices never found
+        for attr, target in value.items():
+            if target not in KEY_ATTRIBUTE_TARGETS:
+                raise ValueError(f"{attr!r} maps onto {target!r}, not one of {', '.join(KEY_ATTRIBUTE_TARGETS)}")
+        return value
+
+    @field_validator("reconcile_tolerance_abs_minor", "reconcile_tolerance_rel_bp", "reconcile_grace_s")
+    @classmethod
+    def _not_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        for key, n in value.items():
+            if n < 0:
+                raise ValueError(f"{key!r} is {n}; must be 0 or more")
+        return value
+
+    @field_validator("api_token", "dashboard_token", "admin_token")
+    @classmethod
+    def _header_safe(cls, value: SecretStr | None) -> SecretStr | None:
+        # sent in an HTTP header: anything but printable ASCII failed inside the HTTP client with a traceback
+        if value is not None and not _TOKEN.fullmatch(value.get_secret_value()):
+            raise ValueError("must be non-empty printable ASCII without spaces (it is sent in an HTTP header)")
         return value
 
     @field_validator("cdp_pii_mode")
