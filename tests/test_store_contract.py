@@ -192,6 +192,30 @@ def test_replacing_tables_read_latest_version_despite_unmerged_duplicates(store:
     assert rows == {"n": 3, "total": 750}
 
 
+def test_chunks_with_different_dictionaries_insert_on_both_backends(store: Store) -> None:
+    """The simulator's bulk tables are dictionary-encoded per chunk, then concatenated: clickhouse-connect writes
+    Arrow's IPC file format, one dictionary per column, and refused them ("Dictionary replacement detected")
+    after the bulk load had emptied the state tables."""
+    migrate(store)
+
+    def encoded(table: pa.Table) -> pa.Table:
+        cols = [
+            c.dictionary_encode() if n in ("Region", "Currency") else c
+            for n, c in zip(table.column_names, table.columns, strict=True)
+        ]
+        return pa.Table.from_arrays(cols, names=table.column_names)
+
+    eur = invoices(100, version=1, currency="EUR").set_column(2, "Region", pa.array(["NA"] * 3))
+    eur = eur.set_column(0, "InvoiceId", pa.array(["in_7", "in_8", "in_9"]))
+    both = pa.concat_tables([encoded(invoices(100, version=1)), encoded(eur)], promote_options="permissive")
+    assert both.column("Region").num_chunks == 2
+    assert store.insert_arrow("billing_invoices", both) == 6
+    rows = store.query_rows(
+        "SELECT Region AS r, Currency AS c, count() AS n FROM $db.billing_invoices GROUP BY r, c ORDER BY r"
+    )
+    assert rows == [{"r": "EU", "c": "USD", "n": 3}, {"r": "NA", "c": "EUR", "n": 3}]
+
+
 def test_map_and_datetime64_ns_round_trip(store: Store) -> None:
     migrate(store)
     store.insert_arrow("otel_traces", spans(1))

@@ -100,6 +100,10 @@ class ServerStore:
         if data.num_rows == 0:
             return 0
         settings = {"insert_deduplication_token": check_identifier(dedup_token)} if dedup_token else {}
+        # clickhouse-connect writes Arrow's IPC file format, which holds one dictionary per column: chunks encoded
+        # each with its own (the simulator's bulk tables) share one first
+        if any(pa.types.is_dictionary(t) for t in data.schema.types):
+            data = data.unify_dictionaries()
         try:
             self._client().insert_arrow(check_identifier(table), data, database=self.database, settings=settings)
         except StoreError:
