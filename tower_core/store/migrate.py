@@ -1,7 +1,10 @@
 """Versioned schema migrations: numbered ``migrations/NNNN_name.sql`` files, applied once each, in order.
 
 Statements use ``IF NOT EXISTS`` so a migration interrupted half-way can simply run again; the
-``schema_migrations`` table records what was applied (dedup: replace on Version).
+``schema_migrations`` table records what was applied (dedup: replace on Version) and its checksum. A migration
+is never edited once released (tests/test_migration_checksums.py holds them to their recorded checksums): a
+database that applied another text of one is refused with a line saying so, where it crashed on whatever the
+edit had added (a table its version never created).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 
+from tower_core.errors import ConfigError
 from tower_core.store.base import Store
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -56,9 +60,21 @@ def available() -> list[Migration]:
 
 
 def applied_versions(store: Store) -> set[int]:
+    return set(applied_checksums(store))
+
+
+def applied_checksums(store: Store) -> dict[int, str]:
+    """Version -> the checksum of the text it was applied from (the latest record of it)."""
     store.command(MIGRATIONS_TABLE_DDL)
-    rows = store.query_rows("SELECT DISTINCT Version FROM $db.schema_migrations")
-    return {int(r["Version"]) for r in rows}
+    rows = store.query_rows(
+        "SELECT Version AS v, argMax(Checksum, AppliedAt) AS c FROM $db.schema_migrations GROUP BY Version"
+    )
+    return {int(r["v"]): str(r["c"]) for r in rows}
+
+
+def edited_after_applying(applied: dict[int, str], migrations: list[Migration]) -> list[Migration]:
+    """The migrations this database applied from another text than this release's."""
+    return [m for m in migrations if m.version in applied and applied[m.version] != m.checksum]
 
 
 def schema_version(store: Store) -> int:
@@ -67,10 +83,19 @@ def schema_version(store: Store) -> int:
 
 
 def migrate(store: Store) -> list[Migration]:
-    """Apply pending migrations; return those applied (empty when up to date)."""
-    done = applied_versions(store)
+    """Apply pending migrations; return those applied (empty when up to date). ConfigError when the database
+    applied another text of a migration than this release holds."""
+    done = applied_checksums(store)
+    migrations = available()
+    edited = edited_after_applying(done, migrations)
+    if edited:
+        names = ", ".join(f"{m.version:04d}_{m.name} (applied {done[m.version]}, now {m.checksum})" for m in edited)
+        raise ConfigError(
+            f"this database applied migration {names} from another text than this release holds: it was made by a "
+            "development build, and its schema cannot be upgraded in place; start from a new data dir or database"
+        )
     applied = []
-    for mig in available():
+    for mig in migrations:
         if mig.version in done:
             continue
         for stmt in mig.statements():
