@@ -190,7 +190,7 @@ class Flusher:
                     continue
                 token = f"wal_{segment.epoch}_s{segment.seq}_c{chunk.index}"
                 try:
-                    self._write(chunk, token, replayed or chunk.index in progress)
+                    self._write(chunk, token, replayed or chunk.index in progress, counted_before=replayed)
                 except Exception as exc:
                     if not self.store.ping():
                         raise  # a store that does not answer refuses everything: no record to blame, retried
@@ -201,15 +201,20 @@ class Flusher:
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
             span.set_attribute("tower.rows", segment.rows)
 
-    def _write(self, chunk: Chunk, token: str, replayed: bool) -> None:
+    def _write(self, chunk: Chunk, token: str, replayed: bool, counted_before: bool = True) -> None:
+        """``counted_before``: an earlier process may have counted the spans already stored (a replayed
+        segment); this process's own failed attempt counted none, though some may have landed (a full disk
+        under a view)."""
         span_requests = [r.payload for r in chunk.records if r.kind == KIND_SPANS]
         left: int | None = None
         if span_requests and replayed:
             span_requests, token, left = self._still_to_write(span_requests, token)
         if span_requests:
             insert_otlp_spans(self.store, span_requests, token)
-            rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS) if left is None else left
-            self.metrics.rows_flushed.labels(table="otel_traces").inc(rows)  # what this insert wrote
+        all_rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
+        rows = left if left is not None and counted_before else all_rows
+        if rows and (span_requests or not counted_before):
+            self.metrics.rows_flushed.labels(table="otel_traces").inc(rows)
         # no token: business_events replaces on the event id and the link and step tables aggregate,
         # so a retry cannot duplicate anything, and a token could only hide a part lost in a crash
         for table, data in event_tables(chunk, self.key_names).items():
@@ -225,7 +230,8 @@ class Flusher:
         outcomes: list[BaseException | None] = []
         for i, record in enumerate(chunk.records):
             try:
-                self._write(Chunk(chunk.index, [record]), f"{token}_i{i}", replayed=True)
+                own = segment.epoch == self.wal.epoch
+                self._write(Chunk(chunk.index, [record]), f"{token}_i{i}", replayed=True, counted_before=not own)
                 outcomes.append(None)
             except Exception as err:
                 outcomes.append(err)
