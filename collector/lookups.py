@@ -92,7 +92,7 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     key_set = {(ln.key_type, ln.key_value) for ln in links} | seeds
     # events without trace context (a batch job, a CDP call) are found by their business keys alone
     customers = [value] if key_type == "customer" else []
-    span_rows, event_rows = _both(
+    span_rows, event_rows = _all(
         lambda: q.spans_of_traces(store, ranges, limit=MAX_SPANS + 1),
         lambda: q.events_for(store, key_set, ranges, limit=MAX_EVENTS, customers=customers),
     )
@@ -221,15 +221,9 @@ def _customer_sync(store: Store, links: list[corr.Link], traces: set[str], sync:
 _READS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tower-lookup")
 
 
-def _both(a: Callable[[], Any], b: Callable[[], Any]) -> tuple[Any, Any]:
-    """Two independent reads at once (ClickHouse releases the GIL while it works)."""
-    fb = _READS.submit(b)
-    return a(), fb.result()
-
-
 def _all(*reads: Callable[[], Any]) -> list[Any]:
-    """Independent reads at once, this thread doing the first; a read that is ``list`` (nothing to ask) costs
-    nothing."""
+    """Independent reads at once (ClickHouse releases the GIL while it works), this thread doing the first; a
+    read that is ``list`` (nothing to ask) costs nothing."""
     futures = [_READS.submit(r) if r is not list else None for r in reads[1:]]
     first = reads[0]()
     return [first, *(f.result() if f is not None else [] for f in futures)]

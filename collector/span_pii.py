@@ -134,8 +134,9 @@ _NESTED = ("array_value", "kvlist_value")
 
 
 def _scrub_nested(value: Any, policy: PiiPolicy) -> bool:
-    """An array's or a map's members at any depth (the store keeps two levels as JSON): a string holding an
-    address, and a map member named as a PII field whatever its value, are hashed (cleared in drop mode)."""
+    """An array's or a map's members at any depth (the store keeps one level, as JSON; deeper ones are walked
+    all the same): a string holding an address, and a map member named as a PII field whatever its value, are
+    hashed (cleared in drop mode)."""
     kind = value.WhichOneof("value")
     members = (
         [(False, v) for v in value.array_value.values]
