@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Link
 
+from tests.otlp_json import step_span
 from tests.server import TowerServer
 from tests.test_otlp_decode import SPEC_EXAMPLE
 from tower_core.store import Store
@@ -124,24 +125,7 @@ def test_a_transaction_is_the_same_from_every_key_however_many_hops_apart(server
     tids = {name: f"{n + 5:x}{tag[-6:]}".ljust(32, "0") for n, name in enumerate(("cdp", "bill", "pay", "erp"))}
 
     def span(trace: str, n: int, system: str, step: str, **keys: str) -> dict:
-        attrs = {"revops.system": system, "revops.step": step, "revops.region": "EU", **keys}
-        return {
-            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": system}}]},
-            "scopeSpans": [
-                {
-                    "spans": [
-                        {
-                            "traceId": tids[trace],
-                            "spanId": f"{n + 1:016x}",
-                            "name": f"{system} {step}",
-                            "startTimeUnixNano": str(t0 + n * 10**9),
-                            "endTimeUnixNano": str(t0 + n * 10**9 + 10**6),
-                            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()],
-                        }
-                    ]
-                }
-            ],
-        }
+        return step_span(tids[trace], n, system, step, t0 + n * 10**9, **keys)
 
     keys = {"revops.customer.id": cus}
     doc = {
@@ -535,24 +519,7 @@ def test_keys_only_a_trace_less_event_carries_are_followed_and_a_customer_sees_i
     tids = {name: f"{n + 7:x}{tag[-8:]}".ljust(32, "0") for n, name in enumerate(("bill", "post", "apply"))}
 
     def span(trace: str, n: int, system: str, step: str, **keys: str) -> dict:
-        attrs = {"revops.system": system, "revops.step": step, "revops.region": "EU", **keys}
-        return {
-            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": system}}]},
-            "scopeSpans": [
-                {
-                    "spans": [
-                        {
-                            "traceId": tids[trace],
-                            "spanId": f"{n + 1:016x}",
-                            "name": f"{system} {step}",
-                            "startTimeUnixNano": str(t0 + n * 10**9),
-                            "endTimeUnixNano": str(t0 + n * 10**9 + 10**6),
-                            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()],
-                        }
-                    ]
-                }
-            ],
-        }
+        return step_span(tids[trace], n, system, step, t0 + n * 10**9, **keys)
 
     doc = {
         "resourceSpans": [

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from connectors.segment import tracking as tr
+from tests.otlp_json import step_span
 from tests.server import TowerServer
 
 KEY = "pii-hmac-key-for-tests"
@@ -413,24 +414,7 @@ def test_an_invoices_transaction_shows_its_customers_sync_from_the_cdp_to_billin
     t0 = time.time_ns() + 2 * 10**9  # after the identify's own timestamp
 
     def trace(n: int, system: str, step: str, at_s: int, **keys: str) -> dict:
-        attrs = {"revops.system": system, "revops.step": step, "revops.region": "EU", **keys}
-        return {
-            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": system}}]},
-            "scopeSpans": [
-                {
-                    "spans": [
-                        {
-                            "traceId": f"{n:x}{tag:x}".ljust(32, "0")[:32],
-                            "spanId": f"{n + 1:016x}",
-                            "name": f"{system} {step}",
-                            "startTimeUnixNano": str(t0 + at_s * 10**9),
-                            "endTimeUnixNano": str(t0 + at_s * 10**9 + 10**6),
-                            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()],
-                        }
-                    ]
-                }
-            ],
-        }
+        return step_span(f"{n:x}{tag:x}".ljust(32, "0")[:32], n, system, step, t0 + at_s * 10**9, **keys)
 
     doc = {
         "resourceSpans": [
