@@ -630,12 +630,9 @@ def test_transient_errors_are_retried_with_backoff(store: Store, tmp_path: Path)
 
 
 def test_exhausted_actions_go_to_the_dead_letter_list(store: Store, tmp_path: Path) -> None:
-    estate = missing_estate(seed=15, invoices=400, erp_posting_missing=0.02)
-    svc = service_for(store, estate, tmp_path)
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=15)
     svc.actions.retry = RetryPolicy(attempts_per_execution=2, initial_s=0.01, max_s=0.02, max_total_attempts=2)
     svc.actions.breakers = Breakers(failure_threshold=100, reset_after_s=0.1)
-    svc.run(full=True, as_of=estate.config.as_of)
-    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
     estate.erp.fail_next(10)
     action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
     assert action["state"] == "failed" and action["dead_letter"] and action["last_error"].startswith("transient")
@@ -649,12 +646,9 @@ def test_a_dead_letter_that_ends_on_an_open_breaker_keeps_the_systems_last_messa
     store: Store, tmp_path: Path
 ) -> None:
     """It said only that the breaker opened: the ERP's own answer was in the audit trail alone."""
-    estate = missing_estate(seed=15, invoices=400, erp_posting_missing=0.02)
-    svc = service_for(store, estate, tmp_path)
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=15)
     svc.actions.retry = RetryPolicy(attempts_per_execution=3, initial_s=0.01, max_s=0.02, max_total_attempts=1)
     svc.actions.breakers = Breakers(failure_threshold=1, reset_after_s=60)
-    svc.run(full=True, as_of=estate.config.as_of)
-    invoice_id = sorted(k for cls, k in open_items(store) if cls == c.MISSING_IN_ERP)[0]
     estate.erp.begin_outage()
     action = svc.actions.request(c.drift_id(c.MISSING_IN_ERP, invoice_id), "alice")
     assert action["state"] == "failed" and action["dead_letter"]
