@@ -4,6 +4,7 @@ database per test, and the ClickHouse-HTTP test fixture in its own process for t
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from tower_core.settings import Settings
 from tower_core.store import Store, open_store
+from tower_core.store.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 # Real third-party servers (localstripe, trytond) as session fixtures.
@@ -68,15 +71,27 @@ def clickhouse_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+def _new_store(backend: str, request: pytest.FixtureRequest, chdb_data_dir: Path) -> Store:
+    db = new_database()
+    if backend == "chdb":
+        return open_store(Settings(data_dir=chdb_data_dir, database=db, clickhouse_url=None))
+    url = request.getfixturevalue("clickhouse_http")
+    return open_store(Settings(clickhouse_url=f"{url}/{db}", database=db))
+
+
 @pytest.fixture(params=["chdb", "clickhouse-http"])
 def store(request: pytest.FixtureRequest, chdb_data_dir: Path) -> Iterator[Store]:
     """A fresh database on each backend: the store contract suite runs once per parameter id."""
-    db = new_database()
-    if request.param == "chdb":
-        st = open_store(Settings(data_dir=chdb_data_dir, database=db, clickhouse_url=None))
-    else:
-        url = request.getfixturevalue("clickhouse_http")
-        st = open_store(Settings(clickhouse_url=f"{url}/{db}", database=db))
+    st = _new_store(request.param, request, chdb_data_dir)
+    yield st
+    st.command("DROP DATABASE IF EXISTS $db")
+    st.close()
+
+
+@pytest.fixture
+def sibling_store(store: Store, request: pytest.FixtureRequest, chdb_data_dir: Path) -> Iterator[Store]:
+    """Another fresh database on the backend of ``store``."""
+    st = _new_store(request.node.callspec.params["store"], request, chdb_data_dir)
     yield st
     st.command("DROP DATABASE IF EXISTS $db")
     st.close()
@@ -87,6 +102,43 @@ def embedded_store(chdb_data_dir: Path) -> Iterator[Store]:
     st = open_store(Settings(data_dir=chdb_data_dir, database=new_database(), clickhouse_url=None))
     yield st
     st.command("DROP DATABASE IF EXISTS $db")
+
+
+# Per backend (store class), what migrate() built on this worker's first database: the DDL of every table and
+# view, qualified with $db, and the schema_migrations rows.
+_MIGRATED_SCHEMA: dict[type, tuple[list[str], pa.Table]] = {}
+
+
+def schema_record(store: Store) -> tuple[list[str], pa.Table]:
+    """The DDL of every table and view of ``store``'s database (tables first), qualified with $db, and its
+    migration records."""
+    objects = store.query_rows(
+        "SELECT create_table_query AS ddl FROM system.tables WHERE database = {db:String} "
+        "ORDER BY engine = 'MaterializedView', name",
+        {"db": store.database},
+    )
+    own = re.compile(rf"\b{re.escape(store.database)}\.")
+    return [own.sub("$db.", row["ddl"]) for row in objects], store.query_arrow(
+        "SELECT * FROM $db.schema_migrations ORDER BY Version"
+    )
+
+
+def migrated(store: Store) -> Store:
+    """Give ``store``'s new database the schema migrate() builds, in a fifth of the time (~0.35 s, not ~1.7 s:
+    ~170 tests start from it). The first database of each backend in a worker is migrated for real and
+    recorded; later ones are created from the record: tables, then the materialized views reading them, then
+    the migration records, so migrate() finds nothing to do. test_store_contract checks both give the same
+    schema; the migration tests call migrate() themselves."""
+    schema = _MIGRATED_SCHEMA.get(type(store))
+    if schema is None:
+        migrate(store)
+        _MIGRATED_SCHEMA[type(store)] = schema_record(store)
+        return store
+    ddl, records = schema
+    for statement in ddl:
+        store.command(statement)
+    store.insert_arrow("schema_migrations", records)
+    return store
 
 
 @pytest.fixture(autouse=True)

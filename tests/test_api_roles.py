@@ -24,9 +24,10 @@ from collector.auth import TokenVerifier, create_token
 from collector.routers import bulk as bulk_router
 from connectors.simulator import Estate, EstateConfig, FaultRates
 from reconciler.connectors import Connectors
+from tests.conftest import migrated
 from tests.server import TowerServer
 from tower_core.settings import Settings
-from tower_core.store import Store, migrate
+from tower_core.store import Store
 
 ADMIN = "roles-admin"
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -40,7 +41,7 @@ def auth(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def api(embedded_store: Store, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    migrate(embedded_store)
+    migrated(embedded_store)
     settings = Settings(
         database=embedded_store.database,
         wal_dir=tmp_path / "wal",
@@ -346,7 +347,7 @@ def test_tower_token_cli_without_and_with_a_running_api(tmp_path: Path) -> None:
 
 def capped_verifier(store: Store, monkeypatch: pytest.MonkeyPatch, cap: int) -> TokenVerifier:
     """A verifier on the real store whose cache holds ``cap`` tokens."""
-    migrate(store)
+    migrated(store)
     monkeypatch.setattr(auth_module, "_CACHE_MAX", cap)
     return TokenVerifier(store, ADMIN)
 

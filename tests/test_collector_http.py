@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Link
 
+from tests.conftest import migrated
 from tests.otlp_json import step_span
 from tests.server import TowerServer
 from tests.test_otlp_decode import SPEC_EXAMPLE
@@ -732,9 +733,8 @@ def test_ingest_from_another_host_without_tokens_is_refused_with_the_way_out(
 
     from collector.app import create_app
     from tower_core.settings import Settings
-    from tower_core.store import migrate
 
-    migrate(embedded_store)
+    migrated(embedded_store)
     req = ExportTraceServiceRequest()
     req.resource_spans.add().scope_spans.add().spans.add(
         trace_id=b"\x0a" * 16, span_id=b"\x01" * 8, name="remote", start_time_unix_nano=1, end_time_unix_nano=2

@@ -19,12 +19,13 @@ from collector.dead_letter import DeadLetterBox, blame, data_error
 from collector.flusher import Flusher
 from collector.metrics import CollectorMetrics
 from collector.wal import KIND_EVENTS, KIND_SPANS, Record, WriteAheadBuffer
+from tests.conftest import migrated
 from tests.server import TowerServer
 from tests.test_api_roles import tower
 from tests.test_wal import request
 from tower_core.errors import StoreError
 from tower_core.settings import Settings
-from tower_core.store import Store, migrate
+from tower_core.store import Store
 from tower_core.store.otlp_sql import sync_key_attributes
 
 PARSE = StoreError("Code: 444. DB::Exception: Protobuf messages are corrupted or don't match the provided schema")
@@ -58,7 +59,7 @@ UNSTORABLE_SPANS = _ld(0x0A, _ld(0x12, _ld(0x12, _ld(0x0A, b"\x07" * 16) + _ld(0
 def test_the_flusher_sets_aside_what_the_store_refuses_and_drains_the_rest(
     tmp_path: Path, embedded_store: Store
 ) -> None:
-    migrate(embedded_store)
+    migrated(embedded_store)
     names = key_attribute_names()
     sync_key_attributes(embedded_store, names)
     wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
@@ -100,7 +101,7 @@ def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None
 def test_operators_list_download_and_requeue_dead_letters_through_the_api(
     tmp_path: Path, embedded_store: Store
 ) -> None:
-    migrate(embedded_store)
+    migrated(embedded_store)
     settings = Settings(
         database=embedded_store.database,
         wal_dir=tmp_path / "wal",
@@ -215,7 +216,7 @@ class FlakyStore:
 
 
 def _segment_of(tmp_path: Path, store: Store, sizes: list[int]) -> WriteAheadBuffer:
-    migrate(store)
+    migrated(store)
     sync_key_attributes(store, key_attribute_names())
     wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
     for seed, n in enumerate(sizes):

@@ -13,7 +13,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from collector import lookups
 from collector.correlation import key_attribute_names
 from collector.events import parse_event, to_tables
-from tower_core.store import Store, migrate
+from tests.conftest import migrated
+from tower_core.store import Store
 from tower_core.store.otlp_sql import insert_otlp_spans, sync_key_attributes
 
 T0 = 1_767_225_600_000_000_000
@@ -40,7 +41,7 @@ def request(spans: list[tuple[str, int, str, str]], trace_of: Any = None) -> byt
 
 @pytest.fixture
 def store(embedded_store: Store) -> Store:
-    migrate(embedded_store)
+    migrated(embedded_store)
     sync_key_attributes(embedded_store, key_attribute_names({}))
     return embedded_store
 

@@ -23,11 +23,11 @@ from collector.auth import create_token
 from connectors.simulator import Estate, EstateConfig, FaultRates
 from connectors.simulator.server import create_sim_app
 from reconciler.connectors import Connectors
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, migrated, wait_for_port
 from tests.server import TowerServer
 from tests.test_reconcile_simulator import paying
 from tower_core.settings import Settings
-from tower_core.store import Store, migrate
+from tower_core.store import Store
 
 ADMIN = "reconcile-api-admin"
 RATES = FaultRates.only(
@@ -45,7 +45,7 @@ def auth(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def api(embedded_store: Store, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    migrate(embedded_store)
+    migrated(embedded_store)
     settings = Settings(
         database=embedded_store.database,
         wal_dir=tmp_path / "wal",

@@ -11,7 +11,8 @@ import pytest
 
 from reconciler import classify as c
 from reconciler.runner import Reconciler
-from tower_core.store import Store, migrate
+from tests.conftest import migrated
+from tower_core.store import Store
 from tower_core.store import reconcile as q
 
 AS_OF = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
@@ -113,7 +114,7 @@ def payment_row(rnd: random.Random, i: int) -> dict[str, Any]:
 
 @pytest.fixture
 def store(embedded_store: Store) -> Store:
-    migrate(embedded_store)
+    migrated(embedded_store)
     return embedded_store
 
 

@@ -24,10 +24,11 @@ from reconciler.jobs import STALE_IN_PROGRESS_S, _actions_job
 from reconciler.policy import RetryPolicy
 from reconciler.runner import WATERMARK_OVERLAP, Reconciler
 from reconciler.service import ReconcilerService
+from tests.conftest import migrated
 from tower_core.errors import StoreError
 from tower_core.models import CdpProfile, Customer, Payment
 from tower_core.settings import Settings
-from tower_core.store import Store, migrate
+from tower_core.store import Store
 from tower_core.store import reconcile as q
 
 
@@ -47,7 +48,7 @@ def settings(tmp: Path, **over: Any) -> Settings:
 
 @pytest.fixture
 def store(embedded_store: Store) -> Store:
-    migrate(embedded_store)
+    migrated(embedded_store)
     return embedded_store
 
 

@@ -11,6 +11,7 @@ import pytest
 from reconciler import classify as c
 from reconciler.actions import ActionError, ActionService
 from reconciler.runner import Reconciler
+from tests.conftest import migrated
 from tower_core.models import Invoice, LedgerEntry, Payment
 from tower_core.store import Store, migrate
 from tower_core.store import reconcile as q
@@ -50,7 +51,7 @@ def pay(pid: str, amount: int, alloc: dict[str, int], kind: str = "payment", reg
 
 @pytest.fixture
 def store(embedded_store: Store) -> Store:
-    migrate(embedded_store)
+    migrated(embedded_store)
     return embedded_store
 
 

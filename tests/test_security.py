@@ -15,6 +15,7 @@ import orjson
 
 from collector.access_log import REDACTED, redact_query
 from connectors.stripe.signature import sign
+from tests.conftest import migrated
 from tests.server import ROOT, TowerServer
 from tower_core.store import Store
 
@@ -181,9 +182,8 @@ def test_billing_customers_pulled_by_the_reconciler_keep_no_raw_pii(embedded_sto
     from connectors.segment.tracking import HASH_PREFIX, PiiPolicy
     from connectors.simulator import Estate, EstateConfig
     from reconciler.runner import pull
-    from tower_core.store import migrate
 
-    migrate(embedded_store)
+    migrated(embedded_store)
     estate = Estate.generate(EstateConfig(seed=3, customers=8, invoices=20))
     raw = estate.billing.pull_customers(None, 1000).items
     assert raw and all(c.name and "@" in c.email for c in raw)

@@ -15,11 +15,11 @@ import pytest
 
 from connectors.simulator import Estate, EstateConfig, FaultRates, Manifest
 from connectors.simulator.bulk import bulk_load
-from tests.conftest import new_database
+from tests.conftest import migrated, new_database
 from tests.server import TowerServer
 from tests.sim_reference import pull_all
 from tower_core.settings import Settings
-from tower_core.store import Store, migrate, open_store
+from tower_core.store import Store, open_store
 from tower_core.store import simulator as sim_store
 
 AS_OF = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
@@ -43,7 +43,7 @@ def config(seed: int, invoices: int = 12_000) -> EstateConfig:
 def stores(chdb_data_dir: Path) -> Iterator[list[Store]]:
     made = [open_store(Settings(data_dir=chdb_data_dir, database=new_database(), clickhouse_url=None)) for _ in "abc"]
     for st in made:
-        migrate(st)
+        migrated(st)
     yield made
     for st in made:
         st.command("DROP DATABASE IF EXISTS $db")

@@ -23,13 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.sla.payloads import fingerprint, webhook_alert, webhook_message
 from reconciler.sla.service import SlaService
-from tests.conftest import free_port
+from tests.conftest import free_port, migrated
 from tests.fixtures.fault_proxy import FaultProxy
 from tests.server import TowerServer
 from tests.sla_estate import MIN, Delay, Receiver, base_ns, evaluate, iso, send_estate, wait_stored
 from tests.test_sla_store import M, T, scenario
 from tower_core.settings import Settings
-from tower_core.store import Store, migrate
+from tower_core.store import Store
 from tower_core.store import sla as sla_store
 
 pytestmark = pytest.mark.slow
@@ -254,7 +254,7 @@ def test_backfills_record_nothing_firing_alerts_outlive_slow_evaluations_and_los
     embedded_store: Store, alertmanager: Alertmanager
 ) -> None:
     """The service in-process on real chDB, the real Alertmanager behind a fault proxy."""
-    migrate(embedded_store)
+    migrated(embedded_store)
     scenario(embedded_store)
     with FaultProxy(alertmanager.url) as proxy:
         settings = Settings(

@@ -16,17 +16,17 @@ from fastapi.testclient import TestClient
 
 from collector.app import create_app
 from collector.auth import create_token
-from tests.conftest import free_port
+from tests.conftest import free_port, migrated
 from tests.test_sla_store import M, T, scenario
 from tower_core.settings import Settings
-from tower_core.store import Store, migrate
+from tower_core.store import Store
 
 ADMIN = "sla-api-admin"
 
 
 @pytest.fixture
 def client(embedded_store: Store, tmp_path: Path) -> Iterator[tuple[TestClient, Store]]:
-    migrate(embedded_store)
+    migrated(embedded_store)
     settings = Settings(
         database=embedded_store.database,
         wal_dir=tmp_path / "wal",
@@ -177,7 +177,7 @@ def test_receiver_urls_are_redacted_in_answers_and_logs(
 ) -> None:
     """A Slack-style webhook URL's path is a bearer credential, and so is user:password in the Alertmanager
     URL: neither may appear in the evaluate answer or in any log line (the tower's nor httpx's)."""
-    migrate(embedded_store)
+    migrated(embedded_store)
     scenario(embedded_store)
     rx = _Receivers()
     hook = f"http://127.0.0.1:{rx.port}/services/T0001/B0001/HOOKSECRET1"

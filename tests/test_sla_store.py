@@ -10,9 +10,10 @@ import pytest
 from reconciler.sla.definitions import parse_definitions
 from reconciler.sla.service import SlaService
 from reconciler.sla.webhook import WebhookNotifier
+from tests.conftest import migrated
 from tests.sla_estate import Receiver
 from tower_core.settings import Settings
-from tower_core.store import Store, migrate
+from tower_core.store import Store
 from tower_core.store import sla as q
 from tower_core.store.migrate import available
 
@@ -24,7 +25,7 @@ S = 1_000_000_000
 @pytest.fixture
 def db(store: Store) -> Iterator[Store]:
     """A fresh database on chDB and, through clickhouse-connect, on the ClickHouse-HTTP test fixture."""
-    migrate(store)
+    migrated(store)
     yield store
 
 

@@ -14,9 +14,10 @@ from fastapi.testclient import TestClient
 from collector.app import create_app
 from collector.auth import create_token
 from reconciler.runner import _pull_stream
+from tests.conftest import migrated
 from tower_core.models import LedgerEntry, Page, Skipped
 from tower_core.settings import Settings
-from tower_core.store import Store, migrate
+from tower_core.store import Store
 from tower_core.store import reconcile as q
 from tower_core.store import source_skips as skips
 
@@ -47,7 +48,7 @@ def stored_entries(store: Store) -> list[str]:
 
 
 def test_a_pull_moves_past_skipped_records_keeps_them_and_clears_them_when_they_map(store: Store) -> None:
-    migrate(store)
+    migrated(store)
     bad = Skipped("erp:2", "currency 'XBT' has no ISO 4217 exponent")
     fetch = scripted(
         [
@@ -89,7 +90,7 @@ def test_a_pull_moves_past_skipped_records_keeps_them_and_clears_them_when_they_
 
 
 def test_viewers_list_skipped_source_records(embedded_store: Store, tmp_path: Path) -> None:
-    migrate(embedded_store)
+    migrated(embedded_store)
     skips.record_skips(embedded_store, "tryton", "ledger_entries", [Skipped("tryton:invoice:7", "XBT")])
     skips.record_skips(embedded_store, "stripe", "invoices", [Skipped("in_1", "no currency")])
     skips.clear_skips(embedded_store, "stripe", "invoices", ["in_1"])

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from collector.correlation import key_attribute_names
+from tests import conftest
 from tests.conftest import new_database
 from tower_core.errors import ConfigError, StoreError
 from tower_core.settings import Settings
@@ -71,6 +72,24 @@ def test_migrations_twice_second_is_noop(store: Store) -> None:
     assert counts["schema_migrations"] == len(available())
 
 
+def test_the_test_fixtures_copy_of_the_schema_is_what_migrate_builds(store: Store, sibling_store: Store) -> None:
+    """Most tests start from `migrated()`, a copy of the schema a first database got from migrate(): the copy
+    must be that schema, every table and view, and leave migrate() nothing to do."""
+    migrate(store)
+    conftest._MIGRATED_SCHEMA.setdefault(type(store), conftest.schema_record(store))
+    conftest.migrated(sibling_store)
+    built, copied = conftest.schema_record(store), conftest.schema_record(sibling_store)
+    assert len(built[0]) > 30 and any(d.startswith("CREATE MATERIALIZED VIEW") for d in built[0])
+    assert copied[0] == built[0]
+    assert copied[1].select(["Version", "Checksum"]).equals(built[1].select(["Version", "Checksum"]))
+    assert migrate(sibling_store) == []
+    sibling_store.insert_arrow("otel_traces", spans(3))  # the copied views fire as the migrated ones do
+    store.insert_arrow("otel_traces", spans(3))
+    counts = table_counts(store)
+    assert counts["otel_traces"] == 3 and counts["otel_traces_trace_id_ts"] > 0
+    assert table_counts(sibling_store) == counts
+
+
 def test_insert_and_parameterized_read(store: Store) -> None:
     migrate(store)
     assert store.insert_arrow("otel_traces", spans(50)) == 50
@@ -91,7 +110,8 @@ def test_insert_and_parameterized_read(store: Store) -> None:
 def test_every_view_of_a_table_fires_for_an_arrow_insert(chdb_data_dir: Path) -> None:
     """Regression: chDB's streaming Arrow insert skipped otel_traces' materialized views in about one fresh
     database in three (it depended on the order the views were registered in) and never ran the step view.
-    The order is random per database, so a dozen fresh databases cover it all but certainly."""
+    The order is random per database (a copy of the schema too: its views get new ids), so a dozen fresh
+    databases cover it all but certainly."""
     attrs = pa.array(
         [[("revops.invoice.id", f"in_{i}"), ("revops.step", "invoice_to_ledger")] for i in range(10)],
         type=OTEL_TRACES.field("SpanAttributes").type,
@@ -101,7 +121,7 @@ def test_every_view_of_a_table_fires_for_an_arrow_insert(chdb_data_dir: Path) ->
     for _ in range(12):
         st = open_store(Settings(data_dir=chdb_data_dir, database=new_database(), clickhouse_url=None))
         try:
-            migrate(st)
+            conftest.migrated(st)
             sync_key_attributes(st, key_attribute_names())
             st.insert_arrow("otel_traces", batch, dedup_token="views_1")
             counts = {
