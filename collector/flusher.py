@@ -92,6 +92,7 @@ class Flusher:
         # either way its chunk token would not catch rows that landed under the records' own tokens.
         self._progress: dict[str, dict[int, bool]] = {}
         self._wake = threading.Event()
+        self.failing_since: float | None = None  # monotonic time of the first failed write since the last success
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tower-flusher", daemon=True)
 
@@ -118,6 +119,7 @@ class Flusher:
                 self.drain(give_up=self._stop.is_set)
             except Exception:  # the flusher must outlive any error: the segment stays and is retried next tick
                 self.metrics.flush_errors.inc()
+                self._failed()
                 log.exception("flush failed; the buffer keeps the data and the next tick retries")
             if stopping:
                 return
@@ -140,6 +142,7 @@ class Flusher:
                 log.warning("flush of segment %s deferred: %s", segment.id, exc)
                 return
             self.wal.remove(segment)
+            self.failing_since = None
             self._progress.pop(segment.id, None)
             self.metrics.buffer_bytes.set(self.wal.pending_bytes)
 
@@ -174,8 +177,18 @@ class Flusher:
         left = len(spans.keys) - len(stored) if stored else None
         return replay.without(requests, stored), f"{token}_r{self.wal.epoch}_{len(stored)}", left
 
+    def _failed(self) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+
+    def failing_for_s(self) -> float:
+        """How long every write to the store has failed (0 while they succeed): readiness reads it."""
+        since = self.failing_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def _on_retry(self, state: Any) -> None:
         self.metrics.flush_errors.inc()
+        self._failed()
         log.warning("flush failed (attempt %s): %s", state.attempt_number, state.outcome.exception())
 
     def flush_segment(self, segment: Segment) -> None:

@@ -29,6 +29,11 @@ from tower_core.store.otlp_sql import sync_key_attributes
 log = logging.getLogger("tower.collector.ingest")
 
 RETRY_AFTER_S = 1
+# readiness: not ready past this share of the write-ahead buffer, or after the store refused writes this long
+READY_BUFFER_SHARE = 0.9
+READY_FLUSH_FAILING_S = 30.0
+# /metrics' reason of a request refused whole, by its status
+_REFUSAL_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type"}
 
 
 class Refused(Exception):
@@ -96,12 +101,28 @@ class IngestService:
             self.metrics.requests_refused.labels(reason=label).inc()
         return reason
 
+    def not_ready(self) -> list[str]:
+        """Why ingest cannot be counted on now: a load balancer should send clients elsewhere meanwhile."""
+        why = []
+        used = self.wal.pending_bytes / self.wal.max_bytes
+        if used >= READY_BUFFER_SHARE:
+            why.append(f"write-ahead buffer {used:.0%} full")
+        failing = self.flusher.failing_for_s()
+        if failing >= READY_FLUSH_FAILING_S:
+            why.append(f"writes to the store failing for {failing:.0f} s")
+        return why
+
     def start(self) -> None:
         self.flusher.start()
 
     def stop(self) -> None:
         self.flusher.stop()
         self.wal.close()
+
+    def count_refusal(self, status: int) -> int:
+        """Count a request refused whole (a client failing every request shows on /metrics); returns status."""
+        self.metrics.requests_refused.labels(reason=_REFUSAL_REASONS.get(status, "malformed")).inc()
+        return status
 
     def _never_fits(self, payload: bytes) -> str | None:
         """A request larger than the whole buffer would get 503 on every retry: it is refused as too large."""
@@ -127,22 +148,23 @@ class IngestService:
         try:
             mt = otlp.media_type(content_type)
         except otlp.OtlpError as exc:
-            return Reply(exc.status, otlp.status_body(otlp.JSON, exc.status, exc.message), otlp.JSON)
+            status = self.count_refusal(exc.status)
+            return Reply(status, otlp.status_body(otlp.JSON, exc.status, exc.message), otlp.JSON)
         try:
             raw = otlp.decompress(body, encoding, self.settings.max_body_bytes)
             req = otlp.decode(raw, mt)
             checked = otlp.validate(req)
         except otlp.OtlpError as exc:
-            return Reply(exc.status, otlp.status_body(mt, exc.status, exc.message), mt)
+            return Reply(self.count_refusal(exc.status), otlp.status_body(mt, exc.status, exc.message), mt)
         self.metrics.spans_rejected.inc(checked.rejected)
         if checked.rejected and not checked.accepted:  # nothing usable: the request as a whole is bad
-            return Reply(400, otlp.status_body(mt, 400, checked.error_message), mt)
+            return Reply(self.count_refusal(400), otlp.status_body(mt, 400, checked.error_message), mt)
         if checked.accepted:
             # what was validated, scrubbed and canonically encoded: a client's bytes may repeat a field, which
             # protobuf reads as its last value and ClickHouse's reader does not (a span stored without its trace id)
             payload, _ = span_pii.scrubbed_payload(req, self.cdp_pii)
             if (too_big := self._never_fits(payload)) is not None:
-                return Reply(413, otlp.status_body(mt, 413, too_big), mt)
+                return Reply(self.count_refusal(413), otlp.status_body(mt, 413, too_big), mt)
             try:
                 self._append(KIND_SPANS, checked.accepted, payload)
             except Refused as exc:
@@ -156,21 +178,22 @@ class IngestService:
         try:
             body = otlp.decompress(body, encoding, self.settings.max_body_bytes)  # the same caps as OTLP's
         except otlp.OtlpError as exc:
-            return _json(exc.status, {"error": exc.message})
+            return _json(self.count_refusal(exc.status), {"error": exc.message})
         try:
             good, bad = ev.parse_body(body, content_type, received_ns, self.key_names)
         except ev.EventError as exc:
             status = 415 if "content type" in str(exc) else 400
-            return _json(status, {"error": str(exc)})
+            return _json(self.count_refusal(status), {"error": str(exc)})
         self.metrics.events_rejected.inc(len(bad))
         good = [event_pii.scrubbed(e, self.cdp_pii) for e in good]
         if not good and not bad:  # an empty batch is valid (CloudEvents JSON format, 4.3), as an empty OTLP request
             return _json(200, {"accepted": 0, "rejected": []})
         if not good:
-            return _json(400, {"error": "no valid event in the request", "accepted": 0, "rejected": bad})
+            status = self.count_refusal(400)
+            return _json(status, {"error": "no valid event in the request", "accepted": 0, "rejected": bad})
         payload = orjson.dumps({"received_ns": received_ns, "events": [e.to_json() for e in good]})
         if (too_big := self._never_fits(payload)) is not None:
-            return _json(413, {"error": too_big})
+            return _json(self.count_refusal(413), {"error": too_big})
         try:
             self._append(KIND_EVENTS, len(good), payload)
         except Refused as exc:

@@ -596,12 +596,22 @@ class ActionService:
                 if payment is None:
                     raise ActionError(422, f"payment {pid} is not in the billing state")
                 applied: dict[str, int] = {}
+                foreign: dict[str, str] = {}  # minor units of another currency never count towards the amount
                 for e in self.erp.find_by_external_ref(pid):
                     if e.entry_type == "payment" and e.live:
+                        if e.currency != payment.currency:
+                            foreign[e.applied_to_ref] = e.currency
+                            continue
                         applied[e.applied_to_ref] = applied.get(e.applied_to_ref, 0) + e.amount_minor
                 for invoice_id, amount in sorted(payment.allocations.items()):
                     if only_invoice and invoice_id != only_invoice:
                         continue
+                    if invoice_id in foreign:  # applying more would apply the payment's cash twice
+                        raise ActionError(
+                            422,
+                            f"the ERP applied {pid} to {invoice_id} in {foreign[invoice_id]}, not {payment.currency}: "
+                            "correct that application in the ERP (the tower does not rewrite one)",
+                        )
                     if applied.get(invoice_id, 0) >= amount:
                         outcomes.append(ActionOutcome(pid, True, f"{pid}->{invoice_id} already applied"))
                         continue

@@ -384,8 +384,7 @@ def classify_invoice(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
         )  # fmt: skip
     if (f["e_currency"] or "") != (f["b_currency"] or ""):
         return Finding(
-            CURRENCY_MISMATCH, "currency_differs", "erp", amount_minor=b_total - e_amount, billing=billing, erp=erp,
-            **base,
+            CURRENCY_MISMATCH, "currency_differs", "erp", amount_minor=b_total, billing=billing, erp=erp, **base,
         )  # fmt: skip
     if b_total != e_amount and not rules.tolerance(currency).within(b_total, e_amount):
         reason = _amount_reason(
@@ -465,8 +464,7 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
     # every ERP row of the key in the billing currency: "EUR,USD" or "EUR" against "USD" differs
     currency_differs = (f["e_currencies"] or "") != (f["p_currency"] or "")
     if kind == "payment":
-        if int(f["e_n"]) > 0 and currency_differs:
-            amount -= int(f["e_sum"] or 0)
+        if int(f["e_n"]) > 0 and currency_differs:  # billing's amount: minor units of two currencies never subtract
             return Finding(
                 CURRENCY_MISMATCH, "application_currency", "erp", amount_minor=amount, billing=billing, erp=erp, **base
             )
@@ -510,12 +508,16 @@ def classify_payment(f: Mapping[str, Any], rules: Rules, as_of: dt.datetime) -> 
         # credit memos are compared unsigned: ERPs book them positive or negative
         refunded, memo = abs(amount), int(f["e_memo_sum"] or 0)
         if currency_differs:
-            cls, reason = CURRENCY_MISMATCH, "credit_memo_currency"
-        elif not rules.tolerance(base["currency"]).within(refunded, memo):
-            cls, reason = AMOUNT_MISMATCH, "credit_memo_differs"
-        else:
-            return None
-        return Finding(cls, reason, "erp", amount_minor=refunded - memo, billing=billing, erp=erp, **base)
+            return Finding(
+                CURRENCY_MISMATCH, "credit_memo_currency", "erp", amount_minor=refunded, billing=billing, erp=erp,
+                **base,
+            )  # fmt: skip
+        if not rules.tolerance(base["currency"]).within(refunded, memo):
+            return Finding(
+                AMOUNT_MISMATCH, "credit_memo_differs", "erp", amount_minor=refunded - memo, billing=billing, erp=erp,
+                **base,
+            )  # fmt: skip
+        return None
     return None
 
 

@@ -35,6 +35,15 @@ def received(srv: TowerServer) -> float:
     return float(next(ln for ln in text.splitlines() if ln.startswith("tower_spans_received_total ")).split()[1])
 
 
+def refused(srv: TowerServer) -> dict[str, float]:
+    text = httpx.get(f"{srv.url}/metrics").text
+    lines = [ln for ln in text.splitlines() if ln.startswith("tower_ingest_refused_total{")]
+    return {ln.split('reason="')[1].split('"')[0]: float(ln.split()[1]) for ln in lines}
+
+
+REASON = {400: "malformed", 413: "too_large", 415: "unsupported_media_type"}
+
+
 def one_span(**attrs: str) -> ExportTraceServiceRequest:
     req = ExportTraceServiceRequest()
     sp = (
@@ -48,7 +57,8 @@ def one_span(**attrs: str) -> ExportTraceServiceRequest:
 
 
 def test_hostile_bodies_get_4xx_with_bounded_memory(server: TowerServer) -> None:
-    before_rss, before_spans = rss_mb(server), received(server)
+    before_rss, before_spans, before_refused = rss_mb(server), received(server), refused(server)
+    answered: list[int] = []
     cases: list[tuple[str, bytes, dict[str, str], int]] = []
     cases.append(
         (
@@ -81,11 +91,15 @@ def test_hostile_bodies_get_4xx_with_bounded_memory(server: TowerServer) -> None
             400,
         )
     )
+    cases.append(("plain text", b"spans", {"Content-Type": "text/plain"}, 415))
     for name, body, headers, expected in cases:
         r = httpx.post(f"{server.url}/v1/traces", content=body, headers=headers, timeout=60)
         assert r.status_code == expected, f"{name}: {r.status_code} {r.content[:200]!r}"
+        answered.append(r.status_code)
         if headers["Content-Type"] == PB["Content-Type"]:
             message = status_pb2.Status.FromString(r.content).message
+        elif expected == 415:
+            message = r.json()["message"]
         else:
             message = r.json()["message"]
         assert message, f"{name}: no message"
@@ -99,6 +113,12 @@ def test_hostile_bodies_get_4xx_with_bounded_memory(server: TowerServer) -> None
     ):
         r = httpx.post(f"{server.url}/v1/events", content=body, headers={"Content-Type": ctype}, timeout=60)
         assert 400 <= r.status_code < 500 and r.json()["error"]
+        answered.append(r.status_code)
+    # each request refused whole is counted by its reason: a client failing every request showed nowhere
+    after = refused(server)
+    counted = {k: after.get(k, 0) - before_refused.get(k, 0) for k in set(after) | set(before_refused)}
+    tally = {REASON[code]: float(answered.count(code)) for code in set(answered)}
+    assert {k: v for k, v in counted.items() if v} == tally and set(tally) == set(REASON.values())
 
 
 def test_api_errors_are_json_4xx(server: TowerServer) -> None:

@@ -120,6 +120,10 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], says: str, tmp_pa
         ({"TOWER_WAL_MAX_BYTES": "-5"}, "TOWER_WAL_MAX_BYTES"),
         ({"TOWER_API_MAX_BODY_BYTES": "-1"}, "TOWER_API_MAX_BODY_BYTES"),
         ({"TOWER_RECONCILE_GRACE_S": '{"*": -1}'}, "TOWER_RECONCILE_GRACE_S"),
+        # the reconcile SQL reads them as Int64: 2**63 wrapped negative and made a 50-cent difference drift
+        ({"TOWER_RECONCILE_TOLERANCE_REL_BP": '{"USD": 9223372036854775808}'}, "must be 0 to"),
+        # a key that is no currency code was kept and never matched: USD kept the default tolerance
+        ({"TOWER_RECONCILE_TOLERANCE_ABS_MINOR": '{"usd": 500}'}, "not an ISO 4217 currency code"),
         # a typo in a mapping's target dropped it without a word: its spans' invoices were never found
         ({"TOWER_KEY_ATTRIBUTE_MAP": '{"stripe.invoice_id": "revops.invoice_id"}'}, "revops.invoice.id"),
         # sent in a header: a 116-line traceback from the HTTP client (the token itself must not be echoed)

@@ -249,6 +249,22 @@ def test_a_segment_retried_in_the_same_process_writes_each_span_once(
     assert metrics.rows_flushed.labels(table="otel_traces")._value.get() == 35
 
 
+def test_the_flusher_says_how_long_its_writes_have_failed(tmp_path: Path, embedded_store: Store) -> None:
+    """Readiness reads it: a store refusing every write (a full disk under it) left /readyz at 200 while every
+    ingest request got 503."""
+    wal = _segment_of(tmp_path, embedded_store, [10])
+    flaky = FlakyStore(embedded_store, {1: DOWN, 2: DOWN})
+    flusher = Flusher(wal, flaky, key_attribute_names(), CollectorMetrics(), flush_rows=5000, flush_interval_s=1)  # type: ignore[arg-type]
+    assert flusher.failing_for_s() == 0
+    flusher.drain(give_up=lambda: True)  # two attempts fail: the segment stays
+    assert len(wal.sealed()) == 1 and flaky.calls == 2
+    first = flusher.failing_for_s()
+    time.sleep(0.2)
+    assert 0 < first < flusher.failing_for_s()  # counted from the first failure on, not reset by a later one
+    flusher.drain()  # the store writes again
+    assert wal.sealed() == [] and flusher.failing_for_s() == 0 and _stored(embedded_store)["spans"] == 10
+
+
 class LandsThenRefuses(FlakyStore):
     """Named fake like FlakyStore: the listed span inserts land, then fail (a full disk under a view: the spans'
     part is written, a view's is not)."""

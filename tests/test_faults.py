@@ -170,6 +170,25 @@ def test_full_disk_under_the_buffer_503_then_recovers(tmp_path: Path) -> None:
         subprocess.run(["umount", str(wal)], check=False)
 
 
+def test_readiness_says_503_while_the_write_ahead_buffer_is_nearly_full(tmp_path: Path) -> None:
+    """A load balancer should send clients elsewhere before every request gets 503: /readyz said ready while
+    the buffer was full."""
+    idle = {"TOWER_FLUSH_INTERVAL_S": "60", "TOWER_FLUSH_ROWS": "100000000"}  # nothing drains behind the test
+    with TowerServer(tmp_path, TOWER_WAL_MAX_BYTES="400000", **idle) as srv:
+        assert httpx.get(f"{srv.url}/readyz").json()["status"] == "ready"
+        statuses = []
+        for k in range(200):
+            r = httpx.post(
+                f"{srv.url}/v1/traces", content=batch(k * 50, 50), headers={"Content-Type": "application/x-protobuf"}
+            )
+            statuses.append(r.status_code)
+            if r.status_code != 200:
+                break
+        ready = httpx.get(f"{srv.url}/readyz")
+        assert statuses[-1] == 503 and statuses.count(200) > 3
+        assert ready.status_code == 503 and "write-ahead buffer" in ready.json()["status"]
+
+
 def buffered_bytes(srv: TowerServer) -> float:
     text = httpx.get(f"{srv.url}/metrics", timeout=10).text
     return float(next(ln for ln in text.splitlines() if ln.startswith("tower_buffer_bytes ")).split()[1])

@@ -884,6 +884,33 @@ def test_two_classes_correcting_the_same_erp_record_take_turns(store: Store, tmp
     assert [a for a in erp.applied if a[0] == pid] == [(pid, inv, payment.allocations[inv])]
 
 
+def test_a_payment_applied_partly_in_another_currency_is_not_applied_again(store: Store, tmp_path: Path) -> None:
+    """Minor units of two currencies never add up: the ERP applied half of a payment in its currency and the
+    rest in another. The applications in another currency made the correction of the invoice's under_applied item
+    see the payment applied in full (or short by an invented amount). It now refuses and says where to correct
+    it; nothing is written."""
+    e = estate(17, 800, payment_not_applied=0.01)
+    svc = service_for(store, e, tmp_path)
+    svc.run(full=True, as_of=e.config.as_of)
+    pid = open_keys(store, c.PAYMENT_UNAPPLIED)[0]
+    payment = q.load_payment(store, pid)
+    assert payment is not None
+    inv, amount = next(iter(payment.allocations.items()))
+    e.erp.apply_payment(payment, inv, amount // 2)
+    (half,) = [x for x in e.erp.find_by_external_ref(pid) if x.entry_type == "payment"]
+    other = "JPY" if payment.currency != "JPY" else "USD"
+    e.erp.store(dataclasses.replace(half, entry_id="le_other_currency", currency=other, amount_minor=amount))
+    svc.run(full=True, as_of=e.config.as_of)
+    assert pid in open_keys(store, c.CURRENCY_MISMATCH) and inv in open_keys(store, c.UNDER_APPLIED)
+    under = q.get_drift(store, c.drift_id(c.UNDER_APPLIED, inv))
+    assert under is not None and (under["Currency"], under["AmountMinor"]) == (payment.currency, amount - amount // 2)
+    before = [(x.entry_id, x.amount_minor) for x in e.erp.find_by_external_ref(pid)]
+    action = svc.actions.request(c.drift_id(c.UNDER_APPLIED, inv), "otto")  # a business class: waits
+    done = svc.actions.approve(action["action_id"], "alice")
+    assert done["state"] == "failed" and f"in {other}, not {payment.currency}" in done["last_error"]
+    assert [(x.entry_id, x.amount_minor) for x in e.erp.find_by_external_ref(pid)] == before
+
+
 def test_an_automatic_correction_runs_again_when_its_drift_comes_back(store: Store, tmp_path: Path) -> None:
     e = estate(19, 400, erp_posting_missing=0.02)
     svc = service_for(store, e, tmp_path, reconcile_auto_correct=True)

@@ -45,8 +45,10 @@ def led(eid: str, typ: str, ref: str, amount: int, status: str = "open", applied
     )
 
 
-def pay(pid: str, amount: int, alloc: dict[str, int], kind: str = "payment", region: str = "EU") -> Payment:
-    return Payment(pid, kind, "cus_1", region, "USD", amount, "succeeded", T, T, allocations=alloc)  # type: ignore[arg-type]
+def pay(
+    pid: str, amount: int, alloc: dict[str, int], kind: str = "payment", region: str = "EU", cur: str = "USD"
+) -> Payment:
+    return Payment(pid, kind, "cus_1", region, cur, amount, "succeeded", T, T, allocations=alloc)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -1096,6 +1098,49 @@ def test_postings_in_two_currencies_are_not_added_into_one_amount(store: Store) 
     assert {k: (r["erp_total_minor"], r["residual_minor"]) for k, r in cells.items()} == {
         ("EU", "USD"): (2_200, 0),
         ("EU", "EUR"): (1_400, 0),
+    }
+
+
+def test_amounts_of_two_currencies_are_never_subtracted_or_added(store: Store) -> None:
+    """Minor units of two currencies never subtract or add up (a review found both): a JPY invoice posted in USD
+    was a currency_mismatch of 0 JPY, a payment applied in USD one of 50,000 JPY, and the invoice that payment
+    paid was also under_applied by the 100,000 "JPY" of the USD application subtracted from its allocation. A
+    currency mismatch carries billing's amount; the payment's item, not the invoice's, reports its application."""
+    apac = {"region": "APAC", "cur": "JPY"}
+    q.write_invoices(store, [inv("in_cur", 150_000, **apac), inv("in_app", 150_000, "paid", **apac)])
+    q.write_payments(
+        store,
+        [
+            pay("py_app", 150_000, {"in_app": 150_000}, **apac),
+            pay("re_cur", 5_000, {"in_cur": 5_000}, kind="refund", **apac),
+        ],
+    )
+    q.write_ledger(
+        store,
+        [
+            led("le_cur", "invoice", "in_cur", 150_000, region="APAC"),  # in USD
+            led("le_app", "invoice", "in_app", 150_000, "paid", **apac),
+            led("le_pay", "payment", "py_app", 100_000, "posted", "in_app", region="APAC"),  # applied in USD
+            led("le_memo", "credit_memo", "re_cur", 5_000, "posted", "in_cur", region="APAC"),  # in USD
+        ],
+    )
+    q.write_invoices(store, [inv("in_usd", 2_000)])
+    run = Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    drift = {k: q.get_drift(store, i["drift_id"]) or {} for k, i in items(store).items()}
+    found = {k: (d["ReasonCode"], d["Currency"], d["AmountMinor"]) for k, d in drift.items()}
+    assert found == {
+        (c.CURRENCY_MISMATCH, "in_cur"): ("currency_differs", "JPY", 150_000),
+        (c.CURRENCY_MISMATCH, "py_app"): ("application_currency", "JPY", 150_000),
+        (c.CURRENCY_MISMATCH, "re_cur"): ("credit_memo_currency", "JPY", 5_000),
+        (c.MISSING_IN_ERP, "in_usd"): ("not_posted", "USD", 2_000),
+    }
+    assert run.residual_minor == 0
+    # the queue's summary sums amounts per currency: it added yen and cents into one figure
+    groups = q.drift_summary(store)
+    summary = {(s["class"], s["region"], s["currency"]): (s["items"], s["amount_minor"]) for s in groups}
+    assert summary == {
+        (c.CURRENCY_MISMATCH, "APAC", "JPY"): (3, 305_000),
+        (c.MISSING_IN_ERP, "EU", "USD"): (1, 2_000),
     }
 
 

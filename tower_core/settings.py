@@ -17,6 +17,8 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 DEFAULT_GRACE_S = 7200
 DEFAULT_TOLERANCE_ABS_MINOR = 1
 _TOKEN = re.compile(r"[\x21-\x7e]+")
+_CURRENCY = re.compile(r"[A-Z]{3}")
+MAX_RULE_VALUE = 10**15  # a tolerance (minor units, basis points) or grace (seconds): far above any real one
 # DOMAIN.md section 2's business-key attributes: what TOWER_KEY_ATTRIBUTE_MAP may map other names onto
 # (collector/correlation.py reads the same ones; a test checks they agree)
 KEY_ATTRIBUTE_TARGETS = (
@@ -266,9 +268,19 @@ class Settings(BaseSettings):
     @field_validator("reconcile_tolerance_abs_minor", "reconcile_tolerance_rel_bp", "reconcile_grace_s")
     @classmethod
     def _not_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        # the reconcile SQL reads them as Int64 (grace in milliseconds): a larger one wrapped negative
         for key, n in value.items():
-            if n < 0:
-                raise ValueError(f"{key!r} is {n}; must be 0 or more")
+            if not 0 <= n <= MAX_RULE_VALUE:
+                raise ValueError(f"{key!r} is {n}; must be 0 to {MAX_RULE_VALUE}")
+        return value
+
+    @field_validator("reconcile_tolerance_abs_minor", "reconcile_tolerance_rel_bp")
+    @classmethod
+    def _currency_keys(cls, value: dict[str, int]) -> dict[str, int]:
+        # a key that is no currency code ("usd") was kept and never matched: that currency kept the default
+        for key in value:
+            if key != "*" and not _CURRENCY.fullmatch(key):
+                raise ValueError(f"{key!r} is not an ISO 4217 currency code (like USD) or * (the default)")
         return value
 
     @field_validator("api_token", "dashboard_token", "admin_token")

@@ -104,7 +104,7 @@ async def list_items(
     return {"items": [_view(r, now) for r in rows], "total": total, "limit": limit, "offset": offset}
 
 
-@router.get("/summary", summary="Open items per class, region, state and aging bucket")
+@router.get("/summary", summary="Open items per class, region, state, currency and aging bucket")
 async def summary(
     store: Annotated[Store, Depends(get_store)], viewer: Annotated[Principal, Depends(require("viewer"))]
 ) -> dict[str, Any]:

@@ -30,6 +30,7 @@ async def post_events(
     try:
         body = await read_body(request, ingest.settings.max_body_bytes)
     except otlp.OtlpError as exc:
-        return Response(orjson.dumps({"error": exc.message}), exc.status, media_type="application/json")
+        status = ingest.count_refusal(exc.status)
+        return Response(orjson.dumps({"error": exc.message}), status, media_type="application/json")
     reply = await run_in_threadpool(ingest.events, body, content_type, content_encoding)
     return Response(reply.body, reply.status, reply.headers, media_type=reply.media_type)

@@ -16,8 +16,10 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
-    """Ready when the store answers and the schema is migrated."""
+    """Ready when the store answers and ingest can be counted on: not while the write-ahead buffer is nearly
+    full or the store has refused its writes for a while (every ingest request is about to get 503)."""
     state = request.app.state
-    ok = state.store.ping()
-    body = {"status": "ready" if ok else "store unavailable", "backend": state.store.backend}
-    return JSONResponse(body, status_code=200 if ok else 503)
+    why = [] if state.store.ping() else ["store unavailable"]
+    why += state.ingest.not_ready()
+    body = {"status": "; ".join(why) or "ready", "backend": state.store.backend}
+    return JSONResponse(body, status_code=503 if why else 200)

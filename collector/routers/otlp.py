@@ -30,6 +30,6 @@ async def export_traces(
         body = await read_body(request, ingest.settings.max_body_bytes)
     except otlp.OtlpError as exc:
         mt = otlp.JSON if "json" in (content_type or "") else otlp.PROTOBUF
-        return Response(otlp.status_body(mt, exc.status, exc.message), exc.status, media_type=mt)
+        return Response(otlp.status_body(mt, exc.status, exc.message), ingest.count_refusal(exc.status), media_type=mt)
     reply = await run_in_threadpool(ingest.traces, body, content_type, content_encoding)
     return Response(reply.body, reply.status, reply.headers, media_type=reply.media_type)

@@ -610,11 +610,16 @@ SELECT
     minIf(cust, src = 1) AS e_party,  -- of several postings, one and always the same ('' first)
     argMinIf(day, id, src = 1) AS e_day,
     argMinIf(note, id, src = 3) AS rejected,
-    sumIf(amt, src = 2) AS e_applied,
+    -- applications in the invoice's currency: one in another currency is its payment's currency_mismatch, and
+    -- minor units of two currencies never add up
+    sumMapIf(map(cur, amt), src = 2)[if(b_n > 0, b_currency, e_currency)] AS e_applied,
     sumIf(amt, src = 4) AS b_alloc,
-    -- allocations of payments the ERP applied to no invoice at all: the payment's own comparison reports them
-    -- (payment_unapplied); one the ERP applied elsewhere but not here is this invoice's (under_applied)
-    arraySum(arrayMap((p, a, w) -> if(w OR has(groupArrayIf(id, src = 2), p), 0, a),
+    -- allocations of payments the ERP applied to no invoice at all, or to this one only in another currency: the
+    -- payment's own comparison reports them (payment_unapplied, currency_mismatch); one the ERP applied elsewhere
+    -- but not here is this invoice's (under_applied)
+    arraySum(arrayMap((p, a, w) -> if((w AND NOT has(groupArrayIf(id, src = 2), p)) OR has(arrayFilter(
+            (q, c) -> c = if(b_n > 0, b_currency, e_currency), groupArrayIf(id, src = 2), groupArrayIf(cur, src = 2)),
+            p), 0, a),
         groupArrayIf(id, src = 4), groupArrayIf(amt, src = 4), groupArrayIf(applied, src = 4))) AS b_alloc_unposted,
     arraySum(arrayMap(p -> if(has(groupArrayIf(id, src = 6), p), 0, 1), groupArrayIf(id, src = 5))) AS b_credit_unposted
 FROM (
@@ -875,9 +880,10 @@ SELECT *,
         '') AS reason,
     multiIf(
         cls = 'missing_in_billing' OR (cls = 'status_mismatch' AND NOT final), -e_sum,
-        cls IN ('stale_sync', 'missing_in_erp', 'region_mismatch'), b_total,
+        -- a currency mismatch is billing's whole amount at stake: minor units of two currencies never subtract
+        cls IN ('stale_sync', 'missing_in_erp', 'region_mismatch', 'currency_mismatch'), b_total,
         cls = 'duplicate_posting', b_total - e_sum,
-        cls IN ('currency_mismatch', 'amount_mismatch'), b_total - e_amount,
+        cls = 'amount_mismatch', b_total - e_amount,
         cls IN ('under_applied', 'over_applied'), alloc - e_applied,
         0) AS amount,
     map('status', b_status, 'currency', b_currency, 'total_minor', toString(b_total), 'customer_id', b_customer) AS bm,
@@ -947,8 +953,9 @@ SELECT *,
         '') AS reason,
     multiIf(
         cls = 'missing_in_billing', -e_sum,
-        cls IN ('currency_mismatch', 'amount_mismatch') AND p_kind = 'payment', p_amount - e_sum,
-        cls IN ('currency_mismatch', 'amount_mismatch'), refunded - e_memo_sum,
+        cls = 'currency_mismatch', if(p_kind = 'payment', p_amount, refunded),  -- billing's, as for invoices
+        cls = 'amount_mismatch' AND p_kind = 'payment', p_amount - e_sum,
+        cls = 'amount_mismatch', refunded - e_memo_sum,
         p_amount) AS amount,
     map('kind', p_kind, 'status', p_status, 'amount_minor', toString(p_amount), 'currency', p_currency,
         'allocated_to', p_alloc_refs) AS bv,
@@ -1485,12 +1492,13 @@ def list_drift(
 
 
 def drift_summary(store: Store, now: dt.datetime | None = None) -> list[dict[str, Any]]:
-    """Open items per class, region and state, with their amounts (the dashboard's overview)."""
+    """Open items per class, region, state, currency and aging bucket, with their amounts (summed per currency
+    only: minor units of two currencies never add up)."""
     sql = _compose(
-        "SELECT Class AS class, Region AS region, State AS state, count() AS items, "
+        "SELECT Class AS class, Region AS region, State AS state, Currency AS currency, count() AS items, "
         "sum(abs(AmountMinor)) AS amount_minor, /*age_bucket*/ AS age_bucket "
         "FROM (SELECT *, /*age_days*/ AS age FROM $db.drift_items FINAL WHERE State != 'resolved') "
-        "GROUP BY class, region, state, age_bucket ORDER BY class, region, state, age_bucket",
+        "GROUP BY class, region, state, currency, age_bucket ORDER BY class, region, state, currency, age_bucket",
         age_bucket=AGE_BUCKET,
         age_days=AGE_DAYS,
     )
