@@ -42,6 +42,7 @@ from collector.routers import overview as overview_routes
 from collector.routers import sla as sla_routes
 from collector.scheduler import create_scheduler
 from collector.telemetry import setup_telemetry
+from collector.telemetry import shutdown as shutdown_telemetry
 from reconciler.service import ReconcilerService
 from reconciler.sla.prom import SlaCollector
 from reconciler.sla.service import SlaService
@@ -80,18 +81,26 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         access_log.install()  # here: uvicorn configures its loggers after the app is built
-        provider = setup_telemetry(settings)
+        telemetry = setup_telemetry(settings)
+        if telemetry is not None:
+            ingest.own_spans_received = telemetry[1].stop
         ingest.start()
         reconciler.start(scheduler)  # closes interrupted runs, recovers in-progress actions, adds its jobs
         scheduler.start()
+        log.info(
+            "serving on the %s store (database %s); %d bytes wait in the write-ahead buffer",
+            store.backend,
+            store.database,
+            ingest.wal.pending_bytes,
+        )
         try:
             yield
         finally:
             scheduler.shutdown(wait=False)
             sla.close()
             ingest.stop()
-            if provider is not None:
-                provider.shutdown()
+            if telemetry is not None:
+                shutdown_telemetry(telemetry[0])
 
     app = FastAPI(title="Revenue Control Tower", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings

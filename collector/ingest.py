@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -21,10 +22,14 @@ from collector.correlation import key_attribute_names
 from collector.dead_letter import KIND_NAMES
 from collector.flusher import Flusher
 from collector.metrics import CollectorMetrics
+from collector.telemetry import INSTANCE_ID
 from collector.wal import KIND_EVENTS, KIND_SPANS, BufferFull, BufferWriteError, WriteAheadBuffer
 from tower_core.settings import Settings
 from tower_core.store import Store
 from tower_core.store.otlp_sql import sync_key_attributes
+
+if TYPE_CHECKING:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 log = logging.getLogger("tower.collector.ingest")
 
@@ -73,6 +78,8 @@ class IngestService:
         self.metrics.buffer_bytes.set(self.wal.pending_bytes)
         self._report_damage()
         self.dead_letters = self.flusher.dead_letters  # the records the store refused (the flusher fills it)
+        # set when the tower exports its own telemetry: called when those spans come back (collector.telemetry)
+        self.own_spans_received: Callable[[], None] | None = None
         self._requeue_lock = threading.Lock()
 
     def _report_damage(self) -> None:
@@ -153,6 +160,8 @@ class IngestService:
         try:
             raw = otlp.decompress(body, encoding, self.settings.max_body_bytes)
             req = otlp.decode(raw, mt)
+            if self.own_spans_received is not None and otlp.from_instance(req, INSTANCE_ID):
+                return self._own_spans(req, mt)
             checked = otlp.validate(req)
         except otlp.OtlpError as exc:
             return Reply(self.count_refusal(exc.status), otlp.status_body(mt, exc.status, exc.message), mt)
@@ -171,6 +180,15 @@ class IngestService:
                 return Reply(503, otlp.status_body(mt, 503, str(exc)), mt, {"Retry-After": str(RETRY_AFTER_S)})
             self.metrics.spans_received.inc(checked.accepted)
         return Reply(200, otlp.response(mt, checked.rejected, checked.error_message), mt)
+
+    def _own_spans(self, req: ExportTraceServiceRequest, mt: str) -> Reply:
+        """The tower's own spans, back through an alias of its endpoint: not stored, and the export stops (else
+        each round's ingest is traced and exported again, forever)."""
+        assert self.own_spans_received is not None
+        self.own_spans_received()
+        n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+        self.metrics.spans_rejected.inc(n)
+        return Reply(200, otlp.response(mt, n, "this tower's own spans: its self-telemetry loops back; stopped"), mt)
 
     def events(self, body: bytes, content_type: str | None, encoding: str | None = None) -> Reply:
         """CloudEvents ingest: valid events are kept, invalid ones reported (partial success)."""

@@ -176,6 +176,15 @@ def _span_problem(span: Any) -> str | None:
     return None
 
 
+def from_instance(req: ExportTraceServiceRequest, instance_id: str) -> bool:
+    """Does a resource of the request carry ``service.instance.id`` = ``instance_id``?"""
+    for rs in req.resource_spans:
+        for kv in rs.resource.attributes:
+            if kv.key == "service.instance.id" and kv.value.string_value == instance_id:
+                return True
+    return False
+
+
 def validate(req: ExportTraceServiceRequest) -> Validated:
     """Drop invalid spans in place; count what was kept and why the rest was not."""
     accepted = rejected = 0

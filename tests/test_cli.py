@@ -281,3 +281,18 @@ def test_the_cli_reports_an_api_answer_it_cannot_read_in_one_line(
         assert "unexpected" in one_error_line(run(["ingest", "dead-letters"], tmp_path, **env))
     finally:
         api.close()
+
+
+@pytest.mark.parametrize("level", ["INFO", "warning"])
+def test_the_towers_own_log_lines_carry_time_level_and_logger_at_the_chosen_level(level: str, tmp_path: Path) -> None:
+    """Nothing configured the tower's loggers: its INFO lines were dropped and warnings printed bare."""
+    import re
+
+    from tests.server import TowerServer
+
+    with TowerServer(tmp_path, TOWER_LOG_LEVEL=level) as srv:
+        pass
+    log = srv.log.read_text()
+    line = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO tower\.api: serving on the embedded store"
+    started = re.search(line, log, re.M)
+    assert (started is not None) == (level == "INFO"), log[-2000:]

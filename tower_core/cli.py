@@ -72,6 +72,7 @@ def serve(
 
     from collector.app import create_app
     from reconciler.sla.definitions import load_definitions
+    from tower_core.logs import configure as configure_logging
     from tower_core.ports import check_port_free
     from tower_core.store import migrate as run_migrations
 
@@ -80,9 +81,12 @@ def serve(
     # uvicorn's own complaint about a taken port or a bad address was six log lines and exit 3, after the store
     # was opened and migrated
     check_port_free(settings.host, settings.port)
+    configure_logging(settings.log_level)
     store = _open(settings)
     run_migrations(store)
-    uvicorn.run(create_app(settings, store), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        create_app(settings, store), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+    )
 
 
 @app.command()
@@ -133,8 +137,11 @@ def reconcile(
 def reconciler() -> None:
     """Run the reconciler's scheduled jobs beside a ClickHouse server (TOWER_CLICKHOUSE_URL); Ctrl-C stops."""
     from reconciler.cli import run_reconciler
+    from tower_core.logs import configure as configure_logging
 
-    raise typer.Exit(run_reconciler(load_settings()))
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    raise typer.Exit(run_reconciler(settings))
 
 
 def _add_simulate() -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from tower_core.logs import LEVELS as LOG_LEVELS
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # what the reconciler's maps fall back to without a `*` entry, as without the setting at all
 DEFAULT_GRACE_S = 7200
@@ -67,6 +69,9 @@ class Settings(BaseSettings):
         None, description="Bootstrap admin bearer token (create named tokens with it); never logged."
     )
 
+    log_level: str = Field(
+        "INFO", description="Level of the tower's own log lines on stderr: DEBUG, INFO, WARNING or ERROR."
+    )
     # --- SLA engine (reconciler/sla)
     sla_config: Path | None = Field(
         None, description="SLA definitions YAML; unset = the shipped default (reconciler/sla/config/sla.yaml)."
@@ -290,6 +295,13 @@ class Settings(BaseSettings):
         if value is not None and not _TOKEN.fullmatch(value.get_secret_value()):
             raise ValueError("must be non-empty printable ASCII without spaces (it is sent in an HTTP header)")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_known(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}")
+        return value.upper()
 
     @field_validator("cdp_pii_mode")
     @classmethod

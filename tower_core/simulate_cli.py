@@ -145,8 +145,10 @@ def run(
     """Play an estate at demo pace: telemetry to the API, billing/ERP/CDP served on a loopback port."""
     from connectors.simulator.live import demo_config, run_live
     from tower_core.cli import load_settings
+    from tower_core.logs import configure as configure_logging
 
     settings = load_settings()
+    configure_logging(settings.log_level)
     try:
         config = demo_config(
             seed=settings.simulator_seed if seed is None else seed,
