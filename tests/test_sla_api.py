@@ -211,3 +211,23 @@ def test_receiver_urls_are_redacted_in_answers_and_logs(
     for secret in ("HOOKSECRET1", "HOOKSECRET2", "AMPASSWORD", "amuser", "/services/"):
         assert secret not in r.text, secret
         assert secret not in logs, secret
+
+
+def test_regions_past_the_cap_are_evaluated_as_one(embedded_store: Store, tmp_path: Path) -> None:
+    """Regions come from the data (revops.region): 3,000 spans of made-up regions grew /metrics to 32 MB, one
+    set of ~40 series (and alerts) per region. Past TOWER_SLA_MAX_REGIONS, the quieter ones are one `other`."""
+    migrated(embedded_store)
+    scenario(embedded_store)  # EU: six items; NA and APAC: one each
+    settings = Settings(
+        database=embedded_store.database, wal_dir=tmp_path / "wal", admin_token=ADMIN, sla_eval_interval_s=0,
+        sla_max_regions=1,
+    )  # fmt: skip
+    with TestClient(create_app(settings, embedded_store)) as c:
+        now = dt.datetime.fromtimestamp((T + 60 * M) / 1e9, dt.UTC).isoformat()
+        assert c.post("/api/sla/evaluate", json={"now": now}, headers=auth(ADMIN)).status_code == 200
+        text = c.get("/metrics").text
+    stuck = [ln for ln in text.splitlines() if ln.startswith("tower_sla_items_stuck{")]
+    lines = [ln for ln in text.splitlines() if 'sla="invoice_posted"' in ln and 'region="' in ln]
+    regions = {ln.split('region="')[1].split('"')[0] for ln in lines}
+    assert regions == {"EU", "other"}
+    assert 'tower_sla_items_stuck{region="EU",sla="invoice_posted",step="invoice_to_ledger"} 3.0' in stuck

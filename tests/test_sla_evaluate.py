@@ -219,3 +219,18 @@ def test_receiver_urls_are_redacted_to_scheme_host_and_port() -> None:
     assert redact_url("not a url") == "***"
     text = "POST http://u:s3cret@am:9093/x failed; password s3cret"
     assert "s3cret" not in scrub(text, "http://u:s3cret@am:9093/x")
+
+
+def test_regions_past_the_cap_add_up_as_other() -> None:
+    def stats(region: str, total: int, bad: int, q: tuple[float, float, float] | None) -> ev.StepStats:
+        return ev.StepStats(region, (total, total * 2), (bad, bad), stuck=bad, in_flight=1, completed=total,
+                            quantiles_s=q, buckets=(total, total), latency_sum_s=float(total))  # fmt: skip
+
+    rows = [stats("EU", 50, 1, (1.0, 2.0, 3.0)), stats("x1", 3, 1, (1.0, 1.0, 1.0)), stats("NA", 20, 0, None),
+            stats("x2", 2, 2, (5.0, 5.0, 5.0)), stats("other", 1, 0, None)]  # fmt: skip
+    assert ev.fold_regions(rows, 5) == rows  # within the cap: as they are
+    folded = {s.region: s for s in ev.fold_regions(rows, 2)}
+    assert set(folded) == {"EU", "NA", "other"} and folded["EU"] == rows[0] and folded["NA"] == rows[2]
+    other = folded["other"]
+    assert (other.totals, other.bads, other.stuck, other.in_flight, other.completed) == ((6, 12), (3, 3), 3, 3, 6)
+    assert other.buckets == (6, 6) and other.latency_sum_s == 6.0 and other.quantiles_s is None

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     sla_eval_interval_s: float = Field(
         60.0, ge=0, description="How often `tower serve` evaluates the SLAs (seconds); 0 = only through the API."
     )
+    sla_max_regions: int = Field(
+        20,
+        ge=1,
+        description="Regions an SLA evaluates separately (the busiest); the rest are one region `other`. Regions "
+        "come from the data (revops.region): without a cap a client could grow /metrics and the alerts without end.",
+    )
     alertmanager_url: str | None = Field(
         None, description="Prometheus Alertmanager base URL (alerts go to /api/v2/alerts); unset = none."
     )

@@ -64,6 +64,36 @@ class StepStats:
         )
 
 
+OTHER_REGION = "other"
+
+
+def fold_regions(stats: list[StepStats], keep: int) -> list[StepStats]:
+    """The ``keep`` busiest regions (most items decided in the longest window, then by name) as they are; the
+    rest added up as one region ``other`` (its latency quantiles unknown: they do not add). Regions come from the
+    data, and each is ~40 metric series and its own alerts."""
+    if len(stats) <= keep:
+        return stats
+    ranked = sorted(stats, key=lambda s: (-max(s.totals, default=0), s.region))
+    kept = [s for s in ranked if s.region != OTHER_REGION][:keep]
+    rest = [s for s in ranked if s not in kept]
+
+    def add(values: list[tuple[int, ...]]) -> tuple[int, ...]:
+        return tuple(sum(v) for v in zip(*values, strict=True))
+
+    other = StepStats(
+        region=OTHER_REGION,
+        totals=add([s.totals for s in rest]),
+        bads=add([s.bads for s in rest]),
+        stuck=sum(s.stuck for s in rest),
+        in_flight=sum(s.in_flight for s in rest),
+        completed=sum(s.completed for s in rest),
+        quantiles_s=rest[0].quantiles_s if len(rest) == 1 else None,
+        buckets=add([s.buckets for s in rest]),
+        latency_sum_s=sum(s.latency_sum_s for s in rest),
+    )
+    return sorted([*kept, other], key=lambda s: s.region)
+
+
 @dataclass(frozen=True)
 class ObjectiveStatus:
     """Where one objective stands in one region at one evaluation."""

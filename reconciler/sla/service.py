@@ -108,7 +108,8 @@ class SlaService:
             bounds_s=ev.bounds_for(obj.threshold),
             regions=obj.regions,
         )
-        return [ev.objective_status(self.definitions, obj, ev.StepStats.from_row(r)) for r in rows]
+        stats = ev.fold_regions([ev.StepStats.from_row(r) for r in rows], self.settings.sla_max_regions)
+        return [ev.objective_status(self.definitions, obj, s) for s in stats]
 
     def _assess(self, now_ns: int) -> tuple[list[ev.ObjectiveStatus], dict[str, list[dict[str, Any]]], list[ev.Alert]]:
         statuses: list[ev.ObjectiveStatus] = []
