@@ -17,7 +17,7 @@ import orjson
 import pyarrow as pa
 
 from collector.correlation import extract_keys
-from tower_core.models import key_ref
+from tower_core.models import MAX_AMOUNT_MINOR, amount_error, key_ref
 from tower_core.store.arrow_schemas import BUSINESS_EVENTS, BUSINESS_KEY_LINKS
 
 STRUCTURED = "application/cloudevents+json"
@@ -87,12 +87,13 @@ def parse_time(value: Any) -> int:
 # DateTime64(9) columns and int64 nanoseconds hold 1900-01-01 .. 2262-04-11
 _MIN_TIME_NS = int(dt.datetime(1900, 1, 1, tzinfo=dt.UTC).timestamp()) * 1_000_000_000
 _MAX_TIME_NS = 2**63 - 1
-_AMOUNT = re.compile(r"^-?\d{1,18}$")  # minor units that fit Int64
+_AMOUNT = re.compile(r"^-?\d{1,16}$")  # minor units; amount_error bounds them
 
 
 def amount_minor(text: str) -> int | None:
-    """``revops.amount_minor`` as an integer, or None when it is not a whole number of minor units."""
-    return int(text) if _AMOUNT.match(text) else None
+    """``revops.amount_minor`` as an integer, or None when it is not a whole number of minor units the tower
+    takes (tower_core.models.MAX_AMOUNT_MINOR)."""
+    return int(text) if _AMOUNT.match(text) and amount_error(int(text)) is None else None
 
 
 def _scalar_text(value: Any) -> str | None:
@@ -180,7 +181,9 @@ def parse_event(doc: Any, received_ns: int, key_names: Collection[str] = ()) -> 
         if short in attrs:
             attrs.setdefault(full, attrs[short])
     if "revops.amount_minor" in attrs and amount_minor(attrs["revops.amount_minor"]) is None:
-        raise EventError("revops.amount_minor must be a whole number of minor units (an Int64)")
+        raise EventError(
+            f"revops.amount_minor must be a whole number of minor units, at most {MAX_AMOUNT_MINOR:,} either way"
+        )
     return BusinessEvent(
         event_id=doc["id"],
         source=doc["source"],

@@ -68,6 +68,8 @@ def test_minor_units_are_exact() -> None:
     # every ISO 4217 exponent, not 2 by default: KRW has none, KWD three, CLF four
     assert m.from_minor(50000, "KRW") == Decimal("50000") and m.to_minor(Decimal("12.345"), "KWD") == 12345
     assert m.from_minor(12340, "KWD") == Decimal("12.340") and m.to_minor(Decimal("1.2345"), "CLF") == 12345
+    with pytest.raises(m.MappingError, match="is beyond"):  # sums of such amounts wrapped Int64
+        m.to_minor(Decimal(2**62), "JPY")
     for unknown in ("XYZ", "usd", ""):  # never guessed
         with pytest.raises(m.MappingError, match="not an ISO 4217 currency"):
             m.from_minor(100, unknown)

@@ -6,6 +6,18 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+# The largest amount the tower takes, in minor units (10 trillion units of a two-decimal currency): ClickHouse's
+# sums of Int64 wrap silently, and a statement summed from amounts near 2**62 showed negative totals.
+MAX_AMOUNT_MINOR = 10**15
+
+
+def amount_error(amount_minor: int) -> str | None:
+    """Why ``amount_minor`` is not an amount the tower takes (None when it is)."""
+    if abs(amount_minor) > MAX_AMOUNT_MINOR:
+        return f"{amount_minor} minor units is beyond the {MAX_AMOUNT_MINOR:,} the tower takes"
+    return None
+
+
 # ISO 4217 (list one, active codes with a minor unit): the minor-unit exponent of every currency. A currency
 # missing here is refused where money is converted (connectors), never guessed: a guess of 2 decimals posts
 # 100x too much for KRW and a tenth of it for KWD.

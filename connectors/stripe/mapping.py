@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from collector.events import BusinessEvent
-from tower_core.models import Invoice, Payment, currency_exponent
+from tower_core.models import Invoice, Payment, amount_error, currency_exponent
 
 SOURCE = "stripe"
 SYSTEM = "billing"
@@ -47,9 +47,6 @@ class MappingError(ValueError):
     """The payload is not a Stripe event we can read; the message says which field."""
 
 
-_INT64 = 2**63
-
-
 def _minor(value: Any, field: str) -> str:
     """An amount in minor units as Stripe sends it (an integer); anything else would be stored as 0 or wrap."""
     if isinstance(value, float) or isinstance(value, bool):
@@ -58,8 +55,8 @@ def _minor(value: Any, field: str) -> str:
         n = int(value or 0)
     except (TypeError, ValueError):
         raise MappingError(f"{field} is not an amount in minor units: {str(value)[:40]!r}") from None
-    if not -_INT64 <= n < _INT64:
-        raise MappingError(f"{field} does not fit a 64-bit amount in minor units")
+    if (why := amount_error(n)) is not None:
+        raise MappingError(f"{field}: {why}")
     return str(n)
 
 
@@ -91,8 +88,8 @@ def iso_minor(value: Any, field: str, currency: Any) -> int:
         n, rest = divmod(n, 10**-shift)
         if rest:
             raise MappingError(f"{field} {value} {code} is not a whole number of {code} (Stripe counts hundredths)")
-    if not -_INT64 <= n < _INT64:
-        raise MappingError(f"{field} does not fit a 64-bit amount in minor units")
+    if (why := amount_error(n)) is not None:
+        raise MappingError(f"{field}: {why}")
     return n
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from tower_core.models import Invoice, LedgerEntry, Payment, currency_exponent
+from tower_core.models import Invoice, LedgerEntry, Payment, amount_error, currency_exponent
 
 SOURCE = "tryton"
 INVOICE_FIELDS = [
@@ -44,6 +44,8 @@ def to_minor(amount: Decimal, currency: str) -> int:
     scaled = amount.scaleb(_exponent(currency))
     if scaled != scaled.to_integral_value():
         raise MappingError(f"{amount} {currency} has more decimals than the currency")
+    if (why := amount_error(int(scaled))) is not None:
+        raise MappingError(f"{amount} {currency}: {why}")
     return int(scaled)
 
 
