@@ -78,13 +78,19 @@ def reconcile_via_api(
                 if time.monotonic() > deadline:
                     raise ConfigError(f"run {run_id} did not finish within {timeout_s:.0f}s")
                 time.sleep(POLL_S)
+        residual = "none"
+        if doc["state"] == "succeeded" and doc.get("residual_minor"):  # per currency: they never add up
+            query = {"run_id": run_id, "limit": 1}
+            statement = json_answer(_call(client, "GET", "/api/statements", params=query), f"run {run_id}'s statement")
+            by_currency = statement.get("residual_by_currency") or {}
+            residual = ", ".join(f"{c} {n} minor units" for c, n in by_currency.items()) or str(doc["residual_minor"])
     if doc["state"] == "failed":
         out.print(f"tower: error: run {run_id} failed: {doc.get('error')}", markup=False, highlight=False)
         return 1
     out.print(
         f"run {run_id} ({doc.get('mode')}{', region ' + doc['region'] if doc.get('region') else ''}) succeeded: "
         f"{doc.get('drift_new')} new, {doc.get('drift_resolved')} resolved, {doc.get('drift_open')} open drift "
-        f"items; unexplained residual {doc.get('residual_minor')}",
+        f"items; unexplained residual: {residual}",
         markup=False,
         highlight=False,
     )

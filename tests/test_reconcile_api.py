@@ -303,7 +303,7 @@ def test_tower_reconcile_cli_against_a_served_api_pulling_the_simulated_estate(t
                 ["reconcile", "--full", "--as-of", when], tmp_path, TOWER_API_URL=server.url, TOWER_API_TOKEN=token
             )
             assert ok.returncode == 0, ok.stdout + ok.stderr
-            assert "succeeded" in ok.stdout and "residual 0" in ok.stdout
+            assert "succeeded" in ok.stdout and "unexplained residual: none" in ok.stdout
             items = httpx.get(f"{server.url}/api/drift", params={"limit": 1000}, headers=auth(token)).json()
             assert {(i["class"], i["primary_key"]) for i in items["items"]} == estate.manifest.expected()
             eu = tower(["reconcile", "--region", "EU", "--as-of", when], tmp_path, TOWER_API_URL=server.url,

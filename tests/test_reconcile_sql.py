@@ -1144,6 +1144,26 @@ def test_amounts_of_two_currencies_are_never_subtracted_or_added(store: Store) -
     }
 
 
+def test_an_unexplained_residual_is_told_per_currency(store: Store) -> None:
+    """An EU run sees the EU postings of two NA invoices, in USD and in KWD, but not the invoices: the run and the
+    statement said "residual 2200", 11.00 USD and 1.100 KWD added into one number. The statement says it per
+    currency; the headline stays a zero-or-not signal."""
+    from collector.routers.statements import _statement
+
+    q.write_invoices(store, [inv("in_usd", 1_100, region="NA"), inv("in_kwd", 1_100, region="NA", cur="KWD")])
+    q.write_ledger(
+        store,
+        [
+            led("le_usd", "invoice", "in_usd", 1_100, region="EU"),
+            led("le_kwd", "invoice", "in_kwd", 1_100, region="EU", cur="KWD"),
+        ],
+    )
+    run = Reconciler(store, RULES).run(full=True, region="EU", as_of=AS_OF)
+    doc = _statement(store, run.run_id)
+    assert doc is not None and doc["residual_by_currency"] == {"KWD": 1_100, "USD": 1_100}
+    assert run.residual_minor == doc["residual_minor"] == 2_200
+
+
 def test_a_full_run_that_read_older_state_leaves_what_a_later_run_found(store: Store) -> None:
     """Two processes beside one ClickHouse server share no queue lock: a full run that read the state before a
     change, finishing after an incremental run that saw it, resolved that run's item; the watermark had moved

@@ -34,7 +34,10 @@ def _statement(store: Store, run_id: str | None, **kwargs: Any) -> dict[str, Any
         "items": rows,
         "total": total,
         "totals": totals,
-        "residual_minor": sum(abs(int(t["residual_minor"])) for t in totals),
+        # per region, currency and day, as the run's figure (a residual of +X one day and -X another is two);
+        # per currency, since minor units of two currencies never add up
+        "residual_by_currency": (by_currency := q.statement_residuals(store, run_id)),
+        "residual_minor": sum(by_currency.values()),
     }
 
 

@@ -1653,11 +1653,19 @@ def write_statement(store: Store, run_id: str, region: str = "") -> int:
 
 
 def statement_residual(store: Store, run_id: str) -> int:
+    """The run's headline: the absolute residuals of every region, currency and day added up. Zero or not is
+    what it says (it adds minor units of several currencies); ``statement_residuals`` has them per currency."""
+    return sum(statement_residuals(store, run_id).values())
+
+
+def statement_residuals(store: Store, run_id: str) -> dict[str, int]:
+    """Per currency, the absolute residuals of its regions and days added up (nonzero ones only)."""
     rows = store.query_rows(
-        "SELECT sum(abs(ResidualMinor)) AS r FROM $db.reconciliation_statements FINAL WHERE RunId = {run:String}",
+        "SELECT toString(Currency) AS c, sum(abs(ResidualMinor)) AS r FROM $db.reconciliation_statements FINAL "
+        "WHERE RunId = {run:String} GROUP BY c HAVING r != 0 ORDER BY c",
         {"run": run_id},
     )
-    return int(rows[0]["r"] or 0) if rows else 0
+    return {str(r["c"]): int(r["r"]) for r in rows}
 
 
 def latest_statement_run(store: Store) -> str | None:
