@@ -1144,6 +1144,19 @@ def test_amounts_of_two_currencies_are_never_subtracted_or_added(store: Store) -
     }
 
 
+def test_sorting_by_age_is_the_reverse_of_first_seen(store: Store) -> None:
+    """Ascending age listed the oldest item first (it sorted by first_seen)."""
+    for i in range(3):
+        q.write_invoices(store, [inv(f"in_{i}")])
+        Reconciler(store, RULES).run(full=True, as_of=AS_OF + dt.timedelta(minutes=i))
+
+    def order(sort: str, descending: bool) -> list[str]:
+        return [r["invoice_id"] for r in q.list_drift(store, sort=sort, descending=descending)[0]]
+
+    assert order("age", False) == order("first_seen", True) == ["in_2", "in_1", "in_0"]
+    assert order("age", True) == order("first_seen", False) == ["in_0", "in_1", "in_2"]
+
+
 def test_an_unexplained_residual_is_told_per_currency(store: Store) -> None:
     """An EU run sees the EU postings of two NA invoices, in USD and in KWD, but not the invoices: the run and the
     statement said "residual 2200", 11.00 USD and 1.100 KWD added into one number. The statement says it per

@@ -26,7 +26,9 @@ def test_webhook_fire_repeat_restart_resolve_without_duplicates(tmp_path: Path) 
         }
         b = base_ns(13)
         t1, t2 = b + 300 * MIN, b + 720 * MIN
-        with TowerServer(tmp_path / "tower", **env) as srv:
+        srv = TowerServer(tmp_path / "tower", **env)
+        del srv.env["TOWER_API_URL"]  # its port alone says where it answers: externalURL said :8000
+        with srv:
             invoices = send_estate(srv.url, b, 12, delays=(Delay("EU", b + 240 * MIN, b + 300 * MIN, 40 * MIN),))
             wait_stored(srv.url, invoices[-1], srv.auth)
             doc = evaluate(srv.url, TOKEN, t1)  # fire

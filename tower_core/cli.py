@@ -74,9 +74,12 @@ def serve(
     from reconciler.sla.definitions import load_definitions
     from tower_core.logs import configure as configure_logging
     from tower_core.ports import check_port_free
+    from tower_core.settings import own_api_url
     from tower_core.store import migrate as run_migrations
 
     settings = load_settings(host=host, port=port)
+    if "api_url" not in settings.model_fields_set:  # what it calls itself (webhooks' externalURL): not :8000
+        settings = settings.model_copy(update={"api_url": own_api_url(settings)})
     load_definitions(settings.sla_config)  # an invalid SLA file stops here: one line with its line number
     # uvicorn's own complaint about a taken port or a bad address was six log lines and exit 3, after the store
     # was opened and migrated

@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from tower_core.errors import ConfigError
-from tower_core.settings import Settings
+from tower_core.settings import Settings, own_api_url
 
 RUN_RANGE = 10_000_000  # invoice numbers per demo run
 
@@ -125,7 +125,7 @@ def demo_api_url(settings: Settings) -> str:
     """Where the demo's own API answers: TOWER_HOST:TOWER_PORT. TOWER_API_URL, when set, must name it: the demo
     waited on TOWER_API_URL and sent the estate's telemetry there, into another tower when the two differed."""
     host = "127.0.0.1" if settings.host in _ANY else settings.host
-    own = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    own = own_api_url(settings)
     if "api_url" not in settings.model_fields_set:
         return own
     url = urlsplit(settings.api_url)

@@ -351,3 +351,10 @@ def load_settings(**overrides: object) -> Settings:
         m = _FIELD.search(str(exc))
         where = f"TOWER_{m.group(1).upper()}" if m else "a TOWER_ variable"
         raise ConfigError(f"invalid setting {where}: not valid JSON (a list or a map is expected)") from None
+
+
+def own_api_url(settings: Settings) -> str:
+    """Where ``tower serve`` answers, from TOWER_HOST and TOWER_PORT (a wildcard bind is reached on loopback):
+    what the API calls itself (webhooks' externalURL) when TOWER_API_URL is not set."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"

@@ -1413,7 +1413,7 @@ DRIFT_SORT = {
     "class": "Class",
     "region": "Region",
     "state": "State",
-    "age": "FirstSeen",
+    "age": "-toUnixTimestamp64Milli(FirstSeen)",  # ascending: the youngest first
     "updated_at": "UpdatedAt",
 }
 # An item's age in whole days elapsed (as classify.age_bucket counts it), and its aging bucket from that ``age``.
