@@ -282,19 +282,38 @@ def run_summary(run: Mapping[str, Any] | None) -> dict[str, str]:
         return {"state": "no run yet"}
     started, finished = parse_time(run.get("started_at")), parse_time(run.get("finished_at"))
     took = (finished - started).total_seconds() if started and finished else None
+    done = run.get("state") in ("succeeded", "failed")  # a running run has counted nothing yet: 0 would mislead
+
+    def count(key: str) -> str:
+        return f"{int(run.get(key) or 0):,}" if done else "—"
+
     return {
         "state": str(run.get("state", "")),
         "mode": f"{run.get('mode', '')}{' · ' + run['region'] if run.get('region') else ''}",
         "started": fmt_time(started),
         "duration": fmt_duration(took),
-        "open items": f"{int(run.get('drift_open') or 0):,}",
-        "new": f"{int(run.get('drift_new') or 0):,}",
-        "resolved": f"{int(run.get('drift_resolved') or 0):,}",
+        "open items": count("drift_open"),
+        "new": count("drift_new"),
+        "resolved": count("drift_resolved"),
         "error": str(run.get("error") or ""),
     }
 
 
 # --- unreconciled ---------------------------------------------------------------------------------------------
+CLOSED_STATES = ("resolved", "ignored")
+
+
+def item_acts(state: str, policy: str) -> dict[str, bool]:
+    """Which of corrective sync, acknowledge and ignore the API takes for an item in ``state`` (it refuses the
+    others; the buttons of an ignored item were enabled and each answered 409 or 422)."""
+    closed = state in CLOSED_STATES
+    return {
+        "sync": policy != "manual" and not closed,
+        "acknowledge": not closed and state != "acknowledged",
+        "ignore": not closed,
+    }
+
+
 @dataclass
 class DriftFilters:
     """The Unreconciled page's filters, as the API's query parameters."""

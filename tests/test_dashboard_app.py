@@ -253,6 +253,10 @@ def test_ignore_needs_a_note_and_both_transitions_are_confirmed_and_audited(
     at.button(key="confirm_item").click().run()
     doc = tower.call("GET", f"/api/drift/{first['drift_id']}").json()
     assert (doc["state"], doc["state_note"]) == ("ignored", "profile merged by hand in billing")
+    # the API takes nothing more of an ignored item: its buttons were enabled, each answered 409 or 422
+    at.text_area(key="ur_note").input("one more note").run()
+    assert metric(at, "State") == "ignored"
+    assert all(at.button(key=k).disabled for k in ("ur_sync", "ur_ack", "ur_ignore"))
 
     at.selectbox(key="ur_item").set_value(second["drift_id"]).run()
     at.text_area(key="ur_note").input("").run()

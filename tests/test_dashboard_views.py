@@ -371,3 +371,32 @@ def test_a_timeout_is_told_apart_from_a_refusal_and_no_message_names_the_urls_cr
     for said in (str(slow.value), str(down.value)):
         assert "s3cretpw" not in said and "ops:" not in said and "http://127.0.0.1:9" in said
     assert "not known" in views.UNKNOWN_OUTCOME.format(op="corrective sync")
+
+
+def test_a_running_run_shows_no_counts_yet() -> None:
+    """The overview said "open items 0" while a run was under way (the API's counts are filled at its end)."""
+    running = {"state": "running", "mode": "full", "started_at": "2026-01-01T00:00:00Z", "drift_open": 0}
+    done = {**running, "state": "succeeded", "finished_at": "2026-01-01T00:00:03Z", "drift_open": 30, "drift_new": 2}
+    assert [views.run_summary(running)[k] for k in ("open items", "new", "resolved")] == ["—", "—", "—"]
+    summary = views.run_summary(done)
+    figures = (summary["open items"], summary["new"], summary["resolved"], summary["duration"])
+    assert figures == ("30", "2", "0", "3.0 s")
+
+
+@pytest.mark.parametrize("state", ["new", "persisting", "acknowledged", "ignored", "resolved"])
+def test_the_item_buttons_offer_what_the_api_takes(state: str) -> None:
+    """An ignored item's three buttons were enabled and each answered 409 or 422: the page offers what the
+    transition rules (reconciler.classify.manual_transition) and the corrective sync accept."""
+    from reconciler import classify as c
+
+    def takes(target: str) -> bool:
+        try:
+            c.manual_transition(state, target, "a note")
+        except c.TransitionError:
+            return False
+        return True
+
+    acts = views.item_acts(state, "approval")
+    assert acts["acknowledge"] == takes(c.ACKNOWLEDGED) and acts["ignore"] == takes(c.IGNORED)
+    assert acts["sync"] == (state not in (c.RESOLVED, c.IGNORED))
+    assert views.item_acts(state, "manual")["sync"] is False

@@ -194,10 +194,10 @@ def _item(api: TowerApi, drift_id: str) -> None:
     session.confirmation("item", drift_id)
     if item.get("policy_note"):  # a class and reason the tower leaves to a person: say what to do instead
         st.info(f"The tower does not correct this item: {views.md_escape(item['policy_note'])}")
-    resolved = item["state"] == "resolved"
+    acts = views.item_acts(item["state"], item["policy"])
     what = views.md_escape(f"{item['class']} {item['primary_key']}")  # shown in the questions below
     c1, c2, c3 = st.columns(3)
-    can_sync = item["policy"] != "manual" and not resolved
+    can_sync = acts["sync"]
     approve = item["policy"] == "approval"
 
     def _ask_sync() -> None:
@@ -225,21 +225,25 @@ def _item(api: TowerApi, drift_id: str) -> None:
         key="ur_sync",
         on_click=_ask_sync,
         disabled=not can_sync,
-        help=None if can_sync else "this class has no corrective operation; acknowledge or ignore it",
+        help=None
+        if can_sync
+        else f"the item is {item['state']}"
+        if item["state"] in views.CLOSED_STATES
+        else "this class has no corrective operation; acknowledge or ignore it",
     )
     note = st.text_area("Note (required to acknowledge or ignore)", key="ur_note", max_chars=2000)
     c2.button(
         "Acknowledge…",
         key="ur_ack",
         on_click=_ask_ack,
-        disabled=resolved or item["state"] == "acknowledged" or not note.strip(),
+        disabled=not acts["acknowledge"] or not note.strip(),
         help="write a note first: the audit record says why",
     )
     c3.button(
         "Ignore…",
         key="ur_ignore",
         on_click=_ask_ignore,
-        disabled=resolved or not note.strip(),
+        disabled=not acts["ignore"] or not note.strip(),
         help="write a note first: ignoring needs a reason",
     )
 
