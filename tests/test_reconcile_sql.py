@@ -1157,6 +1157,25 @@ def test_sorting_by_age_is_the_reverse_of_first_seen(store: Store) -> None:
     assert order("age", True) == order("first_seen", False) == ["in_0", "in_1", "in_2"]
 
 
+def test_the_default_statement_covers_the_estate_and_its_totals_follow_the_filters(store: Store) -> None:
+    """After a region run the default statement was that run's, of one region, so the others read as nothing
+    billed; and its totals and residual were the whole run's whatever the filters said."""
+    from collector.routers.statements import _statement
+
+    q.write_invoices(store, [inv("in_eu", 1_100), inv("in_na", 2_000, region="NA")])
+    q.write_ledger(store, [led("le_eu", "invoice", "in_eu", 1_100)])  # NA's is not posted
+    whole = Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    Reconciler(store, RULES).run(full=True, region="EU", as_of=AS_OF + dt.timedelta(minutes=1))
+    doc = _statement(store, None)
+    assert doc is not None and (doc["run_id"], doc["region"]) == (whole.run_id, "")
+    assert {t["region"] for t in doc["totals"]} == {"EU", "NA"}
+    na = _statement(store, None, region="NA")
+    assert na is not None and {(t["region"], t["billing_total_minor"]) for t in na["totals"]} == {("NA", 2_000)}
+    assert [r["region"] for r in na["items"]] == ["NA"] and na["residual_minor"] == 0
+    eu = _statement(store, None, region="EU")
+    assert eu is not None and [(t["region"], t["erp_total_minor"]) for t in eu["totals"]] == [("EU", 1_100)]
+
+
 def test_an_unexplained_residual_is_told_per_currency(store: Store) -> None:
     """An EU run sees the EU postings of two NA invoices, in USD and in KWD, but not the invoices: the run and the
     statement said "residual 2200", 11.00 USD and 1.100 KWD added into one number. The statement says it per

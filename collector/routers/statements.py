@@ -24,19 +24,22 @@ def _statement(store: Store, run_id: str | None, **kwargs: Any) -> dict[str, Any
             raise HTTPException(404, f"no reconciliation run {run_id}")
         if run["state"] != "succeeded":
             raise HTTPException(404, f"run {run_id} is {run['state']}: it has no statement")
-    run_id = run_id or q.latest_statement_run(store)
+    run_id = run_id or q.latest_statement_run(store)  # the latest of the whole estate, not of one region
     if run_id is None:
         return None
+    run = q.get_run(store, run_id)
     rows, total = q.list_statements(store, run_id=run_id, **kwargs)
-    totals = q.statement_totals(store, run_id)
+    # totals and residual over what the filters keep, as the rows (they were the whole run's)
+    scope = {k: kwargs[k] for k in ("region", "currency", "day_from", "day_to") if k in kwargs}
     return {
         "run_id": run_id,
+        "region": run["region"] if run else "",  # a region run's statement covers that region only
         "items": rows,
         "total": total,
-        "totals": totals,
+        "totals": q.statement_totals(store, run_id, **scope),
         # per region, currency and day, as the run's figure (a residual of +X one day and -X another is two);
         # per currency, since minor units of two currencies never add up
-        "residual_by_currency": (by_currency := q.statement_residuals(store, run_id)),
+        "residual_by_currency": (by_currency := q.statement_residuals(store, run_id, **scope)),
         "residual_minor": sum(by_currency.values()),
     }
 

@@ -1658,19 +1658,59 @@ def statement_residual(store: Store, run_id: str) -> int:
     return sum(statement_residuals(store, run_id).values())
 
 
-def statement_residuals(store: Store, run_id: str) -> dict[str, int]:
-    """Per currency, the absolute residuals of its regions and days added up (nonzero ones only)."""
+def statement_residuals(
+    store: Store,
+    run_id: str,
+    *,
+    region: str = "",
+    currency: str = "",
+    day_from: dt.date | None = None,
+    day_to: dt.date | None = None,
+) -> dict[str, int]:
+    """Per currency, the absolute residuals of its regions and days (those the filters keep) added up; nonzero
+    ones only."""
     rows = store.query_rows(
-        "SELECT toString(Currency) AS c, sum(abs(ResidualMinor)) AS r FROM $db.reconciliation_statements FINAL "
-        "WHERE RunId = {run:String} GROUP BY c HAVING r != 0 ORDER BY c",
-        {"run": run_id},
+        _compose(
+            "SELECT toString(Currency) AS c, sum(abs(ResidualMinor)) AS r FROM $db.reconciliation_statements FINAL "
+            "/*where*/ GROUP BY c HAVING r != 0 ORDER BY c",
+            where=_STATEMENT_WHERE,
+        ),
+        _statement_params(run_id, region, currency, day_from, day_to, False),
     )
     return {str(r["c"]): int(r["r"]) for r in rows}
 
 
 def latest_statement_run(store: Store) -> str | None:
-    rows = store.query_rows("SELECT argMax(RunId, CreatedAt) AS r, count() AS n FROM $db.reconciliation_statements")
-    return rows[0]["r"] if rows and rows[0]["n"] else None
+    """The latest run's statement of the whole estate; a region run's covers its region only (one scheduled
+    after an estate-wide run made the default statement lose the other regions). Without one, the latest."""
+    rows = store.query_rows(
+        "SELECT argMaxIf(RunId, CreatedAt, RunId IN (SELECT RunId FROM $db.reconcile_runs FINAL WHERE Region = '')) "
+        "AS whole, countIf(RunId IN (SELECT RunId FROM $db.reconcile_runs FINAL WHERE Region = '')) AS n_whole, "
+        "argMax(RunId, CreatedAt) AS r, count() AS n FROM $db.reconciliation_statements"
+    )
+    if not rows or not rows[0]["n"]:
+        return None
+    return rows[0]["whole"] if rows[0]["n_whole"] else rows[0]["r"]
+
+
+_STATEMENT_WHERE = (
+    "WHERE RunId = {run:String} AND ({region:String} = '' OR Region = {region:String}) "
+    "AND ({currency:String} = '' OR Currency = {currency:String}) "
+    "AND Day >= {from:Date} AND Day <= {to:Date} AND (NOT {residual:Bool} OR ResidualMinor != 0)"
+)
+
+
+def _statement_params(
+    run_id: str, region: str, currency: str, day_from: dt.date | None, day_to: dt.date | None, only_residual: bool
+) -> dict[str, Any]:
+    return {
+        "run": run_id,
+        "region": region,
+        "currency": currency,
+        "from": day_from or dt.date(1970, 1, 1),
+        "to": day_to or dt.date(2149, 6, 1),
+        "residual": only_residual,
+    }
 
 
 def list_statements(
@@ -1685,18 +1725,9 @@ def list_statements(
     limit: int = 500,
     offset: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
-    where = (
-        "WHERE RunId = {run:String} AND ({region:String} = '' OR Region = {region:String}) "
-        "AND ({currency:String} = '' OR Currency = {currency:String}) "
-        "AND Day >= {from:Date} AND Day <= {to:Date} AND (NOT {residual:Bool} OR ResidualMinor != 0)"
-    )
+    where = _STATEMENT_WHERE
     params = {
-        "run": run_id,
-        "region": region,
-        "currency": currency,
-        "from": day_from or dt.date(1970, 1, 1),
-        "to": day_to or dt.date(2149, 6, 1),
-        "residual": only_residual,
+        **_statement_params(run_id, region, currency, day_from, day_to, only_residual),
         "limit": limit,
         "offset": offset,
     }
@@ -1719,15 +1750,25 @@ def list_statements(
     return rows, int(total)
 
 
-def statement_totals(store: Store, run_id: str) -> list[dict[str, Any]]:
-    """Per region and currency over all days of a run's statement."""
+def statement_totals(
+    store: Store,
+    run_id: str,
+    *,
+    region: str = "",
+    currency: str = "",
+    day_from: dt.date | None = None,
+    day_to: dt.date | None = None,
+) -> list[dict[str, Any]]:
+    """Per region and currency over the days of a run's statement (all, or those the filters keep)."""
     rows = store.query_rows(
-        "SELECT Region AS region, Currency AS currency, sum(BillingTotalMinor) AS billing_total_minor, "
-        "sum(ErpTotalMinor) AS erp_total_minor, sum(DifferenceMinor) AS difference_minor, "
-        "sumMap(Explained) AS explained, sum(ResidualMinor) AS residual_minor, count() AS days "
-        "FROM $db.reconciliation_statements FINAL WHERE RunId = {run:String} GROUP BY Region, Currency "
-        "ORDER BY Region, Currency",
-        {"run": run_id},
+        _compose(
+            "SELECT Region AS region, Currency AS currency, sum(BillingTotalMinor) AS billing_total_minor, "
+            "sum(ErpTotalMinor) AS erp_total_minor, sum(DifferenceMinor) AS difference_minor, "
+            "sumMap(Explained) AS explained, sum(ResidualMinor) AS residual_minor, count() AS days "
+            "FROM $db.reconciliation_statements FINAL /*where*/ GROUP BY Region, Currency ORDER BY Region, Currency",
+            where=_STATEMENT_WHERE,
+        ),
+        _statement_params(run_id, region, currency, day_from, day_to, False),
     )
     for r in rows:
         r["explained"] = {k: int(v) for k, v in dict(r["explained"]).items() if v}
