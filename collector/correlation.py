@@ -289,7 +289,21 @@ def step_end(start_ns: int | None, targets: Iterable[tuple[int, int]]) -> int | 
     return max(min(ended)[1], start_ns)
 
 
-def step_timings(spans: Iterable[SpanView], events: Iterable[EventView] = ()) -> list[StepTiming]:
+@dataclass(frozen=True)
+class RecordActivity:
+    """A system's activity on a step known from its records, not a span or event of the transaction: what the
+    SLA counts too (the ERP records the reconciler pulls, among them the postings the tower's own corrective
+    syncs wrote)."""
+
+    step: str
+    system: str
+    start_ns: int
+    end_ns: int
+
+
+def step_timings(
+    spans: Iterable[SpanView], events: Iterable[EventView] = (), records: Iterable[RecordActivity] = ()
+) -> list[StepTiming]:
     """Start = first activity of the step in its source system; end = its first target activity from then on
     (``step_end``)."""
     points: dict[str, list[tuple[str, int, int, bool]]] = {}
@@ -299,6 +313,9 @@ def step_timings(spans: Iterable[SpanView], events: Iterable[EventView] = ()) ->
     for e in events:
         if e.step in STEPS:
             points.setdefault(e.step, []).append((e.system, e.time_ns, e.time_ns, e.failed))
+    for r in records:  # only where the transaction shows the step: they complete it, they never start one
+        if r.step in points:
+            points[r.step].append((r.system, r.start_ns, r.end_ns, False))
     out = []
     for step in STEPS:
         if step not in points:
@@ -329,8 +346,10 @@ def assemble(
     links: Iterable[Link],
     spans: Iterable[SpanView],
     events: Iterable[EventView] = (),
+    records: Iterable[RecordActivity] = (),
 ) -> dict[str, Any]:
-    """The transaction document the API returns: traces, spans and events in time order, steps, gaps."""
+    """The transaction document the API returns: traces, spans and events in time order, steps (which
+    ``records`` may complete), gaps."""
     links = list(links)
     spans = sorted(spans, key=lambda s: (s.start_ns, s.trace_id, s.span_id))
     events = sorted(events, key=lambda e: (e.time_ns, e.event_id))
@@ -355,7 +374,7 @@ def assemble(
         if ln.trace_id in traces:
             traces[ln.trace_id]["linked_by"].add(f"{ln.key_type}:{ln.key_value}")
     seen_systems = {s.system for s in spans if s.system} | {e.system for e in events if e.system}
-    steps = step_timings(spans, events)
+    steps = step_timings(spans, events, records)
     return {
         "seed": {"key_type": seed[0], "value": seed[1]},
         "keys": sorted({(ln.key_type, ln.key_value) for ln in links if ln.trace_id in traces}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -92,9 +93,11 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     key_set = {(ln.key_type, ln.key_value) for ln in links} | seeds
     # events without trace context (a batch job, a CDP call) are found by their business keys alone
     customers = [value] if key_type == "customer" else []
-    span_rows, event_rows = _all(
+    first_ns = min((start for start, _ in ranges.values()), default=None)
+    span_rows, event_rows, erp_rows = _all(
         lambda: q.spans_of_traces(store, ranges, limit=MAX_SPANS + 1),
         lambda: q.events_for(store, key_set, ranges, limit=MAX_EVENTS, customers=customers),
+        lambda: _erp_activity(store, key_set, first_ns),
     )
     cut["spans"] = len(span_rows) > MAX_SPANS
     cut["events"] = any(int(r["total"]) > len(event_rows) for r in event_rows)
@@ -115,11 +118,24 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
         )
         for r in event_rows
     ]
-    doc = corr.assemble(seed, links, [_span_view(r) for r in span_rows], events)
+    if first_ns is None and events:  # no trace: the events say from when
+        erp_rows = _erp_activity(store, key_set, min(e.time_ns for e in events))
+    records = [corr.RecordActivity(r["step"], "erp", int(r["first_ns"]), int(r["last_ns"])) for r in erp_rows]
+    doc = corr.assemble(seed, links, [_span_view(r) for r in span_rows], events, records)
     # what the answer leaves out: the earliest and the latest traces and events of a key carried by more than
     # MAX_TRACES / MAX_EVENTS are shown, the earliest MAX_SPANS spans
     doc["truncated"] = cut
     return doc
+
+
+def _erp_activity(store: Store, keys: set[tuple[str, str]], first_ns: int | None) -> list[dict[str, Any]]:
+    """The ERP's activity on the transaction's invoices and payments as the SLA counts it, from the day before
+    the transaction's first activity: a posting known only from the ERP's records (Tryton's, or one the tower's
+    own corrective sync wrote) left its step "waiting for erp" and late after the SLA counted it done."""
+    if first_ns is None:
+        return []
+    since = dt.datetime.fromtimestamp(first_ns // 1_000_000_000, dt.UTC).date() - dt.timedelta(days=1)
+    return q.erp_activity(store, keys, since, limit=MAX_EVENTS)
 
 
 @dataclass

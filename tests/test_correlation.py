@@ -211,3 +211,18 @@ def test_the_events_of_a_key_no_span_carries_seed_the_lookup_with_their_other_ke
     ]
     assert corr.event_seeds(rows) == {("invoice", "in_1"), ("ledger_entry", "je_1"), ("payment", "py_1")}
     assert corr.event_seeds([]) == set()
+
+
+def test_erp_records_complete_a_step_the_transaction_shows_and_start_none() -> None:
+    """The ERP's pulled records end a step as the SLA counts them; they never make a step of their own."""
+    SEC = 1_000_000_000
+    billing = [span("t_bill", "billing", "invoice_to_ledger", 10 * SEC, 100)]
+    records = [
+        corr.RecordActivity("invoice_to_ledger", "erp", 5 * SEC, 5 * SEC),  # before the start: not its end
+        corr.RecordActivity("invoice_to_ledger", "erp", 70 * SEC, 70 * SEC),
+        corr.RecordActivity("payment_to_cash", "erp", 90 * SEC, 90 * SEC),  # no payment step in this transaction
+    ]
+    (step,) = corr.step_timings(billing, (), records)
+    assert (step.step, step.end_ns, step.complete, step.missing_systems) == ("invoice_to_ledger", 70 * SEC, True, ())
+    (waiting,) = corr.step_timings(billing)
+    assert not waiting.complete and waiting.missing_systems == ("erp",)

@@ -103,3 +103,23 @@ def test_a_customer_with_more_events_than_an_answer_holds_gets_the_first_and_the
     assert doc is not None and doc["truncated"]["events"]
     ids = [e["id"] for e in doc["events"]]
     assert ids == [f"e{i:03d}" for i in (*range(5), *range(25, 30))], orjson.dumps(ids)
+
+
+def test_a_posting_known_from_the_erps_records_completes_the_step_as_the_sla_counts_it(store: Store) -> None:
+    """An ERP exporting no spans (Tryton), or a posting the tower's own corrective sync wrote: the reconciler
+    pulls the record and the SLA counts the step done, but the transaction said "waiting for erp" and late."""
+    import datetime as dt
+
+    from reconciler.sla.ledger_activity import Activity
+    from tower_core.store.sla import write_step_activity
+
+    insert_otlp_spans(store, [request([("billing", T0, "invoice_to_ledger", f"{1:016x}")])], "billing_only")
+    (waiting,) = lookups.get_transaction(store, ("invoice", "in_busy"))["steps"]  # type: ignore[index]
+    assert (waiting["complete"], waiting["missing_systems"]) == (False, ["erp"])
+    posted = dt.datetime.fromtimestamp((T0 + 7 * MIN) / 1e9, dt.UTC)
+    write_step_activity(store, "erp", [Activity("invoice_to_ledger", "invoice", "in_busy", "EU", posted)])
+    other = posted - dt.timedelta(minutes=5)  # another invoice's posting: not this step's end
+    write_step_activity(store, "erp", [Activity("invoice_to_ledger", "invoice", "in_other", "EU", other)])
+    (step,) = lookups.get_transaction(store, ("invoice", "in_busy"))["steps"]  # type: ignore[index]
+    assert step["complete"] and step["latency_ms"] == 7 * 60_000 and step["missing_systems"] == []
+    assert step["end"] == posted.strftime("%Y-%m-%dT%H:%M:%S.000000000Z")

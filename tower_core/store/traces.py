@@ -165,6 +165,31 @@ def links_for_traces(store: Store, trace_ids: Iterable[str]) -> list[dict[str, A
     )
 
 
+_ERP_ACTIVITY = """
+SELECT Step AS step, toUnixTimestamp64Nano(FirstSeen) AS first_ns, toUnixTimestamp64Nano(max(LastSeen)) AS last_ns
+FROM $db.step_activity
+WHERE Step IN ('invoice_to_ledger', 'payment_to_cash', 'refund_to_ledger') AND Day >= {since:Date}
+    AND System = 'erp' AND ((KeyType = 'invoice' AND KeyValue IN {inv:Array(String)})
+        OR (KeyType = 'payment' AND KeyValue IN {pay:Array(String)}))
+GROUP BY Step, KeyType, KeyValue, FirstSeen
+ORDER BY first_ns
+LIMIT {limit:UInt32}
+"""
+
+
+def erp_activity(
+    store: Store, keys: Iterable[tuple[str, str]], since: dt.date, limit: int = 1000
+) -> list[dict[str, Any]]:
+    """The ERP's activity on the flow steps of these invoices and payments from ``since`` on, as the SLA counts
+    it: from its spans and events, and from the records the reconciler pulled (an ERP exporting no spans, or a
+    posting the tower's own corrective sync wrote)."""
+    inv = sorted({v for t, v in keys if t == "invoice"})
+    pay = sorted({v for t, v in keys if t == "payment"})
+    if not inv and not pay:
+        return []
+    return store.query_rows(_ERP_ACTIVITY, {"since": since, "inv": inv, "pay": pay, "limit": limit})
+
+
 def events_for(
     store: Store,
     keys: Iterable[tuple[str, str]],
