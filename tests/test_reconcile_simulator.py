@@ -843,15 +843,21 @@ class SlowCountingErp:
         return getattr(self._erp, name)
 
 
-def test_two_classes_correcting_the_same_erp_record_take_turns(store: Store, tmp_path: Path) -> None:
-    """under_applied of an invoice and payment_unapplied of a payment allocated to it both apply that payment:
-    approved and requested at the same moment, the payment is applied once."""
+def unapplied_payment(store: Store, tmp_path: Path) -> tuple[Estate, ReconcilerService, Payment]:
+    """An estate whose ERP never applied one payment, reconciled: the payment is payment_unapplied."""
     e = estate(17, 800, payment_not_applied=0.01)
     svc = service_for(store, e, tmp_path)
     svc.run(full=True, as_of=e.config.as_of)
-    pid = open_keys(store, c.PAYMENT_UNAPPLIED)[0]
-    payment = q.load_payment(store, pid)
+    payment = q.load_payment(store, open_keys(store, c.PAYMENT_UNAPPLIED)[0])
     assert payment is not None
+    return e, svc, payment
+
+
+def test_two_classes_correcting_the_same_erp_record_take_turns(store: Store, tmp_path: Path) -> None:
+    """under_applied of an invoice and payment_unapplied of a payment allocated to it both apply that payment:
+    approved and requested at the same moment, the payment is applied once."""
+    e, svc, payment = unapplied_payment(store, tmp_path)
+    pid = payment.payment_id
     inv = next(iter(payment.allocations))
     other = dataclasses.replace(  # a second payment for the invoice, partly applied: the invoice is under-applied
         payment, payment_id="py_second", amount_minor=100, allocations={inv: 100},
@@ -889,12 +895,8 @@ def test_a_payment_applied_partly_in_another_currency_is_not_applied_again(store
     rest in another. The applications in another currency made the correction of the invoice's under_applied item
     see the payment applied in full (or short by an invented amount). It now refuses and says where to correct
     it; nothing is written."""
-    e = estate(17, 800, payment_not_applied=0.01)
-    svc = service_for(store, e, tmp_path)
-    svc.run(full=True, as_of=e.config.as_of)
-    pid = open_keys(store, c.PAYMENT_UNAPPLIED)[0]
-    payment = q.load_payment(store, pid)
-    assert payment is not None
+    e, svc, payment = unapplied_payment(store, tmp_path)
+    pid = payment.payment_id
     inv, amount = next(iter(payment.allocations.items()))
     e.erp.apply_payment(payment, inv, amount // 2)
     (half,) = [x for x in e.erp.find_by_external_ref(pid) if x.entry_type == "payment"]

@@ -30,16 +30,16 @@ def _statement(store: Store, run_id: str | None, **kwargs: Any) -> dict[str, Any
     run = q.get_run(store, run_id)
     rows, total = q.list_statements(store, run_id=run_id, **kwargs)
     # totals and residual over what the filters keep, as the rows (they were the whole run's)
-    scope = {k: kwargs[k] for k in ("region", "currency", "day_from", "day_to") if k in kwargs}
+    scope = q.StatementScope(**{k: kwargs[k] for k in ("region", "currency", "day_from", "day_to") if k in kwargs})
     return {
         "run_id": run_id,
         "region": run["region"] if run else "",  # a region run's statement covers that region only
         "items": rows,
         "total": total,
-        "totals": q.statement_totals(store, run_id, **scope),
+        "totals": q.statement_totals(store, run_id, scope),
         # per region, currency and day, as the run's figure (a residual of +X one day and -X another is two);
         # per currency, since minor units of two currencies never add up
-        "residual_by_currency": (by_currency := q.statement_residuals(store, run_id, **scope)),
+        "residual_by_currency": (by_currency := q.statement_residuals(store, run_id, scope)),
         "residual_minor": sum(by_currency.values()),
     }
 

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -1652,21 +1653,41 @@ def write_statement(store: Store, run_id: str, region: str = "") -> int:
     return int(rows[0]["n"])
 
 
+_STATEMENT_WHERE = (
+    "WHERE RunId = {run:String} AND ({region:String} = '' OR Region = {region:String}) "
+    "AND ({currency:String} = '' OR Currency = {currency:String}) "
+    "AND Day >= {from:Date} AND Day <= {to:Date} AND (NOT {residual:Bool} OR ResidualMinor != 0)"
+)
+
+
+@dataclass(frozen=True)
+class StatementScope:
+    """The part of a run's statement asked for: its rows, totals and residual all follow it."""
+
+    region: str = ""
+    currency: str = ""
+    day_from: dt.date | None = None
+    day_to: dt.date | None = None
+
+
+def _statement_params(run_id: str, scope: StatementScope, only_residual: bool = False) -> dict[str, Any]:
+    return {
+        "run": run_id,
+        "region": scope.region,
+        "currency": scope.currency,
+        "from": scope.day_from or dt.date(1970, 1, 1),
+        "to": scope.day_to or dt.date(2149, 6, 1),
+        "residual": only_residual,
+    }
+
+
 def statement_residual(store: Store, run_id: str) -> int:
     """The run's headline: the absolute residuals of every region, currency and day added up. Zero or not is
     what it says (it adds minor units of several currencies); ``statement_residuals`` has them per currency."""
     return sum(statement_residuals(store, run_id).values())
 
 
-def statement_residuals(
-    store: Store,
-    run_id: str,
-    *,
-    region: str = "",
-    currency: str = "",
-    day_from: dt.date | None = None,
-    day_to: dt.date | None = None,
-) -> dict[str, int]:
+def statement_residuals(store: Store, run_id: str, scope: StatementScope = StatementScope()) -> dict[str, int]:
     """Per currency, the absolute residuals of its regions and days (those the filters keep) added up; nonzero
     ones only."""
     rows = store.query_rows(
@@ -1675,7 +1696,7 @@ def statement_residuals(
             "/*where*/ GROUP BY c HAVING r != 0 ORDER BY c",
             where=_STATEMENT_WHERE,
         ),
-        _statement_params(run_id, region, currency, day_from, day_to, False),
+        _statement_params(run_id, scope),
     )
     return {str(r["c"]): int(r["r"]) for r in rows}
 
@@ -1693,26 +1714,6 @@ def latest_statement_run(store: Store) -> str | None:
     return rows[0]["whole"] if rows[0]["n_whole"] else rows[0]["r"]
 
 
-_STATEMENT_WHERE = (
-    "WHERE RunId = {run:String} AND ({region:String} = '' OR Region = {region:String}) "
-    "AND ({currency:String} = '' OR Currency = {currency:String}) "
-    "AND Day >= {from:Date} AND Day <= {to:Date} AND (NOT {residual:Bool} OR ResidualMinor != 0)"
-)
-
-
-def _statement_params(
-    run_id: str, region: str, currency: str, day_from: dt.date | None, day_to: dt.date | None, only_residual: bool
-) -> dict[str, Any]:
-    return {
-        "run": run_id,
-        "region": region,
-        "currency": currency,
-        "from": day_from or dt.date(1970, 1, 1),
-        "to": day_to or dt.date(2149, 6, 1),
-        "residual": only_residual,
-    }
-
-
 def list_statements(
     store: Store,
     *,
@@ -1727,7 +1728,7 @@ def list_statements(
 ) -> tuple[list[dict[str, Any]], int]:
     where = _STATEMENT_WHERE
     params = {
-        **_statement_params(run_id, region, currency, day_from, day_to, only_residual),
+        **_statement_params(run_id, StatementScope(region, currency, day_from, day_to), only_residual),
         "limit": limit,
         "offset": offset,
     }
@@ -1750,15 +1751,7 @@ def list_statements(
     return rows, int(total)
 
 
-def statement_totals(
-    store: Store,
-    run_id: str,
-    *,
-    region: str = "",
-    currency: str = "",
-    day_from: dt.date | None = None,
-    day_to: dt.date | None = None,
-) -> list[dict[str, Any]]:
+def statement_totals(store: Store, run_id: str, scope: StatementScope = StatementScope()) -> list[dict[str, Any]]:
     """Per region and currency over the days of a run's statement (all, or those the filters keep)."""
     rows = store.query_rows(
         _compose(
@@ -1768,7 +1761,7 @@ def statement_totals(
             "FROM $db.reconciliation_statements FINAL /*where*/ GROUP BY Region, Currency ORDER BY Region, Currency",
             where=_STATEMENT_WHERE,
         ),
-        _statement_params(run_id, region, currency, day_from, day_to, False),
+        _statement_params(run_id, scope),
     )
     for r in rows:
         r["explained"] = {k: int(v) for k, v in dict(r["explained"]).items() if v}
