@@ -117,6 +117,8 @@ class Flusher:
             try:
                 self.wal.seal()
                 self.drain(give_up=self._stop.is_set)
+                if not self.wal.sealed():  # everything written: whatever failed before is over
+                    self.failing_since = None
             except Exception:  # the flusher must outlive any error: the segment stays and is retried next tick
                 self.metrics.flush_errors.inc()
                 self._failed()
