@@ -93,11 +93,9 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
     key_set = {(ln.key_type, ln.key_value) for ln in links} | seeds
     # events without trace context (a batch job, a CDP call) are found by their business keys alone
     customers = [value] if key_type == "customer" else []
-    first_ns = min((start for start, _ in ranges.values()), default=None)
-    span_rows, event_rows, erp_rows = _all(
+    span_rows, event_rows = _all(
         lambda: q.spans_of_traces(store, ranges, limit=MAX_SPANS + 1),
         lambda: q.events_for(store, key_set, ranges, limit=MAX_EVENTS, customers=customers),
-        lambda: _erp_activity(store, key_set, first_ns),
     )
     cut["spans"] = len(span_rows) > MAX_SPANS
     cut["events"] = any(int(r["total"]) > len(event_rows) for r in event_rows)
@@ -118,24 +116,28 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
         )
         for r in event_rows
     ]
-    if first_ns is None and events:  # no trace: the events say from when
-        erp_rows = _erp_activity(store, key_set, min(e.time_ns for e in events))
-    records = [corr.RecordActivity(r["step"], "erp", int(r["first_ns"]), int(r["last_ns"])) for r in erp_rows]
-    doc = corr.assemble(seed, links, [_span_view(r) for r in span_rows], events, records)
+    spans = [_span_view(r) for r in span_rows]
+    doc = corr.assemble(seed, links, spans, events, _erp_records(store, key_set, spans, events))
     # what the answer leaves out: the earliest and the latest traces and events of a key carried by more than
     # MAX_TRACES / MAX_EVENTS are shown, the earliest MAX_SPANS spans
     doc["truncated"] = cut
     return doc
 
 
-def _erp_activity(store: Store, keys: set[tuple[str, str]], first_ns: int | None) -> list[dict[str, Any]]:
-    """The ERP's activity on the transaction's invoices and payments as the SLA counts it, from the day before
-    the transaction's first activity: a posting known only from the ERP's records (Tryton's, or one the tower's
-    own corrective sync wrote) left its step "waiting for erp" and late after the SLA counted it done."""
-    if first_ns is None:
+def _erp_records(
+    store: Store, keys: set[tuple[str, str]], spans: list[corr.SpanView], events: list[corr.EventView]
+) -> list[corr.RecordActivity]:
+    """The ERP's activity on the transaction's invoices and payments as the SLA counts it, read when a step
+    waits for the ERP (a transaction its spans and events complete needs no more reads): a posting known only
+    from the ERP's records (Tryton's, or one the tower's own corrective sync wrote) left its step "waiting for
+    erp" and late after the SLA counted it done. From the day before the transaction's first activity."""
+    waiting = [st for st in corr.step_timings(spans, events) if not st.complete and corr.STEPS[st.step][1] == "erp"]
+    times = [s.start_ns for s in spans] + [e.time_ns for e in events]
+    if not waiting or not times:
         return []
-    since = dt.datetime.fromtimestamp(first_ns // 1_000_000_000, dt.UTC).date() - dt.timedelta(days=1)
-    return q.erp_activity(store, keys, since, limit=MAX_EVENTS)
+    since = dt.datetime.fromtimestamp(min(times) // 1_000_000_000, dt.UTC).date() - dt.timedelta(days=1)
+    rows = q.erp_activity(store, keys, since, limit=MAX_EVENTS)
+    return [corr.RecordActivity(r["step"], "erp", int(r["first_ns"]), int(r["last_ns"])) for r in rows]
 
 
 @dataclass
