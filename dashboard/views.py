@@ -300,20 +300,6 @@ def run_summary(run: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 # --- unreconciled ---------------------------------------------------------------------------------------------
-CLOSED_STATES = ("resolved", "ignored")
-
-
-def item_acts(state: str, policy: str) -> dict[str, bool]:
-    """Which of corrective sync, acknowledge and ignore the API takes for an item in ``state`` (it refuses the
-    others; the buttons of an ignored item were enabled and each answered 409 or 422)."""
-    closed = state in CLOSED_STATES
-    return {
-        "sync": policy != "manual" and not closed,
-        "acknowledge": not closed and state != "acknowledged",
-        "ignore": not closed,
-    }
-
-
 @dataclass
 class DriftFilters:
     """The Unreconciled page's filters, as the API's query parameters."""

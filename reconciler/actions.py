@@ -196,7 +196,7 @@ class ActionService:
             return ""  # cannot tell now: the attempt's own reads meet the same store and defer the action
         if item is None:
             return f"drift item {row['DriftId']} no longer exists"
-        if item["State"] in (c.RESOLVED, c.IGNORED):
+        if item["State"] in c.CLOSED:
             return f"drift item {row['DriftId']} was {item['State']} before the action ran"
         return self._source_moved_on(row)
 
@@ -276,7 +276,7 @@ class ActionService:
             raise ActionError(
                 422, f"{cls} has no corrective operation; work it in the queue (acknowledge or ignore once fixed)"
             )
-        if item["State"] in (c.RESOLVED, c.IGNORED):
+        if item["State"] in c.CLOSED:
             raise ActionError(409, f"drift item {drift_id} is {item['State']}; nothing to correct")
         why = policy.NOT_CORRECTED.get((cls, item["ReasonCode"]))
         if why:

@@ -181,6 +181,27 @@ def manual_transition(current: str, target: str, note: str) -> str:
     return target
 
 
+CLOSED = (RESOLVED, IGNORED)  # states with nothing left to correct
+
+
+def operator_acts(state: str, policy: str) -> dict[str, bool]:
+    """Which of corrective sync, acknowledge and ignore an operator may ask of an item in ``state`` with this
+    policy (``reconciler.policy.decision``): what the API takes, so the dashboard offers these and no others."""
+
+    def takes(target: str) -> bool:
+        try:
+            manual_transition(state, target, "a note")
+        except TransitionError:
+            return False
+        return True
+
+    return {
+        "sync": policy != "manual" and state not in CLOSED,
+        "acknowledge": takes(ACKNOWLEDGED),
+        "ignore": takes(IGNORED),
+    }
+
+
 # --- rules ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tolerance:

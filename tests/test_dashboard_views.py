@@ -381,22 +381,3 @@ def test_a_running_run_shows_no_counts_yet() -> None:
     summary = views.run_summary(done)
     figures = (summary["open items"], summary["new"], summary["resolved"], summary["duration"])
     assert figures == ("30", "2", "0", "3.0 s")
-
-
-@pytest.mark.parametrize("state", ["new", "persisting", "acknowledged", "ignored", "resolved"])
-def test_the_item_buttons_offer_what_the_api_takes(state: str) -> None:
-    """An ignored item's three buttons were enabled and each answered 409 or 422: the page offers what the
-    transition rules (reconciler.classify.manual_transition) and the corrective sync accept."""
-    from reconciler import classify as c
-
-    def takes(target: str) -> bool:
-        try:
-            c.manual_transition(state, target, "a note")
-        except c.TransitionError:
-            return False
-        return True
-
-    acts = views.item_acts(state, "approval")
-    assert acts["acknowledge"] == takes(c.ACKNOWLEDGED) and acts["ignore"] == takes(c.IGNORED)
-    assert acts["sync"] == (state not in (c.RESOLVED, c.IGNORED))
-    assert views.item_acts(state, "manual")["sync"] is False

@@ -409,3 +409,21 @@ def test_breaker_success_resets_the_failure_count() -> None:
     b = Breaker(failure_threshold=2, reset_after_s=1.0)
     b = b.record_failure(0.0).record_success(0.1).record_failure(0.2)
     assert b.current(0.2) == "closed"
+
+
+@pytest.mark.parametrize("state", ["new", "persisting", "acknowledged", "ignored", "resolved"])
+def test_the_acts_offered_on_an_item_are_what_the_api_takes(state: str) -> None:
+    """An ignored item's three dashboard buttons were enabled and each answered 409 or 422: the item's detail
+    says what the transition rules (manual_transition) and the corrective sync accept, and the page offers that."""
+
+    def takes(target: str) -> bool:
+        try:
+            c.manual_transition(state, target, "a note")
+        except c.TransitionError:
+            return False
+        return True
+
+    acts = c.operator_acts(state, "approval")
+    assert acts["acknowledge"] == takes(c.ACKNOWLEDGED) and acts["ignore"] == takes(c.IGNORED)
+    assert acts["sync"] == (state not in (c.RESOLVED, c.IGNORED))
+    assert c.operator_acts(state, "manual")["sync"] is False

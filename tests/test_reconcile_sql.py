@@ -1169,10 +1169,10 @@ def test_the_default_statement_covers_the_estate_and_its_totals_follow_the_filte
     doc = _statement(store, None)
     assert doc is not None and (doc["run_id"], doc["region"]) == (whole.run_id, "")
     assert {t["region"] for t in doc["totals"]} == {"EU", "NA"}
-    na = _statement(store, None, region="NA")
+    na = _statement(store, None, q.StatementScope(region="NA"))
     assert na is not None and {(t["region"], t["billing_total_minor"]) for t in na["totals"]} == {("NA", 2_000)}
     assert [r["region"] for r in na["items"]] == ["NA"] and na["residual_minor"] == 0
-    eu = _statement(store, None, region="EU")
+    eu = _statement(store, None, q.StatementScope(region="EU"))
     assert eu is not None and [(t["region"], t["erp_total_minor"]) for t in eu["totals"]] == [("EU", 1_100)]
 
 

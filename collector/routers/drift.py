@@ -155,8 +155,9 @@ def _detail(store: Store, drift_id: str, auto: bool) -> dict[str, Any] | None:
             for f in sorted(set(billing) | set(erp))
         ],
         "diff_fields": list(row["DiffFields"]),
-        "policy": policy.decision(row["Class"], auto, row["ReasonCode"]),
+        "policy": (decision := policy.decision(row["Class"], auto, row["ReasonCode"])),
         "policy_note": policy.NOT_CORRECTED.get((row["Class"], row["ReasonCode"]), ""),  # why "manual", if so
+        "operator_may": c.operator_acts(row["State"], decision),  # sync / acknowledge / ignore
         "history": q.audit_for(store, "drift_item", drift_id),
         "actions": [public_action(a) for a in actions],
         "transaction": get_transaction(store, seed) if seed[1] else None,

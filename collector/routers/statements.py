@@ -17,25 +17,33 @@ from tower_core.store import reconcile as q
 router = APIRouter(prefix="/api/statements", tags=["statements"])
 
 
-def _statement(store: Store, run_id: str | None, **kwargs: Any) -> dict[str, Any] | None:
+def _statement(
+    store: Store,
+    run_id: str | None,
+    scope: q.StatementScope = q.StatementScope(),
+    only_residual: bool = False,
+    limit: int = 500,
+    offset: int = 0,
+) -> dict[str, Any] | None:
+    run = q.get_run(store, run_id) if run_id else None
     if run_id:  # an empty answer would read as a clean reconciliation: only a finished run has a statement
-        run = q.get_run(store, run_id)
         if run is None:
             raise HTTPException(404, f"no reconciliation run {run_id}")
         if run["state"] != "succeeded":
             raise HTTPException(404, f"run {run_id} is {run['state']}: it has no statement")
-    run_id = run_id or q.latest_statement_run(store)  # the latest of the whole estate, not of one region
-    if run_id is None:
-        return None
-    run = q.get_run(store, run_id)
-    rows, total = q.list_statements(store, run_id=run_id, **kwargs)
-    # totals and residual over what the filters keep, as the rows (they were the whole run's)
-    scope = q.StatementScope(**{k: kwargs[k] for k in ("region", "currency", "day_from", "day_to") if k in kwargs})
+    else:
+        run_id = q.latest_statement_run(store)  # the latest of the whole estate, not of one region
+        if run_id is None:
+            return None
+        run = q.get_run(store, run_id)
+    rows, total = q.list_statements(store, run_id=run_id, scope=scope, only_residual=only_residual, limit=limit,
+                                    offset=offset)  # fmt: skip
     return {
         "run_id": run_id,
         "region": run["region"] if run else "",  # a region run's statement covers that region only
         "items": rows,
         "total": total,
+        # totals and residual over what the filters keep, as the rows (they were the whole run's)
         "totals": q.statement_totals(store, run_id, scope),
         # per region, currency and day, as the run's figure (a residual of +X one day and -X another is two);
         # per currency, since minor units of two currencies never add up
@@ -58,16 +66,7 @@ async def statement(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
     doc = await run_in_threadpool(
-        _statement,
-        store,
-        run_id,
-        region=region,
-        currency=currency,
-        day_from=day_from,
-        day_to=day_to,
-        only_residual=residual_only,
-        limit=limit,
-        offset=offset,
+        _statement, store, run_id, q.StatementScope(region, currency, day_from, day_to), residual_only, limit, offset
     )
     if doc is None:
         raise HTTPException(404, "no statement yet: run a reconciliation first")

@@ -47,6 +47,12 @@ class MappingError(ValueError):
     """The payload is not a Stripe event we can read; the message says which field."""
 
 
+def _bounded(n: int, field: str) -> int:
+    if (why := amount_error(n)) is not None:
+        raise MappingError(f"{field}: {why}")
+    return n
+
+
 def _minor(value: Any, field: str) -> str:
     """An amount in minor units as Stripe sends it (an integer); anything else would be stored as 0 or wrap."""
     if isinstance(value, float) or isinstance(value, bool):
@@ -55,9 +61,7 @@ def _minor(value: Any, field: str) -> str:
         n = int(value or 0)
     except (TypeError, ValueError):
         raise MappingError(f"{field} is not an amount in minor units: {str(value)[:40]!r}") from None
-    if (why := amount_error(n)) is not None:
-        raise MappingError(f"{field}: {why}")
-    return str(n)
+    return str(_bounded(n, field))
 
 
 # Stripe's amounts are integers in Stripe's own minor units, which are ISO 4217's except for a few currencies
@@ -88,9 +92,7 @@ def iso_minor(value: Any, field: str, currency: Any) -> int:
         n, rest = divmod(n, 10**-shift)
         if rest:
             raise MappingError(f"{field} {value} {code} is not a whole number of {code} (Stripe counts hundredths)")
-    if (why := amount_error(n)) is not None:
-        raise MappingError(f"{field}: {why}")
-    return n
+    return _bounded(n, field)
 
 
 def _id(value: Any) -> str:

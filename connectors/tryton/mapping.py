@@ -44,9 +44,10 @@ def to_minor(amount: Decimal, currency: str) -> int:
     scaled = amount.scaleb(_exponent(currency))
     if scaled != scaled.to_integral_value():
         raise MappingError(f"{amount} {currency} has more decimals than the currency")
-    if (why := amount_error(int(scaled))) is not None:
+    n = int(scaled)
+    if (why := amount_error(n)) is not None:
         raise MappingError(f"{amount} {currency}: {why}")
-    return int(scaled)
+    return n
 
 
 def from_minor(amount_minor: int, currency: str) -> Decimal:

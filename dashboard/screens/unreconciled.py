@@ -194,7 +194,7 @@ def _item(api: TowerApi, drift_id: str) -> None:
     session.confirmation("item", drift_id)
     if item.get("policy_note"):  # a class and reason the tower leaves to a person: say what to do instead
         st.info(f"The tower does not correct this item: {views.md_escape(item['policy_note'])}")
-    acts = views.item_acts(item["state"], item["policy"])
+    acts = item["operator_may"]  # what the API takes of this item
     what = views.md_escape(f"{item['class']} {item['primary_key']}")  # shown in the questions below
     c1, c2, c3 = st.columns(3)
     can_sync = acts["sync"]
@@ -227,9 +227,9 @@ def _item(api: TowerApi, drift_id: str) -> None:
         disabled=not can_sync,
         help=None
         if can_sync
-        else f"the item is {item['state']}"
-        if item["state"] in views.CLOSED_STATES
-        else "this class has no corrective operation; acknowledge or ignore it",
+        else "this class has no corrective operation; acknowledge or ignore it"
+        if item["policy"] == "manual"
+        else f"the item is {item['state']}",
     )
     note = st.text_area("Note (required to acknowledge or ignore)", key="ur_note", max_chars=2000)
     c2.button(

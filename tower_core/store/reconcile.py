@@ -1705,8 +1705,8 @@ def latest_statement_run(store: Store) -> str | None:
     """The latest run's statement of the whole estate; a region run's covers its region only (one scheduled
     after an estate-wide run made the default statement lose the other regions). Without one, the latest."""
     rows = store.query_rows(
-        "SELECT argMaxIf(RunId, CreatedAt, RunId IN (SELECT RunId FROM $db.reconcile_runs FINAL WHERE Region = '')) "
-        "AS whole, countIf(RunId IN (SELECT RunId FROM $db.reconcile_runs FINAL WHERE Region = '')) AS n_whole, "
+        "WITH RunId IN (SELECT RunId FROM $db.reconcile_runs FINAL WHERE Region = '') AS estate_wide "
+        "SELECT argMaxIf(RunId, CreatedAt, estate_wide) AS whole, countIf(estate_wide) AS n_whole, "
         "argMax(RunId, CreatedAt) AS r, count() AS n FROM $db.reconciliation_statements"
     )
     if not rows or not rows[0]["n"]:
@@ -1718,20 +1718,13 @@ def list_statements(
     store: Store,
     *,
     run_id: str,
-    region: str = "",
-    currency: str = "",
-    day_from: dt.date | None = None,
-    day_to: dt.date | None = None,
+    scope: StatementScope = StatementScope(),
     only_residual: bool = False,
     limit: int = 500,
     offset: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
     where = _STATEMENT_WHERE
-    params = {
-        **_statement_params(run_id, StatementScope(region, currency, day_from, day_to), only_residual),
-        "limit": limit,
-        "offset": offset,
-    }
+    params = {**_statement_params(run_id, scope, only_residual), "limit": limit, "offset": offset}
     rows = store.query_rows(
         _compose(
             "SELECT RunId AS run_id, Region AS region, Currency AS currency, Day AS day, "
