@@ -125,6 +125,33 @@ def test_identify_becomes_a_profile_change_event() -> None:
     assert EMAIL not in ev.data and expected_hash(EMAIL) in ev.data and "10.1.2.3" not in ev.data
 
 
+def _iso(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat()
+
+
+def test_a_device_clock_is_corrected_by_sent_at_as_segment_does_and_a_set_timestamp_is_kept() -> None:
+    """analytics.js and RudderStack's JS SDK send originalTimestamp and sentAt on the device's clock: an hour slow
+    made a sync that took 20 s look an hour late (a false SLA breach). The time is receivedAt - (sentAt -
+    originalTimestamp); a timestamp the sender set (server libraries, imports) is taken as sent."""
+    hour, half = 3600 * 10**9, 500_000_000
+    device = {"type": "identify", "userId": "u", "originalTimestamp": _iso(NOW_NS - hour - half)}
+
+    def time_of(msg: dict[str, Any], batch_sent_at: str | None = None) -> int:
+        doc: dict[str, Any] = {"batch": [msg]} | ({"sentAt": batch_sent_at} if batch_sent_at else {})
+        return tr.parse_request(doc, None, NOW_NS, HASH, CUSTOMER_TRAITS, "").events[0].time_ns
+
+    assert time_of({**device, "sentAt": _iso(NOW_NS - hour)}) == NOW_NS - half  # sent half a second after
+    assert time_of(device, batch_sent_at=_iso(NOW_NS - hour)) == NOW_NS - half  # sentAt of the batch
+    assert time_of({**device, "sentAt": _iso(NOW_NS - 2 * hour)}) == NOW_NS  # never after it was received
+    assert time_of(device) == NOW_NS - hour - half  # no sentAt: nothing to correct by
+    stamped = {**device, "timestamp": _iso(NOW_NS - 7 * hour), "sentAt": _iso(NOW_NS - hour)}
+    assert time_of(stamped) == NOW_NS - 7 * hour  # a historical import keeps its time
+    bad = tr.parse_request({"batch": [{**device, "sentAt": "soon"}]}, None, NOW_NS, HASH, CUSTOMER_TRAITS, "")
+    assert not bad.events and "sentAt 'soon' is not an ISO 8601" in bad.rejected[0]["error"]
+    with pytest.raises(tr.TrackingError, match="the batch's sentAt"):
+        time_of(device, batch_sent_at="soon")
+
+
 def test_customer_id_falls_back_to_user_or_group_id_and_email_ids_are_pseudonymized() -> None:
     ev = tr.to_event({"type": "identify", "userId": "cus_7", "traits": {}}, NOW_NS, HASH, CUSTOMER_TRAITS, "NA")
     assert ev is not None and ev.attributes["revops.customer.id"] == "cus_7" and ev.attributes["revops.region"] == "NA"
@@ -363,6 +390,31 @@ def test_single_message_endpoints_and_bad_input(tower: TowerServer) -> None:
     r = httpx.post(f"{tower.url}/v1/batch", content=b"{not json", auth=auth)
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
     assert len(_events_of(tower, "plain-1", 1)) == 1
+
+
+def test_a_browser_message_with_a_slow_clock_is_stored_at_the_time_it_happened(tower: TowerServer) -> None:
+    """An analytics.js-shaped batch from a device whose clock is an hour slow is stored at (about) the time it
+    was sent, not an hour earlier."""
+    slow = 3600 * 10**9
+    user = f"skewed-{time.time_ns()}"
+    device_now = time.time_ns() - slow
+    msg = {
+        "type": "identify",
+        "userId": user,
+        "messageId": f"m-{user}",
+        "originalTimestamp": _iso(device_now - 200_000_000),
+        "sentAt": _iso(device_now),
+        "traits": {"billing_customer_id": f"cus_{user}"},
+        "context": {"library": {"name": "analytics.js", "version": "2.11.1"}},
+    }
+    before = time.time_ns()
+    r = httpx.post(f"{tower.url}/v1/batch", json={"batch": [msg], "writeKey": WRITE_KEYS[0]})
+    after = time.time_ns()
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+    [event] = _events_of(tower, user, 1)
+    assert before - 200_000_000 - 10**9 <= event["time_ns"] <= after  # the clock's hour is gone
+    r = httpx.post(f"{tower.url}/v1/batch", json={"batch": [msg], "sentAt": "later"}, auth=(WRITE_KEYS[0], ""))
+    assert r.status_code == 400 and "the batch's sentAt" in r.json()["error"]
 
 
 def test_no_raw_email_reaches_the_buffer_or_the_store(tmp_path: Path) -> None:

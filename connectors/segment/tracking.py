@@ -186,15 +186,32 @@ def _text(msg: Mapping[str, Any], name: str) -> str:
     return text
 
 
-def _time_ns(msg: Mapping[str, Any], received_ns: int) -> int:
-    for name in ("timestamp", "originalTimestamp"):
-        value = msg.get(name)
-        if isinstance(value, str) and value:
-            try:
-                return parse_time(value)
-            except EventError:
-                raise TrackingError(f"{name} {value[:40]!r} is not an ISO 8601 / RFC 3339 time") from None
-    return received_ns
+def _time_field(msg: Mapping[str, Any], name: str) -> int | None:
+    value = msg.get(name)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return parse_time(value)
+    except EventError:
+        raise TrackingError(f"{name} {value[:40]!r} is not an ISO 8601 / RFC 3339 time") from None
+
+
+def _time_ns(msg: Mapping[str, Any], received_ns: int, batch_sent_at: int | None = None) -> int:
+    """When the message happened. A ``timestamp`` the sender set (server libraries, the HTTP API, imports) is
+    taken as sent. A device library's ``originalTimestamp`` is on the device's clock, which may be hours off: it
+    is corrected as Segment and RudderStack correct it, receivedAt - (sentAt - originalTimestamp), with ``sentAt``
+    from the message or else its batch, and never later than the message was received."""
+    stamped = _time_field(msg, "timestamp")
+    if stamped is not None:
+        return stamped
+    original = _time_field(msg, "originalTimestamp")
+    if original is None:
+        return received_ns
+    sent = _time_field(msg, "sentAt")
+    sent = batch_sent_at if sent is None else sent
+    if sent is None:
+        return original
+    return min(received_ns, received_ns - (sent - original))
 
 
 def _customer_id(traits: Mapping[str, Any], fallback: str, trait_names: Sequence[str]) -> str:
@@ -227,8 +244,10 @@ def to_event(
     policy: PiiPolicy,
     customer_traits: Sequence[str],
     default_region: str,
+    batch_sent_at: int | None = None,
 ) -> BusinessEvent | None:
-    """One tracking message -> a business event (None for page/screen/alias, which the tower ignores)."""
+    """One tracking message -> a business event (None for page/screen/alias, which the tower ignores);
+    ``batch_sent_at``: the ``sentAt`` of the batch holding it."""
     if not isinstance(msg, dict):
         raise TrackingError("a message must be a JSON object")
     mtype = msg.get("type")
@@ -291,7 +310,7 @@ def to_event(
         source=SOURCE,
         type=kind,
         subject=attrs.get("revops.customer.id") or cdp_user,
-        time_ns=_time_ns(msg, received_ns),
+        time_ns=_time_ns(msg, received_ns, batch_sent_at),
         trace_id="",
         span_id="",
         attributes=attrs,
@@ -316,9 +335,14 @@ def parse_request(
 ) -> Parsed:
     """Every message of a request: events to keep, how many were ignored, and which were bad (and why)."""
     out = Parsed([], 0, [])
-    for i, msg in enumerate(messages_of(doc, path_type)):
+    messages = messages_of(doc, path_type)
+    try:
+        batch_sent_at = _time_field(doc, "sentAt") if path_type is None else None
+    except TrackingError as exc:  # the whole batch's clock is unknown: no message of it can be placed in time
+        raise TrackingError(f"the batch's {exc}") from None
+    for i, msg in enumerate(messages):
         try:
-            event = to_event(msg, received_ns, policy, customer_traits, default_region)
+            event = to_event(msg, received_ns, policy, customer_traits, default_region, batch_sent_at)
         except TrackingError as exc:
             mid = msg.get("messageId") if isinstance(msg, dict) else None
             out.rejected.append({"index": i, "messageId": mid if isinstance(mid, str) else None, "error": str(exc)})
