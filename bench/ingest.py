@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import shutil
 import subprocess
 import sys
@@ -97,17 +98,19 @@ store = open_store(Settings(data_dir=Path({data!r})))
 migrate(store)
 sync_key_attributes(store, key_attribute_names())
 bodies = [realistic_request(i, per, 7) for i in range(0, n, per)]
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 for i in range(0, len(bodies), 50):
     insert_otlp_spans(store, bodies[i:i + 50], f"raw_{{i}}")
-print(json.dumps({{"spans_per_s": n / (time.perf_counter() - t)}}))
+print(json.dumps({{"spans_per_s": n / (time.perf_counter() - t), "cpu_s": time.process_time() - cpu}}))
 """
 
 
-def raw_insert_rate(tmp: Path, n: int, per: int) -> float:
+def raw_insert_rate(tmp: Path, n: int, per: int) -> tuple[float, float]:
+    """(spans/s, CPU seconds per 100,000 spans) of the store's own insert: what ingest cannot go past."""
     script = RAW_SCRIPT.format(root=str(ROOT), n=n, per=per, data=str(tmp / "raw-data"))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])["spans_per_s"]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return res["spans_per_s"], res["cpu_s"] / n * 100_000
 
 
 def main() -> None:
@@ -126,13 +129,18 @@ def main() -> None:
         bodies = pool.map(build, [(i, per, 1) for i in range(0, args.spans + n_lat, per)])
     srv = Server(tmp / "server").start()
     try:
+        cpu0 = srv.cpu_s()
         acked, secs, _ = run_load(srv.url, bodies[: args.spans // per], per, args.threads, 0)
         ack_rate = acked / secs
         t0 = time.perf_counter() - secs
         while metric(srv.url, "tower_rows_flushed_total", 'table="otel_traces"') < acked:
             time.sleep(0.05)
         e2e_rate = acked / (time.perf_counter() - t0)
-        print(f"max throughput: {ack_rate:,.0f} spans/s acknowledged, {e2e_rate:,.0f} spans/s queryable end-to-end")
+        server_cpu = (srv.cpu_s() - cpu0) / acked * 100_000
+        print(
+            f"max throughput: {ack_rate:,.0f} spans/s acknowledged, {e2e_rate:,.0f} spans/s queryable end-to-end; "
+            f"the server used {server_cpu:.2f} CPU-s per 100,000 spans"
+        )
         acked2, secs2, lat = run_load(srv.url, bodies[args.spans // per :], per, args.threads, args.rate)
         p50, p99 = percentile(lat, 50), percentile(lat, 99)
         print(
@@ -143,8 +151,12 @@ def main() -> None:
         print(f"server peak RSS: {peak:,.0f} MB")
     finally:
         srv.stop()
-    raw = raw_insert_rate(tmp, min(args.spans, 500_000), per)
-    print(f"raw chDB insert of the same requests (in-process, no HTTP, no buffer): {raw:,.0f} spans/s")
+    raw, raw_cpu = raw_insert_rate(tmp, min(args.spans, 500_000), per)
+    print(
+        f"raw chDB insert of the same requests (in-process, no HTTP, no buffer): {raw:,.0f} spans/s, "
+        f"{raw_cpu:.2f} CPU-s per 100,000 spans: 100,000 spans/s needs {raw_cpu:.2f} of this machine's "
+        f"{os.cpu_count()} cores for the insert alone"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     print(
         json.dumps(
@@ -156,6 +168,8 @@ def main() -> None:
                 "rss_mb": round(peak),
                 "raw_insert_spans_per_s": round(raw),
                 "ratio_to_raw": round(e2e_rate / raw, 3),
+                "raw_cpu_s_per_100k": round(raw_cpu, 3),
+                "server_cpu_s_per_100k": round(server_cpu, 3),
             }
         )
     )
