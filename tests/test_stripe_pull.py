@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -77,6 +78,23 @@ def test_invoice_and_payment_mapping_minor_units() -> None:
     cn = mapping.payment_from_credit_note({"id": "cn_1", "invoice": "in_1", "total": 300, "currency": "eur",
                                            "status": "void"}, T, "")  # fmt: skip
     assert (cn.kind, cn.status, cn.allocations) == ("credit_note", "failed", {"in_1": 300})
+
+
+def test_a_payment_occurred_when_it_succeeded_not_when_its_intent_was_created() -> None:
+    """An invoice's PaymentIntent is created at finalization and may succeed days later: its grace period ran from
+    the creation, so a payment confirmed a second before a run was a payment_unapplied break at once."""
+    at = dt.datetime.fromtimestamp
+    pi = {"id": "pi_1", "currency": "usd", "amount": 500, "amount_received": 500, "status": "succeeded",
+          "invoice": "in_1", "created": 1_790_000_000}  # fmt: skip
+    assert mapping.payment_from_intent(pi, T, "NA", None, 1_790_086_400).occurred_at == at(1_790_086_400, dt.UTC)
+    charged = {**pi, "charges": {"data": [{"status": "failed", "created": 1_790_000_100},
+                                          {"status": "succeeded", "created": 1_790_003_600}]}}  # fmt: skip
+    assert mapping.payment_from_intent(charged, T, "NA").occurred_at == at(1_790_003_600, dt.UTC)
+    latest = {**pi, "latest_charge": {"status": "succeeded", "created": 1_790_007_200}}
+    assert mapping.payment_from_intent(latest, T, "NA").occurred_at == at(1_790_007_200, dt.UTC)
+    assert mapping.payment_from_intent(pi, T, "NA").occurred_at == at(1_790_000_000, dt.UTC)  # nothing better known
+    pending = {**pi, "status": "processing", "latest_charge": {"status": "pending", "created": 1_790_007_200}}
+    assert mapping.payment_from_intent(pending, T, "NA").occurred_at == at(1_790_000_000, dt.UTC)
 
 
 @pytest.mark.parametrize(
@@ -300,6 +318,34 @@ def test_pull_payments_and_refunds(localstripe: Localstripe) -> None:
     )
     assert ref.customer_id == inv.customer and ref.currency == "USD"
     assert billing.pull_payments(page.next_cursor).items == []
+
+
+def test_a_pulled_payment_confirmed_after_its_intent_was_created_occurred_at_the_confirmation(
+    localstripe: Localstripe,
+) -> None:
+    billing = StripeBilling("sk_test_tower", localstripe.url, default_region="NA", backoff_s=0.01)
+    cursor = drained_payments_cursor(billing)
+    client = stripe_client(localstripe)
+    cus = client.v1.customers.create()
+    pm = client.v1.payment_methods.create(
+        params={"type": "card", "card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}
+    )
+    client.v1.payment_methods.attach(pm.id, params={"customer": cus.id})
+    pi = client.v1.payment_intents.create(
+        params={
+            "amount": 5000,
+            "currency": "usd",
+            "customer": cus.id,
+            "payment_method": pm.id,
+            "metadata": {"invoice": "in_confirmed_later"},  # (one naming none would make the pull ask basil's API)
+        }
+    )
+    time.sleep(2.1)  # Stripe stamps whole seconds
+    confirmed_s = int(time.time())
+    assert client.v1.payment_intents.confirm(pi.id).status == "succeeded"
+    pay = next(p for p in billing.pull_payments(cursor).items if p.payment_id == pi.id)
+    assert pay.status == "succeeded" and pay.allocations == {"in_confirmed_later": 5000}
+    assert pay.occurred_at.timestamp() >= confirmed_s > pi.created
 
 
 def test_429_and_5xx_are_retried_with_backoff(localstripe: Localstripe, spans: InMemorySpanExporter) -> None:

@@ -235,7 +235,13 @@ class StripeBilling:
     def _pull_payments(self, cursor: str | None, limit: int) -> Page[Payment]:
         cur = Cursor.decode(cursor)
         since = cur.t if cur else 0
-        changes = list(self._payment_changes(self._events_since(since)))
+        events = self._events_since(since)
+        succeeded: dict[str, int] = {}  # payment intent -> when it succeeded (its event), for occurred_at
+        for e in events:
+            if e.get("type") == "payment_intent.succeeded" and isinstance(e.get("created"), int):
+                pi_id = mapping._id(e["data"]["object"].get("id"))
+                succeeded[pi_id] = max(succeeded.get(pi_id, 0), e["created"])
+        changes = list(self._payment_changes(events))
         changes += [Change(int(r["created"]), str(r["id"]), "refund", str(r["id"])) for r in self._refunds_since(since)]
         page, nxt, done = mapping.select_changes(changes, cur, limit)
         intents: dict[str, dict[str, Any]] = {}
@@ -246,7 +252,7 @@ class StripeBilling:
             if c.kind == "payment_intent":
                 pi = intents[c.key] = self._retrieve("payment_intent", c.key)
                 invoices = self._invoices_paid_by(pi, paid_invoices) if pi.get("status") == "succeeded" else None
-                items.append(mapping.payment_from_intent(pi, when, self._region_of(pi), invoices))
+                items.append(mapping.payment_from_intent(pi, when, self._region_of(pi), invoices, succeeded.get(c.key)))
             elif c.kind == "credit_note":
                 cn = self._retrieve("credit_note", c.key)
                 items.append(mapping.payment_from_credit_note(cn, when, self._region_of(cn)))

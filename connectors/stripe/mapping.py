@@ -341,14 +341,35 @@ def _refund_status(status: str) -> str:
     return "pending"
 
 
+def _succeeded_at(pi: Mapping[str, Any], event_at: int | None) -> dt.datetime | None:
+    """When a PaymentIntent succeeded: its ``payment_intent.succeeded`` event, else its latest succeeded charge
+    (embedded by older API versions or an expand). An invoice's PaymentIntent is created when the invoice is
+    finalized and may succeed days later (retries, net terms, bank debits): its ``created`` started the
+    reconciler's grace period that long ago, so a payment confirmed a second before a run was already a break."""
+    if event_at:
+        return _ts(event_at)
+    charges = pi.get("charges")
+    listed = charges.get("data") if isinstance(charges, Mapping) else None
+    candidates = [pi.get("latest_charge"), *(listed if isinstance(listed, list) else [])]
+    times = [
+        c["created"]
+        for c in candidates
+        if isinstance(c, Mapping) and c.get("status") == "succeeded" and isinstance(c.get("created"), int)
+    ]
+    return _ts(max(times)) if times else None
+
+
 def payment_from_intent(
     pi: Mapping[str, Any],
     updated_at: dt.datetime,
     default_region: str,
     paid_invoices: Mapping[str, int] | None = None,
+    succeeded_event_at: int | None = None,
 ) -> Payment:
     """A payment; ``paid_invoices`` (invoice id -> amount, from the InvoicePayments API) allocates it when the
-    PaymentIntent itself names no invoice (API 2025-03-31.basil and later)."""
+    PaymentIntent itself names no invoice (API 2025-03-31.basil and later). A succeeded payment occurred when it
+    succeeded (``succeeded_event_at``: the time of its ``payment_intent.succeeded`` event, when the pull saw
+    it), not when its intent was created."""
     status = _payment_status(str(pi.get("status") or ""))
     cur = str(pi.get("currency") or "").upper()
     asked = iso_minor(pi.get("amount"), "amount", cur)
@@ -365,7 +386,9 @@ def payment_from_intent(
         currency=cur,
         amount_minor=amount,
         status=status,
-        occurred_at=_ts(pi.get("created")) or updated_at,
+        occurred_at=(status == "succeeded" and _succeeded_at(pi, succeeded_event_at))
+        or _ts(pi.get("created"))
+        or updated_at,
         updated_at=updated_at,
         method=str(methods[0]) if methods else "card",
         allocations=allocations if status == "succeeded" else {},
