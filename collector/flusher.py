@@ -111,7 +111,11 @@ class Flusher:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.flush_interval_s)
+            try:
+                self._wake.wait(self.flush_interval_s)
+            except (OverflowError, ValueError):  # settings bound the interval; should one still pass: flush now
+                log.exception("cannot wait %s s between flushes; flushing without waiting", self.flush_interval_s)
+                self.flush_interval_s = 1.0
             self._wake.clear()
             stopping = self._stop.is_set()
             try:

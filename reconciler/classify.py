@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tower_core.models import DRIFT_CLASSES
 from tower_core.settings import DEFAULT_GRACE_S, DEFAULT_TOLERANCE_ABS_MINOR
 
 # --- classes ----------------------------------------------------------------------------------------------
@@ -34,23 +35,7 @@ REFUND_UNPOSTED = "refund_unposted"
 REGION_MISMATCH = "region_mismatch"
 STALE_SYNC = "stale_sync"
 
-CLASSES: tuple[str, ...] = (
-    MISSING_IN_ERP,
-    MISSING_IN_BILLING,
-    AMOUNT_MISMATCH,
-    CURRENCY_MISMATCH,
-    STATUS_MISMATCH,
-    DUPLICATE_POSTING,
-    PAYMENT_UNAPPLIED,
-    ORPHAN_PAYMENT,
-    UNDER_APPLIED,
-    OVER_APPLIED,
-    CUSTOMER_UNSYNCED,
-    CUSTOMER_UNMATCHED,
-    REFUND_UNPOSTED,
-    REGION_MISMATCH,
-    STALE_SYNC,
-)
+CLASSES: tuple[str, ...] = DRIFT_CLASSES  # in tower_core.models, where settings check the names they are given
 # Statement buckets that explain a difference without being drift: amounts inside the tolerance, a posting on
 # another day than the invoice's, and a side that records no region (its amount is in the blank region's row).
 TOLERANCE = "within_tolerance"

@@ -82,6 +82,16 @@ def test_invalid_setting_is_one_line(tmp_path: Path) -> None:
     assert "TOWER_DATABASE" in line
 
 
+def test_an_unwritable_manifest_is_one_line_before_any_estate_is_written(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    for path in (tmp_path, tmp_path / "a-file" / "manifest.json"):
+        line = one_error_line(
+            run(["simulate", "bulk", "--invoices", "10", "--manifest", str(path)], tmp_path, TOWER_DATA_DIR="d")
+        )
+        assert "--manifest" in line
+    assert not (tmp_path / "d").exists()  # nothing was loaded without its manifest
+
+
 @pytest.mark.parametrize("cmd", [["--help"], ["serve", "--help"]])
 def test_help(cmd: list[str], tmp_path: Path) -> None:
     proc = run(cmd, tmp_path)
@@ -130,6 +140,22 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], says: str, tmp_pa
         ({"TOWER_API_TOKEN": "secret123-\u00e9"}, "TOWER_API_TOKEN"),
         # a '/' in the password ends the host part: urlparse's own error quoted the URL, password and all
         ({"TOWER_CLICKHOUSE_URL": "http://default:secret123/x@127.0.0.1:1/tower"}, "percent-encode"),
+        # past what a wait or the scheduler's date arithmetic holds: the flusher's thread died while ingest said
+        # 200; the scheduler's add_job overflowed (a traceback, or exit 139)
+        ({"TOWER_FLUSH_INTERVAL_S": "1e10"}, "TOWER_FLUSH_INTERVAL_S"),
+        ({"TOWER_RECONCILE_INTERVAL_S": "inf"}, "TOWER_RECONCILE_INTERVAL_S"),
+        ({"TOWER_SLA_EVAL_INTERVAL_S": "1e12"}, "TOWER_SLA_EVAL_INTERVAL_S"),
+        ({"TOWER_RECONCILE_FULL_INTERVAL_S": "nan"}, "TOWER_RECONCILE_FULL_INTERVAL_S"),
+        # httpx refused them later, with a 100-line traceback
+        ({"TOWER_ALERTMANAGER_URL": "http://user:secret123@127.0.0.1:notaport"}, "TOWER_ALERTMANAGER_URL"),
+        ({"TOWER_SLA_WEBHOOK_URLS": '["https://hooks.example.com:xx/secret123"]'}, "entry 0 is not a valid URL"),
+        # an empty secret is one anyone holds: a webhook signed with "" was accepted
+        ({"TOWER_STRIPE_WEBHOOK_SECRETS": '["whsec_secret123", ""]'}, "entry 1 must be non-empty"),
+        ({"TOWER_INGEST_TOKENS": '["secret123", " "]'}, "TOWER_INGEST_TOKENS"),
+        # a misspelt class was kept and never matched: that class kept the default grace
+        ({"TOWER_RECONCILE_GRACE_S": '{"missing-in-erp": 60}'}, "'missing-in-erp' is not a drift class"),
+        # a rule across settings named a variable that does not exist (TOWER_SETTINGS)
+        ({"TOWER_CDP_WRITE_KEYS": '["secret123"]'}, "invalid settings: Value error, TOWER_CDP_PII_HMAC_KEY"),
     ],
 )
 def test_a_malformed_json_setting_or_port_is_one_line(env: dict[str, str], says: str, tmp_path: Path) -> None:

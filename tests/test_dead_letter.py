@@ -265,6 +265,23 @@ def test_the_flusher_says_how_long_its_writes_have_failed(tmp_path: Path, embedd
     assert wal.sealed() == [] and flusher.failing_for_s() == 0 and _stored(embedded_store)["spans"] == 10
 
 
+def test_a_flush_interval_the_flusher_cannot_wait_on_does_not_end_its_thread(
+    tmp_path: Path, embedded_store: Store
+) -> None:
+    """Settings bound the interval now; a wait of 1e10 s raised OverflowError outside the flusher's guard and
+    ended its thread, while ingest kept answering 200 and nothing reached the store."""
+    wal = _segment_of(tmp_path, embedded_store, [10])
+    flusher = Flusher(
+        wal, embedded_store, key_attribute_names(), CollectorMetrics(), flush_rows=5000, flush_interval_s=1e10
+    )
+    flusher.start()
+    deadline = time.monotonic() + 20
+    while _stored(embedded_store)["spans"] < 10 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    flusher.stop()
+    assert _stored(embedded_store) == {"rows": 10, "spans": 10} and flusher.flush_interval_s == 1.0
+
+
 class LandsThenRefuses(FlakyStore):
     """Named fake like FlakyStore: the listed span inserts land, then fail (a full disk under a view: the spans'
     part is written, a view's is not)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -121,6 +122,25 @@ def test_bad_input_is_a_clear_4xx(
     r = getattr(c, method)(path, headers=auth(ADMIN), **kwargs)
     assert r.status_code == status, r.text
     assert "detail" in r.json()
+
+
+def test_every_metric_the_readme_names_is_exposed_under_that_name(client: tuple[TestClient, Store]) -> None:
+    """The README named two counters without their _total suffix: rules written from it matched nothing."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c, store = client
+    scenario(store)
+    now = dt.datetime.fromtimestamp((T + 60 * M) / 1e9, dt.UTC).isoformat()
+    assert c.post("/api/sla/evaluate", json={"now": now}, headers=auth(ADMIN)).status_code == 200
+    exposed: set[str] = set()
+    for family in text_string_to_metric_families(c.get("/metrics").text):
+        # a counter's samples are <family>_total, and so is its name in PromQL; a histogram is named by its family
+        suffixes = {"counter": ["_total"], "histogram": ["", "_bucket", "_sum", "_count"]}.get(family.type, [""])
+        suffixes += ["_bucket", "_gsum", "_gcount"] if family.type == "gaugehistogram" else []
+        exposed |= {family.name + suffix for suffix in suffixes}
+    named = set(re.findall(r"\btower_[a-z_]+", (Path(__file__).parent.parent / "README.md").read_text()))
+    named -= {"tower_core"}  # the package
+    assert len(named) >= 10 and named - exposed == set()
 
 
 def test_metrics_expose_sla_series_after_an_evaluation(client: tuple[TestClient, Store]) -> None:

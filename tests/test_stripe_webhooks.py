@@ -55,6 +55,7 @@ def test_rotation_any_configured_secret_and_any_v1_may_match() -> None:
         ("GOOD", [SECRET], NOW + 301, "outside the 300 s tolerance"),
         ("GOOD", [SECRET], NOW - 301, "outside the 300 s tolerance"),
         ("GOOD", [], NOW, "no Stripe webhook secret is configured"),
+        ("SIGNED_WITH_EMPTY", [SECRET, ""], NOW, "no Stripe-Signature v1 signature matches"),  # a key anyone holds
         (f"t={NOW}\xb2,v1={'0' * 64}", [SECRET], NOW, "no valid timestamp"),  # "²" passes str.isdigit()
         (f"t={NOW},v1=\xe9", [SECRET], NOW, "no v1 signature"),  # compare_digest refuses non-ASCII str
     ],
@@ -65,6 +66,8 @@ def test_bad_signatures_are_refused_with_the_reason(
     body = b'{"id": "evt_1"}'
     if header == "GOOD":
         header = _header(body, [SECRET])
+    elif header == "SIGNED_WITH_EMPTY":
+        header = _header(body, [""])
     with pytest.raises(SignatureError, match=reason):
         verify(body, header, secrets, 300, now)
 

@@ -11,6 +11,26 @@ from typing import Any, Generic, Literal, TypeVar
 MAX_AMOUNT_MINOR = 10**15
 
 
+# The drift classes of DOMAIN.md section 3 (reconciler/classify.py names each): what a per-class setting may name.
+DRIFT_CLASSES: tuple[str, ...] = (
+    "missing_in_erp",
+    "missing_in_billing",
+    "amount_mismatch",
+    "currency_mismatch",
+    "status_mismatch",
+    "duplicate_posting",
+    "payment_unapplied",
+    "orphan_payment",
+    "under_applied",
+    "over_applied",
+    "customer_unsynced",
+    "customer_unmatched",
+    "refund_unposted",
+    "region_mismatch",
+    "stale_sync",
+)
+
+
 def amount_error(amount_minor: int) -> str | None:
     """Why ``amount_minor`` is not an amount the tower takes (None when it is)."""
     if abs(amount_minor) > MAX_AMOUNT_MINOR:

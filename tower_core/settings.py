@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from tower_core.logs import LEVELS as LOG_LEVELS
+from tower_core.models import DRIFT_CLASSES
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # what the reconciler's maps fall back to without a `*` entry, as without the setting at all
@@ -21,6 +22,9 @@ DEFAULT_TOLERANCE_ABS_MINOR = 1
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 MAX_RULE_VALUE = 10**15  # a tolerance (minor units, basis points) or grace (seconds): far above any real one
+# The longest interval, timeout or backoff a setting takes (a year): past it the scheduler's date arithmetic
+# overflowed at start (a traceback, or a crash), and the flusher's wait ended its thread while ingest said 200.
+MAX_SECONDS = 366 * 86_400
 # DOMAIN.md section 2's business-key attributes: what TOWER_KEY_ATTRIBUTE_MAP may map other names onto
 # (collector/correlation.py reads the same ones; a test checks they agree)
 KEY_ATTRIBUTE_TARGETS = (
@@ -44,7 +48,9 @@ class Settings(BaseSettings):
         None,
         description="ClickHouse server URL, e.g. http://user:pass@host:8123/tower; unset = embedded chDB.",
     )
-    clickhouse_connect_timeout_s: float = Field(5.0, gt=0, description="Connect timeout for the server backend.")
+    clickhouse_connect_timeout_s: float = Field(
+        5.0, gt=0, le=MAX_SECONDS, description="Connect timeout for the server backend."
+    )
 
     # --- API server
     host: str = Field("127.0.0.1", description="Address `tower serve` binds to.")
@@ -59,9 +65,11 @@ class Settings(BaseSettings):
         description="Bearer token the dashboard sends to the API (else TOWER_API_TOKEN, else it asks once per "
         "session); its role decides which action buttons show; never logged.",
     )
-    dashboard_timeout_s: float = Field(10.0, gt=0, description="Timeout of one dashboard call to the API (seconds).")
+    dashboard_timeout_s: float = Field(
+        10.0, gt=0, le=MAX_SECONDS, description="Timeout of one dashboard call to the API (seconds)."
+    )
     dashboard_refresh_s: float = Field(
-        2.0, gt=0, description="How often the dashboard refreshes a running action's status (seconds)."
+        2.0, gt=0, le=MAX_SECONDS, description="How often the dashboard refreshes a running action's status (seconds)."
     )
 
     # --- security
@@ -77,7 +85,10 @@ class Settings(BaseSettings):
         None, description="SLA definitions YAML; unset = the shipped default (reconciler/sla/config/sla.yaml)."
     )
     sla_eval_interval_s: float = Field(
-        60.0, ge=0, description="How often `tower serve` evaluates the SLAs (seconds); 0 = only through the API."
+        60.0,
+        ge=0,
+        le=MAX_SECONDS,
+        description="How often `tower serve` evaluates the SLAs (seconds); 0 = only through the API.",
     )
     sla_max_regions: int = Field(
         20,
@@ -98,19 +109,20 @@ class Settings(BaseSettings):
         None, description="Dashboard link in alert annotations; unset = http://dashboard_host:dashboard_port."
     )
 
-    @field_validator("alertmanager_url", "sla_dashboard_url")
+    @field_validator(
+        "alertmanager_url", "sla_dashboard_url", "api_url", "stripe_api_base", "tryton_url", "simulator_url"
+    )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("not an http(s) URL")  # not echoed: a receiver URL may hold credentials
+        if value is not None:
+            _check_http_url(value, "")
         return value
 
     @field_validator("sla_webhook_urls")
     @classmethod
     def _http_urls(cls, value: list[str]) -> list[str]:
         for i, url in enumerate(value):
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"entry {i} is not an http(s) URL")  # not echoed: its path may be a token
+            _check_http_url(url, f"entry {i} ")
         return value
 
     # --- reconciler (issue 5)
@@ -121,13 +133,13 @@ class Settings(BaseSettings):
         True, description="Run the reconciler's scheduled jobs (runs, action retries) inside `tower serve`."
     )
     reconcile_interval_s: float = Field(
-        300.0, ge=0, description="Incremental reconciliation every N seconds (0 = off)."
+        300.0, ge=0, le=MAX_SECONDS, description="Incremental reconciliation every N seconds (0 = off)."
     )
     reconcile_full_interval_s: float = Field(
-        86400.0, ge=0, description="Full reconciliation every N seconds (0 = off)."
+        86400.0, ge=0, le=MAX_SECONDS, description="Full reconciliation every N seconds (0 = off)."
     )
     reconcile_actions_interval_s: float = Field(
-        15.0, ge=0, description="Retry due corrective actions every N seconds (0 = off)."
+        15.0, ge=0, le=MAX_SECONDS, description="Retry due corrective actions every N seconds (0 = off)."
     )
     reconcile_connectors: str = Field(
         "none",
@@ -150,15 +162,17 @@ class Settings(BaseSettings):
         description="Grace period per drift class in seconds (inside it a gap is stale_sync), JSON; `*` = default.",
     )
     reconcile_match_window_days: int = Field(
-        31, ge=0, description="Date window of 1:N / N:1 matching by customer and sum."
+        31, ge=0, le=3660, description="Date window of 1:N / N:1 matching by customer and sum."
     )
     reconcile_action_attempts: int = Field(
         4, ge=1, description="Attempts per execution of a corrective action (transient errors)."
     )
     reconcile_action_backoff_s: float = Field(
-        0.5, ge=0, description="First backoff between attempts; doubles up to the max."
+        0.5, ge=0, le=MAX_SECONDS, description="First backoff between attempts; doubles up to the max."
     )
-    reconcile_action_backoff_max_s: float = Field(30.0, ge=0, description="Longest backoff between attempts (seconds).")
+    reconcile_action_backoff_max_s: float = Field(
+        30.0, ge=0, le=MAX_SECONDS, description="Longest backoff between attempts (seconds)."
+    )
     reconcile_action_max_attempts: int = Field(
         20, ge=1, description="Attempts across executions before an action goes to the dead-letter list."
     )
@@ -166,7 +180,7 @@ class Settings(BaseSettings):
         5, ge=1, description="Consecutive failures that open a target system's breaker."
     )
     reconcile_breaker_reset_s: float = Field(
-        30.0, gt=0, description="Seconds an open breaker waits before a trial call."
+        30.0, gt=0, le=MAX_SECONDS, description="Seconds an open breaker waits before a trial call."
     )
 
     cors_origins: list[str] = Field(
@@ -178,7 +192,9 @@ class Settings(BaseSettings):
     wal_dir: Path = Field(Path(".tower/wal"), description="Directory of the collector's write-ahead buffer.")
     wal_max_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Write-ahead buffer bound; full => 503.")
     flush_rows: int = Field(5000, ge=1, description="Flush the buffer to the store once this many rows wait.")
-    flush_interval_s: float = Field(1.0, gt=0, description="Flush the buffer at least this often (seconds).")
+    flush_interval_s: float = Field(
+        1.0, gt=0, le=MAX_SECONDS, description="Flush the buffer at least this often (seconds)."
+    )
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Request body cap after decompression (413).")
     key_attribute_map: dict[str, str] = Field(
         default_factory=dict,
@@ -245,7 +261,9 @@ class Settings(BaseSettings):
     tryton_database: str = Field("tower", description="Tryton database name.")
     tryton_user: str = Field("admin", description="Tryton login.")
     tryton_password: SecretStr | None = Field(None, description="Tryton password; never logged.")
-    tryton_timeout_s: float = Field(10.0, gt=0, description="Timeout of one Tryton JSON-RPC call (seconds).")
+    tryton_timeout_s: float = Field(
+        10.0, gt=0, le=MAX_SECONDS, description="Timeout of one Tryton JSON-RPC call (seconds)."
+    )
     tryton_payment_method: str = Field("Cash", description="Tryton invoice payment method used to apply payments.")
 
     # --- simulated estate (connectors/simulator; `tower simulate`, `tower demo`)
@@ -255,7 +273,9 @@ class Settings(BaseSettings):
     simulator_port: int = Field(
         8600, ge=0, le=65535, description="Port the demo-pace estate serves its loopback API on."
     )
-    simulator_timeout_s: float = Field(10.0, gt=0, description="Timeout of one call to the simulated estate (seconds).")
+    simulator_timeout_s: float = Field(
+        10.0, gt=0, le=MAX_SECONDS, description="Timeout of one call to the simulated estate (seconds)."
+    )
     simulator_seed: int = Field(7, description="Seed of the demo-pace estate.")
     simulator_rate_per_min: int = Field(60, ge=1, description="Invoices per minute the demo-pace estate emits.")
 
@@ -283,6 +303,25 @@ class Settings(BaseSettings):
         for key, n in value.items():
             if not 0 <= n <= MAX_RULE_VALUE:
                 raise ValueError(f"{key!r} is {n}; must be 0 to {MAX_RULE_VALUE}")
+        return value
+
+    @field_validator("reconcile_grace_s")
+    @classmethod
+    def _class_keys(cls, value: dict[str, int]) -> dict[str, int]:
+        # a misspelt class ("missing-in-erp") was kept and never matched: that class kept the default grace
+        for key in value:
+            if key != "*" and key not in DRIFT_CLASSES:
+                raise ValueError(f"{key!r} is not a drift class ({', '.join(DRIFT_CLASSES)}) or * (the default)")
+        return value
+
+    @field_validator("stripe_webhook_secrets", "ingest_tokens", "cdp_write_keys")
+    @classmethod
+    def _no_blank_secret(cls, value: list[SecretStr]) -> list[SecretStr]:
+        # an empty entry (a rotation template's unset variable) was a key anyone holds: a webhook signed with ""
+        # was accepted
+        for i, secret in enumerate(value):
+            if not _TOKEN.fullmatch(secret.get_secret_value()):
+                raise ValueError(f"entry {i} must be non-empty printable ASCII without spaces")
         return value
 
     @field_validator("reconcile_tolerance_abs_minor", "reconcile_tolerance_rel_bp")
@@ -345,12 +384,29 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        if not where:  # a rule across settings: its message names them
+            raise ConfigError(f"invalid settings: {first.get('msg')}") from None
         raise ConfigError(f"invalid setting TOWER_{where.upper()}: {first.get('msg')}") from None
     except SettingsError as exc:
         m = _FIELD.search(str(exc))
         where = f"TOWER_{m.group(1).upper()}" if m else "a TOWER_ variable"
         raise ConfigError(f"invalid setting {where}: not valid JSON (a list or a map is expected)") from None
+
+
+def _check_http_url(url: str, what: str) -> None:
+    """An http(s) URL httpx can send to (a port that is no number failed at start with a traceback). The URL is
+    not echoed: it may hold credentials, and a webhook's path may be its token."""
+    import httpx
+
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{what}is not an http(s) URL")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        parsed = None
+    if parsed is None or not parsed.host:
+        raise ValueError(f"{what}is not a valid URL (check its host and port)")
 
 
 def own_api_url(settings: Settings) -> str:

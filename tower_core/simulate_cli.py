@@ -8,6 +8,7 @@ one line when the API owns the embedded path); ``run`` plays an estate at demo p
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
 import threading
 from pathlib import Path
@@ -92,10 +93,11 @@ def bulk(
     from tower_core.store import migrate, open_store
 
     config = _historical(invoices, customers, seed, days, as_of, faults)
+    path = manifest or Path(".tower") / f"manifest-{seed}.json"
+    _check_writable(path)  # before the store holds an estate without its manifest
     settings = load_settings()
     store = open_store(settings)
     migrate(store)
-    path = manifest or Path(".tower") / f"manifest-{seed}.json"
     with Progress(
         TextColumn("[bold]bulk estate"),
         BarColumn(),
@@ -179,6 +181,17 @@ def run(
         )
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_writable(path: Path) -> None:
+    """One line now, not a traceback once the estate is written: the manifest's place must take a file."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if path.is_dir():
+        raise ConfigError(f"--manifest {path} is a directory")
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"--manifest {path} cannot be written")
 
 
 @simulate_app.command("manifest")
