@@ -23,6 +23,7 @@ from connectors.base import BillingConnector, ConnectorError, ErpConnector, Tran
 from connectors.segment.tracking import PiiPolicy
 from reconciler import classify as c
 from reconciler import run_owner
+from reconciler.retention import DROP_AT_LEAST, StatementRetention, StatementRun, statements_to_drop
 from reconciler.sla.ledger_activity import ERP, activity_of
 from tower_core.errors import StoreError
 from tower_core.models import CURRENCY_EXPONENT, record_ref
@@ -201,14 +202,27 @@ class Reconciler:
         cdp: Any = None,
         queue_lock: Any = None,
         pii: PiiPolicy | None = None,
+        retention: StatementRetention = StatementRetention(),
     ) -> None:
         self.pii = pii
+        self.retention = retention
         self.queue_lock = queue_lock or threading.RLock()
         self.store = store
         self.rules = rules
         self.billing = billing
         self.erp = erp
         self.cdp = cdp
+
+    def _prune_statements(self) -> None:
+        """Drop the statements the retention policy no longer keeps. A failure costs disk, not the run: the next
+        run tries again."""
+        try:
+            runs = [StatementRun(r["run_id"], r["region"], r["created_at"]) for r in q.statement_runs(self.store)]
+            drop = statements_to_drop(runs, _now(), self.retention)
+            if len(drop) >= DROP_AT_LEAST:
+                q.drop_statements(self.store, drop)
+        except StoreError as exc:
+            log.warning("could not prune old reconciliation statements (kept for the next run): %s", exc)
 
     def run(
         self,
@@ -350,5 +364,6 @@ class Reconciler:
         q.clear_facts(store, run_id, full=full, region=region)
         result.statement_rows = q.write_statement(store, run_id, region)
         result.residual_minor = q.statement_residual(store, run_id)
+        self._prune_statements()
         result.open = sum(q.open_counts(store).values())
         result.timings["statement"] = time.perf_counter() - t

@@ -20,6 +20,7 @@ from reconciler.actions import ActionError, ActionService, Breakers
 from reconciler.connectors import Connectors
 from reconciler.connectors import build as build_connectors
 from reconciler.policy import RetryPolicy
+from reconciler.retention import StatementRetention
 from reconciler.runner import STAGES, Reconciler, RunFailed, RunResult
 from tower_core.settings import Settings
 from tower_core.store import Store
@@ -47,7 +48,13 @@ class ReconcilerService:
         self._current: str | None = None
         self.connectors = connectors if connectors is not None else build_connectors(settings)
         self.reconciler = Reconciler(
-            store, self.rules, queue_lock=self.queue_lock, pii=policy_from_settings(settings)
+            store,
+            self.rules,
+            queue_lock=self.queue_lock,
+            pii=policy_from_settings(settings),
+            retention=StatementRetention(
+                settings.reconcile_statement_keep_runs, settings.reconcile_statement_keep_days
+            ),
         )  # None: PII dropped
         self.actions = ActionService(
             store,

@@ -427,3 +427,19 @@ def test_the_acts_offered_on_an_item_are_what_the_api_takes(state: str) -> None:
     assert acts["acknowledge"] == takes(c.ACKNOWLEDGED) and acts["ignore"] == takes(c.IGNORED)
     assert acts["sync"] == (state not in (c.RESOLVED, c.IGNORED))
     assert c.operator_acts(state, "manual")["sync"] is False
+
+
+def test_statement_retention_keeps_the_latest_runs_each_scopes_latest_and_each_days_last() -> None:
+    from reconciler.retention import StatementRetention, StatementRun, statements_to_drop
+
+    now = dt.datetime(2026, 11, 28, 12, tzinfo=dt.UTC)
+    hour = dt.timedelta(hours=1)
+    runs = [StatementRun(f"r{i}", "", now - i * hour) for i in range(60)]  # one an hour, the newest first
+    runs.append(StatementRun("eu", "EU", now - 100 * hour))
+    drop = statements_to_drop(runs, now, StatementRetention(keep_runs=3, keep_days=2))
+    kept = {r.run_id for r in runs} - drop
+    # r0-r2 (latest); eu (its scope's latest); each day's last: the 28th (r0), the 27th (r13, 23:00); the 26th is
+    # past the two days kept
+    assert kept == {"r0", "r1", "r2", "eu", "r13"}
+    assert statements_to_drop(runs, now, StatementRetention(keep_runs=100, keep_days=0)) == set()
+    assert statements_to_drop([], now, StatementRetention()) == set()

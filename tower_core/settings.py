@@ -164,6 +164,12 @@ class Settings(BaseSettings):
     reconcile_match_window_days: int = Field(
         31, ge=0, le=3660, description="Date window of 1:N / N:1 matching by customer and sum."
     )
+    reconcile_statement_keep_runs: int = Field(
+        20, ge=1, description="Statements kept of the latest runs (each run writes its scope's whole statement)."
+    )
+    reconcile_statement_keep_days: int = Field(
+        90, ge=0, le=3660, description="Days for which each day's last run keeps its statement (0 = none)."
+    )
     reconcile_action_attempts: int = Field(
         4, ge=1, description="Attempts per execution of a corrective action (transient errors)."
     )

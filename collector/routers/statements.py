@@ -31,6 +31,12 @@ def _statement(
             raise HTTPException(404, f"no reconciliation run {run_id}")
         if run["state"] != "succeeded":
             raise HTTPException(404, f"run {run_id} is {run['state']}: it has no statement")
+        if run["statement_dropped"]:
+            raise HTTPException(
+                404,
+                f"the statement of run {run_id} is no longer kept (TOWER_RECONCILE_STATEMENT_KEEP_RUNS, "
+                "TOWER_RECONCILE_STATEMENT_KEEP_DAYS)",
+            )
     else:
         run_id = q.latest_statement_run(store)  # the latest of the whole estate, not of one region
         if run_id is None:

@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -284,12 +284,13 @@ _RUN_COLUMNS = (
     "State AS state, Stage AS stage, AsOf AS as_of, Watermark AS watermark, StartedAt AS started_at, "
     "FinishedAt AS finished_at, Pulled AS pulled, KeysCompared AS keys_compared, DriftOpen AS drift_open, "
     "DriftNew AS drift_new, DriftResolved AS drift_resolved, ResidualMinor AS residual_minor, Error AS error, "
-    "Owner AS owner"
+    "Owner AS owner, StatementDropped = 1 AS statement_dropped"
 )
 
 
 def _run_row(r: dict[str, Any]) -> dict[str, Any]:
     r["pulled"] = {k: int(v) for k, v in dict(r["pulled"]).items()}
+    r["statement_dropped"] = bool(r["statement_dropped"])
     if r["finished_at"] is not None and _aware(r["finished_at"]) <= EPOCH:
         r["finished_at"] = None
     return r
@@ -1651,6 +1652,33 @@ def write_statement(store: Store, run_id: str, region: str = "") -> int:
         "SELECT count() AS n FROM $db.reconciliation_statements WHERE RunId = {run:String}", {"run": run_id}
     )
     return int(rows[0]["n"])
+
+
+def statement_runs(store: Store) -> list[dict[str, Any]]:
+    """The runs that have statement rows: id, scope (region) and when the statement was written (UTC)."""
+    rows = store.query_rows(
+        "SELECT s.run_id AS run_id, s.created_at AS created_at, r.Region AS region FROM ("
+        "SELECT RunId AS run_id, min(CreatedAt) AS created_at FROM $db.reconciliation_statements GROUP BY RunId) AS s "
+        "LEFT JOIN (SELECT RunId, Region FROM $db.reconcile_runs FINAL) AS r ON r.RunId = s.run_id"
+    )
+    for r in rows:
+        r["created_at"] = _aware(r["created_at"])
+        r["region"] = str(r["region"] or "")
+    return rows
+
+
+def drop_statements(store: Store, run_ids: Collection[str]) -> None:
+    """Delete these runs' statements, marking the runs first: a crash between the two leaves rows the next prune
+    deletes, never a run whose missing statement reads as a clean one."""
+    if not run_ids:
+        return
+    params = {"ids": sorted(run_ids), "v": time.time_ns()}
+    store.command(
+        "INSERT INTO $db.reconcile_runs SELECT * REPLACE (1 AS StatementDropped, {v:UInt64} AS Version) "
+        "FROM $db.reconcile_runs FINAL WHERE RunId IN {ids:Array(String)}",
+        params,
+    )
+    store.command("DELETE FROM $db.reconciliation_statements WHERE RunId IN {ids:Array(String)}", params)
 
 
 _STATEMENT_WHERE = (
