@@ -21,6 +21,7 @@ from collector.auth import ingest_refusal
 from collector.correlation import key_attribute_names
 from collector.dead_letter import KIND_NAMES
 from collector.flusher import Flusher
+from collector.limits import spread_error
 from collector.metrics import CollectorMetrics
 from collector.telemetry import INSTANCE_ID
 from collector.wal import KIND_EVENTS, KIND_SPANS, BufferFull, BufferWriteError, WriteAheadBuffer
@@ -209,6 +210,8 @@ class IngestService:
         if not good:
             status = self.count_refusal(400)
             return _json(status, {"error": "no valid event in the request", "accepted": 0, "rejected": bad})
+        if (spread := spread_error((e.time_ns for e in good), "events")) is not None:
+            return _json(self.count_refusal(400), {"error": spread})
         payload = orjson.dumps({"received_ns": received_ns, "events": [e.to_json() for e in good]})
         if (too_big := self._never_fits(payload)) is not None:
             return _json(self.count_refusal(413), {"error": too_big})

@@ -24,6 +24,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from collector.limits import spread_error
+
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 _ZERO_TRACE = b"\0" * 16
@@ -186,9 +188,11 @@ def from_instance(req: ExportTraceServiceRequest, instance_id: str) -> bool:
 
 
 def validate(req: ExportTraceServiceRequest) -> Validated:
-    """Drop invalid spans in place; count what was kept and why the rest was not."""
+    """Drop invalid spans in place; count what was kept and why the rest was not. OtlpError (400, the request
+    refused whole) when the spans kept fall on more days than a request may (``limits.spread_error``)."""
     accepted = rejected = 0
     first_problem = ""
+    starts: list[int] = []
     for rs in req.resource_spans:
         for ss in rs.scope_spans:
             bad = []
@@ -197,10 +201,14 @@ def validate(req: ExportTraceServiceRequest) -> Validated:
                 if problem:
                     bad.append(i)
                     first_problem = first_problem or f"{problem} (span {span.name!r})"
+                else:
+                    starts.append(span.start_time_unix_nano)
             for i in reversed(bad):
                 del ss.spans[i]
             rejected += len(bad)
             accepted += len(ss.spans)
+    if (spread := spread_error(starts, "spans")) is not None:
+        raise OtlpError(400, spread)
     message = f"{rejected} span(s) rejected; first: {first_problem}" if rejected else ""
     return Validated(req, accepted, rejected, message)
 

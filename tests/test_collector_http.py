@@ -617,6 +617,50 @@ def test_metrics_count_what_happened(server: TowerServer) -> None:
     assert "tower_flush_seconds_count" in after and "tower_buffer_bytes" in after
 
 
+def test_a_request_spread_over_more_days_than_a_request_may_is_refused_whole(server: TowerServer) -> None:
+    """Each day is a partition of otel_traces (a month, of business_events) that never merges: one request of
+    1,000 spans on 1,000 days made 1,000 parts and 13,000 files for good, and held the flusher for seconds."""
+
+    def metric(name: str) -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return next(float(ln.split(" ")[1]) for ln in text.splitlines() if ln.startswith(name + " "))
+
+    day = 86_400 * 10**9
+    base = 1_704_067_200 * 10**9  # 2024-01-01
+
+    def spans_on(days: int) -> bytes:
+        req = ExportTraceServiceRequest()
+        ss = req.resource_spans.add().scope_spans.add()
+        for d in range(days):
+            start = base + d * day
+            ss.spans.add(trace_id=bytes([0x31, d + 1]) * 8, span_id=b"\x05" * 8, name=f"day {d}",
+                         start_time_unix_nano=start, end_time_unix_nano=start + 1)  # fmt: skip
+        return req.SerializeToString()
+
+    received = metric("tower_spans_received_total")
+    r = httpx.post(f"{server.url}/v1/traces", content=spans_on(40), headers=PB)
+    assert r.status_code == 400
+    status = status_pb2.Status.FromString(r.content)
+    assert "fall on 40 days, at most 31" in status.message
+    assert metric("tower_spans_received_total") == received  # nothing of it kept
+    assert httpx.post(f"{server.url}/v1/traces", content=spans_on(31), headers=PB).status_code == 200
+    assert metric("tower_spans_received_total") == received + 31
+    events = [
+        {"specversion": "1.0", "id": f"spread-{d}", "source": "billing", "type": "invoice.paid",
+         "time": dt.datetime.fromtimestamp((base + d * day) / 1e9, dt.UTC).isoformat(),
+         "data": {"revops.invoice.id": f"in_spread_{d}"}}
+        for d in range(40)
+    ]  # fmt: skip
+    before = metric("tower_events_received_total")
+    r = httpx.post(
+        f"{server.url}/v1/events",
+        content=orjson.dumps(events),
+        headers={"Content-Type": "application/cloudevents-batch+json"},
+    )
+    assert r.status_code == 400 and "fall on 40 days" in r.json()["error"]
+    assert metric("tower_events_received_total") == before
+
+
 def test_full_buffer_answers_503_with_retry_after(tmp_path: Path) -> None:
     """With the store slow to drain (long flush interval) and a tiny buffer, the collector refuses."""
     with TowerServer(

@@ -20,6 +20,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 DEFAULT_GRACE_S = 7200
 DEFAULT_TOLERANCE_ABS_MINOR = 1
 _TOKEN = re.compile(r"[\x21-\x7e]+")
+_LISTED_SECRET = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")  # printable; spaces only inside
 _CURRENCY = re.compile(r"[A-Z]{3}")
 MAX_RULE_VALUE = 10**15  # a tolerance (minor units, basis points) or grace (seconds): far above any real one
 # The longest interval, timeout or backoff a setting takes (a year): past it the scheduler's date arithmetic
@@ -326,8 +327,8 @@ class Settings(BaseSettings):
         # an empty entry (a rotation template's unset variable) was a key anyone holds: a webhook signed with ""
         # was accepted
         for i, secret in enumerate(value):
-            if not _TOKEN.fullmatch(secret.get_secret_value()):
-                raise ValueError(f"entry {i} must be non-empty printable ASCII without spaces")
+            if not _LISTED_SECRET.fullmatch(secret.get_secret_value()):
+                raise ValueError(f"entry {i} must be non-empty printable ASCII, without spaces at either end")
         return value
 
     @field_validator("reconcile_tolerance_abs_minor", "reconcile_tolerance_rel_bp")
