@@ -407,13 +407,17 @@ def test_a_restarted_process_owns_the_directory_again(tmp_path: Path) -> None:
     again.close()
 
 
-def test_a_request_backfilling_more_than_100_days_is_flushed_and_nothing_waits_behind_it(tmp_path: Path) -> None:
-    """One acknowledged request of spans over 101 days (otel_traces: a partition a day) and one CloudEvents batch
-    over 101 months (business_events: a partition a month) each become one insert; ClickHouse's default limit of
-    100 partitions per insert refused them on every retry, and every request after them stayed in the buffer."""
+def test_a_request_over_more_than_100_days_is_refused_up_front_and_a_buffered_one_still_flushes(
+    tmp_path: Path, embedded_store: Store
+) -> None:
+    """Spans over 101 days (otel_traces: a partition a day): ClickHouse's default limit of 100 partitions per
+    insert refused such a record on every retry, and every request after it stayed in the buffer. Ingest now
+    refuses a request over more than 31 days (400, before anything is acknowledged: each day is a partition that
+    never merges); a record buffered before that (or requeued from the dead-letter box) still flushes."""
     import httpx
     import orjson
 
+    from tests.conftest import migrated
     from tests.server import TowerServer
 
     day = 86_400 * 10**9
@@ -425,26 +429,29 @@ def test_a_request_backfilling_more_than_100_days_is_flushed_and_nothing_waits_b
             trace_id=(d + 1).to_bytes(16, "big"), span_id=b"\x01" * 8, name="backfill",
             start_time_unix_nano=start, end_time_unix_nano=start + 1000,
         )  # fmt: skip
+    migrated(embedded_store)
+    sync_key_attributes(embedded_store, key_attribute_names())
+    wal = WriteAheadBuffer(tmp_path / "wal", max_bytes=50_000_000)
+    wal.append(KIND_SPANS, 101, req.SerializeToString())
+    wal.append(KIND_SPANS, 10, request(10, seed=7))  # behind it
+    wal.seal()
+    metrics = CollectorMetrics()
+    deadline = time.monotonic() + 30  # a store refusing it keeps the flusher retrying: give up, and fail, then
+    flusher = Flusher(wal, embedded_store, key_attribute_names(), metrics, flush_rows=5000, flush_interval_s=1)
+    flusher.drain(give_up=lambda: time.monotonic() > deadline)
+    assert wal.sealed() == [] and metrics.flush_errors._value.get() == 0
+    assert embedded_store.query_rows("SELECT count() AS n FROM $db.otel_traces")[0]["n"] == 111
+
     events = [
         {"specversion": "1.0", "id": f"old-{m}", "source": "erp", "type": "erp.entry.posted",
          "time": f"{2017 + m // 12}-{m % 12 + 1:02d}-01T00:00:00Z", "data": {"revops.invoice.id": f"in_{m}"}}
         for m in range(101)
     ]  # fmt: skip
-    with TowerServer(tmp_path) as srv:
+    with TowerServer(tmp_path / "srv") as srv:
         pb = {"Content-Type": "application/x-protobuf"}
-        assert httpx.post(f"{srv.url}/v1/traces", content=req.SerializeToString(), headers=pb).status_code == 200
+        r = httpx.post(f"{srv.url}/v1/traces", content=req.SerializeToString(), headers=pb)
+        assert r.status_code == 400 and b"fall on 101 days" in r.content
         batch = {"Content-Type": "application/cloudevents-batch+json"}
-        assert httpx.post(f"{srv.url}/v1/events", content=orjson.dumps(events), headers=batch).status_code == 200
-        assert httpx.post(f"{srv.url}/v1/traces", content=request(10, seed=7), headers=pb).status_code == 200
-
-        def metrics() -> dict[str, float]:
-            text = httpx.get(f"{srv.url}/metrics").text
-            return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln[:1] != "#"}
-
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and metrics().get("tower_buffer_bytes", 1) > 0:
-            time.sleep(0.2)
-        seen = metrics()
-        assert seen['tower_rows_flushed_total{table="otel_traces"}'] == 111
-        assert seen['tower_rows_flushed_total{table="business_events"}'] == 101
-        assert seen["tower_flush_errors_total"] == 0 and seen["tower_buffer_bytes"] == 0
+        r = httpx.post(f"{srv.url}/v1/events", content=orjson.dumps(events), headers=batch)
+        assert r.status_code == 400 and "fall on 101 days" in r.json()["error"]
+        assert httpx.post(f"{srv.url}/v1/traces", content=request(10, seed=8), headers=pb).status_code == 200
