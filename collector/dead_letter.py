@@ -23,6 +23,7 @@ from typing import Any
 
 from collector.wal import KIND_EVENTS, KIND_SPANS, Record, fsync_dir, write_synced
 from tower_core.errors import StoreError
+from tower_core.paths import private_dir
 
 # ClickHouse error codes about the data being inserted (parse, type, range), not about the server's state
 DATA_ERROR_CODES = frozenset(
@@ -106,7 +107,7 @@ class DeadLetterBox:
         self.dir = directory
 
     def put(self, name: str, record: Record, error: BaseException) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         payload = self.dir / f"{name}.{_FILES[record.kind][0]}"
         why = {
             "record": payload.name,

@@ -32,8 +32,11 @@ def _settings() -> Settings:
 
 
 def api_is_up(settings: Settings) -> bool:
+    """Whether an API answers (liveness): one whose ingest is not ready (a full buffer, a failing store) still
+    owns the store and serves tokens and dead letters; its /readyz said no, and revoking a leaked token then
+    tried to open the store the API holds."""
     try:
-        return httpx.get(f"{settings.api_url}/readyz", timeout=2).status_code == 200
+        return httpx.get(f"{settings.api_url}/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tower_core.paths import private_dir
+
 _HEADER = struct.Struct("<IIBI")  # payload length, crc32, kind, rows
 _NAME = re.compile(r"^seg-([0-9a-f]{16})-(\d{12})\.wal$")
 KIND_SPANS = 1
@@ -179,7 +181,7 @@ class WriteAheadBuffer:
         self._queued_bytes = 0  # queued or being written: counted against max_bytes like what is on disk
         self._io_busy = False  # a leader is writing a batch outside the lock; seal/close wait for it
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            private_dir(directory)
         except OSError as exc:
             from tower_core.errors import ConfigError
 

@@ -322,3 +322,57 @@ def test_the_towers_own_log_lines_carry_time_level_and_logger_at_the_chosen_leve
     line = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO tower\.api: serving on the embedded store"
     started = re.search(line, log, re.M)
     assert (started is not None) == (level == "INFO"), log[-2000:]
+
+
+def test_token_commands_go_through_an_api_whose_ingest_is_not_ready(tmp_path: Path) -> None:
+    """Under ingest back-pressure /readyz answers 503: the token commands took that for "no API" and tried the
+    store the API holds, so a leaked token could not be revoked with `tower token revoke`."""
+    import httpx
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from tests.server import TowerServer
+
+    env = {"TOWER_WAL_MAX_BYTES": "200000", "TOWER_FLUSH_INTERVAL_S": "3600", "TOWER_FLUSH_ROWS": "100000000"}
+    with TowerServer(tmp_path / "srv", **env) as srv:
+        req = ExportTraceServiceRequest()
+        ss = req.resource_spans.add().scope_spans.add()
+        for i in range(100):
+            sp = ss.spans.add(trace_id=(i + 1).to_bytes(16, "big"), span_id=b"\x01" * 8, name="x" * 50)
+            sp.attributes.add(key="k").value.string_value = "v" * 300
+        body = req.SerializeToString()
+        for _ in range(20):  # until the buffer is 90% full
+            httpx.post(f"{srv.url}/v1/traces", content=body, headers={"Content-Type": "application/x-protobuf"})
+            if httpx.get(f"{srv.url}/readyz").status_code == 503:
+                break
+        assert httpx.get(f"{srv.url}/readyz").status_code == 503
+        cli = {k: srv.env[k] for k in ("TOWER_DATA_DIR", "TOWER_API_URL", "TOWER_ADMIN_TOKEN")}
+        created = run(["token", "create", "--name", "leaver", "--role", "operator"], tmp_path, **cli)
+        assert created.returncode == 0, created.stderr
+        token = created.stdout.strip().splitlines()[-1]
+        me = httpx.get(f"{srv.url}/api/tokens/me", headers={"Authorization": f"Bearer {token}"})
+        assert me.status_code == 200
+        tokens = httpx.get(f"{srv.url}/api/tokens", headers=srv.auth).json()
+        token_id = next(t["token_id"] for t in tokens if t["name"] == "leaver")
+        revoked = run(["token", "revoke", token_id], tmp_path, **cli)
+        assert revoked.returncode == 0, revoked.stderr
+        assert httpx.get(f"{srv.url}/api/tokens/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_the_store_and_the_buffer_are_private_to_the_user_the_tower_runs_as(tmp_path: Path) -> None:
+    """chDB writes its parts world-readable (0644) under a usual umask: any local user could copy invoices,
+    customers, the audit log and token hashes out of the data dir."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "made-open").mkdir(mode=0o755)  # a dir that exists already, open to all
+        for data in ("fresh/data", "made-open"):
+            proc = run(["migrate"], tmp_path, TOWER_DATA_DIR=str(tmp_path / data))
+            assert proc.returncode == 0, proc.stderr
+            assert stat.S_IMODE((tmp_path / data).stat().st_mode) == 0o700
+    finally:
+        os.umask(old)
+    from collector.wal import WriteAheadBuffer
+
+    WriteAheadBuffer(tmp_path / "wal", max_bytes=1_000_000).close()
+    assert stat.S_IMODE((tmp_path / "wal").stat().st_mode) == 0o700

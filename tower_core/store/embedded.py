@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from tower_core.errors import ConfigError, StoreError
+from tower_core.paths import private_dir
 from tower_core.store.base import (
     SESSION_SETTINGS,
     check_column,
@@ -70,7 +71,7 @@ def _status_owner(path: Path) -> str | None:
 
 def _check_writable(path: Path) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        private_dir(path)
         probe = path / f".probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
