@@ -268,6 +268,8 @@ class Reconciler:
 
         def stage(name: str) -> None:
             record["Stage"] = name
+            if name != STAGES[0]:  # stored as it goes: a run the process loses says where it stopped (not "pull")
+                q.write_run(store, record)
             if progress:
                 progress(name, STAGES.index(name), len(STAGES))
 
@@ -356,6 +358,7 @@ class Reconciler:
                 store, run_id, as_of, started=record["StartedAt"], full=full, region=region, customers=customers
             )
         result.findings, result.new, result.resolved = counts["findings"], counts["new"], counts["resolved"]
+        record.update({"DriftNew": result.new, "DriftResolved": result.resolved})  # stored with the next stage
         result.timings["queue"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -190,8 +190,12 @@ class ReconcilerService:
         if progress:
             doc["progress"] = progress
         else:
-            done = doc.get("state") in ("succeeded", "failed")
-            doc["progress"] = {"stage": doc.get("stage", ""), "done": len(STAGES) if done else 0, "total": len(STAGES)}
+            stage = doc.get("stage", "")
+            # a failed run got as far as its stage (the stages before it are done), a succeeded one through all
+            done = len(STAGES) if doc.get("state") == "succeeded" else 0
+            if doc.get("state") == "failed":
+                done = STAGES.index(stage) if stage in STAGES else len(STAGES)
+            doc["progress"] = {"stage": stage, "done": done, "total": len(STAGES)}
         return doc
 
     @property

@@ -622,6 +622,37 @@ def test_a_starting_process_closes_only_the_runs_of_a_process_that_is_gone(store
     assert "interrupted" in q.get_run(store, "left-over")["error"]  # type: ignore[index]
 
 
+def test_a_run_its_process_loses_is_closed_with_the_stage_it_reached_and_what_it_changed(
+    store: Store, tmp_path: Path
+) -> None:
+    """A run killed in its statement stage was closed as interrupted 'in stage pull', with progress 6 of 6 and
+    0 new items, though its queue stage had already made items new: an operator was told it changed nothing."""
+    estate = missing_estate(seed=5, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+
+    class ProcessLost(BaseException):  # not an error the run can catch and record: the process is gone
+        pass
+
+    def dies(stage: str, done: int, total: int) -> None:
+        if stage == "statement":
+            raise ProcessLost
+
+    with pytest.raises(ProcessLost):
+        svc.reconciler.run(full=True, as_of=estate.config.as_of, run_id="lost", progress=dies)
+    lost = q.get_run(store, "lost")
+    assert lost is not None and (lost["state"], lost["stage"]) == ("running", "statement") and lost["drift_new"] > 0
+    store.command(  # as if its process had died: another start closes it
+        "INSERT INTO $db.reconcile_runs SELECT * REPLACE ({gone:String} AS Owner, {v:UInt64} AS Version) "
+        "FROM $db.reconcile_runs FINAL WHERE RunId = 'lost'",
+        {"gone": f"{socket.gethostname()}/999999999/1", "v": time.time_ns()},
+    )
+    later = service_for(store, estate, tmp_path)
+    closed = later.run_status("lost")
+    assert closed is not None and closed["state"] == "failed" and "interrupted" in closed["error"]
+    assert closed["stage"] == "statement" and closed["drift_new"] == lost["drift_new"]
+    assert closed["progress"] == {"stage": "statement", "done": 5, "total": 6}
+
+
 def test_transient_errors_are_retried_with_backoff(store: Store, tmp_path: Path) -> None:
     estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=14, reconcile_action_attempts=4)
     estate.erp.fail_next(2)  # a blip: two timeouts, then the ERP answers
