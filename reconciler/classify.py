@@ -133,10 +133,12 @@ def drift_id(cls: str, primary_key: str) -> str:
     return hashlib.sha256(f"{cls}:{primary_key}".encode()).hexdigest()[:32]
 
 
-def run_transition(current: str | None, detected: bool) -> str | None:
-    """State after a run compared the item's key. None = no item. Operator states survive re-detection."""
+def run_transition(current: str | None, detected: bool, set_by_unfinished_run: bool = False) -> str | None:
+    """State after a run compared the item's key. None = no item. Operator states survive re-detection. An item
+    made new by a run that never finished (its process was lost after the queue stage) stays new: no finished
+    run has reported it yet, and the next one counts it as new."""
     if detected:
-        if current in (None, RESOLVED):
+        if current in (None, RESOLVED) or (current == NEW and set_by_unfinished_run):
             return NEW
         if current in (NEW, PERSISTING):
             return PERSISTING

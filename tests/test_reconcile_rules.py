@@ -219,6 +219,8 @@ def test_run_transitions() -> None:
     assert c.run_transition(c.NEW, True) == c.PERSISTING
     assert c.run_transition(c.PERSISTING, True) == c.PERSISTING
     assert c.run_transition(c.RESOLVED, True) == c.NEW  # came back
+    assert c.run_transition(c.NEW, True, set_by_unfinished_run=True) == c.NEW  # no finished run reported it yet
+    assert c.run_transition(c.PERSISTING, True, set_by_unfinished_run=True) == c.PERSISTING
     assert c.run_transition(c.ACKNOWLEDGED, True) == c.ACKNOWLEDGED
     assert c.run_transition(c.IGNORED, True) == c.IGNORED
     for state in (c.NEW, c.PERSISTING, c.ACKNOWLEDGED, c.IGNORED):

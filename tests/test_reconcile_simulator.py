@@ -651,6 +651,16 @@ def test_a_run_its_process_loses_is_closed_with_the_stage_it_reached_and_what_it
     assert closed is not None and closed["state"] == "failed" and "interrupted" in closed["error"]
     assert closed["stage"] == "statement" and closed["drift_new"] == lost["drift_new"]
     assert closed["progress"] == {"stage": "statement", "done": 5, "total": 6}
+    # no finished run reported its items: the next one counts them as new and leaves them new (it made every one
+    # "persisting" and said 0 new), and audits no second detection
+    again = later.run(full=True, as_of=estate.config.as_of)
+    assert again.new == lost["drift_new"] and {i["state"] for i in q.all_open_items(store)} == {"new"}
+    from tower_core.store.audit import list_audit
+
+    detected, total = list_audit(store, action="drift.new", limit=10_000)
+    assert total == lost["drift_new"] == len({r["object_id"] for r in detected})
+    third = later.run(full=True, as_of=estate.config.as_of)  # reported now: the usual transition again
+    assert third.new == 0 and {i["state"] for i in q.all_open_items(store)} == {"persisting"}
 
 
 def test_transient_errors_are_retried_with_backoff(store: Store, tmp_path: Path) -> None:

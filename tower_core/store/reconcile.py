@@ -1246,13 +1246,19 @@ def _maps(row: dict[str, Any]) -> dict[str, Any]:
 _MERGE_FROM = """
 FROM (SELECT * FROM $db.reconcile_findings WHERE RunId = {run:String} ORDER BY DriftId LIMIT 1 BY DriftId) AS f
 LEFT JOIN (
-    SELECT DriftId, State, StateNote, FirstSeen, Class, ReasonCode, AmountMinor, UpdatedAt FROM $db.drift_items FINAL
+    SELECT DriftId, State, StateNote, FirstSeen, Class, ReasonCode, AmountMinor, UpdatedAt, RunId,
+        RunId IN (SELECT RunId FROM $db.reconcile_runs FINAL WHERE State != 'succeeded') AS unfinished
+    FROM $db.drift_items FINAL
     WHERE DriftId IN (SELECT DriftId FROM $db.reconcile_findings WHERE RunId = {run:String})
 ) AS d ON f.DriftId = d.DriftId
 WHERE d.UpdatedAt <= {started:DateTime64(3)}
 """
-# The run transition of reconciler/classify.run_transition, set-based: new / persisting, or the operator's state.
-_NEW_STATE = "multiIf(d.State IN ('', 'resolved'), 'new', d.State IN ('new', 'persisting'), 'persisting', d.State)"
+# The run transition of reconciler/classify.run_transition, set-based: new / persisting, or the operator's state
+# (an item a run that never finished made new stays new).
+_NEW_STATE = (
+    "multiIf(d.State IN ('', 'resolved') OR (d.State = 'new' AND d.unfinished), 'new', "
+    "d.State IN ('new', 'persisting'), 'persisting', d.State)"
+)
 _STATE_JSON = (
     "toJSONString(CAST((/*state*/, /*t*/.Class, /*t*/.ReasonCode, /*t*/.AmountMinor), "
     "'Tuple(state String, class String, reason String, amount Int64)'))"
@@ -1343,9 +1349,7 @@ def merge_queue(
     params = {"run": run_id, "as_of": as_of, "region": region, "started": started}
     new_state = _NEW_STATE
     counts = store.query_rows(
-        "SELECT count() AS findings, countIf(d.State IN ('', 'resolved')) AS new /*from*/".replace(
-            "/*from*/", _MERGE_FROM
-        ),
+        f"SELECT count() AS findings, countIf({new_state} = 'new') AS new /*from*/".replace("/*from*/", _MERGE_FROM),
         params,
     )[0]
     audit = _compose(
