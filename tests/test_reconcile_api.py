@@ -44,18 +44,22 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-@pytest.fixture
-def api(embedded_store: Store, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    migrated(embedded_store)
-    settings = Settings(
-        database=embedded_store.database,
+def api_settings(store: Store, tmp_path: Path, **over: Any) -> Settings:
+    """An in-process API on ``store`` with no scheduled jobs (runs start through the API)."""
+    migrated(store)
+    return Settings(  # type: ignore[call-arg]
+        database=store.database,
         wal_dir=tmp_path / "wal",
         admin_token=ADMIN,
         sla_eval_interval_s=0,
         reconcile_scheduler=False,
-        reconcile_grace_s={"*": 7200},
-        reconcile_action_backoff_s=0.01,
+        **over,
     )
+
+
+@pytest.fixture
+def api(embedded_store: Store, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    settings = api_settings(embedded_store, tmp_path, reconcile_grace_s={"*": 7200}, reconcile_action_backoff_s=0.01)
     estate = Estate.generate(EstateConfig(seed=21, customers=60, invoices=600, fault_rates=RATES))
     with TestClient(create_app(settings, embedded_store)) as client:
         client.app.state.reconciler.set_connectors(Connectors(estate.billing, estate.erp, estate.cdp))  # type: ignore[attr-defined]
@@ -363,16 +367,7 @@ def test_old_statements_are_deleted_as_runs_go_and_asking_for_one_says_so(
 ) -> None:
     """Every run wrote its scope's whole statement and none was ever deleted: 609 runs of a 20k-invoice estate
     made 1.1M statement rows, and a statement page took 1.9 s after two weeks' worth."""
-    migrated(embedded_store)
-    settings = Settings(
-        database=embedded_store.database,
-        wal_dir=tmp_path / "wal",
-        admin_token=ADMIN,
-        sla_eval_interval_s=0,
-        reconcile_scheduler=False,
-        reconcile_statement_keep_runs=2,
-        reconcile_statement_keep_days=0,
-    )
+    settings = api_settings(embedded_store, tmp_path, reconcile_statement_keep_runs=2, reconcile_statement_keep_days=0)
     estate = Estate.generate(EstateConfig(seed=21, customers=20, invoices=60, fault_rates=RATES))
     with TestClient(create_app(settings, embedded_store)) as c:
         c.app.state.reconciler.set_connectors(Connectors(estate.billing, estate.erp, estate.cdp))  # type: ignore[attr-defined]
