@@ -112,6 +112,7 @@ class ReconcilerService:
                 "Error": "interrupted (the process stopped during the run)",
                 "Owner": run["owner"],
             }
+            q.audit_changes_not_applied(self.store, run["run_id"])
             q.write_run(self.store, run_record)
         if self.actions.erp is not None and self.actions.executes:  # another process's actions are its own
             try:

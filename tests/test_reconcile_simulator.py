@@ -663,6 +663,50 @@ def test_a_run_its_process_loses_is_closed_with_the_stage_it_reached_and_what_it
     assert third.new == 0 and {i["state"] for i in q.all_open_items(store)} == {"persisting"}
 
 
+def test_a_run_lost_between_auditing_its_queue_changes_and_writing_them_leaves_a_true_trail(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue stage audits each change just before writing the items: a run killed between the two left
+    'drift.new' rows for items that never existed, and the next run audited them new again."""
+    estate = missing_estate(seed=5, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+
+    class ProcessLost(BaseException):
+        pass
+
+    real_command = store.command
+
+    def dies_writing_items(sql: str, params: Any = None) -> None:  # the process is lost right here
+        if "INSERT INTO $db.drift_items" in sql:
+            raise ProcessLost
+        real_command(sql, params)
+
+    monkeypatch.setattr(store, "command", dies_writing_items)
+    with pytest.raises(ProcessLost):
+        svc.reconciler.run(full=True, as_of=estate.config.as_of, run_id="lost-in-queue")
+    monkeypatch.setattr(store, "command", real_command)
+    assert q.all_open_items(store) == []  # audited, never written
+    store.command(
+        "INSERT INTO $db.reconcile_runs SELECT * REPLACE ({gone:String} AS Owner, {v:UInt64} AS Version) "
+        "FROM $db.reconcile_runs FINAL WHERE RunId = 'lost-in-queue'",
+        {"gone": f"{socket.gethostname()}/999999999/1", "v": time.time_ns()},
+    )
+    later = service_for(store, estate, tmp_path)  # closes the lost run
+    again = later.run(full=True, as_of=estate.config.as_of)
+    from tower_core.store.audit import list_audit
+
+    rows, _ = list_audit(store, action="drift.", limit=10_000)
+    items = {i["drift_id"] for i in q.all_open_items(store)}
+    assert again.new == len(items) > 0
+    for drift_id in items:
+        trail = sorted((r["at"], r["action"], r["note"].split(":")[0]) for r in rows if r["object_id"] == drift_id)
+        assert [(a, n) for _, a, n in trail] == [
+            ("drift.new", "run lost-in-queue"),
+            ("drift.not_applied", "run lost-in-queue was interrupted before it wrote this change"),
+            ("drift.new", f"run {again.run_id}"),
+        ]
+
+
 def test_transient_errors_are_retried_with_backoff(store: Store, tmp_path: Path) -> None:
     estate, svc, invoice_id = one_missing_posting(store, tmp_path, seed=14, reconcile_action_attempts=4)
     estate.erp.fail_next(2)  # a blip: two timeouts, then the ERP answers

@@ -1388,6 +1388,26 @@ def merge_queue(
     return {"findings": int(counts["findings"]), "new": int(counts["new"]), "resolved": int(resolved)}
 
 
+# The queue stage audits each change just before it writes the items: a run whose process was lost between the
+# two left audit rows for changes that never happened. Its items are the ones it wrote (RunId); for each of its
+# audit rows whose item it did not write, the trail says so, so it stays true and append-only.
+_AUDIT_NOT_APPLIED = """
+INSERT INTO $db.audit_log (/*audit_cols*/)
+SELECT concat('a', replaceAll(toString(generateUUIDv4(ObjectId)), '-', '')), now64(6), 'reconciler',
+    'drift.not_applied', 'drift_item', ObjectId, After, Before,
+    concat('run ', {run:String}, ' was interrupted before it wrote this change: ', Action, ' did not happen'), 'failed'
+FROM $db.audit_log
+WHERE Actor = 'reconciler' AND Action IN ('drift.new', 'drift.persisting', 'drift.resolved')
+    AND startsWith(Note, concat('run ', {run:String}, ': '))
+    AND ObjectId NOT IN (SELECT DriftId FROM $db.drift_items FINAL WHERE RunId = {run:String})
+"""
+
+
+def audit_changes_not_applied(store: Store, run_id: str) -> None:
+    """For a run closed as interrupted: mark its audited queue changes that it never wrote (see above)."""
+    store.command(_compose(_AUDIT_NOT_APPLIED, audit_cols=_AUDIT_COLS), {"run": run_id})
+
+
 def write_items(store: Store, rows: Sequence[Mapping[str, Any]]) -> int:
     """Full rows of drift items (a new Version replaces the previous state)."""
     if not rows:
