@@ -328,19 +328,14 @@ def test_token_commands_go_through_an_api_whose_ingest_is_not_ready(tmp_path: Pa
     """Under ingest back-pressure /readyz answers 503: the token commands took that for "no API" and tried the
     store the API holds, so a leaked token could not be revoked with `tower token revoke`."""
     import httpx
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     from tests.server import TowerServer
+    from tests.test_wal import request
 
     env = {"TOWER_WAL_MAX_BYTES": "200000", "TOWER_FLUSH_INTERVAL_S": "3600", "TOWER_FLUSH_ROWS": "100000000"}
     with TowerServer(tmp_path / "srv", **env) as srv:
-        req = ExportTraceServiceRequest()
-        ss = req.resource_spans.add().scope_spans.add()
-        for i in range(100):
-            sp = ss.spans.add(trace_id=(i + 1).to_bytes(16, "big"), span_id=b"\x01" * 8, name="x" * 50)
-            sp.attributes.add(key="k").value.string_value = "v" * 300
-        body = req.SerializeToString()
-        for _ in range(20):  # until the buffer is 90% full
+        for seed in range(30):  # ~17 kB each, until the buffer is 90% full
+            body = request(200, seed=seed)
             httpx.post(f"{srv.url}/v1/traces", content=body, headers={"Content-Type": "application/x-protobuf"})
             if httpx.get(f"{srv.url}/readyz").status_code == 503:
                 break

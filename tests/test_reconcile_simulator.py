@@ -622,6 +622,15 @@ def test_a_starting_process_closes_only_the_runs_of_a_process_that_is_gone(store
     assert "interrupted" in q.get_run(store, "left-over")["error"]  # type: ignore[index]
 
 
+def process_gone(store: Store, run_id: str) -> None:
+    """As if the process running ``run_id`` had died: its owner names a process that is long gone."""
+    store.command(
+        "INSERT INTO $db.reconcile_runs SELECT * REPLACE ({gone:String} AS Owner, {v:UInt64} AS Version) "
+        "FROM $db.reconcile_runs FINAL WHERE RunId = {run:String}",
+        {"gone": f"{socket.gethostname()}/999999999/1", "v": time.time_ns(), "run": run_id},
+    )
+
+
 def test_a_run_its_process_loses_is_closed_with_the_stage_it_reached_and_what_it_changed(
     store: Store, tmp_path: Path
 ) -> None:
@@ -641,11 +650,7 @@ def test_a_run_its_process_loses_is_closed_with_the_stage_it_reached_and_what_it
         svc.reconciler.run(full=True, as_of=estate.config.as_of, run_id="lost", progress=dies)
     lost = q.get_run(store, "lost")
     assert lost is not None and (lost["state"], lost["stage"]) == ("running", "statement") and lost["drift_new"] > 0
-    store.command(  # as if its process had died: another start closes it
-        "INSERT INTO $db.reconcile_runs SELECT * REPLACE ({gone:String} AS Owner, {v:UInt64} AS Version) "
-        "FROM $db.reconcile_runs FINAL WHERE RunId = 'lost'",
-        {"gone": f"{socket.gethostname()}/999999999/1", "v": time.time_ns()},
-    )
+    process_gone(store, "lost")  # another start closes it
     later = service_for(store, estate, tmp_path)
     closed = later.run_status("lost")
     assert closed is not None and closed["state"] == "failed" and "interrupted" in closed["error"]
@@ -686,11 +691,7 @@ def test_a_run_lost_between_auditing_its_queue_changes_and_writing_them_leaves_a
         svc.reconciler.run(full=True, as_of=estate.config.as_of, run_id="lost-in-queue")
     monkeypatch.setattr(store, "command", real_command)
     assert q.all_open_items(store) == []  # audited, never written
-    store.command(
-        "INSERT INTO $db.reconcile_runs SELECT * REPLACE ({gone:String} AS Owner, {v:UInt64} AS Version) "
-        "FROM $db.reconcile_runs FINAL WHERE RunId = 'lost-in-queue'",
-        {"gone": f"{socket.gethostname()}/999999999/1", "v": time.time_ns()},
-    )
+    process_gone(store, "lost-in-queue")
     later = service_for(store, estate, tmp_path)  # closes the lost run
     again = later.run(full=True, as_of=estate.config.as_of)
     from tower_core.store.audit import list_audit
