@@ -110,7 +110,8 @@ def test_credit_note_record_maps_to_a_credit_memo_entry() -> None:
 def test_a_payment_line_in_a_second_currency_is_read_in_the_invoice_currency() -> None:
     """Debit/credit are in the company currency (USD); Tryton keeps the invoice-currency amount in
     amount_second_currency, signed like debit - credit (negative on a customer's payment)."""
-    invoice = {"id": 3, "reference": "in_1", "currency.": {"code": "JPY"}, "party.": {"name": "cus_1"}}
+    invoice = {"id": 3, "reference": "in_1", "currency.": {"code": "JPY"}, "party.": {"name": "cus_1"},
+               "write_date": None, "create_date": NOW - dt.timedelta(days=1)}  # fmt: skip
     line = {"id": 9, "credit": Decimal("33.33"), "debit": Decimal(0), "amount_second_currency": Decimal("-5000"),
             "second_currency.": {"code": "JPY"}, "currency.": {"code": "USD"}, "date": dt.date(2026, 11, 2),
             "write_date": None, "create_date": NOW, "move.": {"description": "pi_1"}}  # fmt: skip
@@ -119,6 +120,11 @@ def test_a_payment_line_in_a_second_currency_is_read_in_the_invoice_currency() -
     # a line without a second currency is in the company currency, and says so
     plain = {**line, "second_currency.": None, "amount_second_currency": None}
     assert (m.payment_entry(plain, invoice).amount_minor, m.payment_entry(plain, invoice).currency) == (3333, "USD")
+    # it changed when the line did, or when its invoice's payments did (a line added back after its withdrawal)
+    assert e.updated_at == NOW
+    later = NOW + dt.timedelta(minutes=5)
+    assert m.payment_entry(line, {**invoice, "write_date": later}).updated_at == later
+    assert m.withdrawn_entry(line, {**invoice, "write_date": later}).status == "cancelled"
 
 
 # ------------------------------------------------------------------ real trytond
@@ -327,6 +333,45 @@ def test_a_posting_with_a_payment_is_not_cancelled_and_payments_apply_in_their_c
     with pytest.raises(BusinessRuleError, match="is in EUR, Tryton invoice .* in USD"):
         erp.apply_payment(eur, other.invoice_id, 5000)
     assert erp.find_by_external_ref(eur.payment_id) == []
+
+
+def test_a_payment_line_removed_in_tryton_is_withdrawn_and_the_payment_reads_unapplied(
+    erp: TrytonErp, embedded_store: Store
+) -> None:
+    """Someone in Tryton removes a payment from an invoice's payments: the pull withdraws the stored application
+    (it counted for good, so the payment never read unapplied), and adding it back counts again."""
+    migrate(embedded_store)
+    billing = dataclasses.replace(billing_invoice(10000), status="open")
+    pay = Payment(
+        f"pi_{uuid.uuid4().hex[:10]}", "payment", billing.customer_id, "NA", "USD", 4000, "succeeded", NOW, NOW,
+        allocations={billing.invoice_id: 4000},
+    )  # fmt: skip
+    q.write_invoices(embedded_store, [billing])
+    q.write_payments(embedded_store, [pay])
+    erp.post_invoice(billing)
+    line = erp.apply_payment(pay, billing.invoice_id, 4000).target_ref
+    reconciler = Reconciler(embedded_store, c.Rules(default_grace_s=0), erp=erp)
+    unapplied = c.drift_id(c.PAYMENT_UNAPPLIED, pay.payment_id)
+
+    def state() -> str:
+        item = q.get_drift(embedded_store, unapplied)
+        return "" if item is None else str(item["State"])
+
+    reconciler.run(full=True)
+    assert state() == ""
+    (rec,) = erp.rpc.search_read("account.invoice", [["reference", "=", billing.invoice_id]], ["payment_lines"])
+    line_id = int(line.rsplit(":", 1)[1])
+    assert rec["payment_lines"] == [line_id]
+    erp.rpc.model("account.invoice", "write", [rec["id"]], {"payment_lines": [["remove", [line_id]]]})
+    reconciler.run()
+    assert state() == c.NEW
+    stored = embedded_store.query_rows(
+        "SELECT Status AS s FROM $db.erp_ledger_entries FINAL WHERE EntryId = {e:String}", {"e": line}
+    )
+    assert [r["s"] for r in stored] == ["cancelled"]
+    erp.rpc.model("account.invoice", "write", [rec["id"]], {"payment_lines": [["add", [line_id]]]})
+    reconciler.run()
+    assert state() == c.RESOLVED
 
 
 def test_late_postings_post_and_a_repost_tryton_would_refuse_cancels_nothing(

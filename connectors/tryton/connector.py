@@ -158,7 +158,46 @@ class TrytonErp:
         )
         page, nxt, done = m.next_page(changed, cur, limit)
         entries, skipped = self._entries(page)
+        unread = {s.ref for s in skipped}
+        entries += self._withdrawn([inv for inv in page if f"tryton:invoice:{inv['id']}" not in unread])
         return Page(entries, nxt.encode() if nxt else (cursor or ""), done, tuple(skipped))
+
+    def _withdrawn(self, invoices: list[dict[str, Any]]) -> list[LedgerEntry]:
+        """The payment lines Tryton's pay wizard made for these invoices that no invoice holds any more (someone
+        removed them from its payments), each as a cancelled application: the stored one would otherwise count
+        for good. A line moved to another invoice is left to that invoice's own pull (writing its payments made
+        it change too). Lines of other moves (a statement's, a manual one) are not found this way."""
+        by_origin = {f"{INVOICE},{inv['id']}": inv for inv in invoices if inv.get("move")}
+        if not by_origin:
+            return []
+        lines = self.rpc.search_read(
+            "account.move.line", [["move_origin", "in", list(by_origin)]],
+            [*m.LINE_FIELDS, "move", "move_origin", "account"],
+        )  # fmt: skip
+        loose = []
+        for line in lines:
+            inv = by_origin.get(str(line.get("move_origin") or ""))
+            if (
+                inv is not None
+                and line["move"] not in (inv["move"], inv.get("cancel_move"))  # the invoice's own, its reversal
+                and line["account"] == inv.get("account")  # the receivable side of a payment, not the cash side
+                and line["id"] not in (inv.get("payment_lines") or [])
+            ):
+                loose.append((line, inv))
+        if not loose:
+            return []
+        ids = [line["id"] for line, _ in loose]
+        held = self.rpc.search_read(INVOICE, [["payment_lines", "in", ids]], ["payment_lines"])
+        elsewhere = {i for r in held for i in r.get("payment_lines") or []}
+        out = []
+        for line, inv in loose:
+            if line["id"] in elsewhere:
+                continue
+            try:
+                out.append(m.withdrawn_entry(line, inv, self.region))
+            except m.MappingError:
+                continue  # its invoice maps (it was read above); a line that does not was never stored either
+        return out
 
     def _readable(self, invoices: list[dict[str, Any]], reference: str) -> list[LedgerEntry]:
         """Entries of a lookup that decides a write: a posting that exists but cannot be read must stop the

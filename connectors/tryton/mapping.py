@@ -9,7 +9,7 @@ invoice's ``payment_lines``; its move description holds the billing payment id.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -20,7 +20,7 @@ from tower_core.models import Invoice, LedgerEntry, Payment, amount_error, curre
 SOURCE = "tryton"
 INVOICE_FIELDS = [
     "reference", "number", "state", "type", "total_amount", "invoice_date", "comment", "description",
-    "write_date", "create_date", "currency.code", "party.name", "payment_lines", "move",
+    "write_date", "create_date", "currency.code", "party.name", "payment_lines", "move", "cancel_move", "account",
 ]  # fmt: skip
 LINE_FIELDS = [
     "credit", "debit", "date", "move.description", "move.post_date", "write_date", "create_date", "state",
@@ -113,7 +113,9 @@ def _line_amount(line: dict[str, Any], invoice_currency: str) -> tuple[Decimal, 
 def payment_entry(line: dict[str, Any], invoice: dict[str, Any], region: str = "") -> LedgerEntry:
     amount, currency = _line_amount(line, _rel(invoice, "currency", "code"))
     day = line.get("date")
-    when = _changed(line)
+    # adding a line to an invoice's payments (or removing it) rewrites the invoice, not the line: the application
+    # changed when either did, so a line attached again after it was withdrawn reads as newer than the withdrawal
+    when = max(_changed(line), _changed(invoice))
     return LedgerEntry(
         entry_id=f"tryton:line:{line['id']}",
         entry_type="payment",
@@ -130,6 +132,12 @@ def payment_entry(line: dict[str, Any], invoice: dict[str, Any], region: str = "
         source_system=SOURCE,
         attributes={"tryton.invoice": str(invoice["id"])},
     )
+
+
+def withdrawn_entry(line: dict[str, Any], invoice: dict[str, Any], region: str = "") -> LedgerEntry:
+    """A payment line removed from ``invoice``'s payments that no invoice holds now: the application it was, in
+    a cancelled version, so the stored one stops counting and the payment reads unapplied."""
+    return replace(payment_entry(line, invoice, region), status="cancelled")
 
 
 def invoice_values(
