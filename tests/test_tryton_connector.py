@@ -399,10 +399,44 @@ def test_late_postings_post_and_a_repost_tryton_would_refuse_cancels_nothing(
         actions = ActionService(embedded_store, erp)
         waiting = actions.request(c.drift_id(c.AMOUNT_MISMATCH, billing.invoice_id), "otto")
         refused = actions.approve(waiting["action_id"], "alice")
-        assert refused["state"] == "failed" and "numbers customer invoices in date order" in refused["last_error"]
+        assert refused["state"] == "failed" and "numbers invoices of a sequence in date order" in refused["last_error"]
         assert [(r["state"], r["total_amount"]) for r in tryton_invoices(erp, billing.invoice_id)] == [
             ("posted", Decimal("90.00"))
         ]  # the wrong posting stands: nothing was cancelled
+    finally:
+        erp.rpc.close()
+        stop_trytond(server)
+
+
+def test_a_credit_note_of_a_sequence_of_its_own_does_not_stop_a_repost(tmp_path: Path, embedded_store: Store) -> None:
+    """Tryton numbers each sequence in date order: with customer credit notes in a sequence of their own, a later
+    credit note does not stop the repost of an invoice (the check refused it, leaving the wrong posting)."""
+    server = start_trytond(tmp_path) if prepared_database(tmp_path) else None
+    assert server is not None
+    erp = erp_for(server)
+    try:
+        migrate(embedded_store)
+        (kind,) = erp.rpc.search_read("ir.sequence.type", [["name", "=", "Invoice"]], ["id"])
+        (own,) = erp.rpc.model("ir.sequence.strict", "create", [{"name": "Credit notes", "sequence_type": kind["id"]}])
+        (row,) = erp.rpc.search_read("account.fiscalyear.invoice_sequence", [], ["id"])
+        erp.rpc.model("account.fiscalyear.invoice_sequence", "write", [row["id"]], {"out_credit_note_sequence": own})
+        other = billing_invoice(2500, day=NOW - dt.timedelta(days=4))
+        erp.post_invoice(other)
+        billing = dataclasses.replace(billing_invoice(7000, day=NOW - dt.timedelta(days=3)), status="open")
+        erp.post_invoice(dataclasses.replace(billing, subtotal_minor=9000, total_minor=9000))  # booked wrong
+        refund = Payment(
+            f"re_{uuid.uuid4().hex[:10]}", "refund", other.customer_id, "NA", "USD", 500, "succeeded", NOW, NOW,
+            allocations={other.invoice_id: 500},
+        )  # fmt: skip
+        assert not erp.post_credit_memo(refund).already_done  # dated today, numbered in its own sequence
+        q.write_invoices(embedded_store, [billing])
+        Reconciler(embedded_store, c.Rules(), erp=erp).run(full=True)
+        actions = ActionService(embedded_store, erp)
+        waiting = actions.request(c.drift_id(c.AMOUNT_MISMATCH, billing.invoice_id), "otto")
+        done = actions.approve(waiting["action_id"], "alice")
+        assert done["state"] == "succeeded", done["last_error"]
+        states = sorted((r["state"], r["total_amount"]) for r in tryton_invoices(erp, billing.invoice_id))
+        assert states == [("cancelled", Decimal("90.00")), ("posted", Decimal("70.00"))]
     finally:
         erp.rpc.close()
         stop_trytond(server)

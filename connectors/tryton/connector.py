@@ -293,30 +293,50 @@ class TrytonErp:
     def check_postable(self, invoice: Invoice) -> None:
         """Would Tryton post ``invoice`` as billing has it? Asked before a repost cancels the wrong posting, so
         a replacement Tryton refuses never leaves the invoice with no posting at all. Its rules that the date
-        decides: an open period for it, and customer invoices numbered in date order within a fiscal year."""
+        decides: an open period for it, and no invoice dated later in the sequence that would number it (Tryton
+        numbers a sequence in date order; a credit note of a sequence of its own does not count, a supplier
+        invoice sharing the customer invoices' sequence does)."""
         day = invoice.issued_at.astimezone(dt.UTC).date()
         attrs = {"revops.invoice.id": invoice.invoice_id}
         years = self.rpc.search_read(
-            "account.fiscalyear", [["start_date", "<=", day], ["end_date", ">=", day]], ["end_date"],
-            attributes=attrs,
+            "account.fiscalyear", [["start_date", "<=", day], ["end_date", ">=", day]], ["id"], attributes=attrs,
         )  # fmt: skip
         if not years:
             raise BusinessRuleError(f"Tryton has no fiscal year for {day}, the date of {invoice.invoice_id}")
-        closed = self.rpc.search_read(
-            "account.period", [["start_date", "<=", day], ["end_date", ">=", day], ["state", "!=", "open"]],
-            ["name"], attributes=attrs,
+        periods = self.rpc.search_read(
+            "account.period",
+            [["fiscalyear", "=", years[0]["id"]], ["start_date", "<=", day], ["end_date", ">=", day]],
+            ["name", "state", "type"], attributes=attrs,
         )  # fmt: skip
+        closed = [p for p in periods if p["state"] != "open"]
         if closed:
             raise BusinessRuleError(f"Tryton's period {closed[0]['name']} of {day} is closed")
+        period = next((int(p["id"]) for p in periods if p.get("type") == "standard"), None)
+        company = self.refs()["company"]
+        sequence = next(
+            (
+                int(r[field])
+                for r in self.rpc.search_read(
+                    "account.fiscalyear.invoice_sequence",
+                    [["fiscalyear", "=", years[0]["id"]]],
+                    ["company", "period", "out_invoice_sequence", "out_credit_note_sequence"],
+                    attributes=attrs,
+                )  # fmt: skip
+                if r.get("company") in (None, company)
+                and r.get("period") in (None, period)
+                and r.get(field := "out_invoice_sequence" if invoice.total_minor >= 0 else "out_credit_note_sequence")
+            ),
+            None,
+        )
+        if sequence is None:
+            raise BusinessRuleError(f"Tryton's fiscal year of {day} has no customer invoice sequence for that date")
         later = self.rpc.search_read(
-            INVOICE,
-            [["type", "=", "out"], ["number", "!=", None], ["invoice_date", ">", day],
-             ["invoice_date", "<=", years[0]["end_date"]]],
+            INVOICE, [["sequence", "=", sequence], ["invoice_date", ">", day]],
             ["number", "invoice_date"], order=[["invoice_date", "DESC"]], limit=1, attributes=attrs,
         )  # fmt: skip
         if later:
             raise BusinessRuleError(
-                f"Tryton numbers customer invoices in date order and has numbered {later[0]['number']} on "
+                f"Tryton numbers invoices of a sequence in date order and has numbered {later[0]['number']} on "
                 f"{later[0]['invoice_date']}: a posting of {invoice.invoice_id} dated {day} would be refused"
             )
 
