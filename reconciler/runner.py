@@ -348,7 +348,7 @@ class Reconciler:
 
         t = time.perf_counter()
         stage("classify")
-        q.classify(store, run_id, rules)
+        q.classify(store, run_id, rules, region)
         result.timings["classify"] = time.perf_counter() - t
 
         t = time.perf_counter()

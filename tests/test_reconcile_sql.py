@@ -12,7 +12,7 @@ from reconciler import classify as c
 from reconciler.actions import ActionError, ActionService
 from reconciler.runner import Reconciler
 from tests.conftest import migrated
-from tower_core.models import Invoice, LedgerEntry, Payment
+from tower_core.models import CdpProfile, Invoice, LedgerEntry, Payment
 from tower_core.store import Store, migrate
 from tower_core.store import reconcile as q
 
@@ -715,6 +715,66 @@ def test_a_region_run_does_not_resolve_an_item_whose_invoice_moved_to_another_re
     assert item is not None and (item["State"], item["StateNote"]) == ("acknowledged", "FX, FIN-7")
     r.run(full=True, region="NA", as_of=AS_OF)
     assert items(store)[(c.AMOUNT_MISMATCH, "in_mv")]["state"] == "acknowledged"
+
+
+def acknowledge_all(store: Store, note: str) -> None:
+    store.command(
+        "INSERT INTO $db.drift_items SELECT * REPLACE ('acknowledged' AS State, {n:String} AS StateNote, "
+        "Version + 1 AS Version) FROM $db.drift_items FINAL WHERE State != 'resolved'",
+        {"n": note},
+    )
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "incremental"])
+def test_a_region_run_does_not_resolve_items_whose_erp_posting_or_profile_moved_to_another_region(
+    store: Store, full: bool
+) -> None:
+    """Items of keys billing lacks take the region of the ERP's posting, customer_unsynced that of the CDP profile:
+    an EU run resolved them once they moved to NA ("drift gone"), the NA run opened them again as new, and the
+    operator's acknowledgement, its note and the items' age were lost."""
+    q.write_profiles(store, [CdpProfile("u_1", "cus_x", "", "", "EU", T)])
+    ghosts = [led("le_1", "invoice", "in_ghost", 1_100), led("le_p", "payment", "py_ghost", 500, "posted")]
+    q.write_ledger(store, ghosts)
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    keys = {(c.CUSTOMER_UNSYNCED, "cus_x"), (c.MISSING_IN_BILLING, "le_1"), (c.MISSING_IN_BILLING, "le_p")}
+    assert set(items(store)) == keys
+    acknowledge_all(store, "FIN-12")
+    q.write_profiles(store, [CdpProfile("u_1", "cus_x", "", "", "NA", T + dt.timedelta(hours=1))])
+    q.write_ledger(store, [later(dataclasses.replace(g, region="NA")) for g in ghosts])  # type: ignore[misc]
+    eu = r.run(full=full, region="EU", as_of=AS_OF)
+    assert eu.mode == ("full" if full else "incremental") and eu.resolved == 0
+    na = r.run(full=full, region="NA", as_of=AS_OF)
+    assert na.new == 0
+    found = items(store)
+    assert set(found) == keys
+    stored = [q.get_drift(store, i["drift_id"]) or {} for i in found.values()]
+    assert {(i["State"], i["StateNote"], i["Region"]) for i in stored} == {("acknowledged", "FIN-12", "NA")}
+    # a key that left the region for good (the ERP removed its posting) is still resolved by the region's run
+    q.write_ledger(store, [later(dataclasses.replace(ghosts[0], region="NA", status="cancelled"), 120)])  # type: ignore[arg-type]
+    assert r.run(full=full, region="NA", as_of=AS_OF).resolved == 1
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "incremental"])
+def test_a_region_run_matches_instalments_paid_from_several_regions(store: Store, full: bool) -> None:
+    """An EU invoice paid by two unallocated instalments, one billed in EU and one in NA: a region run saw only its
+    own instalment, called it orphan_payment and resolved its payment_unapplied item, and the next run of every
+    region flipped them back."""
+    q.write_invoices(store, [inv("in_x", 1_100)])
+    q.write_ledger(store, [led("le_x", "invoice", "in_x", 1_100)])
+    instalments = [pay("py_a", 500, {}), pay("py_b", 600, {}, region="NA")]
+    q.write_payments(store, instalments)
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    keys = {(c.PAYMENT_UNAPPLIED, "py_a"), (c.PAYMENT_UNAPPLIED, "py_b")}
+    assert set(items(store)) == keys
+    ingested_long_ago(store)
+    q.write_payments(store, [later(p) for p in instalments])  # type: ignore[misc]
+    for region in ("NA", "EU"):
+        run = r.run(full=full, region=region, as_of=AS_OF)
+        assert (run.new, run.resolved) == (0, 0), region
+        assert set(items(store)) == keys, region
+    assert {i["reason_code"] for i in items(store).values()} == {"matched_not_applied"}
 
 
 def test_an_unallocated_payment_the_erp_applied_is_not_an_over_application(store: Store) -> None:

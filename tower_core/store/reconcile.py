@@ -560,12 +560,24 @@ SELECT {run:String}, 'payment', hk FROM (
 """
 
 
+# Region runs, payments: also every region's unallocated succeeded payments (one billing payment, no flag: bits
+# 0-27 of packed = 1). Instalments of one invoice can come from several regions; the sum match needs them all
+# (see _PAY_IN_REGION: only the region's own are classified).
+_STAGE_A_PAYMENT_REGION = {
+    **_STAGE_A_REGION,
+    "region_having": "("
+    + _STAGE_A_REGION["region_having"].removesuffix(" AND")
+    + " OR bitAnd(packed, 0xFFFFFFF) = 1) AND",
+}
+
+
 def find_candidates(store: Store, run_id: str, region: str = "") -> dict[str, int]:
     """Full runs: hashes of the invoice and payment keys whose sides do not match exactly."""
     params = {"run": run_id, "region": region}
     region_sql = _STAGE_A_REGION if region else dict.fromkeys(_STAGE_A_REGION, "")
+    payment_region_sql = _STAGE_A_PAYMENT_REGION if region else region_sql
     store.command(_compose(_STAGE_A_INVOICES, **region_sql), params)
-    store.command(_compose(_STAGE_A_PAYMENTS, **region_sql), params)
+    store.command(_compose(_STAGE_A_PAYMENTS, **payment_region_sql), params)
     rows = store.query_rows(
         "SELECT KeyType AS t, count() AS n FROM $db.reconcile_hashes WHERE RunId = {run:String} GROUP BY KeyType",
         {"run": run_id},
@@ -746,7 +758,8 @@ FROM (
         AND Status != 'draft'
 )
 GROUP BY k
-HAVING ({region:String} = '' OR p_region = {region:String} OR (p_n = 0 AND e_region = {region:String}))
+HAVING ({region:String} = '' OR /*pay_in_region*/ OR (p_n > 0 AND p_kind = 'payment' AND p_status = 'succeeded'
+        AND p_alloc_n = 0))  -- a region run's match pool: every region's unallocated payments
     AND NOT (
         p_n = 1 AND (
             (p_status != 'succeeded' AND e_n = 0)
@@ -759,6 +772,8 @@ HAVING ({region:String} = '' OR p_region = {region:String} OR (p_n = 0 AND e_reg
 _PAY_HASH_FILTERS = {
     "pay_filter": "PREWHERE KeyHash IN /*hash_pay*/",
 }
+# A payment key a region run compares and classifies: billed in the region, or (billing lacks it) posted there.
+_PAY_IN_REGION = "(p_region = {region:String} OR (p_n = 0 AND e_region = {region:String}))"
 
 # Customers (tables of migration 0003; small): CDP profiles whose billing customer does not exist.
 _CUSTOMER_FACTS = """
@@ -800,19 +815,17 @@ def collect_facts(store: Store, run_id: str, *, full: bool, region: str = "", cu
         store.command(_SCOPE_HASHES, params)
     store.command(_compose(_LEDGER_ROWS, **hashes), params)
     inv = _compose(_INVOICE_FACTS, **_INV_HASH_FILTERS)
-    pay = _compose(_PAYMENT_FACTS, **_PAY_HASH_FILTERS)
+    pay = _compose(_PAYMENT_FACTS, **_PAY_HASH_FILTERS, pay_in_region=_PAY_IN_REGION)
     store.command(_compose(inv, **scopes, **hashes), params)
     store.command(_compose(pay, **scopes, **hashes), params)
     if customers:
         cus = _compose(_CUSTOMER_FACTS, **(dict.fromkeys(_CUS_SCOPE_FILTERS, "") if full else _CUS_SCOPE_FILTERS))
         store.command(_compose(cus, **scopes), params)
     counts = {}
-    for kind, table in (("invoice", "invoice"), ("payment", "payment"), ("customer", "customer")):
-        rows = store.query_rows(
-            _compose("SELECT count() AS n FROM $db.reconcile_/*t*/_facts WHERE RunId = {run:String}", t=table),
-            {"run": run_id},
-        )
-        counts[kind] = int(rows[0]["n"])
+    for kind in ("invoice", "payment", "customer"):
+        only = f"AND ({{region:String}} = '' OR {_PAY_IN_REGION})" if kind == "payment" else ""  # not the pool
+        sql = _compose("SELECT count() AS n FROM $db.reconcile_/*t*/_facts WHERE RunId = {run:String} /*only*/", t=kind)
+        counts[kind] = int(store.query_rows(_compose(sql, only=only), params)[0]["n"])
     return counts
 
 
@@ -1076,14 +1089,22 @@ INSERT INTO $db.reconcile_findings (RunId, DriftId, Class, ReasonCode, System, R
 SELECT {run:String}, drift_id, cls, reason, system, reg, cur, customer, /*invoice*/, /*payment*/, /*entry*/, pk,
     '/*key_type*/', amount, bv, ev, diff, item_day
 FROM (/*classified*/)
-WHERE cls != ''
+WHERE cls != '' /*only*/
 """
-# kind -> (classification, InvoiceId, PaymentId, LedgerEntryId, KeyType of its items)
+# kind -> (classification, InvoiceId, PaymentId, LedgerEntryId, KeyType of its items, which rows a region run
+# classifies beyond the facts' own region filter)
 _CLASSIFIED = {
-    "invoice": (_INVOICE_CLASSIFIED, "key", "''", "e_entry", "invoice"),
-    "payment": (_PAYMENT_CLASSIFIED, "''", "key", "e_entry", "payment"),
-    "customer": (_CUSTOMER_CLASSIFIED, "''", "''", "''", "customer"),
-    "party": (_PARTY_CLASSIFIED, "invoice", "''", "entry", "customer"),
+    "invoice": (_INVOICE_CLASSIFIED, "key", "''", "e_entry", "invoice", ""),
+    "payment": (
+        _PAYMENT_CLASSIFIED,
+        "''",
+        "key",
+        "e_entry",
+        "payment",
+        f"AND ({{region:String}} = '' OR {_PAY_IN_REGION})",
+    ),
+    "customer": (_CUSTOMER_CLASSIFIED, "''", "''", "''", "customer", ""),
+    "party": (_PARTY_CLASSIFIED, "invoice", "''", "entry", "customer", ""),
 }
 
 
@@ -1123,13 +1144,13 @@ def _classified(kind: str) -> str:
 _CLASSIFY_POOL = ThreadPoolExecutor(max_workers=len(_CLASSIFIED), thread_name_prefix="tower-classify")
 
 
-def classify(store: Store, run_id: str, rules: Mapping[str, Any]) -> int:
+def classify(store: Store, run_id: str, rules: Mapping[str, Any], region: str = "") -> int:
     """Classify the run's facts (every kind of _CLASSIFIED) into reconcile_findings; returns the number of findings.
 
     ``rules``: as_of, tol_abs / tol_rel (currency -> minor units / basis points) with *_default, grace
     (class -> seconds) with grace_default, exp (currency -> minor-unit exponent), window (days).
     """
-    params = {"run": run_id, **rules}
+    params = {"run": run_id, "region": region, **rules}
     unallocated = store.query_rows(
         "SELECT count() AS n FROM $db.reconcile_payment_facts WHERE RunId = {run:String} AND p_n > 0 "
         "AND p_alloc_n = 0 AND e_applied_n = 0",
@@ -1145,9 +1166,10 @@ def classify(store: Store, run_id: str, rules: Mapping[str, Any]) -> int:
             payment=payment,
             entry=entry,
             key_type=key_type,
+            only=only,
         )
         + _BULK_INSERT
-        for kind, (_, invoice, payment, entry, key_type) in _CLASSIFIED.items()
+        for kind, (_, invoice, payment, entry, key_type, only) in _CLASSIFIED.items()
     ]
     # the kinds are independent (the party kind reads the invoice facts, not the findings), and the invoice
     # kind's insert runs on one core: side by side
@@ -1295,21 +1317,69 @@ WHERE State != 'resolved' AND UpdatedAt <= {started:DateTime64(3)}
     /*moved*/
     /*scope*/
 """
-# A region run compared the keys billed in its region now: an item whose invoice or payment billing moved to another
-# region since was not compared by it, so it is not resolved by it either.
+# A region run compares the keys that are in its region now: billing's region where billing has the key, else the
+# region of the ERP's first posting (stage B's e_region), and for customers the region of their first CDP profile.
+# An open item of the run's region whose key is in another region now was not compared by it, so it is not
+# resolved by it either (the run of that region, or of every region, decides).
+_OPEN_HERE = (
+    "(SELECT /*col*/ FROM $db.drift_items FINAL WHERE State != 'resolved' AND Region = {region:String} "
+    "AND KeyType = '/*kt*/')"
+)
+_KEY_REGION_ELSEWHERE = (
+    "GROUP BY k HAVING if(countIf(src = 0) > 0, anyIf(r, src = 0), argMinIf(r, id, src = 1)) != {region:String}"
+)
+_MOVED_INVOICES = """(
+    SELECT k FROM (
+        SELECT InvoiceId AS k, 0 AS src, Region AS r, '' AS id FROM $db.billing_invoices FINAL
+        WHERE InvoiceId IN /*open_inv*/ AND NOT IsDeleted
+        UNION ALL
+        SELECT ExternalRef, 1, Region, EntryId FROM $db.erp_ledger_entries FINAL
+        PREWHERE EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries
+            WHERE LinkHash IN (SELECT cityHash64(InvoiceId) FROM /*open_inv*/))
+        WHERE NOT IsDeleted AND EntryType = 'invoice' AND Status NOT IN ('cancelled', 'draft')
+            AND ExternalRef IN /*open_inv*/
+    )
+    /*elsewhere*/)"""
+_MOVED_PAYMENTS = """(
+    SELECT k FROM (
+        SELECT PaymentId AS k, 0 AS src, Region AS r, '' AS id FROM $db.billing_payments FINAL
+        WHERE PaymentId IN /*open_pay*/ AND NOT IsDeleted
+        UNION ALL
+        SELECT ExternalRef, 1, Region, EntryId FROM $db.erp_ledger_entries FINAL
+        PREWHERE EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries
+            WHERE RefHash IN (SELECT cityHash64(PaymentId) FROM /*open_pay*/))
+        WHERE NOT IsDeleted AND EntryType IN ('payment', 'credit_memo') AND Status NOT IN ('cancelled', 'draft')
+            AND ExternalRef IN /*open_pay*/
+    )
+    /*elsewhere*/)"""
+_MOVED_CUSTOMERS = """(
+    SELECT CustomerId FROM $db.cdp_profiles FINAL
+    WHERE CustomerId IN /*open_cus*/ AND NOT IsDeleted AND CustomerId != ''
+    GROUP BY CustomerId HAVING argMin(Region, CdpUserId) != {region:String})"""
 _RESOLVE_MOVED = """
-    AND NOT (
-        (KeyType = 'invoice' AND InvoiceId IN (
-            SELECT InvoiceId FROM $db.billing_invoices FINAL
-            WHERE InvoiceId IN (SELECT InvoiceId FROM $db.drift_items FINAL
-                WHERE State != 'resolved' AND Region = {region:String} AND KeyType = 'invoice')
-                AND NOT IsDeleted AND Region != {region:String}))
-        OR (KeyType = 'payment' AND PaymentId IN (
-            SELECT PaymentId FROM $db.billing_payments FINAL
-            WHERE PaymentId IN (SELECT PaymentId FROM $db.drift_items FINAL
-                WHERE State != 'resolved' AND Region = {region:String} AND KeyType = 'payment')
-                AND NOT IsDeleted AND Region != {region:String})))
+    AND NOT ((KeyType = 'invoice' AND InvoiceId IN /*moved_inv*/)
+        OR (KeyType = 'payment' AND PaymentId IN /*moved_pay*/) /*moved_cus*/)
 """
+
+
+def _resolve_moved(customers: bool) -> str:
+    """_RESOLVE_MOVED with its key sets (customers: the CDP tables exist)."""
+    open_here = {
+        kt: _compose(_OPEN_HERE, col=col, kt=kt)
+        for kt, col in (("invoice", "InvoiceId"), ("payment", "PaymentId"), ("customer", "CustomerId"))
+    }
+    moved_cus = "OR (KeyType = 'customer' AND CustomerId IN /*moved_customers*/)" if customers else ""
+    sql = _compose(_RESOLVE_MOVED, moved_cus=moved_cus)
+    sql = _compose(sql, moved_inv=_MOVED_INVOICES, moved_pay=_MOVED_PAYMENTS, moved_customers=_MOVED_CUSTOMERS)
+    return _compose(
+        sql,
+        elsewhere=_KEY_REGION_ELSEWHERE,
+        open_inv=open_here["invoice"],
+        open_pay=open_here["payment"],
+        open_cus=open_here["customer"],
+    )
+
+
 # Incremental runs resolve only items whose key they compared. A customer_unmatched item stands for all the
 # customer's invoices and an incremental run sees only the changed ones: it can raise one, only a full run
 # resolves one.
@@ -1369,7 +1439,7 @@ def merge_queue(
     else:
         scope = _RESOLVE_SCOPE
     resolve_from = _compose(
-        _compose(_RESOLVE_FROM, scope=scope, moved=_RESOLVE_MOVED if region else ""),
+        _compose(_RESOLVE_FROM, scope=scope, moved=_resolve_moved(customers) if region else ""),
         scope_inv=_IN_SCOPE_INV,
         scope_pay=_IN_SCOPE_PAY,
         scope_cus=_IN_SCOPE_CUS,
