@@ -152,23 +152,30 @@ class Flusher:
             self._progress.pop(segment.id, None)
             self.metrics.buffer_bytes.set(self.wal.pending_bytes)
 
-    def _still_to_write(self, requests: list[bytes], token: str) -> tuple[list[bytes], str, int | None]:
+    def _still_to_write(
+        self, requests: list[bytes], token: str
+    ) -> tuple[list[bytes], str, int | None, StoreError | None]:
         """A replayed chunk's spans that otel_traces does not hold, under a token of this process's life (the
-        old one may name a part that a crash kept from landing; see collector/replay.py), and how many spans
-        that leaves (None: all of them)."""
+        old one may name a part that a crash kept from landing; see collector/replay.py), how many spans that
+        leaves (None: all of them), and the store's refusal to derive the stored spans' view rows again, if it
+        refused for its own state (busy, out of disk): the chunk must then be retried, not forgotten."""
         spans = replay.index(requests)
         if spans is None:
-            return [], token, 0
+            return [], token, 0, None
         stored = stored_span_keys(self.store, spans.keys, spans.first_day, spans.last_day)
+        retry: StoreError | None = None
         if stored:
-            # the crash may have kept a view's part of the same insert from landing: derive those rows again
-            # (a failure here must not hold back the spans still to write: logged, not raised)
+            # the crash (or a full disk under a view) may have kept a view's part of the same insert from
+            # landing: derive those rows again. A failure must not hold back the spans still to write; one that
+            # says the store cannot write now fails the chunk after them (the segment stays and is retried),
+            # any other is logged (retrying it could hold the buffer for good)
             try:
                 views = ", ".join(rederive_span_views(self.store, stored, spans.first_day, spans.last_day))
             except StoreError as exc:
                 self.metrics.flush_errors.inc()
                 log.error("replay: the views of %s's stored spans could not be derived again: %s", token, exc)
                 views = "failed"
+                retry = exc if dead_letter.store_side(exc) else None
             log.info(
                 "replay: %d of %d spans of %s already stored; views derived again: %s",
                 len(stored),
@@ -177,11 +184,11 @@ class Flusher:
                 views or "none",
             )
         if len(stored) == len(spans.keys):
-            return [], token, 0
+            return [], token, 0, retry
         # a fresh token per set of stored spans (it only grows): a token names its content, and a retry writing
         # fewer spans under the token of a landed attempt would be dropped as that attempt's duplicate
         left = len(spans.keys) - len(stored) if stored else None
-        return replay.without(requests, stored), f"{token}_r{self.wal.epoch}_{len(stored)}", left
+        return replay.without(requests, stored), f"{token}_r{self.wal.epoch}_{len(stored)}", left, retry
 
     def _failed(self) -> None:
         if self.failing_since is None:
@@ -226,10 +233,13 @@ class Flusher:
         under a view)."""
         span_requests = [r.payload for r in chunk.records if r.kind == KIND_SPANS]
         left: int | None = None
+        retry: StoreError | None = None
         if span_requests and replayed:
-            span_requests, token, left = self._still_to_write(span_requests, token)
+            span_requests, token, left, retry = self._still_to_write(span_requests, token)
         if span_requests:
             insert_otlp_spans(self.store, span_requests, token)
+        if retry is not None:
+            raise retry
         all_rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
         rows = left if left is not None and counted_before else all_rows
         if rows and (span_requests or not counted_before):

@@ -14,6 +14,7 @@ from collector.correlation import key_attribute_names
 from collector.flusher import Flusher, chunks
 from collector.metrics import CollectorMetrics
 from collector.wal import KIND_SPANS, BufferFull, Record, Segment, WriteAheadBuffer
+from tower_core.errors import StoreError
 from tower_core.store import Store, migrate
 from tower_core.store.otlp_sql import insert_otlp_spans, sync_key_attributes
 
@@ -277,6 +278,45 @@ class _FailingOnce:
             self.failures += 1
             raise RuntimeError("injected: an unexpected error, not a StoreError")
         self._store.insert_select(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class _ViewOutOfDisk:
+    """Fault injection around the real chDB store: the first ``times`` inserts into one view's target table
+    raise what ClickHouse raises on a full disk (NOT_ENOUGH_SPACE, a store-side code)."""
+
+    def __init__(self, store: Store, table: str, times: int) -> None:
+        self._store, self.table, self.left = store, table, times
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    def command(self, sql: str, *args: object, **kwargs: object) -> None:
+        if self.left and sql.startswith(f"INSERT INTO $db.`{self.table}`"):
+            self.left -= 1
+            raise StoreError(
+                f"Code: 243. DB::Exception: Cannot reserve 1.00 MiB, not enough space: while pushing to {self.table}"
+            )
+        self._store.command(sql, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_view_the_store_cannot_derive_again_for_lack_of_space_keeps_the_segment(
+    tmp_path: Path, embedded_store: Store
+) -> None:
+    """A replayed chunk whose spans are stored but whose view rows the store refuses to derive again (out of disk):
+    the chunk counted as written, the segment was removed, and the trace's business keys were lost for good. Now
+    the segment stays and is retried until the view rows are back."""
+    names, _ = flushed_not_removed(tmp_path, embedded_store, [posting_request(200, seed=0)])
+    links = ("business_key_links", "trace_key_links")  # the second is a view of the first
+    before = [embedded_store.query_rows(_VIEW_ROWS[table]) for table in links]
+    assert all(before)
+    for table in links:
+        embedded_store.command(f"TRUNCATE TABLE $db.{table}")
+    recovered = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
+    full = _ViewOutOfDisk(embedded_store, "business_key_links", times=2)
+    Flusher(recovered, full, names, CollectorMetrics(), flush_rows=5000, flush_interval_s=1).drain()  # type: ignore[arg-type]
+    assert full.left == 0 and recovered.sealed() == []
+    assert [embedded_store.query_rows(_VIEW_ROWS[table]) for table in links] == before
+    assert embedded_store.query_rows("SELECT count() AS n FROM $db.otel_traces")[0]["n"] == 200
 
 
 def test_flusher_thread_survives_an_unexpected_error(tmp_path: Path, embedded_store: Store) -> None:
