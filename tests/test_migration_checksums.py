@@ -42,6 +42,7 @@ RELEASED = {
     23: "b77e9de6df06c61d",  # step_activity_of_every_event_key
     24: "7b262d3944ff3369",  # customer_sync_by_cdp_user
     25: "8da7dfb2daa106ca",  # statement_dropped
+    26: "7bcb4be8cceee661",  # fsync_acknowledged_writes
 }
 
 
