@@ -212,6 +212,18 @@ class Reconciler:
         self.billing = billing
         self.erp = erp
         self.cdp = cdp
+        # failed runs whose record the store refused (out of disk): written at the next run's start
+        self._unrecorded: dict[str, dict[str, Any]] = {}
+
+    def _record_failure(self, record: dict[str, Any]) -> None:
+        """Store a failed run's record; a store that refuses it now (the failure may be its own) gets it again
+        at the next run, so the run never stays 'running' for good."""
+        try:
+            q.write_run(self.store, record)
+            self._unrecorded.pop(record["RunId"], None)
+        except StoreError as exc:
+            self._unrecorded[record["RunId"]] = dict(record)
+            log.error("run %s failed and its record could not be stored (retried next run): %s", record["RunId"], exc)
 
     def _prune_statements(self) -> None:
         """Drop the statements the retention policy no longer keeps. A failure costs disk, not the run: the next
@@ -264,7 +276,8 @@ class Reconciler:
             "Error": "",
             "Owner": run_owner.this_process(),
         }
-        q.write_run(store, record)
+        for unrecorded in list(self._unrecorded.values()):
+            self._record_failure(unrecorded)
 
         def stage(name: str) -> None:
             record["Stage"] = name
@@ -274,6 +287,7 @@ class Reconciler:
                 progress(name, STAGES.index(name), len(STAGES))
 
         try:
+            q.write_run(store, record)
             t0 = time.perf_counter()
             stage("pull")
             if pull_sources:
@@ -289,10 +303,10 @@ class Reconciler:
             record["State"] = "failed"
             record["Error"] = _error_line(exc)[:2000]
             record["FinishedAt"] = _now()
-            q.write_run(store, record)
+            self._record_failure(record)
             if isinstance(exc, RunFailed):
                 raise
-            raise RunFailed(str(exc)) from exc
+            raise RunFailed(record["Error"]) from exc
         record["FinishedAt"] = _now()
         record.update(
             {

@@ -45,6 +45,7 @@ class ReconcilerService:
         self.queue_lock = threading.RLock()
         self._run_lock = threading.Lock()
         self._progress: dict[str, dict[str, Any]] = {}
+        self._failed: dict[str, str] = {}  # run id -> error, of runs that failed in this process
         self._current: str | None = None
         self.connectors = connectors if connectors is not None else build_connectors(settings)
         self.reconciler = Reconciler(
@@ -146,15 +147,19 @@ class ReconcilerService:
             def progress(stage: str, done: int, total: int) -> None:
                 self._progress[run_id] = {"stage": stage, "done": done, "total": total}
 
-            result = self.reconciler.run(
-                full=full,
-                region=region,
-                as_of=as_of,
-                trigger=trigger,
-                requested_by=requested_by,
-                run_id=run_id,
-                progress=progress,
-            )
+            try:
+                result = self.reconciler.run(
+                    full=full,
+                    region=region,
+                    as_of=as_of,
+                    trigger=trigger,
+                    requested_by=requested_by,
+                    run_id=run_id,
+                    progress=progress,
+                )
+            except RunFailed as exc:
+                self._failed[run_id] = str(exc)  # said by run_status even if the store refused the record
+                raise
         finally:
             self._current = None
             self._run_lock.release()
@@ -178,6 +183,9 @@ class ReconcilerService:
                 self._progress[run_id] = {"stage": "rejected: another run is in progress", "done": 0, "total": 0}
             except RunFailed as exc:
                 log.warning("run %s failed: %s", run_id, exc)
+            except Exception:  # a thread's error would otherwise leave the run 'queued' with no word of why
+                self._failed[run_id] = "unexpected error starting the run (see the log)"
+                log.exception("run %s could not run", run_id)
 
         threading.Thread(target=target, name=f"reconcile-{run_id}", daemon=True).start()
         return run_id
@@ -188,6 +196,9 @@ class ReconcilerService:
         if doc is None and progress is None:
             return None
         doc = doc or {"run_id": run_id, "state": "queued"}
+        if run_id in self._failed and doc.get("state") in ("queued", "running"):  # its failure was not stored
+            doc.update(state="failed", error=doc.get("error") or self._failed[run_id])
+            progress = None
         if progress:
             doc["progress"] = progress
         else:

@@ -1160,3 +1160,48 @@ def test_a_store_error_reading_the_drift_item_before_a_correction_does_not_abort
     action = svc.actions.execute(queued["action_id"])
     assert flaky.failed and action["state"] == "succeeded"
     assert len(invoice_postings(estate, invoice_id)) == 1
+
+
+class _DiskFillsUp:
+    """Fault injection around the real chDB store: after ``writes_left`` writes, every write fails as ClickHouse
+    fails on a full disk (NOT_ENOUGH_SPACE), until ``full`` is cleared."""
+
+    def __init__(self, store: Store, writes_left: int) -> None:
+        self._store, self.writes_left, self.full = store, writes_left, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def _write(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.full:
+            raise StoreError("Code: 243. DB::Exception: Cannot reserve 1.00 MiB, not enough space. (NOT_ENOUGH_SPACE)")
+        self.writes_left -= 1
+        self.full = self.writes_left <= 0
+        return getattr(self._store, method)(*args, **kwargs)
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        return self._write("command", *args, **kwargs)
+
+    def insert_arrow(self, *args: Any, **kwargs: Any) -> Any:
+        return self._write("insert_arrow", *args, **kwargs)
+
+
+def test_a_run_whose_failure_the_full_disk_keeps_from_being_stored_reads_failed_and_is_stored_later(
+    store: Store, tmp_path: Path
+) -> None:
+    """The disk filled during a run: the run failed, and so did the write of its failed record, so the run read
+    'running' with no error for good (the CLI waited an hour) and, after a restart, 'interrupted'."""
+    disk = _DiskFillsUp(store, writes_left=1)  # the run's first record lands, then the disk is full
+    svc = ReconcilerService(settings(tmp_path), disk, Connectors())  # type: ignore[arg-type]
+    run_id = svc.start_run(full=True)
+    deadline = time.monotonic() + 30
+    while (status := svc.run_status(run_id)) is not None and status["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    assert status is not None and status["state"] == "failed" and "NOT_ENOUGH_SPACE" in status["error"], status
+    stored = q.get_run(store, run_id)
+    assert stored is not None and stored["state"] == "running"  # what the store holds while it is full
+    disk.full, disk.writes_left = False, 10**6
+    assert svc.run(full=True).mode == "full"
+    stored = q.get_run(store, run_id)
+    assert stored is not None and stored["state"] == "failed" and "NOT_ENOUGH_SPACE" in stored["error"], stored
