@@ -38,6 +38,8 @@ RETRY_AFTER_S = 1
 # readiness: not ready past this share of the write-ahead buffer, or after the store refused writes this long
 READY_BUFFER_SHARE = 0.9
 READY_FLUSH_FAILING_S = 30.0
+# a refusal of the buffer's own disk (full, read-only) this recent makes ingest not ready; a write that lands ends it
+READY_DISK_REFUSED_S = 30.0
 # /metrics' reason of a request refused whole, by its status
 _REFUSAL_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type"}
 
@@ -82,6 +84,7 @@ class IngestService:
         # set when the tower exports its own telemetry: called when those spans come back (collector.telemetry)
         self.own_spans_received: Callable[[], None] | None = None
         self._requeue_lock = threading.Lock()
+        self._disk_refused: tuple[float, str] | None = None  # (when, why) the buffer's disk last refused a write
 
     def _report_damage(self) -> None:
         """What the write-ahead buffer found damaged at start: logged and counted once."""
@@ -118,6 +121,9 @@ class IngestService:
         failing = self.flusher.failing_for_s()
         if failing >= READY_FLUSH_FAILING_S:
             why.append(f"writes to the store failing for {failing:.0f} s")
+        refused = self._disk_refused
+        if refused is not None and time.monotonic() - refused[0] < READY_DISK_REFUSED_S:
+            why.append(f"the write-ahead buffer's disk refuses writes ({refused[1]})")
         return why
 
     def start(self) -> None:
@@ -146,7 +152,9 @@ class IngestService:
             raise Refused("buffer_full", str(exc)) from None
         except BufferWriteError as exc:
             self.metrics.requests_refused.labels(reason="disk").inc()
+            self._disk_refused = (time.monotonic(), str(exc))
             raise Refused("disk", str(exc)) from None
+        self._disk_refused = None
         self.metrics.rows_buffered.inc(rows)
         self.metrics.buffer_bytes.set(self.wal.pending_bytes)
         self.flusher.notify()
