@@ -561,11 +561,19 @@ def test_a_region_run_leaves_a_customer_unmatched_item_to_the_runs_that_see_ever
     q.write_ledger(store, [dataclasses.replace(unmapped[0], party_ref="cus_9")])
     eu = r.run(full=True, region="EU", as_of=AS_OF)
     assert eu.resolved == 0 and (c.CUSTOMER_UNMATCHED, "cus_9") in items(store)
+    drift = c.drift_id(c.CUSTOMER_UNMATCHED, "cus_9")
+    written = q.get_drift(store, drift)
     na = r.run(full=True, region="NA", as_of=AS_OF)
-    assert na.new == 0 and items(store)[(c.CUSTOMER_UNMATCHED, "cus_9")]["state"] == c.PERSISTING
+    # NA sees one of the customer's invoices: it rewrote the item's region and counts from that one (the EU filter
+    # then missed the customer); it leaves the item as the run of every region wrote it
+    assert na.new == 0 and q.get_drift(store, drift) == written
+    assert written is not None and (written["Region"], dict(written["BillingValues"])["invoices"]) == ("EU", "2")
     q.write_ledger(store, [dataclasses.replace(unmapped[1], party_ref="cus_9")])
     assert r.run(full=True, region="NA", as_of=AS_OF).resolved == 0  # NA alone cannot know EU is clean
     assert r.run(full=True, as_of=AS_OF).resolved == 1 and items(store) == {}
+    # a region run still raises one that is not open
+    q.write_ledger(store, [dataclasses.replace(unmapped[1], party_ref="")])
+    assert r.run(full=True, region="NA", as_of=AS_OF).new == 1 and (c.CUSTOMER_UNMATCHED, "cus_9") in items(store)
 
 
 def test_customer_unmatched_when_the_erp_books_a_customer_to_no_party(store: Store) -> None:

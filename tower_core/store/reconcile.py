@@ -1091,6 +1091,13 @@ SELECT {run:String}, drift_id, cls, reason, system, reg, cur, customer, /*invoic
 FROM (/*classified*/)
 WHERE cls != '' /*only*/
 """
+# A customer_unmatched item stands for the customer's invoices of every region: a region run sees its region's
+# only, so it raises one that is not open, and leaves an open one as the runs of every region wrote it (it
+# rewrote the item's region and counts from its own invoices, and the other region's filter lost it).
+_PARTY_REGION_RUN = (
+    "AND ({region:String} = '' OR drift_id NOT IN (SELECT DriftId FROM $db.drift_items FINAL "
+    "WHERE Class = 'customer_unmatched' AND State != 'resolved'))"
+)
 # kind -> (classification, InvoiceId, PaymentId, LedgerEntryId, KeyType of its items, which rows a region run
 # classifies beyond the facts' own region filter)
 _CLASSIFIED = {
@@ -1104,7 +1111,7 @@ _CLASSIFIED = {
         f"AND ({{region:String}} = '' OR {_PAY_IN_REGION})",
     ),
     "customer": (_CUSTOMER_CLASSIFIED, "''", "''", "''", "customer", ""),
-    "party": (_PARTY_CLASSIFIED, "invoice", "''", "entry", "customer", ""),
+    "party": (_PARTY_CLASSIFIED, "invoice", "''", "entry", "customer", _PARTY_REGION_RUN),
 }
 
 
