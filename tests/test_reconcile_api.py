@@ -314,6 +314,11 @@ def test_tower_reconcile_cli_against_a_served_api_pulling_the_simulated_estate(t
             eu = tower(["reconcile", "--region", "EU", "--as-of", when], tmp_path, TOWER_API_URL=server.url,
                        TOWER_API_TOKEN=token)  # fmt: skip
             assert eu.returncode == 0 and "region EU" in eu.stdout, eu.stdout + eu.stderr
+            # a region no data names compared nothing, and its empty statement read as a clean reconciliation
+            typo = tower(["reconcile", "--region", "eu", "--as-of", when], tmp_path, TOWER_API_URL=server.url,
+                         TOWER_API_TOKEN=token)  # fmt: skip
+            assert typo.returncode == 2 and "no data names region 'eu'" in typo.stderr, typo.stdout + typo.stderr
+            assert "EU" in typo.stderr and len(typo.stderr.strip().splitlines()) == 1
             viewer = httpx.post(
                 f"{server.url}/api/tokens", json={"name": "v", "role": "viewer"}, headers=auth(ADMIN)
             ).json()["token"]

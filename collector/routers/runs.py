@@ -52,6 +52,11 @@ async def start(
         raise HTTPException(
             422, f"as_of {as_of.isoformat()} is before the last run's ({latest.isoformat()}); runs go forward in time"
         )
+    if body.region:
+        regions = await run_in_threadpool(q.regions_with_data, store)
+        if body.region not in regions:
+            known = ", ".join(regions[:20]) or "none yet"
+            raise HTTPException(422, f"no data names region {body.region!r} (regions are case-sensitive): {known}")
     try:
         run_id = service.start_run(
             full=body.full, region=body.region, as_of=as_of, trigger="api", requested_by=operator.name

@@ -351,6 +351,25 @@ def last_watermark(store: Store, region: str) -> dt.datetime | None:
     return watermark
 
 
+_REGIONS = """
+SELECT DISTINCT r FROM (
+    SELECT DISTINCT Region AS r FROM $db.billing_invoices
+    UNION ALL SELECT DISTINCT Region FROM $db.billing_payments
+    UNION ALL SELECT DISTINCT Region FROM $db.erp_ledger_entries
+    UNION ALL SELECT DISTINCT Region FROM $db.drift_items /*cdp*/
+)
+WHERE r != ''
+ORDER BY r
+"""
+
+
+def regions_with_data(store: Store) -> list[str]:
+    """Every region any state row or drift item names: a run for another one compares nothing, and its empty
+    statement would read as a clean reconciliation."""
+    cdp = "UNION ALL SELECT DISTINCT Region FROM $db.cdp_profiles" if table_exists(store, "cdp_profiles") else ""
+    return [str(r["r"]) for r in store.query_rows(_compose(_REGIONS, cdp=cdp))]
+
+
 def latest_as_of(store: Store) -> dt.datetime | None:
     """The latest instant a succeeded run reconciled as of (the time the queue reflects)."""
     rows = store.query_rows(
