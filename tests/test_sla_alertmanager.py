@@ -8,6 +8,7 @@ Alertmanager's API and notified by it; when the delay ends the alerts resolve. A
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import shutil
 import subprocess
@@ -290,3 +291,20 @@ def test_backfills_record_nothing_firing_alerts_outlive_slow_evaluations_and_los
         again = svc.evaluate(T + 24 * 60 * M + M)
         assert again.delivery["alertmanager"]["sent"] == len(firing)
         assert alertmanager.wait_alerts(lambda alerts: alerts == []) == []
+
+
+def test_an_assessment_that_records_nothing_logs_no_breach_starts(
+    embedded_store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GET /api/sla/compliance before the first scheduled evaluation assesses without recording; it logged
+    "3 started" on every read while no breach was stored or delivered."""
+    migrated(embedded_store)
+    scenario(embedded_store)
+    svc = SlaService(Settings(database=embedded_store.database), embedded_store)
+    with caplog.at_level(logging.INFO, logger="tower.sla"):
+        assessed = svc.evaluate(T + 60 * M, record=False)
+        assert assessed.transitions.started and not assessed.recorded
+        assert not [r for r in caplog.records if "started" in r.getMessage()]
+        recorded = svc.evaluate(T + 60 * M)
+        assert recorded.recorded
+        assert [r for r in caplog.records if f"{len(recorded.transitions.started)} started" in r.getMessage()]

@@ -177,7 +177,7 @@ class SlaService:
             result.duration_s = time.perf_counter() - started
             if record:
                 self.last = result
-        if trans.started or trans.resolved:
+        if record and (trans.started or trans.resolved):  # an assessment that records nothing starts nothing
             log.info(
                 "SLA evaluation at %s: %d firing, %d started, %d resolved",
                 rfc3339(now_ms),
