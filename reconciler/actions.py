@@ -550,7 +550,13 @@ class ActionService:
         row["State"] = PENDING
         row["LastError"] = reason
         row["NextAttemptAt"] = _now() + dt.timedelta(seconds=max(wait_s, 0.05))
-        self._save(row, "reconciler", "action.defer", before, reason)
+        if before["State"] == PENDING and before["LastError"] == reason and before["Attempts"] == row["Attempts"]:
+            # deferred again for the same reason, spending no attempt (no ERP connector, a breaker open through an
+            # outage): the trail already says so; a record per pass of the actions job buried the operators' own
+            row["UpdatedAt"] = _now()
+            q.write_action(self.store, row)
+        else:
+            self._save(row, "reconciler", "action.defer", before, reason)
         return _public(row)
 
     # --- the operations, each preceded by a look at the target

@@ -785,6 +785,21 @@ def test_a_region_run_matches_instalments_paid_from_several_regions(store: Store
     assert {i["reason_code"] for i in items(store).values()} == {"matched_not_applied"}
 
 
+def test_an_action_deferred_again_for_the_same_reason_is_audited_once(store: Store) -> None:
+    """Each pass of the actions job (every 15 s) deferred a waiting action again and wrote an audit record, without
+    spending an attempt: with no ERP connector, or a breaker open through an outage, ~600k records a day buried
+    the operators' own."""
+    q.write_invoices(store, [inv("in_m")])
+    Reconciler(store, RULES).run(full=True, as_of=AS_OF)
+    actions = ActionService(store, None)
+    action = actions.request(c.drift_id(c.MISSING_IN_ERP, "in_m"), "ops", approve=True)
+    assert action["state"] == "pending" and action["last_error"] == "no ERP connector is configured"
+    for _ in range(5):
+        assert actions.execute(action["action_id"])["state"] == "pending"
+    trail = [h["action"] for h in q.audit_for(store, "action", action["action_id"])]
+    assert trail.count("action.defer") == 1, trail
+
+
 def test_an_unallocated_payment_the_erp_applied_is_not_an_over_application(store: Store) -> None:
     """Billing marked in_1 paid by py_1, which it allocated nowhere; the ERP applied py_1 to in_1. The payment's
     comparison accepts that (the ERP holds the match); the invoice's saw 1,000 applied and 0 allocated."""
