@@ -20,6 +20,7 @@ from dashboard.views import link_without_credentials
 
 UNAVAILABLE = frozenset({502, 503, 504})
 BULK_MAX = 500  # the most items one bulk request takes (the API's limit; it refuses more with a clear 409)
+BULK_TIMEOUT_S = 120.0  # a bulk request's answer is waited for this long at least
 
 
 class ApiUnavailable(Exception):
@@ -62,6 +63,7 @@ class TowerApi:
         self, base_url: str, token: str | None, timeout_s: float = 10.0, transport: httpx.BaseTransport | None = None
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
         # what messages name: they reach every page's banner, the login page included
         self.shown_url = link_without_credentials(self.base_url)
         if token and not token.isascii():  # it could not even be sent as a header
@@ -140,7 +142,8 @@ class TowerApi:
             "note": note,
             "approve": approve,
         }
-        return self.post("/api/drift/bulk", body)
+        # up to 500 items: corrective syncs are created one by one, which takes longer than a page's timeout
+        return self.request("POST", "/api/drift/bulk", json=body, timeout=max(self.timeout_s, BULK_TIMEOUT_S))
 
     # --- actions
     def actions(self, **params: Any) -> dict[str, Any]:

@@ -264,6 +264,10 @@ def test_corrective_sync_approval_replay_and_dead_letters(api: dict[str, Any]) -
     listed = cl.get("/api/actions", params={"class": "missing_in_erp", "state": "succeeded"}, headers=auth(op))
     assert [a["action_id"] for a in listed.json()["items"]] == [results[0]["action_id"]]
     assert cl.get("/api/actions", params={"state": "weird"}, headers=auth(op)).status_code == 422
+    # the actions a page follows, in one request (the dashboard asked for each, one at a time)
+    named = [failed["action_id"], replay["action_id"], results[0]["action_id"]]
+    some = cl.get("/api/actions", params={"action_id": named, "limit": 10}, headers=auth(op)).json()
+    assert sorted(a["action_id"] for a in some["items"]) == sorted(named) and some["total"] == 3
     assert cl.get("/api/actions/breakers", headers=auth(op)).json()["breakers"]["erp"]["state"] == "closed"
     # the next run resolves the corrected items
     run_and_wait(cl, op, {"as_of": as_of(api)})

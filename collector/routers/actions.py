@@ -41,6 +41,9 @@ async def list_actions(
     target: Annotated[str, Query(max_length=32)] = "",
     dead_letter: bool | None = None,
     original_action_id: Annotated[str, Query(max_length=64)] = "",
+    action_id: Annotated[
+        list[str], Query(max_length=1000, description="only these actions (repeatable; up to 1,000)")
+    ] = [],  # noqa: B006
     sort: str = "created_at",
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -62,6 +65,7 @@ async def list_actions(
         target=target,
         dead_letter=dead_letter,
         original_action_id=original_action_id,
+        action_ids=action_id,
         sort=sort,
         descending=order == "desc",
         limit=limit,

@@ -3,9 +3,9 @@
 The caller states how many items it saw for the filter (``expected_count``) and, optionally, which ones
 (``expected_ids``; required to approve business-rule corrections): when the set has changed since (a run resolved
 or found items, even as many as it resolved), the API refuses with 409 so a person reviews it again. Each item goes
-through the same per-item path as a single action (transition or corrective sync), so each is audited on
-its own, plus one ``drift.bulk`` record for the request. Corrective syncs are created at once and executed
-in the background; the response lists their action ids for the caller to follow.
+through the same rules as a single action (transition or corrective sync), so each is audited on its own, plus one
+``drift.bulk`` record for the request; acknowledging or ignoring the set takes one read and two writes. Corrective
+syncs are created at once and executed in the background; the response lists their action ids to follow.
 """
 
 from __future__ import annotations
@@ -128,21 +128,26 @@ def _apply(
     done: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     to_run: list[str] = []
-    for row in rows:
-        drift_id = row["drift_id"]
-        try:
-            if body.action == "sync":
+    if body.action == "sync":
+        for row in rows:
+            drift_id = row["drift_id"]
+            try:
                 action = service.actions.request(drift_id, who.name, approve=body.approve, execute=False)
-                action_id, state, approved = action["action_id"], action["state"], bool(action["approved_by"])
-                done.append({"drift_id": drift_id, "action_id": action_id, "state": state, "approved": approved})
-                if state == "pending" and approved:
-                    to_run.append(action_id)
+            except ActionError as exc:
+                failed.append({"drift_id": drift_id, "status": exc.status, "error": str(exc)})
+                continue
+            action_id, state, approved = action["action_id"], action["state"], bool(action["approved_by"])
+            done.append({"drift_id": drift_id, "action_id": action_id, "state": state, "approved": approved})
+            if state == "pending" and approved:
+                to_run.append(action_id)
+    else:
+        target = c.ACKNOWLEDGED if body.action == "acknowledge" else c.IGNORED
+        outcomes = service.transitions([r["drift_id"] for r in rows], target, body.note, who.name)
+        for drift_id, outcome in outcomes.items():
+            if isinstance(outcome, ActionError):
+                failed.append({"drift_id": drift_id, "status": outcome.status, "error": str(outcome)})
             else:
-                target = c.ACKNOWLEDGED if body.action == "acknowledge" else c.IGNORED
-                item = service.transition(drift_id, target, body.note, who.name)
-                done.append({"drift_id": drift_id, "state": item["State"]})
-        except ActionError as exc:
-            failed.append({"drift_id": drift_id, "status": exc.status, "error": str(exc)})
+                done.append({"drift_id": drift_id, "state": outcome["State"]})
     summary = {"action": body.action, "matched": total, "done": len(done), "failed": len(failed)}
     if body.action == "sync":  # of those done: corrections started now, and those left waiting for an approval
         summary["started"] = len(to_run)

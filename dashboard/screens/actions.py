@@ -63,13 +63,11 @@ if breakers:
 @st.fragment(run_every=cfg.dashboard_refresh_s)
 def _follow(api: TowerApi, action_ids: list[str]) -> None:
     """Status of actions started from this page, refreshed until each has ended."""
-    rows = []
-    for action_id in action_ids:
-        try:
-            rows.append(api.action(action_id))
-        except (ApiError, ApiUnavailable) as exc:
-            st.warning(f"Cannot follow action {views.md_escape(action_id)}: {views.md_escape(exc)}")
-            return
+    try:  # one request for all of them (one per action made a refresh of 480 take 35 s)
+        rows = api.actions(action_id=action_ids, limit=len(action_ids), sort="created_at", order="asc")["items"]
+    except (ApiError, ApiUnavailable) as exc:
+        st.warning(f"Cannot follow the actions: {views.md_escape(exc)}")
+        return
     done = sum(1 for a in rows if views.action_finished(a))
     st.progress(done / max(1, len(rows)), text=f"{done} of {len(rows)} actions ended")
     st.dataframe(views.action_rows(rows), key="ac_follow_table", hide_index=True, width="stretch")

@@ -1635,6 +1635,17 @@ def get_drift(store: Store, drift_id: str) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
+def get_drifts(store: Store, drift_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Several items in one read (a bulk action), by drift id."""
+    if not drift_ids:
+        return {}
+    rows = store.query_rows(
+        _compose("SELECT /*cols*/ FROM $db.drift_items FINAL WHERE DriftId IN {ids:Array(String)}", cols=_DRIFT_COLS),
+        {"ids": list(drift_ids)},
+    )
+    return {r["DriftId"]: r for r in rows}
+
+
 def all_open_items(store: Store) -> list[dict[str, Any]]:
     """(class, primary key, state) of every unresolved item: what recall/precision compare with a manifest."""
     return store.query_rows(
@@ -2071,6 +2082,7 @@ WHERE (empty({states:Array(String)}) OR State IN {states:Array(String)})
     AND ({target:String} = '' OR TargetSystem = {target:String})
     AND ({dead:Int8} < 0 OR DeadLetter = {dead:Int8})
     AND ({original:String} = '' OR OriginalActionId = {original:String})
+    AND (empty({ids:Array(String)}) OR ActionId IN {ids:Array(String)})
 """
 
 
@@ -2083,12 +2095,14 @@ def list_actions(
     target: str = "",
     dead_letter: bool | None = None,
     original_action_id: str = "",
+    action_ids: Sequence[str] = (),
     sort: str = "created_at",
     descending: bool = True,
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
     params = {
+        "ids": list(action_ids),
         "states": list(states),
         "cls": cls,
         "drift": drift_id,
