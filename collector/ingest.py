@@ -6,7 +6,9 @@ event loop: the fsync'd append runs in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +40,9 @@ RETRY_AFTER_S = 1
 # readiness: not ready past this share of the write-ahead buffer, or after the store refused writes this long
 READY_BUFFER_SHARE = 0.9
 READY_FLUSH_FAILING_S = 30.0
-# a refusal of the buffer's own disk (full, read-only) this recent makes ingest not ready; a write that lands ends it
-READY_DISK_REFUSED_S = 30.0
+# after the buffer's own disk refused a write (full, read-only), readiness writes this much to it to see whether it
+# takes a request again: the load balancer that stops sending on 503 sends nothing that could tell
+READY_DISK_PROBE_BYTES = 64 * 1024
 # /metrics' reason of a request refused whole, by its status
 _REFUSAL_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type"}
 
@@ -122,8 +125,19 @@ class IngestService:
         if failing >= READY_FLUSH_FAILING_S:
             why.append(f"writes to the store failing for {failing:.0f} s")
         refused = self._disk_refused
-        if refused is not None and time.monotonic() - refused[0] < READY_DISK_REFUSED_S:
-            why.append(f"the write-ahead buffer's disk refuses writes ({refused[1]})")
+        if refused is not None:
+            probe = self.wal.dir / f".ready-probe-{threading.get_ident()}"
+            try:
+                with open(probe, "wb") as f:
+                    f.write(b"\0" * READY_DISK_PROBE_BYTES)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._disk_refused = None
+            except OSError as exc:
+                why.append(f"the write-ahead buffer's disk refuses writes ({refused[1]}; still: {exc.strerror})")
+            finally:
+                with contextlib.suppress(OSError):
+                    probe.unlink(missing_ok=True)
         return why
 
     def start(self) -> None:

@@ -140,6 +140,10 @@ def pull(
     return pulled
 
 
+def unknown_region(region: str, regions: list[str]) -> str:
+    return f"no data names region {region!r} (regions are case-sensitive): {', '.join(regions[:20]) or 'none yet'}"
+
+
 def _pseudonym(value: str, policy: PiiPolicy | None) -> str:
     return policy.digest(value) if policy is not None and policy.mode == "hash" and value else ""
 
@@ -297,6 +301,9 @@ class Reconciler:
                     result.pulled["profiles"] = n
             record["Pulled"] = result.pulled
             result.timings["pull"] = time.perf_counter() - t0
+            if region and region not in (regions := q.regions_with_data(store)):
+                # it would compare nothing, and its empty statement would read as a clean reconciliation
+                raise RunFailed(unknown_region(region, regions))
             self._compare(result, record, full=mode == "full", stage=stage)
             record["State"] = "succeeded"
         except Exception as exc:

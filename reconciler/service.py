@@ -198,7 +198,8 @@ class ReconcilerService:
             return None
         doc = doc or {"run_id": run_id, "state": "queued"}
         if run_id in self._failed and doc.get("state") in ("queued", "running"):  # its failure was not stored
-            doc.update(state="failed", error=doc.get("error") or self._failed[run_id])
+            reached = (progress or {}).get("stage") or doc.get("stage", "")
+            doc.update(state="failed", error=doc.get("error") or self._failed[run_id], stage=reached)
             progress = None
         if progress:
             doc["progress"] = progress
@@ -206,8 +207,8 @@ class ReconcilerService:
             stage = doc.get("stage", "")
             # a failed run got as far as its stage (the stages before it are done), a succeeded one through all
             done = len(STAGES) if doc.get("state") == "succeeded" else 0
-            if doc.get("state") == "failed":
-                done = STAGES.index(stage) if stage in STAGES else len(STAGES)
+            if doc.get("state") == "failed":  # one that failed before any stage did none
+                done = STAGES.index(stage) if stage in STAGES else 0
             doc["progress"] = {"stage": stage, "done": done, "total": len(STAGES)}
         return doc
 

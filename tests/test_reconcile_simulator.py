@@ -1205,6 +1205,12 @@ def test_a_run_whose_failure_the_full_disk_keeps_from_being_stored_reads_failed_
     assert svc.run(full=True).mode == "full"
     stored = q.get_run(store, run_id)
     assert stored is not None and stored["state"] == "failed" and "NOT_ENOUGH_SPACE" in stored["error"], stored
+    disk.full = True  # full again before the next run writes anything: it did no stage (it read "6 of 6")
+    cut = svc.start_run(full=True)
+    while (status := svc.run_status(cut)) is not None and status["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline + 30, status
+        time.sleep(0.05)
+    assert status is not None and status["state"] == "failed" and status["progress"]["done"] == 0, status
 
 
 class _CountingWrites:

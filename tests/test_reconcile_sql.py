@@ -12,7 +12,7 @@ from reconciler import classify as c
 from reconciler.actions import ActionError, ActionService
 from reconciler.runner import Reconciler
 from tests.conftest import migrated
-from tower_core.models import CdpProfile, Invoice, LedgerEntry, Payment
+from tower_core.models import CdpProfile, Customer, Invoice, LedgerEntry, Payment
 from tower_core.store import Store, migrate
 from tower_core.store import reconcile as q
 
@@ -761,6 +761,32 @@ def test_a_region_run_does_not_resolve_items_whose_erp_posting_or_profile_moved_
     # a key that left the region for good (the ERP removed its posting) is still resolved by the region's run
     q.write_ledger(store, [later(dataclasses.replace(ghosts[0], region="NA", status="cancelled"), 120)])  # type: ignore[arg-type]
     assert r.run(full=full, region="NA", as_of=AS_OF).resolved == 1
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "incremental"])
+def test_the_run_of_the_region_a_key_moved_to_resolves_its_item_once_the_drift_is_gone(
+    store: Store, full: bool
+) -> None:
+    """A key that moved to NA while its drift went away: the EU run must leave its EU item (it no longer compares
+    the key), and the NA run looked only at items stored as NA's, so the item stayed open, acknowledged, until a
+    run of every region."""
+    q.write_profiles(store, [CdpProfile("u_1", "cus_x", "", "", "EU", T)])
+    posting = led("le_1", "invoice", "in_g", 1_100)
+    q.write_ledger(store, [posting])
+    r = Reconciler(store, RULES)
+    r.run(full=True, as_of=AS_OF)
+    assert set(items(store)) == {(c.CUSTOMER_UNSYNCED, "cus_x"), (c.MISSING_IN_BILLING, "le_1")}
+    acknowledge_all(store, "FIN-12")
+    ingested_long_ago(store)
+    moved = T + dt.timedelta(hours=1)
+    q.write_profiles(store, [CdpProfile("u_1", "cus_x", "", "", "NA", moved)])
+    q.write_customers(store, [Customer("cus_x", "X", "", "NA", "USD", T, moved, cdp_user_id="u_1")])
+    q.write_invoices(store, [inv("in_g", 1_100, region="NA")])
+    q.write_ledger(store, [later(dataclasses.replace(posting, region="NA"))])  # type: ignore[list-item]
+    eu = r.run(full=full, region="EU", as_of=AS_OF)
+    assert eu.resolved == 0 and {i["state"] for i in items(store).values()} == {"acknowledged"}
+    na = r.run(full=full, region="NA", as_of=AS_OF)
+    assert na.resolved == 2 and items(store) == {}
 
 
 @pytest.mark.parametrize("full", [True, False], ids=["full", "incremental"])

@@ -176,7 +176,11 @@ _add_ingest()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # without standalone mode, click returns a command's typer.Exit code instead of raising it: a failed run
+        # of `tower reconcile` said so and exited 0
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except (ConfigError, StoreError) as exc:
         err.print(f"tower: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from collector.auth import Principal, require
 from collector.deps import StoreTime, get_store
 from collector.routers.drift import get_service
+from reconciler.runner import unknown_region
 from reconciler.service import ReconcilerService, RunBusy
 from tower_core.store import Store
 from tower_core.store import reconcile as q
@@ -52,11 +53,13 @@ async def start(
         raise HTTPException(
             422, f"as_of {as_of.isoformat()} is before the last run's ({latest.isoformat()}); runs go forward in time"
         )
-    if body.region:
+    rec = service.reconciler
+    if body.region and rec.billing is None and rec.erp is None and rec.cdp is None:
+        # no connector to pull from: the stored data is all a run compares (with connectors, the run checks the
+        # region after its pull, which may bring the region's first records)
         regions = await run_in_threadpool(q.regions_with_data, store)
         if body.region not in regions:
-            known = ", ".join(regions[:20]) or "none yet"
-            raise HTTPException(422, f"no data names region {body.region!r} (regions are case-sensitive): {known}")
+            raise HTTPException(422, unknown_region(body.region, regions))
     try:
         run_id = service.start_run(
             full=body.full, region=body.region, as_of=as_of, trigger="api", requested_by=operator.name

@@ -1338,23 +1338,21 @@ SELECT f.DriftId, f.Class, f.ReasonCode, f.Region, f.Currency, f.CustomerId, f.I
 _RESOLVE_FROM = """
 FROM $db.drift_items AS i FINAL
 WHERE State != 'resolved' AND UpdatedAt <= {started:DateTime64(3)}
-    AND ({region:String} = '' OR Region = {region:String})
     AND DriftId NOT IN (SELECT DriftId FROM $db.reconcile_findings WHERE RunId = {run:String})
-    /*moved*/
+    /*region*/
     /*scope*/
 """
 # A region run compares the keys that are in its region now: billing's region where billing has the key, else the
 # region of the ERP's first posting (stage B's e_region), and for customers the region of their first CDP profile.
-# An open item of the run's region whose key is in another region now was not compared by it, so it is not
-# resolved by it either (the run of that region, or of every region, decides).
-_OPEN_HERE = (
-    "(SELECT /*col*/ FROM $db.drift_items FINAL WHERE State != 'resolved' AND Region = {region:String} "
+# So it decides the open items of its region whose key is still there, and those of another region whose key moved
+# here (their drift gone, no other run would: an item keeps its region until found again); an item of its region
+# whose key moved away was not compared by it, so it is not resolved by it either.
+_OPEN_ITEMS = (
+    "(SELECT /*col*/ FROM $db.drift_items FINAL WHERE State != 'resolved' AND Region /*item_op*/ {region:String} "
     "AND KeyType = '/*kt*/')"
 )
-_KEY_REGION_ELSEWHERE = (
-    "GROUP BY k HAVING if(countIf(src = 0) > 0, anyIf(r, src = 0), argMinIf(r, id, src = 1)) != {region:String}"
-)
-_MOVED_INVOICES = """(
+_KEY_REGION = "GROUP BY k HAVING if(countIf(src = 0) > 0, anyIf(r, src = 0), argMinIf(r, id, src = 1)) /*key_op*/ "
+_KEYS_INVOICES = """(
     SELECT k FROM (
         SELECT InvoiceId AS k, 0 AS src, Region AS r, '' AS id FROM $db.billing_invoices FINAL
         WHERE InvoiceId IN /*open_inv*/ AND NOT IsDeleted
@@ -1365,8 +1363,8 @@ _MOVED_INVOICES = """(
         WHERE NOT IsDeleted AND EntryType = 'invoice' AND Status NOT IN ('cancelled', 'draft')
             AND ExternalRef IN /*open_inv*/
     )
-    /*elsewhere*/)"""
-_MOVED_PAYMENTS = """(
+    /*key_region*/ {region:String})"""
+_KEYS_PAYMENTS = """(
     SELECT k FROM (
         SELECT PaymentId AS k, 0 AS src, Region AS r, '' AS id FROM $db.billing_payments FINAL
         WHERE PaymentId IN /*open_pay*/ AND NOT IsDeleted
@@ -1377,32 +1375,37 @@ _MOVED_PAYMENTS = """(
         WHERE NOT IsDeleted AND EntryType IN ('payment', 'credit_memo') AND Status NOT IN ('cancelled', 'draft')
             AND ExternalRef IN /*open_pay*/
     )
-    /*elsewhere*/)"""
-_MOVED_CUSTOMERS = """(
+    /*key_region*/ {region:String})"""
+_KEYS_CUSTOMERS = """(
     SELECT CustomerId FROM $db.cdp_profiles FINAL
     WHERE CustomerId IN /*open_cus*/ AND NOT IsDeleted AND CustomerId != ''
-    GROUP BY CustomerId HAVING argMin(Region, CdpUserId) != {region:String})"""
-_RESOLVE_MOVED = """
-    AND NOT ((KeyType = 'invoice' AND InvoiceId IN /*moved_inv*/)
-        OR (KeyType = 'payment' AND PaymentId IN /*moved_pay*/) /*moved_cus*/)
+    GROUP BY CustomerId HAVING argMin(Region, CdpUserId) /*key_op*/ {region:String})"""
+_KEYS_OF = """((KeyType = 'invoice' AND InvoiceId IN /*keys_inv*/)
+        OR (KeyType = 'payment' AND PaymentId IN /*keys_pay*/) /*keys_cus*/)"""
+_REGION_RUN_ITEMS = """
+    AND ((Region = {region:String} AND NOT /*moved_away*/) OR (Region != {region:String} AND /*moved_here*/))
 """
 
 
-def _resolve_moved(customers: bool) -> str:
-    """_RESOLVE_MOVED with its key sets (customers: the CDP tables exist)."""
-    open_here = {
-        kt: _compose(_OPEN_HERE, col=col, kt=kt)
-        for kt, col in (("invoice", "InvoiceId"), ("payment", "PaymentId"), ("customer", "CustomerId"))
-    }
-    moved_cus = "OR (KeyType = 'customer' AND CustomerId IN /*moved_customers*/)" if customers else ""
-    sql = _compose(_RESOLVE_MOVED, moved_cus=moved_cus)
-    sql = _compose(sql, moved_inv=_MOVED_INVOICES, moved_pay=_MOVED_PAYMENTS, moved_customers=_MOVED_CUSTOMERS)
+def _keys_of(customers: bool, item_op: str, key_op: str) -> str:
+    """_KEYS_OF for the open items whose Region is ``item_op`` the run's and whose key's region is ``key_op`` it
+    (customers: the CDP tables exist)."""
+    sql = _compose(
+        _KEYS_OF, keys_cus="OR (KeyType = 'customer' AND CustomerId IN /*keys_customers*/)" if customers else ""
+    )
+    sql = _compose(sql, keys_inv=_KEYS_INVOICES, keys_pay=_KEYS_PAYMENTS, keys_customers=_KEYS_CUSTOMERS)
+    sql = _compose(sql, key_region=_KEY_REGION)
+    for kt, col, marker in (("invoice", "InvoiceId", "open_inv"), ("payment", "PaymentId", "open_pay"),
+                            ("customer", "CustomerId", "open_cus")):  # fmt: skip
+        sql = _compose(sql, **{marker: _compose(_OPEN_ITEMS, col=col, kt=kt)})
+    return _compose(sql, item_op=item_op, key_op=key_op)
+
+
+def _region_run_items(customers: bool) -> str:
     return _compose(
-        sql,
-        elsewhere=_KEY_REGION_ELSEWHERE,
-        open_inv=open_here["invoice"],
-        open_pay=open_here["payment"],
-        open_cus=open_here["customer"],
+        _REGION_RUN_ITEMS,
+        moved_away=_keys_of(customers, item_op="=", key_op="!="),
+        moved_here=_keys_of(customers, item_op="!=", key_op="="),
     )
 
 
@@ -1465,7 +1468,7 @@ def merge_queue(
     else:
         scope = _RESOLVE_SCOPE
     resolve_from = _compose(
-        _compose(_RESOLVE_FROM, scope=scope, moved=_resolve_moved(customers) if region else ""),
+        _compose(_RESOLVE_FROM, scope=scope, region=_region_run_items(customers) if region else ""),
         scope_inv=_IN_SCOPE_INV,
         scope_pay=_IN_SCOPE_PAY,
         scope_cus=_IN_SCOPE_CUS,
