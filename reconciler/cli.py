@@ -84,8 +84,9 @@ def reconcile_via_api(
             statement = json_answer(_call(client, "GET", "/api/statements", params=query), f"run {run_id}'s statement")
             by_currency = statement.get("residual_by_currency") or {}
             residual = ", ".join(f"{c} {n} minor units" for c, n in by_currency.items()) or str(doc["residual_minor"])
-    if doc["state"] == "failed":
-        out.print(f"tower: error: run {run_id} failed: {doc.get('error')}", markup=False, highlight=False)
+    if doc["state"] == "failed":  # the error line goes where every other command's does
+        err = Console(stderr=True, soft_wrap=True)
+        err.print(f"tower: error: run {run_id} failed: {doc.get('error')}", markup=False, highlight=False)
         return 1
     out.print(
         f"run {run_id} ({doc.get('mode')}{', region ' + doc['region'] if doc.get('region') else ''}) succeeded: "
