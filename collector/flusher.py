@@ -215,22 +215,35 @@ class Flusher:
                 if progress.get(chunk.index):
                     continue
                 token = f"wal_{segment.epoch}_s{segment.seq}_c{chunk.index}"
+                set_aside: list[int] | None = []
                 try:
                     self._write(chunk, token, replayed or chunk.index in progress, counted_before=replayed)
                 except Exception as exc:
                     if not self.store.ping():
                         raise  # a store that does not answer refuses everything: no record to blame, retried
                     progress[chunk.index] = False  # record-by-record writes follow
-                    if not self._set_aside_refused(segment, chunk, token, exc):
+                    set_aside = self._set_aside_refused(segment, chunk, token, exc)
+                    if set_aside is None:
                         raise  # nothing points at a record but at the store: retried as a whole
                 progress[chunk.index] = True
+                if not replayed:  # this process's own chunk: counted once it is written, however many tries
+                    self._count_flushed(
+                        Chunk(chunk.index, [r for i, r in enumerate(chunk.records) if i not in set_aside])
+                    )
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
             span.set_attribute("tower.rows", segment.rows)
 
+    def _count_flushed(self, chunk: Chunk) -> None:
+        spans = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
+        if spans:
+            self.metrics.rows_flushed.labels(table="otel_traces").inc(spans)
+        for table, data in event_tables(chunk, self.key_names).items():
+            self.metrics.rows_flushed.labels(table=table).inc(data.num_rows)
+
     def _write(self, chunk: Chunk, token: str, replayed: bool, counted_before: bool = True) -> None:
-        """``counted_before``: an earlier process may have counted the spans already stored (a replayed
-        segment); this process's own failed attempt counted none, though some may have landed (a full disk
-        under a view)."""
+        """``counted_before``: a segment of an earlier process, which may have counted the spans already stored:
+        this process counts what it writes of it. A segment of this process is counted by the caller once its
+        chunk is written (a chunk retried record by record, or again as a whole, counted its rows each time)."""
         span_requests = [r.payload for r in chunk.records if r.kind == KIND_SPANS]
         left: int | None = None
         retry: StoreError | None = None
@@ -240,20 +253,21 @@ class Flusher:
             insert_otlp_spans(self.store, span_requests, token)
         if retry is not None:
             raise retry
-        all_rows = sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
-        rows = left if left is not None and counted_before else all_rows
-        if rows and (span_requests or not counted_before):
+        rows = left if left is not None else sum(r.rows for r in chunk.records if r.kind == KIND_SPANS)
+        if counted_before and rows and span_requests:
             self.metrics.rows_flushed.labels(table="otel_traces").inc(rows)
         # no token: business_events replaces on the event id and the link and step tables aggregate,
         # so a retry cannot duplicate anything, and a token could only hide a part lost in a crash
         for table, data in event_tables(chunk, self.key_names).items():
             self.store.insert_arrow(table, data)
-            self.metrics.rows_flushed.labels(table=table).inc(data.num_rows)
+            if counted_before:
+                self.metrics.rows_flushed.labels(table=table).inc(data.num_rows)
 
-    def _set_aside_refused(self, segment: Segment, chunk: Chunk, token: str, exc: Exception) -> bool:
+    def _set_aside_refused(self, segment: Segment, chunk: Chunk, token: str, exc: Exception) -> list[int] | None:
         """A chunk the store refused, written record by record (each checked against what is stored, so nothing
-        lands twice); the records to blame go to the dead-letter box (collector/dead_letter.py). False when the
-        failures point at the store instead (the store answered: the caller asked)."""
+        lands twice); the records to blame go to the dead-letter box (collector/dead_letter.py), and their
+        indexes are returned. None when the failures point at the store instead (the store answered: the caller
+        asked)."""
         self.metrics.flush_errors.inc()
         log.warning("chunk %s refused (%s); writing its records one by one", token, exc)
         outcomes: list[BaseException | None] = []
@@ -266,11 +280,11 @@ class Flusher:
                 outcomes.append(err)
         blamed = dead_letter.blame(outcomes)
         if blamed is None:
-            return False
+            return None
         for i in blamed:
             record, error = chunk.records[i], outcomes[i]
             assert error is not None
             where = self.dead_letters.put(f"{segment.id}_c{chunk.index}_r{i}", record, error)
             self.metrics.dead_letters.inc(record.rows)
             log.error("set aside %d rows the store refuses: %s (%s)", record.rows, where, error)
-        return True
+        return blamed
