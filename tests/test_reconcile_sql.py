@@ -811,6 +811,17 @@ def test_a_region_run_matches_instalments_paid_from_several_regions(store: Store
     assert {i["reason_code"] for i in items(store).values()} == {"matched_not_applied"}
 
 
+def test_the_payments_of_an_invoice_are_those_its_latest_payment_versions_allocate_to_it(store: Store) -> None:
+    q.write_payments(store, [pay("py_1", 500, {"in_1": 500}), pay("py_2", 300, {"in_1": 300, "in_2": 0})])
+    q.write_payments(store, [pay("py_3", 200, {"in_1": 200}), pay("py_4", 100, {"in_1": 100}, kind="refund")])
+    assert q.payments_for_invoice(store, "in_1") == ["py_1", "py_2", "py_3"]
+    moved = later(pay("py_1", 500, {"in_2": 500}))
+    gone = dataclasses.replace(later(pay("py_3", 200, {"in_1": 200})), status="failed")  # type: ignore[type-var]
+    q.write_payments(store, [moved, gone])  # type: ignore[list-item]
+    assert q.payments_for_invoice(store, "in_1") == ["py_2"]
+    assert q.payments_for_invoice(store, "in_2") == ["py_1", "py_2"]
+
+
 def test_an_action_deferred_again_for_the_same_reason_is_audited_once(store: Store) -> None:
     """Each pass of the actions job (every 15 s) deferred a waiting action again and wrote an audit record, without
     spending an attempt: with no ERP connector, or a breaker open through an outage, ~600k records a day buried

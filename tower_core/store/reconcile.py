@@ -2167,10 +2167,13 @@ def load_invoice(store: Store, invoice_id: str) -> Invoice | None:
 
 
 def payments_for_invoice(store: Store, invoice_id: str) -> list[str]:
-    """Succeeded payments billing allocated to this invoice."""
+    """Succeeded payments billing allocated to this invoice: narrowly first (any version allocating to it, by the
+    allocation hashes), then their latest versions; a FINAL pass over every payment took 1.2 s at 10M, twice per
+    attempt of a correction."""
     rows = store.query_rows(
-        "SELECT PaymentId AS p FROM $db.billing_payments FINAL WHERE NOT IsDeleted AND Kind = 'payment' "
-        "AND Status = 'succeeded' AND mapContains(Allocations, {id:String}) ORDER BY PaymentId",
+        "SELECT PaymentId AS p FROM $db.billing_payments FINAL PREWHERE KeyHash IN (SELECT KeyHash "
+        "FROM $db.billing_payments WHERE has(AllocHashes, cityHash64({id:String}))) WHERE NOT IsDeleted "
+        "AND Kind = 'payment' AND Status = 'succeeded' AND mapContains(Allocations, {id:String}) ORDER BY PaymentId",
         {"id": invoice_id},
     )
     return [r["p"] for r in rows]
