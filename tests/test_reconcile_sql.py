@@ -650,6 +650,28 @@ def test_a_region_run_keeps_the_explanation_of_a_key_billed_in_another_region(st
     assert {row["region"]: row["residual_minor"] for row in rows} == {"EU": 0, "NA": 0}
 
 
+@pytest.mark.parametrize("full", [True, False], ids=["full", "incremental"])
+def test_a_region_run_drops_the_explanation_of_a_posting_the_erp_moved_out_of_its_region(
+    store: Store, full: bool
+) -> None:
+    """Billed in EU, posted in NA (region_mismatch); the ERP then re-books the posting in EU: every NA run still
+    subtracted the posting that was gone from NA's cell, a residual of 1,100 that no NA run could remove."""
+    q.write_invoices(store, [inv("in_x", 1_100), inv("in_na", 1_100, region="NA")])
+    booked = [led("le_x", "invoice", "in_x", 1_100, region="NA"), led("le_na", "invoice", "in_na", 1_100, region="NA")]
+    q.write_ledger(store, booked)
+    r = Reconciler(store, RULES)
+    assert r.run(full=True, as_of=AS_OF).residual_minor == 0
+    assert set(items(store)) == {(c.REGION_MISMATCH, "in_x")}
+    ingested_long_ago(store)
+    q.write_ledger(store, [later(led("le_x", "invoice", "in_x", 1_100))])  # type: ignore[list-item]
+    na = r.run(full=full, region="NA", as_of=AS_OF)
+    rows, _ = q.list_statements(store, run_id=na.run_id)
+    cells = [(row["region"], row["billing_total_minor"], row["erp_total_minor"], row["residual_minor"]) for row in rows]
+    assert cells == [("NA", 1_100, 1_100, 0)] and na.residual_minor == 0
+    # a posting still where its fact has it keeps its explanation (the run of its own region decides)
+    assert r.run(full=full, region="EU", as_of=AS_OF).residual_minor == 0
+
+
 @pytest.mark.parametrize("hours", [23, 26, 47, 48 - 1 / 7200, 49, 191, 193])
 def test_every_aging_view_counts_whole_days_elapsed_like_the_item_view(store: Store, hours: float) -> None:
     """26 hours after first seen (noon, then 14:00 two calendar days on) is 0-1d everywhere: the list's filter,

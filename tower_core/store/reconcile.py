@@ -1726,21 +1726,49 @@ WHERE (BillingMinor != 0 OR ErpMinor != 0 OR Class != '')
     -- a region run compares the keys billed in its region (the ERP's region for keys billing lacks: the facts'
     -- BillingRegion either way); a key billed elsewhere and posted here was not compared, its explanation stays,
     -- unless billing moved it here since (then this run compared it: posted here, billed here now)
-    AND ({region:String} = '' OR BillingRegion = {region:String}
+    AND Key NOT IN (SELECT Key FROM $db.reconcile_facts WHERE RunId = {run:String})
+    AND ((({region:String} = '' OR BillingRegion = {region:String}
         OR (ErpRegion = {region:String} AND Key IN (
             SELECT InvoiceId FROM $db.billing_invoices FINAL
             WHERE InvoiceId IN (SELECT Key FROM $db.reconcile_facts FINAL
                     WHERE ErpRegion = {region:String} AND BillingRegion != {region:String})
                 AND NOT IsDeleted AND Region = {region:String})))
-    AND Key NOT IN (SELECT Key FROM $db.reconcile_facts WHERE RunId = {run:String})
-    /*scope*/
+        /*scope*/) /*stale_here*/)
+"""
+# Region runs: the explanation of a key billed elsewhere whose ERP side (as its fact has it) lies in this region,
+# but no longer as the ledger has it (the ERP re-booked, cancelled or changed those postings): this region's
+# statement subtracted a posting that is gone, a residual no run of this region could remove. The fact is cleared;
+# the run of the key's own region (or of every region) compares the key and explains what is left.
+_FACT_CELLS_HERE = (
+    "arraySort(arrayMap(c -> (c.2, c.3, c.4), arrayFilter(c -> c.1 = {region:String} AND c.4 != 0, if(empty(ErpCells), "
+    "[(toString(ErpRegion), toString(ErpCurrency), ErpDay, ErpMinor)], ErpCells))))"
+)
+_STALE_HERE = """
+    OR (BillingRegion != {region:String} AND Class != '' AND Key IN (
+        SELECT f.Key FROM (
+            SELECT Key, /*cells_here*/ AS here FROM $db.reconcile_facts FINAL
+            WHERE BillingRegion != {region:String} AND Class != '' AND notEmpty(here)
+        ) AS f
+        LEFT JOIN (
+            SELECT ExternalRef AS k, arraySort(groupArray((toString(Currency), PeriodDate, AmountMinor))) AS live
+            FROM $db.erp_ledger_entries FINAL
+            PREWHERE EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries WHERE LinkHash IN (
+                SELECT cityHash64(Key) FROM $db.reconcile_facts FINAL
+                WHERE BillingRegion != {region:String} AND Class != '' AND notEmpty(/*cells_here*/)))
+            WHERE NOT IsDeleted AND EntryType = 'invoice' AND Status NOT IN ('cancelled', 'draft')
+                AND Region = {region:String} AND AmountMinor != 0
+            GROUP BY ExternalRef
+        ) AS l ON l.k = f.Key
+        WHERE f.here != l.live))
 """
 
 
 def clear_facts(store: Store, run_id: str, *, full: bool, region: str) -> None:
-    """Keys this run compared that match again contribute nothing to the explained differences any more."""
+    """Keys this run compared that match again contribute nothing to the explained differences any more (nor, in a
+    region run, the stale ERP side in its region of a key billed elsewhere: _STALE_HERE)."""
     scope = "" if full else "AND Key IN /*scope_inv*/"
-    sql = _compose(_compose(_CLEAR_FACTS, scope=scope), scope_inv=_IN_SCOPE_INV)
+    stale = _compose(_STALE_HERE, cells_here=_FACT_CELLS_HERE) if region else ""
+    sql = _compose(_compose(_CLEAR_FACTS, scope=scope, stale_here=stale), scope_inv=_IN_SCOPE_INV)
     store.command(sql, {"run": run_id, "v": time.time_ns(), "region": region})
 
 
