@@ -171,6 +171,12 @@ def _own(directory: Path) -> int:
     return fd
 
 
+def claim(directory: Path) -> int:
+    """This process's lock of a buffer dir (the caller closes the descriptor to let it go); ConfigError with one
+    line while another process holds it."""
+    return _own(directory)
+
+
 class WriteAheadBuffer:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.dir = directory

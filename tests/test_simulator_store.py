@@ -18,6 +18,7 @@ from connectors.simulator.bulk import bulk_load
 from tests.conftest import migrated, new_database
 from tests.server import TowerServer
 from tests.sim_reference import pull_all
+from tower_core.errors import ConfigError
 from tower_core.settings import Settings
 from tower_core.store import Store, open_store
 from tower_core.store import simulator as sim_store
@@ -127,6 +128,14 @@ def test_bulk_cli_refuses_a_path_the_api_owns(tmp_path: Path) -> None:
         assert server.proc is not None
         owned = str(tmp_path / "api" / "data")
         proc = run_cli(["simulate", "bulk", "--invoices", "1000"], tmp_path, TOWER_DATA_DIR=owned)
+        # `tower demo --reset` on the same dirs deleted the running tower's data and buffer
+        from tower_core.demo import prepare_run
+
+        with pytest.raises(ConfigError, match="owned by PID"):
+            prepare_run(Settings(data_dir=Path(owned), wal_dir=tmp_path / "api" / "wal"), reset=True)
+        with pytest.raises(ConfigError, match="in use by another tower process"):
+            prepare_run(Settings(data_dir=tmp_path / "free", wal_dir=tmp_path / "api" / "wal"), reset=True)
+        assert (Path(owned) / "status").exists() and any((tmp_path / "api" / "wal").iterdir())
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("tower: error: ") and "owned by PID" in lines[0]

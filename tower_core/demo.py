@@ -23,8 +23,10 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from collector.wal import claim as claim_buffer_dir
 from tower_core.errors import ConfigError
 from tower_core.settings import Settings, own_api_url
+from tower_core.store.embedded import data_dir_owner
 
 RUN_RANGE = 10_000_000  # invoice numbers per demo run
 
@@ -66,6 +68,12 @@ def prepare_run(settings: Settings, *, reset: bool) -> int:
     """``--reset`` deletes the store's data, the write-ahead buffer and the run counter; then the number of
     this demo run (kept beside the data dir), so each run plays its own range of invoice ids."""
     if reset:
+        # never another tower's: a reset beside a running `tower serve` on the same dirs deleted its data and buffer
+        owner = data_dir_owner(Path(settings.data_dir))
+        if owner:
+            raise ConfigError(f"data dir {settings.data_dir} is owned by {owner}: stop it before --reset deletes it")
+        if Path(settings.wal_dir).is_dir():
+            os.close(claim_buffer_dir(Path(settings.wal_dir)))  # refuses a buffer another process holds
         for path in (settings.data_dir, settings.wal_dir):
             shutil.rmtree(path, ignore_errors=True)
         (Path(settings.data_dir).parent / "simulator-run").unlink(missing_ok=True)

@@ -69,6 +69,11 @@ def _status_owner(path: Path) -> str | None:
         os.close(fd)
 
 
+def data_dir_owner(path: Path) -> str | None:
+    """The process that has ``path`` open as its chDB data dir, described, or None."""
+    return _status_owner(Path(path).resolve())
+
+
 def _check_writable(path: Path) -> None:
     try:
         private_dir(path)
