@@ -14,7 +14,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from tower_core.api_answers import detail, json_answer
+from tower_core.api_answers import detail, json_answer, one_line
 from tower_core.errors import ConfigError
 from tower_core.settings import Settings
 
@@ -86,7 +86,8 @@ def reconcile_via_api(
             residual = ", ".join(f"{c} {n} minor units" for c, n in by_currency.items()) or str(doc["residual_minor"])
     if doc["state"] == "failed":  # the error line goes where every other command's does
         err = Console(stderr=True, soft_wrap=True)
-        err.print(f"tower: error: run {run_id} failed: {doc.get('error')}", markup=False, highlight=False)
+        error = one_line(str(doc.get("error")), 1000)
+        err.print(f"tower: error: run {run_id} failed: {error}", markup=False, highlight=False)
         return 1
     out.print(
         f"run {run_id} ({doc.get('mode')}{', region ' + doc['region'] if doc.get('region') else ''}) succeeded: "

@@ -152,7 +152,7 @@ def _error_line(exc: Exception) -> str:
     """The run's recorded error. The tower's own errors say what failed; anything else (a bug, a remote's answer
     no connector expected) was a bare ``'data'``: it is named by its type, and its traceback is logged."""
     if isinstance(exc, (RunFailed, ConnectorError, StoreError)):
-        return str(exc)
+        return " ".join(str(exc).split())  # one line, whatever a remote put in its answer (a proxy's HTML page)
     log.error("reconcile run failed on an unexpected error", exc_info=exc)
     return f"unexpected {type(exc).__name__}: {exc}"
 

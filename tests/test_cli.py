@@ -371,3 +371,22 @@ def test_the_store_and_the_buffer_are_private_to_the_user_the_tower_runs_as(tmp_
 
     WriteAheadBuffer(tmp_path / "wal", max_bytes=1_000_000).close()
     assert stat.S_IMODE((tmp_path / "wal").stat().st_mode) == 0o700
+
+
+def test_an_answer_or_run_error_holding_a_proxys_page_is_one_line() -> None:
+    """A proxy's HTML 502 page (the API behind it, or a source a run pulls from) spread `tower: error: ...` over
+    eight lines."""
+    import httpx
+
+    from reconciler.runner import RunFailed, _error_line
+    from tower_core.api_answers import detail, json_answer
+    from tower_core.errors import ConfigError
+
+    page = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<h1>502 Bad Gateway</h1>\r\n</body>\r\n"
+    answer = httpx.Response(502, text=page)
+    flat = "<html> <head><title>502 Bad Gateway</title></head> <body> <h1>502 Bad Gateway</h1> </body>"
+    assert detail(answer) == flat
+    with pytest.raises(ConfigError) as refused:
+        json_answer(answer, "tokens")
+    assert "\n" not in str(refused.value) and "502 Bad Gateway" in str(refused.value)
+    assert _error_line(RunFailed(f"pull failed: HTTP 502 {page}")) == f"pull failed: HTTP 502 {detail(answer)}"

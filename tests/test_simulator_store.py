@@ -190,6 +190,15 @@ def test_simulate_run_on_a_busy_port_is_one_line(tmp_path: Path) -> None:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     url = f"http://127.0.0.1:{port}"
     assert lines == [f"tower: error: the simulator API cannot listen on {url}: Address already in use"]
+    # an --api-url no request can go to ran for good, failing every export; a --manifest that cannot be written
+    # ended the run with a traceback
+    for bad, said in (
+        (["--api-url", "http://ops:pw@127.0.0.1:abc"], "--api-url is not a valid URL"),
+        (["--manifest", str(tmp_path)], "is a directory"),
+    ):
+        proc = run_cli(["simulate", "run", "--port", str(port), "--minutes", "5", *bad], tmp_path, timeout=60)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and said in lines[0] and "pw" not in lines[0], proc.stderr
 
 
 def test_demo_runs_get_fresh_invoice_ranges_and_reset_starts_over(tmp_path: Path) -> None:

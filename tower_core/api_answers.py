@@ -10,13 +10,18 @@ import httpx
 from tower_core.errors import ConfigError
 
 
+def one_line(text: str, limit: int = 500) -> str:
+    """Whitespace and line breaks collapsed (a proxy's HTML page spread an error over eight lines), then cut."""
+    return " ".join(text.split())[:limit]
+
+
 def detail(response: httpx.Response) -> str:
-    """The API's reason (FastAPI's ``detail``), or the start of whatever else the body holds."""
+    """The API's reason (FastAPI's ``detail``), or the start of whatever else the body holds, on one line."""
     try:
         doc = response.json()
     except ValueError:
-        return response.text[:300]
-    return str(doc.get("detail", doc)) if isinstance(doc, dict) else str(doc)[:300]
+        return one_line(response.text)
+    return one_line(str(doc.get("detail", doc)) if isinstance(doc, dict) else str(doc))
 
 
 def json_answer(response: httpx.Response, what: str, expect: type = dict) -> Any:

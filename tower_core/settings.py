@@ -116,14 +116,14 @@ class Settings(BaseSettings):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None:
-            _check_http_url(value, "")
+            check_http_url(value, "")
         return value
 
     @field_validator("sla_webhook_urls")
     @classmethod
     def _http_urls(cls, value: list[str]) -> list[str]:
         for i, url in enumerate(value):
-            _check_http_url(url, f"entry {i} ")
+            check_http_url(url, f"entry {i} ")
         return value
 
     # --- reconciler (issue 5)
@@ -401,7 +401,7 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError(f"invalid setting {where}: not valid JSON (a list or a map is expected)") from None
 
 
-def _check_http_url(url: str, what: str) -> None:
+def check_http_url(url: str, what: str) -> None:
     """An http(s) URL httpx can send to (a port that is no number failed at start with a traceback). The URL is
     not echoed: it may hold credentials, and a webhook's path may be its token."""
     import httpx

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from tower_core.errors import ConfigError
+from tower_core.settings import check_http_url
 
 if TYPE_CHECKING:
     from connectors.simulator import EstateConfig, FaultRates
@@ -163,6 +164,13 @@ def run(
         )
     except (ValueError, OverflowError) as exc:
         raise ConfigError(str(exc)) from None
+    if api_url is not None:  # checked as TOWER_API_URL is: a bad one ran for good, failing every export
+        try:
+            check_http_url(api_url, "--api-url ")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if manifest is not None:
+        _check_writable(manifest)  # one line now, not a traceback when the run ends
     stop = threading.Event()
 
     def handle(signum: int, frame: object) -> None:
