@@ -14,6 +14,7 @@ from rich.table import Table
 
 from collector.dead_letter import DeadLetterBox
 from collector.token_cli import ViaApi, api_is_up
+from reconciler.sla.redact import redact_url
 from tower_core.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="The collector's dead-letter box: records the store refuses.")
@@ -35,7 +36,7 @@ def dead_letters(limit: Annotated[int, typer.Option(min=1, max=1000, help="At mo
     if api_is_up(settings):
         doc = ViaApi(settings, PURPOSE).call("GET", PATH, params={"limit": limit})
         items: list[dict[str, Any]] = [e for e in doc.get("items") or [] if isinstance(e, dict) and "name" in e]
-        total, where = int(doc.get("total") or len(items)), f"through the API at {settings.api_url}"
+        total, where = int(doc.get("total") or len(items)), f"through the API at {redact_url(settings.api_url)}"
     else:
         everything = DeadLetterBox(settings.wal_dir / "dead-letter").entries()
         items, total, where = everything[:limit], len(everything), f"in {settings.wal_dir / 'dead-letter'}"
@@ -56,6 +57,8 @@ def requeue(name: Annotated[str, typer.Argument(help="A name from `tower ingest 
     """Send one record back into the write-ahead buffer once its cause is fixed (through the API)."""
     settings = _settings()
     if not api_is_up(settings):
-        raise ConfigError(f"no API answers at {settings.api_url}: a requeue appends to its buffer; start `tower serve`")
+        raise ConfigError(
+            f"no API answers at {redact_url(settings.api_url)}: a requeue appends to its buffer; start `tower serve`"
+        )
     doc = ViaApi(settings, PURPOSE).call("POST", f"{PATH}/{name}/requeue")
     out.print(f"requeued {doc.get('name', name)}: {doc.get('rows')} {doc.get('kind')} back in the buffer")

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from reconciler.sla.redact import redact_url
 from tower_core.api_answers import json_answer
 from tower_core.errors import ConfigError
 from tower_core.settings import Settings
@@ -48,12 +49,12 @@ class ViaApi:
         secret = settings.admin_token or settings.api_token
         if secret is None:
             raise ConfigError(
-                f"the API at {settings.api_url} owns the store: set TOWER_ADMIN_TOKEN (or TOWER_API_TOKEN) to "
-                + purpose
+                f"the API at {redact_url(settings.api_url)} owns the store: set TOWER_ADMIN_TOKEN "
+                "(or TOWER_API_TOKEN) to " + purpose
             )
         self.url = settings.api_url
         self.headers = {"Authorization": f"Bearer {secret.get_secret_value()}"}
-        self.where = f"through the API at {self.url}"
+        self.where = f"through the API at {redact_url(self.url)}"
 
     def call(self, method: str, path: str, expect: type = dict, **kwargs: Any) -> Any:
         """The answer's JSON, of the ``expect``ed type; anything else (an error, a proxy's HTML page) is one
@@ -61,7 +62,7 @@ class ViaApi:
         try:
             r = httpx.request(method, f"{self.url}{path}", headers=self.headers, timeout=30, **kwargs)
         except httpx.HTTPError as exc:
-            raise ConfigError(f"the API at {self.url} did not answer: {type(exc).__name__}") from None
+            raise ConfigError(f"the API at {redact_url(self.url)} did not answer: {type(exc).__name__}") from None
         return json_answer(r, f"{method} {path}", expect)
 
     def create(self, name: str, role: str) -> dict[str, str]:
@@ -83,7 +84,7 @@ class Direct:
         self.store = open_store(settings)  # ConfigError naming the owner if another process holds the path
         migrate(self.store)
         self.actor = f"cli:{getpass.getuser()}"
-        self.where = "directly in the store (no API answers at " + settings.api_url + ")"
+        self.where = f"directly in the store (no API answers at {redact_url(settings.api_url)})"
 
     def _audit(self, action: str, token_id: str, after: dict[str, Any]) -> None:
         from tower_core.store import reconcile as q

@@ -14,6 +14,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from reconciler.sla.redact import redact_url
 from tower_core.api_answers import detail, json_answer, one_line
 from tower_core.errors import ConfigError
 from tower_core.settings import Settings
@@ -32,7 +33,7 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.
     try:
         response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        raise ConfigError(f"cannot reach the API at {client.base_url}: {exc}") from None
+        raise ConfigError(f"cannot reach the API at {redact_url(str(client.base_url))}: {exc}") from None
     if response.status_code in (401, 403):
         raise ConfigError(f"the API refused the token ({response.status_code}): {detail(response)}")
     return response

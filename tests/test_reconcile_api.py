@@ -358,8 +358,10 @@ def test_tower_reconcile_cli_against_a_served_api_pulling_the_simulated_estate(t
 def test_tower_reconciler_needs_a_clickhouse_server(tmp_path: Path) -> None:
     proc = tower(["reconciler"], tmp_path)
     assert proc.returncode == 2 and "TOWER_CLICKHOUSE_URL" in proc.stderr
-    proc = tower(["reconcile"], tmp_path, TOWER_API_URL=f"http://127.0.0.1:{free_port()}", TOWER_API_TOKEN="x")
+    port = free_port()
+    proc = tower(["reconcile"], tmp_path, TOWER_API_URL=f"http://ops:S3cretPW@127.0.0.1:{port}", TOWER_API_TOKEN="x")
     assert proc.returncode == 2 and "cannot reach the API" in proc.stderr
+    assert f"http://***@127.0.0.1:{port}" in proc.stderr and "S3cretPW" not in proc.stderr  # a URL's password stays
 
 
 def test_tower_reconciler_runs_its_jobs_and_owns_the_actions_even_with_the_api_scheduler_setting_off(
