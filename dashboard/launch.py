@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 
+from tower_core.children import run_forwarding_sigterm
 from tower_core.errors import ConfigError
 from tower_core.ports import check_port_free
 from tower_core.settings import Settings
@@ -64,4 +64,4 @@ def demo_token(settings: Settings, admin_token: str, name: str = "demo-operator"
 
 def run_dashboard(settings: Settings) -> int:
     check_port_free(settings.dashboard_host, settings.dashboard_port)
-    return subprocess.call(dashboard_command(settings), env=dashboard_env(settings))
+    return run_forwarding_sigterm(dashboard_command(settings), env=dashboard_env(settings))

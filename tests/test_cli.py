@@ -390,3 +390,30 @@ def test_an_answer_or_run_error_holding_a_proxys_page_is_one_line() -> None:
         json_answer(answer, "tokens")
     assert "\n" not in str(refused.value) and "502 Bad Gateway" in str(refused.value)
     assert _error_line(RunFailed(f"pull failed: HTTP 502 {page}")) == f"pull failed: HTTP 502 {detail(answer)}"
+
+
+def test_a_stopped_dashboard_stops_streamlit_with_it(tmp_path: Path) -> None:
+    """SIGTERM (a service manager's or `docker stop`'s) ended `tower dashboard` and left Streamlit serving on its
+    port, so the next start failed on a taken port; as a container's PID 1 the command ignored SIGTERM."""
+    import signal
+    import socket
+    import time
+
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TOWER_")}
+    env = {**clean, "TOWER_DASHBOARD_HOST": "127.0.0.1", "TOWER_API_URL": f"http://127.0.0.1:{free_port()}"}
+    proc = subprocess.Popen([*TOWER, "dashboard", "--port", str(port)], cwd=tmp_path, env=env)
+    try:
+        wait_for_port(port, timeout=60, proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) != 0:
+                    break  # nothing serves the port any more
+            assert time.monotonic() < deadline, "Streamlit still serves the dashboard's port"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -9,7 +9,6 @@ from earlier runs never collides with the new estate; ``--reset`` deletes everyt
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import shutil
@@ -24,6 +23,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from collector.wal import claim as claim_buffer_dir
+from tower_core.children import die_with_parent
 from tower_core.errors import ConfigError
 from tower_core.settings import Settings, own_api_url
 from tower_core.store.embedded import data_dir_owner
@@ -38,18 +38,10 @@ def demo_sla() -> Path:
     return Path(connectors.simulator.__file__).with_name("demo_sla.yaml")
 
 
-def _die_with_parent() -> None:
-    """Child setup (Linux): SIGTERM when the demo process dies, even by SIGKILL, so nothing is orphaned."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """Children run in their own session: a terminal Ctrl-C reaches only the demo, which stops them in
     order (dashboard, estate, API), so the estate's last telemetry still reaches the API."""
-    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def _stop(procs: list[subprocess.Popen], timeout_s: float = 20) -> None:
