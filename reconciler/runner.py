@@ -25,7 +25,7 @@ from reconciler import classify as c
 from reconciler import run_owner
 from reconciler.retention import DROP_AT_LEAST, StatementRetention, StatementRun, statements_to_drop
 from reconciler.sla.ledger_activity import ERP, activity_of
-from tower_core.errors import StoreError
+from tower_core.errors import StoreError, one_line
 from tower_core.models import CURRENCY_EXPONENT, record_ref
 from tower_core.store import Store
 from tower_core.store import reconcile as q
@@ -152,7 +152,7 @@ def _error_line(exc: Exception) -> str:
     """The run's recorded error. The tower's own errors say what failed; anything else (a bug, a remote's answer
     no connector expected) was a bare ``'data'``: it is named by its type, and its traceback is logged."""
     if isinstance(exc, (RunFailed, ConnectorError, StoreError)):
-        return " ".join(str(exc).split())  # one line, whatever a remote put in its answer (a proxy's HTML page)
+        return one_line(str(exc), 2000)  # whatever a remote put in its answer (a proxy's HTML page)
     log.error("reconcile run failed on an unexpected error", exc_info=exc)
     return f"unexpected {type(exc).__name__}: {exc}"
 

@@ -7,12 +7,7 @@ from typing import Any
 
 import httpx
 
-from tower_core.errors import ConfigError
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    """Whitespace and line breaks collapsed (a proxy's HTML page spread an error over eight lines), then cut."""
-    return " ".join(text.split())[:limit]
+from tower_core.errors import ConfigError, one_line
 
 
 def detail(response: httpx.Response) -> str:

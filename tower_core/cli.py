@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tower_core.errors import ConfigError, StoreError
+from tower_core.errors import ConfigError, StoreError, one_line
 from tower_core.settings import Settings
 from tower_core.settings import load_settings as _load_settings
 
@@ -195,7 +195,7 @@ def main() -> None:
         if isinstance(exc, usage) and hasattr(exc, "format_message"):
             ctx = getattr(exc, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-            message = " ".join(str(exc.format_message()).split())
+            message = one_line(str(exc.format_message()), 2000)
             if message:  # none: a group called without a command, whose help is already printed
                 err.print(f"tower: error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
             sys.exit(getattr(exc, "exit_code", 2) or 2)

@@ -15,3 +15,8 @@ class StoreError(Exception):
     def __init__(self, message: str, *, code: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """Whitespace and line breaks collapsed (a proxy's HTML page spread an error over eight lines), then cut."""
+    return " ".join(text.split())[:limit]
