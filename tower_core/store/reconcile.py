@@ -1352,30 +1352,36 @@ _OPEN_ITEMS = (
     "AND KeyType = '/*kt*/')"
 )
 _KEY_REGION = "GROUP BY k HAVING if(countIf(src = 0) > 0, anyIf(r, src = 0), argMinIf(r, id, src = 1)) /*key_op*/ "
-_KEYS_INVOICES = """(
+# Invoice or payment keys of those items: billing's row (src 0), else the ERP's first live posting (src 1) names the
+# key's region (the ERP rows found narrowly first, by their hash column, then read FINAL by entry id).
+_KEYS_OF_KIND = """(
     SELECT k FROM (
-        SELECT InvoiceId AS k, 0 AS src, Region AS r, '' AS id FROM $db.billing_invoices FINAL
-        WHERE InvoiceId IN /*open_inv*/ AND NOT IsDeleted
+        SELECT /*key*/ AS k, 0 AS src, Region AS r, '' AS id FROM $db./*billing*/ FINAL
+        WHERE /*key*/ IN /*open*/ AND NOT IsDeleted
         UNION ALL
         SELECT ExternalRef, 1, Region, EntryId FROM $db.erp_ledger_entries FINAL
         PREWHERE EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries
-            WHERE LinkHash IN (SELECT cityHash64(InvoiceId) FROM /*open_inv*/))
-        WHERE NOT IsDeleted AND EntryType = 'invoice' AND Status NOT IN ('cancelled', 'draft')
-            AND ExternalRef IN /*open_inv*/
+            WHERE /*hash*/ IN (SELECT cityHash64(/*key*/) FROM /*open*/))
+        WHERE NOT IsDeleted AND EntryType IN /*types*/ AND Status NOT IN ('cancelled', 'draft')
+            AND ExternalRef IN /*open*/
     )
     /*key_region*/ {region:String})"""
-_KEYS_PAYMENTS = """(
-    SELECT k FROM (
-        SELECT PaymentId AS k, 0 AS src, Region AS r, '' AS id FROM $db.billing_payments FINAL
-        WHERE PaymentId IN /*open_pay*/ AND NOT IsDeleted
-        UNION ALL
-        SELECT ExternalRef, 1, Region, EntryId FROM $db.erp_ledger_entries FINAL
-        PREWHERE EntryId IN (SELECT EntryId FROM $db.erp_ledger_entries
-            WHERE RefHash IN (SELECT cityHash64(PaymentId) FROM /*open_pay*/))
-        WHERE NOT IsDeleted AND EntryType IN ('payment', 'credit_memo') AND Status NOT IN ('cancelled', 'draft')
-            AND ExternalRef IN /*open_pay*/
-    )
-    /*key_region*/ {region:String})"""
+_KEYS_INVOICES = _compose(
+    _KEYS_OF_KIND,
+    key="InvoiceId",
+    billing="billing_invoices",
+    hash="LinkHash",
+    types="('invoice')",
+    open="/*open_inv*/",
+)
+_KEYS_PAYMENTS = _compose(
+    _KEYS_OF_KIND,
+    key="PaymentId",
+    billing="billing_payments",
+    hash="RefHash",
+    types="('payment', 'credit_memo')",
+    open="/*open_pay*/",
+)
 _KEYS_CUSTOMERS = """(
     SELECT CustomerId FROM $db.cdp_profiles FINAL
     WHERE CustomerId IN /*open_cus*/ AND NOT IsDeleted AND CustomerId != ''
