@@ -391,3 +391,17 @@ def test_the_token_cache_evicts_safely_from_many_threads(
     finally:
         sys.setswitchinterval(previous)
     assert errors == [] and len(verifier._cache) <= 8
+
+
+def test_the_clis_reading_of_a_validation_refusal_is_a_line_not_python_data(api: dict[str, Any]) -> None:
+    """FastAPI's 422 is a list of errors: the CLI printed it as `[{'type': 'missing', 'loc': ('body', ...` ."""
+    from tower_core.api_answers import detail
+
+    c, operator = api["c"], api["operator"]
+    bad_limit = c.get("/api/drift", params={"limit": "many"}, headers=auth(operator))
+    assert bad_limit.status_code == 422 and isinstance(bad_limit.json()["detail"], list)
+    line = detail(bad_limit)
+    assert line.startswith("query.limit: ") and "integer" in line and "{" not in line and "'" not in line
+    two = c.get("/api/drift", params={"limit": "many", "min_age_days": "old"}, headers=auth(operator))
+    assert two.status_code == 422 and len(two.json()["detail"]) == 2
+    assert detail(two).count("; ") == 1 and "query.limit: " in detail(two)

@@ -16,7 +16,16 @@ def detail(response: httpx.Response) -> str:
         doc = response.json()
     except ValueError:
         return one_line(response.text)
-    return one_line(str(doc.get("detail", doc)) if isinstance(doc, dict) else str(doc))
+    reason = doc.get("detail", doc) if isinstance(doc, dict) else doc
+    if isinstance(reason, list) and reason and all(isinstance(e, dict) and "msg" in e for e in reason):
+        return one_line("; ".join(_validation_error(e) for e in reason))
+    return one_line(str(reason))
+
+
+def _validation_error(error: dict[str, Any]) -> str:
+    """One entry of FastAPI's 422 list as ``where: what`` (``query.region: Field required``), not Python data."""
+    where = ".".join(str(part) for part in error.get("loc") or [])
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
 
 
 def json_answer(response: httpx.Response, what: str, expect: type = dict) -> Any:
