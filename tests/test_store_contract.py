@@ -411,3 +411,50 @@ def test_spool_files_a_killed_process_left_are_removed_when_the_store_opens(tmp_
     )
     subprocess.run([sys.executable, "-c", opens, str(data)], check=True, timeout=120, capture_output=True)
     assert not left.exists() and left.parent.is_dir()
+
+
+def test_the_server_backend_gives_up_on_a_server_that_stops_answering(clickhouse_http: str) -> None:
+    """Only the connect timeout was set: a server that took the request and never answered held a request thread
+    (or a run) for clickhouse-connect's default 300 s. TOWER_CLICKHOUSE_QUERY_TIMEOUT_S bounds the wait."""
+    import socket
+    import threading
+    import time
+
+    db = new_database()
+    store = open_store(Settings(clickhouse_url=f"{clickhouse_http}/{db}", database=db, clickhouse_query_timeout_s=1))
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match="(?i)timed? ?out"):
+        store.query_rows("SELECT sleep(3)")  # the real server, answering later than the bound
+    assert time.monotonic() - t0 < 2.5
+    assert store.query_rows("SELECT 1 AS one") == [{"one": 1}]  # the next query goes through
+
+    # a server that accepts the connection and never answers: refused at start, not after 300 s
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        mute.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(mute.accept()[0])
+            except TimeoutError:
+                continue
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match="cannot reach ClickHouse"):
+            open_store(
+                Settings(clickhouse_url=f"http://127.0.0.1:{mute.getsockname()[1]}", clickhouse_query_timeout_s=1)
+            )
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop.set()
+        acceptor.join()
+        for conn in held:
+            conn.close()
+        mute.close()

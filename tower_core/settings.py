@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     clickhouse_connect_timeout_s: float = Field(
         5.0, gt=0, le=MAX_SECONDS, description="Connect timeout for the server backend."
     )
+    clickhouse_query_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="How long the server backend waits for a query's answer before failing it (a hung server "
+        "would hold a request or run this long); a full run at 10M invoices takes tens of seconds.",
+    )
 
     # --- API server
     host: str = Field("127.0.0.1", description="Address `tower serve` binds to.")

@@ -32,7 +32,12 @@ def open_store(settings: Settings) -> Store:
                     f"TOWER_CLICKHOUSE_URL names database {named!r} but TOWER_DATABASE is {settings.database!r}: "
                     "set TOWER_DATABASE to the database the tower uses, and the URL's path to the same (or none)"
                 )
-        return ServerStore(settings.clickhouse_url, settings.database, settings.clickhouse_connect_timeout_s)
+        return ServerStore(
+            settings.clickhouse_url,
+            settings.database,
+            settings.clickhouse_connect_timeout_s,
+            settings.clickhouse_query_timeout_s,
+        )
     from tower_core.store.embedded import EmbeddedStore
 
     return EmbeddedStore(settings.data_dir, settings.database)

@@ -42,11 +42,14 @@ class ServerStore:
 
     backend = "server"
 
-    def __init__(self, url: str, database: str | None = None, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, url: str, database: str | None = None, connect_timeout_s: float = 5.0, query_timeout_s: float = 300.0
+    ) -> None:
         self._args = parse_url(url)
         self.database = check_identifier(database or self._args.pop("database") or "tower")
         self._args.pop("database", None)
         self._timeout = connect_timeout_s
+        self._query_timeout = query_timeout_s
         self._local = threading.local()
         try:
             self._client()
@@ -66,6 +69,7 @@ class ServerStore:
                 client = clickhouse_connect.get_client(
                     **self._args,
                     connect_timeout=self._timeout,
+                    send_receive_timeout=self._query_timeout,
                     autogenerate_session_id=False,
                     settings=dict(SESSION_SETTINGS),
                 )
