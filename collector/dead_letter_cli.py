@@ -38,6 +38,11 @@ def dead_letters(limit: Annotated[int, typer.Option(min=1, max=1000, help="At mo
         items: list[dict[str, Any]] = [e for e in doc.get("items") or [] if isinstance(e, dict) and "name" in e]
         total, where = int(doc.get("total") or len(items)), f"through the API at {redact_url(settings.api_url)}"
     else:
+        if not settings.wal_dir.is_dir():  # a mistyped TOWER_WAL_DIR read as an empty box: "0 record(s) set aside"
+            raise ConfigError(
+                f"no API answers at {redact_url(settings.api_url)}, and the write-ahead buffer directory "
+                f"{settings.wal_dir} (TOWER_WAL_DIR) does not exist: nothing to read the dead-letter box from"
+            )
         everything = DeadLetterBox(settings.wal_dir / "dead-letter").entries()
         items, total, where = everything[:limit], len(everything), f"in {settings.wal_dir / 'dead-letter'}"
     # the name is what `requeue` takes: never wrapped or cut, whatever the terminal's width

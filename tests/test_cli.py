@@ -417,3 +417,13 @@ def test_a_stopped_dashboard_stops_streamlit_with_it(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_dead_letters_without_an_api_names_a_buffer_directory_that_does_not_exist(tmp_path: Path) -> None:
+    """A mistyped TOWER_WAL_DIR with no API up listed an empty box: '0 record(s) set aside'."""
+    env = {"TOWER_API_URL": f"http://127.0.0.1:{free_port()}", "TOWER_WAL_DIR": str(tmp_path / "no-such-wal")}
+    line = one_error_line(run(["ingest", "dead-letters"], tmp_path, **env))
+    assert "no-such-wal" in line and "does not exist" in line
+    (tmp_path / "wal").mkdir()  # a buffer with no dead-letter box yet: nothing set aside, said as such
+    empty = run(["ingest", "dead-letters"], tmp_path, **{**env, "TOWER_WAL_DIR": str(tmp_path / "wal")})
+    assert empty.returncode == 0 and "0 record(s) set aside" in empty.stdout, empty.stderr
