@@ -44,6 +44,29 @@ _REPLAY = ":replay:"  # a replay's idempotency key: its original's, this, and th
 ACTIVE = (PENDING, IN_PROGRESS)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A correctable item's operation, policy decision, keys, target and idempotency key."""
+
+    drift_id: str
+    item: dict[str, Any]
+    operation: str
+    decision: str
+    keys: dict[str, str]
+    target: str
+    key: str
+
+
+@dataclass(frozen=True)
+class _Save:
+    """An action row to write, with its audit verb, the row before (None: created) and a note."""
+
+    row: dict[str, Any]
+    verb: str
+    before: dict[str, Any] | None
+    note: str
+
+
 class ActionError(Exception):
     """A request the API answers with 4xx: ``status`` is the HTTP status to use."""
 
@@ -218,11 +241,15 @@ class ActionService:
         return policy.source_moved_on(op, invoice, payment)
 
     # --- locking
+    @staticmethod
+    def _lock_name(key: str) -> str:
+        return key.split(_REPLAY, 1)[0]
+
     def _lock(self, key: str) -> threading.Lock:
         """One lock per target: a replay's key is its original's plus ``:replay:N``, and a replay and a new
         request for the same item must not both find the target empty and both write."""
         with self._locks_guard:
-            return self._locks.setdefault(key.split(_REPLAY, 1)[0], threading.Lock())
+            return self._locks.setdefault(self._lock_name(key), threading.Lock())
 
     @contextmanager
     def _documents_locked(self, row: dict[str, Any]) -> Iterator[None]:
@@ -249,25 +276,27 @@ class ActionService:
 
     # --- persistence helpers
     def _save(self, row: dict[str, Any], actor: str, verb: str, before: dict[str, Any] | None, note: str = "") -> None:
-        row["UpdatedAt"] = _now()
-        q.write_action(self.store, row)
-        after = {k: row[k] for k in ("State", "Attempts", "LastError", "DeadLetter", "ApprovedBy")}
-        prev = None if before is None else {k: before[k] for k in after}
-        outcome = "error" if row["State"] == FAILED else "ok"
-        q.write_audit(self.store, [q.audit_record(actor, verb, "action", row["ActionId"], prev, after, note, outcome)])
+        self._save_many([_Save(row, verb, before, note)], actor)
+
+    def _save_many(self, saves: list[_Save], actor: str) -> None:
+        """The rows, then their audit records: two writes however many."""
+        if not saves:
+            return
+        records = []
+        for save in saves:
+            save.row["UpdatedAt"] = _now()
+            after = {k: save.row[k] for k in ("State", "Attempts", "LastError", "DeadLetter", "ApprovedBy")}
+            prev = None if save.before is None else {k: save.before[k] for k in after}
+            outcome = "error" if save.row["State"] == FAILED else "ok"
+            records.append(
+                q.audit_record(actor, save.verb, "action", save.row["ActionId"], prev, after, save.note, outcome)
+            )
+        q.write_actions(self.store, [save.row for save in saves])
+        q.write_audit(self.store, records)
 
     # --- requests
-    def request(
-        self,
-        drift_id: str,
-        requested_by: str,
-        *,
-        approve: bool = False,
-        execute: bool = True,
-        automatic: bool = False,
-    ) -> dict[str, Any]:
-        """Start (or find) the corrective sync of a drift item. Idempotent on (class, keys, target)."""
-        item = q.get_drift(self.store, drift_id)
+    def _plan(self, drift_id: str, item: dict[str, Any] | None, automatic: bool) -> _Plan:
+        """What correcting this item means (or why it cannot be corrected): the checks of a request, no IO."""
         if item is None:
             raise ActionError(404, f"drift item {drift_id} not found")
         cls = item["Class"]
@@ -291,54 +320,103 @@ class ActionService:
         }
         target = policy.target_ref(cls, keys)
         key = policy.idempotency_key(cls, keys, f"{policy.TARGET_SYSTEM}:{target}")
-        with self._lock(key):
-            previous = q.actions_by_key(self.store, key)
-            if automatic and previous and not _redetected(previous[-1], item):
-                return _public(previous[-1])  # a failed automatic correction waits for a person's replay
-            # a success stands until a run finds the drift again after it (then the target is checked anew)
-            existing = [
-                a
-                for a in previous
-                if a["State"] in ACTIVE
-                or (a["State"] == SUCCEEDED and c.aware(item["UpdatedAt"]) <= c.aware(a["UpdatedAt"]))
-            ]
-            if existing:
-                row = existing[-1]
-                if row["State"] == PENDING and decision == "approval" and approve and not row["ApprovedBy"]:
-                    before = dict(row)
-                    row["ApprovedBy"] = requested_by
-                    self._save(row, requested_by, "action.approve", before)
-                    if execute:
-                        return self._execute_locked(row["ActionId"])
-                return _public(row)
-            now = _now()
-            row = {
-                "ActionId": uuid.uuid4().hex,
-                "IdempotencyKey": key,
-                "Kind": "corrective_sync",
-                "DriftId": drift_id,
-                "Class": cls,
-                "TargetSystem": policy.TARGET_SYSTEM,
-                "TargetRef": target,
-                "State": PENDING,
-                "Attempts": 0,
-                "LastError": "",
-                "Result": "",
-                "OriginalActionId": "",
-                "RequestedBy": requested_by,
-                "CreatedAt": now,
-                "UpdatedAt": now,
-                "Operation": operation,
-                "Params": json.dumps({k: v for k, v in keys.items() if v}),
-                "ApprovedBy": requested_by if (decision != "approval" or approve) else "",
-                "NextAttemptAt": q.EPOCH,
-                "DeadLetter": 0,
-            }
-            note = "automatic (policy: technical class)" if automatic else ""
-            self._save(row, requested_by, "action.create", None, note)
-            if execute and row["ApprovedBy"]:
-                return self._execute_locked(row["ActionId"])
+        return _Plan(drift_id, item, operation, decision, keys, target, key)
+
+    def _decide(
+        self, plan: _Plan, previous: list[dict[str, Any]], requested_by: str, approve: bool, automatic: bool
+    ) -> tuple[dict[str, Any], _Save | None]:
+        """The action a request stands for, given the key's actions so far (under the key's lock): an existing one
+        (approved now, if asked), or a new one; and what to write for it (None: nothing)."""
+        item, decision = plan.item, plan.decision
+        if automatic and previous and not _redetected(previous[-1], item):
+            return previous[-1], None  # a failed automatic correction waits for a person's replay
+        # a success stands until a run finds the drift again after it (then the target is checked anew)
+        existing = [
+            a
+            for a in previous
+            if a["State"] in ACTIVE
+            or (a["State"] == SUCCEEDED and c.aware(item["UpdatedAt"]) <= c.aware(a["UpdatedAt"]))
+        ]
+        if existing:
+            row = existing[-1]
+            if row["State"] == PENDING and decision == "approval" and approve and not row["ApprovedBy"]:
+                before = dict(row)
+                row["ApprovedBy"] = requested_by
+                return row, _Save(row, "action.approve", before, "")
+            return row, None
+        now = _now()
+        row = {
+            "ActionId": uuid.uuid4().hex,
+            "IdempotencyKey": plan.key,
+            "Kind": "corrective_sync",
+            "DriftId": plan.drift_id,
+            "Class": item["Class"],
+            "TargetSystem": policy.TARGET_SYSTEM,
+            "TargetRef": plan.target,
+            "State": PENDING,
+            "Attempts": 0,
+            "LastError": "",
+            "Result": "",
+            "OriginalActionId": "",
+            "RequestedBy": requested_by,
+            "CreatedAt": now,
+            "UpdatedAt": now,
+            "Operation": plan.operation,
+            "Params": json.dumps({k: v for k, v in plan.keys.items() if v}),
+            "ApprovedBy": requested_by if (decision != "approval" or approve) else "",
+            "NextAttemptAt": q.EPOCH,
+            "DeadLetter": 0,
+        }
+        note = "automatic (policy: technical class)" if automatic else ""
+        return row, _Save(row, "action.create", None, note)
+
+    def request(
+        self,
+        drift_id: str,
+        requested_by: str,
+        *,
+        approve: bool = False,
+        execute: bool = True,
+        automatic: bool = False,
+    ) -> dict[str, Any]:
+        """Start (or find) the corrective sync of a drift item. Idempotent on (class, keys, target)."""
+        plan = self._plan(drift_id, q.get_drift(self.store, drift_id), automatic)
+        with self._lock(plan.key):
+            row, save = self._decide(plan, q.actions_by_key(self.store, plan.key), requested_by, approve, automatic)
+            if save is not None:
+                self._save(save.row, requested_by, save.verb, save.before, save.note)
+                if execute and row["ApprovedBy"] and row["State"] == PENDING:
+                    return self._execute_locked(row["ActionId"])
             return _public(row)
+
+    def request_many(
+        self, drift_ids: list[str], requested_by: str, *, approve: bool = False
+    ) -> dict[str, dict[str, Any] | ActionError]:
+        """``request(execute=False)`` for many items, in one read of the items, one of their keys' actions and one
+        write each of the actions and their audit records (a bulk request of 500 made 2,000 round trips, 22-51 s).
+        Per drift id: the action's API view, or the ActionError a single request would have raised."""
+        items = q.get_drifts(self.store, drift_ids)
+        outcomes: dict[str, dict[str, Any] | ActionError] = {}
+        plans: list[_Plan] = []
+        for drift_id in dict.fromkeys(drift_ids):
+            try:
+                plans.append(self._plan(drift_id, items.get(drift_id), automatic=False))
+            except ActionError as exc:
+                outcomes[drift_id] = exc
+        with ExitStack() as stack:
+            for name in sorted({self._lock_name(p.key) for p in plans}):  # one order: no two callers deadlock
+                stack.enter_context(self._lock(name))
+            previous = q.actions_by_keys(self.store, sorted({p.key for p in plans}))
+            saves: list[_Save] = []
+            for plan in plans:
+                row, save = self._decide(plan, previous.setdefault(plan.key, []), requested_by, approve, False)
+                if save is not None:
+                    saves.append(save)
+                    if save.before is None:  # a second item of the same key finds this one
+                        previous[plan.key].append(row)
+                outcomes[plan.drift_id] = row
+            self._save_many(saves, requested_by)
+        return {d: o if isinstance(o, ActionError) else _public(o) for d, o in outcomes.items()}
 
     def approve(self, action_id: str, who: str, execute: bool = True) -> dict[str, Any]:
         row = q.get_action(self.store, action_id)

@@ -1253,3 +1253,43 @@ def test_a_bulk_acknowledgement_reads_the_set_once_and_writes_it_at_once(store: 
     again = svc.transitions(ids, c.ACKNOWLEDGED, "FIN-9", "ops")
     assert all(isinstance(o, ActionError) and o.status == 409 for o in again.values())
     assert counting.writes == 2  # nothing changed, nothing written
+
+
+def test_bulk_corrections_are_requested_with_a_few_reads_and_two_writes(store: Store, tmp_path: Path) -> None:
+    """Requested one by one (a read of the item, one of its key's actions, two writes each), 500 corrections took
+    22-51 s. Requested together: the same actions and audit trail as single requests, in two writes."""
+    estate = missing_estate(seed=8, invoices=600, erp_posting_missing=0.04, amount_mismatch=0.01)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    found = open_items(store)
+    missing = sorted(i["drift_id"] for (cls, _), i in found.items() if cls == c.MISSING_IN_ERP)[:12]
+    amounts = sorted(i["drift_id"] for (cls, _), i in found.items() if cls == c.AMOUNT_MISMATCH)[:3]
+    assert len(missing) >= 8 and amounts
+    already = svc.actions.request(missing[0], "alice", execute=False)  # requested before, alone
+    counting = _CountingWrites(store)
+    svc.actions.store = counting  # type: ignore[assignment]
+    unknown = "0" * 32
+    outcomes = svc.actions.request_many([*missing, *amounts, unknown, missing[1]], "ops")
+    assert counting.writes == 2  # the new actions, then their audit records
+    gone = outcomes[unknown]
+    assert isinstance(gone, ActionError) and gone.status == 404
+    made = {d: o for d, o in outcomes.items() if not isinstance(o, ActionError)}
+    assert set(made) == {*missing, *amounts}
+    assert made[missing[0]]["action_id"] == already["action_id"]  # found, not made twice
+    assert {made[d]["approved_by"] for d in missing} == {"alice", "ops"} and made[amounts[0]]["approved_by"] == ""
+    assert all(made[d]["state"] == "pending" for d in made)  # created, executed by the caller (in the background)
+    for drift_id in [*missing[1:], *amounts]:
+        assert q.list_actions(store, drift_id=drift_id)[1] == 1
+        trail = q.audit_for(store, "action", made[drift_id]["action_id"])
+        assert [(h["actor"], h["action"]) for h in trail] == [("ops", "action.create")]
+    # asked again with the approval: the same actions, the business-rule ones approved (audited), nothing new
+    again = svc.actions.request_many([*missing, *amounts], "bob", approve=True)
+    assert counting.writes == 4
+    assert {d: a["action_id"] for d, a in again.items()} == {d: a["action_id"] for d, a in made.items()}  # type: ignore[index]
+    assert all(again[d]["approved_by"] == "bob" for d in amounts)  # type: ignore[index]
+    trail = q.audit_for(store, "action", made[amounts[0]]["action_id"])
+    assert [(h["actor"], h["action"]) for h in trail] == [("ops", "action.create"), ("bob", "action.approve")]
+    # what one request would say of each is what the bulk said
+    svc.actions.store = store
+    for drift_id in [*missing, *amounts]:
+        assert svc.actions.request(drift_id, "carol", execute=False)["action_id"] == made[drift_id]["action_id"]

@@ -4,8 +4,9 @@ The caller states how many items it saw for the filter (``expected_count``) and,
 (``expected_ids``; required to approve business-rule corrections): when the set has changed since (a run resolved
 or found items, even as many as it resolved), the API refuses with 409 so a person reviews it again. Each item goes
 through the same rules as a single action (transition or corrective sync), so each is audited on its own, plus one
-``drift.bulk`` record for the request; acknowledging or ignoring the set takes one read and two writes. Corrective
-syncs are created at once and executed in the background; the response lists their action ids to follow.
+``drift.bulk`` record for the request; acknowledging, ignoring or requesting corrections for the set takes a few
+reads and two writes. Corrective syncs are created at once and executed in the background; the response lists
+their action ids to follow.
 """
 
 from __future__ import annotations
@@ -129,12 +130,10 @@ def _apply(
     failed: list[dict[str, Any]] = []
     to_run: list[str] = []
     if body.action == "sync":
-        for row in rows:
-            drift_id = row["drift_id"]
-            try:
-                action = service.actions.request(drift_id, who.name, approve=body.approve, execute=False)
-            except ActionError as exc:
-                failed.append({"drift_id": drift_id, "status": exc.status, "error": str(exc)})
+        requested = service.actions.request_many([r["drift_id"] for r in rows], who.name, approve=body.approve)
+        for drift_id, action in requested.items():
+            if isinstance(action, ActionError):
+                failed.append({"drift_id": drift_id, "status": action.status, "error": str(action)})
                 continue
             action_id, state, approved = action["action_id"], action["state"], bool(action["approved_by"])
             done.append({"drift_id": drift_id, "action_id": action_id, "state": state, "approved": approved})

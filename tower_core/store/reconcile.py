@@ -2058,11 +2058,20 @@ _ACTION_COLS = ", ".join(f.name for f in ACTIONS)
 
 
 def write_action(store: Store, row: Mapping[str, Any]) -> None:
-    r = dict(row)
-    r["Version"] = time.time_ns()
-    for k in ("CreatedAt", "UpdatedAt", "NextAttemptAt"):
-        r[k] = _aware(r.get(k))
-    store.insert_arrow("actions", _table(ACTIONS, [r]))
+    write_actions(store, [row])
+
+
+def write_actions(store: Store, rows: Sequence[Mapping[str, Any]]) -> None:
+    """One insert; each row a new version (Version: the write's time, increasing within the batch)."""
+    out = []
+    for row in rows:
+        r = dict(row)
+        r["Version"] = time.time_ns()
+        for k in ("CreatedAt", "UpdatedAt", "NextAttemptAt"):
+            r[k] = _aware(r.get(k))
+        out.append(r)
+    if out:
+        store.insert_arrow("actions", _table(ACTIONS, out))
 
 
 def get_action(store: Store, action_id: str) -> dict[str, Any] | None:
@@ -2083,6 +2092,24 @@ def actions_by_key(store: Store, idempotency_key: str) -> list[dict[str, Any]]:
         ),
         {"k": idempotency_key},
     )
+
+
+def actions_by_keys(store: Store, idempotency_keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """actions_by_key for several keys in one read: key -> its actions and their replays, oldest first."""
+    if not idempotency_keys:
+        return {}
+    rows = store.query_rows(
+        _compose(
+            "SELECT /*cols*/ FROM $db.actions FINAL WHERE IdempotencyKey IN {k:Array(String)} "
+            "OR splitByString(':replay:', IdempotencyKey)[1] IN {k:Array(String)} ORDER BY CreatedAt",
+            cols=_ACTION_COLS,
+        ),
+        {"k": list(idempotency_keys)},
+    )
+    found: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        found.setdefault(row["IdempotencyKey"].split(":replay:", 1)[0], []).append(row)
+    return found
 
 
 def actions_in_states(
