@@ -87,3 +87,32 @@ def test_tower_migrate_on_such_a_database_says_so_in_one_line(tmp_path: Path) ->
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "0019_payment_signatures" in lines[0] and "new data dir" in lines[0]
+
+
+def test_a_database_a_newer_release_migrated_is_refused_with_one_line(tmp_path: Path) -> None:
+    """An older release started on a database a newer one had migrated said nothing: it served, its runs failed on
+    columns the newer schema had dropped, and its incremental runs rewrote items under its own rules."""
+    env = {"TOWER_DATA_DIR": str(tmp_path / "d"), "PATH": "/usr/bin:/bin"}
+    newest = max(m.version for m in available())
+    script = (
+        "import datetime as dt\n"
+        "from tower_core.settings import Settings\n"
+        "from tower_core.store import open_store, migrate\n"
+        f"s = open_store(Settings(data_dir={str(tmp_path / 'd')!r}))\n"
+        "migrate(s)\n"
+        f"s.command(\"INSERT INTO $db.schema_migrations VALUES ({newest + 1}, 'from_the_future', 'beef', "
+        "{t:DateTime64(3)})\", {'t': dt.datetime.now(dt.UTC)})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True, timeout=120)
+    for command in (["migrate"], ["serve"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tower_core.cli", *command],
+            cwd=ROOT,
+            env={**env, "TOWER_PORT": "0"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("tower: error:")]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert f"schema version {newest + 1}" in lines[0] and f"knows up to {newest:04d}" in lines[0], lines[0]

@@ -84,9 +84,16 @@ def schema_version(store: Store) -> int:
 
 def migrate(store: Store) -> list[Migration]:
     """Apply pending migrations; return those applied (empty when up to date). ConfigError when the database
-    applied another text of a migration than this release holds."""
+    applied another text of a migration than this release holds, or migrations newer than it holds."""
     done = applied_checksums(store)
     migrations = available()
+    newest = max((m.version for m in migrations), default=0)
+    if done and max(done) > newest:  # a rollback: this code reads columns and tables its schema no longer has
+        ahead = sorted(v for v in done if v > newest)
+        raise ConfigError(
+            f"this database is at schema version {max(done)} (migrations {', '.join(f'{v:04d}' for v in ahead)} "
+            f"applied by a newer release); this release knows up to {newest:04d}: run that release or a newer one"
+        )
     edited = edited_after_applying(done, migrations)
     if edited:
         names = ", ".join(f"{m.version:04d}_{m.name} (applied {done[m.version]}, now {m.checksum})" for m in edited)
