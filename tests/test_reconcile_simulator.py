@@ -892,19 +892,19 @@ def test_a_store_error_at_the_start_of_a_trial_does_not_keep_the_breaker_shut(
     e.erp.end_outage()
     assert svc.actions.breakers.state("erp") == "open"
     time.sleep(2.1)  # half-open: one trial may go
-    real = q.write_action
+    real = q.write_actions
     fails = {"left": 1}
 
-    def write_action(st: Store, row: dict[str, Any]) -> None:  # one store error, on the trial's start
-        if row["State"] == "in_progress" and fails["left"]:
+    def write_actions(st: Store, rows: list[dict[str, Any]]) -> None:  # one store error, on the trial's start
+        if any(row["State"] == "in_progress" for row in rows) and fails["left"]:
             fails["left"] -= 1
             raise RuntimeError("Code: 242. Table is in readonly mode")
-        real(st, row)
+        real(st, rows)
 
-    monkeypatch.setattr(q, "write_action", write_action)
+    monkeypatch.setattr(q, "write_actions", write_actions)
     with pytest.raises(RuntimeError):
         svc.actions.process_due()
-    monkeypatch.setattr(q, "write_action", real)
+    monkeypatch.setattr(q, "write_actions", real)
     for _ in range(3):
         svc.actions.process_due()
     assert [state_of(store, a["action_id"]) for a in actions] == ["succeeded"] * 4
