@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -140,6 +143,26 @@ def pull(
     return pulled
 
 
+def _code_digest() -> str:
+    """The text of the modules that decide what a comparison finds (its SQL and the pure rules): a release that
+    changed them classifies some unchanged keys differently."""
+    digest = hashlib.sha256()
+    for module in (q, c):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    return digest.hexdigest()
+
+
+_CODE_DIGEST = _code_digest()
+
+
+def rules_fingerprint(params: dict[str, Any]) -> str:
+    """What an incremental run's results depend on besides the data: the comparison code and the rules' settings
+    (tolerances, grace periods, match window; not the run's as_of). Runs are compared with the last run of the
+    same fingerprint (q.last_watermark): after an upgrade or a change of settings, the first run is a full one."""
+    settings = json.dumps({k: v for k, v in params.items() if k != "as_of"}, sort_keys=True, default=str)
+    return hashlib.sha256(f"{_CODE_DIGEST}\n{settings}".encode()).hexdigest()[:16]
+
+
 def unknown_region(region: str, regions: list[str]) -> str:
     return f"no data names region {region!r} (regions are case-sensitive): {', '.join(regions[:20]) or 'none yet'}"
 
@@ -256,8 +279,12 @@ class Reconciler:
         run_id = run_id or uuid.uuid4().hex[:16]
         as_of = as_of or _now()
         started = _now()
-        watermark = None if full else q.last_watermark(store, region)
+        rules = rules_fingerprint(self.rule_params(as_of))
+        watermark = None if full else q.last_watermark(store, region, rules)
         mode = "full" if full or watermark is None else "incremental"
+        if mode == "full" and not full:
+            log.info("run %s compares every key: no run under these rules (release and settings) covers %s yet",
+                     run_id, f"region {region}" if region else "every region")  # fmt: skip
         result = RunResult(run_id, mode, region, as_of)
         record: dict[str, Any] = {
             "RunId": run_id,
@@ -279,6 +306,7 @@ class Reconciler:
             "ResidualMinor": 0,
             "Error": "",
             "Owner": run_owner.this_process(),
+            "Rules": rules,
         }
         for unrecorded in list(self._unrecorded.values()):
             self._record_failure(unrecorded)

@@ -113,6 +113,7 @@ class ReconcilerService:
                 "ResidualMinor": run["residual_minor"],
                 "Error": "interrupted (the process stopped during the run)",
                 "Owner": run["owner"],
+                "Rules": run["rules"],
             }
             q.audit_changes_not_applied(self.store, run["run_id"])
             q.write_run(self.store, run_record)

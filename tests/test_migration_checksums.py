@@ -43,6 +43,7 @@ RELEASED = {
     24: "7b262d3944ff3369",  # customer_sync_by_cdp_user
     25: "8da7dfb2daa106ca",  # statement_dropped
     26: "7bcb4be8cceee661",  # fsync_acknowledged_writes
+    27: "3436b2388bcd8b49",  # run_rules
 }
 
 

@@ -605,7 +605,7 @@ def test_a_starting_process_closes_only_the_runs_of_a_process_that_is_gone(store
         RunId="left-over", Mode="full", Region="", Trigger="schedule", RequestedBy="", State="running", Stage="facts",
         AsOf=gone["as_of"], Watermark=gone["watermark"], StartedAt=gone["started_at"], FinishedAt=q.EPOCH, Pulled={},
         KeysCompared=0, DriftOpen=0, DriftNew=0, DriftResolved=0, ResidualMinor=0, Error="",
-        Owner=f"{socket.gethostname()}/999999999/1",  # a process long gone
+        Owner=f"{socket.gethostname()}/999999999/1", Rules="",  # a process long gone
     )  # fmt: skip
     q.write_run(store, left_over)
     seen: list[str] = []
@@ -1293,3 +1293,38 @@ def test_bulk_corrections_are_requested_with_a_few_reads_and_two_writes(store: S
     svc.actions.store = store
     for drift_id in [*missing, *amounts]:
         assert svc.actions.request(drift_id, "carol", execute=False)["action_id"] == made[drift_id]["action_id"]
+
+
+def test_the_first_run_under_new_rules_compares_every_key(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an upgrade that changed the comparison, or a change of tolerance or grace settings, incremental runs
+    compared only the keys changed since, so every other key kept the old rules' result until the daily full run
+    (an upgrade review found a currency_mismatch valued 0 by the old release next to ones valued by the new)."""
+    from reconciler import runner
+
+    estate = missing_estate(seed=6, invoices=600, amount_mismatch=0.03)
+    as_of = estate.config.as_of
+    strict = Reconciler(store, c.Rules.from_settings(settings(tmp_path)))
+    assert strict.run(full=True, as_of=as_of, pull_sources=False).mode == "full"  # nothing pulled: none found
+    strict.billing, strict.erp = estate.billing, estate.erp
+    first = strict.run(as_of=as_of)
+    mismatched = {k for cls, k in open_items(store) if cls == c.AMOUNT_MISMATCH}
+    assert first.mode == "incremental" and mismatched
+    assert strict.run(as_of=as_of).mode == "incremental"  # same rules: incremental, as before
+
+    # the settings allow any difference now: nothing changed in the data, yet no amount is a mismatch any more
+    lenient_settings = settings(tmp_path, reconcile_tolerance_abs_minor={"*": 10**12})
+    lenient = Reconciler(store, c.Rules.from_settings(lenient_settings), estate.billing, estate.erp)
+    changed = lenient.run(as_of=as_of)
+    assert changed.mode == "full" and changed.resolved >= len(mismatched)
+    assert not {k for cls, k in open_items(store) if cls == c.AMOUNT_MISMATCH}
+    assert lenient.run(as_of=as_of).mode == "incremental"
+
+    # a release whose comparison code differs: its first run is a full one too (the old rules' items come back)
+    monkeypatch.setattr(runner, "_CODE_DIGEST", "another release")
+    upgraded = Reconciler(store, c.Rules.from_settings(settings(tmp_path)), estate.billing, estate.erp)
+    after = upgraded.run(as_of=as_of)
+    assert after.mode == "full" and {k for cls, k in open_items(store) if cls == c.AMOUNT_MISMATCH} == mismatched
+    assert q.get_run(store, after.run_id)["rules"] == runner.rules_fingerprint(upgraded.rule_params(as_of))  # type: ignore[index]
+    assert upgraded.run(as_of=as_of).mode == "incremental"

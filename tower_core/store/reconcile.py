@@ -243,6 +243,7 @@ RUN_FIELDS = (
     "ResidualMinor",
     "Error",
     "Owner",
+    "Rules",
 )
 RUNS = pa.schema(
     [
@@ -265,6 +266,7 @@ RUNS = pa.schema(
         ("ResidualMinor", pa.int64()),
         ("Error", pa.string()),
         ("Owner", pa.string()),
+        ("Rules", pa.string()),
         ("Version", pa.uint64()),
     ]
 )
@@ -284,7 +286,7 @@ _RUN_COLUMNS = (
     "State AS state, Stage AS stage, AsOf AS as_of, Watermark AS watermark, StartedAt AS started_at, "
     "FinishedAt AS finished_at, Pulled AS pulled, KeysCompared AS keys_compared, DriftOpen AS drift_open, "
     "DriftNew AS drift_new, DriftResolved AS drift_resolved, ResidualMinor AS residual_minor, Error AS error, "
-    "Owner AS owner, StatementDropped = 1 AS statement_dropped"
+    "Owner AS owner, Rules AS rules, StatementDropped = 1 AS statement_dropped"
 )
 
 
@@ -330,17 +332,18 @@ def mark_state_replaced(store: Store) -> None:
     set_cursor(store, *STATE_REPLACED, _now().isoformat())
 
 
-def last_watermark(store: Store, region: str) -> dt.datetime | None:
-    """Where the next incremental run starts: the start of the last succeeded run covering this region, or None
-    (a full run) when there is none since the state tables were last replaced: an incremental run compares the
-    keys changed since, and the keys of the replaced estate would keep their open items forever.
+def last_watermark(store: Store, region: str, rules: str) -> dt.datetime | None:
+    """Where the next incremental run starts: the start of the last succeeded run covering this region under the
+    same ``rules`` (see migration 0027), or None (a full run) when there is none since the state tables were last
+    replaced: an incremental run compares the keys changed since, and the keys of the replaced estate (or the keys
+    the old rules classified) would keep their open items forever.
 
     A run with a region filter compared only that region, so it moves only that region's watermark.
     """
     rows = store.query_rows(
         "SELECT max(StartedAt) AS w, count() AS n FROM $db.reconcile_runs FINAL "
-        "WHERE State = 'succeeded' AND (Region = '' OR Region = {r:String})",
-        {"r": region},
+        "WHERE State = 'succeeded' AND (Region = '' OR Region = {r:String}) AND Rules = {rules:String}",
+        {"r": region, "rules": rules},
     )
     if not rows or not rows[0]["n"]:
         return None
