@@ -4,7 +4,8 @@ invoices changed; and datacompy (polars backend) comparing the same invoices to 
 
     .venv/bin/python -m bench.reconcile --invoices 10000000
 
-Ends with one JSON line: {"invoices", "full_s", "incremental_s", "rss_mb", "datacompy_s", "ratio_vs_datacompy"}.
+Ends with one JSON line: {"invoices", "full_s", "incremental_s", "rss_mb", "datacompy_s", "ratio_vs_datacompy"}
+(with ``--floor``, also "floor_s": the least any full run must read, each read timed alone, and the ratio that bounds).
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--data-dir", type=Path, default=None, help="chDB path (default: a fresh temporary dir)")
     ap.add_argument("--skip-datacompy", action="store_true")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the least any full run must read (both comparisons, the differing keys' values), each alone",
+    )
     args = ap.parse_args()
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="tower-bench-reconcile-"))
@@ -130,6 +136,12 @@ def main() -> None:
         flush=True,
     )
 
+    floor_s = 0.0
+    if args.floor:  # on the estate the full run compared, with the keys it found differing
+        floor = qb.floor_reads(store, full.run_id)
+        floor_s = sum(floor.values())
+        print(f"floor (reads alone): {floor_s:.2f}s ({ {k: round(v, 2) for k, v in floor.items()} })", flush=True)
+
     changed = qb.change_invoices(store, args.changed, args.seed)
     t0 = time.perf_counter()
     inc = rec.run(as_of=config.as_of, pull_sources=False)
@@ -150,6 +162,9 @@ def main() -> None:
             flush=True,
         )
     ratio = round(datacompy_s / full_s, 2) if datacompy_s else None
+    bound = round(datacompy_s / floor_s, 2) if datacompy_s and floor_s else None
+    if bound:
+        print(f"a full run doing nothing but the floor's reads would be {bound}x datacompy's speed", flush=True)
     if args.data_dir is None:
         shutil.rmtree(data_dir, ignore_errors=True)
     print(
@@ -161,6 +176,7 @@ def main() -> None:
                 "rss_mb": round(peak.peak, 1),
                 "datacompy_s": round(datacompy_s, 3),
                 "ratio_vs_datacompy": ratio,
+                **({"floor_s": round(floor_s, 3), "floor_ratio_vs_datacompy": bound} if args.floor else {}),
             }
         ),
         flush=True,
