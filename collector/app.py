@@ -43,7 +43,7 @@ from collector.routers import sla as sla_routes
 from collector.scheduler import create_scheduler
 from collector.telemetry import setup_telemetry
 from collector.telemetry import shutdown as shutdown_telemetry
-from reconciler.service import ReconcilerService
+from reconciler.service import RUN_STOP_WAIT_S, ReconcilerService
 from reconciler.sla.prom import SlaCollector
 from reconciler.sla.service import SlaService
 from tower_core.errors import StoreError
@@ -97,6 +97,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
             yield
         finally:
             scheduler.shutdown(wait=False)
+            reconciler.stop(timeout_s=RUN_STOP_WAIT_S)  # a run in progress ends at its next stage, recorded
             sla.close()
             ingest.stop()
             if telemetry is not None:

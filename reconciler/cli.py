@@ -116,7 +116,7 @@ def run_reconciler(settings: Settings, stop: threading.Event | None = None) -> i
         )
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from reconciler.service import ReconcilerService
+    from reconciler.service import RUN_STOP_WAIT_S, ReconcilerService
     from tower_core.store import migrate, open_store
 
     # the jobs are this process's reason to be: TOWER_RECONCILE_SCHEDULER=false, set for the API beside it (and
@@ -136,6 +136,7 @@ def run_reconciler(settings: Settings, stop: threading.Event | None = None) -> i
     try:
         stop.wait()
     finally:
+        service.stop(timeout_s=RUN_STOP_WAIT_S)  # a run in progress ends at its next stage, recorded
         scheduler.shutdown(wait=True)
         store.close()
     return 0

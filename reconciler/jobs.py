@@ -1,7 +1,9 @@
 """APScheduler wiring: incremental and full runs and the retry of due corrective actions, in the background.
 
-Jobs never overlap themselves (max_instances=1, coalesce); a run job that finds another run in progress
-skips its turn.
+Jobs never overlap themselves (max_instances=1, coalesce). An incremental run job that finds another run in
+progress skips its turn; a full run job waits for it to end (both jobs count from the same start, so with the
+default intervals every daily full turn fell on an incremental turn's second and was skipped), unless that run is
+itself a full run of every region.
 """
 
 from __future__ import annotations
@@ -20,12 +22,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("tower.reconciler.jobs")
 
 
+# How long a scheduled full run waits for a run in progress to end.
+FULL_RUN_WAIT_S = 3600.0
+
+
 def _run_job(service: ReconcilerService, full: bool) -> None:
     from reconciler.runner import RunFailed
     from reconciler.service import RunBusy
 
     try:
-        service.run(full=full, trigger="schedule", requested_by="scheduler")
+        if full and service.current_scope == (True, ""):
+            raise RunBusy(f"{service.current_run or '?'} (a full run of every region)")
+        service.run(full=full, trigger="schedule", requested_by="scheduler", wait_s=FULL_RUN_WAIT_S if full else 0)
     except RunBusy as exc:
         log.info("scheduled %s run skipped: %s", "full" if full else "incremental", exc)
     except RunFailed as exc:

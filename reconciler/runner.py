@@ -241,6 +241,8 @@ class Reconciler:
         self.cdp = cdp
         # failed runs whose record the store refused (out of disk): written at the next run's start
         self._unrecorded: dict[str, dict[str, Any]] = {}
+        # a graceful stop of the process: checked before each stage, which then does not start
+        self.should_stop: Callable[[], bool] = lambda: False
 
     def _record_failure(self, record: dict[str, Any]) -> None:
         """Store a failed run's record; a store that refuses it now (the failure may be its own) gets it again
@@ -312,6 +314,9 @@ class Reconciler:
             self._record_failure(unrecorded)
 
         def stage(name: str) -> None:
+            if self.should_stop():
+                raise RunFailed(f"stopped before its {name} stage: the process is shutting down (the next run "
+                                "compares these keys again)")  # fmt: skip
             record["Stage"] = name
             if name != STAGES[0]:  # stored as it goes: a run the process loses says where it stopped (not "pull")
                 q.write_run(store, record)

@@ -30,6 +30,11 @@ from tower_core.store import reconcile as q
 log = logging.getLogger("tower.reconciler")
 
 
+# A graceful stop waits this long for the run in progress to reach its next stage (a stage of a full run at 10M
+# invoices takes up to ~7 s here); past it the process exits and its next start closes the run as interrupted.
+RUN_STOP_WAIT_S = 25.0
+
+
 class RunBusy(Exception):
     """A run is in progress in this process."""
 
@@ -48,6 +53,8 @@ class ReconcilerService:
         self._progress: dict[str, dict[str, Any]] = {}
         self._failed: dict[str, str] = {}  # run id -> error, of runs that failed in this process
         self._current: str | None = None
+        self._current_scope: tuple[bool, str] | None = None  # (full, region) of the run in progress
+        self._stopping = threading.Event()
         self.connectors = connectors if connectors is not None else build_connectors(settings)
         self.reconciler = Reconciler(
             store,
@@ -58,6 +65,7 @@ class ReconcilerService:
                 settings.reconcile_statement_keep_runs, settings.reconcile_statement_keep_days
             ),
         )  # None: PII dropped
+        self.reconciler.should_stop = self._stopping.is_set
         self.actions = ActionService(
             store,
             None,
@@ -137,13 +145,15 @@ class ReconcilerService:
         trigger: str = "api",
         requested_by: str = "",
         run_id: str | None = None,
+        wait_s: float = 0.0,
     ) -> RunResult:
-        """Run now in this thread (scheduler jobs, CLI beside a server); RunBusy if one is running."""
+        """Run now in this thread (scheduler jobs, CLI beside a server); RunBusy if one is running (and, with
+        ``wait_s``, still is that many seconds later)."""
         run_id = run_id or uuid.uuid4().hex[:16]
-        if not self._run_lock.acquire(blocking=False):
+        if not (self._run_lock.acquire(timeout=wait_s) if wait_s > 0 else self._run_lock.acquire(blocking=False)):
             raise RunBusy(self._current or "?")
         try:
-            self._current = run_id
+            self._current, self._current_scope = run_id, (full, region)
             self._progress[run_id] = {"stage": "starting", "done": 0, "total": len(STAGES)}
 
             def progress(stage: str, done: int, total: int) -> None:
@@ -163,7 +173,7 @@ class ReconcilerService:
                 self._failed[run_id] = str(exc)  # said by run_status even if the store refused the record
                 raise
         finally:
-            self._current = None
+            self._current = self._current_scope = None
             self._run_lock.release()
         try:
             self.actions.auto_correct(result.run_id)
@@ -216,6 +226,23 @@ class ReconcilerService:
     @property
     def current_run(self) -> str | None:
         return self._current
+
+    @property
+    def current_scope(self) -> tuple[bool, str] | None:
+        """(full, region) of the run in progress here, or None."""
+        return self._current_scope
+
+    def stop(self, timeout_s: float) -> bool:
+        """A graceful stop: the run in progress ends at its next stage (recorded as failed, saying why; nothing
+        half-classified), and no run starts any more. Waits up to ``timeout_s``; True if no run is left. A stop
+        that abandoned the run left it 'running' until the next start closed it as interrupted."""
+        self._stopping.set()
+        if not self._run_lock.acquire(timeout=max(timeout_s, 0.0)):
+            log.warning("run %s still in progress after %.0f s of stopping; left to the next start", self._current,
+                        timeout_s)  # fmt: skip
+            return False
+        self._run_lock.release()
+        return True
 
     # --- queue
     def transition(self, drift_id: str, target: str, note: str, who: str) -> dict[str, Any]:

@@ -1328,3 +1328,108 @@ def test_the_first_run_under_new_rules_compares_every_key(
     assert after.mode == "full" and {k for cls, k in open_items(store) if cls == c.AMOUNT_MISMATCH} == mismatched
     assert q.get_run(store, after.run_id)["rules"] == runner.rules_fingerprint(upgraded.rule_params(as_of))  # type: ignore[index]
     assert upgraded.run(as_of=as_of).mode == "incremental"
+
+
+class GatedBilling:
+    """The simulated billing system, whose invoice pull waits at a gate (a test wrapper, named as such): holds a
+    run in its pull stage for as long as a test needs."""
+
+    def __init__(self, billing: Any) -> None:
+        self._billing, self.name = billing, billing.name
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def pull_invoices(self, cursor: str | None, limit: int = 1000) -> Any:
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self._billing.pull_invoices(cursor, limit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._billing, name)
+
+
+def _held_run(svc: ReconcilerService, estate: Estate, full: bool) -> tuple[GatedBilling, threading.Thread]:
+    billing = GatedBilling(estate.billing)
+    svc.set_connectors(Connectors(billing, estate.erp, estate.cdp))  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            svc.run(full=full, as_of=estate.config.as_of, trigger="schedule")
+        except Exception:  # the test reads the run's record
+            pass
+
+    held = threading.Thread(target=run)
+    held.start()
+    assert billing.entered.wait(30)
+    return billing, held
+
+
+def test_a_scheduled_full_turn_waits_for_an_incremental_run_in_progress(store: Store, tmp_path: Path) -> None:
+    """Both run jobs count from the same start, so with the default intervals (300 s, 86,400 s) every full turn
+    fell on an incremental turn's second; the full job found that run in progress and skipped its turn, leaving the
+    estate without a full run for another day (a soak review saw 2 of 11 full turns run)."""
+    from reconciler.jobs import _run_job
+
+    estate = missing_estate(seed=5, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    billing, held = _held_run(svc, estate, full=False)
+    full_turn = threading.Thread(target=_run_job, args=(svc, True))
+    full_turn.start()
+    full_turn.join(0.5)
+    assert full_turn.is_alive()  # waiting for the incremental run, not skipped
+    billing.gate.set()
+    held.join(30)
+    full_turn.join(60)
+    runs = q.list_runs(store, limit=2)[0]
+    assert [(r["mode"], r["state"]) for r in runs] == [("full", "succeeded"), ("incremental", "succeeded")]
+
+    # a full run of every region in progress: that turn is done by it, skipped at once
+    billing, held = _held_run(svc, estate, full=True)
+    full_turn = threading.Thread(target=_run_job, args=(svc, True))
+    full_turn.start()
+    full_turn.join(5)
+    assert not full_turn.is_alive()
+    billing.gate.set()
+    held.join(30)
+    assert [r["mode"] for r in q.list_runs(store, limit=3)[0]] == ["full", "full", "incremental"]
+
+
+def test_a_graceful_stop_ends_the_run_in_progress_at_its_next_stage(store: Store, tmp_path: Path) -> None:
+    """SIGTERM left a run in progress 'running' (the scheduler was shut down without waiting): the next start on
+    the same host closed it as interrupted, another host's after 6 h, and a stop inside the queue stage left items
+    half-processed."""
+    estate = missing_estate(seed=5, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    before = {(i["class"], i["primary_key"], i["state"]) for i in q.all_open_items(store)}
+    billing, held = _held_run(svc, estate, full=False)
+    threading.Timer(0.3, billing.gate.set).start()  # the pull ends while the stop waits
+    assert svc.stop(timeout_s=30)
+    held.join(30)
+    run = q.list_runs(store, limit=1)[0][0]
+    assert (run["state"], run["stage"]) == ("failed", "pull") and "stopped before its candidates stage" in run["error"]
+    assert {(i["class"], i["primary_key"], i["state"]) for i in q.all_open_items(store)} == before
+    with pytest.raises(Exception, match="shutting down"):  # no run starts once stopping
+        svc.run(as_of=estate.config.as_of)
+
+
+def test_the_apps_shutdown_stops_the_run_in_progress_gracefully(store: Store, tmp_path: Path) -> None:
+    """The server's lifespan end (SIGTERM to `tower serve`) shut the scheduler down without waiting: a run in
+    progress was abandoned 'running'. Now the run ends at its next stage, recorded as stopped, before the exit."""
+    from fastapi.testclient import TestClient
+
+    from collector.app import create_app
+
+    estate = missing_estate(seed=5, invoices=400, erp_posting_missing=0.02)
+    app_settings = settings(tmp_path, database=store.database, wal_dir=tmp_path / "wal", admin_token="adm-graceful",
+                            sla_eval_interval_s=0)  # fmt: skip
+    billing = GatedBilling(estate.billing)
+    with TestClient(create_app(app_settings, store)) as client:
+        client.app.state.reconciler.set_connectors(Connectors(billing, estate.erp, estate.cdp))  # type: ignore[attr-defined]
+        started = client.post("/api/runs", json={}, headers={"Authorization": "Bearer adm-graceful"})
+        assert started.status_code in (200, 202), started.text
+        run_id = started.json()["run_id"]
+        assert billing.entered.wait(30)
+        threading.Timer(0.5, billing.gate.set).start()  # the pull ends while the app is shutting down
+    run = q.get_run(store, run_id)
+    assert run is not None and run["state"] == "failed" and "shutting down" in run["error"], run
