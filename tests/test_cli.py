@@ -154,6 +154,8 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], says: str, tmp_pa
         ({"TOWER_INGEST_TOKENS": '["secret123", " "]'}, "TOWER_INGEST_TOKENS"),
         # a misspelt class was kept and never matched: that class kept the default grace
         ({"TOWER_RECONCILE_GRACE_S": '{"missing-in-erp": 60}'}, "'missing-in-erp' is not a drift class"),
+        # a class with no timing gap was accepted, and its grace had no effect (docs review)
+        ({"TOWER_RECONCILE_GRACE_S": '{"*": 60, "missing_in_billing": 86400}'}, "'missing_in_billing' has no grace"),
         # a rule across settings named a variable that does not exist (TOWER_SETTINGS)
         ({"TOWER_CDP_WRITE_KEYS": '["secret123"]'}, "invalid settings: Value error, TOWER_CDP_PII_HMAC_KEY"),
     ],

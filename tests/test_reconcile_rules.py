@@ -269,10 +269,10 @@ def test_a_map_without_a_default_keeps_the_documented_one() -> None:
     """Setting one class's grace made every other class's 24 h (not the documented 2 h), and one currency's
     tolerance made every other currency's 0 (not 1 minor unit)."""
     rules = c.Rules.from_settings(
-        Settings(reconcile_grace_s={"duplicate_posting": 3_600}, reconcile_tolerance_abs_minor={"JPY": 0})
+        Settings(reconcile_grace_s={"refund_unposted": 3_600}, reconcile_tolerance_abs_minor={"JPY": 0})
     )
     assert rules.grace(c.MISSING_IN_ERP) == dt.timedelta(seconds=7_200) == c.Rules.from_settings(Settings()).grace("x")
-    assert rules.grace(c.DUPLICATE_POSTING) == dt.timedelta(seconds=3_600)
+    assert rules.grace(c.REFUND_UNPOSTED) == dt.timedelta(seconds=3_600)
     assert rules.tolerance("USD") == c.Tolerance(1, 0) and rules.tolerance("JPY") == c.Tolerance(0, 0)
 
 

@@ -29,6 +29,8 @@ DRIFT_CLASSES: tuple[str, ...] = (
     "region_mismatch",
     "stale_sync",
 )
+# The classes whose gap is a timing one (one side not there yet): inside their grace period it is stale_sync.
+GRACE_CLASSES: tuple[str, ...] = ("missing_in_erp", "payment_unapplied", "refund_unposted", "customer_unsynced")
 
 
 def amount_error(amount_minor: int) -> str | None:

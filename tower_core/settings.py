@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from tower_core.logs import LEVELS as LOG_LEVELS
-from tower_core.models import DRIFT_CLASSES
+from tower_core.models import DRIFT_CLASSES, GRACE_CLASSES
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # what the reconciler's maps fall back to without a `*` entry, as without the setting at all
@@ -167,7 +167,8 @@ class Settings(BaseSettings):
     )
     reconcile_grace_s: dict[str, int] = Field(
         default_factory=lambda: {"*": DEFAULT_GRACE_S},
-        description="Grace period per drift class in seconds (inside it a gap is stale_sync), JSON; `*` = default.",
+        description="Grace period in seconds per drift class whose gap is a side not there yet (missing_in_erp, "
+        "payment_unapplied, refund_unposted, customer_unsynced; inside it the gap is stale_sync), JSON; `*` = default.",
     )
     reconcile_match_window_days: int = Field(
         31, ge=0, le=3660, description="Date window of 1:N / N:1 matching by customer and sum."
@@ -322,10 +323,16 @@ class Settings(BaseSettings):
     @field_validator("reconcile_grace_s")
     @classmethod
     def _class_keys(cls, value: dict[str, int]) -> dict[str, int]:
-        # a misspelt class ("missing-in-erp") was kept and never matched: that class kept the default grace
+        # a misspelt class ("missing-in-erp") was kept and never matched: that class kept the default grace; and a
+        # class no gap of which is a timing one (missing_in_billing) was accepted and had no effect
         for key in value:
             if key != "*" and key not in DRIFT_CLASSES:
                 raise ValueError(f"{key!r} is not a drift class ({', '.join(DRIFT_CLASSES)}) or * (the default)")
+            if key != "*" and key not in GRACE_CLASSES:
+                raise ValueError(
+                    f"{key!r} has no grace period: only {', '.join(GRACE_CLASSES)} wait for a side not there yet "
+                    "(inside their grace a gap is stale_sync)"
+                )
         return value
 
     @field_validator("stripe_webhook_secrets", "ingest_tokens", "cdp_write_keys")
