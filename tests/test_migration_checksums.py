@@ -65,7 +65,9 @@ def test_a_database_that_applied_another_text_is_refused_with_one_line(embedded_
         migrate(embedded_store)
 
 
-def test_tower_migrate_on_such_a_database_says_so_in_one_line(tmp_path: Path) -> None:
+def _migrated_then_recorded(tmp_path: Path, version: int, name: str, checksum: str) -> dict[str, str]:
+    """A data dir migrated by this release, then given a record of ``version`` as another text or release left it
+    (in a process of its own: chDB opens one data dir per process). Returns the environment naming it."""
     env = {"TOWER_DATA_DIR": str(tmp_path / "d"), "PATH": "/usr/bin:/bin"}
     script = (
         "import datetime as dt\n"
@@ -73,10 +75,16 @@ def test_tower_migrate_on_such_a_database_says_so_in_one_line(tmp_path: Path) ->
         "from tower_core.store import open_store, migrate\n"
         f"s = open_store(Settings(data_dir={str(tmp_path / 'd')!r}))\n"
         "migrate(s)\n"
-        "s.command(\"INSERT INTO $db.schema_migrations VALUES (19, 'payment_signatures', 'f00d', {t:DateTime64(3)})\","
+        f"s.command(\"INSERT INTO $db.schema_migrations VALUES ({version}, '{name}', '{checksum}', "
+        '{t:DateTime64(3)})",'
         " {'t': dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)})\n"
     )
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True, timeout=120)
+    return env
+
+
+def test_tower_migrate_on_such_a_database_says_so_in_one_line(tmp_path: Path) -> None:
+    env = _migrated_then_recorded(tmp_path, 19, "payment_signatures", "f00d")
     proc = subprocess.run(
         [sys.executable, "-m", "tower_core.cli", "migrate"],
         cwd=ROOT,
@@ -93,18 +101,8 @@ def test_tower_migrate_on_such_a_database_says_so_in_one_line(tmp_path: Path) ->
 def test_a_database_a_newer_release_migrated_is_refused_with_one_line(tmp_path: Path) -> None:
     """An older release started on a database a newer one had migrated said nothing: it served, its runs failed on
     columns the newer schema had dropped, and its incremental runs rewrote items under its own rules."""
-    env = {"TOWER_DATA_DIR": str(tmp_path / "d"), "PATH": "/usr/bin:/bin"}
     newest = max(m.version for m in available())
-    script = (
-        "import datetime as dt\n"
-        "from tower_core.settings import Settings\n"
-        "from tower_core.store import open_store, migrate\n"
-        f"s = open_store(Settings(data_dir={str(tmp_path / 'd')!r}))\n"
-        "migrate(s)\n"
-        f"s.command(\"INSERT INTO $db.schema_migrations VALUES ({newest + 1}, 'from_the_future', 'beef', "
-        "{t:DateTime64(3)})\", {'t': dt.datetime.now(dt.UTC)})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True, timeout=120)
+    env = _migrated_then_recorded(tmp_path, newest + 1, "from_the_future", "beef")
     for command in (["migrate"], ["serve"]):
         proc = subprocess.run(
             [sys.executable, "-m", "tower_core.cli", *command],
