@@ -148,7 +148,10 @@ def _code_digest() -> str:
     changed them classifies some unchanged keys differently."""
     digest = hashlib.sha256()
     for module in (q, c):
-        digest.update(Path(module.__file__ or "").read_bytes())
+        try:
+            digest.update(Path(module.__file__ or "").read_bytes())
+        except OSError:  # not installed as files (a zip): the module's name stands in, and settings still count
+            digest.update(module.__name__.encode())
     return digest.hexdigest()
 
 

@@ -152,6 +152,9 @@ class ReconcilerService:
         run_id = run_id or uuid.uuid4().hex[:16]
         if not (self._run_lock.acquire(timeout=wait_s) if wait_s > 0 else self._run_lock.acquire(blocking=False)):
             raise RunBusy(self._current or "?")
+        if self._stopping.is_set():  # a turn that waited for the run a stop ended: no new run, no record of one
+            self._run_lock.release()
+            raise RunFailed("not started: the process is shutting down")
         try:
             self._current, self._current_scope = run_id, (full, region)
             self._progress[run_id] = {"stage": "starting", "done": 0, "total": len(STAGES)}

@@ -1409,8 +1409,10 @@ def test_a_graceful_stop_ends_the_run_in_progress_at_its_next_stage(store: Store
     run = q.list_runs(store, limit=1)[0][0]
     assert (run["state"], run["stage"]) == ("failed", "pull") and "stopped before its candidates stage" in run["error"]
     assert {(i["class"], i["primary_key"], i["state"]) for i in q.all_open_items(store)} == before
-    with pytest.raises(Exception, match="shutting down"):  # no run starts once stopping
+    runs = q.list_runs(store)[1]
+    with pytest.raises(Exception, match="shutting down"):  # no run starts once stopping, and none is recorded
         svc.run(as_of=estate.config.as_of)
+    assert q.list_runs(store)[1] == runs
 
 
 def test_the_apps_shutdown_stops_the_run_in_progress_gracefully(store: Store, tmp_path: Path) -> None:
