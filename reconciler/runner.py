@@ -257,6 +257,17 @@ class Reconciler:
             self._unrecorded[record["RunId"]] = dict(record)
             log.error("run %s failed and its record could not be stored (retried next run): %s", record["RunId"], exc)
 
+    def _store_clock_offset(self) -> dt.timedelta:
+        """The store's clock minus this process's (a ClickHouse server on another host may differ by minutes); 0
+        when the store does not answer (the run then fails at its first write, and says so)."""
+        try:
+            before = _now()
+            theirs = q.store_now(self.store)
+            after = _now()
+        except StoreError:
+            return dt.timedelta(0)
+        return theirs - (before + (after - before) / 2)
+
     def _prune_statements(self) -> None:
         """Drop the statements the retention policy no longer keeps. A failure costs disk, not the run: the next
         run tries again."""
@@ -283,7 +294,11 @@ class Reconciler:
         store = self.store
         run_id = run_id or uuid.uuid4().hex[:16]
         as_of = as_of or _now()
-        started = _now()
+        # on the store's clock: the next incremental run compares the rows whose IngestedAt (the store's now at
+        # insert) is past this start, so a tower clock ahead of a ClickHouse server's skipped the rows written
+        # just after a run, for good (until a full run)
+        offset = self._store_clock_offset()
+        started = _now() + offset
         rules = rules_fingerprint(self.rule_params(as_of))
         watermark = None if full else q.last_watermark(store, region, rules)
         mode = "full" if full or watermark is None else "incremental"
@@ -345,12 +360,12 @@ class Reconciler:
         except Exception as exc:
             record["State"] = "failed"
             record["Error"] = _error_line(exc)[:2000]
-            record["FinishedAt"] = _now()
+            record["FinishedAt"] = _now() + offset
             self._record_failure(record)
             if isinstance(exc, RunFailed):
                 raise
             raise RunFailed(record["Error"]) from exc
-        record["FinishedAt"] = _now()
+        record["FinishedAt"] = _now() + offset
         record.update(
             {
                 "KeysCompared": result.keys_compared,

@@ -332,6 +332,11 @@ def mark_state_replaced(store: Store) -> None:
     set_cursor(store, *STATE_REPLACED, _now().isoformat())
 
 
+def store_now(store: Store) -> dt.datetime:
+    """The store's clock: what ``IngestedAt`` (``now64(6)`` at insert) is stamped with."""
+    return _aware(store.query_rows("SELECT now64(6) AS t")[0]["t"])
+
+
 def last_watermark(store: Store, region: str, rules: str) -> dt.datetime | None:
     """Where the next incremental run starts: the start of the last succeeded run covering this region under the
     same ``rules`` (see migration 0027), or None (a full run) when there is none since the state tables were last
