@@ -684,3 +684,39 @@ def test_payments_of_a_foreign_currency_invoice_are_read_in_its_currency(
     assert tryton_invoices(erp, inv.invoice_id)[0]["state"] == "paid"
     (rest,) = erp.find_by_external_ref(p2.payment_id)
     assert (rest.amount_minor, rest.currency) == (total - paid, currency)
+
+
+def test_postings_are_dated_by_the_companys_calendar_at_any_hour(tmp_path: Path) -> None:
+    """Tryton dates documents and checks them against "today" in the company's time zone; the connector dated them
+    by the UTC calendar. While the company's day differed from UTC's, a posting was refused as dated in the future
+    (west of UTC) or with a payment date in the past (east of it), and the correction dead-lettered (a time review
+    reproduced both, Los Angeles and Tokyo). The zone is chosen so that its day differs from UTC's right now."""
+    from zoneinfo import ZoneInfo
+
+    now = dt.datetime.now(dt.UTC)
+    zone = "Pacific/Kiritimati" if now.hour >= 10 else "Pacific/Pago_Pago"  # UTC+14 / UTC-11
+    assert now.astimezone(ZoneInfo(zone)).date() != now.date()
+    server = start_trytond(tmp_path) if prepared_database(tmp_path) else None
+    assert server is not None
+    admin = erp_for(server)
+    try:
+        admin.rpc.model("company.company", "write", [admin.refs()["company"]], {"timezone": zone})
+        erp = erp_for(server)  # a connector that reads the company as it is now
+        assert erp.zone() == ZoneInfo(zone)
+        inv = billing_invoice(4200, day=now)
+        erp.check_postable(inv)
+        assert not erp.post_invoice(inv).already_done
+        (rec,) = erp.rpc.search_read("account.invoice", [["reference", "=", inv.invoice_id]], ["state", "invoice_date"])
+        assert (rec["state"], rec["invoice_date"]) == ("posted", now.astimezone(ZoneInfo(zone)).date())
+        paid = Payment(f"pi_{uuid.uuid4().hex[:10]}", "payment", inv.customer_id, "NA", "USD", 1200, "succeeded",
+                       now, now)  # fmt: skip
+        assert not erp.apply_payment(paid, inv.invoice_id, 1200).already_done
+        refund = Payment(f"re_{uuid.uuid4().hex[:10]}", "refund", inv.customer_id, "NA", "USD", 500, "succeeded",
+                         now, now, allocations={inv.invoice_id: 500})  # fmt: skip
+        assert not erp.post_credit_memo(refund).already_done
+        kinds = sorted(e.entry_type for e in erp.find_by_external_ref(paid.payment_id))
+        assert kinds == ["payment"] and erp.find_by_external_ref(refund.payment_id)
+        erp.rpc.close()
+    finally:
+        admin.rpc.close()
+        stop_trytond(server)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from connectors.base import ActionOutcome, BusinessRuleError, ConnectorError, Health, TransientError
 from connectors.tryton import mapping as m
@@ -45,6 +46,7 @@ class TrytonErp:
         self.payment_method = payment_method
         self.region = region
         self._refs: dict[str, int] | None = None
+        self._zone: dt.tzinfo | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TrytonErp:
@@ -85,6 +87,24 @@ class TrytonErp:
                 ),
             }
         return self._refs
+
+    def zone(self) -> dt.tzinfo:
+        """The company's time zone, read once: Tryton dates a document, and checks it against its "today", in it.
+        Dated by the UTC calendar, a posting made while the company's day differed from UTC's was refused as
+        dated in the future (west of UTC) or with a payment date in the past (east of it), and left nobody to
+        confirm Tryton's warning: the correction was dead-lettered."""
+        if self._zone is None:
+            rows = self.rpc.search_read("company.company", [["id", "=", self.refs()["company"]]], ["timezone"])
+            name = rows[0].get("timezone") if rows else None
+            try:
+                self._zone = ZoneInfo(name) if name else dt.UTC
+            except (ZoneInfoNotFoundError, ValueError):  # a zone this machine does not know: Tryton's own default
+                self._zone = dt.UTC
+        return self._zone
+
+    def _day(self, at: dt.datetime) -> dt.date:
+        """The company's calendar day of an instant."""
+        return at.astimezone(self.zone()).date()
 
     def _currency(self, code: str) -> int:
         return self._one("currency.currency", [["code", "=", code]], f"currency {code}")
@@ -242,12 +262,12 @@ class TrytonErp:
             values = m.invoice_values(
                 doc, reference=reference, party=party, address=address, currency=self._currency(doc.currency),
                 receivable=refs["receivable"], revenue=refs["revenue"], journal=refs["journal"],
-                payment_term=refs["payment_term"], company=refs["company"], credit_for=credit_for,
+                payment_term=refs["payment_term"], company=refs["company"], credit_for=credit_for, zone=self.zone(),
             )  # fmt: skip
             # a late posting (every missing_in_erp item is past its grace period) keeps billing's date, and its
             # payment term runs from today: from the billing date, Tryton stops the post with a warning that
             # the payment date is in the past, which nobody is there to confirm
-            today = dt.datetime.now(dt.UTC).date()
+            today = dt.datetime.now(self.zone()).date()
             if values["invoice_date"] < today:
                 values["payment_term_date"] = today
             (invoice_id,) = self.rpc.model(INVOICE, "create", [values], attributes=attrs)
@@ -296,7 +316,7 @@ class TrytonErp:
         decides: an open period for it, and no invoice dated later in the sequence that would number it (Tryton
         numbers a sequence in date order; a credit note of a sequence of its own does not count, a supplier
         invoice sharing the customer invoices' sequence does)."""
-        day = invoice.issued_at.astimezone(dt.UTC).date()
+        day = self._day(invoice.issued_at)
         attrs = {"revops.invoice.id": invoice.invoice_id}
         years = self.rpc.search_read(
             "account.fiscalyear", [["start_date", "<=", day], ["end_date", ">=", day]], ["id"], attributes=attrs,
@@ -404,7 +424,7 @@ class TrytonErp:
                 amount=amount,
                 description=payment.payment_id,
                 payment_method=method,
-                date=payment.occurred_at.astimezone(dt.UTC).date(),
+                date=self._day(payment.occurred_at),
             )
             data: dict[str, Any] = {"start": start_values}
             result = self.rpc.call(f"{wizard}.execute", session, data, "choice", ctx, attributes=attrs)

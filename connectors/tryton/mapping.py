@@ -153,8 +153,10 @@ def invoice_values(
     payment_term: int,
     company: int,
     credit_for: str = "",
+    zone: dt.tzinfo = dt.UTC,
 ) -> dict[str, Any]:
-    """``account.invoice.create`` values: one line for the billing total (credit notes: a negative line)."""
+    """``account.invoice.create`` values: one line for the billing total (credit notes: a negative line), dated
+    by the company's calendar (``zone``)."""
     if isinstance(invoice, Invoice):
         amount, cur, day, text = invoice.total_minor, invoice.currency, invoice.issued_at, invoice.invoice_id
         quantity = 1.0
@@ -170,7 +172,7 @@ def invoice_values(
         "account": receivable,
         "journal": journal,
         "payment_term": payment_term,
-        "invoice_date": day.astimezone(dt.UTC).date(),
+        "invoice_date": day.astimezone(zone).date(),
         "reference": reference,
         "description": f"billing {text}",
         "lines": [
