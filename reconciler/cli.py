@@ -114,8 +114,7 @@ def run_reconciler(settings: Settings, stop: threading.Event | None = None) -> i
             "`tower reconciler` runs beside a ClickHouse server: set TOWER_CLICKHOUSE_URL "
             "(on the embedded store the jobs run inside `tower serve`)"
         )
-    from apscheduler.schedulers.background import BackgroundScheduler
-
+    from collector.scheduler import create_scheduler
     from reconciler.service import RUN_STOP_WAIT_S, ReconcilerService
     from tower_core.store import migrate, open_store
 
@@ -125,7 +124,9 @@ def run_reconciler(settings: Settings, stop: threading.Event | None = None) -> i
     store = open_store(settings)
     migrate(store)
     service = ReconcilerService(settings, store)
-    scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+    # the API's scheduler: a turn that wakes up to 60 s late still runs (APScheduler's default of 1 s dropped the
+    # turn of a process paused or busy for 2 s, the daily full run's included)
+    scheduler = create_scheduler()
     service.start(scheduler)
     scheduler.start()
     stop = stop or threading.Event()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 
 from tower_core.settings import Settings
@@ -77,11 +76,3 @@ def schedule(service: ReconcilerService, scheduler: BaseScheduler, settings: Set
         )
         added.append(job_id)
     return added
-
-
-def start_scheduler(service: ReconcilerService, settings: Settings) -> BackgroundScheduler:
-    """A scheduler of its own (``tower reconciler`` beside a ClickHouse server)."""
-    scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"max_instances": 1, "coalesce": True})
-    schedule(service, scheduler, settings)
-    scheduler.start()
-    return scheduler
