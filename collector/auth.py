@@ -67,6 +67,7 @@ class TokenVerifier:
         self._admin_hash = hash_token(admin_token) if admin_token else None
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._cache_lock = threading.Lock()  # verify runs in the threadpool
+        self._generation = 0  # bumped by forget(): a lookup read before it is not cached after it
 
     def verify(self, token: str) -> Principal | None:
         h = hash_token(token)
@@ -76,11 +77,16 @@ class TokenVerifier:
         now = time.monotonic()
         if hit and now - hit[0] < _CACHE_TTL_S:
             return hit[1]
+        generation = self._generation
         row = token_store.find_by_hash(self.store, h)
         principal = None
         if row and not row["revoked_ms"] and hmac.compare_digest(row["token_hash"], h):
             principal = Principal(row["name"], row["role"])
         with self._cache_lock:
+            if generation != self._generation:
+                # a revocation landed while this lookup read the token: its answer is not kept (a revoked token
+                # cached after forget() passed for the cache's 5 s); this request was already under way
+                return principal
             self._cache.pop(h, None)
             while len(self._cache) >= _CACHE_MAX:  # random tokens must not grow it without bound: drop the oldest
                 self._cache.pop(next(iter(self._cache)))
@@ -89,6 +95,7 @@ class TokenVerifier:
 
     def forget(self) -> None:
         with self._cache_lock:
+            self._generation += 1
             self._cache.clear()
 
 

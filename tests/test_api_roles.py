@@ -405,3 +405,48 @@ def test_the_clis_reading_of_a_validation_refusal_is_a_line_not_python_data(api:
     two = c.get("/api/drift", params={"limit": "many", "min_age_days": "old"}, headers=auth(operator))
     assert two.status_code == 422 and len(two.json()["detail"]) == 2
     assert detail(two).count("; ") == 1 and "query.limit: " in detail(two)
+
+
+class _PausedTokenReads:
+    """The real chDB store, whose token lookups wait at a gate after reading (a test wrapper, named as such): holds
+    a verification between its read and its caching."""
+
+    def __init__(self, store: Store) -> None:
+        import threading
+
+        self._store, self.read, self.gate = store, threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def query_rows(self, sql: str, params: Any = None) -> Any:
+        rows = self._store.query_rows(sql, params)
+        if "api_tokens" in sql:
+            self.read.set()
+            assert self.gate.wait(30)
+        return rows
+
+
+def test_a_token_revoked_while_a_request_reads_it_is_refused_at_once_after(
+    embedded_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verification that read the token before its revocation cached it after the revocation's forget(): the
+    revoked token passed every route for the cache's 5 s (a concurrency review saw 2,000-3,000 requests through)."""
+    import threading
+
+    from tower_core.store import tokens as token_store
+
+    migrated(embedded_store)
+    token_id, token = create_token(embedded_store, "rex", "operator")
+    paused = _PausedTokenReads(embedded_store)
+    verifier = TokenVerifier(paused, ADMIN)  # type: ignore[arg-type]
+    seen: list[Any] = []
+    reading = threading.Thread(target=lambda: seen.append(verifier.verify(token)))
+    reading.start()
+    assert paused.read.wait(30)  # it read the token, not revoked yet
+    assert token_store.revoke(embedded_store, token_id)
+    verifier.forget()  # what DELETE /api/tokens/{id} does once the revocation is stored
+    paused.gate.set()
+    reading.join(30)
+    assert seen and seen[0] is not None  # that request was already under way
+    assert verifier.verify(token) is None  # every later one is refused
