@@ -146,15 +146,20 @@ class ReconcilerService:
         requested_by: str = "",
         run_id: str | None = None,
         wait_s: float = 0.0,
+        lock_held: bool = False,
     ) -> RunResult:
         """Run now in this thread (scheduler jobs, CLI beside a server); RunBusy if one is running (and, with
-        ``wait_s``, still is that many seconds later)."""
+        ``wait_s``, still is that many seconds later). ``lock_held``: the caller took the run slot for it
+        (start_run), and this run releases it."""
         run_id = run_id or uuid.uuid4().hex[:16]
-        if not (self._run_lock.acquire(timeout=wait_s) if wait_s > 0 else self._run_lock.acquire(blocking=False)):
+        if not lock_held and not (
+            self._run_lock.acquire(timeout=wait_s) if wait_s > 0 else self._run_lock.acquire(blocking=False)
+        ):
             raise RunBusy(self._current or "?")
         if self._stopping.is_set():  # a turn that waited for the run a stop ended: no new run, no record of one
             self._run_lock.release()
-            raise RunFailed("not started: the process is shutting down")
+            self._failed[run_id] = "not started: the process is shutting down"  # an accepted one says so
+            raise RunFailed(self._failed[run_id])
         try:
             self._current, self._current_scope = run_id, (full, region)
             self._progress[run_id] = {"stage": "starting", "done": 0, "total": len(STAGES)}
@@ -185,24 +190,28 @@ class ReconcilerService:
         return result
 
     def start_run(self, **kwargs: Any) -> str:
-        """Start a run in a background thread and return its id at once (the API's POST /api/runs)."""
-        if self._run_lock.locked():
+        """Start a run in a background thread and return its id at once (the API's POST /api/runs). The run slot
+        is taken here, before the answer: taken in the thread, a scheduled run could take it first, and the
+        accepted run stayed 'queued' for good (and `tower reconcile` waited an hour for it)."""
+        if not self._run_lock.acquire(blocking=False):
             raise RunBusy(self._current or "?")
         run_id = uuid.uuid4().hex[:16]
         self._progress[run_id] = {"stage": "queued", "done": 0, "total": len(STAGES)}
 
         def target() -> None:
             try:
-                self.run(run_id=run_id, **kwargs)
-            except RunBusy:
-                self._progress[run_id] = {"stage": "rejected: another run is in progress", "done": 0, "total": 0}
+                self.run(run_id=run_id, lock_held=True, **kwargs)
             except RunFailed as exc:
                 log.warning("run %s failed: %s", run_id, exc)
             except Exception:  # a thread's error would otherwise leave the run 'queued' with no word of why
                 self._failed[run_id] = "unexpected error starting the run (see the log)"
                 log.exception("run %s could not run", run_id)
 
-        threading.Thread(target=target, name=f"reconcile-{run_id}", daemon=True).start()
+        try:
+            threading.Thread(target=target, name=f"reconcile-{run_id}", daemon=True).start()
+        except BaseException:
+            self._run_lock.release()
+            raise
         return run_id
 
     def run_status(self, run_id: str) -> dict[str, Any] | None:

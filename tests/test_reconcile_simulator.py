@@ -23,7 +23,7 @@ from reconciler.connectors import Connectors
 from reconciler.jobs import STALE_IN_PROGRESS_S, _actions_job
 from reconciler.policy import RetryPolicy
 from reconciler.runner import WATERMARK_OVERLAP, Reconciler
-from reconciler.service import ReconcilerService
+from reconciler.service import ReconcilerService, RunBusy
 from tests.conftest import migrated
 from tower_core.errors import StoreError
 from tower_core.models import CdpProfile, Customer, Payment
@@ -1459,3 +1459,32 @@ def test_a_tower_clock_ahead_of_the_stores_does_not_hide_rows_written_after_a_ru
     assert (c.MISSING_IN_ERP, "in_written_after") in open_items(store)
     started = q.get_run(store, run.run_id)["started_at"]  # type: ignore[index]
     assert abs((c.aware(started) - real_now()).total_seconds()) < 30  # on the store's clock, not the tower's
+
+
+def test_a_run_the_api_accepted_holds_the_slot_before_the_answer(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start_run saw the slot free and answered 202, and its thread took the slot later: a scheduled turn asking in
+    between took it first, and the accepted run stayed 'queued' for good while `tower reconcile` waited an hour for
+    it (a concurrency review). The slot is taken before the answer now."""
+    import reconciler.service
+
+    class LateThread(threading.Thread):
+        """A thread whose target starts 0.3 s late (a test wrapper, named as such): a busy machine's new thread."""
+
+        def run(self) -> None:
+            time.sleep(0.3)
+            super().run()
+
+    estate = missing_estate(seed=5, invoices=400, erp_posting_missing=0.02)
+    svc = service_for(store, estate, tmp_path)
+    svc.run(full=True, as_of=estate.config.as_of)
+    monkeypatch.setattr(reconciler.service.threading, "Thread", LateThread)
+    run_id = svc.start_run(as_of=estate.config.as_of)
+    monkeypatch.undo()
+    with pytest.raises(RunBusy):  # the scheduled turn asking right after the answer finds the slot taken
+        svc.run(as_of=estate.config.as_of, trigger="schedule")
+    deadline = time.monotonic() + 60
+    while svc.run_status(run_id)["state"] not in ("succeeded", "failed") and time.monotonic() < deadline:  # type: ignore[index]
+        time.sleep(0.05)
+    assert svc.run_status(run_id)["state"] == "succeeded"  # type: ignore[index]
