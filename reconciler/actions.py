@@ -83,6 +83,11 @@ class BreakerOpen(Exception):
     """The target system's breaker refused the call."""
 
 
+class Mooted(Exception):
+    """Between two attempts the correction stopped applying (its item ignored or resolved, billing voided): the
+    reason is the message."""
+
+
 class NotYet(Exception):
     """What the action writes needs something the target does not hold yet (a payment applied to an invoice the
     ERP has not posted, whose own correction may be queued or running): retried later within the action's
@@ -513,6 +518,8 @@ class ActionService:
 
         def attempt() -> ActionOutcome:
             nonlocal attempts_here, last_transient
+            if attempts_here and (moot := self._moot(row)):  # checked before each retry too, not once: an item
+                raise Mooted(moot)  # ignored (or an invoice voided) during the backoff was posted anyway
             if attempts_here and not self.breakers.allow(system):
                 raise BreakerOpen(system)
             attempts_here += 1
@@ -544,6 +551,13 @@ class ActionService:
         before = dict(row)
         try:
             outcome = retrying(attempt)
+        except Mooted as exc:
+            row["Attempts"] = int(row["Attempts"]) + attempts_here
+            row["State"], row["DeadLetter"] = FAILED, 0
+            row["LastError"] = f"cancelled before attempt {attempts_here + 1}: {exc}; the attempts before it failed"
+            row["Result"] = json.dumps({"cancelled": str(exc)})
+            self._save(row, "reconciler", "action.cancel", before, str(exc))
+            return _public(row)
         except BreakerOpen:
             # the attempts made before the breaker opened failed transiently: they count against the budget
             # the system's own last words stay on a dead letter, not only in the audit trail

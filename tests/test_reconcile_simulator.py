@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from connectors.base import BusinessRuleError, ConnectorError
+from connectors.base import BusinessRuleError, ConnectorError, TransientError
 from connectors.simulator import Estate, EstateConfig, FaultRates
 from reconciler import classify as c
 from reconciler.actions import ActionError, ActionService, Breakers
@@ -1488,3 +1488,34 @@ def test_a_run_the_api_accepted_holds_the_slot_before_the_answer(
     while svc.run_status(run_id)["state"] not in ("succeeded", "failed") and time.monotonic() < deadline:  # type: ignore[index]
         time.sleep(0.05)
     assert svc.run_status(run_id)["state"] == "succeeded"  # type: ignore[index]
+
+
+class IgnoredMidRetryErp:
+    """The simulated ERP, down for its first posting, during which an operator ignores the item (a test wrapper,
+    named as such): the next attempt comes after the backoff."""
+
+    def __init__(self, erp: Any, on_outage: Any) -> None:
+        self._erp, self.name, self._on_outage, self.calls = erp, erp.name, on_outage, 0
+
+    def post_invoice(self, invoice: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            self._on_outage()
+            raise TransientError("ERP answered 503")
+        return self._erp.post_invoice(invoice)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._erp, name)
+
+
+def test_an_item_ignored_while_its_correction_waits_to_retry_is_not_posted(store: Store, tmp_path: Path) -> None:
+    """Whether a correction still applies was checked once per execution: an item ignored (or an invoice voided)
+    during the backoff between two attempts was posted anyway (a concurrency review saw it 2.3 s after the ignore)."""
+    estate, svc, invoice_id = one_missing_posting(store, tmp_path)
+    drift_id = c.drift_id(c.MISSING_IN_ERP, invoice_id)
+    flaky = IgnoredMidRetryErp(estate.erp, lambda: svc.transition(drift_id, c.IGNORED, "billing voids it", "ops"))
+    svc.actions.erp = flaky  # type: ignore[assignment]
+    done = svc.actions.request(drift_id, "alice")
+    assert flaky.calls == 1 and invoice_postings(estate, invoice_id) == []  # nothing written after the ignore
+    assert done["state"] == "failed" and not done["dead_letter"] and "cancelled before attempt 2" in done["last_error"]
+    assert [h["action"] for h in q.audit_for(store, "action", done["action_id"])][-1] == "action.cancel"
