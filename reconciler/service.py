@@ -22,7 +22,7 @@ from reconciler.connectors import Connectors
 from reconciler.connectors import build as build_connectors
 from reconciler.policy import RetryPolicy
 from reconciler.retention import StatementRetention
-from reconciler.runner import STAGES, Reconciler, RunFailed, RunResult
+from reconciler.runner import STAGES, Reconciler, RunFailed, RunResult, rules_fingerprint
 from tower_core.settings import Settings
 from tower_core.store import Store
 from tower_core.store import reconcile as q
@@ -33,6 +33,10 @@ log = logging.getLogger("tower.reconciler")
 # A graceful stop waits this long for the run in progress to reach its next stage (a stage of a full run at 10M
 # invoices takes up to ~7 s here); past it the process exits and its next start closes the run as interrupted.
 RUN_STOP_WAIT_S = 25.0
+
+
+class SettingsDiffer(Exception):
+    """This process would compare by other settings than the process that runs the reconciler's jobs."""
 
 
 class RunBusy(Exception):
@@ -133,6 +137,7 @@ class ReconcilerService:
         if scheduler is not None and self.settings.reconcile_scheduler:
             from reconciler.jobs import schedule
 
+            q.set_cursor(self.store, *q.JOB_SETTINGS, self.settings_identity())  # what API-started runs must match
             schedule(self, scheduler, self.settings)
 
     # --- runs
@@ -238,6 +243,28 @@ class ReconcilerService:
     @property
     def current_run(self) -> str | None:
         return self._current
+
+    def settings_identity(self) -> str:
+        """What decides a run's findings besides the data: the rules (code and settings), the connectors it pulls
+        through and whether it corrects automatically."""
+        rules = rules_fingerprint(self.reconciler.rule_params(dt.datetime.now(dt.UTC)))
+        return f"rules {rules}, connectors {self.settings.reconcile_connectors}, auto-correct " + (
+            "on" if self.settings.reconcile_auto_correct else "off"
+        )
+
+    def check_settings_agree(self) -> None:
+        """A run started here, beside a process that runs the jobs (`tower reconciler`), must compare as that one
+        does: by other settings, each API-started run flipped the items the other's runs had found back and forth,
+        and acknowledgements were lost with each flip. SettingsDiffer names both."""
+        if self.settings.reconcile_scheduler:
+            return  # this process runs the jobs
+        theirs = q.get_cursor(self.store, *q.JOB_SETTINGS)
+        mine = self.settings_identity()
+        if theirs and theirs != mine:
+            raise SettingsDiffer(
+                f"this API compares by {mine}, the process running the reconciler's jobs by {theirs}: set the same "
+                "TOWER_RECONCILE_* settings (and release) on both, or start runs there"
+            )
 
     @property
     def current_scope(self) -> tuple[bool, str] | None:

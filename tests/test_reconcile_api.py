@@ -418,3 +418,27 @@ def test_old_statements_are_deleted_as_runs_go_and_asking_for_one_says_so(
         assert c.get(f"/api/runs/{runs[0]['run_id']}", headers=auth(ADMIN)).json()["statement_dropped"] is True
         eu = c.get("/api/statements", params={"run_id": region["run_id"]}, headers=auth(ADMIN)).json()
         assert eu["items"] and {i["region"] for i in eu["items"]} == {"EU"}
+
+
+def test_a_run_the_api_starts_beside_the_job_process_must_compare_by_its_settings(
+    embedded_store: Store, tmp_path: Path
+) -> None:
+    """Beside `tower reconciler`, runs started through the API ran in the API's process with the API's reconcile
+    settings: with another grace period, each one flipped ~64 items the scheduled runs had found (an acknowledged
+    item resolved, then back as new without its note), a server review saw. The API refuses such a run (409)."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from reconciler.service import ReconcilerService
+
+    base = api_settings(embedded_store, tmp_path, reconcile_grace_s={"*": 30})
+    jobs_settings = base.model_copy(update={"reconcile_scheduler": True})
+    job_process = ReconcilerService(jobs_settings, embedded_store, Connectors(None, None, None))
+    job_process.start(BackgroundScheduler(timezone="UTC"))  # publishes what it compares by; never started here
+    for grace, expected in (({"*": 7200}, 409), ({"*": 30}, 202)):
+        settings = base.model_copy(update={"reconcile_grace_s": grace})
+        with TestClient(create_app(settings, embedded_store)) as c:
+            if expected == 409:
+                refused = c.post("/api/runs", json={}, headers=auth(ADMIN))
+                assert refused.status_code == 409 and "TOWER_RECONCILE_" in refused.json()["detail"], refused.text
+            else:
+                assert run_and_wait(c, ADMIN, {})["state"] == "succeeded"

@@ -13,7 +13,7 @@ from collector.auth import Principal, require
 from collector.deps import StoreTime, get_store
 from collector.routers.drift import get_service
 from reconciler.runner import unknown_region
-from reconciler.service import ReconcilerService, RunBusy
+from reconciler.service import ReconcilerService, RunBusy, SettingsDiffer
 from tower_core.store import Store
 from tower_core.store import reconcile as q
 
@@ -60,6 +60,10 @@ async def start(
         regions = await run_in_threadpool(q.regions_with_data, store)
         if body.region not in regions:
             raise HTTPException(422, unknown_region(body.region, regions))
+    try:
+        await run_in_threadpool(service.check_settings_agree)
+    except SettingsDiffer as exc:
+        raise HTTPException(409, str(exc)) from None
     try:
         run_id = service.start_run(
             full=body.full, region=body.region, as_of=as_of, trigger="api", requested_by=operator.name

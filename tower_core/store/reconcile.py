@@ -325,6 +325,9 @@ def list_runs(store: Store, limit: int = 50, offset: int = 0, state: str = "") -
 
 # A marker in connector_cursors: when the state tables were last replaced wholesale (a fresh bulk load).
 STATE_REPLACED = ("tower", "state_replaced")
+# What the process running the reconciler's jobs compares by (its rules' fingerprint, connectors, auto-correct): a
+# run the API starts in another process must compare the same way (ReconcilerService.settings_identity).
+JOB_SETTINGS = ("tower", "reconcile_job_settings")
 
 
 def mark_state_replaced(store: Store) -> None:
