@@ -31,7 +31,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from connectors.base import ActionOutcome, BusinessRuleError, ErpConnector, TransientError
 from reconciler import classify as c
 from reconciler import policy
-from reconciler.breaker import Breaker
+from reconciler.breaker import Breaker, as_published, published_view
 from tower_core.errors import StoreError
 from tower_core.models import LedgerEntry
 from tower_core.store import Store
@@ -212,6 +212,33 @@ class ActionService:
         self.auto_enabled = auto_enabled
         self._locks_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+        self._published_breakers: dict[str, tuple[Any, Any]] | None = None
+
+    def publish_breakers(self) -> None:
+        """The process that executes the actions holds the breakers; an API beside it (which executes none) showed
+        its own, always closed, next to actions held back by an open one. Published when they changed."""
+        if not self.executes:
+            return
+        snapshot = self.breakers.snapshot()
+        shape = {s: (b["state"], b["failures"]) for s, b in snapshot.items()}
+        if shape == self._published_breakers:
+            return
+        doc = {"at": time.time(), "breakers": as_published(snapshot, time.time())}
+        q.set_cursor(self.store, *q.BREAKERS, json.dumps(doc))
+        self._published_breakers = shape
+
+    def breaker_view(self) -> dict[str, Any]:
+        """The breakers as the process executing the actions has them: this one's, or what that one published."""
+        if self.executes:
+            return {"breakers": self.breakers.snapshot(), "executed_here": True}
+        raw = q.get_cursor(self.store, *q.BREAKERS)
+        doc = json.loads(raw) if raw else {}
+        at = doc.get("at")
+        return {
+            "breakers": published_view(doc.get("breakers") or {}, time.time()),
+            "executed_here": False,
+            "published_at": dt.datetime.fromtimestamp(at, dt.UTC).isoformat() if at else None,
+        }
 
     def _moot(self, row: dict[str, Any]) -> str:
         """Why a queued correction must not write any more: its drift item was resolved (billing voided the

@@ -62,3 +62,24 @@ class Breaker:
         if self.current(now) == "open":
             return max(0.0, self.reset_after_s - (now - self.opened_at))
         return 0.0
+
+
+def as_published(snapshot: dict[str, dict[str, float | str | int]], wall_now: float) -> dict[str, dict[str, object]]:
+    """A process's breakers as another process can read them: an open one by the wall-clock time it lets a trial
+    through (monotonic clocks do not cross processes)."""
+    return {
+        system: {"state": b["state"], "failures": b["failures"], "open_until": wall_now + float(b["retry_in_s"])}
+        for system, b in snapshot.items()
+    }
+
+
+def published_view(published: dict[str, dict[str, object]], wall_now: float) -> dict[str, dict[str, object]]:
+    """What as_published said, as seen at ``wall_now``: an open breaker whose time is up is half-open."""
+    view: dict[str, dict[str, object]] = {}
+    for system, b in published.items():
+        left = max(0.0, float(b.get("open_until", 0.0)) - wall_now)  # type: ignore[arg-type]
+        state = b.get("state", "closed")
+        if state == "open" and left == 0.0:
+            state = "half_open"
+        view[system] = {"state": state, "failures": b.get("failures", 0), "retry_in_s": round(left, 3)}
+    return view

@@ -49,6 +49,7 @@ def _actions_job(service: ReconcilerService) -> None:
         if service.actions.erp is not None:
             service.actions.recover(stale_after_s=STALE_IN_PROGRESS_S)
         service.actions.process_due()
+        service.actions.publish_breakers()
     except Exception:
         log.exception("retrying due actions failed")
 

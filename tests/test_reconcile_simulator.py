@@ -1519,3 +1519,28 @@ def test_an_item_ignored_while_its_correction_waits_to_retry_is_not_posted(store
     assert flaky.calls == 1 and invoice_postings(estate, invoice_id) == []  # nothing written after the ignore
     assert done["state"] == "failed" and not done["dead_letter"] and "cancelled before attempt 2" in done["last_error"]
     assert [h["action"] for h in q.audit_for(store, "action", done["action_id"])][-1] == "action.cancel"
+
+
+def test_an_api_that_executes_no_actions_shows_the_breakers_of_the_process_that_does(
+    store: Store, tmp_path: Path
+) -> None:
+    """Beside `tower reconciler`, GET /api/actions/breakers (and the dashboard's "Open breakers") showed the API's
+    own breakers, always closed, next to actions whose error said the ERP's breaker was open (a server review)."""
+    e = estate(8, 600, erp_posting_missing=0.02)
+    svc = service_for(store, e, tmp_path, reconcile_breaker_reset_s=30.0)
+    svc.run(full=True, as_of=e.config.as_of)
+    e.erp.begin_outage()
+    for k in open_keys(store, c.MISSING_IN_ERP)[:4]:
+        svc.actions.request(c.drift_id(c.MISSING_IN_ERP, k), "alice")
+    assert svc.actions.breakers.state("erp") == "open"
+    _actions_job(svc)  # the job process's actions turn publishes its breakers
+    api_side = ActionService(store, None, executes=False)  # the API beside it executes none
+    assert api_side.breakers.snapshot() == {}  # what it showed
+    view = api_side.breaker_view()
+    erp = view["breakers"]["erp"]
+    assert not view["executed_here"] and view["published_at"]
+    assert erp["state"] == "open" and erp["failures"] >= 3 and 0 < erp["retry_in_s"] <= 30
+    e.erp.end_outage()
+    svc.actions.breakers.success("erp")
+    _actions_job(svc)
+    assert api_side.breaker_view()["breakers"]["erp"]["state"] == "closed"

@@ -97,7 +97,7 @@ async def breakers(
     service: Annotated[ReconcilerService, Depends(get_service)],
     viewer: Annotated[Principal, Depends(require("viewer"))],
 ) -> dict[str, Any]:
-    return {"breakers": service.actions.breakers.snapshot()}
+    return await run_in_threadpool(service.actions.breaker_view)
 
 
 def _one(store: Store, action_id: str) -> dict[str, Any] | None:

@@ -328,6 +328,8 @@ STATE_REPLACED = ("tower", "state_replaced")
 # What the process running the reconciler's jobs compares by (its rules' fingerprint, connectors, auto-correct): a
 # run the API starts in another process must compare the same way (ReconcilerService.settings_identity).
 JOB_SETTINGS = ("tower", "reconcile_job_settings")
+# The circuit breakers of the process executing the actions, for an API beside it (ActionService.publish_breakers).
+BREAKERS = ("tower", "action_breakers")
 
 
 def mark_state_replaced(store: Store) -> None:
