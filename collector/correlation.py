@@ -270,19 +270,20 @@ class StepTiming:
         return not self.missing_systems and self.latency_ms is not None
 
 
-def step_end(start_ns: int | None, targets: Iterable[tuple[int, int]]) -> int | None:
+def step_end(start_ns: int | None, targets: Iterable[tuple[int, int]], skew_ns: int = 0) -> int | None:
     """The end of the target activity that ended the step: the first one (by its start) at or after the step's
     start, as the SLA picks it (tower_core/store/sla.py), so a later duplicate posting or the next payment's
     application does not stretch the latency. An activity (start, end) counts when it starts at or after the
-    step's start or in the same whole second (Stripe stamps whole seconds), or runs across it. The view shows
-    where that activity ended; the SLA decides at its start."""
+    step's start, in the same whole second (Stripe stamps whole seconds) or up to ``skew_ns`` before it (clocks of
+    two systems differ: TOWER_SLA_CLOCK_SKEW_S), or runs across it. The view shows where that activity ended; the
+    SLA decides at its start."""
     if start_ns is None:
         return None
     sec = start_ns // 1_000_000_000
     ended = [
         (first, last)
         for first, last in targets
-        if first >= start_ns or first // 1_000_000_000 == sec or last >= start_ns
+        if first >= start_ns - skew_ns or first // 1_000_000_000 == sec or last >= start_ns
     ]
     if not ended:
         return None
@@ -302,7 +303,10 @@ class RecordActivity:
 
 
 def step_timings(
-    spans: Iterable[SpanView], events: Iterable[EventView] = (), records: Iterable[RecordActivity] = ()
+    spans: Iterable[SpanView],
+    events: Iterable[EventView] = (),
+    records: Iterable[RecordActivity] = (),
+    skew_ns: int = 0,
 ) -> list[StepTiming]:
     """Start = first activity of the step in its source system; end = its first target activity from then on
     (``step_end``)."""
@@ -324,7 +328,7 @@ def step_timings(
         pts = points[step]
         starts = [s for system, s, _, failed in pts if system == source and not failed]
         first = min(starts, default=None)
-        end = step_end(first, [(s, e) for system, s, e, failed in pts if system == target and not failed])
+        end = step_end(first, [(s, e) for system, s, e, failed in pts if system == target and not failed], skew_ns)
         seen = tuple(sorted({system for system, _, _, _ in pts if system}))
         missing = tuple(s for s in (source, target) if s not in seen)
         failed = tuple(sorted({system for system, _, _, f in pts if system and f}))
@@ -347,9 +351,10 @@ def assemble(
     spans: Iterable[SpanView],
     events: Iterable[EventView] = (),
     records: Iterable[RecordActivity] = (),
+    skew_ns: int = 0,
 ) -> dict[str, Any]:
     """The transaction document the API returns: traces, spans and events in time order, steps (which
-    ``records`` may complete), gaps."""
+    ``records`` may complete; ``skew_ns``: see step_end), gaps."""
     links = list(links)
     spans = sorted(spans, key=lambda s: (s.start_ns, s.trace_id, s.span_id))
     events = sorted(events, key=lambda e: (e.time_ns, e.event_id))
@@ -374,7 +379,7 @@ def assemble(
         if ln.trace_id in traces:
             traces[ln.trace_id]["linked_by"].add(f"{ln.key_type}:{ln.key_value}")
     seen_systems = {s.system for s in spans if s.system} | {e.system for e in events if e.system}
-    steps = step_timings(spans, events, records)
+    steps = step_timings(spans, events, records, skew_ns)
     return {
         "seed": {"key_type": seed[0], "value": seed[1]},
         "keys": sorted({(ln.key_type, ln.key_value) for ln in links if ln.trace_id in traces}),

@@ -61,7 +61,7 @@ def get_trace(store: Store, trace_id: str) -> dict[str, Any] | None:
     }
 
 
-def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | None:
+def get_transaction(store: Store, seed: tuple[str, str], skew_ns: int = 0) -> dict[str, Any] | None:
     """Traces reachable from the seed key (rules in collector.correlation), with their spans and events.
 
     Reads: the seed's traces (for a key no span carries, also those of the keys its events carry); their keys;
@@ -117,7 +117,8 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
         for r in event_rows
     ]
     spans = [_span_view(r) for r in span_rows]
-    doc = corr.assemble(seed, links, spans, events, _erp_records(store, key_set, spans, events))
+    records = _erp_records(store, key_set, spans, events, skew_ns)
+    doc = corr.assemble(seed, links, spans, events, records, skew_ns)
     # what the answer leaves out: the earliest and the latest traces and events of a key carried by more than
     # MAX_TRACES / MAX_EVENTS are shown, the earliest MAX_SPANS spans
     doc["truncated"] = cut
@@ -125,13 +126,18 @@ def get_transaction(store: Store, seed: tuple[str, str]) -> dict[str, Any] | Non
 
 
 def _erp_records(
-    store: Store, keys: set[tuple[str, str]], spans: list[corr.SpanView], events: list[corr.EventView]
+    store: Store,
+    keys: set[tuple[str, str]],
+    spans: list[corr.SpanView],
+    events: list[corr.EventView],
+    skew_ns: int = 0,
 ) -> list[corr.RecordActivity]:
     """The ERP's activity on the transaction's invoices and payments as the SLA counts it, read when a step
     waits for the ERP (a transaction its spans and events complete needs no more reads): a posting known only
     from the ERP's records (Tryton's, or one the tower's own corrective sync wrote) left its step "waiting for
     erp" and late after the SLA counted it done. From the day before the transaction's first activity."""
-    waiting = [st for st in corr.step_timings(spans, events) if not st.complete and corr.STEPS[st.step][1] == "erp"]
+    steps = corr.step_timings(spans, events, skew_ns=skew_ns)
+    waiting = [st for st in steps if not st.complete and corr.STEPS[st.step][1] == "erp"]
     times = [s.start_ns for s in spans] + [e.time_ns for e in events]
     if not waiting or not times:
         return []

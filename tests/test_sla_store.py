@@ -550,3 +550,42 @@ def test_migration_0015_moves_the_activity_of_a_running_store_and_can_run_twice(
     assert [t["name"] for t in tables] == ["step_activity", "step_activity_events_mv", "step_activity_spans_mv"]
     insert_spans(store, [inv("in_after", "erp", T + 99 * M)])
     assert store.query_rows("SELECT count() AS n FROM $db.step_activity WHERE KeyValue = 'in_after'")[0]["n"] == 1
+
+
+def test_an_erp_clock_behind_billings_still_ends_the_step_within_the_configured_skew(db: Store) -> None:
+    """An ERP whose clock runs 2 min behind billing's stamps a posting made 60 s after the finalization a minute
+    before it: the item never ended and stayed stuck (with a burn-rate alert), though both systems were seen (a
+    time review). TOWER_SLA_CLOCK_SKEW_S lets target activity that much before the start end the step."""
+    billing = {"revops.step": "invoice_to_ledger", "revops.system": "billing", "revops.region": "EU"}
+    erp = {"revops.step": "invoice_to_ledger", "revops.system": "erp"}
+    insert_spans(
+        db,
+        [
+            {"ts": T, "attrs": {**billing, "revops.invoice.id": "in_skewed"}},
+            {"ts": T - 60 * S, "attrs": {**erp, "revops.invoice.id": "in_skewed"}},  # 60 s later, on a slow clock
+            {"ts": T, "attrs": {**billing, "revops.invoice.id": "in_history"}},
+            {"ts": T - 10 * M, "attrs": {**erp, "revops.invoice.id": "in_history"}},  # older than any skew: history
+        ],
+    )
+    args = dict(step="invoice_to_ledger", key_type="invoice", source="billing", target="erp", threshold_s=30)
+    for skew_s, stuck_keys in ((0.0, ["in_history", "in_skewed"]), (180.0, ["in_history"])):
+        stuck = q.stuck_items(db, now_ns=T + 10 * M, lookback_s=3600, skew_s=skew_s, **args)  # type: ignore[arg-type]
+        assert sorted(r["key"] for r in stuck) == stuck_keys, skew_s
+        (eu,) = q.step_stats(
+            db,
+            now_ns=T + 10 * M,
+            windows_s=[3600],
+            period_s=3600,
+            bounds_s=[60],
+            skew_s=skew_s,
+            **args,  # type: ignore[arg-type]
+        )
+        assert eu["completed"] == 2 - len(stuck_keys) and eu["stuck"] == len(stuck_keys)
+
+
+def test_the_transaction_view_ends_a_step_within_the_same_skew() -> None:
+    from collector import correlation as corr
+
+    assert corr.step_end(T, [(T - 60 * S, T - 60 * S)]) is None  # a minute before: history, by default
+    assert corr.step_end(T, [(T - 60 * S, T - 60 * S)], skew_ns=180 * S) == T  # within the skew: at the start
+    assert corr.step_end(T, [(T - 10 * M, T - 10 * M)], skew_ns=180 * S) is None

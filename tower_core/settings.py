@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     sla_config: Path | None = Field(
         None, description="SLA definitions YAML; unset = the shipped default (reconciler/sla/config/sla.yaml)."
     )
+    sla_clock_skew_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="How far the systems' clocks may differ (s): a target system's activity up to this long before "
+        "a step's start ends the step (latency 0), as an ERP whose clock runs behind billing's stamps a prompt "
+        "posting before the finalization; set it to the largest difference between your systems' clocks.",
+    )
     sla_eval_interval_s: float = Field(
         60.0,
         ge=0,

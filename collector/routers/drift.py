@@ -112,7 +112,7 @@ async def summary(
     return {"groups": rows, "open": sum(int(r["items"]) for r in rows)}
 
 
-def _detail(store: Store, drift_id: str, auto: bool) -> dict[str, Any] | None:
+def _detail(store: Store, drift_id: str, auto: bool, skew_ns: int = 0) -> dict[str, Any] | None:
     row = q.get_drift(store, drift_id)
     if row is None:
         return None
@@ -160,7 +160,7 @@ def _detail(store: Store, drift_id: str, auto: bool) -> dict[str, Any] | None:
         "operator_may": c.operator_acts(row["State"], decision),  # sync / acknowledge / ignore
         "history": q.audit_for(store, "drift_item", drift_id),
         "actions": [public_action(a) for a in actions],
-        "transaction": get_transaction(store, seed) if seed[1] else None,
+        "transaction": get_transaction(store, seed, skew_ns) if seed[1] else None,
     }
 
 
@@ -171,7 +171,8 @@ async def one(
     service: Annotated[ReconcilerService, Depends(get_service)],
     viewer: Annotated[Principal, Depends(require("viewer"))],
 ) -> dict[str, Any]:
-    doc = await run_in_threadpool(_detail, store, drift_id, service.actions.auto_enabled)
+    skew_ns = int(service.settings.sla_clock_skew_s * 1e9)
+    doc = await run_in_threadpool(_detail, store, drift_id, service.actions.auto_enabled, skew_ns)
     if doc is None:
         raise HTTPException(404, f"drift item {drift_id} not found")
     return doc

@@ -9,8 +9,9 @@ from starlette.concurrency import run_in_threadpool
 
 from collector import correlation as corr
 from collector.auth import Principal, require
-from collector.deps import get_store
+from collector.deps import get_settings, get_store
 from collector.lookups import TRACE_ID, get_trace, get_transaction
+from tower_core.settings import Settings
 from tower_core.store import Store
 
 router = APIRouter(prefix="/api", tags=["lookups"])
@@ -35,6 +36,7 @@ async def trace(
 @router.get("/transactions", summary="The business transaction of an invoice, customer, payment, ledger entry or trace")
 async def transaction(
     store: Annotated[Store, Depends(get_store)],
+    settings: Annotated[Settings, Depends(get_settings)],
     viewer: Annotated[Principal, Depends(require("viewer"))],
     invoice_id: KeyParam = None,
     customer_id: KeyParam = None,
@@ -58,7 +60,7 @@ async def transaction(
         seed = ("trace", seed[1].lower())
         if not TRACE_ID.fullmatch(seed[1]):
             raise HTTPException(400, "trace_id must be 32 hex characters")
-    doc = await run_in_threadpool(get_transaction, store, seed)
+    doc = await run_in_threadpool(get_transaction, store, seed, int(settings.sla_clock_skew_s * 1e9))
     if doc is None:
         raise HTTPException(404, f"nothing is known of {seed[0]} {seed[1]}")
     return doc

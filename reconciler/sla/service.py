@@ -107,6 +107,7 @@ class SlaService:
             period_s=obj.period,
             bounds_s=ev.bounds_for(obj.threshold),
             regions=obj.regions,
+            skew_s=self.settings.sla_clock_skew_s,
         )
         stats = ev.fold_regions([ev.StepStats.from_row(r) for r in rows], self.settings.sla_max_regions)
         return [ev.objective_status(self.definitions, obj, s) for s in stats]
@@ -148,6 +149,7 @@ class SlaService:
             lookback_s=obj.period,
             regions=[region] if region else obj.regions,
             limit=limit,
+            skew_s=self.settings.sla_clock_skew_s,
         )
 
     # --- the job

@@ -30,7 +30,8 @@ NS = 1_000_000_000
 # Later target activity (a duplicate posting, a status refresh, the next profile change) and earlier history do
 # not stretch the latency, merged or not. A target row in the same whole second as the start counts as at the
 # start: Stripe times its events in whole seconds, so a customer updated 0.3 s after the CDP's change is stamped
-# before it.
+# before it; so does one up to {skew_ns} before the start (TOWER_SLA_CLOCK_SKEW_S: an ERP whose clock runs behind
+# billing's stamps a prompt posting before the finalization, and the item stayed stuck for good).
 # Items whose decision can fall inside the longest window start no earlier than {lo} = now - window -
 # threshold, so rows of older days are pruned through the (Step, Day, ...) primary key. Per region, the
 # decided and bad counts of each window, and latency figures of the items completed over the period.
@@ -42,7 +43,7 @@ _ITEMS = (
     "     if(anyIf(Region, Region != '') != '', anyIf(Region, Region != ''), 'unknown')) AS region, "
     "  toUnixTimestamp64Nano(minIf(FirstSeen, System = {source:String})) AS start_ns, "
     "  arrayFilter(x -> x > 0, arrayMap(p -> if(p.1 >= start_ns, p.1, if(intDiv(p.1, {ns:Int64}) = "
-    "     intDiv(start_ns, {ns:Int64}), start_ns, "
+    "     intDiv(start_ns, {ns:Int64}) OR p.1 >= start_ns - {skew_ns:Int64}, start_ns, "
     "     if(p.2 >= start_ns AND p.2 <= {now:Int64}, p.2, 0))), groupArrayIf((toUnixTimestamp64Nano(FirstSeen), "
     "     toUnixTimestamp64Nano(LastSeen)), System = {target:String}))) AS ends, "
     "  notEmpty(ends) AS ended, "
@@ -125,6 +126,7 @@ def _step_params(
     now_ns: int,
     lookback_s: float,
     regions: Sequence[str],
+    skew_s: float = 0.0,
 ) -> dict[str, Any]:
     threshold_ns = int(threshold_s * NS)
     return {
@@ -137,6 +139,7 @@ def _step_params(
         "lo": now_ns - int(lookback_s * NS) - threshold_ns,
         "regions": list(regions),
         "ns": NS,
+        "skew_ns": int(skew_s * NS),
     }
 
 
@@ -153,12 +156,13 @@ def step_stats(
     period_s: float,
     bounds_s: Sequence[float],
     regions: Sequence[str] = (),
+    skew_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Per region: decided and bad item counts per window (``windows_s`` order), stuck and in-flight items,
     latency quantiles (p50/p90/p99 ns), cumulative histogram counts per bound and the latency sum over
     ``period_s``. One set-based query over the step's rows of the longest window."""
     lookback = max([period_s, *windows_s])
-    params = _step_params(step, key_type, source, target, threshold_s, now_ns, lookback, regions)
+    params = _step_params(step, key_type, source, target, threshold_s, now_ns, lookback, regions, skew_s)
     params |= {
         "windows_ns": [int(w * NS) for w in windows_s],
         "period_ns": int(period_s * NS),
@@ -179,9 +183,10 @@ def stuck_items(
     lookback_s: float,
     regions: Sequence[str] = (),
     limit: int = 100,
+    skew_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Items started in the source system, not ended in the target, past their threshold (oldest first)."""
-    params = _step_params(step, key_type, source, target, threshold_s, now_ns, lookback_s, regions)
+    params = _step_params(step, key_type, source, target, threshold_s, now_ns, lookback_s, regions, skew_s)
     return store.query_rows(_STUCK, params | {"limit": limit})
 
 
