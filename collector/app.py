@@ -46,6 +46,7 @@ from collector.telemetry import shutdown as shutdown_telemetry
 from reconciler.service import RUN_STOP_WAIT_S, ReconcilerService
 from reconciler.sla.prom import SlaCollector
 from reconciler.sla.service import SlaService
+from tower_core.api_answers import STORE_UNAVAILABLE_HEADER
 from tower_core.errors import StoreError
 from tower_core.settings import Settings
 from tower_core.store import Store
@@ -129,7 +130,9 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     @app.exception_handler(StoreError)
     async def store_unavailable(request: Request, exc: StoreError) -> JSONResponse:
         log.warning("store error on %s: %s", request.url.path, exc)
-        return JSONResponse({"detail": "the store is unavailable; try again"}, 503, {"Retry-After": "5"})
+        # the header tells a client (the dashboard) that the API is up and its store is not
+        headers = {"Retry-After": "5", STORE_UNAVAILABLE_HEADER: "store"}
+        return JSONResponse({"detail": "the store is unavailable; try again"}, 503, headers)
 
     for module in (health, otlp, events, lookups, metrics, tokens, webhooks, cdp, dead_letter_routes):
         app.include_router(module.router)

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import httpx
 
 from dashboard.views import link_without_credentials
+from tower_core.api_answers import STORE_UNAVAILABLE_HEADER
 
 UNAVAILABLE = frozenset({502, 503, 504})
 BULK_MAX = 500  # the most items one bulk request takes (the API's limit; it refuses more with a clear 409)
@@ -24,7 +25,11 @@ BULK_TIMEOUT_S = 120.0  # a bulk request's answer is waited for this long at lea
 
 
 class ApiUnavailable(Exception):
-    """The API cannot answer now (down, unreachable, timed out, or its store is unavailable)."""
+    """The API cannot answer now (down, unreachable, timed out, or its store is unavailable: ``store_down``)."""
+
+    def __init__(self, message: str, store_down: bool = False) -> None:
+        super().__init__(message)
+        self.store_down = store_down
 
 
 class ApiTimeout(ApiUnavailable):
@@ -83,7 +88,8 @@ class TowerApi:
         except httpx.TransportError as exc:
             raise ApiUnavailable(f"the API at {self.shown_url} is not reachable ({type(exc).__name__})") from None
         if r.status_code in UNAVAILABLE:
-            raise ApiUnavailable(f"the API at {self.shown_url} is unavailable: {_detail(r)}")
+            store_down = r.headers.get(STORE_UNAVAILABLE_HEADER) == "store"
+            raise ApiUnavailable(f"the API at {self.shown_url} is unavailable: {_detail(r)}", store_down)
         if r.status_code >= 400:
             raise ApiError(r.status_code, _detail(r))
         if not r.content:
@@ -217,17 +223,17 @@ def gather(calls: Mapping[str, Callable[[], Any]]) -> Loaded:
     unavailable, raise ApiUnavailable (the page shows the banner instead)."""
     futures = {name: _POOL.submit(fn) for name, fn in calls.items()}
     out = Loaded()
-    down: list[str] = []
+    down: list[ApiUnavailable] = []
     for name, fut in futures.items():
         try:
             out[name] = fut.result()
         except ApiUnavailable as exc:
-            down.append(str(exc))
+            down.append(exc)
             out.errors[name] = str(exc)
         except ApiError as exc:
             out.errors[name] = exc.detail
     if down and len(down) == len(calls):
-        raise ApiUnavailable(down[0])
+        raise down[0]
     return out
 
 

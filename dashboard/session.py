@@ -70,12 +70,20 @@ def can_act() -> bool:
 def banner(exc: Exception, where: str) -> None:
     """The API-down banner with a retry button; the page stops drawing after it."""
     cfg = settings()
-    st.error(
-        f"**The tower's API is unavailable** — {views.md_escape(str(exc))}. The data on this page cannot be "
-        f"loaded; nothing was changed. Start it with `tower serve` (API at "
-        f"{views.md_escape(views.link_without_credentials(cfg.api_url))}) and retry.",
-        icon=":material/cloud_off:",
-    )
+    if getattr(exc, "store_down", False):  # the API answers: telling the operator to start it sent them astray
+        st.error(
+            f"**The tower's store is unavailable** — {views.md_escape(str(exc))}. The API answers, but its "
+            "ClickHouse store does not; the data on this page cannot be loaded and nothing was changed. Check the "
+            "ClickHouse server (`TOWER_CLICKHOUSE_URL` of the API) and retry.",
+            icon=":material/database:",
+        )
+    else:
+        st.error(
+            f"**The tower's API is unavailable** — {views.md_escape(str(exc))}. The data on this page cannot be "
+            f"loaded; nothing was changed. Start it with `tower serve` (API at "
+            f"{views.md_escape(views.link_without_credentials(cfg.api_url))}) and retry.",
+            icon=":material/cloud_off:",
+        )
     st.button("Retry", key=f"retry_{where}")
     st.stop()
 

@@ -675,3 +675,30 @@ def test_markup_in_a_spans_region_is_text_on_the_overview_charts(tower: Tower, d
     assert escaped in chart(at, "ov_heatmap")["data"][0]["y"]
     assert escaped in [trace["name"] for trace in chart(at, "ov_breaches")["data"]]
     assert "<a href" not in json.dumps([el.proto.spec for el in at.get("plotly_chart")])
+
+
+@pytest.mark.slow
+def test_a_store_outage_behind_a_running_api_says_so_instead_of_start_tower_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ClickHouse down, every page told the operator to start `tower serve`, which was running: its 503 said
+    the store was unavailable (a server review). The API marks that 503, and the banner names the store."""
+    from tests.server import TowerServer
+    from tests.test_faults import ClickHouseFixture
+
+    ch = ClickHouseFixture(tmp_path / "clickhouse")
+    ch.start()
+    try:
+        url = f"http://default:@127.0.0.1:{ch.port}"
+        with TowerServer(tmp_path, TOWER_CLICKHOUSE_URL=url, TOWER_SLA_EVAL_INTERVAL_S="0") as srv:
+            ch.stop()
+            monkeypatch.setenv("TOWER_API_URL", srv.url)
+            monkeypatch.setenv("TOWER_DASHBOARD_TOKEN", srv.env["TOWER_ADMIN_TOKEN"])
+            at = AppTest.from_file(str(APP), default_timeout=60)
+            at.run()
+            assert not at.exception
+            said = [e.value for e in at.error]
+            assert any("store is unavailable" in m and "TOWER_CLICKHOUSE_URL" in m for m in said), said
+            assert not any("Start it with `tower serve`" in m for m in said), said
+    finally:
+        ch.stop()

@@ -9,6 +9,9 @@ import httpx
 
 from tower_core.errors import ConfigError, one_line
 
+# Set on the API's 503 when its store (ClickHouse) fails: the API is up, the store is not.
+STORE_UNAVAILABLE_HEADER = "X-Tower-Unavailable"
+
 
 def detail(response: httpx.Response) -> str:
     """The API's reason (FastAPI's ``detail``), or the start of whatever else the body holds, on one line."""
