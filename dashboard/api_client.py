@@ -17,7 +17,7 @@ from urllib.parse import quote
 import httpx
 
 from dashboard.views import link_without_credentials
-from tower_core.api_answers import STORE_UNAVAILABLE_HEADER
+from tower_core.api_answers import STORE_UNAVAILABLE_HEADER, reason_of
 
 UNAVAILABLE = frozenset({502, 503, 504})
 BULK_MAX = 500  # the most items one bulk request takes (the API's limit; it refuses more with a clear 409)
@@ -50,10 +50,7 @@ def _detail(r: httpx.Response) -> str:
         doc = r.json()
     except ValueError:
         return r.text[:500] or r.reason_phrase
-    detail = doc.get("detail", doc) if isinstance(doc, dict) else doc
-    if isinstance(detail, list):  # FastAPI validation errors
-        return "; ".join(f"{'.'.join(str(x) for x in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
-    return str(detail)
+    return reason_of(doc)
 
 
 def _seg(value: str) -> str:

@@ -19,15 +19,21 @@ def detail(response: httpx.Response) -> str:
         doc = response.json()
     except ValueError:
         return one_line(response.text)
+    return one_line(reason_of(doc))
+
+
+def reason_of(doc: Any) -> str:
+    """The reason in an API answer's JSON: its ``detail``, FastAPI's 422 list read as ``where: what; ...``
+    (``limit: Input should be a valid integer``), not as the Python repr of the list (what the CLI printed)."""
     reason = doc.get("detail", doc) if isinstance(doc, dict) else doc
     if isinstance(reason, list) and reason and all(isinstance(e, dict) and "msg" in e for e in reason):
-        return one_line("; ".join(_validation_error(e) for e in reason))
-    return one_line(str(reason))
+        return "; ".join(_validation_error(e) for e in reason)
+    return str(reason)
 
 
 def _validation_error(error: dict[str, Any]) -> str:
-    """One entry of FastAPI's 422 list as ``where: what`` (``query.region: Field required``), not Python data."""
-    where = ".".join(str(part) for part in error.get("loc") or [])
+    """One entry of the 422 list; where it was sent (query, body, path) goes, the field's path stays."""
+    where = ".".join(str(part) for part in (error.get("loc") or [])[1:])
     return f"{where}: {error['msg']}" if where else str(error["msg"])
 
 
