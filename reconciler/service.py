@@ -256,8 +256,8 @@ class ReconcilerService:
         """A run started here, beside a process that runs the jobs (`tower reconciler`), must compare as that one
         does: by other settings, each API-started run flipped the items the other's runs had found back and forth,
         and acknowledgements were lost with each flip. SettingsDiffer names both."""
-        if self.settings.reconcile_scheduler:
-            return  # this process runs the jobs
+        if self.settings.reconcile_scheduler or not self.settings.clickhouse_url:
+            return  # this process runs the jobs, or no other can (the embedded store is one process's)
         theirs = q.get_cursor(self.store, *q.JOB_SETTINGS)
         mine = self.settings_identity()
         if theirs and theirs != mine:

@@ -434,8 +434,11 @@ def test_a_run_the_api_starts_beside_the_job_process_must_compare_by_its_setting
     jobs_settings = base.model_copy(update={"reconcile_scheduler": True})
     job_process = ReconcilerService(jobs_settings, embedded_store, Connectors(None, None, None))
     job_process.start(BackgroundScheduler(timezone="UTC"))  # publishes what it compares by; never started here
-    for grace, expected in (({"*": 7200}, 409), ({"*": 30}, 202)):
-        settings = base.model_copy(update={"reconcile_grace_s": grace})
+    # the API beside it: on the server backend (the URL only marks it; this test's store is the embedded one it is
+    # handed); an embedded API is the only process of its store, with no job process to agree with
+    beside = {"clickhouse_url": "http://127.0.0.1:9/tower"}
+    for grace, over, expected in (({"*": 7200}, beside, 409), ({"*": 30}, beside, 202), ({"*": 7200}, {}, 202)):
+        settings = base.model_copy(update={"reconcile_grace_s": grace, **over})
         with TestClient(create_app(settings, embedded_store)) as c:
             if expected == 409:
                 refused = c.post("/api/runs", json={}, headers=auth(ADMIN))
