@@ -30,6 +30,7 @@ def _run_job(service: ReconcilerService, full: bool) -> None:
     from reconciler.service import RunBusy
 
     try:
+        service.announce()
         if full and service.current_scope == (True, ""):
             raise RunBusy(f"{service.current_run or '?'} (a full run of every region)")
         service.run(full=full, trigger="schedule", requested_by="scheduler", wait_s=FULL_RUN_WAIT_S if full else 0)
@@ -46,6 +47,7 @@ STALE_IN_PROGRESS_S = 300.0
 
 def _actions_job(service: ReconcilerService) -> None:
     try:
+        service.announce()
         if service.actions.erp is not None:
             service.actions.recover(stale_after_s=STALE_IN_PROGRESS_S)
         service.actions.process_due()

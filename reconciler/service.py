@@ -7,9 +7,11 @@ lock, so neither overwrites the other's state change.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -23,12 +25,18 @@ from reconciler.connectors import build as build_connectors
 from reconciler.policy import RetryPolicy
 from reconciler.retention import StatementRetention
 from reconciler.runner import STAGES, Reconciler, RunFailed, RunResult, rules_fingerprint
+from tower_core.errors import StoreError
 from tower_core.settings import Settings
 from tower_core.store import Store
 from tower_core.store import reconcile as q
 
 log = logging.getLogger("tower.reconciler")
 
+
+# The job process renews what it compares by this often; an API on another host takes an announcement older than
+# ANNOUNCED_STALE_S for one of a process that is gone (on this host, the process itself is looked at).
+ANNOUNCE_EVERY_S = 600.0
+ANNOUNCED_STALE_S = 3600.0
 
 # A graceful stop waits this long for the run in progress to reach its next stage (a stage of a full run at 10M
 # invoices takes up to ~7 s here); past it the process exits and its next start closes the run as interrupted.
@@ -59,6 +67,7 @@ class ReconcilerService:
         self._current: str | None = None
         self._current_scope: tuple[bool, str] | None = None  # (full, region) of the run in progress
         self._stopping = threading.Event()
+        self._announced_at = 0.0
         self.connectors = connectors if connectors is not None else build_connectors(settings)
         self.reconciler = Reconciler(
             store,
@@ -137,7 +146,7 @@ class ReconcilerService:
         if scheduler is not None and self.settings.reconcile_scheduler:
             from reconciler.jobs import schedule
 
-            q.set_cursor(self.store, *q.JOB_SETTINGS, self.settings_identity())  # what API-started runs must match
+            self.announce(force=True)  # what API-started runs beside it must match
             schedule(self, scheduler, self.settings)
 
     # --- runs
@@ -252,13 +261,46 @@ class ReconcilerService:
             "on" if self.settings.reconcile_auto_correct else "off"
         )
 
+    def announce(self, *, force: bool = False) -> None:
+        """The process running the jobs says what it compares by, who it is and when (again every
+        ANNOUNCE_EVERY_S from its jobs, so an API on another host can tell it is still there)."""
+        if not self.settings.reconcile_scheduler or self._stopping.is_set():
+            return
+        now = time.time()
+        if not force and now - self._announced_at < ANNOUNCE_EVERY_S:
+            return
+        doc = {"identity": self.settings_identity(), "owner": run_owner.this_process(), "at": now}
+        try:
+            q.set_cursor(self.store, *q.JOB_SETTINGS, json.dumps(doc))
+        except StoreError as exc:  # said again at the next turn
+            log.warning("could not announce this job process's settings: %s", exc)
+            return
+        self._announced_at = now
+
+    def _job_process_settings(self) -> str | None:
+        """What the live job process announced, or None: no announcement, one withdrawn at its stop, one of a
+        process of this host that is gone, or one of another host not renewed for ANNOUNCED_STALE_S."""
+        raw = q.get_cursor(self.store, *q.JOB_SETTINGS)
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        if not isinstance(doc, dict) or not doc.get("identity"):
+            return None
+        age = dt.timedelta(seconds=max(0.0, time.time() - float(doc.get("at") or 0)))
+        if age > dt.timedelta(seconds=ANNOUNCED_STALE_S) or run_owner.abandoned(
+            str(doc.get("owner") or ""), age, socket.gethostname()
+        ):
+            return None
+        return str(doc["identity"])
+
     def check_settings_agree(self) -> None:
         """A run started here, beside a process that runs the jobs (`tower reconciler`), must compare as that one
         does: by other settings, each API-started run flipped the items the other's runs had found back and forth,
         and acknowledgements were lost with each flip. SettingsDiffer names both."""
         if self.settings.reconcile_scheduler or not self.settings.clickhouse_url:
             return  # this process runs the jobs, or no other can (the embedded store is one process's)
-        theirs = q.get_cursor(self.store, *q.JOB_SETTINGS)
+        theirs = self._job_process_settings()
         mine = self.settings_identity()
         if theirs and theirs != mine:
             raise SettingsDiffer(
@@ -276,6 +318,11 @@ class ReconcilerService:
         half-classified), and no run starts any more. Waits up to ``timeout_s``; True if no run is left. A stop
         that abandoned the run left it 'running' until the next start closed it as interrupted."""
         self._stopping.set()
+        if self._announced_at:  # withdrawn: a retired job process must not hold API runs to its settings
+            try:
+                q.set_cursor(self.store, *q.JOB_SETTINGS, "")
+            except StoreError as exc:
+                log.warning("could not withdraw this job process's settings (they go stale in time): %s", exc)
         if not self._run_lock.acquire(timeout=max(timeout_s, 0.0)):
             log.warning("run %s still in progress after %.0f s of stopping; left to the next start", self._current,
                         timeout_s)  # fmt: skip

@@ -4,7 +4,9 @@ a real ``tower serve`` subprocess pulling from the simulated estate's HTTP API o
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -445,3 +447,17 @@ def test_a_run_the_api_starts_beside_the_job_process_must_compare_by_its_setting
                 assert refused.status_code == 409 and "TOWER_RECONCILE_" in refused.json()["detail"], refused.text
             else:
                 assert run_and_wait(c, ADMIN, {})["state"] == "succeeded"
+    # a job process that is gone holds the API to nothing: one stopped (its announcement withdrawn), or one of this
+    # host that died without a word (a diff review: a retired `tower reconciler` blocked API runs for good)
+    differing = base.model_copy(update={"reconcile_grace_s": {"*": 7200}, **beside})
+    for gone in ("stopped", "died"):
+        job_process = ReconcilerService(jobs_settings, embedded_store, Connectors(None, None, None))
+        job_process.start(BackgroundScheduler(timezone="UTC"))
+        if gone == "stopped":
+            assert job_process.stop(timeout_s=5)
+        else:
+            owner = f"{socket.gethostname()}/999999999/1"  # a pid no process has
+            doc = {"identity": job_process.settings_identity(), "owner": owner, "at": time.time()}
+            q.set_cursor(embedded_store, *q.JOB_SETTINGS, json.dumps(doc))
+        with TestClient(create_app(differing, embedded_store)) as c:
+            assert run_and_wait(c, ADMIN, {})["state"] == "succeeded", gone
