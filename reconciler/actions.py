@@ -448,7 +448,8 @@ class ActionService:
                         previous[plan.key].append(row)
                 outcomes[plan.drift_id] = row
             self._save_many(saves, requested_by)
-        return {d: o if isinstance(o, ActionError) else _public(o) for d, o in outcomes.items()}
+        ordered = {d: outcomes[d] for d in dict.fromkeys(drift_ids)}  # as asked: the bulk answer keeps the filter's
+        return {d: o if isinstance(o, ActionError) else _public(o) for d, o in ordered.items()}
 
     def approve(self, action_id: str, who: str, execute: bool = True) -> dict[str, Any]:
         row = q.get_action(self.store, action_id)

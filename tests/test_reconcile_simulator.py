@@ -1271,6 +1271,7 @@ def test_bulk_corrections_are_requested_with_a_few_reads_and_two_writes(store: S
     unknown = "0" * 32
     outcomes = svc.actions.request_many([*missing, *amounts, unknown, missing[1]], "ops")
     assert counting.writes == 2  # the new actions, then their audit records
+    assert list(outcomes) == [*missing, *amounts, unknown]  # in the order asked
     gone = outcomes[unknown]
     assert isinstance(gone, ActionError) and gone.status == 404
     made = {d: o for d, o in outcomes.items() if not isinstance(o, ActionError)}
