@@ -14,8 +14,8 @@ from rich.table import Table
 
 from collector.dead_letter import DeadLetterBox
 from collector.token_cli import ViaApi, api_is_up
-from reconciler.sla.redact import redact_url
 from tower_core.errors import ConfigError
+from tower_core.redact import redact_url
 
 app = typer.Typer(no_args_is_help=True, help="The collector's dead-letter box: records the store refuses.")
 out = Console(soft_wrap=True, highlight=False, markup=False)  # names and ids are data, not markup

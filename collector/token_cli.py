@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from reconciler.sla.redact import redact_url
 from tower_core.api_answers import json_answer
 from tower_core.errors import ConfigError
+from tower_core.redact import redact_url
 from tower_core.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, help="API tokens with roles viewer < operator < admin.")

@@ -145,11 +145,12 @@ def _last_epoch(segments: list[Segment]) -> int:
 OWNER_FILE = "owner.lock"
 
 
-def _own(directory: Path) -> int:
-    """One process per buffer directory: a second one would take the first one's live segments for its own,
-    replay them beside it (rows stored twice) and remove the file it still appends to (acknowledged rows lost).
-    A POSIX record lock, which the kernel drops when the process ends, kill -9 included; held per process, so a
-    process may open its directory again (as tests do to act out a restart)."""
+def claim(directory: Path) -> int:
+    """This process's lock of a buffer dir (the caller closes the descriptor to let it go), ConfigError with one
+    line while another process holds it. One process per buffer directory: a second one would take the first
+    one's live segments for its own, replay them beside it (rows stored twice) and remove the file it still appends
+    to (acknowledged rows lost). A POSIX record lock, which the kernel drops when the process ends, kill -9
+    included; held per process, so a process may open its directory again (as tests do to act out a restart)."""
     from tower_core.errors import ConfigError
 
     path = directory / OWNER_FILE
@@ -171,12 +172,6 @@ def _own(directory: Path) -> int:
     return fd
 
 
-def claim(directory: Path) -> int:
-    """This process's lock of a buffer dir (the caller closes the descriptor to let it go); ConfigError with one
-    line while another process holds it."""
-    return _own(directory)
-
-
 class WriteAheadBuffer:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.dir = directory
@@ -192,7 +187,7 @@ class WriteAheadBuffer:
             from tower_core.errors import ConfigError
 
             raise ConfigError(f"write-ahead buffer dir {directory} is not usable: {exc.strerror or exc}") from None
-        self._owner_fd: int | None = _own(directory)  # before any segment is looked at
+        self._owner_fd: int | None = claim(directory)  # before any segment is looked at
         self._sealed: list[Segment] = []
         self.damage: list[Damage] = []  # found at start: logged and counted by the collector
         for p in sorted(directory.iterdir()):

@@ -40,7 +40,6 @@ from tower_core.store import reconcile as q
 log = logging.getLogger("tower.reconciler.actions")
 
 PENDING, IN_PROGRESS, SUCCEEDED, FAILED = "pending", "in_progress", "succeeded", "failed"
-_REPLAY = ":replay:"  # a replay's idempotency key: its original's, this, and the replay's number
 ACTIVE = (PENDING, IN_PROGRESS)
 
 
@@ -273,15 +272,11 @@ class ActionService:
         return policy.source_moved_on(op, invoice, payment)
 
     # --- locking
-    @staticmethod
-    def _lock_name(key: str) -> str:
-        return key.split(_REPLAY, 1)[0]
-
     def _lock(self, key: str) -> threading.Lock:
         """One lock per target: a replay's key is its original's plus ``:replay:N``, and a replay and a new
         request for the same item must not both find the target empty and both write."""
         with self._locks_guard:
-            return self._locks.setdefault(self._lock_name(key), threading.Lock())
+            return self._locks.setdefault(q.replayed_key(key), threading.Lock())
 
     @contextmanager
     def _documents_locked(self, row: dict[str, Any]) -> Iterator[None]:
@@ -436,7 +431,7 @@ class ActionService:
             except ActionError as exc:
                 outcomes[drift_id] = exc
         with ExitStack() as stack:
-            for name in sorted({self._lock_name(p.key) for p in plans}):  # one order: no two callers deadlock
+            for name in sorted({q.replayed_key(p.key) for p in plans}):  # one order: no two callers deadlock
                 stack.enter_context(self._lock(name))
             previous = q.actions_by_keys(self.store, sorted({p.key for p in plans}))
             saves: list[_Save] = []
@@ -483,7 +478,7 @@ class ActionService:
             row.update(
                 {
                     "ActionId": uuid.uuid4().hex,
-                    "IdempotencyKey": f"{orig['IdempotencyKey']}{_REPLAY}{len(replays) + 1}",
+                    "IdempotencyKey": f"{orig['IdempotencyKey']}{q.REPLAY}{len(replays) + 1}",
                     "Kind": "replay",
                     "State": PENDING,
                     "Attempts": 0,
@@ -627,7 +622,7 @@ class ActionService:
     def _settle_dead_letters(self, done: dict[str, Any]) -> None:
         """Failures of the same correction (its original, earlier replays, an earlier request) leave the
         dead-letter list once it succeeded: replaying one of them would only run the correction again."""
-        base = done["IdempotencyKey"].split(_REPLAY, 1)[0]
+        base = q.replayed_key(done["IdempotencyKey"])
         for other in q.actions_by_key(self.store, base):
             if other["ActionId"] != done["ActionId"] and other["State"] == FAILED and other["DeadLetter"]:
                 before = dict(other)

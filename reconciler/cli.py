@@ -14,9 +14,9 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from reconciler.sla.redact import redact_url
 from tower_core.api_answers import detail, json_answer
 from tower_core.errors import ConfigError, one_line
+from tower_core.redact import redact_url
 from tower_core.settings import Settings
 
 POLL_S = 0.2

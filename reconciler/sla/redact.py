@@ -10,25 +10,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-MARK = "***"
-
-
-def redact_url(url: str) -> str:
-    """'https://u:p@hooks.example/services/T/B/X?q=1' -> 'https://***@hooks.example/***'."""
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        return MARK
-    if not parts.scheme or not host:
-        return MARK
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None:
-        netloc += f":{port}"
-    if parts.username is not None or parts.password is not None:
-        netloc = f"{MARK}@{netloc}"
-    rest = f"/{MARK}" if parts.path.strip("/") or parts.query or parts.fragment else ""
-    return f"{parts.scheme}://{netloc}{rest}"
+from tower_core.redact import MARK, redact_url
 
 
 def _secret_parts(url: str) -> list[str]:

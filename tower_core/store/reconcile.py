@@ -2095,15 +2095,24 @@ def get_action(store: Store, action_id: str) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
+# A replay's idempotency key: its original's, this, and the replay's number.
+REPLAY = ":replay:"
+
+
+def replayed_key(key: str) -> str:
+    """The original's key of a replay's (a key that is no replay's, as it is)."""
+    return key.split(REPLAY, 1)[0]
+
+
 def actions_by_key(store: Store, idempotency_key: str) -> list[dict[str, Any]]:
     """The actions of one idempotency key and their replays, oldest first."""
     return store.query_rows(
         _compose(
             "SELECT /*cols*/ FROM $db.actions FINAL WHERE IdempotencyKey = {k:String} "
-            "OR startsWith(IdempotencyKey, concat({k:String}, ':replay:')) ORDER BY CreatedAt",
+            "OR startsWith(IdempotencyKey, concat({k:String}, {replay:String})) ORDER BY CreatedAt",
             cols=_ACTION_COLS,
         ),
-        {"k": idempotency_key},
+        {"k": idempotency_key, "replay": REPLAY},
     )
 
 
@@ -2114,14 +2123,14 @@ def actions_by_keys(store: Store, idempotency_keys: Sequence[str]) -> dict[str, 
     rows = store.query_rows(
         _compose(
             "SELECT /*cols*/ FROM $db.actions FINAL WHERE IdempotencyKey IN {k:Array(String)} "
-            "OR splitByString(':replay:', IdempotencyKey)[1] IN {k:Array(String)} ORDER BY CreatedAt",
+            "OR splitByString({replay:String}, IdempotencyKey)[1] IN {k:Array(String)} ORDER BY CreatedAt",
             cols=_ACTION_COLS,
         ),
-        {"k": list(idempotency_keys)},
+        {"k": list(idempotency_keys), "replay": REPLAY},
     )
     found: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        found.setdefault(row["IdempotencyKey"].split(":replay:", 1)[0], []).append(row)
+        found.setdefault(replayed_key(row["IdempotencyKey"]), []).append(row)
     return found
 
 
