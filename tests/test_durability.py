@@ -99,9 +99,11 @@ def test_kill_9_during_flush_loses_and_duplicates_nothing(tmp_path: Path) -> Non
         srv.stop()
     srv.start()  # replays the buffer
     # until the replay has emptied the buffer (what is left there is kept, not lost: a stop in the middle of it
-    # failed this test on a loaded machine after a fixed 60 s)
+    # failed this test on a loaded machine after a fixed 60 s). The buffer gauge counts the segments on disk, so
+    # it is non-zero from the start until the replay is done. Not `flushed + seen == acked`: what was flushed
+    # between reading `seen` and the kill is not flushed again, and waiting for it ran out the deadline.
     deadline = time.monotonic() + 240
-    while (flushed(srv) + seen < acked or buffered(srv) > 0) and time.monotonic() < deadline:
+    while buffered(srv) > 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     srv.stop()
     traces = acked // 4  # four spans per trace, one invoice per trace
