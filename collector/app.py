@@ -41,6 +41,7 @@ from collector.routers import dead_letters as dead_letter_routes
 from collector.routers import overview as overview_routes
 from collector.routers import sla as sla_routes
 from collector.scheduler import create_scheduler
+from collector.store_bring_up import StoreBringUp
 from collector.telemetry import setup_telemetry
 from collector.telemetry import shutdown as shutdown_telemetry
 from reconciler.service import RUN_STOP_WAIT_S, ReconcilerService
@@ -71,8 +72,10 @@ def _echoable(value: Any) -> Any:
     return value
 
 
-def create_app(settings: Settings, store: Store) -> FastAPI:
-    ingest = IngestService(settings, store)
+def create_app(settings: Settings, store: Store, *, bring_up: StoreBringUp | None = None) -> FastAPI:
+    """``bring_up``: the store did not answer at start; the app takes ingest into its buffer meanwhile and starts
+    what needs the store once ``bring_up`` has reached it (collector.store_bring_up)."""
+    ingest = IngestService(settings, store, store_ready=bring_up is None)
     scheduler = create_scheduler()  # shared by periodic jobs (SLA evaluation, reconciler runs)
     sla = SlaService(settings, store)  # invalid SLA definitions stop the start here (ConfigError)
     sla.schedule(scheduler)
@@ -85,22 +88,38 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
         telemetry = setup_telemetry(settings)
         if telemetry is not None:
             ingest.own_spans_received = telemetry[1].stop
-        ingest.start()
-        reconciler.start(scheduler)  # closes interrupted runs, recovers in-progress actions, adds its jobs
-        scheduler.start()
+
+        def start_store_parts() -> None:
+            if bring_up is not None:
+                ingest.prepare_store()  # done at construction when the store answered at start
+            ingest.start()
+            reconciler.start(scheduler)  # closes interrupted runs, recovers in-progress actions, adds its jobs
+            scheduler.start()
+
+        if bring_up is None:
+            start_store_parts()
+        else:
+            bring_up.start(start_store_parts)
         log.info(
-            "serving on the %s store (database %s); %d bytes wait in the write-ahead buffer",
+            "serving on the %s store (database %s%s); %d bytes wait in the write-ahead buffer",
             store.backend,
             store.database,
+            ", not reached yet: retrying in the background" if bring_up is not None else "",
             ingest.wal.pending_bytes,
         )
         try:
             yield
         finally:
-            scheduler.shutdown(wait=False)
-            reconciler.stop(timeout_s=RUN_STOP_WAIT_S)  # a run in progress ends at its next stage, recorded
+            if bring_up is not None:
+                bring_up.stop()
+            if bring_up is None or bring_up.started:
+                scheduler.shutdown(wait=False)
+                reconciler.stop(timeout_s=RUN_STOP_WAIT_S)  # a run in progress ends at its next stage, recorded
             sla.close()
-            ingest.stop()
+            if bring_up is None or bring_up.started:
+                ingest.stop()
+            else:  # never flushed: what it took stays in the buffer for the next start
+                ingest.wal.close()
             if telemetry is not None:
                 shutdown_telemetry(telemetry[0])
 
@@ -111,6 +130,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.state.scheduler = scheduler
     app.state.sla = sla
     app.state.reconciler = reconciler
+    app.state.bring_up = bring_up
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
     app.state.verifier = TokenVerifier(store, admin)
 

@@ -64,14 +64,18 @@ class Reply:
 
 
 class IngestService:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, *, store_ready: bool = True) -> None:
+        """``store_ready=False``: the store has not answered yet; the buffer takes requests meanwhile, and
+        prepare_store() and start() follow once it answers (collector.store_bring_up)."""
         self.settings = settings
+        self.store = store
         self.ingest_tokens = [t.get_secret_value() for t in settings.ingest_tokens]
         self.metrics = CollectorMetrics()
         self.key_names = key_attribute_names(settings.key_attribute_map)
         # the CDP's PII policy, built once: its spans, its CloudEvents and Stripe's CDP user ids go through it
         self.cdp_pii = span_pii.policy_for(settings)
-        sync_key_attributes(store, self.key_names)  # read by the span -> key-link materialized view
+        if store_ready:
+            self.prepare_store()
         self.wal = WriteAheadBuffer(settings.wal_dir, settings.wal_max_bytes)
         self.flusher = Flusher(
             self.wal,
@@ -139,6 +143,9 @@ class IngestService:
                 with contextlib.suppress(OSError):
                     probe.unlink(missing_ok=True)
         return why
+
+    def prepare_store(self) -> None:
+        sync_key_attributes(self.store, self.key_names)  # read by the span -> key-link materialized view
 
     def start(self) -> None:
         self.flusher.start()

@@ -37,7 +37,8 @@ class TowerServer:
         self.proc: subprocess.Popen | None = None
         self.log = workdir / "server.log"
 
-    def start(self, timeout: float = 60) -> TowerServer:
+    def start(self, timeout: float = 60, until: str = "/readyz") -> TowerServer:
+        """Start and wait until ``until`` answers 200 (``/healthz``: up, whether or not its store answers)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -52,7 +53,7 @@ class TowerServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tower serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{until}", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

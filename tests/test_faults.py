@@ -300,3 +300,95 @@ def test_store_down_60s_buffer_then_503_then_drains(tmp_path: Path) -> None:
     assert n == u, "a span was stored twice"
     assert acked <= ids, f"{len(acked - ids)} acknowledged spans lost"
     print(f"store down 60 s: {statuses.count(200)} requests buffered, then {statuses.count(503)} refused (503)")
+
+
+@pytest.mark.slow
+def test_serve_started_while_clickhouse_is_down_buffers_ingest_then_reaches_it(tmp_path: Path) -> None:
+    """A restart during a ClickHouse outage: `tower serve` acknowledges into its buffer (it used to exit), says
+    why it is not ready, answers API reads 503, and once the server answers migrates and drains."""
+    import clickhouse_connect
+
+    ch = ClickHouseFixture(tmp_path / "clickhouse")  # not started: nothing listens on its port yet
+    srv = TowerServer(
+        tmp_path / "tower",
+        TOWER_CLICKHOUSE_URL=f"http://default:@127.0.0.1:{ch.port}/faults",
+        TOWER_DATABASE="faults",
+        TOWER_FLUSH_INTERVAL_S="0.3",
+    ).start(until="/healthz")
+    acked: set[str] = set()
+    try:
+        with httpx.Client(timeout=10) as client:
+
+            def send(first: int) -> None:
+                r = client.post(
+                    f"{srv.url}/v1/traces",
+                    content=batch(first, 200),
+                    headers={"Content-Type": "application/x-protobuf"},
+                )
+                assert r.status_code == 200, r.text
+                acked.update(f"{i + 1:016x}" for i in range(first, first + 200))
+
+            for k in range(5):
+                send(k * 200)
+            ready = client.get(f"{srv.url}/readyz")
+            assert ready.status_code == 503
+            assert "store not reached since start" in ready.json()["status"], ready.text
+            assert "refused" in ready.json()["status"], ready.text  # why, from the last attempt
+            assert buffered_bytes(srv) > 0
+            drift = client.get(f"{srv.url}/api/drift", headers=srv.auth)
+            assert drift.status_code == 503 and drift.headers["X-Tower-Unavailable"] == "store", drift.text
+
+            ch.start()
+            deadline = time.monotonic() + 60
+            while client.get(f"{srv.url}/readyz").status_code != 200:
+                assert time.monotonic() < deadline, server_errors(srv)
+                time.sleep(0.3)
+            while buffered_bytes(srv) > 0:
+                assert time.monotonic() < deadline, server_errors(srv)
+                time.sleep(0.3)
+            send(1000)  # and on as usual
+            assert client.get(f"{srv.url}/api/drift", headers=srv.auth).status_code == 200
+    finally:
+        srv.stop()
+    log = srv.log.read_text()
+    assert "serving ingest into the write-ahead buffer meanwhile" in log and "Traceback" not in log, log[-3000:]
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=ch.port)
+    try:
+        n, u = client.query("SELECT count(), uniqExact(TraceId, SpanId) FROM faults.otel_traces").result_rows[0]
+        ids = {r[0] for r in client.query("SELECT SpanId FROM faults.otel_traces").result_rows}
+        links = client.query("SELECT count() FROM faults.business_key_links").result_rows[0][0]
+    finally:
+        ch.stop()
+    assert n == u == len(acked) and ids == acked
+    assert links > 0, "the key-link view ran: the attribute names were synced before the flush"
+
+
+def test_serve_whose_late_store_was_migrated_by_a_newer_release_stops_with_one_line(tmp_path: Path) -> None:
+    """What waiting cannot mend, found once the store answers, ends `tower serve` as it would have at start."""
+    from tower_core.settings import Settings
+    from tower_core.store import migrate, open_store
+
+    ch = ClickHouseFixture(tmp_path / "clickhouse")
+    url = f"http://default:@127.0.0.1:{ch.port}/faults"
+    ch.start()
+    store = open_store(Settings(clickhouse_url=url, database="faults"))
+    migrate(store)
+    store.command(
+        "INSERT INTO $db.schema_migrations (Version, Name, Checksum, AppliedAt) VALUES (9999, 'future', 'x', now64(3))"
+    )
+    store.close()
+    ch.stop()
+    srv = TowerServer(tmp_path / "tower", TOWER_CLICKHOUSE_URL=url, TOWER_DATABASE="faults").start(until="/healthz")
+    try:
+        assert httpx.post(
+            f"{srv.url}/v1/traces", content=batch(0, 10), headers={"Content-Type": "application/x-protobuf"}
+        ).is_success
+        ch.start()
+        assert srv.proc is not None
+        assert srv.proc.wait(timeout=60) == 2, server_errors(srv)
+    finally:
+        srv.stop()
+        ch.stop()
+    last = srv.log.read_text().strip().splitlines()[-1]
+    assert last.startswith("tower: error: this database is at schema version 9999"), last
+    assert (tmp_path / "tower" / "wal").is_dir() and any((tmp_path / "tower" / "wal").iterdir())  # kept, not flushed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 from typing import Annotated
 
@@ -9,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tower_core.errors import ConfigError, StoreError, one_line
+from tower_core.errors import ConfigError, StoreError, StoreUnreachable, one_line
 from tower_core.settings import Settings
 from tower_core.settings import load_settings as _load_settings
 
@@ -71,11 +73,13 @@ def serve(
     import uvicorn
 
     from collector.app import create_app
+    from collector.store_bring_up import StoreBringUp
     from reconciler.sla.definitions import load_definitions
     from tower_core.logs import configure as configure_logging
     from tower_core.ports import check_port_free
     from tower_core.settings import own_api_url
     from tower_core.store import migrate as run_migrations
+    from tower_core.store import open_store
 
     settings = load_settings(host=host, port=port)
     if "api_url" not in settings.model_fields_set:  # what it calls itself (webhooks' externalURL): not :8000
@@ -85,11 +89,34 @@ def serve(
     # was opened and migrated
     check_port_free(settings.host, settings.port)
     configure_logging(settings.log_level)
-    store = _open(settings)
-    run_migrations(store)
-    uvicorn.run(
-        create_app(settings, store), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+    store = open_store(settings, connect=False)  # a bad URL or a chDB path another process holds stops here
+
+    def ready_store() -> None:
+        store.connect()
+        run_migrations(store)
+
+    def stop_serving() -> None:
+        server.should_exit = True  # not a signal to itself: uvicorn re-raises one, and the exit code would be lost
+
+    bring_up = None
+    try:
+        ready_store()
+    except StoreUnreachable as exc:  # a server that does not answer yet (restarting): waited for, ingest buffered
+        logging.getLogger("tower.api").warning("%s: serving ingest into the write-ahead buffer meanwhile", exc)
+        bring_up = StoreBringUp(ready_store, on_fatal=stop_serving)
+    config = uvicorn.Config(
+        create_app(settings, store, bring_up=bring_up),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
     )
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run, which has no hook for stop_serving
+        server.run()
+    if bring_up is not None and bring_up.fatal:  # it stopped because waiting cannot mend it
+        raise ConfigError(bring_up.fatal)
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn.run's code for a failed start (it has logged why)
 
 
 @app.command()

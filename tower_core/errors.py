@@ -17,6 +17,10 @@ class StoreError(Exception):
         self.code = code
 
 
+class StoreUnreachable(StoreError):
+    """The store's server did not answer (refused, timed out): worth waiting for, unlike a refused login."""
+
+
 def one_line(text: str, limit: int = 500) -> str:
     """Whitespace and line breaks collapsed (a proxy's HTML page spread an error over eight lines), then cut."""
     return " ".join(text.split())[:limit]

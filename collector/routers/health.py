@@ -20,6 +20,8 @@ def readyz(request: Request) -> JSONResponse:
     full or the store has refused its writes for a while (every ingest request is about to get 503)."""
     state = request.app.state
     why = [] if state.store.ping() else ["store unavailable"]
+    if state.bring_up is not None and state.bring_up.pending:  # `tower serve` started before the store answered
+        why.append(f"store not reached since start, retrying ({state.bring_up.last_error}); ingest is buffered")
     why += state.ingest.not_ready()
     body = {"status": "; ".join(why) or "ready", "backend": state.store.backend}
     return JSONResponse(body, status_code=503 if why else 200)

@@ -14,7 +14,8 @@ from tower_core.store.migrate import migrate, schema_version
 __all__ = ["Store", "migrate", "open_store", "schema_version", "table_counts"]
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, *, connect: bool = True) -> Store:
+    """``connect=False``: a server is not reached yet (the caller calls ``connect()``); chDB opens its path anyway."""
     if settings.clickhouse_url:
         from tower_core.store.base import check_identifier
         from tower_core.store.server import ServerStore, parse_url
@@ -37,6 +38,7 @@ def open_store(settings: Settings) -> Store:
             settings.database,
             settings.clickhouse_connect_timeout_s,
             settings.clickhouse_query_timeout_s,
+            connect=connect,
         )
     from tower_core.store.embedded import EmbeddedStore
 

@@ -106,5 +106,8 @@ class Store(Protocol):
     def ping(self) -> bool:
         """True when the backend answers a trivial query."""
 
+    def connect(self) -> None:
+        """Reach the backend and make the database (StoreUnreachable while a server does not answer)."""
+
     def close(self) -> None:
         """Release the backend."""

@@ -144,6 +144,9 @@ class EmbeddedStore:
         self.database = check_identifier(database)
         self.data_dir = data_dir
         self._s = open_session(data_dir)
+        self.connect()
+
+    def connect(self) -> None:
         self.command("CREATE DATABASE IF NOT EXISTS $db")
 
     def _conn(self) -> Any:

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
-from tower_core.errors import ConfigError, StoreError
+from tower_core.errors import ConfigError, StoreError, StoreUnreachable
 from tower_core.store.base import SESSION_SETTINGS, check_identifier, qualify, rows_of
 from tower_core.store.params import format_params
 
@@ -43,7 +43,13 @@ class ServerStore:
     backend = "server"
 
     def __init__(
-        self, url: str, database: str | None = None, connect_timeout_s: float = 5.0, query_timeout_s: float = 300.0
+        self,
+        url: str,
+        database: str | None = None,
+        connect_timeout_s: float = 5.0,
+        query_timeout_s: float = 300.0,
+        *,
+        connect: bool = True,
     ) -> None:
         self._args = parse_url(url)
         self.database = check_identifier(database or self._args.pop("database") or "tower")
@@ -51,10 +57,14 @@ class ServerStore:
         self._timeout = connect_timeout_s
         self._query_timeout = query_timeout_s
         self._local = threading.local()
-        try:
-            self._client()
-        except StoreError as exc:  # unreachable at start is a configuration problem: fail fast
-            raise ConfigError(str(exc)) from None
+        if connect:  # unreachable here is a configuration problem (`tower serve` waits instead: connect=False)
+            try:
+                self.connect()
+            except StoreError as exc:
+                raise ConfigError(str(exc)) from None
+
+    def connect(self) -> None:
+        self._client()
         self.command("CREATE DATABASE IF NOT EXISTS $db")
 
     def _client(self) -> Any:
@@ -74,8 +84,12 @@ class ServerStore:
                     settings=dict(SESSION_SETTINGS),
                 )
             except Exception as exc:  # later, an unreachable server is transient: callers retry StoreError
+                from clickhouse_connect.driver.exceptions import OperationalError
+
                 where = f"{self._args['host']}:{self._args['port']}"
-                raise StoreError(f"cannot reach ClickHouse at {where}: {_short(exc)}") from None
+                # no answer (refused, timed out), or an answer that refused (a login, a missing database)
+                kind = StoreUnreachable if isinstance(exc, OperationalError) else StoreError
+                raise kind(f"cannot reach ClickHouse at {where}: {_short(exc)}") from None
             self._local.client = client
         return client
 
