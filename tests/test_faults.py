@@ -392,3 +392,38 @@ def test_serve_whose_late_store_was_migrated_by_a_newer_release_stops_with_one_l
     last = srv.log.read_text().strip().splitlines()[-1]
     assert last.startswith("tower: error: this database is at schema version 9999"), last
     assert (tmp_path / "tower" / "wal").is_dir() and any((tmp_path / "tower" / "wal").iterdir())  # kept, not flushed
+
+
+def test_serve_whose_clickhouse_answers_and_refuses_the_login_stops_at_once(tmp_path: Path) -> None:
+    """Only a server that does not answer is waited for: one that refuses (here a loopback HTTP peer answering as
+    ClickHouse does to a wrong password, a named fake: the test fixture has no users) stops the start."""
+    import http.server
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            body = b"Code: 516. DB::Exception: default: Authentication failed. (AUTHENTICATION_FAILED)"
+            self.send_response(403)
+            self.send_header("X-ClickHouse-Exception-Code", "516")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _refuse
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    peer = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=peer.serve_forever, daemon=True).start()
+    srv = TowerServer(
+        tmp_path / "tower",
+        TOWER_CLICKHOUSE_URL=f"http://default:wrong@127.0.0.1:{peer.server_address[1]}/faults",
+        TOWER_DATABASE="faults",
+    )
+    try:
+        with pytest.raises(RuntimeError, match="tower serve exited 2") as exited:
+            srv.start(until="/healthz")
+    finally:
+        srv.stop()
+        peer.shutdown()
+    assert "516" in str(exited.value) and "wrong" not in str(exited.value)
