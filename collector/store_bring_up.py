@@ -24,6 +24,35 @@ log = logging.getLogger("tower.api")
 MAX_RETRY_WAIT_S = 15.0
 
 
+def retry_until_reached(
+    ready_store: Callable[[], None],
+    stop: threading.Event,
+    on_retry: Callable[[int, BaseException], None],
+    max_wait_s: float = MAX_RETRY_WAIT_S,
+) -> bool:
+    """Call ``ready_store`` until it raises no StoreError (True), or until ``stop`` is set (False); ``on_retry``
+    hears of each failed attempt. A ConfigError is not retried: it passes through."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if exc is not None:
+            on_retry(state.attempt_number, exc)
+
+    retrying = Retrying(
+        retry=retry_if_exception_type(StoreError),
+        wait=wait_exponential(multiplier=1, max=max_wait_s),
+        stop=stop_when_event_set(stop),
+        before_sleep=before_sleep,
+        sleep=stop.wait,  # a stop ends the wait at once
+        reraise=True,
+    )
+    try:
+        retrying(ready_store)
+    except StoreError:  # stopped while it did not answer
+        return False
+    return True
+
+
 class StoreBringUp:
     """Runs ``ready_store`` (connect, migrate) until it succeeds, then the ``start_parts`` given to start();
     stops when asked.
@@ -63,13 +92,10 @@ class StoreBringUp:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    def _retrying(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
+    def _retrying(self, attempt: int, exc: BaseException) -> None:
         self.last_error = str(exc)
         log.warning(
-            "the store still does not answer (attempt %d: %s); ingest goes on into the write-ahead buffer",
-            state.attempt_number,
-            exc,
+            "the store still does not answer (attempt %d: %s); ingest goes on into the write-ahead buffer", attempt, exc
         )
 
     def _give_up(self, why: str) -> None:
@@ -78,22 +104,12 @@ class StoreBringUp:
         self._on_fatal()
 
     def _run(self) -> None:
-        retrying = Retrying(
-            retry=retry_if_exception_type(StoreError),
-            wait=wait_exponential(multiplier=1, max=self._max_wait_s),
-            stop=stop_when_event_set(self._stop),
-            before_sleep=self._retrying,
-            sleep=self._stop.wait,  # a stop ends the wait at once
-            reraise=True,
-        )
         try:
-            retrying(self._ready_store)
-        except StoreError:  # stopped while it did not answer
-            return
+            reached = retry_until_reached(self._ready_store, self._stop, self._retrying, self._max_wait_s)
         except ConfigError as exc:
             self._give_up(str(exc))
             return
-        if self._stop.is_set():
+        if not reached or self._stop.is_set():
             return
         try:
             self._start_parts()

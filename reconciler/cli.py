@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tower_core.api_answers import detail, json_answer
-from tower_core.errors import ConfigError, one_line
+from tower_core.errors import ConfigError, StoreUnreachable, one_line
 from tower_core.redact import redact_url
 from tower_core.settings import Settings
 
@@ -115,24 +115,36 @@ def run_reconciler(settings: Settings, stop: threading.Event | None = None) -> i
             "(on the embedded store the jobs run inside `tower serve`)"
         )
     from collector.scheduler import create_scheduler
+    from collector.store_bring_up import retry_until_reached
     from reconciler.service import RUN_STOP_WAIT_S, ReconcilerService
     from tower_core.store import migrate, open_store
 
     # the jobs are this process's reason to be: TOWER_RECONCILE_SCHEDULER=false, set for the API beside it (and
     # often shared with it), must not turn them off here
     settings = settings.model_copy(update={"reconcile_scheduler": True})
-    store = open_store(settings)
-    migrate(store)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    store = open_store(settings, connect=False)  # a bad URL stops here
+
+    def ready_store() -> None:
+        store.connect()
+        migrate(store)
+
+    try:
+        ready_store()
+    except StoreUnreachable as exc:  # a server that does not answer yet (restarting): waited for, as `tower serve` does
+        console = Console(stderr=True, markup=False, highlight=False)
+        console.print(f"{exc}: waiting for it (Ctrl-C stops)")
+        if not retry_until_reached(ready_store, stop, lambda n, e: console.print(f"still waiting (attempt {n}: {e})")):
+            return 0  # stopped while waiting
     service = ReconcilerService(settings, store)
     # the API's scheduler: a turn that wakes up to 60 s late still runs (APScheduler's default of 1 s dropped the
     # turn of a process paused or busy for 2 s, the daily full run's included)
     scheduler = create_scheduler()
     service.start(scheduler)
     scheduler.start()
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
     Console().print(f"reconciler jobs running against {store.database} (Ctrl-C stops)", markup=False)
     try:
         stop.wait()

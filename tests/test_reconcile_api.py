@@ -394,6 +394,50 @@ def test_tower_reconciler_runs_its_jobs_and_owns_the_actions_even_with_the_api_s
     assert scheduled == [(True, True)] and ran_late
 
 
+def test_tower_reconciler_waits_for_a_clickhouse_server_that_does_not_answer_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `tower serve` does: a restart during an outage waits (a stop while waiting ends it at once, exit 0);
+    once the server answers, it migrates and schedules its jobs (they used to exit at start)."""
+    import reconciler.jobs
+    from reconciler.cli import run_reconciler
+    from tests.test_faults import ClickHouseFixture
+
+    scheduled: list[bool] = []
+    monkeypatch.setattr(reconciler.jobs, "schedule", lambda service, scheduler, settings: scheduled.append(True))
+    ch = ClickHouseFixture(tmp_path / "clickhouse")  # not started yet
+    settings = Settings(clickhouse_url=f"http://default:@127.0.0.1:{ch.port}/jobs", database="jobs")
+    results: list[int] = []
+
+    def run(stop: threading.Event) -> threading.Thread:
+        worker = threading.Thread(target=lambda: results.append(run_reconciler(settings, stop)))
+        worker.start()
+        return worker
+
+    stop = threading.Event()
+    worker = run(stop)
+    time.sleep(1.5)
+    stop.set()
+    worker.join(timeout=10)
+    assert results == [0] and not scheduled  # stopped while waiting
+
+    stop = threading.Event()
+    worker = run(stop)
+    time.sleep(1.5)
+    try:
+        ch.start()
+        deadline = time.monotonic() + 30
+        while not scheduled and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+        ch.stop()
+    assert results == [0, 0] and scheduled == [True]
+    err = capsys.readouterr().err
+    assert "connection refused: waiting for it" in err and "still waiting (attempt 1" in err, err
+
+
 def test_old_statements_are_deleted_as_runs_go_and_asking_for_one_says_so(
     embedded_store: Store, tmp_path: Path
 ) -> None:
