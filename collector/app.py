@@ -73,8 +73,11 @@ def _echoable(value: Any) -> Any:
 
 
 def create_app(settings: Settings, store: Store, *, bring_up: StoreBringUp | None = None) -> FastAPI:
-    """``bring_up``: the store did not answer at start; the app takes ingest into its buffer meanwhile and starts
-    what needs the store once ``bring_up`` has reached it (collector.store_bring_up)."""
+    """``bring_up``: the store did not answer at start; the app uses its gated view (``bring_up.store``, which
+    answers 503 until reached and migrated), takes ingest into its buffer meanwhile and starts what needs the store
+    once ``bring_up`` has reached it (collector.store_bring_up)."""
+    if bring_up is not None:
+        store = bring_up.store  # type: ignore[assignment]  # a Store until reached, then the store itself
     ingest = IngestService(settings, store, store_ready=bring_up is None)
     scheduler = create_scheduler()  # shared by periodic jobs (SLA evaluation, reconciler runs)
     sla = SlaService(settings, store)  # invalid SLA definitions stop the start here (ConfigError)
@@ -90,10 +93,13 @@ def create_app(settings: Settings, store: Store, *, bring_up: StoreBringUp | Non
             ingest.own_spans_received = telemetry[1].stop
 
         def start_store_parts() -> None:
+            """The bring-up calls it again after StoreUnreachable: every step is safe to repeat or done once."""
             if bring_up is not None:
                 ingest.prepare_store()  # done at construction when the store answered at start
-            ingest.start()
-            reconciler.start(scheduler)  # closes interrupted runs, recovers in-progress actions, adds its jobs
+            if not ingest.started:
+                ingest.start()
+            # closes interrupted runs, recovers in-progress actions, then adds its jobs (a store error comes first)
+            reconciler.start(scheduler)
             scheduler.start()
 
         if bring_up is None:
@@ -112,14 +118,11 @@ def create_app(settings: Settings, store: Store, *, bring_up: StoreBringUp | Non
         finally:
             if bring_up is not None:
                 bring_up.stop()
-            if bring_up is None or bring_up.started:
+            if scheduler.running:
                 scheduler.shutdown(wait=False)
-                reconciler.stop(timeout_s=RUN_STOP_WAIT_S)  # a run in progress ends at its next stage, recorded
+            reconciler.stop(timeout_s=RUN_STOP_WAIT_S)  # a run in progress ends at its next stage, recorded
             sla.close()
-            if bring_up is None or bring_up.started:
-                ingest.stop()
-            else:  # never flushed: what it took stays in the buffer for the next start
-                ingest.wal.close()
+            ingest.stop()  # a buffer never flushed (the store not reached) is kept for the next start
             if telemetry is not None:
                 shutdown_telemetry(telemetry[0])
 

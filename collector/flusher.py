@@ -96,6 +96,10 @@ class Flusher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tower-flusher", daemon=True)
 
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
     def start(self) -> None:
         self._thread.start()
 
@@ -105,6 +109,8 @@ class Flusher:
             self._wake.set()
 
     def stop(self, drain_timeout_s: float = 10.0) -> None:
+        if not self.started:  # `tower serve` stopped before its store was reached: nothing to drain
+            return
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=drain_timeout_s + 5)

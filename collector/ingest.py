@@ -147,6 +147,10 @@ class IngestService:
     def prepare_store(self) -> None:
         sync_key_attributes(self.store, self.key_names)  # read by the span -> key-link materialized view
 
+    @property
+    def started(self) -> bool:
+        return self.flusher.started
+
     def start(self) -> None:
         self.flusher.start()
 

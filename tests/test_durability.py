@@ -103,7 +103,8 @@ def test_kill_9_during_flush_loses_and_duplicates_nothing(tmp_path: Path) -> Non
     # it is non-zero from the start until the replay is done. Not `flushed + seen == acked`: what was flushed
     # between reading `seen` and the kill is not flushed again, and waiting for it ran out the deadline.
     deadline = time.monotonic() + 240
-    while buffered(srv) > 0 and time.monotonic() < deadline:
+    while buffered(srv) > 0:
+        assert time.monotonic() < deadline, "the replay did not empty the buffer"
         time.sleep(0.2)
     srv.stop()
     traces = acked // 4  # four spans per trace, one invoice per trace

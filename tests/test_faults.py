@@ -394,30 +394,48 @@ def test_serve_whose_late_store_was_migrated_by_a_newer_release_stops_with_one_l
     assert (tmp_path / "tower" / "wal").is_dir() and any((tmp_path / "tower" / "wal").iterdir())  # kept, not flushed
 
 
+class RefusingPeer:
+    """A loopback HTTP peer answering every request as ClickHouse does to a wrong password (516), or as a proxy
+    in front of a restarting ClickHouse does (502): a named fake, since the test fixture has no users and no
+    proxy. ``port``: bind there (a port a `tower serve` was already pointed at)."""
+
+    def __init__(self, status: int, port: int = 0) -> None:
+        import http.server
+
+        if status == 502:
+            body, code = b"<html><body><h1>502 Bad Gateway</h1></body></html>", None
+        else:
+            body, code = b"Code: 516. DB::Exception: default: Authentication failed. (AUTHENTICATION_FAILED)", "516"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _refuse(self) -> None:
+                self.send_response(status)
+                if code:
+                    self.send_header("X-ClickHouse-Exception-Code", code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _refuse
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_serve_whose_clickhouse_answers_and_refuses_the_login_stops_at_once(tmp_path: Path) -> None:
-    """Only a server that does not answer is waited for: one that refuses (here a loopback HTTP peer answering as
-    ClickHouse does to a wrong password, a named fake: the test fixture has no users) stops the start."""
-    import http.server
-
-    class Refusing(http.server.BaseHTTPRequestHandler):
-        def _refuse(self) -> None:
-            body = b"Code: 516. DB::Exception: default: Authentication failed. (AUTHENTICATION_FAILED)"
-            self.send_response(403)
-            self.send_header("X-ClickHouse-Exception-Code", "516")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _refuse
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    peer = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=peer.serve_forever, daemon=True).start()
+    """Only a server that does not answer is waited for: one that refuses stops the start."""
+    peer = RefusingPeer(403)
     srv = TowerServer(
         tmp_path / "tower",
-        TOWER_CLICKHOUSE_URL=f"http://default:wrong@127.0.0.1:{peer.server_address[1]}/faults",
+        TOWER_CLICKHOUSE_URL=f"http://default:wrong@127.0.0.1:{peer.port}/faults",
         TOWER_DATABASE="faults",
     )
     try:
@@ -425,5 +443,33 @@ def test_serve_whose_clickhouse_answers_and_refuses_the_login_stops_at_once(tmp_
             srv.start(until="/healthz")
     finally:
         srv.stop()
-        peer.shutdown()
+        peer.close()
     assert "516" in str(exited.value) and "wrong" not in str(exited.value)
+
+
+def test_serve_behind_a_proxy_answering_502_waits_and_a_login_refused_later_stops_it(tmp_path: Path) -> None:
+    """Reviewer's cases: a proxy's 502 while ClickHouse restarts behind it made `tower serve` exit at start; a
+    refused login met after the start was retried every 15 s for good, logged as "does not answer"."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    proxy = RefusingPeer(502, port)
+    srv = TowerServer(
+        tmp_path / "tower",
+        TOWER_CLICKHOUSE_URL=f"http://default:wrong@127.0.0.1:{port}/faults",
+        TOWER_DATABASE="faults",
+    ).start(until="/healthz")
+    try:
+        ready = httpx.get(f"{srv.url}/readyz", timeout=10)
+        assert ready.status_code == 503 and "502" in ready.json()["status"], ready.text
+        proxy.close()
+        refusing = RefusingPeer(403, port)  # the server behind it is back, and refuses this password
+        try:
+            assert srv.proc is not None
+            assert srv.proc.wait(timeout=60) == 2, server_errors(srv)
+        finally:
+            refusing.close()
+    finally:
+        srv.stop()
+    last = srv.log.read_text().strip().splitlines()[-1]
+    assert last.startswith("tower: error: cannot reach ClickHouse") and "516" in last and "wrong" not in last, last

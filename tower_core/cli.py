@@ -103,7 +103,7 @@ def serve(
         ready_store()
     except StoreUnreachable as exc:  # a server that does not answer yet (restarting): waited for, ingest buffered
         logging.getLogger("tower.api").warning("%s: serving ingest into the write-ahead buffer meanwhile", exc)
-        bring_up = StoreBringUp(ready_store, on_fatal=stop_serving)
+        bring_up = StoreBringUp(store, ready_store, on_fatal=stop_serving)
     config = uvicorn.Config(
         create_app(settings, store, bring_up=bring_up),
         host=settings.host,

@@ -84,12 +84,8 @@ class ServerStore:
                     settings=dict(SESSION_SETTINGS),
                 )
             except Exception as exc:  # later, an unreachable server is transient: callers retry StoreError
-                from clickhouse_connect.driver.exceptions import OperationalError
-
                 where = f"{self._args['host']}:{self._args['port']}"
-                # no answer (refused, timed out), or an answer that refused (a login, a missing database)
-                kind = StoreUnreachable if isinstance(exc, OperationalError) else StoreError
-                raise kind(f"cannot reach ClickHouse at {where}: {_short(exc)}") from None
+                raise _store_error(exc, f"cannot reach ClickHouse at {where}: ") from None
             self._local.client = client
         return client
 
@@ -100,7 +96,7 @@ class ServerStore:
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(_short(exc)) from None
+            raise _store_error(exc) from None
 
     def query_arrow(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
         bound = format_params(params)
@@ -109,7 +105,7 @@ class ServerStore:
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(_short(exc)) from None
+            raise _store_error(exc) from None
 
     def query_rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         return rows_of(self.query_arrow(sql, params))
@@ -127,7 +123,7 @@ class ServerStore:
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(_short(exc)) from None
+            raise _store_error(exc) from None
         return data.num_rows
 
     def insert_select(self, sql: str, data: bytes, fmt: str, params: Mapping[str, Any] | None = None) -> None:
@@ -139,7 +135,7 @@ class ServerStore:
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(_short(exc)) from None
+            raise _store_error(exc) from None
 
     def ping(self) -> bool:
         try:
@@ -155,6 +151,20 @@ class ServerStore:
 
 
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+# what a proxy in front of ClickHouse (nginx, chproxy, an ingress) answers while the server restarts
+_GATEWAY = re.compile(r"HTTP status 50[234]\b")
+_TLS = re.compile(r"SSL|certificate", re.IGNORECASE)
+
+
+def _store_error(exc: Exception, prefix: str = "") -> StoreError:
+    """StoreUnreachable when no ClickHouse answered (refused, timed out, a gateway's 502-504): worth waiting for;
+    StoreError when one answered and refused (a login, a query), or TLS failed (a configuration to fix)."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    message = prefix + _short(exc)
+    text = str(exc)
+    no_answer = (isinstance(exc, OperationalError) and not _TLS.search(text)) or bool(_GATEWAY.search(text))
+    return StoreUnreachable(message) if no_answer else StoreError(message)
 
 
 def _short(exc: Exception) -> str:
