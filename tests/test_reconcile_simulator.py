@@ -22,7 +22,7 @@ from reconciler.actions import ActionError, ActionService, Breakers
 from reconciler.connectors import Connectors
 from reconciler.jobs import STALE_IN_PROGRESS_S, _actions_job
 from reconciler.policy import RetryPolicy
-from reconciler.runner import WATERMARK_OVERLAP, Reconciler
+from reconciler.runner import Reconciler
 from reconciler.service import ReconcilerService, RunBusy
 from tests.conftest import migrated
 from tower_core.errors import StoreError
@@ -1014,16 +1014,28 @@ def test_an_automatic_correction_runs_again_when_its_drift_comes_back(store: Sto
     assert ran == ["succeeded", "succeeded"]
 
 
-def test_an_incremental_run_follows_a_profile_re_pointed_to_another_customer(store: Store) -> None:
+def short_overlap(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The incremental scope re-reads WATERMARK_OVERLAP (5 s) before the last run's start; a test that must write
+    past it waits it out, so it is shortened for such tests (seconds)."""
+    from reconciler import runner
+
+    monkeypatch.setattr(runner, "WATERMARK_OVERLAP", dt.timedelta(seconds=0.3))
+    return 0.3
+
+
+def test_an_incremental_run_follows_a_profile_re_pointed_to_another_customer(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overlap = short_overlap(monkeypatch)
     rec = Reconciler(store, c.Rules())
     t0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
     as_of = t0 + dt.timedelta(days=5)
     q.write_customers(store, [Customer("cus_B", "", "", "EU", "EUR", t0, t0)])
     q.write_profiles(store, [CdpProfile("u1", "cus_A", "", "", "EU", t0)])
-    time.sleep(WATERMARK_OVERLAP.total_seconds() + 0.5)
+    time.sleep(overlap + 0.5)
     rec.run(full=True, as_of=as_of, pull_sources=False)
     assert open_keys(store, c.CUSTOMER_UNSYNCED) == ["cus_A"]
-    time.sleep(WATERMARK_OVERLAP.total_seconds() + 0.5)
+    time.sleep(overlap + 0.5)
     q.write_profiles(store, [CdpProfile("u1", "cus_B", "", "", "EU", t0 + dt.timedelta(hours=1))])  # identity fixed
     run = rec.run(as_of=as_of, pull_sources=False)
     assert run.mode == "incremental" and run.resolved == 1
@@ -1448,10 +1460,11 @@ def test_a_tower_clock_ahead_of_the_stores_does_not_hide_rows_written_after_a_ru
 
     real_now = runner._now
     monkeypatch.setattr(runner, "_now", lambda: real_now() + dt.timedelta(seconds=60))
+    overlap = short_overlap(monkeypatch)  # far below the 60 s the clock is ahead
     estate = missing_estate(seed=5, invoices=400, erp_posting_missing=0.02)
     rec = Reconciler(store, c.Rules.from_settings(settings(tmp_path)), estate.billing, estate.erp)
     rec.run(full=True, as_of=estate.config.as_of)
-    time.sleep(WATERMARK_OVERLAP.total_seconds() + 0.5)  # past the overlap the scope starts with
+    time.sleep(overlap + 0.5)  # past the overlap the scope starts with
     inv = next(i for i in estate.billing.invoices.values() if i.status == "paid")
     late = dataclasses.replace(inv, invoice_id="in_written_after", updated_at=inv.updated_at + dt.timedelta(seconds=1))
     q.write_invoices(store, [late])  # billing has it; the ERP never posted it
