@@ -74,17 +74,24 @@ def serve(
 
     from collector.app import create_app
     from collector.store_bring_up import StoreBringUp
-    from reconciler.sla.definitions import load_definitions
+    from reconciler.sla.definitions import days_read_back, load_definitions
     from tower_core.logs import configure as configure_logging
     from tower_core.ports import check_port_free
     from tower_core.settings import own_api_url
     from tower_core.store import migrate as run_migrations
     from tower_core.store import open_store
+    from tower_core.store.telemetry_retention import apply_telemetry_retention
 
     settings = load_settings(host=host, port=port)
     if "api_url" not in settings.model_fields_set:  # what it calls itself (webhooks' externalURL): not :8000
         settings = settings.model_copy(update={"api_url": own_api_url(settings)})
-    load_definitions(settings.sla_config)  # an invalid SLA file stops here: one line with its line number
+    definitions = load_definitions(settings.sla_config)  # an invalid SLA file stops here: one line, its line number
+    needed, keep = days_read_back(definitions), settings.telemetry_retention_days
+    if 0 < keep < needed:
+        raise ConfigError(
+            f"TOWER_TELEMETRY_RETENTION_DAYS={keep} is shorter than the {needed} days the SLA definitions read back "
+            f"(their longest period or burn-rate window): set {needed} or more, or 0 to keep everything"
+        )
     # uvicorn's own complaint about a taken port or a bad address was six log lines and exit 3, after the store
     # was opened and migrated
     check_port_free(settings.host, settings.port)
@@ -94,6 +101,10 @@ def serve(
     def ready_store() -> None:
         store.connect()
         run_migrations(store)
+        if changed := apply_telemetry_retention(store, keep):
+            logging.getLogger("tower.api").info(
+                "telemetry kept %s: TTL set on %s", f"{keep} days" if keep else "for good", ", ".join(changed)
+            )
 
     def stop_serving() -> None:
         server.should_exit = True  # not a signal to itself: uvicorn re-raises one, and the exit code would be lost

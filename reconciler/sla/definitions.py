@@ -445,6 +445,13 @@ def default_path() -> Path:
     return Path(str(resources.files("reconciler.sla").joinpath("config/sla.yaml")))
 
 
+def days_read_back(defs: Definitions) -> int:
+    """Whole days of history the evaluation reads (the longest objective period or burn-rate window): telemetry
+    kept for less would make objectives look met, or breached, on data already deleted."""
+    longest = max([o.period for o in defs.objectives] + [r.long_s for r in defs.rules] + [0.0])
+    return math.ceil(longest / 86400)
+
+
 def load_definitions(path: Path | None = None) -> Definitions:
     """Read and validate the SLA file (the shipped default when ``path`` is None)."""
     path = path or default_path()
