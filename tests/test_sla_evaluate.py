@@ -122,12 +122,20 @@ def test_transitions_start_continue_and_resolve() -> None:
     assert gone.resolved[0].breach_id != again.started[0].breach_id
 
 
-def test_duplicate_open_episodes_keep_the_earliest() -> None:
+def test_duplicate_open_episodes_keep_the_earliest_and_merge_the_rest_without_resolving_them() -> None:
+    """Two API replicas evaluating at once each open the episode. The copy used to be 'resolved', and its
+    resolution (the same labels) told Alertmanager the live alert had ended: a page flapped (a replicas review)."""
     a = ev.transitions([], [_alert()], 1000).started[0]
     b = ev.transitions([], [_alert()], 2000).started[0]
     t = ev.transitions([b, a], [_alert()], 3000)
     assert [x.breach_id for x in t.continuing] == [a.breach_id]
-    assert [x.breach_id for x in t.resolved] == [b.breach_id]
+    assert t.resolved == []
+    assert [(x.breach_id, x.status, x.ends_ms) for x in t.merged] == [(b.breach_id, "merged", 3000)]
+    assert {x.breach_id for x in t.rows()} == {a.breach_id, b.breach_id}  # the copy is closed in the store
+    assert t.merged[0].to_json()["ends_at"] is not None
+    # once the alert stops, every open copy resolves (so none stays open)
+    gone = ev.transitions([b, a], [], 4000)
+    assert sorted(x.breach_id for x in gone.resolved) == sorted([a.breach_id, b.breach_id]) and gone.merged == []
 
 
 def test_breach_row_round_trip() -> None:

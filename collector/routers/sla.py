@@ -64,7 +64,7 @@ async def compliance(
 async def breaches(
     store: Annotated[Store, Depends(get_store)],
     viewer: Viewer,
-    status: Literal["firing", "resolved", "all"] = "all",
+    status: Literal["firing", "resolved", "merged", "all"] = "all",
     name: SlaName = None,
     step: Name = None,
     region: Name = None,

@@ -372,8 +372,8 @@ class Breach:
             "severity": self.severity,
             "status": self.status,
             "starts_at": rfc3339(self.starts_ms),
-            "ends_at": rfc3339(self.ends_ms) if self.status == "resolved" else None,
-            "duration_s": ((self.ends_ms if self.status == "resolved" else self.evaluated_ms) - self.starts_ms) / 1000,
+            "ends_at": rfc3339(self.ends_ms) if self.status != "firing" else None,
+            "duration_s": ((self.ends_ms if self.status != "firing" else self.evaluated_ms) - self.starts_ms) / 1000,
             "value": self.value,
             "peak_value": self.peak_value,
             "labels": self.labels,
@@ -392,13 +392,16 @@ class Transitions:
     started: list[Breach]
     continuing: list[Breach]
     resolved: list[Breach]
+    # closed without a word to anyone: copies of an episode that still fires, opened by another process
+    # evaluating at the same moment (two API replicas); "resolving" one told Alertmanager the live alert had ended
+    merged: list[Breach] = field(default_factory=list)
 
     @property
     def firing(self) -> list[Breach]:
         return self.started + self.continuing
 
     def rows(self) -> list[Breach]:
-        return self.started + self.continuing + self.resolved
+        return self.started + self.continuing + self.resolved + self.merged
 
 
 def transitions(open_breaches: Sequence[Breach], alerts: Sequence[Alert], now_ms: int) -> Transitions:
@@ -452,6 +455,11 @@ def transitions(open_breaches: Sequence[Breach], alerts: Sequence[Alert], now_ms
     resolved = [
         replace(b, status="resolved", ends_ms=max(now_ms, b.starts_ms), evaluated_ms=now_ms)
         for b in open_breaches
-        if b.fingerprint not in seen or by_fp[b.fingerprint] is not b
+        if b.fingerprint not in seen
     ]
-    return Transitions(started, continuing, resolved)
+    merged = [
+        replace(b, status="merged", ends_ms=max(now_ms, b.starts_ms), evaluated_ms=now_ms)
+        for b in open_breaches
+        if b.fingerprint in seen and by_fp[b.fingerprint] is not b
+    ]
+    return Transitions(started, continuing, resolved, merged)
