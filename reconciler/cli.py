@@ -20,6 +20,9 @@ from tower_core.redact import redact_url
 from tower_core.settings import Settings
 
 POLL_S = 0.2
+# behind a load balancer, another API replica than the one that accepted the run may not know it for a moment
+# (the accepting one stores its record as the run starts): a 404 this soon after the start is asked again
+NOT_YET_VISIBLE_S = 10.0
 
 
 def _token(settings: Settings) -> str:
@@ -61,12 +64,17 @@ def reconcile_via_api(
         run_id = str(json_answer(started, "the run was not started").get("run_id") or "")
         if not run_id:
             raise ConfigError("the run was not started: the API's answer names no run")
-        deadline = time.monotonic() + timeout_s
+        accepted = time.monotonic()
+        deadline = accepted + timeout_s
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=out, transient=False) as bar:
             task = bar.add_task(f"run {run_id}: starting", total=7)
             while True:
-                doc = json_answer(_call(client, "GET", f"/api/runs/{run_id}"), f"run {run_id}")
+                answer = _call(client, "GET", f"/api/runs/{run_id}")
+                if answer.status_code == 404 and time.monotonic() - accepted < NOT_YET_VISIBLE_S:
+                    time.sleep(POLL_S)
+                    continue
+                doc = json_answer(answer, f"run {run_id}")
                 progress = doc.get("progress") or {}
                 bar.update(
                     task,

@@ -357,6 +357,71 @@ def test_tower_reconcile_cli_against_a_served_api_pulling_the_simulated_estate(t
         thread.join(timeout=10)
 
 
+class UnseenRunApi:
+    """A loopback stand-in (a named fake) for two API replicas behind a load balancer: the run is accepted by one,
+    and the other, asked first, does not know it for ``unseen`` polls (a replicas review: `tower reconcile` ended
+    with 404 while its run went on)."""
+
+    def __init__(self, unseen: int) -> None:
+        import http.server
+        import json as _json
+
+        polls = {"n": 0}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, status: int, doc: dict[str, Any]) -> None:
+                body = _json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._answer(202, {"run_id": "r1", "state": "queued"})
+
+            def do_GET(self) -> None:
+                polls["n"] += 1
+                if polls["n"] <= unseen:
+                    self._answer(404, {"detail": "run r1 not found"})
+                else:
+                    doc = {"run_id": "r1", "state": "succeeded", "mode": "full", "drift_new": 0, "drift_resolved": 0}
+                    doc |= {"drift_open": 0, "residual_minor": 0, "progress": {"stage": "statement", "done": 7}}
+                    self._answer(200, doc)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.polls = polls
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_tower_reconcile_follows_a_run_another_replica_does_not_know_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reconciler import cli
+    from tower_core.errors import ConfigError
+
+    api = UnseenRunApi(unseen=3)
+    try:
+        settings = Settings(api_url=api.url, api_token="t")  # type: ignore[call-arg]
+        assert cli.reconcile_via_api(settings, full=True) == 0 and api.polls["n"] == 4
+    finally:
+        api.close()
+    monkeypatch.setattr(cli, "NOT_YET_VISIBLE_S", 0.5)  # a run no replica ever knows is still an error
+    api = UnseenRunApi(unseen=10**6)
+    try:
+        with pytest.raises(ConfigError, match="404"):
+            cli.reconcile_via_api(Settings(api_url=api.url, api_token="t"), full=True)  # type: ignore[call-arg]
+    finally:
+        api.close()
+
+
 def test_tower_reconciler_needs_a_clickhouse_server(tmp_path: Path) -> None:
     proc = tower(["reconciler"], tmp_path)
     assert proc.returncode == 2 and "TOWER_CLICKHOUSE_URL" in proc.stderr
