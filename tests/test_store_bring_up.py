@@ -16,7 +16,6 @@ from tests.test_durability import batch
 from tower_core.errors import ConfigError, StoreError, StoreUnreachable
 from tower_core.settings import Settings
 from tower_core.store import Store, migrate
-from tower_core.store.reconcile import table_exists
 
 ADMIN = "bring-up-admin"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -26,7 +25,9 @@ def test_until_the_store_is_reached_and_migrated_the_api_answers_503_writes_noth
     embedded_store: Store, tmp_path: Path
 ) -> None:
     """A reviewer's case: the server answered between two attempts, and the API wrote a token and ran a run into a
-    database the bring-up then refused (a newer release's). Nothing reaches the store before the migrations."""
+    database the bring-up then refused (a newer release's). Nothing reaches the store before the migrations. The
+    database exists and is migrated here (as a newer release's would be), so only the gate can answer 503."""
+    migrate(embedded_store)
     release = threading.Event()
     attempts: list[float] = []
 
@@ -64,7 +65,8 @@ def test_until_the_store_is_reached_and_migrated_the_api_answers_503_writes_noth
             headers={"Content-Type": "application/x-protobuf", "Authorization": "Bearer bring-up-ingest"},
         )
         assert spans.status_code == 200, spans.text
-        assert not table_exists(embedded_store, "schema_migrations")  # nothing written, not even the schema
+        for table in ("api_tokens", "reconcile_runs", "audit_log"):  # nothing written
+            assert embedded_store.query_rows(f"SELECT count() AS n FROM $db.{table}")[0]["n"] == 0, table
 
         release.set()
         deadline = time.monotonic() + 20
@@ -167,3 +169,39 @@ def test_a_stop_does_not_wait_out_an_attempt_that_hangs() -> None:
     hang.set()
     _wait(lambda: not bring_up._thread.is_alive())
     assert not bring_up.started  # what the attempt found after the stop started nothing
+
+
+def test_a_tls_handshake_cut_short_is_no_answer_and_tls_that_cannot_work_is_an_error() -> None:
+    """A review's case: a TCP proxy with no server behind it (accepts, then closes) under an https URL stopped
+    `tower serve` as a TLS error instead of being waited for. https to a plain-HTTP server stays an error."""
+    import http.server
+    import socket
+
+    from tower_core.store import open_store
+
+    closer = socket.socket()
+    closer.bind(("127.0.0.1", 0))
+    closer.listen()
+    stop = threading.Event()
+
+    def close_each() -> None:
+        closer.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                closer.accept()[0].close()
+            except TimeoutError:
+                continue
+
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=close_each, daemon=True).start()
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    try:
+        for port, expected in ((closer.getsockname()[1], StoreUnreachable), (plain.server_address[1], StoreError)):
+            store = open_store(Settings(clickhouse_url=f"https://127.0.0.1:{port}"), connect=False)
+            with pytest.raises(StoreError) as raised:
+                store.connect()
+            assert type(raised.value) is expected, raised.value
+    finally:
+        stop.set()
+        plain.shutdown()
+        closer.close()

@@ -87,10 +87,11 @@ def serve(
         settings = settings.model_copy(update={"api_url": own_api_url(settings)})
     definitions = load_definitions(settings.sla_config)  # an invalid SLA file stops here: one line, its line number
     needed, keep = days_read_back(definitions), settings.telemetry_retention_days
-    if 0 < keep < needed:
+    if keep is not None and 0 < keep < needed:
         raise ConfigError(
             f"TOWER_TELEMETRY_RETENTION_DAYS={keep} is shorter than the {needed} days the SLA definitions read back "
-            f"(their longest period or burn-rate window): set {needed} or more, or 0 to keep everything"
+            f"(their longest period or burn-rate window, with its threshold and a day): set {needed} or more, or 0 "
+            "to keep everything"
         )
     # uvicorn's own complaint about a taken port or a bad address was six log lines and exit 3, after the store
     # was opened and migrated

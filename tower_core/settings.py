@@ -214,12 +214,12 @@ class Settings(BaseSettings):
     # --- collector
     wal_dir: Path = Field(Path(".tower/wal"), description="Directory of the collector's write-ahead buffer.")
     wal_max_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Write-ahead buffer bound; full => 503.")
-    telemetry_retention_days: int = Field(
-        0,
+    telemetry_retention_days: int | None = Field(
+        None,
         ge=0,
-        le=36600,
-        description="Days spans, business events and their key links are kept, from their own time (0 = for good); "
-        "set as ClickHouse TTLs at `tower serve` start.",
+        le=3650,
+        description="Days spans, business events and their key links are kept, from their own time; 0 = for good "
+        "(their TTLs removed); unset = their TTLs left as they are. Set as ClickHouse TTLs at `tower serve` start.",
     )
     flush_rows: int = Field(5000, ge=1, description="Flush the buffer to the store once this many rows wait.")
     flush_interval_s: float = Field(

@@ -446,10 +446,13 @@ def default_path() -> Path:
 
 
 def days_read_back(defs: Definitions) -> int:
-    """Whole days of history the evaluation reads (the longest objective period or burn-rate window): telemetry
-    kept for less would make objectives look met, or breached, on data already deleted."""
+    """Whole days of history the evaluation reads: the longest objective period or burn-rate window, plus the
+    longest threshold (an item is read from that far before the window) and a day of margin (the store's clock
+    may differ from the tower's). Telemetry kept for less makes objectives look met, or breached, on data already
+    deleted."""
     longest = max([o.period for o in defs.objectives] + [r.long_s for r in defs.rules] + [0.0])
-    return math.ceil(longest / 86400)
+    threshold = max([o.threshold for o in defs.objectives] + [0.0])
+    return math.ceil((longest + threshold) / 86400) + 1
 
 
 def load_definitions(path: Path | None = None) -> Definitions:

@@ -153,17 +153,19 @@ class ServerStore:
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 # what a proxy in front of ClickHouse (nginx, chproxy, an ingress) answers while the server restarts
 _GATEWAY = re.compile(r"HTTP status 50[234]\b")
-_TLS = re.compile(r"SSL|certificate", re.IGNORECASE)
+# TLS that cannot work as configured (a plain-HTTP server behind an https URL, a certificate refused); a handshake
+# the other end cut short (EOF, reset: a TCP proxy with no server behind it) is no answer
+_TLS_REFUSED = re.compile(r"WRONG_VERSION_NUMBER|CERTIFICATE|certificate|hostname", re.IGNORECASE)
 
 
 def _store_error(exc: Exception, prefix: str = "") -> StoreError:
     """StoreUnreachable when no ClickHouse answered (refused, timed out, a gateway's 502-504): worth waiting for;
-    StoreError when one answered and refused (a login, a query), or TLS failed (a configuration to fix)."""
+    StoreError when one answered and refused (a login, a query), or TLS cannot work (a configuration to fix)."""
     from clickhouse_connect.driver.exceptions import OperationalError
 
     message = prefix + _short(exc)
     text = str(exc)
-    no_answer = (isinstance(exc, OperationalError) and not _TLS.search(text)) or bool(_GATEWAY.search(text))
+    no_answer = (isinstance(exc, OperationalError) and not _TLS_REFUSED.search(text)) or bool(_GATEWAY.search(text))
     return StoreUnreachable(message) if no_answer else StoreError(message)
 
 
