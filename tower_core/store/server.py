@@ -155,7 +155,7 @@ _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 _GATEWAY = re.compile(r"HTTP status 50[234]\b")
 # TLS that cannot work as configured (a plain-HTTP server behind an https URL, a certificate refused); a handshake
 # the other end cut short (EOF, reset: a TCP proxy with no server behind it) is no answer
-_TLS_REFUSED = re.compile(r"WRONG_VERSION_NUMBER|CERTIFICATE|certificate|hostname", re.IGNORECASE)
+_TLS_REFUSED = re.compile(r"WRONG_VERSION_NUMBER|certificate|hostname", re.IGNORECASE)
 
 
 def _store_error(exc: Exception, prefix: str = "") -> StoreError:
