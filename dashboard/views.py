@@ -203,11 +203,14 @@ def compliance_heatmap(objectives: Iterable[Mapping[str, Any]]) -> Heatmap:
 def breach_series(
     breaches: Iterable[Mapping[str, Any]], now: dt.datetime, hours: int = 24 * 7, bucket_h: int = 1
 ) -> dict[str, list[tuple[dt.datetime, int]]]:
-    """Per region, how many breaches were active in each time bucket of the window ending ``now``."""
+    """Per region, how many breaches were active in each time bucket of the window ending ``now``. A 'merged'
+    breach is a copy of another's episode (two API replicas evaluating at once): not counted again."""
     end = now.replace(minute=0, second=0, microsecond=0) + dt.timedelta(hours=1)
     edges = [end - dt.timedelta(hours=h) for h in range(hours, -1, -bucket_h)]
     spans: dict[str, list[tuple[dt.datetime, dt.datetime]]] = {}
     for b in breaches:
+        if b.get("status") == "merged":
+            continue
         start = parse_time(b.get("starts_at"))
         if start is None:
             continue

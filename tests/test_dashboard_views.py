@@ -120,6 +120,8 @@ def test_breach_series_counts_active_breaches_per_hour_and_region() -> None:
         {"region": "EU", "starts_at": "2026-11-20T09:10:00Z", "ends_at": "2026-11-20T10:20:00Z"},
         {"region": "EU", "starts_at": "2026-11-20T10:05:00Z", "ends_at": None},  # still firing
         {"region": "NA", "starts_at": "2026-11-20T11:59:00Z", "ends_at": None},
+        # a copy of the first EU episode another replica opened at the same moment: not a second breach
+        {"region": "EU", "starts_at": "2026-11-20T09:10:00Z", "ends_at": "2026-11-20T10:20:00Z", "status": "merged"},
     ]
     series = views.breach_series(breaches, now, hours=6)
     eu = dict(series["EU"])
