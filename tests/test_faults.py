@@ -243,10 +243,11 @@ class ClickHouseFixture:
 
 
 @pytest.mark.slow
-def test_store_down_60s_buffer_then_503_then_drains(tmp_path: Path) -> None:
+def test_store_down_60s_buffer_then_503_then_drains(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     import clickhouse_connect
 
     ch = ClickHouseFixture(tmp_path / "clickhouse")
+    request.addfinalizer(ch.stop)
     ch.start()
     url = f"http://default:@127.0.0.1:{ch.port}/faults"
     srv = TowerServer(
@@ -308,12 +309,15 @@ def test_store_down_60s_buffer_then_503_then_drains(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_serve_started_while_clickhouse_is_down_buffers_ingest_then_reaches_it(tmp_path: Path) -> None:
+def test_serve_started_while_clickhouse_is_down_buffers_ingest_then_reaches_it(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """A restart during a ClickHouse outage: `tower serve` acknowledges into its buffer (it used to exit), says
     why it is not ready, answers API reads 503, and once the server answers migrates and drains."""
     import clickhouse_connect
 
     ch = ClickHouseFixture(tmp_path / "clickhouse")  # not started: nothing listens on its port yet
+    request.addfinalizer(ch.stop)  # a failed assertion left the fixture's process running
     srv = TowerServer(
         tmp_path / "tower",
         TOWER_CLICKHOUSE_URL=f"http://default:@127.0.0.1:{ch.port}/faults",
