@@ -123,9 +123,9 @@ def run_reconciler(settings: Settings, stop: threading.Event | None = None) -> i
             "(on the embedded store the jobs run inside `tower serve`)"
         )
     from collector.scheduler import create_scheduler
-    from collector.store_bring_up import retry_until_reached
     from reconciler.service import RUN_STOP_WAIT_S, ReconcilerService
     from tower_core.store import migrate, open_store
+    from tower_core.store.reach import retry_until_reached
 
     # the jobs are this process's reason to be: TOWER_RECONCILE_SCHEDULER=false, set for the API beside it (and
     # often shared with it), must not turn them off here

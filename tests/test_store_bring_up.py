@@ -11,11 +11,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from collector.app import create_app
-from collector.store_bring_up import STOP_WAIT_S, StoreBringUp, retry_until_reached
+from collector.store_bring_up import STOP_WAIT_S, StoreBringUp
 from tests.test_durability import batch
 from tower_core.errors import ConfigError, StoreError, StoreUnreachable
 from tower_core.settings import Settings
 from tower_core.store import Store, migrate
+from tower_core.store.reach import retry_until_reached
 
 ADMIN = "bring-up-admin"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
