@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,11 +17,35 @@ import httpx
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+_MIGRATED: Path | None = None
+
+
+def migrated_data_dir() -> Path:
+    """A chDB data dir that ``tower migrate`` built, once per test process (kept until it exits).
+
+    A server's first start on an empty data dir spends ~2 CPU-seconds migrating it, and the suite starts ~70 of
+    them on two cores; most tests start from a copy of this one. The migrations themselves are tested where they
+    are the subject (test_cli, test_migration_checksums, test_store_contract, the ClickHouse-HTTP tests)."""
+    global _MIGRATED
+    if _MIGRATED is None:
+        base = Path(tempfile.mkdtemp(prefix="tower-migrated-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TOWER_", "OTEL_"))}
+        env["TOWER_DATA_DIR"] = str(base / "data")
+        done = subprocess.run(
+            [sys.executable, "-m", "tower_core.cli", "migrate"], cwd=base, env=env, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"tower migrate failed: {done.stdout}{done.stderr}")
+        _MIGRATED = base / "data"
+    return _MIGRATED
 
 
 class TowerServer:
-    def __init__(self, workdir: Path, **env: str) -> None:
+    def __init__(self, workdir: Path, premigrated: bool = True, **env: str) -> None:
+        """``premigrated``: a first start on the embedded store copies migrated_data_dir() instead of migrating."""
         self.workdir = workdir
+        self.premigrated = premigrated
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TOWER_", "OTEL_"))}
@@ -40,6 +67,9 @@ class TowerServer:
     def start(self, timeout: float = 60, until: str = "/readyz") -> TowerServer:
         """Start and wait until ``until`` answers 200 (``/healthz``: up, whether or not its store answers)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        data = Path(self.env["TOWER_DATA_DIR"])
+        if self.premigrated and not self.env.get("TOWER_CLICKHOUSE_URL") and not data.exists():
+            shutil.copytree(migrated_data_dir(), data, symlinks=True)  # chDB links tables by relative paths
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tower_core.cli", "serve"],
