@@ -11,6 +11,7 @@ Ends with one JSON line: {"invoices", "full_s", "incremental_s", "rss_mb", "data
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -106,6 +107,8 @@ def main() -> None:
         help="also time the least any full run must read (both comparisons, the differing keys' values), each alone",
     )
     args = ap.parse_args()
+    if not args.skip_datacompy and importlib.util.find_spec("datacompy") is None:
+        sys.exit("bench.reconcile: datacompy is not installed (pip install -e '.[bench]', or --skip-datacompy)")
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="tower-bench-reconcile-"))
     store = open_store(Settings(data_dir=data_dir, database="bench", clickhouse_url=None))
