@@ -23,8 +23,8 @@ _MIGRATED: Path | None = None
 def migrated_data_dir() -> Path:
     """A chDB data dir that ``tower migrate`` built, once per test process (kept until it exits).
 
-    A server's first start on an empty data dir spends ~2 CPU-seconds migrating it, and the suite starts ~70 of
-    them on two cores; most tests start from a copy of this one. The migrations themselves are tested where they
+    A server's first start on an empty data dir spends ~2 CPU-seconds migrating it, and the suite starts dozens of
+    them on two cores; TowerServer starts from a copy of this one. The migrations themselves are tested where they
     are the subject (test_cli, test_migration_checksums, test_store_contract, the ClickHouse-HTTP tests)."""
     global _MIGRATED
     if _MIGRATED is None:
@@ -42,10 +42,9 @@ def migrated_data_dir() -> Path:
 
 
 class TowerServer:
-    def __init__(self, workdir: Path, premigrated: bool = True, **env: str) -> None:
-        """``premigrated``: a first start on the embedded store copies migrated_data_dir() instead of migrating."""
+    def __init__(self, workdir: Path, **env: str) -> None:
+        """A first start on the embedded store copies migrated_data_dir() instead of migrating."""
         self.workdir = workdir
-        self.premigrated = premigrated
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TOWER_", "OTEL_"))}
@@ -68,7 +67,7 @@ class TowerServer:
         """Start and wait until ``until`` answers 200 (``/healthz``: up, whether or not its store answers)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         data = Path(self.env["TOWER_DATA_DIR"])
-        if self.premigrated and not self.env.get("TOWER_CLICKHOUSE_URL") and not data.exists():
+        if not self.env.get("TOWER_CLICKHOUSE_URL") and not data.exists():
             shutil.copytree(migrated_data_dir(), data, symlinks=True)  # chDB links tables by relative paths
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
