@@ -66,7 +66,7 @@ class TowerServer:
     def start(self, timeout: float = 60, until: str = "/readyz") -> TowerServer:
         """Start and wait until ``until`` answers 200 (``/healthz``: up, whether or not its store answers)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        data = Path(self.env["TOWER_DATA_DIR"])
+        data = self.workdir / self.env["TOWER_DATA_DIR"]  # as tower serve, started in workdir, reads it
         if not self.env.get("TOWER_CLICKHOUSE_URL") and not data.exists():
             shutil.copytree(migrated_data_dir(), data, symlinks=True)  # chDB links tables by relative paths
         with open(self.log, "ab") as log:
