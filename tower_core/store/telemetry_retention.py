@@ -40,13 +40,16 @@ TTL_FROM = {
 }
 
 
-def ttl_clause(store: Store, table: str, days: int) -> str:
-    """The TTL as ClickHouse renders it in system.tables.engine_full ('TTL <expression>'); '' for none."""
+def ttl_clauses(store: Store, days: int) -> dict[str, str]:
+    """Per table, the TTL as ClickHouse renders it in system.tables.engine_full ('TTL <expression>'); '' for none.
+    ClickHouse renders all of them in one query."""
     if days <= 0:
-        return ""
-    expr = f"{TTL_FROM[table]} + toIntervalDay({int(days)})"
-    rendered = store.query_rows("SELECT formatQuerySingleLine({q:String}) AS q", {"q": f"SELECT {expr}"})[0]["q"]
-    return "TTL " + str(rendered).removeprefix("SELECT ")
+        return dict.fromkeys(TTL_FROM, "")
+    tables = list(TTL_FROM)
+    params = {f"q{i}": f"SELECT {TTL_FROM[t]} + toIntervalDay({int(days)})" for i, t in enumerate(tables)}
+    columns = ", ".join(f"formatQuerySingleLine({{q{i}:String}}) AS q{i}" for i in range(len(tables)))
+    rendered = store.query_rows(f"SELECT {columns}", params)[0]  # only placeholders are spliced in
+    return {t: "TTL " + str(rendered[f"q{i}"]).removeprefix("SELECT ") for i, t in enumerate(tables)}
 
 
 def _current_ttl(engine: str) -> str:
@@ -70,8 +73,8 @@ def apply_telemetry_retention(store: Store, days: int | None) -> list[str]:
     )
     current = {r["name"]: _current_ttl(r["engine_full"]) for r in rows}
     changed = []
-    for table in TTL_FROM:
-        want, have = ttl_clause(store, table, days), current.get(table, "")
+    for table, want in ttl_clauses(store, days).items():
+        have = current.get(table, "")
         if want == have:
             continue
         if have:  # an operator's own rule (a move TO VOLUME included) is replaced whole: say what it was
