@@ -878,23 +878,35 @@ _DIFF = (
 )
 _DRIFT_ID = "substring(lower(hex(SHA256(concat(cls, ':', pk)))), 1, 32)"
 
-_INVOICE_CLASSIFIED = """
-SELECT *,
-    b_n > 0 AS in_billing,
+
+def _layers(source: str, *columns: str) -> str:
+    """``SELECT *, <columns> FROM (...)`` nested once per layer over ``source``, innermost first. ClickHouse's
+    analyzer copies an alias's whole expression wherever another alias names it, so one flat SELECT of the
+    classification planned a tree that grew with every alias built on ``cls`` (~170 ms per run for 12 rows); a
+    layer makes each alias a column of the next."""
+    sql = source
+    for cols in columns:
+        sql = f"SELECT *,\n{cols}\nFROM ({sql})"
+    return sql
+
+
+_INVOICE_CLASSIFIED = _layers(
+    "SELECT * FROM $db.reconcile_invoice_facts WHERE RunId = {run:String}",
+    """    b_n > 0 AS in_billing,
     b_status IN ('open', 'paid', 'uncollectible') AS final,
     if(b_currency != '', b_currency, e_currency) AS cur,
     if(b_region != '', b_region, e_region) AS reg,
-    /*tol*/
     if(toYear(b_finalized) > 1971, b_finalized, b_issued) AS since,
+    abs(b_total - e_amount) AS d_amt,
+    b_alloc - b_alloc_unposted AS alloc""",
+    """    /*tol*/
     (toYear(since) > 1971
         AND dateDiff('millisecond', since, {as_of:DateTime64(3)}) <= /*grace_missing*/ * 1000) AS in_grace,
-    abs(b_total - e_amount) AS d_amt,
-    (d_amt <= t_abs OR toInt128(d_amt) * 10000 <= toInt128(t_rel) * abs(toInt128(b_total))) AS amt_ok,
-    b_alloc - b_alloc_unposted AS alloc,
     abs(alloc - e_applied) AS d_app,
-    (d_app <= t_abs OR toInt128(d_app) * 10000 <= toInt128(t_rel) * abs(toInt128(alloc))) AS app_ok,
-    (b_alloc_unposted = 0 AND b_credit_unposted = 0) AS payments_posted,
-    multiIf(
+    (b_alloc_unposted = 0 AND b_credit_unposted = 0) AS payments_posted""",
+    """    (d_amt <= t_abs OR toInt128(d_amt) * 10000 <= toInt128(t_rel) * abs(toInt128(b_total))) AS amt_ok,
+    (d_app <= t_abs OR toInt128(d_app) * 10000 <= toInt128(t_rel) * abs(toInt128(alloc))) AS app_ok""",
+    """    multiIf(
         NOT in_billing, if(e_n = 0, '', 'missing_in_billing'),
         NOT final, if(e_n > 0, 'status_mismatch', ''),
         e_n = 0, if(rejected = '' AND in_grace, 'stale_sync', 'missing_in_erp'),
@@ -905,8 +917,8 @@ SELECT *,
         alloc != e_applied AND NOT app_ok, if(e_applied < alloc, 'under_applied', 'over_applied'),
         payments_posted AND b_status = 'paid' AND e_status = 'open', 'status_mismatch',
         payments_posted AND b_status = 'open' AND e_status = 'paid', 'status_mismatch',
-        '') AS cls,
-    multiIf(
+        '') AS cls""",
+    """    multiIf(
         cls = 'missing_in_billing', 'not_in_billing',
         cls = 'status_mismatch',
             multiIf(NOT final, if(b_status = 'void', 'voided_but_posted', 'draft_but_posted'),
@@ -936,7 +948,11 @@ SELECT *,
     map('status', b_status, 'currency', b_currency, 'total_minor', toString(b_total), 'customer_id', b_customer) AS bm,
     map('status', e_status, 'currency', e_currency, 'total_minor', toString(e_amount), 'customer_id', e_party) AS em,
     map('status', '', 'currency', '', 'total_minor', '', 'customer_id', '') AS blank,
-    multiIf(
+    if(cls = 'missing_in_billing', e_entry, key) AS pk,
+    if(cls = 'missing_in_billing', 'billing', 'erp') AS system,
+    if(in_billing, b_day, e_day) AS item_day,
+    if(b_customer != '', b_customer, e_party) AS customer""",
+    """    multiIf(
         cls = 'missing_in_billing', map('status', '', 'total_minor', '', 'currency', ''),
         cls = 'duplicate_posting', mapUpdate(bm, map('postings', '1')),
         cls IN ('under_applied', 'over_applied'), mapUpdate(bm, map('allocated_minor', toString(alloc))),
@@ -949,31 +965,26 @@ SELECT *,
         cls = 'duplicate_posting', mapUpdate(em, map('total_minor', toString(e_sum), 'postings', toString(e_n))),
         cls IN ('under_applied', 'over_applied'), mapUpdate(em, map('applied_minor', toString(e_applied))),
         cls = 'region_mismatch', mapUpdate(em, map('region', e_region)),
-        em) AS ev,
-    if(cls = 'missing_in_billing', e_entry, key) AS pk,
-    /*drift_id*/ AS drift_id,
-    /*diff*/ AS diff,
-    if(cls = 'missing_in_billing', 'billing', 'erp') AS system,
-    if(in_billing, b_day, e_day) AS item_day,
-    if(b_customer != '', b_customer, e_party) AS customer
-FROM $db.reconcile_invoice_facts WHERE RunId = {run:String}
-"""
-_PAYMENT_CLASSIFIED = """
-SELECT *,
-    p_n > 0 AS in_billing,
+        em) AS ev""",
+    """    /*drift_id*/ AS drift_id,
+    /*diff*/ AS diff""",
+)
+_PAYMENT_CLASSIFIED = _layers(
+    "SELECT * FROM $db.reconcile_payment_facts WHERE RunId = {run:String}",
+    """    p_n > 0 AS in_billing,
     if(p_currency != '', p_currency, e_currency) AS cur,
     (toYear(p_occurred) > 1971
         AND dateDiff('millisecond', p_occurred, {as_of:DateTime64(3)}) <= /*grace_unapplied*/ * 1000) AS grace_pay,
     (toYear(p_occurred) > 1971
         AND dateDiff('millisecond', p_occurred, {as_of:DateTime64(3)}) <= /*grace_refund*/ * 1000) AS grace_refund,
     (sum_match = 1 OR key IN (/*sum_match*/)) AS matched,
-    /*tol*/
     toInt64(abs(p_amount)) AS refunded,
-    abs(refunded - e_memo_sum) AS d_memo,
-    (d_memo <= t_abs OR toInt128(d_memo) * 10000 <= toInt128(t_rel) * refunded) AS memo_ok,
-    abs(toInt128(p_amount) - e_sum) AS d_booked,
-    (d_booked <= t_abs OR d_booked * 10000 <= toInt128(t_rel) * abs(toInt128(p_amount))) AS booked_ok,
-    multiIf(
+    abs(toInt128(p_amount) - e_sum) AS d_booked""",
+    """    /*tol*/
+    abs(refunded - e_memo_sum) AS d_memo""",
+    """    (d_memo <= t_abs OR toInt128(d_memo) * 10000 <= toInt128(t_rel) * refunded) AS memo_ok,
+    (d_booked <= t_abs OR d_booked * 10000 <= toInt128(t_rel) * abs(toInt128(p_amount))) AS booked_ok""",
+    """    multiIf(
         NOT in_billing, if(e_n = 0, '', 'missing_in_billing'),
         p_status != 'succeeded', if(e_n = 0, '', 'missing_in_billing'),
         p_kind = 'payment', multiIf(
@@ -987,8 +998,8 @@ SELECT *,
             e_currencies != p_currency, 'currency_mismatch',
             NOT memo_ok, 'amount_mismatch',
             ''),
-        '') AS cls,
-    multiIf(
+        '') AS cls""",
+    """    multiIf(
         cls = 'missing_in_billing', if(in_billing, 'failed_in_billing', 'not_in_billing'),
         cls = 'orphan_payment', 'no_invoice',
         cls = 'stale_sync', if(p_kind = 'payment', 'application_pending', 'credit_memo_pending'),
@@ -1009,14 +1020,13 @@ SELECT *,
     map('kind', e_type, 'status', e_status, 'amount_minor', if(e_n > 0, toString(e_sum), ''),
         'currency', e_currencies, 'allocated_to', e_applied_refs) AS ev,
     if(cls = 'missing_in_billing', e_entry, key) AS pk,
-    /*drift_id*/ AS drift_id,
-    /*diff*/ AS diff,
     if(cls = 'orphan_payment' OR (cls = 'missing_in_billing' AND NOT in_billing), 'billing', 'erp') AS system,
     if(p_region != '', p_region, e_region) AS reg,
     if(in_billing, toDate(p_occurred), e_day) AS item_day,
-    if(p_customer != '', p_customer, e_party) AS customer
-FROM $db.reconcile_payment_facts WHERE RunId = {run:String}
-"""
+    if(p_customer != '', p_customer, e_party) AS customer""",
+    """    /*drift_id*/ AS drift_id,
+    /*diff*/ AS diff""",
+)
 # N:1 matching of unallocated payments: the customer's open invoices inside the date window sum to the amount
 # (or exactly one of them equals it) within the currency's tolerance; and 1:N the other way, several unallocated
 # payments of one customer inside the window of an open invoice that together pay it (instalments without a
