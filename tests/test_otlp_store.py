@@ -5,7 +5,8 @@ from __future__ import annotations
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from collector.correlation import key_attribute_names
-from tower_core.store import Store, migrate
+from tests.conftest import migrated
+from tower_core.store import Store
 from tower_core.store.otlp_sql import insert_otlp_spans, length_delimited, sync_key_attributes
 
 
@@ -46,7 +47,7 @@ def make_request() -> bytes:
 
 
 def test_spans_and_links_rendered_like_the_exporter(store: Store) -> None:
-    migrate(store)
+    migrated(store)
     sync_key_attributes(store, key_attribute_names({"stripe.invoice_id": "revops.invoice.id"}))
     insert_otlp_spans(store, [make_request()], "t_1")
     insert_otlp_spans(store, [make_request()], "t_1")  # retried flush: same token, nothing twice
@@ -99,7 +100,7 @@ def test_length_delimited_framing() -> None:
 
 
 def test_key_attribute_names_follow_the_settings(store: Store) -> None:
-    migrate(store)
+    migrated(store)
     sync_key_attributes(store, key_attribute_names({"stripe.invoice_id": "revops.invoice.id"}))
     sync_key_attributes(store, key_attribute_names())  # the mapping was removed from the settings
     insert_otlp_spans(store, [make_request()], "t_2")
@@ -109,7 +110,7 @@ def test_key_attribute_names_follow_the_settings(store: Store) -> None:
 
 def test_enum_values_the_specification_does_not_define_render_empty(store: Store) -> None:
     """kind -2 was stored as Consumer and status -2 as Error (ClickHouse counts negative indexes from the end)."""
-    migrate(store)
+    migrated(store)
     req = ExportTraceServiceRequest()
     spans = req.resource_spans.add().scope_spans.add().spans
     for i, (kind, code) in enumerate([(-2, -2), (9, 7), (2, 2), (0, 0)]):
@@ -124,7 +125,7 @@ def test_enum_values_the_specification_does_not_define_render_empty(store: Store
 def test_zero_values_are_values_not_absence(store: Store) -> None:
     """int 0, false, 0.0 and "" are set on the wire (proto3 oneof): they were stored as empty strings, so a
     zero-amount invoice lost its amount; bytes after them must not read as "false"."""
-    migrate(store)
+    migrated(store)
     req = ExportTraceServiceRequest()
     rs = req.resource_spans.add()
     rs.resource.attributes.add(key="replicas").value.int_value = 0
@@ -173,7 +174,7 @@ def test_span_key_values_are_read_as_events_read_them(store: Store) -> None:
     256-character limit. Both were never indexed from spans while events carrying them were (migration 0018)."""
     from collector.correlation import extract_keys
 
-    migrate(store)
+    migrated(store)
     names = key_attribute_names({})
     sync_key_attributes(store, names)
     odd, long = "[EU]-INV-7", "и" * 200

@@ -25,10 +25,11 @@ from connectors.tryton.rpc import AmbiguousWriteError, TrytonRpc, decode, encode
 from reconciler import classify as c
 from reconciler.actions import ActionService
 from reconciler.runner import Reconciler
+from tests.conftest import migrated
 from tests.fixtures.external import Trytond, prepared_database, start_trytond, stop_trytond
 from tests.fixtures.fault_proxy import FaultProxy
 from tower_core.models import Invoice, Payment
-from tower_core.store import Store, migrate
+from tower_core.store import Store
 from tower_core.store import reconcile as q
 from tower_core.store import source_skips as skips
 
@@ -286,7 +287,7 @@ def test_cancel_refused_by_the_company_setup_keeps_trytons_message(erp: TrytonEr
 def test_an_approved_amount_correction_cancels_and_reposts_in_tryton(erp: TrytonErp, embedded_store: Store) -> None:
     """The whole path on the real ERP: a full run finds the mismatch, the action waits for its approval, then
     Tryton's posting is cancelled and billing's posted; asked again it writes nothing; the next run resolves."""
-    migrate(embedded_store)
+    migrated(embedded_store)
     billing = dataclasses.replace(billing_invoice(7000), status="open")
     erp.post_invoice(dataclasses.replace(billing, subtotal_minor=9000, total_minor=9000))  # booked wrong
     q.write_invoices(embedded_store, [billing])
@@ -340,7 +341,7 @@ def test_a_payment_line_removed_in_tryton_is_withdrawn_and_the_payment_reads_una
 ) -> None:
     """Someone in Tryton removes a payment from an invoice's payments: the pull withdraws the stored application
     (it counted for good, so the payment never read unapplied), and adding it back counts again."""
-    migrate(embedded_store)
+    migrated(embedded_store)
     billing = dataclasses.replace(billing_invoice(10000), status="open")
     pay = Payment(
         f"pi_{uuid.uuid4().hex[:10]}", "payment", billing.customer_id, "NA", "USD", 4000, "succeeded", NOW, NOW,
@@ -384,7 +385,7 @@ def test_late_postings_post_and_a_repost_tryton_would_refuse_cancels_nothing(
     assert server is not None
     erp = erp_for(server)
     try:
-        migrate(embedded_store)
+        migrated(embedded_store)
         wrong_day = NOW - dt.timedelta(days=3)
         billing = dataclasses.replace(billing_invoice(7000, day=wrong_day), status="open")
         erp.post_invoice(dataclasses.replace(billing, subtotal_minor=9000, total_minor=9000))  # booked wrong
@@ -415,7 +416,7 @@ def test_a_credit_note_of_a_sequence_of_its_own_does_not_stop_a_repost(tmp_path:
     assert server is not None
     erp = erp_for(server)
     try:
-        migrate(embedded_store)
+        migrated(embedded_store)
         (kind,) = erp.rpc.search_read("ir.sequence.type", [["name", "=", "Invoice"]], ["id"])
         (own,) = erp.rpc.model("ir.sequence.strict", "create", [{"name": "Credit notes", "sequence_type": kind["id"]}])
         (row,) = erp.rpc.search_read("account.fiscalyear.invoice_sequence", [], ["id"])
@@ -491,7 +492,7 @@ def test_an_unmappable_posting_is_skipped_by_pulls_and_refuses_writes_for_its_re
     it is now passed over and kept visible, the records after it are stored, and the lookup that decides a write
     for its reference refuses instead of reporting the posting absent (post_invoice reads Tryton's raw record
     and finds it posted)."""
-    migrate(embedded_store)
+    migrated(embedded_store)
     ref, tryton_id = unmappable_posting(erp)
     good = billing_invoice(4200)
     erp.post_invoice(good)

@@ -15,8 +15,9 @@ from collector.correlation import key_attribute_names
 from collector.flusher import Flusher, chunks
 from collector.metrics import CollectorMetrics
 from collector.wal import KIND_EVENTS, KIND_SPANS, BufferFull, Record, Segment, WriteAheadBuffer
+from tests.conftest import migrated
 from tower_core.errors import StoreError
-from tower_core.store import Store, migrate
+from tower_core.store import Store
 from tower_core.store.otlp_sql import insert_otlp_spans, sync_key_attributes
 
 
@@ -59,7 +60,7 @@ def test_append_seal_read_roundtrip_and_recovery(tmp_path: Path) -> None:
 def test_a_damaged_record_loses_only_itself(tmp_path: Path, embedded_store: Store, record: int) -> None:
     """One flipped bit in a record of a segment: the scan stopped there and truncated the segment (or deleted it,
     for the first record), losing every acknowledged record after it without a word."""
-    migrate(embedded_store)
+    migrated(embedded_store)
     names = key_attribute_names()
     sync_key_attributes(embedded_store, names)
     wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
@@ -126,7 +127,7 @@ def test_chunks_are_deterministic() -> None:
 
 
 def test_flush_retried_after_crash_inserts_nothing_twice(tmp_path: Path, embedded_store: Store) -> None:
-    migrate(embedded_store)
+    migrated(embedded_store)
     names = key_attribute_names()
     sync_key_attributes(embedded_store, names)
     wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
@@ -149,7 +150,7 @@ def test_flush_retried_after_crash_inserts_nothing_twice(tmp_path: Path, embedde
 
 def flushed_not_removed(tmp_path: Path, store: Store, requests: list[bytes]) -> tuple[dict[str, str], Segment]:
     """One sealed segment of these requests, flushed by a process that then "died" before removing it."""
-    migrate(store)
+    migrated(store)
     names = key_attribute_names()
     sync_key_attributes(store, names)
     wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
@@ -251,7 +252,7 @@ def test_disk_error_keeps_segment_intact(tmp_path: Path) -> None:
 
 def test_a_new_buffer_never_reuses_a_flushed_segments_token(tmp_path: Path, embedded_store: Store) -> None:
     """Restarting with an empty buffer must not replay old tokens onto new data (ClickHouse would drop it)."""
-    migrate(embedded_store)
+    migrated(embedded_store)
     names = key_attribute_names()
     sync_key_attributes(embedded_store, names)
     for seed in (1, 2):
@@ -344,7 +345,7 @@ def test_rows_flushed_counts_each_row_once_however_many_tries_its_chunk_took(
     27,050 spans flushed for 19,550 stored after a full disk."""
     from collector.events import parse_event
 
-    migrate(embedded_store)
+    migrated(embedded_store)
     names = key_attribute_names()
     sync_key_attributes(embedded_store, names)
     wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
@@ -367,7 +368,7 @@ def test_rows_flushed_counts_each_row_once_however_many_tries_its_chunk_took(
 def test_flusher_thread_survives_an_unexpected_error(tmp_path: Path, embedded_store: Store) -> None:
     import time
 
-    migrate(embedded_store)
+    migrated(embedded_store)
     names = key_attribute_names()
     sync_key_attributes(embedded_store, names)
     wal = WriteAheadBuffer(tmp_path, max_bytes=50_000_000)
@@ -426,7 +427,7 @@ def test_damage_found_at_start_is_logged_and_counted(
     from collector.ingest import IngestService
     from tower_core.settings import Settings
 
-    migrate(embedded_store)
+    migrated(embedded_store)
     wal = WriteAheadBuffer(tmp_path / "wal", max_bytes=50_000_000)
     for s in range(3):
         wal.append(KIND_SPANS, 10, request(10, seed=s))
@@ -502,7 +503,6 @@ def test_a_request_over_more_than_100_days_is_refused_up_front_and_a_buffered_on
     import httpx
     import orjson
 
-    from tests.conftest import migrated
     from tests.server import TowerServer
 
     day = 86_400 * 10**9
