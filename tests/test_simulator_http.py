@@ -126,3 +126,19 @@ def test_a_malformed_record_is_passed_over_with_its_id_and_reason() -> None:
         server.stop()
     assert [s.ref for s in skipped] == ["erp_bad_1"] and "amount_minor" in skipped[0].reason
     assert {e.entry_id for e in items} == {e.entry_id for e in estate.erp.entries.values()} - {"erp_bad_1"}
+
+
+def test_the_estate_api_starts_again_on_its_port_while_the_last_ones_connections_linger() -> None:
+    """`tower demo` stopped and started again at once refused to start: the port's closed connections linger in
+    TIME_WAIT for a minute, and the check before listening bound without SO_REUSEADDR (uvicorn itself sets it)."""
+    estate = Estate.generate(EstateConfig(seed=4, customers=5, invoices=12, as_of=AS_OF))
+    port = free_port()
+    first = SimServer(estate, port=port).start()
+    with httpx.Client() as client:  # keep-alive: the server closes it at its stop, and that side lingers
+        assert client.get(f"{first.url}/flows").status_code == 200
+        first.stop()
+    again = SimServer(estate, port=port).start()
+    try:
+        assert httpx.get(f"{again.url}/flows").status_code == 200
+    finally:
+        again.stop()

@@ -188,8 +188,7 @@ def test_simulate_run_on_a_busy_port_is_one_line(tmp_path: Path) -> None:
         proc = run_cli(["simulate", "run", "--port", str(port), "--minutes", "5"], tmp_path, timeout=60)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    url = f"http://127.0.0.1:{port}"
-    assert lines == [f"tower: error: the simulator API cannot listen on {url}: Address already in use"]
+    assert lines == [f"tower: error: the simulator API cannot listen on 127.0.0.1:{port}: Address already in use"]
     # an --api-url no request can go to ran for good, failing every export; a --manifest that cannot be written
     # ended the run with a traceback
     for bad, said in (

@@ -8,7 +8,6 @@ Errors keep the connector contract: TransientError -> 503 (+ Retry-After), Busin
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable
 from typing import Annotated, Any, Protocol
@@ -20,7 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from connectors.base import BusinessRuleError, TransientError
 from connectors.simulator import codec
 from connectors.simulator.systems import BillingSystem, CdpSystem, ErpSystem
+from tower_core.errors import ConfigError
 from tower_core.models import Invoice, Payment
+from tower_core.ports import check_port_free
 
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 Cursor = Annotated[str | None, Query(max_length=40)]
@@ -139,11 +140,10 @@ class SimServer:
 
     def start(self, ready: Callable[[], None] | None = None) -> SimServer:
         cfg = self.server.config
-        with socket.socket() as probe:  # a clear error instead of uvicorn's log line and a dead thread
-            try:
-                probe.bind((cfg.host, cfg.port))
-            except OSError as exc:
-                raise RuntimeError(f"the simulator API cannot listen on {self.url}: {exc.strerror}") from None
+        try:  # a clear error instead of uvicorn's log line and a dead thread
+            check_port_free(cfg.host, cfg.port)
+        except ConfigError as exc:
+            raise RuntimeError(f"the simulator API {exc}") from None
         self.thread.start()
         while not self.server.started:
             if not self.thread.is_alive():
