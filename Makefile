@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tower demo
 
-test: $(STAMP)
-	bash scripts/system-deps.sh
+# Debian's packages (Chromium, Alertmanager) download and unpack while uv installs the project: CI starts with neither
+test:
+	bash scripts/system-deps.sh & deps=$$!; $(MAKE) --no-print-directory install; built=$$?; wait $$deps && [ $$built -eq 0 ]
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder --durations=25
 
