@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed-stamp
 # it unpacking and byte-compiling every module (uv leaves compiling to the first import)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	($(BIN)/python -m pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]') \
+		|| (echo "make install: uv could not install the project; pip installs it instead" && \
+		$(BIN)/python -m pip install -q -e '.[dev]')
 	touch $(STAMP)
 
 install: $(STAMP)
