@@ -11,7 +11,7 @@ SOURCES := tower_core collector reconciler dashboard connectors tests bench
 .PHONY: install demo test lint clean
 
 # uv (from PyPI, with pip) installs the dependencies: ~28 s (~49 CPU-s) on a clean machine where pip took ~120 s (~115
-# CPU-s). Bytecode is compiled at install: where PYTHONDONTWRITEBYTECODE is set (as on CI's machines) no import writes
+# CPU-s). Bytecode is compiled at install: where PYTHONDONTWRITEBYTECODE is set (as on this machine) no import writes
 # it, and every process would compile what it imports (tower_core.cli + collector.app: 3.9-4.2 CPU-s, not 1.8)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
