@@ -261,8 +261,10 @@ def test_demo_overview_item_corrective_sync_and_resolution_in_chromium(demo: Dem
         text = driver.find_element(By.TAG_NAME, "body").text
         return next((said for said in (done, *later) if said in text), None)
 
+    def posted() -> bool:
+        return demo.call("/api/actions", drift_id=item["drift_id"])["items"][0]["state"] == "succeeded"
+
     if WebDriverWait(browser, 60).until(outcome) != done:
-        posted = lambda: demo.call("/api/actions", drift_id=item["drift_id"])["items"][0]["state"] == "succeeded"  # noqa: E731
         wait(posted, 180, "the deferred corrective sync to post once the ERP is back")
     actions = demo.call("/api/actions", drift_id=item["drift_id"])["items"]
     assert [(a["state"], a["requested_by"]) for a in actions] == [("succeeded", "demo-operator")]
